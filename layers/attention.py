@@ -1,0 +1,163 @@
+"""Causal multi-head attention with RoPE and grouped-query heads; the KV cache is its state."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.errors import BackendUnavailableError, ConfigError
+
+from .base import SequenceMixer
+from .registry import MIXERS
+
+BACKENDS = ("auto", "sdpa", "flash_attn", "eager")
+
+
+@dataclass
+class AttentionConfig:
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    rope_theta: float = 10000.0
+    backend: str = "auto"  # auto | sdpa | flash_attn | eager
+    bias: bool = False
+
+    def validate(self, d_model: int) -> None:
+        if self.n_heads < 1:
+            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={self.n_heads}; set head_dim or change one")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ConfigError("head_dim", f"must be an even number >= 2 for RoPE, got {self.head_dim}")
+        if self.head_dim is None and (d_model // self.n_heads) % 2:
+            raise ConfigError("n_heads", f"head dim d_model/n_heads = {d_model // self.n_heads} must be even for RoPE")
+        kv = self.kv_heads
+        if kv < 1 or self.n_heads % kv:
+            raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown attention backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        if self.rope_theta <= 0:
+            raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+
+class AttentionState(NamedTuple):
+    """KV cache: keys and values of every token seen so far."""
+
+    k: torch.Tensor  # [B, H_kv, S, Dh]
+    v: torch.Tensor  # [B, H_kv, S, Dh]
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions [T]`` in fp32, each ``[T, head_dim]`` (halves repeated, Llama layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, Dh]`` by the tables ``[T, Dh]`` (rotate-half convention, as HF Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[q_len, k_len]`` mask, True where query i (at position k_len - q_len + i) may see key j."""
+    offset = k_len - q_len
+    q_pos = torch.arange(q_len, device=device)[:, None] + offset
+    return torch.arange(k_len, device=device)[None, :] <= q_pos
+
+
+@MIXERS.register("attention", AttentionConfig)
+class Attention(SequenceMixer):
+    """Causal self-attention: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
+
+    def __init__(self, config: AttentionConfig, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.head_dim or d_model // config.n_heads
+        self.backend = self._resolve_backend(config.backend)
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=config.bias)
+
+    @staticmethod
+    def _resolve_backend(backend: str) -> str:
+        if backend == "flash_attn" and not flash_attn_available():
+            raise BackendUnavailableError(
+                "attention backend 'flash_attn' was asked for but the flash-attn package is not installed "
+                "(pip install 'zoo[cuda]' on a CUDA machine, or use backend: sdpa)"
+            )
+        return backend
+
+    def init_state(self, batch_size, device=None, dtype=None) -> AttentionState:
+        dtype = dtype or self.q_proj.weight.dtype
+        device = device or self.q_proj.weight.device
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return AttentionState(empty, empty.clone())
+
+    def state_size_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+    def mix(self, x: torch.Tensor, state: AttentionState | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        offset = 0
+        if state is not None:
+            if state.k.shape[0] != B:
+                raise ValueError(f"attention block (layer {self.layer_idx}): state batch {state.k.shape[0]} != input batch {B}")
+            offset = state.k.shape[2]
+        cos, sin = rope_cos_sin(torch.arange(offset, offset + T, device=x.device), self.head_dim, self.config.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is not None and offset:
+            k = torch.cat((state.k.to(k.dtype), k), dim=2)  # [B, Hkv, S, Dh]
+            v = torch.cat((state.v.to(v.dtype), v), dim=2)
+        y = self._attend(q, k, v)  # [B, H, T, Dh]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y), AttentionState(k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]`` (queries are the last T of S)."""
+        T, S = q.shape[2], k.shape[2]
+        backend = self.backend
+        if backend == "auto":
+            use_flash = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            backend = "flash_attn" if use_flash else "sdpa"
+        if backend == "flash_attn":
+            if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+                raise BackendUnavailableError(
+                    f"attention backend 'flash_attn' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}"
+                )
+            from flash_attn import flash_attn_func
+
+            # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs.
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [B, T, H, Dh]
+            return y.transpose(1, 2)
+        if backend == "eager":
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
+            scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
+            scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+            return (scores.softmax(-1) @ v.float()).to(q.dtype)
+        gqa = self.n_heads != self.n_kv_heads
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        mask = None if T == 1 else causal_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,64 @@
+"""The block contract every sequence mixer follows."""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SequenceMixer(nn.Module, abc.ABC):
+    """A sequence mixer: ``forward(x [B, T, D], state=None) -> (y [B, T, D], state)``.
+
+    One call serves a full sequence (``state=None``), a chunk of a longer sequence (state in, state out)
+    and one-token decode (``T == 1``). The returned state is new; the state passed in is never modified.
+    Subclasses implement :meth:`mix` and :meth:`init_state`; :meth:`forward` checks the input first.
+    """
+
+    registry_name: str = ""
+
+    def __init__(self, config: Any, d_model: int, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.d_model = d_model
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{self.registry_name} block (layer {self.layer_idx}): expected x of shape [B, T, {self.d_model}], "
+                f"got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): expected a floating-point x, got {x.dtype}")
+        return self.mix(x, state)
+
+    @abc.abstractmethod
+    def mix(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """The block's computation on a checked ``x [B, T, D]``."""
+
+    @abc.abstractmethod
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+        """The state before any token: what ``forward(x, state=None)`` starts from."""
+
+    def state_size_per_token(self) -> int:
+        """Number of state elements this block keeps per sequence for each token seen (0 for constant-size state)."""
+        return 0
+
+    def state_size(self) -> int:
+        """Number of state elements per sequence that do not grow with the sequence."""
+        return 0
+
+
+def map_state(state: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor of a (nested tuple / NamedTuple) state, keeping its structure."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(map_state(s, fn) for s in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(map_state(s, fn) for s in state)
+    raise TypeError(f"cannot map over a state of type {type(state).__name__}")

@@ -1,0 +1,58 @@
+"""LSTM baseline: torch's nn.LSTM (cuDNN on GPU) with its (h, c) as the block state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from zoo.errors import ConfigError
+
+from .base import SequenceMixer
+from .registry import MIXERS
+
+
+@dataclass
+class LSTMConfig:
+    hidden_size: int | None = None  # None: d_model
+
+    def validate(self, d_model: int) -> None:
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ConfigError("hidden_size", f"must be >= 1, got {self.hidden_size}")
+
+
+class LSTMState(NamedTuple):
+    h: torch.Tensor  # [1, B, H]
+    c: torch.Tensor  # [1, B, H]
+
+
+@MIXERS.register("lstm", LSTMConfig)
+class LSTM(SequenceMixer):
+    """One LSTM layer followed by a projection back to d_model."""
+
+    def __init__(self, config: LSTMConfig, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        self.hidden_size = config.hidden_size or d_model
+        self.lstm = nn.LSTM(d_model, self.hidden_size, batch_first=True)
+        self.out_proj = nn.Linear(self.hidden_size, d_model, bias=False)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> LSTMState:
+        dtype = dtype or self.out_proj.weight.dtype
+        device = device or self.out_proj.weight.device
+        zeros = torch.zeros(1, batch_size, self.hidden_size, device=device, dtype=dtype)
+        return LSTMState(zeros, zeros.clone())
+
+    def state_size(self) -> int:
+        return 2 * self.hidden_size
+
+    def mix(self, x: torch.Tensor, state: LSTMState | None):
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        elif state.h.shape[1] != x.shape[0]:
+            raise ValueError(f"lstm block (layer {self.layer_idx}): state batch {state.h.shape[1]} != input batch {x.shape[0]}")
+        # cuDNN wants h/c in the dtype the LSTM computes in (autocast's, when active).
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h0, c0 = state.h.to(compute_dtype), state.c.to(compute_dtype)
+        y, (h, c) = self.lstm(x, (h0, c0))  # y: [B, T, H]
+        return self.out_proj(y), LSTMState(h, c)

@@ -1,0 +1,211 @@
+"""The one generic model for every block: a Hugging Face ``PreTrainedModel`` stacking zoo layers."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from zoo.config import ModelConfig
+from zoo.layers import FFNS, MIXERS, ResidualLayer, RMSNorm, map_state
+
+
+class ZooConfig(PreTrainedConfig):
+    """Hugging Face face of :class:`zoo.config.ModelConfig` (``model_type = "zoo"``)."""
+
+    model_type = "zoo"
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers"}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    d_model: int = 256
+    n_layers: int = 4
+    blocks: list | None = None
+    ffn: str | list = "swiglu"
+    vocab_size: int = 259
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    module_args: dict | None = None
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, **kwargs: Any) -> "ZooConfig":
+        plain = model.to_dict()
+        module_args = {name: plain.pop(name) for name in model.module_args}
+        if model.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building a model")
+        return cls(
+            d_model=plain["d_model"], n_layers=plain["n_layers"], blocks=plain["blocks"], ffn=plain["ffn"],
+            vocab_size=plain["vocab_size"], norm_eps=plain["norm_eps"], init_std=plain["init_std"],
+            module_args=module_args, tie_word_embeddings=plain["tie_embeddings"], **kwargs,
+        )
+
+    def model_config(self) -> ModelConfig:
+        """The validated zoo model config this HF config describes."""
+        return ModelConfig.from_dict(
+            {
+                "d_model": self.d_model, "n_layers": self.n_layers, "blocks": list(self.blocks or ["attention"]),
+                "ffn": self.ffn, "vocab_size": self.vocab_size, "norm_eps": self.norm_eps, "init_std": self.init_std,
+                "tie_embeddings": self.tie_word_embeddings, **(self.module_args or {}),
+            },
+            "config",
+        )
+
+
+class ZooCache:
+    """Per-layer block states for generation: KV caches, recurrent states, LSTM (h, c) alike."""
+
+    is_compileable = False
+
+    def __init__(self, n_layers: int):
+        self.states: list[Any] = [None] * n_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search): every state tensor's batch dimension follows ``beam_idx``."""
+        self.states = [map_state(s, lambda t: t.index_select(_batch_dim(t), beam_idx.to(t.device))) for s in self.states]
+
+
+def _batch_dim(t: torch.Tensor) -> int:
+    # LSTM states are [layers, B, H]; every other state leads with the batch.
+    return 1 if t.dim() == 3 and t.shape[0] == 1 else 0
+
+
+class ZooPreTrainedModel(PreTrainedModel):
+    config_class = ZooConfig
+    config: ZooConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["ResidualLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # zoo layers keep their own states in a ZooCache, created by the model on the first call.
+        return False
+
+
+class ZooModel(ZooPreTrainedModel):
+    """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm."""
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        spec = config.model_config()
+        self.embed = nn.Embedding(config.vocab_size, spec.d_model)
+        layers = []
+        for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
+            mixer = MIXERS.get(block).cls(spec.args_for(block), spec.d_model, i)
+            ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
+            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [batch, seq_len], got {list(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: ZooCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embed(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+            raise ValueError(f"inputs_embeds: expected shape [batch, seq_len, {self.config.d_model}], got {list(inputs_embeds.shape)}")
+        if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
+            raise ValueError(
+                "attention_mask has padded positions; zoo models do not take padded batches yet, pass prompts of equal length"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = ZooCache(len(self.layers))
+        hidden = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            hidden, new_state = layer(hidden, state)
+            if past_key_values is not None:
+                past_key_values.states[i] = new_state
+        if past_key_values is not None:
+            past_key_values.seen_tokens += hidden.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (already shifted), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        self.model = ZooModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: ZooCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
