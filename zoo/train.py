@@ -1,0 +1,156 @@
+"""``python -m zoo.train recipe=NAME [key.path=value ...] [--print]``: train a recipe with Lightning.
+
+Writes ``<output_dir>/recipe.yaml`` (resolved), ``metrics.csv``, ``ckpt/`` (Lightning checkpoints) and ``hf/``
+(a Hugging Face directory). ``--print`` prints the resolved recipe and exits without training.
+Recipe errors exit with code 2 before any model is built.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from zoo.config import Recipe, load_recipe
+from zoo.errors import ZooError
+
+USAGE = "usage: python -m zoo.train recipe=NAME [key.path=value ...] [--print]"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
+    """Split the command line into (recipe name, overrides, print-only)."""
+    recipe, overrides, print_only = None, [], False
+    for arg in argv:
+        if arg in ("--print", "--print-recipe"):
+            print_only = True
+        elif arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ZooError(f"unknown flag '{arg}'\n{USAGE}")
+        else:
+            overrides.append(arg)
+    if not recipe:
+        raise ZooError(f"no recipe given\n{USAGE}")
+    return recipe, overrides, print_only
+
+
+def lightning_precision(recipe: Recipe) -> str:
+    import torch
+
+    if recipe.trainer.precision != "auto":
+        return recipe.trainer.precision
+    on_gpu = torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def train(recipe: Recipe) -> dict:
+    """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zoo.data import ZooDataModule
+    from zoo.training import MetricsCSV, ZooLightningModule, export_hf
+
+    out = Path(recipe.output_dir)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    data = ZooDataModule(recipe.data, seed=recipe.seed)
+    tokenizer = data.load_tokenizer()
+    if recipe.model.vocab_size is None:
+        recipe.model.vocab_size = len(tokenizer)
+    elif recipe.model.vocab_size < len(tokenizer):
+        raise ZooError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    module = ZooLightningModule(recipe, special)
+
+    trainer_cfg = recipe.trainer
+    metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "ckpt", filename="step-{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=trainer_cfg.val_every, save_top_k=1,
+    )
+    trainer = L.Trainer(
+        max_steps=trainer_cfg.max_steps,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        precision=lightning_precision(recipe),
+        gradient_clip_val=trainer_cfg.grad_clip or None,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[metrics, checkpoint],
+        enable_progress_bar=trainer_cfg.progress_bar,
+        default_root_dir=str(out),
+    )
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        metrics.path.unlink(missing_ok=True)
+    if trainer_cfg.compile:
+        module.model = torch.compile(module.model)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    if trainer.global_step % trainer_cfg.val_every:
+        trainer.validate(module, datamodule=data, verbose=False)
+    metrics.close()
+    seconds = time.perf_counter() - start
+    summary = {}
+    if trainer.is_global_zero:
+        model = module.model._orig_mod if trainer_cfg.compile else module.model
+        export_hf(model, tokenizer, out / "hf")
+        stats = data.stats()
+        val_loss = float(trainer.callback_metrics["val_loss"])
+        train_loss = trainer.callback_metrics.get("train_loss")
+        summary = {
+            "recipe": recipe.name,
+            "steps": trainer.global_step,
+            "seconds": round(seconds, 1),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_loss": float(train_loss) if train_loss is not None else None,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss),
+            "unigram_entropy": stats.unigram_entropy,
+            "tokens_per_s": trainer.global_step * recipe.data.batch_size * recipe.data.seq_len * trainer.world_size
+            * trainer_cfg.accumulate_grad_batches / seconds,
+            "train_tokens_in_corpus": stats.train_tokens,
+            "hf_dir": str(out / "hf"),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(
+            f"zoo.train: {recipe.name}: {summary['steps']} steps in {seconds:.0f}s, val_loss {val_loss:.4f} nats "
+            f"(ppl {summary['val_ppl']:.2f}; unigram entropy {stats.unigram_entropy:.4f}), "
+            f"{summary['tokens_per_s']:.0f} tokens/s; Hugging Face export in {out / 'hf'}"
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        name, overrides, print_only = parse_args(argv)
+        recipe = load_recipe(name, overrides)
+    except ZooError as err:
+        print(f"zoo.train: error: {err}", file=sys.stderr)
+        return 2
+    if print_only:
+        print(recipe.to_yaml(), end="")
+        return 0
+    try:
+        train(recipe)
+    except ZooError as err:
+        print(f"zoo.train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

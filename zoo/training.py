@@ -1,0 +1,176 @@
+"""Lightning pieces: the LightningModule, the metrics.csv writer, and the Hugging Face export."""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from zoo.config import Recipe
+from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
+
+
+def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float, name: str) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps`` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ZooLightningModule(L.LightningModule):
+    """Causal LM training of a :class:`ZooForCausalLM` built from a recipe."""
+
+    def __init__(self, recipe: Recipe, special_tokens: dict[str, int] | None = None):
+        super().__init__()
+        self.recipe = recipe
+        config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
+        self.model = ZooForCausalLM(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
+        return causal_lm_loss(self(inputs), targets)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val_loss")
+        if val_loss is not None:
+            self.log("val_ppl", torch.exp(val_loss.float()), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.recipe.optimizer
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        fused = opt.fused
+        if fused is None:
+            fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused,
+        )
+        sched = self.recipe.scheduler
+        max_steps = self.recipe.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, sched.warmup_steps, max_steps, sched.min_lr_ratio, sched.name)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MetricsCSV(L.Callback):
+    """Writes ``metrics.csv``: one row per logged optimizer step (step, train_loss, lr, tokens_per_s, val_loss, val_ppl).
+
+    ``train_loss`` is the mean over the steps since the previous row. Rows are flushed as they are written.
+    """
+
+    COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl"]
+
+    def __init__(self, path: Path, log_every: int):
+        self.path = Path(path)
+        self.log_every = log_every
+        self._row: dict[str, Any] | None = None
+        self._losses: list[float] = []
+        self._tokens = 0
+        self._t0 = 0.0
+        self._val_t0 = 0.0
+        self._last_step = -1
+        self._file = None
+        self._writer = None
+
+    def _open(self, trainer: L.Trainer) -> None:
+        if self._file is None and trainer.is_global_zero:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.COLUMNS)
+            if new:
+                self._writer.writeheader()
+
+    def _flush_row(self) -> None:
+        if self._row is not None and self._writer is not None:
+            self._writer.writerow(self._row)
+            self._file.flush()
+        self._row = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._open(trainer)
+        self._t0 = time.perf_counter()
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append(float(loss.detach()))
+        step = trainer.global_step
+        if step == self._last_step or step % self.log_every:
+            return
+        self._last_step = step
+        elapsed = time.perf_counter() - self._t0
+        self._flush_row()
+        self._row = {
+            "step": step,
+            "train_loss": f"{sum(self._losses) / len(self._losses):.6f}",
+            "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6e}",
+            "tokens_per_s": f"{self._tokens / elapsed:.1f}" if elapsed > 0 else "",
+            "val_loss": "",
+            "val_ppl": "",
+        }
+        self._losses, self._tokens, self._t0 = [], 0, time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._t0 += time.perf_counter() - self._val_t0  # validation time does not count against training throughput
+        self._open(trainer)
+        metrics = trainer.callback_metrics
+        if "val_loss" not in metrics:
+            return
+        step = trainer.global_step
+        if self._row is None or self._row["step"] != step:
+            self._flush_row()
+            self._row = {"step": step, "train_loss": "", "lr": "", "tokens_per_s": "", "val_loss": "", "val_ppl": ""}
+        self._row["val_loss"] = f"{float(metrics['val_loss']):.6f}"
+        self._row["val_ppl"] = f"{math.exp(float(metrics['val_loss'])):.4f}"
+
+    def close(self) -> None:
+        self._flush_row()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush_row()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.close()
+
+
+def export_hf(model: ZooForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """Write a plain Hugging Face directory: config.json, model.safetensors, tokenizer files, generation_config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=64,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
