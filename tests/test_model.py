@@ -1,0 +1,93 @@
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import zoo
+from zoo.config import ModelConfig
+from zoo.modeling import ZooConfig, ZooForCausalLM, ZooModel
+
+
+def tiny(blocks=("lstm", "attention"), **kw):
+    spec = ModelConfig.from_dict(
+        {"d_model": 32, "n_layers": 4, "blocks": list(blocks), "vocab_size": 50, "attention": {"n_heads": 4, "n_kv_heads": 2}, **kw}
+    )
+    torch.manual_seed(0)
+    return ZooForCausalLM(ZooConfig.from_model_config(spec, eos_token_id=0)).eval()
+
+
+def test_pattern_tiles_layers():
+    m = tiny(["lstm", "attention"], ffn=["swiglu", "none"])
+    kinds = [(type(l.mixer).__name__, type(l.ffn).__name__) for l in m.model.layers]
+    assert kinds == [("LSTM", "SwiGLU"), ("Attention", "NoneType"), ("LSTM", "SwiGLU"), ("Attention", "NoneType")]
+
+
+def test_save_load_with_auto_classes(tmp_path):
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "zoo"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, ZooForCausalLM)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ZooModel)
+    x = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(loaded(x).logits, m(x).logits)
+
+
+def test_bad_config_json_names_the_key(tmp_path):
+    m = tiny()
+    m.config.module_args["attention"]["n_headz"] = 3
+    m.config.save_pretrained(tmp_path)
+    with pytest.raises(zoo.ConfigError, match=r"config\.attention\.n_headz: unknown key"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("blocks", [("attention",), ("lstm",), ("lstm", "attention")])
+def test_greedy_generate_equals_full_forward_argmax(blocks):
+    m = tiny(blocks)
+    prompt = torch.randint(1, 50, (1, 6))
+    out = m.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 18)
+    seq = prompt
+    for _ in range(12):
+        nxt = m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_tied_embeddings_share_one_tensor(tmp_path):
+    m = tiny(tie_embeddings=True)
+    assert m.lm_head.weight.data_ptr() == m.model.embed.weight.data_ptr()
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, m.lm_head.weight)
+
+
+def test_labels_give_shifted_loss():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 9))
+    out = m(x, labels=x)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 50), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.randint(0, 50, (9,)), r"input_ids: expected shape \[batch, seq_len\], got \[9\]"),
+        (torch.rand(2, 9), "input_ids: expected an integer tensor, got torch.float32"),
+        (torch.full((2, 9), 50), r"token ids must be in \[0, 50\), got values in \[50, 50\]"),
+        (torch.full((2, 9), -1), r"token ids must be in \[0, 50\)"),
+    ],
+)
+def test_bad_input_ids_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny()(bad)
+
+
+def test_padded_batches_are_refused_not_silently_wrong():
+    x = torch.randint(0, 50, (2, 5))
+    mask = torch.ones_like(x)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padded positions"):
+        tiny()(x, attention_mask=mask)
