@@ -14,6 +14,7 @@ class SequenceMixer(nn.Module, abc.ABC):
     One call serves a full sequence (``state=None``), a chunk of a longer sequence (state in, state out)
     and one-token decode (``T == 1``). The returned state is new; the state passed in is never modified.
     Subclasses implement :meth:`mix` and :meth:`init_state`; :meth:`forward` checks the input first.
+    A state is a tensor or a (Named)tuple of tensors, each with the batch as its first dimension.
     """
 
     registry_name: str = ""
@@ -41,6 +42,11 @@ class SequenceMixer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
         """The state before any token: what ``forward(x, state=None)`` starts from."""
+
+    def init_parameters(self) -> None:
+        """Block-specific initialization, run by the model after the generic one (which covers Linear, Conv1d,
+        Embedding, LSTM and norms). Override with ``transformers.initialization`` functions, which leave weights
+        loaded from a checkpoint alone."""
 
     def state_size_per_token(self) -> int:
         """Number of state elements this block keeps per sequence for each token seen (0 for constant-size state)."""

@@ -23,8 +23,8 @@ class LSTMConfig:
 
 
 class LSTMState(NamedTuple):
-    h: torch.Tensor  # [1, B, H]
-    c: torch.Tensor  # [1, B, H]
+    h: torch.Tensor  # [B, H]
+    c: torch.Tensor  # [B, H]
 
 
 @MIXERS.register("lstm", LSTMConfig)
@@ -40,7 +40,7 @@ class LSTM(SequenceMixer):
     def init_state(self, batch_size, device=None, dtype=None) -> LSTMState:
         dtype = dtype or self.out_proj.weight.dtype
         device = device or self.out_proj.weight.device
-        zeros = torch.zeros(1, batch_size, self.hidden_size, device=device, dtype=dtype)
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
         return LSTMState(zeros, zeros.clone())
 
     def state_size(self) -> int:
@@ -49,10 +49,11 @@ class LSTM(SequenceMixer):
     def mix(self, x: torch.Tensor, state: LSTMState | None):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        elif state.h.shape[1] != x.shape[0]:
-            raise ValueError(f"lstm block (layer {self.layer_idx}): state batch {state.h.shape[1]} != input batch {x.shape[0]}")
+        elif state.h.shape[0] != x.shape[0]:
+            raise ValueError(f"lstm block (layer {self.layer_idx}): state batch {state.h.shape[0]} != input batch {x.shape[0]}")
         # cuDNN wants h/c in the dtype the LSTM computes in (autocast's, when active).
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h0, c0 = state.h.to(compute_dtype), state.c.to(compute_dtype)
+        h0 = state.h.to(compute_dtype).unsqueeze(0).contiguous()  # [1, B, H], as nn.LSTM wants
+        c0 = state.c.to(compute_dtype).unsqueeze(0).contiguous()
         y, (h, c) = self.lstm(x, (h0, c0))  # y: [B, T, H]
-        return self.out_proj(y), LSTMState(h, c)
+        return self.out_proj(y), LSTMState(h.squeeze(0), c.squeeze(0))

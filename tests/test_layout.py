@@ -27,3 +27,15 @@ def test_wheel_holds_only_the_zoo_namespace(tmp_path):
     assert "zoo/layers/attention.py" in names
     assert "zoo/kernels/__init__.py" in names
     assert "zoo/recipes/transformer_small.yaml" in names
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    for name, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            dotted = ".".join([name, *rel.parts])
+            assert dotted in listed, f"{init.parent} is a package but {dotted} is not in pyproject's packages"

@@ -72,12 +72,7 @@ class ZooCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search): every state tensor's batch dimension follows ``beam_idx``."""
-        self.states = [map_state(s, lambda t: t.index_select(_batch_dim(t), beam_idx.to(t.device))) for s in self.states]
-
-
-def _batch_dim(t: torch.Tensor) -> int:
-    # LSTM states are [layers, B, H]; every other state leads with the batch.
-    return 1 if t.dim() == 3 and t.shape[0] == 1 else 0
+        self.states = [map_state(s, lambda t: t.index_select(0, beam_idx.to(t.device))) for s in self.states]
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -86,6 +81,13 @@ class ZooPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["ResidualLayer"]
     _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Blocks and FFNs with special parameters (decays, A_log, ...) initialize them after the generic pass.
+        init_parameters = getattr(module, "init_parameters", None)
+        if callable(init_parameters):
+            init_parameters()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
