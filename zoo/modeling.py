@@ -1,16 +1,17 @@
 """The one generic model for every block: a Hugging Face ``PreTrainedModel`` stacking zoo layers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from zoo.config import ModelConfig
-from zoo.layers import FFNS, MIXERS, ResidualLayer, RMSNorm, map_state
+from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
 
 
 class ZooConfig(PreTrainedConfig):
@@ -166,6 +167,20 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
+@dataclass
+class ZooMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """HF's MoE output (``aux_loss``: load-balancing loss, ``router_logits``: per-layer ``[N, E]``) plus:
+
+    ``aux_loss`` and ``z_loss`` are unweighted means over the MoE layers; ``router_loss`` is the coefficient-weighted
+    total (``aux_loss_coef * aux_loss + z_loss_coef * z_loss``, averaged over layers) that ``loss`` includes when
+    labels are given; ``expert_load [n_moe_layers, E]`` is each layer's fraction of routed tokens per expert.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    expert_load: torch.FloatTensor | None = None
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
 
@@ -174,12 +189,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         self.model = ZooModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -196,9 +205,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_router_logits: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored."""
+        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored.
+
+        Models with ``moe`` FFNs return a :class:`ZooMoeCausalLMOutputWithPast` whose ``loss`` includes the router
+        losses; ``output_router_logits=True`` also returns each MoE layer's router logits.
+        """
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -210,4 +224,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        stats = [layer.ffn.pop_stats() for layer in self.model.layers if isinstance(layer.ffn, MoE)]
+        if not stats:
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        # Per-layer losses averaged over MoE layers: with one MoE layer, aux_loss equals HF Mixtral's aux_loss.
+        router_loss = torch.stack([s.weighted_loss for s in stats]).mean()
+        if loss is not None:
+            loss = loss + router_loss.to(loss.device)
+        return ZooMoeCausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            aux_loss=torch.stack([s.load_balancing_loss for s in stats]).mean(),
+            z_loss=torch.stack([s.z_loss for s in stats]).mean(),
+            router_loss=router_loss,
+            expert_load=torch.stack([s.expert_load for s in stats]),
+            router_logits=tuple(s.router_logits for s in stats) if output_router_logits else None,
+        )
