@@ -6,8 +6,20 @@ from .layer import ResidualLayer
 from .attention import Attention, AttentionConfig, AttentionState
 from .lstm import LSTM, LSTMConfig, LSTMState
 from .ffn import SwiGLU, SwiGLUConfig
+from .retnet import RetNet, RetNetConfig, RetNetState
+from .mamba import Mamba, MambaConfig, MambaState
+from .mamba2 import Mamba2, Mamba2Config, Mamba2State
+from .moe import MoE, MoEConfig, RouterStats
+from .rwkv6 import RWKV6, RWKV6Config, RWKV6State
+from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
+from .rwkv_cmix import RWKVChannelMix, RWKVChannelMixConfig
 
 __all__ = [
     "FFNS", "MIXERS", "Entry", "Registry", "SequenceMixer", "map_state", "RMSNorm", "ResidualLayer",
     "Attention", "AttentionConfig", "AttentionState", "LSTM", "LSTMConfig", "LSTMState", "SwiGLU", "SwiGLUConfig",
+    "RetNet", "RetNetConfig", "RetNetState",
+    "Mamba", "MambaConfig", "MambaState", "Mamba2", "Mamba2Config", "Mamba2State",
+    "MoE", "MoEConfig", "RouterStats",
+    "RWKV6", "RWKV6Config", "RWKV6State", "RWKV7", "RWKV7Config", "RWKV7State",
+    "RWKVChannelMix", "RWKVChannelMixConfig",
 ]

@@ -7,7 +7,7 @@ from zoo.layers import MIXERS, map_state
 
 D_MODEL = 48
 # Per-block settings small enough for fast CPU tests; blocks not listed use their defaults.
-TEST_ARGS = {"attention": {"n_heads": 4, "n_kv_heads": 2}, "lstm": {"hidden_size": 40}}
+TEST_ARGS = {"attention": {"n_heads": 4, "n_kv_heads": 2}, "lstm": {"hidden_size": 40}, "retnet": {"n_heads": 4, "value_factor": 2, "chunk_size": 16}, "mamba": {"d_state": 8, "dt_rank": 4}, "mamba2": {"d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 16}, "rwkv6": {"head_dim": 12, "decay_lora_rank": 8, "mix_lora_rank": 4, "chunk_size": 16}, "rwkv7": {"head_dim": 16, "decay_lora_rank": 8, "a_lora_rank": 8, "gate_lora_rank": 8, "chunk_size": 16}}
 
 
 def make_block(name, layer_idx=0):

@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from zoo.config import Recipe
+from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
 
 
@@ -33,18 +34,41 @@ class ZooLightningModule(L.LightningModule):
         self.recipe = recipe
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
         self.model = ZooForCausalLM(config)
+        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
+
+    def metric_columns(self) -> list[str]:
+        """Logged metrics beyond the standard ones that ``metrics.csv`` gets columns for (MoE router metrics)."""
+        if not self.moe_layers:
+            return []
+        per_layer = [f"moe/load_max_over_mean/layer{i}" for i in self.moe_layers]
+        return ["train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def _lm_loss_and_output(self, batch: torch.Tensor):
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
-        return causal_lm_loss(self(inputs), targets)
+        out = self.model(input_ids=inputs, use_cache=False)
+        return causal_lm_loss(out.logits, targets), out
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._lm_loss_and_output(batch)[0]
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        loss, out = self._lm_loss_and_output(batch)
         self.log("train_loss", loss, prog_bar=True)
-        return loss
+        if not self.moe_layers:
+            return loss
+        # MoE: optimize LM + router losses; train_loss stays the LM loss, comparable with val_loss.
+        self.log("train_aux_loss", out.aux_loss)
+        self.log("train_z_loss", out.z_loss)
+        if (self.trainer.global_step + 1) % self.recipe.trainer.log_every == 0:
+            load = out.expert_load  # [n_moe_layers, E], fractions of routed tokens
+            ratio = load.max(-1).values / load.mean(-1)  # [n_moe_layers]
+            self.log("moe/load_max_over_mean", ratio.mean())
+            for i, r in zip(self.moe_layers, ratio):
+                self.log(f"moe/load_max_over_mean/layer{i}", r)
+        return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
@@ -74,9 +98,10 @@ class ZooLightningModule(L.LightningModule):
 
 
 class MetricsCSV(L.Callback):
-    """Writes ``metrics.csv``: one row per logged optimizer step (step, train_loss, lr, tokens_per_s, val_loss, val_ppl).
+    """Writes ``metrics.csv``: one row per logged optimizer step (step, train_loss, lr, tokens_per_s, val_loss, val_ppl,
+    then the module's ``metric_columns()``, e.g. MoE router metrics, at their value on the logged step).
 
-    ``train_loss`` is the mean over the steps since the previous row. Rows are flushed as they are written.
+    ``train_loss`` is the mean LM loss over the steps since the previous row. Rows are flushed as they are written.
     """
 
     COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl"]
@@ -92,12 +117,14 @@ class MetricsCSV(L.Callback):
         self._last_step = -1
         self._file = None
         self._writer = None
+        self._extra: list[str] = []
 
-    def _open(self, trainer: L.Trainer) -> None:
+    def _open(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._file is None and trainer.is_global_zero:
             new = not self.path.exists() or self.path.stat().st_size == 0
+            self._extra = list(getattr(pl_module, "metric_columns", list)())
             self._file = open(self.path, "a", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=self.COLUMNS)
+            self._writer = csv.DictWriter(self._file, fieldnames=self.COLUMNS + self._extra)
             if new:
                 self._writer.writeheader()
 
@@ -108,13 +135,13 @@ class MetricsCSV(L.Callback):
         self._row = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._open(trainer)
+        self._open(trainer, pl_module)
         self._t0 = time.perf_counter()
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("lm_loss", outputs["loss"]) if isinstance(outputs, dict) else outputs
         self._losses.append(float(loss.detach()))
         step = trainer.global_step
         if step == self._last_step or step % self.log_every:
@@ -129,8 +156,13 @@ class MetricsCSV(L.Callback):
             "tokens_per_s": f"{self._tokens / elapsed:.1f}" if elapsed > 0 else "",
             "val_loss": "",
             "val_ppl": "",
+            **self._logged(trainer),
         }
         self._losses, self._tokens, self._t0 = [], 0, time.perf_counter()
+
+    def _logged(self, trainer: L.Trainer) -> dict[str, str]:
+        metrics = trainer.callback_metrics
+        return {key: f"{float(metrics[key]):.6f}" if key in metrics else "" for key in self._extra}
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_t0 = time.perf_counter()
@@ -139,7 +171,7 @@ class MetricsCSV(L.Callback):
         if trainer.sanity_checking:
             return
         self._t0 += time.perf_counter() - self._val_t0  # validation time does not count against training throughput
-        self._open(trainer)
+        self._open(trainer, pl_module)
         metrics = trainer.callback_metrics
         if "val_loss" not in metrics:
             return
@@ -147,6 +179,7 @@ class MetricsCSV(L.Callback):
         if self._row is None or self._row["step"] != step:
             self._flush_row()
             self._row = {"step": step, "train_loss": "", "lr": "", "tokens_per_s": "", "val_loss": "", "val_ppl": ""}
+            self._row.update({key: "" for key in self._extra})
         self._row["val_loss"] = f"{float(metrics['val_loss']):.6f}"
         self._row["val_ppl"] = f"{math.exp(float(metrics['val_loss'])):.4f}"
 

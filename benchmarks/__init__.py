@@ -1,0 +1,1 @@
+"""Microbenchmarks: ``python -m benchmarks.<name>``; results land in benchmarks/results/."""

@@ -1,0 +1,36 @@
+"""Sequential fp32 reference of the RWKV-6 (Finch) WKV recurrence.
+
+Peng et al. 2024, "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (arXiv:2404.05892),
+Sec. 4 (Finch time mixing), recurrent form of the WKV operator, per head with state S [K, V]:
+
+    wkv_t = S_{t-1} + diag(u) k_t^T v_t          (output-side bonus for the current token)
+    o_t   = r_t · wkv_t
+    S_t   = diag(w_t) S_{t-1} + k_t^T v_t        (w_t = exp(-exp(d_t)) is the data-dependent decay)
+
+This is the paper's parallel form  wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(prod_{j=i+1}^{t-1} w_j) k_i^T v_i
+unrolled one token at a time. (Equation numbers are not quoted: the wording above follows the paper's text.)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rwkv6_naive(r, k, v, w_log, u, initial_state=None):
+    """Token-by-token WKV. ``r, k, w_log [B, T, H, K]``, ``v [B, T, H, V]``, ``u [H, K]``, state ``[B, H, K, V]``.
+
+    ``w_log`` is the log of the decay (``-exp(d_t)``, <= 0). Computes in fp32 (fp64 if given); returns
+    ``(o [B, T, H, V], final_state [B, H, K, V])``, both in the compute dtype.
+    """
+    dtype = torch.promote_types(r.dtype, torch.float32)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    r, k, v, w_log, u = (t.to(dtype) for t in (r, k, v, w_log, u))
+    S = torch.zeros(B, H, K, V, dtype=dtype, device=r.device) if initial_state is None else initial_state.to(dtype)
+    outs = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        wkv = S + u[None, :, :, None] * kv
+        outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], wkv))
+        S = w_log[:, t].exp()[..., None] * S + kv
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+    return o, S

@@ -1,0 +1,31 @@
+"""RWKV-7 (Goose) WKV operator: ``rwkv7(r, w_log, k, v, a, b, initial_state) -> (o, final_state)``."""
+from __future__ import annotations
+
+from .chunked import rwkv7_chunked
+from .naive import rwkv7_naive
+
+__all__ = ["rwkv7", "rwkv7_chunked", "rwkv7_naive"]
+
+
+def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+    """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``.
+
+    Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
+    ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
+    in fp32, or fp64 for fp64 inputs. Torch backend, chunked (one token: the sequential form).
+    """
+    if r.dim() != 4:
+        raise ValueError(f"rwkv7: expected r of shape [B, T, H, K], got {list(r.shape)}")
+    B, T, H, K = r.shape
+    for name, t in (("w_log", w_log), ("k", k), ("a", a), ("b", b)):
+        if t.shape != r.shape:
+            raise ValueError(f"rwkv7: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"rwkv7: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"rwkv7: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"rwkv7: chunk_size must be >= 1, got {chunk_size}")
+    if T == 1:
+        return rwkv7_naive(r, w_log, k, v, a, b, initial_state)
+    return rwkv7_chunked(r, w_log, k, v, a, b, initial_state, chunk_size)

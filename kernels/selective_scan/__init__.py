@@ -1,0 +1,50 @@
+"""Mamba-1 selective scan: ``selective_scan`` (checked entry point), the chunked PyTorch form and the naive reference."""
+from __future__ import annotations
+
+import torch
+
+from .chunked import selective_scan_chunked
+from .naive import selective_scan_naive
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = (C_t h_t + D u_t) * silu(z_t)``.
+
+    Shapes (time second, unlike mamba_ssm's ``[B, D, T]``): u, delta, z ``[B, T, D]``; A ``[D, N]``;
+    B, C ``[B, T, N]``; D, delta_bias ``[D]``; initial_state ``[B, D, N]`` (None: zeros).
+    Returns ``(y [B, T, D], final_state [B, D, N])``; the state is fp32 (fp64 for fp64 inputs).
+    """
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be [B, T, D], got {list(u.shape)}")
+    batch, T, dim = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must match u {list(u.shape)}, got {list(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be [D={dim}, N], got {list(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (batch, T, n):
+            raise ValueError(f"selective_scan: {name} must be [B, T, N] = {[batch, T, n]}, got {list(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"selective_scan: {name} must be [D={dim}], got {list(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must match u {list(u.shape)}, got {list(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, n):
+        raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {[batch, dim, n]}, got {list(initial_state.shape)}")
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_naive"]

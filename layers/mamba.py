@@ -1,0 +1,151 @@
+"""Mamba-1 block (Gu & Dao 2023): gated selective SSM with a short causal depthwise convolution."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.kernels.selective_scan import selective_scan
+
+from .base import SequenceMixer
+from .registry import MIXERS
+
+logger = logging.getLogger("zoo")
+
+BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+
+
+def resolve_ssm_backend(block: str, backend: str, layer_idx: int) -> str:
+    """``auto`` -> ``torch``; ``triton`` / ``mamba_ssm`` are refused (no such path in zoo yet), never silently replaced."""
+    if backend == "triton":
+        raise BackendUnavailableError(f"{block} backend 'triton': zoo has no Triton kernel for this block yet; use backend: torch or auto")
+    if backend == "mamba_ssm":
+        installed = importlib.util.find_spec("mamba_ssm") is not None
+        reason = "zoo does not call mamba_ssm's kernels yet" if installed else "the mamba-ssm package is not installed"
+        raise BackendUnavailableError(f"{block} backend 'mamba_ssm' is unavailable: {reason}; use backend: torch or auto")
+    resolved = "torch"
+    if layer_idx == 0:
+        logger.info("%s block: backend %r -> %s (chunked PyTorch scan)", block, backend, resolved)
+    return resolved
+
+
+def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv of ``x [B, C, T]`` continuing from the last ``K-1`` inputs ``prev [B, C, K-1]``.
+
+    Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs."""
+    full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
+    out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
+    keep = conv.kernel_size[0] - 1
+    return out, full[:, :, full.shape[-1] - keep :]
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:
+    """``softplus^-1`` of time steps drawn log-uniformly in ``[dt_min, dt_max]`` (Mamba's dt bias init)."""
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    conv_bias: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    backend: str = "auto"  # auto | torch | triton | mamba_ssm
+
+    def validate(self, d_model: int) -> None:
+        for key in ("d_state", "expand"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.d_conv < 1:
+            raise ConfigError("d_conv", f"must be >= 1, got {self.d_conv}")
+        if self.dt_rank is not None and self.dt_rank < 1:
+            raise ConfigError("dt_rank", f"must be >= 1 (or null for ceil(d_model/16)), got {self.dt_rank}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown mamba backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+
+    def resolved_dt_rank(self, d_model: int) -> int:
+        return self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)
+
+
+class MambaState(NamedTuple):
+    conv: torch.Tensor  # [B, d_inner, d_conv - 1]: the last inputs of the causal conv
+    ssm: torch.Tensor  # [B, d_inner, d_state]
+
+
+@MIXERS.register("mamba", MambaConfig)
+class Mamba(SequenceMixer):
+    """in_proj -> (x, z); x -> causal conv -> SiLU -> selective scan (dt, B, C from x) + D x; * SiLU(z) -> out_proj.
+
+    Parameter names follow Hugging Face's ``MambaMixer``."""
+
+    def __init__(self, config: MambaConfig, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        self.backend = resolve_ssm_backend("mamba", config.backend, layer_idx)
+        self.d_inner = config.expand * d_model
+        self.d_state = config.d_state
+        self.dt_rank = config.resolved_dt_rank(d_model)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=config.bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner, bias=config.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias)
+        if self.A_log.device.type != "meta":  # usable on its own, not only inside a ZooForCausalLM
+            self.init_parameters()
+
+    def init_parameters(self) -> None:
+        from transformers import initialization as init
+
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device).expand(self.d_inner, -1)
+        init.copy_(self.A_log, torch.log(A))  # S4D-real: A = -(1..N)
+        init.ones_(self.D)
+        dt_std = self.dt_rank**-0.5
+        init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        init.copy_(self.dt_proj.bias, inverse_softplus_dt(self.d_inner, self.config.dt_min, self.config.dt_max, self.dt_proj.bias.device))
+        bound = self.config.d_conv**-0.5  # PyTorch's default conv init, as the reference Mamba keeps it
+        init.uniform_(self.conv1d.weight, -bound, bound)
+        if self.conv1d.bias is not None:
+            init.zeros_(self.conv1d.bias)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MambaState:
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        conv = torch.zeros(batch_size, self.d_inner, self.config.d_conv - 1, device=device, dtype=dtype)
+        # The recurrent state stays in fp32 (or wider) whatever the activations' dtype.
+        ssm = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        return MambaState(conv, ssm)
+
+    def state_size(self) -> int:
+        return self.d_inner * (self.config.d_conv - 1 + self.d_state)
+
+    def mix(self, x: torch.Tensor, state: MambaState | None):
+        batch = x.shape[0]
+        if state is None:
+            state = self.init_state(batch, x.device, x.dtype)
+        elif state.ssm.shape[0] != batch:
+            raise ValueError(f"mamba block (layer {self.layer_idx}): state batch {state.ssm.shape[0]} != input batch {batch}")
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, Di] each
+        conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d)  # [B, Di, T]
+        u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # [B, T, Di]; its bias goes in before the softplus
+        A = -torch.exp(self.A_log.float())  # [Di, N]
+        y, ssm = selective_scan(
+            u, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=state.ssm
+        )
+        return self.out_proj(y), MambaState(conv_state, ssm)

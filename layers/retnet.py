@@ -1,0 +1,151 @@
+"""RetNet block: gated multi-scale retention (Sun et al. 2023, "Retentive Network", arXiv:2307.08621, Sec. 2.2).
+
+``MSR(X) = (swish(X W_G) ⊙ GroupNorm_h(Retention_h(X))) W_O`` (Eq. 8), with per-head fixed decays
+``gamma_h = 1 - 2^(-5 - h)`` (Eq. 8; torchscale's ``RetNetRelPos``: ``log(1 - 2 ** (-5 - arange(H)))``) and the
+``e^{i n theta}`` rotation of q and k (Eq. 5) in torchscale's interleaved layout,
+``theta = 1 / 10000^linspace(0, 1, K/2)``. k is scaled by ``K^-0.5`` as in torchscale.
+
+The state is the retention state ``S [B, H, K, V]`` kept in the rotation frame of the next token: since the rotation
+is relative (``(R_n q)^T (R_m k) = q^T R_{m-n} k``), rotating the state's key axis by ``-T theta`` after a call of T
+tokens lets every call number its tokens from 0. No position counter is needed, and states of different rows stay
+independent of how many tokens each row has seen.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.kernels.retention import retention
+
+from .base import SequenceMixer
+from .registry import MIXERS
+
+BACKENDS = ("auto", "torch", "triton")
+logger = logging.getLogger("zoo")
+
+
+@dataclass
+class RetNetConfig:
+    n_heads: int = 4
+    value_factor: int = 2  # value (and gate) width per head = value_factor * key head dim (the paper uses 2)
+    chunk_size: int = 64  # chunk length of the chunkwise form (Eq. 7)
+    rope_theta: float = 10000.0
+    group_norm_affine: bool = False  # learnable per-channel scale/shift after the per-head GroupNorm
+    norm_eps: float = 1e-6
+    backend: str = "auto"  # auto | torch | triton
+
+    def validate(self, d_model: int) -> None:
+        if self.n_heads < 1:
+            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
+        if d_model % self.n_heads:
+            raise ConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={self.n_heads}")
+        if (d_model // self.n_heads) % 2:
+            raise ConfigError("n_heads", f"key head dim d_model/n_heads = {d_model // self.n_heads} must be even for the rotation")
+        if self.value_factor < 1:
+            raise ConfigError("value_factor", f"must be >= 1, got {self.value_factor}")
+        if self.chunk_size < 1:
+            raise ConfigError("chunk_size", f"must be >= 1, got {self.chunk_size}")
+        if self.rope_theta <= 0:
+            raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta}")
+        if self.norm_eps <= 0:
+            raise ConfigError("norm_eps", f"must be > 0, got {self.norm_eps}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown retnet backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+class RetNetState(NamedTuple):
+    """Retention state, in the rotation frame of the next token."""
+
+    kv: torch.Tensor  # [B, H, K, V]
+
+
+@functools.cache
+def _log_backend(requested: str, resolved: str) -> None:
+    logger.info("retnet: backend '%s' -> %s (chunkwise retention in PyTorch)", requested, resolved)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)`` on the last axis: multiplication by i per pair."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+@MIXERS.register("retnet", RetNetConfig)
+class RetNet(SequenceMixer):
+    """Gated multi-scale retention; trains with the chunkwise form, the same call decodes token by token."""
+
+    def __init__(self, config: RetNetConfig, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        if config.backend == "triton":
+            raise BackendUnavailableError("retnet backend 'triton' was asked for but no Triton retention kernel exists yet; use backend: torch or auto")
+        self.backend = "torch"
+        _log_backend(config.backend, self.backend)
+        self.n_heads = config.n_heads
+        self.key_dim = d_model // config.n_heads
+        self.value_dim = self.key_dim * config.value_factor
+        H = self.n_heads
+        self.q_proj = nn.Linear(d_model, H * self.key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, H * self.key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, H * self.value_dim, bias=False)
+        self.g_proj = nn.Linear(d_model, H * self.value_dim, bias=False)
+        self.o_proj = nn.Linear(H * self.value_dim, d_model, bias=False)
+        if config.group_norm_affine:
+            self.norm_weight = nn.Parameter(torch.ones(H * self.value_dim))
+            self.norm_bias = nn.Parameter(torch.zeros(H * self.value_dim))
+        else:
+            self.norm_weight = self.norm_bias = None
+
+    def init_parameters(self) -> None:
+        if self.norm_weight is not None:
+            init.ones_(self.norm_weight)
+            init.zeros_(self.norm_bias)
+
+    def log_decay(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``log gamma_h = log(1 - 2^(-5 - h))`` for h = 0..H-1 (Eq. 8), shape [H]."""
+        h = torch.arange(self.n_heads, device=device, dtype=torch.float64)
+        return torch.log1p(-torch.exp2(-5.0 - h)).to(dtype)
+
+    def angles(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rotation frequencies ``theta`` [K], each repeated for its (even, odd) pair."""
+        exponents = torch.linspace(0, 1, self.key_dim // 2, device=device, dtype=torch.float64)
+        return (1.0 / self.config.rope_theta**exponents).repeat_interleave(2).to(dtype)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> RetNetState:
+        dtype = dtype or self.q_proj.weight.dtype
+        device = device or self.q_proj.weight.device
+        return RetNetState(torch.zeros(batch_size, self.n_heads, self.key_dim, self.value_dim, device=device, dtype=dtype))
+
+    def state_size(self) -> int:
+        return self.n_heads * self.key_dim * self.value_dim
+
+    def mix(self, x: torch.Tensor, state: RetNetState | None):
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.key_dim, self.value_dim
+        if state is not None and state.kv.shape[0] != B:
+            raise ValueError(f"retnet block (layer {self.layer_idx}): state batch {state.kv.shape[0]} != input batch {B}")
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        theta = self.angles(x.device, dtype)  # [K]
+        phase = torch.arange(T, device=x.device, dtype=dtype)[:, None] * theta  # [T, K]
+        cos, sin = phase.cos()[:, None], phase.sin()[:, None]  # [T, 1, K]
+        q = self.q_proj(x).view(B, T, H, K).to(dtype)  # [B, T, H, K]
+        k = self.k_proj(x).view(B, T, H, K).to(dtype)
+        v = self.v_proj(x).view(B, T, H, V).to(dtype)  # [B, T, H, V]
+        q = q * cos + rotate_every_two(q) * sin
+        k = (k * cos + rotate_every_two(k) * sin) * K**-0.5
+        o, kv = retention(q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size)
+        # Move the state to the frame of the next call's token 0: rotate its key axis by -T theta.
+        end = T * theta  # [K]
+        kv_t = kv.transpose(-1, -2)  # [B, H, V, K]
+        kv = (kv_t * end.cos() - rotate_every_two(kv_t) * end.sin()).transpose(-1, -2)  # [B, H, K, V]
+        o = F.layer_norm(o, (V,), eps=self.config.norm_eps).reshape(B, T, H * V)  # GroupNorm with one group per head
+        if self.norm_weight is not None:
+            o = o * self.norm_weight.to(dtype) + self.norm_bias.to(dtype)
+        y = F.silu(self.g_proj(x)) * o.to(x.dtype)
+        return self.o_proj(y), RetNetState(kv)

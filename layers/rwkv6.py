@@ -1,0 +1,147 @@
+"""RWKV-6 "Finch" time mixing (Peng et al. 2024, "Eagle and Finch", arXiv:2404.05892, Sec. 4).
+
+Token shift with data-dependent interpolation (ddlerp, low-rank LoRA mixing), data-dependent decay
+``w_t = exp(-exp(d_t))`` with ``d_t`` from a LoRA, per-head bonus ``u``, a multi-head matrix state ``S [B, H, K, V]``,
+per-head GroupNorm on the output, SiLU gate and output projection.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.kernels.rwkv6 import rwkv6
+
+from .base import SequenceMixer
+from .registry import MIXERS
+
+logger = logging.getLogger("zoo")
+
+BACKENDS = ("auto", "torch", "triton")
+# d_t is clamped here before w_log = -exp(d_t): decay exp(-exp(3)) ~ 2e-9 is already "forget everything", and a
+# bounded log decay keeps the chunked kernel's fp32 cumulative sums precise.
+MAX_LOG_LOG_DECAY = 3.0
+
+
+def resolve_backend(block: str, backend: str, layer_idx: int) -> str:
+    """``auto`` -> ``torch``; ``triton`` is not implemented yet and raises."""
+    if backend == "triton":
+        raise BackendUnavailableError(f"{block} backend 'triton' was asked for but no Triton kernel exists yet; use backend: torch or auto")
+    if layer_idx == 0:
+        logger.info("%s: using the torch (chunked) backend", block)
+    return "torch"
+
+
+def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """The previous token of each position of ``x [B, T, D]``; ``last [B, D]`` (or zeros) precedes x[:, 0]."""
+    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
+    return torch.cat((first, x[:, :-1]), dim=1)
+
+
+@dataclass
+class RWKV6Config:
+    head_dim: int = 64
+    decay_lora_rank: int = 64
+    mix_lora_rank: int = 32
+    chunk_size: int = 16
+    backend: str = "auto"  # auto | torch | triton
+
+    def validate(self, d_model: int) -> None:
+        if self.head_dim < 1 or d_model % self.head_dim:
+            raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
+        for key in ("decay_lora_rank", "mix_lora_rank", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown rwkv6 backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+class RWKV6State(NamedTuple):
+    shift: torch.Tensor  # [B, D] the last token's (normalized) input
+    wkv: torch.Tensor  # [B, H, K, V]
+
+
+@MIXERS.register("rwkv6", RWKV6Config)
+class RWKV6(SequenceMixer):
+    """Finch time mixing. Parameter names follow the RWKV-LM v6 code (``time_maa_*``, ``time_decay*``, ``time_faaaa``)."""
+
+    def __init__(self, config: RWKV6Config, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        D, R, Rd = d_model, config.mix_lora_rank, config.decay_lora_rank
+        self.head_dim = config.head_dim
+        self.n_heads = D // config.head_dim
+        self.backend = resolve_backend("rwkv6", config.backend, layer_idx)
+        self.time_maa_x = nn.Parameter(torch.empty(D))
+        self.time_maa = nn.Parameter(torch.empty(5, D))  # lambda of the w, k, v, r, g mixes
+        self.time_maa_w1 = nn.Parameter(torch.empty(D, 5 * R))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, R, D))
+        self.time_decay = nn.Parameter(torch.empty(D))
+        self.time_decay_w1 = nn.Parameter(torch.empty(D, Rd))
+        self.time_decay_w2 = nn.Parameter(torch.empty(Rd, D))
+        self.time_faaaa = nn.Parameter(torch.empty(self.n_heads, self.head_dim))  # bonus u
+        self.receptance = nn.Linear(D, D, bias=False)
+        self.key = nn.Linear(D, D, bias=False)
+        self.value = nn.Linear(D, D, bias=False)
+        self.gate = nn.Linear(D, D, bias=False)
+        self.output = nn.Linear(D, D, bias=False)
+        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=64e-5)
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """RWKV-LM v6 init with the layer-depth ratios fixed at 0.5 (a block does not know the model depth)."""
+        D = self.d_model
+        dev = self.time_decay.device
+        ratio = 0.5
+        ddd = torch.arange(D, device=dev, dtype=torch.float32) / D
+        n = torch.arange(D, device=dev, dtype=torch.float32) / max(D - 1, 1)
+        init.copy_(self.time_maa_x, 1 - ddd.pow(ratio))
+        mix = torch.stack([1 - ddd.pow(ratio), 1 - ddd.pow(ratio), 1 - (ddd.pow(ratio) + 0.3 * ratio),
+                           1 - ddd.pow(0.5 * ratio), 1 - ddd.pow(0.5 * ratio)])  # w, k, v, r, g
+        init.copy_(self.time_maa, mix)
+        init.zeros_(self.time_maa_w1)
+        init.uniform_(self.time_maa_w2, -0.01, 0.01)
+        init.copy_(self.time_decay, -6 + 5 * n.pow(0.7 + 1.3 * ratio))
+        init.zeros_(self.time_decay_w1)
+        init.uniform_(self.time_decay_w2, -0.01, 0.01)
+        zigzag = (torch.arange(D, device=dev) + 1) % 3 - 1
+        init.copy_(self.time_faaaa, (ratio * (1 - n) + 0.1 * zigzag).view(self.n_heads, self.head_dim))
+
+    def init_state(self, batch_size, device=None, dtype=None) -> RWKV6State:
+        dtype = dtype or self.key.weight.dtype
+        device = device or self.key.weight.device
+        return RWKV6State(
+            torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),
+        )
+
+    def state_size(self) -> int:
+        return self.d_model + self.n_heads * self.head_dim * self.head_dim
+
+    def mix(self, x: torch.Tensor, state: RWKV6State | None):
+        B, T, D = x.shape
+        H, K = self.n_heads, self.head_dim
+        if state is not None and state.shift.shape[0] != B:
+            raise ValueError(f"rwkv6 block (layer {self.layer_idx}): state batch {state.shift.shape[0]} != input batch {B}")
+        xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
+        xxx = x + xx * self.time_maa_x
+        lora = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, R]
+        lora = torch.einsum("btfr,frd->fbtd", lora, self.time_maa_w2)  # [5, B, T, D]
+        xw, xk, xv, xr, xg = (x + xx * (self.time_maa[i] + lora[i]) for i in range(5))
+        r = self.receptance(xr).view(B, T, H, K)
+        k = self.key(xk).view(B, T, H, K)
+        v = self.value(xv).view(B, T, H, K)
+        g = F.silu(self.gate(xg))
+        d = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # [B, T, D]
+        w_log = -d.float().clamp(max=MAX_LOG_LOG_DECAY).exp().view(B, T, H, K)
+        wkv0 = None if state is None else state.wkv
+        o, wkv = rwkv6(r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size)  # o: [B, T, H, K]
+        o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
+        y = self.output(o * g)
+        wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise
+        return y, RWKV6State(x[:, -1], wkv)

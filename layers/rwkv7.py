@@ -1,0 +1,136 @@
+"""RWKV-7 "Goose" time mixing (Peng et al. 2025, arXiv:2503.14456, Sec. 4), following the RWKV-LM x070 code.
+
+Token shift with static per-channel interpolation, data-dependent decay ``w_t = exp(-e^{-0.5} sigmoid(d_t))`` (in
+[0.545, 1]), in-context learning rate ``alpha_t = sigmoid(LoRA)``, normalized removal key ``kappa_hat``, the generalized
+delta rule state update ``S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t`` with ``a = -kappa_hat``,
+``b = kappa_hat * alpha``, per-head GroupNorm, the ``r_k`` bonus term and a low-rank sigmoid output gate.
+
+Not included: the cross-layer value residual (``v_first`` mixing of layer 0's values into later layers), which needs
+state shared between layers; every layer uses its own values.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from zoo.errors import ConfigError
+from zoo.kernels.rwkv7 import rwkv7
+
+from .base import SequenceMixer
+from .registry import MIXERS
+from .rwkv6 import BACKENDS, resolve_backend, token_shift
+
+
+@dataclass
+class RWKV7Config:
+    head_dim: int = 64
+    decay_lora_rank: int = 64
+    a_lora_rank: int = 64
+    gate_lora_rank: int = 128
+    chunk_size: int = 16
+    backend: str = "auto"  # auto | torch | triton
+
+    def validate(self, d_model: int) -> None:
+        if self.head_dim < 1 or d_model % self.head_dim:
+            raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
+        for key in ("decay_lora_rank", "a_lora_rank", "gate_lora_rank", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown rwkv7 backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+class RWKV7State(NamedTuple):
+    shift: torch.Tensor  # [B, D] the last token's (normalized) input
+    wkv: torch.Tensor  # [B, H, K, V]
+
+
+@MIXERS.register("rwkv7", RWKV7Config)
+class RWKV7(SequenceMixer):
+    """Goose time mixing. Parameter names follow the RWKV-LM x070 code (``x_r``, ``w0``/``w1``/``w2``, ``k_k``, ...)."""
+
+    def __init__(self, config: RWKV7Config, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        D = d_model
+        self.head_dim = config.head_dim
+        self.n_heads = D // config.head_dim
+        self.backend = resolve_backend("rwkv7", config.backend, layer_idx)
+        self.x_mix = nn.Parameter(torch.empty(6, D))  # lerp weights of r, w, k, v, a, g
+        self.w0 = nn.Parameter(torch.empty(D))
+        self.w1 = nn.Parameter(torch.empty(D, config.decay_lora_rank))
+        self.w2 = nn.Parameter(torch.empty(config.decay_lora_rank, D))
+        self.a0 = nn.Parameter(torch.empty(D))
+        self.a1 = nn.Parameter(torch.empty(D, config.a_lora_rank))
+        self.a2 = nn.Parameter(torch.empty(config.a_lora_rank, D))
+        self.g1 = nn.Parameter(torch.empty(D, config.gate_lora_rank))
+        self.g2 = nn.Parameter(torch.empty(config.gate_lora_rank, D))
+        self.k_k = nn.Parameter(torch.empty(D))
+        self.k_a = nn.Parameter(torch.empty(D))
+        self.r_k = nn.Parameter(torch.empty(self.n_heads, self.head_dim))
+        self.receptance = nn.Linear(D, D, bias=False)
+        self.key = nn.Linear(D, D, bias=False)
+        self.value = nn.Linear(D, D, bias=False)
+        self.output = nn.Linear(D, D, bias=False)
+        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=64e-5)
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """RWKV-LM x070 init with the layer-depth ratios fixed at 0.5 (a block does not know the model depth);
+        the LoRA up-projections get small uniform values instead of scaled orthogonal ones."""
+        D = self.d_model
+        dev = self.w0.device
+        ratio = 0.5
+        ddd = torch.arange(D, device=dev, dtype=torch.float32) / D
+        n = torch.arange(D, device=dev, dtype=torch.float32) / max(D - 1, 1)
+        powers = torch.tensor([0.2, 0.9, 0.7, 0.7, 0.9, 0.2], device=dev)[:, None] * ratio  # r, w, k, v, a, g
+        init.copy_(self.x_mix, 1 - ddd[None, :].pow(powers))
+        init.copy_(self.w0, -7 + 5 * n.pow(0.85 + ratio**0.5) + 0.5)
+        for lora_down, lora_up in ((self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)):
+            init.zeros_(lora_down)
+            init.uniform_(lora_up, -0.1 / math.sqrt(lora_up.shape[0]), 0.1 / math.sqrt(lora_up.shape[0]))
+        init.zeros_(self.a0)
+        init.constant_(self.k_k, 0.85)
+        init.ones_(self.k_a)
+        init.constant_(self.r_k, -0.04)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> RWKV7State:
+        dtype = dtype or self.key.weight.dtype
+        device = device or self.key.weight.device
+        return RWKV7State(
+            torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),
+        )
+
+    def state_size(self) -> int:
+        return self.d_model + self.n_heads * self.head_dim * self.head_dim
+
+    def mix(self, x: torch.Tensor, state: RWKV7State | None):
+        B, T, D = x.shape
+        H, K = self.n_heads, self.head_dim
+        if state is not None and state.shift.shape[0] != B:
+            raise ValueError(f"rwkv7 block (layer {self.layer_idx}): state batch {state.shift.shape[0]} != input batch {B}")
+        xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
+        xr, xw, xk, xv, xa, xg = (x + xx * self.x_mix[i] for i in range(6))
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        d = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # [B, T, D]
+        w_log = -math.exp(-0.5) * torch.sigmoid(d.float())  # log decay in [-e^-0.5, 0]
+        alpha = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k).view(B, T, H, K), dim=-1)  # kappa_hat: [B, T, H, K]
+        k = k * (1 + (alpha - 1) * self.k_a)
+        r, k, v, alpha = (t.view(B, T, H, K) for t in (r, k, v, alpha))
+        wkv0 = None if state is None else state.wkv
+        o, wkv = rwkv7(r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size)
+        o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
+        bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, K]
+        y = self.output((o + bonus.reshape(B, T, D)) * g)
+        wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise
+        return y, RWKV7State(x[:, -1], wkv)

@@ -1,0 +1,61 @@
+"""RWKV channel mixing (the RWKV-6 FFN): token shift, squared-ReLU key, sigmoid receptance gate.
+
+Its token shift needs the previous call's last token, so it is a *stateful* FFN (``stateful = True``):
+``forward(x, state) -> (y, state)`` with ``state = last x [B, D]``; the residual layer carries that state beside the
+mixer's, so chunked prefill and one-token decode are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from zoo.errors import ConfigError
+
+from .registry import FFNS
+from .rwkv6 import token_shift
+
+
+@dataclass
+class RWKVChannelMixConfig:
+    hidden_size: int | None = None  # None: 3.5 * d_model rounded up to a multiple of 32 (RWKV-6's size)
+
+    def validate(self, d_model: int) -> None:
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ConfigError("hidden_size", f"must be >= 1, got {self.hidden_size}")
+
+    def resolved_hidden_size(self, d_model: int) -> int:
+        return self.hidden_size if self.hidden_size is not None else -(-int(3.5 * d_model) // 32) * 32
+
+
+@FFNS.register("rwkv_cmix", RWKVChannelMixConfig)
+class RWKVChannelMix(nn.Module):
+    """``sigmoid(receptance(x_r)) * value(relu(key(x_k))^2)`` with ``x_* = lerp(x_t, x_{t-1}, mu_*)``."""
+
+    stateful = True
+
+    def __init__(self, config: RWKVChannelMixConfig, d_model: int, layer_idx: int):
+        super().__init__()
+        hidden = config.resolved_hidden_size(d_model)
+        self.d_model = d_model
+        self.time_maa_k = nn.Parameter(torch.empty(d_model))
+        self.time_maa_r = nn.Parameter(torch.empty(d_model))
+        self.key = nn.Linear(d_model, hidden, bias=False)
+        self.receptance = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(hidden, d_model, bias=False)
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        ddd = torch.arange(self.d_model, device=self.time_maa_k.device, dtype=torch.float32) / self.d_model
+        init.copy_(self.time_maa_k, 1 - ddd.pow(0.5))
+        init.copy_(self.time_maa_r, 1 - ddd.pow(0.5))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.d_model, device=device or self.key.weight.device, dtype=dtype or self.key.weight.dtype)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, state) - x  # [B, T, D]
+        k = torch.relu(self.key(x + xx * self.time_maa_k)).square()
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
