@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import abc
+import importlib.util
+import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+from zoo.errors import BackendUnavailableError
+
+logger = logging.getLogger("zoo")
 
 
 class SequenceMixer(nn.Module, abc.ABC):
@@ -68,3 +74,21 @@ def map_state(state: Any, fn) -> Any:
     if isinstance(state, (tuple, list)):
         return type(state)(map_state(s, fn) for s in state)
     raise TypeError(f"cannot map over a state of type {type(state).__name__}")
+
+
+def resolve_scan_backend(block: str, backend: str, layer_idx: int) -> str:
+    """Backend of a recurrent block: ``auto``/``torch`` -> the chunked PyTorch form (logged once, by layer 0).
+
+    ``triton`` and ``mamba_ssm`` have no path in zoo yet: asking for them is an error, never a silent fallback.
+    """
+    if backend == "triton":
+        raise BackendUnavailableError(
+            f"{block} backend 'triton' was asked for but no Triton kernel exists yet; use backend: torch or auto"
+        )
+    if backend == "mamba_ssm":
+        installed = importlib.util.find_spec("mamba_ssm") is not None
+        reason = "zoo does not call mamba_ssm's kernels yet" if installed else "the mamba-ssm package is not installed"
+        raise BackendUnavailableError(f"{block} backend 'mamba_ssm' is unavailable: {reason}; use backend: torch or auto")
+    if layer_idx == 0:
+        logger.info("%s block: backend %r -> torch (chunked PyTorch form)", block, backend)
+    return "torch"

@@ -1,8 +1,6 @@
 """Mamba-1 block (Gu & Dao 2023): gated selective SSM with a short causal depthwise convolution."""
 from __future__ import annotations
 
-import importlib.util
-import logging
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -11,29 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.errors import ConfigError
 from zoo.kernels.selective_scan import selective_scan
 
-from .base import SequenceMixer
+from .base import SequenceMixer, resolve_scan_backend
 from .registry import MIXERS
 
-logger = logging.getLogger("zoo")
 
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
-
-
-def resolve_ssm_backend(block: str, backend: str, layer_idx: int) -> str:
-    """``auto`` -> ``torch``; ``triton`` / ``mamba_ssm`` are refused (no such path in zoo yet), never silently replaced."""
-    if backend == "triton":
-        raise BackendUnavailableError(f"{block} backend 'triton': zoo has no Triton kernel for this block yet; use backend: torch or auto")
-    if backend == "mamba_ssm":
-        installed = importlib.util.find_spec("mamba_ssm") is not None
-        reason = "zoo does not call mamba_ssm's kernels yet" if installed else "the mamba-ssm package is not installed"
-        raise BackendUnavailableError(f"{block} backend 'mamba_ssm' is unavailable: {reason}; use backend: torch or auto")
-    resolved = "torch"
-    if layer_idx == 0:
-        logger.info("%s block: backend %r -> %s (chunked PyTorch scan)", block, backend, resolved)
-    return resolved
 
 
 def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +77,7 @@ class Mamba(SequenceMixer):
 
     def __init__(self, config: MambaConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = resolve_ssm_backend("mamba", config.backend, layer_idx)
+        self.backend = resolve_scan_backend("mamba", config.backend, layer_idx)
         self.d_inner = config.expand * d_model
         self.d_state = config.d_state
         self.dt_rank = config.resolved_dt_rank(d_model)

@@ -11,8 +11,8 @@ from torch import nn
 from zoo.errors import ConfigError
 from zoo.kernels.ssd import ssd_scan
 
-from .base import SequenceMixer
-from .mamba import BACKENDS, causal_conv, inverse_softplus_dt, resolve_ssm_backend
+from .base import SequenceMixer, resolve_scan_backend
+from .mamba import BACKENDS, causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -82,7 +82,7 @@ class Mamba2(SequenceMixer):
 
     def __init__(self, config: Mamba2Config, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = resolve_ssm_backend("mamba2", config.backend, layer_idx)
+        self.backend = resolve_scan_backend("mamba2", config.backend, layer_idx)
         self.d_inner = config.expand * d_model
         self.head_dim = config.head_dim
         self.n_heads = self.d_inner // config.head_dim

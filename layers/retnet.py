@@ -12,8 +12,6 @@ independent of how many tokens each row has seen.
 """
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,14 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.errors import ConfigError
 from zoo.kernels.retention import retention
 
-from .base import SequenceMixer
+from .base import SequenceMixer, resolve_scan_backend
 from .registry import MIXERS
 
 BACKENDS = ("auto", "torch", "triton")
-logger = logging.getLogger("zoo")
 
 
 @dataclass
@@ -67,11 +64,6 @@ class RetNetState(NamedTuple):
     kv: torch.Tensor  # [B, H, K, V]
 
 
-@functools.cache
-def _log_backend(requested: str, resolved: str) -> None:
-    logger.info("retnet: backend '%s' -> %s (chunkwise retention in PyTorch)", requested, resolved)
-
-
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)`` on the last axis: multiplication by i per pair."""
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
@@ -83,10 +75,7 @@ class RetNet(SequenceMixer):
 
     def __init__(self, config: RetNetConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        if config.backend == "triton":
-            raise BackendUnavailableError("retnet backend 'triton' was asked for but no Triton retention kernel exists yet; use backend: torch or auto")
-        self.backend = "torch"
-        _log_backend(config.backend, self.backend)
+        self.backend = resolve_scan_backend("retnet", config.backend, layer_idx)
         self.n_heads = config.n_heads
         self.key_dim = d_model // config.n_heads
         self.value_dim = self.key_dim * config.value_factor

@@ -6,7 +6,6 @@ per-head GroupNorm on the output, SiLU gate and output projection.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,27 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.errors import ConfigError
 from zoo.kernels.rwkv6 import rwkv6
 
-from .base import SequenceMixer
+from .base import SequenceMixer, resolve_scan_backend
 from .registry import MIXERS
 
-logger = logging.getLogger("zoo")
 
 BACKENDS = ("auto", "torch", "triton")
 # d_t is clamped here before w_log = -exp(d_t): decay exp(-exp(3)) ~ 2e-9 is already "forget everything", and a
 # bounded log decay keeps the chunked kernel's fp32 cumulative sums precise.
 MAX_LOG_LOG_DECAY = 3.0
-
-
-def resolve_backend(block: str, backend: str, layer_idx: int) -> str:
-    """``auto`` -> ``torch``; ``triton`` is not implemented yet and raises."""
-    if backend == "triton":
-        raise BackendUnavailableError(f"{block} backend 'triton' was asked for but no Triton kernel exists yet; use backend: torch or auto")
-    if layer_idx == 0:
-        logger.info("%s: using the torch (chunked) backend", block)
-    return "torch"
 
 
 def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
@@ -76,7 +65,7 @@ class RWKV6(SequenceMixer):
         D, R, Rd = d_model, config.mix_lora_rank, config.decay_lora_rank
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = resolve_backend("rwkv6", config.backend, layer_idx)
+        self.backend = resolve_scan_backend("rwkv6", config.backend, layer_idx)
         self.time_maa_x = nn.Parameter(torch.empty(D))
         self.time_maa = nn.Parameter(torch.empty(5, D))  # lambda of the w, k, v, r, g mixes
         self.time_maa_w1 = nn.Parameter(torch.empty(D, 5 * R))

@@ -22,9 +22,9 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.kernels.rwkv7 import rwkv7
 
-from .base import SequenceMixer
 from .registry import MIXERS
-from .rwkv6 import BACKENDS, resolve_backend, token_shift
+from .base import SequenceMixer, resolve_scan_backend
+from .rwkv6 import BACKENDS, token_shift
 
 
 @dataclass
@@ -60,7 +60,7 @@ class RWKV7(SequenceMixer):
         D = d_model
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = resolve_backend("rwkv7", config.backend, layer_idx)
+        self.backend = resolve_scan_backend("rwkv7", config.backend, layer_idx)
         self.x_mix = nn.Parameter(torch.empty(6, D))  # lerp weights of r, w, k, v, a, g
         self.w0 = nn.Parameter(torch.empty(D))
         self.w1 = nn.Parameter(torch.empty(D, config.decay_lora_rank))

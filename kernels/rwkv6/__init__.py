@@ -1,7 +1,6 @@
 """RWKV-6 (Finch) WKV operator: ``rwkv6(r, k, v, w_log, u, initial_state) -> (o, final_state)``."""
 from __future__ import annotations
 
-import torch
 
 from .chunked import rwkv6_chunked
 from .naive import rwkv6_naive
