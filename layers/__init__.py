@@ -1,5 +1,5 @@
 """zoo.layers: sequence mixers behind one contract, feed-forward modules and the registries that name them."""
-from .base import SequenceMixer, map_state
+from .base import Bidirectional, SequenceMixer, map_state
 from .registry import FFNS, MIXERS, Entry, Registry
 from .norm import RMSNorm
 from .layer import ResidualLayer
@@ -15,7 +15,7 @@ from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
 from .rwkv_cmix import RWKVChannelMix, RWKVChannelMixConfig
 
 __all__ = [
-    "FFNS", "MIXERS", "Entry", "Registry", "SequenceMixer", "map_state", "RMSNorm", "ResidualLayer",
+    "Bidirectional", "FFNS", "MIXERS", "Entry", "Registry", "SequenceMixer", "map_state", "RMSNorm", "ResidualLayer",
     "Attention", "AttentionConfig", "AttentionState", "LSTM", "LSTMConfig", "LSTMState", "SwiGLU", "SwiGLUConfig",
     "RetNet", "RetNetConfig", "RetNetState",
     "Mamba", "MambaConfig", "MambaState", "Mamba2", "Mamba2Config", "Mamba2State",

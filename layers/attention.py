@@ -1,6 +1,7 @@
 """Causal multi-head attention with RoPE and grouped-query heads; the KV cache is its state."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,7 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     backend: str = "auto"  # auto | sdpa | flash_attn | eager
     bias: bool = False
+    causal: bool = True  # False: every query sees every key (bidirectional denoisers, e.g. masked diffusion)
 
     def validate(self, d_model: int) -> None:
         if self.n_heads < 1:
@@ -49,10 +51,15 @@ class AttentionConfig:
 
 
 class AttentionState(NamedTuple):
-    """KV cache: keys and values of every token seen so far."""
+    """KV cache: keys and values of every token seen so far.
+
+    ``key_mask`` is set only for a batch of left-padded rows (see :meth:`Attention.stack_row_states`): False at the
+    padding slots, which no query attends to and which do not count as RoPE positions.
+    """
 
     k: torch.Tensor  # [B, H_kv, S, Dh]
     v: torch.Tensor  # [B, H_kv, S, Dh]
+    key_mask: torch.Tensor | None = None  # [B, S] bool; None: every slot is a real token
 
 
 def flash_attn_available() -> bool:
@@ -60,15 +67,16 @@ def flash_attn_available() -> bool:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for ``positions [T]`` in fp32, each ``[T, head_dim]`` (halves repeated, Llama layout)."""
+    """cos/sin tables for ``positions [T]`` (or per row, ``[B, T]``) in fp32, each ``[..., T, head_dim]``
+    (halves repeated, Llama layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+    freqs = positions.float()[..., None] * inv_freq  # [..., T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [..., T, Dh]
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, H, T, Dh]`` by the tables ``[T, Dh]`` (rotate-half convention, as HF Llama)."""
+    """Rotate ``x [B, H, T, Dh]`` by the tables ``[T, Dh]`` or ``[B, 1, T, Dh]`` (rotate-half convention, as HF Llama)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -83,7 +91,12 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 
 @MIXERS.register("attention", AttentionConfig)
 class Attention(SequenceMixer):
-    """Causal self-attention: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
+    """Self-attention, causal unless ``causal: false``: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
+
+    @classmethod
+    def bidirectional(cls, config: AttentionConfig, d_model: int, layer_idx: int) -> "Attention":
+        """Attention sees both directions by dropping its causal mask (no second instance needed)."""
+        return cls(dataclasses.replace(config, causal=False), d_model, layer_idx)
 
     def __init__(self, config: AttentionConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
@@ -120,23 +133,56 @@ class Attention(SequenceMixer):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         offset = 0
+        key_mask = None
+        positions = torch.arange(T, device=x.device)  # [T]
         if state is not None:
             if state.k.shape[0] != B:
                 raise ValueError(f"attention block (layer {self.layer_idx}): state batch {state.k.shape[0]} != input batch {B}")
             offset = state.k.shape[2]
-        cos, sin = rope_cos_sin(torch.arange(offset, offset + T, device=x.device), self.head_dim, self.config.rope_theta)
+            positions = positions + offset
+            if state.key_mask is not None:
+                key_mask = torch.cat((state.key_mask, state.key_mask.new_ones(B, T)), dim=1)  # [B, S]
+                positions = state.key_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)  # [B, T], pads skipped
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None and offset:
             k = torch.cat((state.k.to(k.dtype), k), dim=2)  # [B, Hkv, S, Dh]
             v = torch.cat((state.v.to(v.dtype), v), dim=2)
-        y = self._attend(q, k, v)  # [B, H, T, Dh]
+        y = self._attend(q, k, v, key_mask)  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y), AttentionState(k, v)
+        return self.o_proj(y), AttentionState(k, v, key_mask)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]`` (queries are the last T of S)."""
+    def stack_row_states(self, states: list[AttentionState]) -> AttentionState:
+        """Left-pad single-row KV caches of different lengths to the longest; ``key_mask`` marks the real slots."""
+        length = max(s.k.shape[2] for s in states)
+        ks, vs, masks = [], [], []
+        for s in states:
+            pad = length - s.k.shape[2]
+            real = s.key_mask if s.key_mask is not None else s.k.new_ones(1, s.k.shape[2], dtype=torch.bool)
+            ks.append(F.pad(s.k, (0, 0, pad, 0)))  # [1, Hkv, length, Dh], zeros before the tokens
+            vs.append(F.pad(s.v, (0, 0, pad, 0)))
+            masks.append(F.pad(real, (pad, 0), value=False))  # [1, length]
+        return AttentionState(torch.cat(ks), torch.cat(vs), torch.cat(masks))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]`` (queries are the last T of S); causal
+        unless ``config.causal`` is False. ``key_mask [B, S]`` (False: a padding slot) hides keys per row."""
         T, S = q.shape[2], k.shape[2]
+        causal = self.config.causal
         backend = self.backend
+        if key_mask is not None:
+            # flash_attn_func takes no per-row key mask: a padded batch goes through SDPA with an explicit mask.
+            allowed = key_mask[:, None, None, :]  # [B, 1, 1, S]
+            if causal:
+                allowed = allowed & causal_mask(T, S, q.device)  # [B, 1, T, S]
+            if backend == "eager":
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
+                scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
+                return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.float()).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads)
         if backend == "auto":
             use_flash = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             backend = "flash_attn" if use_flash else "sdpa"
@@ -148,15 +194,18 @@ class Attention(SequenceMixer):
             from flash_attn import flash_attn_func
 
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs.
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [B, T, H, Dh]
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # [B, T, H, Dh]
             return y.transpose(1, 2)
         if backend == "eager":
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
             scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
-            scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+            if causal:
+                scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
             return (scores.softmax(-1) @ v.float()).to(q.dtype)
         gqa = self.n_heads != self.n_kv_heads
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         mask = None if T == 1 else causal_mask(T, S, q.device)

@@ -54,6 +54,19 @@ class SequenceMixer(nn.Module, abc.ABC):
         Embedding, LSTM and norms). Override with ``transformers.initialization`` functions, which leave weights
         loaded from a checkpoint alone."""
 
+    @classmethod
+    def bidirectional(cls, config: Any, d_model: int, layer_idx: int) -> "SequenceMixer":
+        """This block in a form whose every output sees the whole sequence (for denoisers such as masked diffusion):
+        by default a :class:`Bidirectional` pair of scans; blocks that can drop causality themselves override it."""
+        return Bidirectional(cls, config, d_model, layer_idx)
+
+    def stack_row_states(self, states: list[Any]) -> Any:
+        """One batch state from single-row states (``[1, ...]`` each), e.g. of prompts prefilled one by one.
+
+        Constant-size states concatenate on the batch dimension; blocks whose state grows with the tokens seen
+        (attention's KV cache) override this to align rows of different lengths."""
+        return cat_states(states)
+
     def state_size_per_token(self) -> int:
         """Number of state elements this block keeps per sequence for each token seen (0 for constant-size state)."""
         return 0
@@ -61,6 +74,41 @@ class SequenceMixer(nn.Module, abc.ABC):
     def state_size(self) -> int:
         """Number of state elements per sequence that do not grow with the sequence."""
         return 0
+
+
+class Bidirectional(SequenceMixer):
+    """Two instances of a causal block: one scans the sequence forward, the other scans it time-reversed; their
+    outputs are summed, so position t sees tokens 0..T-1. Whole sequences only: there is no streaming state."""
+
+    def __init__(self, block_cls: type[SequenceMixer], config: Any, d_model: int, layer_idx: int):
+        super().__init__(config, d_model, layer_idx)
+        self.registry_name = f"bidirectional {block_cls.registry_name}"
+        self.forward_mixer = block_cls(config, d_model, layer_idx)
+        self.backward_mixer = block_cls(config, d_model, layer_idx)
+
+    def mix(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        if state is not None:
+            raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}) reads whole sequences and takes no state")
+        y_forward, _ = self.forward_mixer(x)
+        y_backward, _ = self.backward_mixer(x.flip(1))  # [B, T, D], time-reversed
+        return y_forward + y_backward.flip(1), None
+
+    def init_state(self, batch_size, device=None, dtype=None) -> None:
+        raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}) reads whole sequences and keeps no state")
+
+
+def cat_states(states: list[Any]) -> Any:
+    """Concatenate states of the same structure on their batch (first) dimension."""
+    first = states[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=0)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(cat_states(list(parts)) for parts in zip(*states)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_states(list(parts)) for parts in zip(*states))
+    raise TypeError(f"cannot concatenate states of type {type(first).__name__}")
 
 
 def map_state(state: Any, fn) -> Any:
@@ -76,19 +124,36 @@ def map_state(state: Any, fn) -> Any:
     raise TypeError(f"cannot map over a state of type {type(state).__name__}")
 
 
-def resolve_scan_backend(block: str, backend: str, layer_idx: int) -> str:
-    """Backend of a recurrent block: ``auto``/``torch`` -> the chunked PyTorch form (logged once, by layer 0).
+SCAN_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 
-    ``triton`` and ``mamba_ssm`` have no path in zoo yet: asking for them is an error, never a silent fallback.
+
+def check_scan_backend(block: str, backend: str, offered: tuple[str, ...]) -> str:
+    """Validate a recurrent block's ``backend`` at construction; returns it.
+
+    ``offered`` are the non-torch backends this block has code for. Asking for one it lacks, or one whose package
+    does not import here, is an error, never a silent fallback. ``auto`` is resolved by :func:`scan_backend_for`.
     """
-    if backend == "triton":
-        raise BackendUnavailableError(
-            f"{block} backend 'triton' was asked for but no Triton kernel exists yet; use backend: torch or auto"
-        )
-    if backend == "mamba_ssm":
-        installed = importlib.util.find_spec("mamba_ssm") is not None
-        reason = "zoo does not call mamba_ssm's kernels yet" if installed else "the mamba-ssm package is not installed"
-        raise BackendUnavailableError(f"{block} backend 'mamba_ssm' is unavailable: {reason}; use backend: torch or auto")
-    if layer_idx == 0:
-        logger.info("%s block: backend %r -> torch (chunked PyTorch form)", block, backend)
-    return "torch"
+    if backend in ("auto", "torch"):
+        return backend
+    if backend not in offered:
+        choices = ", ".join(("auto", "torch", *offered))
+        raise BackendUnavailableError(f"{block} block has no '{backend}' backend; choose one of {choices}")
+    package = {"triton": "triton", "mamba_ssm": "mamba_ssm"}[backend]
+    if importlib.util.find_spec(package) is None:
+        raise BackendUnavailableError(f"{block} backend '{backend}' was asked for but the {package} package is not installed")
+    return backend
+
+
+def scan_backend_for(backend: str) -> str:
+    """The backend a call runs. ``auto`` is torch on every device for now: zoo's Triton kernels have passed
+    their interpreter tests on CPU but not yet their GPU tests (Triton 3.4-3.7.0 miscompiles some chunked backward
+    kernels on Hopper), so they run only when asked for with ``backend: triton``."""
+    return "torch" if backend == "auto" else backend
+
+
+def describe_backends(mixers: list[nn.Module]) -> str:
+    """One line naming each block type's backend in a model (logged once per model)."""
+    seen: dict[str, str] = {}
+    for mixer in mixers:
+        seen.setdefault(getattr(mixer, "registry_name", type(mixer).__name__), str(getattr(mixer, "backend", "-")))
+    return ", ".join(f"{name}: {backend}" for name, backend in seen.items())

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import SequenceMixer
+from .base import SequenceMixer, cat_states
 from .norm import RMSNorm
 
 
@@ -32,3 +32,10 @@ class ResidualLayer(nn.Module):
             return x + self.ffn(self.ffn_norm(x)), mixer_state
         h, ffn_state = self.ffn(self.ffn_norm(x), ffn_state)
         return x + h, (mixer_state, ffn_state)
+
+    def stack_row_states(self, states: list[Any]) -> Any:
+        """One batch state from single-row layer states (see :meth:`SequenceMixer.stack_row_states`)."""
+        if not self.ffn_stateful:
+            return self.mixer.stack_row_states(states)
+        mixer_states, ffn_states = zip(*states)
+        return self.mixer.stack_row_states(list(mixer_states)), cat_states(list(ffn_states))

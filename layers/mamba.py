@@ -12,11 +12,12 @@ from torch import nn
 from zoo.errors import ConfigError
 from zoo.kernels.selective_scan import selective_scan
 
-from .base import SequenceMixer, resolve_scan_backend
+from .base import SequenceMixer, check_scan_backend, scan_backend_for
 from .registry import MIXERS
 
 
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+OFFERED_BACKENDS = ('triton', 'mamba_ssm')  # beyond torch, on request
 
 
 def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ class Mamba(SequenceMixer):
 
     def __init__(self, config: MambaConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = resolve_scan_backend("mamba", config.backend, layer_idx)
+        self.backend = check_scan_backend("mamba", config.backend, OFFERED_BACKENDS)
         self.d_inner = config.expand * d_model
         self.d_state = config.d_state
         self.dt_rank = config.resolved_dt_rank(d_model)
@@ -118,7 +119,8 @@ class Mamba(SequenceMixer):
 
     def mix(self, x: torch.Tensor, state: MambaState | None):
         batch = x.shape[0]
-        if state is None:
+        fresh = state is None  # the scan then starts from zeros without being handed a state
+        if fresh:
             state = self.init_state(batch, x.device, x.dtype)
         elif state.ssm.shape[0] != batch:
             raise ValueError(f"mamba block (layer {self.layer_idx}): state batch {state.ssm.shape[0]} != input batch {batch}")
@@ -129,6 +131,8 @@ class Mamba(SequenceMixer):
         delta = F.linear(dt, self.dt_proj.weight)  # [B, T, Di]; its bias goes in before the softplus
         A = -torch.exp(self.A_log.float())  # [Di, N]
         y, ssm = selective_scan(
-            u, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=state.ssm
+            u, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=None if fresh else state.ssm,
+            backend=scan_backend_for(self.backend),
         )
         return self.out_proj(y), MambaState(conv_state, ssm)

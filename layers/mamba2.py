@@ -11,8 +11,8 @@ from torch import nn
 from zoo.errors import ConfigError
 from zoo.kernels.ssd import ssd_scan
 
-from .base import SequenceMixer, resolve_scan_backend
-from .mamba import BACKENDS, causal_conv, inverse_softplus_dt
+from .base import SequenceMixer, check_scan_backend, scan_backend_for
+from .mamba import BACKENDS, OFFERED_BACKENDS, causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -82,7 +82,7 @@ class Mamba2(SequenceMixer):
 
     def __init__(self, config: Mamba2Config, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = resolve_scan_backend("mamba2", config.backend, layer_idx)
+        self.backend = check_scan_backend("mamba2", config.backend, OFFERED_BACKENDS)
         self.d_inner = config.expand * d_model
         self.head_dim = config.head_dim
         self.n_heads = self.d_inner // config.head_dim
@@ -146,6 +146,7 @@ class Mamba2(SequenceMixer):
             dt_limit=(self.config.dt_limit_min, limit_max),
             initial_state=state.ssm,
             chunk_size=self.config.chunk_size,
+            backend=scan_backend_for(self.backend),
         )
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm)

@@ -23,10 +23,12 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.kernels.retention import retention
 
-from .base import SequenceMixer, resolve_scan_backend
+from .base import SequenceMixer, check_scan_backend, scan_backend_for
 from .registry import MIXERS
 
 BACKENDS = ("auto", "torch", "triton")
+
+OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
 
 
 @dataclass
@@ -75,7 +77,7 @@ class RetNet(SequenceMixer):
 
     def __init__(self, config: RetNetConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = resolve_scan_backend("retnet", config.backend, layer_idx)
+        self.backend = check_scan_backend("retnet", config.backend, OFFERED_BACKENDS)
         self.n_heads = config.n_heads
         self.key_dim = d_model // config.n_heads
         self.value_dim = self.key_dim * config.value_factor
@@ -128,7 +130,10 @@ class RetNet(SequenceMixer):
         v = self.v_proj(x).view(B, T, H, V).to(dtype)  # [B, T, H, V]
         q = q * cos + rotate_every_two(q) * sin
         k = (k * cos + rotate_every_two(k) * sin) * K**-0.5
-        o, kv = retention(q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size)
+        o, kv = retention(
+            q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size,
+            backend=scan_backend_for(self.backend),
+        )
         # Move the state to the frame of the next call's token 0: rotate its key axis by -T theta.
         end = T * theta  # [K]
         kv_t = kv.transpose(-1, -2)  # [B, H, V, K]

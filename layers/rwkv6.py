@@ -1,8 +1,8 @@
 """RWKV-6 "Finch" time mixing (Peng et al. 2024, "Eagle and Finch", arXiv:2404.05892, Sec. 4).
 
-Token shift with data-dependent interpolation (ddlerp, low-rank LoRA mixing), data-dependent decay
-``w_t = exp(-exp(d_t))`` with ``d_t`` from a LoRA, per-head bonus ``u``, a multi-head matrix state ``S [B, H, K, V]``,
-per-head GroupNorm on the output, SiLU gate and output projection.
+Token shift with data-dependent interpolation (ddlerp, low-rank LoRA mixing; Eqs. 14-16), data-dependent decay
+``w_t = exp(-exp(d_t))`` with ``d_t`` from a LoRA (Eqs. 17-18), per-head bonus ``u`` (Eq. 19), a multi-head matrix
+state ``S [B, H, K, V]``, per-head GroupNorm on the output, SiLU gate and output projection (Eq. 20).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.kernels.rwkv6 import rwkv6
 
-from .base import SequenceMixer, resolve_scan_backend
+from .base import SequenceMixer, check_scan_backend, scan_backend_for
 from .registry import MIXERS
 
 
 BACKENDS = ("auto", "torch", "triton")
+OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
 # d_t is clamped here before w_log = -exp(d_t): decay exp(-exp(3)) ~ 2e-9 is already "forget everything", and a
 # bounded log decay keeps the chunked kernel's fp32 cumulative sums precise.
 MAX_LOG_LOG_DECAY = 3.0
@@ -65,7 +66,7 @@ class RWKV6(SequenceMixer):
         D, R, Rd = d_model, config.mix_lora_rank, config.decay_lora_rank
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = resolve_scan_backend("rwkv6", config.backend, layer_idx)
+        self.backend = check_scan_backend("rwkv6", config.backend, OFFERED_BACKENDS)
         self.time_maa_x = nn.Parameter(torch.empty(D))
         self.time_maa = nn.Parameter(torch.empty(5, D))  # lambda of the w, k, v, r, g mixes
         self.time_maa_w1 = nn.Parameter(torch.empty(D, 5 * R))
@@ -129,7 +130,10 @@ class RWKV6(SequenceMixer):
         d = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # [B, T, D]
         w_log = -d.float().clamp(max=MAX_LOG_LOG_DECAY).exp().view(B, T, H, K)
         wkv0 = None if state is None else state.wkv
-        o, wkv = rwkv6(r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size)  # o: [B, T, H, K]
+        o, wkv = rwkv6(
+            r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size,
+            backend=scan_backend_for(self.backend),
+        )  # o: [B, T, H, K]
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         y = self.output(o * g)
         wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise

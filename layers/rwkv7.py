@@ -23,8 +23,10 @@ from zoo.errors import ConfigError
 from zoo.kernels.rwkv7 import rwkv7
 
 from .registry import MIXERS
-from .base import SequenceMixer, resolve_scan_backend
+from .base import SequenceMixer, check_scan_backend, scan_backend_for
 from .rwkv6 import BACKENDS, token_shift
+
+OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
 
 
 @dataclass
@@ -60,7 +62,7 @@ class RWKV7(SequenceMixer):
         D = d_model
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = resolve_scan_backend("rwkv7", config.backend, layer_idx)
+        self.backend = check_scan_backend("rwkv7", config.backend, OFFERED_BACKENDS)
         self.x_mix = nn.Parameter(torch.empty(6, D))  # lerp weights of r, w, k, v, a, g
         self.w0 = nn.Parameter(torch.empty(D))
         self.w1 = nn.Parameter(torch.empty(D, config.decay_lora_rank))
@@ -128,7 +130,10 @@ class RWKV7(SequenceMixer):
         k = k * (1 + (alpha - 1) * self.k_a)
         r, k, v, alpha = (t.view(B, T, H, K) for t in (r, k, v, alpha))
         wkv0 = None if state is None else state.wkv
-        o, wkv = rwkv7(r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size)
+        o, wkv = rwkv7(
+            r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size,
+            backend=scan_backend_for(self.backend),
+        )
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, K]
         y = self.output((o + bonus.reshape(B, T, D)) * g)

@@ -1,4 +1,4 @@
-"""RWKV channel mixing (the RWKV-6 FFN): token shift, squared-ReLU key, sigmoid receptance gate.
+"""RWKV channel mixing (the RWKV-6 FFN, "Eagle and Finch" Eqs. 10-13): token shift, squared-ReLU key, sigmoid gate.
 
 Its token shift needs the previous call's last token, so it is a *stateful* FFN (``stateful = True``):
 ``forward(x, state) -> (y, state)`` with ``state = last x [B, D]``; the residual layer carries that state beside the

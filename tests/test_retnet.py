@@ -145,11 +145,6 @@ def test_config_errors_name_the_key():
         ModelConfig.from_dict({"d_model": 48, "blocks": ["retnet"], "retnet": {"n_heads": 5}}, "model")
 
 
-def test_triton_backend_is_refused_not_faked():
-    with pytest.raises(BackendUnavailableError, match="retnet backend 'triton'"):
-        RetNet(RetNetConfig(backend="triton"), 48, 0)
-
-
 def tiny_lm():
     spec = ModelConfig.from_dict(
         {"d_model": 32, "n_layers": 2, "blocks": ["retnet"], "vocab_size": 50, "retnet": {"n_heads": 2, "chunk_size": 4, "group_norm_affine": True}}

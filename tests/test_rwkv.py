@@ -10,7 +10,7 @@ import zoo
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_naive
-from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_naive
+from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_naive, rwkv7_recurrent
 from zoo.layers import RWKV6, RWKV6Config, RWKV7, RWKV7Config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
@@ -61,10 +61,11 @@ def test_rwkv6_chunked_equals_naive(T, chunk_size):
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65])
 @pytest.mark.parametrize("chunk_size", [16, 32])
-def test_rwkv7_chunked_equals_naive(T, chunk_size):
+@pytest.mark.parametrize("form", [rwkv7_chunked, rwkv7_recurrent], ids=["chunked", "recurrent"])
+def test_rwkv7_torch_forms_equal_naive(T, chunk_size, form):
     inputs = rwkv7_inputs(2, T, 3, 12, 10)
     o_ref, s_ref, g_ref = outputs_and_grads(rwkv7_naive, inputs)
-    o, s, g = outputs_and_grads(rwkv7_chunked, inputs, chunk_size=chunk_size)
+    o, s, g = outputs_and_grads(form, inputs, chunk_size=chunk_size)
     torch.testing.assert_close(o, o_ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(s, s_ref, atol=1e-9, rtol=1e-9)
     for name, a, b in zip(["r", "w_log", "k", "v", "a", "b", "initial_state"], g, g_ref):
@@ -111,9 +112,10 @@ def test_rwkv6_extreme_decays_stay_finite_and_exact(w_log_range):
 
 
 @pytest.mark.parametrize("w_log_range", [(-20.0, -19.0), (-1e-7, 0.0), (-20.0, 0.0)])
-def test_rwkv7_extreme_decays_stay_finite_and_exact(w_log_range):
+@pytest.mark.parametrize("form", [rwkv7_chunked, rwkv7_recurrent], ids=["chunked", "recurrent"])
+def test_rwkv7_extreme_decays_stay_finite_and_exact(w_log_range, form):
     inputs = [t.detach().float().requires_grad_() for t in rwkv7_inputs(2, 65, 2, 16, 16, w_log_range)]
-    o, s, g = outputs_and_grads(rwkv7, inputs)
+    o, s, g = outputs_and_grads(form, inputs)
     o_ref, s_ref = rwkv7_naive(*(t.detach().double() for t in inputs[:-1]), initial_state=inputs[-1].detach().double())
     assert torch.isfinite(o).all() and torch.isfinite(s).all() and all(torch.isfinite(x).all() for x in g)
     # fp32 error relative to the output scale (cumulative log decays reach -320 in a 16-token chunk).
@@ -153,13 +155,6 @@ def test_config_errors_name_the_key(name):
         ModelConfig.from_dict({"d_model": 48, "blocks": [name], name: {"head_dim": 20}})
     with pytest.raises(ConfigError, match=rf"model\.{name}\.backend: unknown {name} backend 'cuda'"):
         ModelConfig.from_dict({"d_model": 48, "blocks": [name], name: {"head_dim": 16, "backend": "cuda"}})
-
-
-@pytest.mark.parametrize("cls, config_cls", [(RWKV6, RWKV6Config), (RWKV7, RWKV7Config)])
-def test_triton_backend_is_refused_not_silently_replaced(cls, config_cls):
-    with pytest.raises(BackendUnavailableError, match="no Triton kernel exists yet"):
-        cls(config_cls(head_dim=16, backend="triton"), 32, 0)
-    assert cls(config_cls(head_dim=16, backend="auto"), 32, 0).backend == "torch"
 
 
 @pytest.mark.parametrize("name, args", [("rwkv6", {"head_dim": 8, "decay_lora_rank": 4, "mix_lora_rank": 4}),

@@ -47,6 +47,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ConfigError:
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise  # a mapping meant for this section: its own error names the key
                 continue
         raise ConfigError(path, f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
@@ -212,9 +214,52 @@ def _module_entry(name: str, path: str):
     return FFNS.get(name, path)
 
 
+SYNTHETIC_SOURCES = ("mqar", "selective_copy", "induction")
+
+
+@dataclass
+class TaskConfig:
+    """A synthetic task's settings (``data.task``, for ``data.source`` in :data:`SYNTHETIC_SOURCES`; see zoo.synthetic).
+
+    ``vocab_size`` is the task's token vocabulary (the model's is 3 larger: the tokenizer's special tokens).
+    """
+
+    vocab_size: int = 64
+    num_kv_pairs: int = 8  # mqar
+    num_queries: int | None = None  # mqar; None: every key is queried
+    power_a: float = 0.01  # mqar: query gaps drawn with weight ~ gap^(power_a - 1), as in Zoology
+    num_tokens_to_copy: int = 16  # selective_copy
+    train_samples: int = 20000
+    val_samples: int = 1000
+
+    def queries(self) -> int:
+        return self.num_kv_pairs if self.num_queries is None else self.num_queries
+
+    def validate(self, source: str, seq_len: int) -> None:
+        """Check the settings against the task and ``data.seq_len``; errors name ``task.KEY`` or ``seq_len``."""
+        for key in ("vocab_size", "num_kv_pairs", "num_tokens_to_copy", "train_samples", "val_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"task.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.vocab_size < 4:
+            raise ConfigError("task.vocab_size", f"must be >= 4 (blank, markers and data tokens), got {self.vocab_size}")
+        if source == "mqar":
+            if self.num_kv_pairs > self.vocab_size // 2 - 1:
+                raise ConfigError("task.num_kv_pairs", f"{self.num_kv_pairs} distinct keys need vocab_size >= {2 * self.num_kv_pairs + 2}")
+            if not 1 <= self.queries() <= self.num_kv_pairs:
+                raise ConfigError("task.num_queries", f"must be in [1, num_kv_pairs={self.num_kv_pairs}], got {self.num_queries}")
+            if (seq_len + 1 - 2 * self.num_kv_pairs) // 2 < self.queries():
+                raise ConfigError("seq_len", f"mqar needs seq_len >= {2 * self.num_kv_pairs + 2 * self.queries() - 1} for {self.num_kv_pairs} pairs and {self.queries()} queries, got {seq_len}")
+            if self.power_a <= 0:
+                raise ConfigError("task.power_a", f"must be > 0, got {self.power_a}")
+        elif source == "selective_copy" and seq_len < 2 * self.num_tokens_to_copy:
+            raise ConfigError("seq_len", f"selective_copy needs seq_len >= 2 * num_tokens_to_copy = {2 * self.num_tokens_to_copy}, got {seq_len}")
+        elif source == "induction" and seq_len < 3:
+            raise ConfigError("seq_len", f"induction needs seq_len >= 3, got {seq_len}")
+
+
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | a local text file, directory or glob | hf:NAME[/CONFIG]
+    source: str = "stdlib"  # stdlib | a local text file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
     tokenizer: Literal["byte", "bpe"] = "byte"
     vocab_size: int = 4096  # bpe only
     seq_len: int = 256
@@ -224,10 +269,18 @@ class DataConfig:
     text_field: str = "text"  # column holding the text, for hub datasets
     num_workers: int = 0
     cache_dir: str | None = None  # tokenizers and token arrays; None: ~/.cache/zoo
+    task: None | TaskConfig = None  # synthetic sources only; None there: the defaults
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise ConfigError("seq_len", f"must be >= 1, got {self.seq_len}")
+        if self.source in SYNTHETIC_SOURCES:
+            self.task = self.task or TaskConfig()
+            self.task.validate(self.source, self.seq_len)
+            if self.val_batches * self.batch_size > self.task.val_samples:
+                raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
+        elif self.task is not None:
+            raise ConfigError("task", f"only synthetic sources ({', '.join(SYNTHETIC_SOURCES)}) take a task section; source is '{self.source}'")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if not 0 < self.val_fraction < 1:
@@ -279,13 +332,102 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     progress_bar: bool = True
     compile: bool = False
+    nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or grad norm: stop, or skip that update
+    max_nonfinite_skips: int = 10  # with skip: this many skipped steps in a row stop the run
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "val_every", "log_every", "accumulate_grad_batches"):
+        for key in ("max_steps", "val_every", "log_every", "accumulate_grad_batches", "max_nonfinite_skips"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+NOISE_SCHEDULES = ("loglinear", "linear", "cosine")
+
+
+@dataclass
+class DiffusionSamplingConfig:
+    """Sampler defaults of a masked-diffusion model (``zoo.diffusion.sample_text`` arguments override them)."""
+
+    steps: int = 128  # denoising steps K per block
+    length: int = 256  # new tokens to generate
+    block_length: int | None = None  # semi-autoregressive block size; None: half the context
+    context_length: int | None = None  # tokens the denoiser reads at once; None: data.seq_len
+    unmasking: Literal["ancestral", "fixed_count"] = "ancestral"  # fixed_count: unmask exactly the expected number per step
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "length", "block_length", "context_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(key, f"must be >= 1, got {value}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked (absorbing-state) diffusion, as in MDLM: ``alpha_t`` is the probability a token is still unmasked at
+    time ``t``; the loss is the continuous-time NELBO. Used when the recipe's ``objective`` is ``diffusion``."""
+
+    schedule: str = "loglinear"  # loglinear: alpha_t = 1 - (1 - eps) t | linear: alpha_t = eps^t | cosine
+    eps: float = 1e-3  # alpha_1 = eps: the fraction of tokens left unmasked at t = 1
+    t_min: float = 1e-3  # training times are drawn from [t_min, 1] (the loglinear weight 1/t is unbounded at 0)
+    antithetic: bool = True  # low-discrepancy times: one uniform offset, evenly spaced across the batch
+    time_conditioning: bool = False  # MDLM runs without it
+    sampling: DiffusionSamplingConfig = field(default_factory=DiffusionSamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in NOISE_SCHEDULES:
+            raise ConfigError("schedule", f"unknown noise schedule '{self.schedule}'; choose one of {', '.join(NOISE_SCHEDULES)}")
+        if not 0 < self.eps < 1:
+            raise ConfigError("eps", f"must be in (0, 1), got {self.eps}")
+        if not 0 <= self.t_min < 1:
+            raise ConfigError("t_min", f"must be in [0, 1), got {self.t_min}")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (PEFT) on a fine-tuned base. ``target_modules``: ``all-linear`` (every nn.Linear but the LM
+    head: every block's projections) or module-name suffixes (``[q_proj, v_proj]``, ``[in_proj, out_proj]``).
+    ``target_parameters``: names of bare parameters, e.g. MoE experts ``[ffn.w_gate, ffn.w_up, ffn.w_down]``."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    target_parameters: list[str] = field(default_factory=list)
+    # Left out of target_modules: mamba's dt_proj is applied through its weight (its bias goes inside the scan), so an
+    # adapter there would never be used.
+    exclude_modules: list[str] = field(default_factory=lambda: ["dt_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError("r", f"must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.target_parameters and self.dropout:
+            raise ConfigError("dropout", "must be 0 with target_parameters (PEFT cannot apply dropout to a bare parameter)")
+        if not self.target_modules and not self.target_parameters:
+            raise ConfigError("target_modules", "targets nothing: name modules, or give target_parameters")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune a trained checkpoint with LoRA instead of training from scratch (see :mod:`zoo.finetune`).
+
+    ``init_from``: a Hugging Face directory (``runs/x/hf``); it must exist when training starts, not when the recipe
+    loads. The model section must describe the same architecture (it is checked against the checkpoint)."""
+
+    init_from: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if not self.init_from:
+            raise ConfigError("init_from", "must name the Hugging Face directory of the base model")
 
 
 @dataclass
@@ -298,10 +440,21 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    objective: Literal["causal", "diffusion"] = "causal"  # next-token LM, or masked diffusion (zoo.diffusion)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # used when objective is diffusion
+    resume: str | None = None  # auto: newest loadable checkpoint in <output_dir>/ckpt (fresh start if none); or a .ckpt path
+    finetune: FinetuneConfig | None = None  # LoRA on a trained checkpoint instead of training from scratch
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = str(Path("checkpoints") / self.name)
+        if self.resume is not None and self.resume != "auto" and not Path(self.resume).is_file():
+            raise ConfigError("resume", f"expected auto or the path of a checkpoint file, got {self.resume!r} (no such file)")
+        attention = self.model.module_args.get("attention")
+        if self.objective == "causal" and attention is not None and not attention.causal:
+            raise ConfigError("model.attention.causal", "objective: causal needs causal attention (diffusion denoisers drop the mask themselves)")
+        if self.finetune is not None and self.objective != "causal":
+            raise ConfigError("finetune", f"LoRA fine-tuning trains causal LMs; objective is {self.objective!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":

@@ -5,6 +5,8 @@ Sources (``data.source``):
   split into train/validation by a hash of each file's path: offline and deterministic.
 - a local text file, directory or glob: one document per file, split the same way.
 - ``hf:NAME`` or ``hf:NAME/CONFIG``: a Hugging Face hub dataset (needs a network), its ``data.text_field`` column.
+- ``mqar``, ``selective_copy``, ``induction``: synthetic tasks (zoo.synthetic, settings in ``data.task``), served as
+  ``(inputs, targets)`` pairs whose targets are -100 outside answer positions.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
+from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
 from zoo.errors import ConfigError
+from zoo.synthetic import generate as generate_task
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -149,7 +153,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN,
-        model_max_length=int(1e30),
+        model_max_length=int(1e30), padding_side="left",  # batched generation pads prompts on the left
     )
 
 
@@ -159,6 +163,14 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return _wrap(tok)
+
+
+def task_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Synthetic tasks: token ``<i>`` has id i for i < ``vocab_size``; then the special tokens."""
+    tok = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(SPECIAL_TOKENS)
     return _wrap(tok)
 
@@ -214,6 +226,20 @@ class TokenWindows(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
 
 
+class TaskSamples(Dataset):
+    """Synthetic task samples: ``(inputs [T], targets [T])`` with targets -100 outside answer positions."""
+
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray, limit: int | None = None):
+        self.inputs = torch.from_numpy(inputs[:limit])
+        self.targets = torch.from_numpy(targets[:limit])
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i], self.targets[i]
+
+
 @dataclass
 class CorpusStats:
     train_tokens: int
@@ -232,7 +258,10 @@ class ZooDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerFast | None = None
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
+        self.task_train: tuple[np.ndarray, np.ndarray] | None = None  # synthetic tasks: (inputs, targets)
+        self.task_val: tuple[np.ndarray, np.ndarray] | None = None
         self._documents: datasets.DatasetDict | None = None
+        self._resume_position: dict[str, int] | None = None  # set from a checkpoint by load_state_dict
 
     def _key(self) -> str:
         tok = "byte" if self.cfg.tokenizer == "byte" else f"bpe{self.cfg.vocab_size}"
@@ -246,7 +275,9 @@ class ZooDataModule(L.LightningDataModule):
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
         """The byte tokenizer, or the BPE trained on this source's training split (cached)."""
         if self.tokenizer is None:
-            if self.cfg.tokenizer == "byte":
+            if self.cfg.task is not None:
+                self.tokenizer = task_tokenizer(self.cfg.task.vocab_size)
+            elif self.cfg.tokenizer == "byte":
                 self.tokenizer = byte_tokenizer()
             else:
                 path = self.cache_dir / "tokenizers" / f"{self._key()}.json"
@@ -272,8 +303,11 @@ class ZooDataModule(L.LightningDataModule):
         return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
 
     def prepare_data(self) -> None:
-        """Tokenize both splits into ``.npy`` files under the cache (atomic writes; safe with several ranks)."""
+        """Tokenize both splits into ``.npy`` files under the cache (atomic writes; safe with several ranks).
+        Synthetic tasks are generated in :meth:`setup` instead."""
         self.load_tokenizer()
+        if self.cfg.task is not None:
+            return
         for split in ("train", "validation"):
             path = self.cache_dir / "tokens" / f"{self._key()}-{split}.npy"
             if not path.exists():
@@ -283,6 +317,12 @@ class ZooDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_tokens is not None:
+            return
+        if self.cfg.task is not None:
+            self.task_train, self.task_val = generate_task(
+                self.cfg.source, self.cfg.task, self.cfg.seq_len, self.cfg.task.train_samples, self.cfg.task.val_samples, self.seed,
+            )
+            self.train_tokens, self.val_tokens = self.task_train[0].ravel(), self.task_val[0].ravel()
             return
         self.prepare_data()
         load = lambda split: np.load(self.cache_dir / "tokens" / f"{self._key()}-{split}.npy", allow_pickle=False)  # noqa: E731
@@ -295,14 +335,32 @@ class ZooDataModule(L.LightningDataModule):
         return CorpusStats(len(self.train_tokens), len(self.val_tokens), float(-(p * np.log(p)).sum()))
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches (order fixed by seed and epoch; each rank takes its share), resumable mid-epoch."""
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            TokenWindows(self.train_tokens, self.cfg.seq_len), batch_size=self.cfg.batch_size, shuffle=True,
-            drop_last=True, num_workers=self.cfg.num_workers, generator=generator,
-        )
+        dataset = TaskSamples(*self.task_train) if self.cfg.task is not None else TokenWindows(self.train_tokens, self.cfg.seq_len)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = ResumableBatchSampler(len(dataset), self.cfg.batch_size, self.seed, num_replicas=world, rank=rank)
+        if self._resume_position is not None:
+            sampler.resume(**self._resume_position)
+            self._resume_position = None
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers, generator=generator)
+
+    def state_dict(self) -> dict[str, int]:
+        """Training data position (epoch, batches of it consumed), saved in checkpoints for an exact resume."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume_position = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        windows = TokenWindows(self.val_tokens, self.cfg.seq_len, limit=self.cfg.val_batches * self.cfg.batch_size)
+        if self.cfg.task is not None:
+            windows = TaskSamples(*self.task_val, limit=self.cfg.val_batches * self.cfg.batch_size)
+        else:
+            windows = TokenWindows(self.val_tokens, self.cfg.seq_len, limit=self.cfg.val_batches * self.cfg.batch_size)
         return DataLoader(windows, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)

@@ -1,6 +1,7 @@
 """The one generic model for every block: a Hugging Face ``PreTrainedModel`` stacking zoo layers."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -8,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput, MoeCausalLMOutputWithPast,
+)
 
 from zoo.config import ModelConfig
 from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
+from zoo.layers.base import describe_backends
+
+logger = logging.getLogger("zoo")
 
 
 class ZooConfig(PreTrainedConfig):
@@ -31,6 +37,9 @@ class ZooConfig(PreTrainedConfig):
     module_args: dict | None = None
     tie_word_embeddings: bool = False
     use_cache: bool = True
+    bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
+    mask_token_id: int | None = None
+    diffusion: dict | None = None  # masked-diffusion settings (zoo.config.DiffusionConfig) of a ZooForMaskedLM
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -95,6 +104,18 @@ class ZooPreTrainedModel(PreTrainedModel):
         # zoo layers keep their own states in a ZooCache, created by the model on the first call.
         return False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """Hugging Face's loader; a truncated or corrupt ``*.safetensors`` file raises a CheckpointError naming it."""
+        from safetensors import SafetensorError
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as err:
+            from zoo.checkpoints.io import explain_safetensors_error
+
+            raise explain_safetensors_error(pretrained_model_name_or_path, err) from None
+
 
 class ZooModel(ZooPreTrainedModel):
     """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm."""
@@ -105,11 +126,17 @@ class ZooModel(ZooPreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, spec.d_model)
         layers = []
         for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
-            mixer = MIXERS.get(block).cls(spec.args_for(block), spec.d_model, i)
+            mixer_cls = MIXERS.get(block).cls
+            build_mixer = mixer_cls.bidirectional if config.bidirectional else mixer_cls
+            mixer = build_mixer(spec.args_for(block), spec.d_model, i)
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
             layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        logger.info(
+            "zoo model: backends %s (auto = torch; triton on request)",
+            describe_backends([layer.mixer for layer in self.layers]),
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -144,22 +171,69 @@ class ZooModel(ZooPreTrainedModel):
             inputs_embeds = self.embed(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
             raise ValueError(f"inputs_embeds: expected shape [batch, seq_len, {self.config.d_model}], got {list(inputs_embeds.shape)}")
-        if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
-            raise ValueError(
-                "attention_mask has padded positions; zoo models do not take padded batches yet, pass prompts of equal length"
-            )
+        elif not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds: expected a floating-point tensor, got {inputs_embeds.dtype}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = ZooCache(len(self.layers))
-        hidden = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
-            hidden, new_state = layer(hidden, state)
-            if past_key_values is not None:
-                past_key_values.states[i] = new_state
+        n_pad = None
+        if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
+            n_pad = self._left_padding(attention_mask, inputs_embeds.shape[1], past_key_values)
+        if n_pad is None:
+            hidden = self._run_layers(inputs_embeds, past_key_values)
+        else:
+            hidden = self._run_left_padded(inputs_embeds, n_pad, past_key_values)
         if past_key_values is not None:
             past_key_values.seen_tokens += hidden.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None)
+
+    def _run_layers(self, hidden: torch.Tensor, cache: ZooCache | None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None)
+            if cache is not None:
+                cache.states[i] = new_state
+        return hidden
+
+    @staticmethod
+    def _left_padding(attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[int] | None:
+        """Number of padding tokens before each row's first token; only left padding of a first call is allowed."""
+        if attention_mask.dim() != 2 or attention_mask.shape[1] < seq_len:
+            raise ValueError(f"attention_mask: expected shape [batch, >= {seq_len}], got {list(attention_mask.shape)}")
+        mask = attention_mask[:, -seq_len:].bool()  # [B, T]: the positions of this call
+        if cache is not None and cache.seen_tokens:
+            if not bool(mask.all()):
+                raise ValueError("attention_mask has padded positions after the first call; zoo models take left padding of the prompt only")
+            return None
+        after_token = mask.cummax(dim=1).values & ~mask  # a pad that follows a real token
+        if bool(after_token.any()):
+            row = int(after_token.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"attention_mask has padded positions after a token in row {row}; zoo models take left-padded batches only "
+                "(tokenizer.padding_side = 'left')"
+            )
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("attention_mask: a row has no tokens at all")
+        return (~mask).sum(dim=1).tolist()
+
+    def _run_left_padded(self, hidden: torch.Tensor, n_pad: list[int], cache: ZooCache | None) -> torch.Tensor:
+        """A left-padded batch without changing the block contract ``forward(x, state)``.
+
+        Each row's real tokens (``hidden[b, n_pad[b]:]``) run alone from an empty state, so no block ever sees a
+        padding token and every row starts at position 0 (RoPE included). The rows' outputs are left-padded with
+        zeros back to ``[B, T, D]``; each layer merges the rows' states with ``stack_row_states``: constant-size
+        recurrent states concatenate on the batch, attention left-pads its KV cache and keeps a per-row key mask, so
+        later decode steps of the whole batch skip the padding slots and continue every row's own positions.
+        Costs one prefill per row; decode steps then run batched as usual.
+        """
+        rows, row_caches = [], []
+        for b, pad in enumerate(n_pad):
+            row_cache = ZooCache(len(self.layers)) if cache is not None else None
+            row = self._run_layers(hidden[b : b + 1, pad:], row_cache)  # [1, T - pad, D]
+            rows.append(F.pad(row, (0, 0, pad, 0)))  # [1, T, D], zeros at the padding
+            row_caches.append(row_cache)
+        if cache is not None:
+            cache.states = [layer.stack_row_states([c.states[i] for c in row_caches]) for i, layer in enumerate(self.layers)]
+        return torch.cat(rows)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -224,7 +298,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
-        stats = [layer.ffn.pop_stats() for layer in self.model.layers if isinstance(layer.ffn, MoE)]
+        # modules(), not layer.ffn: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
+        stats = [module.pop_stats() for module in self.model.layers.modules() if isinstance(module, MoE)]
         if not stats:
             return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
         # Per-layer losses averaged over MoE layers: with one MoE layer, aux_loss equals HF Mixtral's aux_loss.
@@ -239,3 +314,66 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             expert_load=torch.stack([s.expert_load for s in stats]),
             router_logits=tuple(s.router_logits for s in stats) if output_router_logits else None,
         )
+
+
+class TimestepEmbedding(nn.Module):
+    """Diffusion time ``t [B]`` in [0, 1] -> ``[B, D]``: sinusoidal features, then a two-layer MLP."""
+
+    def __init__(self, d_model: int, n_frequencies: int = 128):
+        super().__init__()
+        self.n_frequencies = n_frequencies
+        self.mlp = nn.Sequential(nn.Linear(n_frequencies, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.n_frequencies // 2
+        freqs = torch.exp(-torch.arange(half, device=t.device, dtype=torch.float32) * (torch.log(torch.tensor(10000.0)) / half))
+        angles = 1000.0 * t.float()[:, None] * freqs[None, :]  # [B, n_frequencies / 2]
+        return self.mlp(torch.cat((angles.cos(), angles.sin()), dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class ZooForMaskedLM(ZooPreTrainedModel):
+    """A bidirectional :class:`ZooModel` with an LM head: the denoiser of masked (absorbing-state) diffusion.
+
+    Built with ``config.bidirectional = True`` whatever block the layers use. With ``diffusion.time_conditioning``
+    an embedding of the diffusion time ``timesteps [B]`` is added to every position's input embedding (an additive
+    conditioning, not per-layer adaLN). The training objective and the sampler live in :mod:`zoo.diffusion`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: ZooConfig):
+        config.bidirectional = True
+        super().__init__(config)
+        self.model = ZooModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.time_embed = TimestepEmbedding(config.d_model) if (config.diffusion or {}).get("time_conditioning") else None
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> MaskedLMOutput:
+        """Logits ``[B, T, V]`` for every position; ``labels`` (-100 ignored) give the plain masked-LM cross-entropy.
+        ``timesteps [B]`` is required when the model is time-conditioned and ignored otherwise."""
+        if self.time_embed is not None:
+            if timesteps is None:
+                raise ValueError("this ZooForMaskedLM is time-conditioned (diffusion.time_conditioning): pass timesteps [batch]")
+            if inputs_embeds is None:
+                self.model._check_input_ids(input_ids)
+                inputs_embeds, input_ids = self.model.embed(input_ids), None
+            inputs_embeds = inputs_embeds + self.time_embed(timesteps.to(inputs_embeds.device))[:, None, :]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
+        return MaskedLMOutput(loss=loss, logits=logits)

@@ -3,6 +3,10 @@
 Writes ``<output_dir>/recipe.yaml`` (resolved), ``metrics.csv``, ``ckpt/`` (Lightning checkpoints) and ``hf/``
 (a Hugging Face directory). ``--print`` prints the resolved recipe and exits without training.
 Recipe errors exit with code 2 before any model is built.
+
+``resume=auto`` continues from the newest loadable checkpoint in ``<output_dir>/ckpt`` (model, optimizer, scheduler,
+RNG and data position; ``metrics.csv`` is continued), ``resume=PATH`` from that file. On SIGTERM the current step
+finishes, a checkpoint is saved and the process exits with code 75; rerun with ``resume=auto``.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from zoo.config import Recipe, load_recipe
@@ -50,10 +55,17 @@ def train(recipe: Recipe) -> dict:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from zoo.checkpoints import (
+        AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
+        find_resume_point, trim_metrics,
+    )
     from zoo.data import ZooDataModule
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
-    out = Path(recipe.output_dir)
+    out = ensure_writable_dir(recipe.output_dir)
+    resume = find_resume_point(out, recipe.resume) if recipe.resume else None
+    for reason in resume.skipped if resume else []:
+        print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -64,14 +76,26 @@ def train(recipe: Recipe) -> dict:
     elif recipe.model.vocab_size < len(tokenizer):
         raise ZooError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    module = ZooLightningModule(recipe, special)
+    if recipe.objective == "diffusion":
+        from zoo.diffusion import DiffusionLightningModule
+
+        module = DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
+    elif recipe.finetune is not None:
+        from zoo.finetune import lora_module
+
+        module = lora_module(recipe, tokenizer, special)
+    else:
+        module = ZooLightningModule(recipe, special)
 
     trainer_cfg = recipe.trainer
-    metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every)
+    metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every, ["nonfinite_skips"] if trainer_cfg.nonfinite == "skip" else [])
+    # After every validation (so its metrics row is in the checkpoint); the 2 latest are kept, so resume=auto can fall
+    # back to the older one when the newer is unreadable.
     checkpoint = ModelCheckpoint(
         dirpath=out / "ckpt", filename="step-{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=trainer_cfg.val_every, save_top_k=1,
+        save_on_train_epoch_end=False, save_top_k=2, monitor="step", mode="max",
     )
+    nonfinite = NonFiniteGuard(trainer_cfg.nonfinite, trainer_cfg.max_nonfinite_skips)
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         accelerator=trainer_cfg.accelerator,
@@ -84,18 +108,27 @@ def train(recipe: Recipe) -> dict:
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=False,
-        callbacks=[metrics, checkpoint],
+        callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
         enable_progress_bar=trainer_cfg.progress_bar,
         default_root_dir=str(out),
     )
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
-        metrics.path.unlink(missing_ok=True)
+        if resume is None:
+            metrics.path.unlink(missing_ok=True)
+        else:
+            trim_metrics(metrics.path, resume.step)
+            print(f"zoo.train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     if trainer_cfg.compile:
         module.model = torch.compile(module.model)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    with warnings.catch_warnings():
+        # Lightning cannot see that ZooDataModule's sampler resumes mid-epoch (it is restored through the datamodule).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume.path) if resume else None)  # SIGTERM: PreemptedError
     if trainer.global_step % trainer_cfg.val_every:
         trainer.validate(module, datamodule=data, verbose=False)
     metrics.close()
@@ -103,7 +136,12 @@ def train(recipe: Recipe) -> dict:
     summary = {}
     if trainer.is_global_zero:
         model = module.model._orig_mod if trainer_cfg.compile else module.model
-        export_hf(model, tokenizer, out / "hf")
+        if recipe.finetune is not None:
+            from zoo.finetune import save_adapter
+
+            export_dir = save_adapter(model, tokenizer, out / "adapter")
+        else:
+            export_dir = export_hf(model, tokenizer, out / "hf")
         stats = data.stats()
         val_loss = float(trainer.callback_metrics["val_loss"])
         train_loss = trainer.callback_metrics.get("train_loss")
@@ -115,17 +153,18 @@ def train(recipe: Recipe) -> dict:
             "train_loss": float(train_loss) if train_loss is not None else None,
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss),
+            **({"val_acc": float(trainer.callback_metrics["val_acc"])} if "val_acc" in trainer.callback_metrics else {}),
             "unigram_entropy": stats.unigram_entropy,
             "tokens_per_s": trainer.global_step * recipe.data.batch_size * recipe.data.seq_len * trainer.world_size
             * trainer_cfg.accumulate_grad_batches / seconds,
             "train_tokens_in_corpus": stats.train_tokens,
-            "hf_dir": str(out / "hf"),
+            "hf_dir": str(export_dir),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"zoo.train: {recipe.name}: {summary['steps']} steps in {seconds:.0f}s, val_loss {val_loss:.4f} nats "
             f"(ppl {summary['val_ppl']:.2f}; unigram entropy {stats.unigram_entropy:.4f}), "
-            f"{summary['tokens_per_s']:.0f} tokens/s; Hugging Face export in {out / 'hf'}"
+            f"{summary['tokens_per_s']:.0f} tokens/s; Hugging Face export in {export_dir}"
         )
     return summary
 
@@ -144,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(recipe.to_yaml(), end="")
         return 0
+    from zoo.checkpoints import PREEMPTED_EXIT_CODE, PreemptedError
+
     try:
         train(recipe)
+    except PreemptedError as err:
+        print(f"zoo.train: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except ZooError as err:
         print(f"zoo.train: error: {err}", file=sys.stderr)
         return 2

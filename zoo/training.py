@@ -9,11 +9,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from zoo.checkpoints.io import atomic_directory
 from zoo.config import Recipe
 from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
+from zoo.synthetic import answer_accuracy
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float, name: str) -> float:
@@ -26,6 +28,14 @@ def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float, name: st
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def split_batch(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs [B, T], targets [B, T])`` from a packed window batch ``[B, T + 1]`` or a synthetic task's pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    inputs, targets = batch
+    return inputs, targets
+
+
 class ZooLightningModule(L.LightningModule):
     """Causal LM training of a :class:`ZooForCausalLM` built from a recipe."""
 
@@ -33,21 +43,36 @@ class ZooLightningModule(L.LightningModule):
         super().__init__()
         self.recipe = recipe
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
-        self.model = ZooForCausalLM(config)
+        self.model = self.build_model(config)
         self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
 
+    def build_model(self, config: ZooConfig) -> PreTrainedModel:
+        """The model this module trains (subclasses with another objective build another head)."""
+        return ZooForCausalLM(config)
+
     def metric_columns(self) -> list[str]:
-        """Logged metrics beyond the standard ones that ``metrics.csv`` gets columns for (MoE router metrics)."""
+        """Logged metrics beyond the standard ones that ``metrics.csv`` gets columns for (task accuracy, MoE router metrics)."""
         if not self.moe_layers:
-            return []
+            return self.task_columns()
         per_layer = [f"moe/load_max_over_mean/layer{i}" for i in self.moe_layers]
-        return ["train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
+        return [*self.task_columns(), "train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
+
+    def task_columns(self) -> list[str]:
+        """Synthetic tasks log the accuracy on answer positions."""
+        return ["train_acc", "val_acc"] if self.recipe.data.task is not None else []
+
+    def _log_answer_accuracy(self, name: str, logits: torch.Tensor, batch, **kwargs: Any) -> None:
+        if self.recipe.data.task is None:
+            return
+        accuracy, count = answer_accuracy(logits, split_batch(batch)[1])
+        if count:
+            self.log(name, accuracy, batch_size=count, **kwargs)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _lm_loss_and_output(self, batch: torch.Tensor):
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
+        inputs, targets = split_batch(batch)  # [B, T] each
         out = self.model(input_ids=inputs, use_cache=False)
         return causal_lm_loss(out.logits, targets), out
 
@@ -57,6 +82,7 @@ class ZooLightningModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         loss, out = self._lm_loss_and_output(batch)
         self.log("train_loss", loss, prog_bar=True)
+        self._log_answer_accuracy("train_acc", out.logits.detach(), batch)
         if not self.moe_layers:
             return loss
         # MoE: optimize LM + router losses; train_loss stays the LM loss, comparable with val_loss.
@@ -71,7 +97,9 @@ class ZooLightningModule(L.LightningModule):
         return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+        loss, out = self._lm_loss_and_output(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=split_batch(batch)[0].shape[0])
+        self._log_answer_accuracy("val_acc", out.logits, batch, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get("val_loss")
@@ -106,9 +134,10 @@ class MetricsCSV(L.Callback):
 
     COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl"]
 
-    def __init__(self, path: Path, log_every: int):
+    def __init__(self, path: Path, log_every: int, extra_columns: list[str] | tuple[str, ...] = ()):
         self.path = Path(path)
         self.log_every = log_every
+        self.extra_columns = list(extra_columns)  # logged metrics given columns besides the module's (nonfinite_skips)
         self._row: dict[str, Any] | None = None
         self._losses: list[float] = []
         self._tokens = 0
@@ -122,7 +151,7 @@ class MetricsCSV(L.Callback):
     def _open(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._file is None and trainer.is_global_zero:
             new = not self.path.exists() or self.path.stat().st_size == 0
-            self._extra = list(getattr(pl_module, "metric_columns", list)())
+            self._extra = [*self.extra_columns, *getattr(pl_module, "metric_columns", list)()]
             self._file = open(self.path, "a", newline="")
             self._writer = csv.DictWriter(self._file, fieldnames=self.COLUMNS + self._extra)
             if new:
@@ -134,13 +163,21 @@ class MetricsCSV(L.Callback):
             self._file.flush()
         self._row = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The row not yet written and the losses since the last row: a resumed run continues them."""
+        return {"row": dict(self._row or {}), "losses": list(self._losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._row = dict(state_dict["row"]) or None
+        self._losses = list(state_dict["losses"])
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open(trainer, pl_module)
         self._t0 = time.perf_counter()
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
+        self._tokens += split_batch(batch)[0].numel() * trainer.world_size
         loss = outputs.get("lm_loss", outputs["loss"]) if isinstance(outputs, dict) else outputs
         self._losses.append(float(loss.detach()))
         step = trainer.global_step
@@ -162,7 +199,8 @@ class MetricsCSV(L.Callback):
 
     def _logged(self, trainer: L.Trainer) -> dict[str, str]:
         metrics = trainer.callback_metrics
-        return {key: f"{float(metrics[key]):.6f}" if key in metrics else "" for key in self._extra}
+        # Validation metrics (val_acc) go on validation rows only.
+        return {key: f"{float(metrics[key]):.6f}" if key in metrics and not key.startswith("val_") else "" for key in self._extra}
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_t0 = time.perf_counter()
@@ -182,6 +220,7 @@ class MetricsCSV(L.Callback):
             self._row.update({key: "" for key in self._extra})
         self._row["val_loss"] = f"{float(metrics['val_loss']):.6f}"
         self._row["val_ppl"] = f"{math.exp(float(metrics['val_loss'])):.4f}"
+        self._row.update({key: f"{float(metrics[key]):.6f}" for key in self._extra if key.startswith("val_") and key in metrics})
 
     def close(self) -> None:
         self._flush_row()
@@ -199,11 +238,11 @@ class MetricsCSV(L.Callback):
 def export_hf(model: ZooForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
     """Write a plain Hugging Face directory: config.json, model.safetensors, tokenizer files, generation_config.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         max_new_tokens=64,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_directory(out_dir) as tmp:  # written beside out_dir, then renamed over it
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir

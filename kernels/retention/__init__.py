@@ -10,6 +10,14 @@ from .chunked import retention_chunked
 from .naive import retention_recurrent
 from .parallel import retention_parallel
 
+
+def retention_triton(*args, **kwargs):
+    """zoo's Triton kernel (:mod:`.triton_retention`, same arguments as :func:`retention`); Triton is imported on first use,
+    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
+    from .triton_retention import retention_triton as kernel
+
+    return kernel(*args, **kwargs)
+
 FORMS = ("chunk", "parallel", "recurrent")
 
 
@@ -21,12 +29,15 @@ def retention(
     initial_state: torch.Tensor | None = None,
     form: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n``.
 
     q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
     initial_state: [B, H, K, V] or None (zeros). Computes in fp32 (fp64 for fp64 inputs).
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
+    ``backend``: ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels: ``form`` ``recurrent`` runs the fused
+    recurrent one, the others the chunked one).
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"retention: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
@@ -39,7 +50,11 @@ def retention(
         raise ValueError(f"retention: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
     if chunk_size < 1:
         raise ValueError(f"retention: chunk_size must be >= 1, got {chunk_size}")
-    if form == "chunk":
+    if backend == "triton":
+        o, final = retention_triton(q, k, v, log_decay, initial_state, form, chunk_size)
+    elif backend != "torch":
+        raise ValueError(f"retention: unknown backend '{backend}'; choose torch or triton")
+    elif form == "chunk":
         o, final = retention_chunked(q, k, v, log_decay, initial_state, chunk_size)
     elif form == "parallel":
         o, final = retention_parallel(q, k, v, log_decay, initial_state)
@@ -50,4 +65,4 @@ def retention(
     return o.to(v.dtype), final
 
 
-__all__ = ["FORMS", "retention", "retention_chunked", "retention_parallel", "retention_recurrent"]
+__all__ = ["FORMS", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]

@@ -1,14 +1,14 @@
 """Sequential fp32 reference of the RWKV-6 (Finch) WKV recurrence.
 
 Peng et al. 2024, "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (arXiv:2404.05892),
-Sec. 4 (Finch time mixing), recurrent form of the WKV operator, per head with state S [K, V]:
+Sec. 4.2.2 (Finch time mixing), per head with state S [K, V], in the paper's recurrent form, Eqs. (21)-(22):
 
-    wkv_t = S_{t-1} + diag(u) k_t^T v_t          (output-side bonus for the current token)
-    o_t   = r_t · wkv_t
-    S_t   = diag(w_t) S_{t-1} + k_t^T v_t        (w_t = exp(-exp(d_t)) is the data-dependent decay)
+    wkv_t = S_{t-1} + diag(u) k_t^T v_t          (21: output-side bonus for the current token)
+    o_t   = r_t · wkv_t                          (the r_i · wkv_i inside Eq. 20)
+    S_t   = diag(w_t) S_{t-1} + k_t^T v_t        (22; w_t = exp(-exp(d_t)), Eq. 18)
 
-This is the paper's parallel form  wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(prod_{j=i+1}^{t-1} w_j) k_i^T v_i
-unrolled one token at a time. (Equation numbers are not quoted: the wording above follows the paper's text.)
+This is the paper's parallel form, Eq. (19), wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(prod_{j=i+1}^{t-1} w_j) k_i^T v_i,
+unrolled one token at a time.
 """
 from __future__ import annotations
 

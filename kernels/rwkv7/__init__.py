@@ -3,16 +3,26 @@ from __future__ import annotations
 
 from .chunked import rwkv7_chunked
 from .naive import rwkv7_naive
+from .recurrent import rwkv7_recurrent
 
-__all__ = ["rwkv7", "rwkv7_chunked", "rwkv7_naive"]
+
+def rwkv7_triton(*args, **kwargs):
+    """zoo's Triton kernel (:mod:`.triton_rwkv7`, same arguments as :func:`rwkv7`); Triton is imported on first use,
+    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
+    from .triton_rwkv7 import rwkv7_triton as kernel
+
+    return kernel(*args, **kwargs)
+
+__all__ = ["rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_triton"]
 
 
-def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
     """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``.
 
     Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
-    in fp32, or fp64 for fp64 inputs. Torch backend, chunked (one token: the sequential form).
+    in fp32, or fp64 for fp64 inputs. ``backend``: ``triton`` or ``torch``: on CPU the recurrent form with a
+    hand-written backward, elsewhere the chunked form (one token: the sequential form).
     """
     if r.dim() != 4:
         raise ValueError(f"rwkv7: expected r of shape [B, T, H, K], got {list(r.shape)}")
@@ -26,6 +36,11 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
         raise ValueError(f"rwkv7: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
     if chunk_size < 1:
         raise ValueError(f"rwkv7: chunk_size must be >= 1, got {chunk_size}")
+    if backend == "triton":
+        return rwkv7_triton(r, w_log, k, v, a, b, initial_state, chunk_size)
+    if backend != "torch":
+        raise ValueError(f"rwkv7: unknown backend '{backend}'; choose torch or triton")
     if T == 1:
         return rwkv7_naive(r, w_log, k, v, a, b, initial_state)
-    return rwkv7_chunked(r, w_log, k, v, a, b, initial_state, chunk_size)
+    form = rwkv7_recurrent if r.device.type == "cpu" else rwkv7_chunked
+    return form(r, w_log, k, v, a, b, initial_state, chunk_size)

@@ -4,7 +4,17 @@ from __future__ import annotations
 import torch
 
 from .chunked import selective_scan_chunked
+from .mamba_ssm_backend import selective_scan_mamba_ssm
 from .naive import selective_scan_naive
+from .recurrent import selective_scan_recurrent
+
+
+def selective_scan_triton(*args, **kwargs):
+    """zoo's Triton kernel (:mod:`.triton_scan`, same arguments as :func:`selective_scan`); Triton is imported on first use,
+    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
+    from .triton_scan import selective_scan_triton as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def selective_scan(
@@ -19,12 +29,16 @@ def selective_scan(
     delta_softplus: bool = True,
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = (C_t h_t + D u_t) * silu(z_t)``.
 
     Shapes (time second, unlike mamba_ssm's ``[B, D, T]``): u, delta, z ``[B, T, D]``; A ``[D, N]``;
     B, C ``[B, T, N]``; D, delta_bias ``[D]``; initial_state ``[B, D, N]`` (None: zeros).
     Returns ``(y [B, T, D], final_state [B, D, N])``; the state is fp32 (fp64 for fp64 inputs).
+    Torch forms: on CPU the recurrent one with a hand-written backward (cache-sized working set), elsewhere the
+    chunked one (few large operations); ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
+    ``triton`` (zoo's kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
     """
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be [B, T, D], got {list(u.shape)}")
@@ -44,7 +58,14 @@ def selective_scan(
         raise ValueError(f"selective_scan: z must match u {list(u.shape)}, got {list(z.shape)}")
     if initial_state is not None and initial_state.shape != (batch, dim, n):
         raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {[batch, dim, n]}, got {list(initial_state.shape)}")
-    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    if backend == "triton":
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    if backend == "mamba_ssm":
+        return selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    if backend != "torch":
+        raise ValueError(f"selective_scan: unknown backend '{backend}'; choose one of torch, triton, mamba_ssm")
+    form = selective_scan_recurrent if u.device.type == "cpu" else selective_scan_chunked
+    return form(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
 
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_naive"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_triton"]

@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import ssd_chunked
+from .mamba_ssm_backend import ssd_mamba_ssm
 from .naive import ssd_naive
+
+
+def ssd_triton(*args, **kwargs):
+    """zoo's Triton kernel (:mod:`.triton_ssd`, same arguments as :func:`ssd_scan`); Triton is imported on first use,
+    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
+    from .triton_ssd import ssd_triton as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def ssd_scan(
@@ -20,12 +29,14 @@ def ssd_scan(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 64,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD with scalar decay per head: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
 
     ``dt = clamp(softplus(dt + dt_bias), *dt_limit)``. Shapes: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias
     ``[H]``; B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros).
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
+    ``backend``: ``torch`` (chunked), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``).
     """
     if x.dim() != 4:
         raise ValueError(f"ssd_scan: x must be [B, T, H, P], got {list(x.shape)}")
@@ -44,6 +55,12 @@ def ssd_scan(
         raise ValueError(f"ssd_scan: initial_state must be [B, H, P, N] = {[batch, heads, p, n]}, got {list(initial_state.shape)}")
     if chunk_size < 1:
         raise ValueError(f"ssd_scan: chunk_size must be >= 1, got {chunk_size}")
+    if backend == "triton":
+        return ssd_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+    if backend == "mamba_ssm":
+        return ssd_mamba_ssm(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+    if backend != "torch":
+        raise ValueError(f"ssd_scan: unknown backend '{backend}'; choose one of torch, triton, mamba_ssm")
     dtype = torch.promote_types(x.dtype, torch.float32)
     dt = dt.to(dtype)
     if dt_bias is not None:
@@ -54,4 +71,4 @@ def ssd_scan(
     return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
-__all__ = ["ssd_scan", "ssd_chunked", "ssd_naive", "segsum"]
+__all__ = ["ssd_scan", "ssd_chunked", "ssd_naive", "ssd_triton"]

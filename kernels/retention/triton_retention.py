@@ -1,0 +1,392 @@
+"""Triton retention (Sun et al. 2023), forward and backward (same maths as ``naive.py``): two designs.
+
+Fused recurrent (Eq. (6)), ``form="recurrent"``: one program per (V block, batch, head) keeps its state slice
+``S [K, BV]`` in registers and walks the sequence, ``S_t = gamma_h S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. The
+forward pass saves the state every ``chunk_size`` tokens; the backward pass walks those chunks in reverse,
+recomputes each chunk's states from its checkpoint into a per-program scratch buffer (no division by gamma) and
+runs the reverse-time recurrence with ``G_t = dS_t + q_t^T do_t``:
+
+    dq_t = S_t do_t     dk_t = G_t v_t     dv_t = k_t G_t     dS_{t-1} = gamma G_t
+    d log_gamma = sum_t gamma * sum(G_t * S_{t-1})
+
+Chunked (Eq. (7)), ``form="chunk"``: the same program walks chunks of ``BT`` tokens; inside a chunk
+``O = (Q K^T * D) V + (Q * xi) S_prev`` with ``tl.dot`` and the causal decay mask ``D``, and the state advances by
+``S = gamma^n S_prev + (K * zeta)^T V``. Its backward pass is one reverse sweep over chunks carrying ``dS``; the
+gradient of ``log gamma`` uses, per chunk of n steps, ``n <dS_end, S_end> + sum_s (s + 1)(q_s . dq_s - k_s . dk_s)``.
+
+Everything accumulates in fp32; K-sized gradients are per-V-block partial sums added up in PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zoo.kernels.rwkv6.triton_rwkv6 import MAX_HEAD_DIM, check_triton_device
+
+MAX_BLOCK_V = 32  # recurrent kernels split V over programs: more parallelism when B * H is small
+MAX_CHUNK_BLOCK_V = 64  # chunked kernels: wider tl.dot tiles
+FORMS = ("chunk", "parallel", "recurrent")
+
+
+@triton.jit
+def _retention_fwd_kernel(
+    q, k, v, g, s0, o, ckpt, s_final,
+    T, NC,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    HAS_S0: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
+    if HAS_S0:
+        b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    # checkpoints: [B * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    for c in range(NC):
+        tl.store(p_ckpt + c * BK * BV, b_s)
+        for t in range(c * CH, tl.minimum(c * CH + CH, T)):
+            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            b_q = tl.load(q + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_s = b_s * b_gamma + b_k[:, None] * b_v[None, :]
+            tl.store(o + p_tv, tl.sum(b_q[:, None] * b_s, axis=0), mask=m_v)
+    tl.store(s_final + p_state, b_s, mask=m_kv)
+
+
+@triton.jit
+def _retention_bwd_kernel(
+    q, k, v, g, do, ds_final, ckpt, scratch,
+    dq, dk, dv, dg, ds0,
+    T, NC, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
+    if HAS_DS_FINAL:
+        b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dg = tl.zeros([BK, BV], dtype=tl.float32)
+    o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + o_blk
+    p_scr = scratch + (i_bh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
+    for i_c in range(NC):
+        c = NC - 1 - i_c
+        t0 = c * CH
+        n = tl.minimum(CH, T - t0)
+        b_s = tl.load(p_ckpt + c * BK * BV)
+        for j in range(n):
+            tl.store(p_scr + j * BK * BV, b_s)
+            p_tk = ((i_b * T + t0 + j) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t0 + j) * H + i_h) * V + o_v
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_s = b_s * b_gamma + b_k[:, None] * b_v[None, :]
+        tl.debug_barrier()
+        for i_j in range(n):
+            t = t0 + n - 1 - i_j
+            b_sp = tl.load(p_scr + (n - 1 - i_j) * BK * BV)
+            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            b_q = tl.load(q + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_do = tl.load(do + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_st = b_sp * b_gamma + b_k[:, None] * b_v[None, :]
+            b_g = b_ds + b_q[:, None] * b_do[None, :]
+            tl.store(dq + p_part + p_tk, tl.sum(b_st * b_do[None, :], axis=1), mask=m_k)
+            tl.store(dk + p_part + p_tk, tl.sum(b_g * b_v[None, :], axis=1), mask=m_k)
+            tl.store(dv + p_tv, tl.sum(b_k[:, None] * b_g, axis=0), mask=m_v)
+            b_dg += b_g * b_sp
+            b_ds = b_g * b_gamma
+        tl.debug_barrier()
+    tl.store(ds0 + p_state, b_ds, mask=m_kv)
+    tl.store(dg + i_v * B * H + i_bh, b_gamma * tl.sum(tl.sum(b_dg, axis=1), axis=0))
+
+
+@triton.jit
+def _retention_chunk_fwd_kernel(
+    q, k, v, g, s0, o, ckpt, s_final,
+    T, NC,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    b_g = tl.load(g + i_h).to(tl.float32)
+    if HAS_S0:
+        b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    # chunk-start states: [B * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    # D[i, j] = gamma^(i - j) for i >= j, else 0 (the exponent is masked before exp)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
+    for c in range(NC):
+        t0 = c * BT
+        n = tl.minimum(BT, T - t0)
+        m_t = o_t < n
+        p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+        p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+        b_q = tl.load(q + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        tl.store(p_ckpt + c * BK * BV, b_s)
+        b_in = tl.exp((o_t + 1).to(tl.float32) * b_g)  # decay from the chunk start through position i
+        b_out = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)  # from position j to the chunk end
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D
+        b_o = tl.dot(b_A, b_v, input_precision=PRECISION)
+        b_o += tl.dot(b_q * b_in[:, None], b_s, input_precision=PRECISION)
+        tl.store(o + p_tv, b_o, mask=m_t[:, None] & m_v[None, :])
+        b_s = b_s * tl.exp(n.to(tl.float32) * b_g) + tl.dot(tl.trans(b_k * b_out[:, None]), b_v, input_precision=PRECISION)
+    tl.store(s_final + p_state, b_s, mask=m_kv)
+
+
+@triton.jit
+def _retention_chunk_bwd_kernel(
+    q, k, v, g, do, ds_final, ckpt,
+    dq, dk, dv, dg, ds0,
+    T, NC, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    b_g = tl.load(g + i_h).to(tl.float32)
+    if HAS_DS_FINAL:
+        b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dg = tl.zeros([BT], dtype=tl.float32)
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
+    for i_c in range(NC):
+        c = NC - 1 - i_c
+        t0 = c * BT
+        n = tl.minimum(BT, T - t0)
+        m_t = o_t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+        p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_s = tl.load(p_ckpt + c * BK * BV)  # state entering the chunk
+        b_in = tl.exp((o_t + 1).to(tl.float32) * b_g)
+        b_out = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
+        b_chunk_decay = tl.exp(n.to(tl.float32) * b_g)
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
+        b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * b_D
+        b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
+        b_dq += tl.dot(b_do * b_in[:, None], tl.trans(b_s), input_precision=PRECISION)
+        b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
+        b_dk += tl.dot(b_v * b_out[:, None], tl.trans(b_ds), input_precision=PRECISION)
+        b_dv = tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
+        b_dv += tl.dot(b_k * b_out[:, None], b_ds, input_precision=PRECISION)
+        tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
+        tl.store(dk + p_part + p_tk, b_dk, mask=m_tk)
+        tl.store(dv + p_tv, b_dv, mask=m_tv)
+        # d log gamma over the chunk's steps: n <dS_end, S_end> + sum_s (s + 1)(q_s . dq_s - k_s . dk_s)
+        b_s_end = b_s * b_chunk_decay + tl.dot(tl.trans(b_k * b_out[:, None]), b_v, input_precision=PRECISION)
+        b_dg += (o_t + 1).to(tl.float32) * tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
+        b_dg += tl.where(o_t == 0, n.to(tl.float32) * tl.sum(tl.sum(b_ds * b_s_end, axis=1), axis=0), 0.0)
+        b_ds = b_ds * b_chunk_decay + tl.dot(tl.trans(b_q * b_in[:, None]), b_do, input_precision=PRECISION)
+    tl.store(ds0 + p_state, b_ds, mask=m_kv)
+    tl.store(dg + i_v * B * H + i_bh, tl.sum(b_dg, axis=0))
+
+
+def _blocks(K: int, V: int) -> tuple[int, int, int]:
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    return BK, BV, triton.cdiv(V, BV)
+
+
+def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
+    """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV, NV = _blocks(K, V)
+    NC = triton.cdiv(T, chunk_size)
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=q.device)
+    has_s0 = initial_state is not None
+    _retention_fwd_kernel[(NV, B * H)](
+        q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
+        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0,
+    )
+    return o, s_final, ckpt
+
+
+def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
+    """Launch the backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV, NV = _blocks(K, V)
+    NC = ckpt.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
+    dv = torch.empty(B, T, H, V, **f32)
+    dg = torch.empty(NV, B, H, **f32)
+    ds0 = torch.empty(B, H, K, V, **f32)
+    scratch = torch.empty(B * H * NV, chunk_size, BK, BV, **f32)
+    has_ds = ds_final is not None
+    _retention_bwd_kernel[(NV, B * H)](
+        q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt, scratch,
+        dq, dk, dv, dg, ds0,
+        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds,
+    )
+    return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
+
+
+def _chunk_blocks(K: int, V: int, chunk_size: int) -> tuple[int, int, int, int]:
+    """Block sizes of the chunked kernels: ``tl.dot`` needs every dimension >= 16."""
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), 64)
+    BK = max(triton.next_power_of_2(K), 16)
+    BV = max(min(triton.next_power_of_2(V), MAX_CHUNK_BLOCK_V), 16)
+    return BT, BK, BV, triton.cdiv(V, BV)
+
+
+def _precision(*tensors: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
+    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
+    """Launch the chunked forward kernel. Returns ``(o, final_state, chunk_start_states)`` in fp32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV, NV = _chunk_blocks(K, V, chunk_size)
+    NC = triton.cdiv(T, BT)
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=q.device)
+    has_s0 = initial_state is not None
+    _retention_chunk_fwd_kernel[(NV, B * H)](
+        q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
+        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=_precision(q, k, v),
+    )
+    return o, s_final, ckpt
+
+
+def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
+    """Launch the chunked backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV, NV = _chunk_blocks(K, V, chunk_size)
+    NC = ckpt.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
+    dv = torch.empty(B, T, H, V, **f32)
+    dg = torch.empty(NV, B, H, **f32)
+    ds0 = torch.empty(B, H, K, V, **f32)
+    has_ds = ds_final is not None
+    _retention_chunk_bwd_kernel[(NV, B * H)](
+        q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt,
+        dq, dk, dv, dg, ds0,
+        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=_precision(q, k, v),
+    )
+    return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
+
+
+class RetentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size, chunked):
+        inputs = [t.contiguous() for t in (q, k, v, log_decay)]
+        s0 = None if initial_state is None else initial_state.contiguous()
+        fwd = retention_chunk_fwd if chunked else retention_fwd
+        o, s_final, ckpt = fwd(*inputs, s0, chunk_size)
+        ctx.save_for_backward(*inputs, ckpt)
+        ctx.chunk_size, ctx.chunked = chunk_size, chunked
+        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay)] + [None if initial_state is None else initial_state.dtype]
+        return o, s_final
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, ckpt = ctx.saved_tensors
+        ds_final = None if ds_final is None else ds_final.contiguous()
+        bwd = retention_chunk_bwd if ctx.chunked else retention_bwd
+        grads = bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
+        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None)
+
+
+def retention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    form: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n`` (Triton kernels, fwd and bwd).
+
+    q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
+    initial_state: [B, H, K, V] or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation.
+    Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32.
+    ``form="recurrent"`` runs the fused-recurrent kernels (``chunk_size`` = tokens between the states saved for
+    the backward pass); ``"chunk"`` and ``"parallel"`` (the same function) run the chunked kernels, with chunks of
+    ``chunk_size`` rounded to a power of two in [16, 64].
+    """
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"retention_triton: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"retention_triton: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
+    if log_decay.shape != (H,):
+        raise ValueError(f"retention_triton: log_decay must be [H] = [{H}], got {list(log_decay.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"retention_triton: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"retention_triton: chunk_size must be >= 1, got {chunk_size}")
+    if form not in FORMS:
+        raise ValueError(f"retention_triton: unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if K > MAX_HEAD_DIM:
+        raise ValueError(f"retention_triton: head dim K={K} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
+    tensors = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"retention_triton: supports fp32 / bf16 / fp16 inputs, got {t.dtype}; use the torch backend")
+    check_triton_device("retention_triton", *tensors)
+    o, final = RetentionFunction.apply(q, k, v, log_decay, initial_state, chunk_size, form != "recurrent")
+    return o.to(v.dtype), final

@@ -1,0 +1,225 @@
+"""Triton fused-recurrent RWKV-7 generalized delta rule, forward and backward (same maths as ``naive.py``).
+
+One program per (V block, batch, head) keeps its state slice ``S [K, BV]`` in registers (columns of S evolve
+independently, so V can be split) and walks the sequence, with ``sa_t = a_t S_{t-1}`` [V]:
+
+    S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T sa_t + k_t^T v_t,      o_t = r_t S_t
+
+The forward pass saves the state every ``chunk_size`` tokens. The backward pass walks the chunks in reverse,
+recomputes each chunk's states from its checkpoint into a per-program scratch buffer (the update is not
+invertible), then runs the reverse-time recurrence with ``G_t = dS_t + r_t^T do_t``, ``dsa_t = b_t G_t``:
+
+    dr_t = S_t do_t      dk_t = G_t v_t      dv_t = k_t G_t      db_t = G_t sa_t      da_t = S_{t-1} dsa_t
+    dw_log_t = exp(w_log_t) * rowsum(G_t * S_{t-1}),       dS_{t-1} = diag(exp(w_log_t)) G_t + a_t^T dsa_t
+
+Everything accumulates in fp32; K-sized gradients are per-V-block partial sums added up in PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zoo.kernels.rwkv6.triton_rwkv6 import MAX_HEAD_DIM, check_triton_device
+
+MAX_BLOCK_V = 32  # V is split over programs: more parallelism when B * H is small, fewer registers
+
+
+@triton.jit
+def _rwkv7_fwd_kernel(
+    r, w, k, v, a, b, s0, o, ckpt, s_final,
+    T, NC,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    HAS_S0: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    if HAS_S0:
+        b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    # checkpoints: [B * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    for c in range(NC):
+        tl.store(p_ckpt + c * BK * BV, b_s)
+        for t in range(c * CH, tl.minimum(c * CH + CH, T)):
+            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_a = tl.load(a + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_b = tl.load(b + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_sa = tl.sum(b_a[:, None] * b_s, axis=0)
+            b_s = b_s * tl.exp(b_w)[:, None] + b_b[:, None] * b_sa[None, :] + b_k[:, None] * b_v[None, :]
+            tl.store(o + p_tv, tl.sum(b_r[:, None] * b_s, axis=0), mask=m_v)
+    tl.store(s_final + p_state, b_s, mask=m_kv)
+
+
+@triton.jit
+def _rwkv7_bwd_kernel(
+    r, w, k, v, a, b, do, ds_final, ckpt, scratch,
+    dr, dw, dk, dv, da, db, ds0,
+    T, NC, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NV = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    if HAS_DS_FINAL:
+        b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + o_blk
+    p_scr = scratch + (i_bh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
+    for i_c in range(NC):
+        c = NC - 1 - i_c
+        t0 = c * CH
+        n = tl.minimum(CH, T - t0)
+        b_s = tl.load(p_ckpt + c * BK * BV)
+        for j in range(n):
+            tl.store(p_scr + j * BK * BV, b_s)
+            p_tk = ((i_b * T + t0 + j) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t0 + j) * H + i_h) * V + o_v
+            b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_a = tl.load(a + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_b = tl.load(b + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_sa = tl.sum(b_a[:, None] * b_s, axis=0)
+            b_s = b_s * tl.exp(b_w)[:, None] + b_b[:, None] * b_sa[None, :] + b_k[:, None] * b_v[None, :]
+        tl.debug_barrier()
+        for i_j in range(n):
+            t = t0 + n - 1 - i_j
+            b_sp = tl.load(p_scr + (n - 1 - i_j) * BK * BV)
+            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
+            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_a = tl.load(a + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_b = tl.load(b + p_tk, mask=m_k, other=0.0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_do = tl.load(do + p_tv, mask=m_v, other=0.0).to(tl.float32)
+            b_decay = tl.exp(b_w)
+            b_sa = tl.sum(b_a[:, None] * b_sp, axis=0)
+            b_st = b_sp * b_decay[:, None] + b_b[:, None] * b_sa[None, :] + b_k[:, None] * b_v[None, :]
+            b_g = b_ds + b_r[:, None] * b_do[None, :]
+            b_dsa = tl.sum(b_b[:, None] * b_g, axis=0)
+            tl.store(dr + p_part + p_tk, tl.sum(b_st * b_do[None, :], axis=1), mask=m_k)
+            tl.store(dk + p_part + p_tk, tl.sum(b_g * b_v[None, :], axis=1), mask=m_k)
+            tl.store(dw + p_part + p_tk, b_decay * tl.sum(b_g * b_sp, axis=1), mask=m_k)
+            tl.store(db + p_part + p_tk, tl.sum(b_g * b_sa[None, :], axis=1), mask=m_k)
+            tl.store(da + p_part + p_tk, tl.sum(b_sp * b_dsa[None, :], axis=1), mask=m_k)
+            tl.store(dv + p_tv, tl.sum(b_k[:, None] * b_g, axis=0), mask=m_v)
+            b_ds = b_g * b_decay[:, None] + b_a[:, None] * b_dsa[None, :]
+        tl.debug_barrier()
+    tl.store(ds0 + p_state, b_ds, mask=m_kv)
+
+
+def _blocks(K: int, V: int) -> tuple[int, int, int]:
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    return BK, BV, triton.cdiv(V, BV)
+
+
+def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int):
+    """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    BK, BV, NV = _blocks(K, V)
+    NC = triton.cdiv(T, chunk_size)
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=r.device)
+    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
+    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=r.device)
+    has_s0 = initial_state is not None
+    _rwkv7_fwd_kernel[(NV, B * H)](
+        r, w_log, k, v, a, b, initial_state if has_s0 else s_final, o, ckpt, s_final,
+        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0,
+    )
+    return o, s_final, ckpt
+
+
+def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
+    """Launch the backward kernel. Returns fp32 ``(dr, dw_log, dk, dv, da, db, d_initial_state)``."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    BK, BV, NV = _blocks(K, V)
+    NC = ckpt.shape[1]
+    f32 = dict(dtype=torch.float32, device=r.device)
+    dr, dw, dk, da, db = (torch.empty(NV, B, T, H, K, **f32) for _ in range(5))
+    dv = torch.empty(B, T, H, V, **f32)
+    ds0 = torch.empty(B, H, K, V, **f32)
+    scratch = torch.empty(B * H * NV, chunk_size, BK, BV, **f32)
+    has_ds = ds_final is not None
+    _rwkv7_bwd_kernel[(NV, B * H)](
+        r, w_log, k, v, a, b, do, ds_final if has_ds else ds0, ckpt, scratch,
+        dr, dw, dk, dv, da, db, ds0,
+        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds,
+    )
+    return dr.sum(0), dw.sum(0), dk.sum(0), dv, da.sum(0), db.sum(0), ds0
+
+
+class RWKV7Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w_log, k, v, a, b, initial_state, chunk_size):
+        inputs = [t.contiguous() for t in (r, w_log, k, v, a, b)]
+        s0 = None if initial_state is None else initial_state.contiguous()
+        o, s_final, ckpt = rwkv7_fwd(*inputs, s0, chunk_size)
+        ctx.save_for_backward(*inputs, ckpt)
+        ctx.chunk_size = chunk_size
+        ctx.dtypes = [t.dtype for t in (r, w_log, k, v, a, b)] + [None if initial_state is None else initial_state.dtype]
+        return o, s_final
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, ckpt = ctx.saved_tensors
+        ds_final = None if ds_final is None else ds_final.contiguous()
+        grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
+        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None)
+
+
+def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+    """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``.
+
+    Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
+    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
+    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Triton fused-recurrent kernels, forward and
+    backward; ``chunk_size`` is the number of tokens between the states saved for the backward pass.
+    """
+    if r.dim() != 4:
+        raise ValueError(f"rwkv7_triton: expected r of shape [B, T, H, K], got {list(r.shape)}")
+    B, T, H, K = r.shape
+    for name, t in (("w_log", w_log), ("k", k), ("a", a), ("b", b)):
+        if t.shape != r.shape:
+            raise ValueError(f"rwkv7_triton: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"rwkv7_triton: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"rwkv7_triton: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"rwkv7_triton: chunk_size must be >= 1, got {chunk_size}")
+    if K > MAX_HEAD_DIM:
+        raise ValueError(f"rwkv7_triton: head dim K={K} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
+    tensors = [t for t in (r, w_log, k, v, a, b, initial_state) if t is not None]
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"rwkv7_triton: supports fp32 / bf16 / fp16 inputs, got {t.dtype}; use the torch backend")
+    check_triton_device("rwkv7_triton", *tensors)
+    return RWKV7Function.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

@@ -1,0 +1,58 @@
+"""zoo.ablate: width matching by parameter count, one table row per block, failures recorded as rows."""
+import csv
+
+import pytest
+
+from conftest import tiny_overrides
+from zoo.ablate import ablate, main, matched_width, model_stats, parse_args, with_block
+from zoo.config import load_recipe
+from zoo.errors import ConfigError, ZooError
+
+
+def test_matched_width_is_the_closest_valid_width():
+    base = load_recipe("transformer_small", ["model.vocab_size=259"])
+    target = model_stats(base.model)["parameters"]
+    model_cfg, stats = matched_width(base.model, "lstm", target)
+    assert model_cfg.blocks == ["lstm"] and "attention" not in model_cfg.module_args
+    assert model_cfg.d_model % 8 == 0 and stats["parameters"] == model_stats(model_cfg)["parameters"]
+    for d_model in (model_cfg.d_model - 8, model_cfg.d_model + 8):
+        other = model_stats(with_block(base.model, "lstm", d_model))["parameters"]
+        assert abs(other - target) >= abs(stats["parameters"] - target)
+    assert stats["state_per_token"] == 0 and stats["state_fixed"] == 4 * 2 * model_cfg.d_model  # (h, c) per layer
+    # rwkv7 with 64-wide heads only accepts multiples of 64.
+    rwkv7_cfg, _ = matched_width(load_recipe("rwkv7_small", ["model.vocab_size=259"]).model, "rwkv7", target)
+    assert rwkv7_cfg.d_model % 64 == 0
+
+
+def test_parse_args_rejects_unknown_blocks_and_flags():
+    args = parse_args(["recipe=transformer_small", "blocks=[attention,lstm]", "trainer.max_steps=3", "--params", "1000"])
+    assert args.blocks == ["attention", "lstm"] and args.overrides == ["trainer.max_steps=3"] and args.target_params == 1000
+    with pytest.raises(ConfigError, match="unknown block 'nope'"):
+        parse_args(["recipe=transformer_small", "blocks=[attention,nope]"])
+    with pytest.raises(ZooError, match="unknown flag"):
+        parse_args(["recipe=transformer_small", "blocks=[lstm]", "--fast"])
+    assert main(["recipe=transformer_small"]) == 2
+
+
+def test_tiny_ablation_writes_the_table(tmp_path):
+    task = {"data.seq_len": 16, "data.task.num_kv_pairs": 2, "data.task.train_samples": 64, "data.task.val_samples": 8}
+    base = load_recipe("mqar_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.val_every": 2, **task}))
+    rows = ablate(base, ["attention", "lstm"])
+    out = tmp_path / "run"
+    table = list(csv.DictReader((out / "ablation.csv").open()))
+    assert [r["block"] for r in table] == ["attention", "lstm"] == [r["block"] for r in rows]
+    for r in table:
+        assert not r["error"]
+        assert int(r["parameters"]) > 0 and int(r["d_model"]) % 8 == 0
+        assert float(r["val_loss"]) > 0 and float(r["tokens_per_s"]) > 0 and 0 <= float(r["val_acc"]) <= 1
+    assert int(table[0]["state_per_token"]) > 0 and int(table[1]["state_fixed"]) > 0
+    md = (out / "ablation.md").read_text()
+    assert "| block | d_model | parameters |" in md and "| lstm |" in md
+    assert (out / "lstm" / "summary.json").exists()
+
+
+def test_a_failing_block_is_a_row_not_a_crash(tmp_path):
+    base = load_recipe("transformer_small", tiny_overrides(tmp_path, **{"model.d_model": 8}))
+    (row,) = ablate(base, ["rwkv7"])  # rwkv7's 64-wide heads fit no width up to 4 * 8
+    assert row["block"] == "rwkv7" and "ConfigError" in row["error"] and "no width" in row["error"]
+    assert "no width" in (tmp_path / "run" / "ablation.csv").read_text()

@@ -1,0 +1,128 @@
+"""Backend choice of the recurrent blocks: validation at construction, ``auto`` per device, the model's log line,
+and the mamba-ssm adapters' layout conversions (checked on CPU against a stand-in built from our references)."""
+import importlib.machinery
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+from zoo.config import ModelConfig
+from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.kernels import selective_scan as ss_pkg
+from zoo.kernels import ssd as ssd_pkg
+from zoo.kernels.selective_scan import mamba_ssm_backend as ss_adapter
+from zoo.kernels.selective_scan import selective_scan_naive
+from zoo.kernels.ssd import mamba_ssm_backend as ssd_adapter
+from zoo.kernels.ssd import ssd_scan
+from zoo.layers.base import check_scan_backend, scan_backend_for
+from zoo.layers.registry import MIXERS
+from zoo.modeling import ZooConfig, ZooForCausalLM
+
+RECURRENT = {"mamba": {"d_state": 8}, "mamba2": {"d_state": 8, "head_dim": 16}, "rwkv6": {"head_dim": 16},
+             "rwkv7": {"head_dim": 16}, "retnet": {"n_heads": 2}}
+
+
+def build(block, **args):
+    spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 1, "blocks": [block], block: {**RECURRENT[block], **args}})
+    return MIXERS.get(block).cls(spec.args_for(block), 32, 0)
+
+
+def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu():
+    assert scan_backend_for("auto") == "torch"
+    assert scan_backend_for("triton") == "triton"
+    assert build("rwkv7", backend="triton").backend == "triton"
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_missing_mamba_ssm_is_an_error_not_a_fallback(block):
+    if "mamba_ssm" in sys.modules or importlib.util.find_spec("mamba_ssm") is not None:
+        pytest.skip("mamba-ssm is installed here")
+    with pytest.raises(BackendUnavailableError, match=f"{block} backend 'mamba_ssm' was asked for but the mamba_ssm package is not installed"):
+        build(block, backend="mamba_ssm")
+
+
+@pytest.mark.parametrize("block", ["rwkv6", "rwkv7", "retnet"])
+def test_blocks_without_mamba_ssm_reject_it_by_key(block):
+    with pytest.raises(ConfigError, match=f"model.{block}.backend: unknown {block} backend 'mamba_ssm'"):
+        ModelConfig.from_dict({"d_model": 32, "blocks": [block], block: {**RECURRENT[block], "backend": "mamba_ssm"}})
+
+
+def test_a_backend_the_block_lacks_is_named():
+    with pytest.raises(BackendUnavailableError, match="lstm block has no 'triton' backend; choose one of auto, torch"):
+        check_scan_backend("lstm", "triton", ())
+
+
+def test_model_logs_its_backends_once(caplog):
+    spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 4, "blocks": ["mamba2", "attention"], "vocab_size": 20,
+                                  "mamba2": {"d_state": 8, "head_dim": 16}})
+    with caplog.at_level(logging.INFO, logger="zoo"):
+        ZooForCausalLM(ZooConfig.from_model_config(spec))
+    lines = [r.getMessage() for r in caplog.records if "backends" in r.getMessage()]
+    assert lines == ["zoo model: backends mamba2: auto, attention: auto (auto = torch; triton on request)"]
+
+
+@pytest.fixture
+def fake_mamba_ssm(monkeypatch):
+    """Stand-ins for mamba-ssm's kernels in their own layouts ([B, D, T] for Mamba-1), built from zoo's references."""
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        assert u.shape[1] == A.shape[0] and B.shape[1] == A.shape[1], "mamba-ssm layout: u [B, D, T], B [B, N, T]"
+        y, h = selective_scan_naive(u.mT, delta.mT, A, B.mT, C.mT, D, None if z is None else z.mT, delta_bias, delta_softplus)
+        return (y.mT, h) if return_last_state else y.mT
+
+    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        y, h = selective_scan_naive(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None],
+                                    dt_bias, dt_softplus, initial_state=state)
+        state.copy_(h)
+        return y[:, 0]
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                                  dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+        y, h = ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_states, chunk_size)
+        return (y, h) if return_final_states else y
+
+    modules = {
+        "mamba_ssm": {}, "mamba_ssm.ops": {}, "mamba_ssm.ops.triton": {},
+        "mamba_ssm.ops.selective_scan_interface": {"selective_scan_fn": selective_scan_fn},
+        "mamba_ssm.ops.triton.selective_state_update": {"selective_state_update": selective_state_update},
+        "mamba_ssm.ops.triton.ssd_combined": {"mamba_chunk_scan_combined": mamba_chunk_scan_combined},
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(ss_adapter, "on_cuda", lambda tensor: True)
+    monkeypatch.setattr(ssd_adapter, "on_cuda", lambda tensor: True)
+
+
+def test_mamba_ssm_adapters_need_cuda_tensors():
+    x = torch.zeros(1, 2, 4)
+    with pytest.raises(BackendUnavailableError, match="mamba_ssm"):
+        ss_pkg.selective_scan(x, x, -torch.ones(4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), backend="mamba_ssm")
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_mamba_ssm_backend_matches_torch_through_the_block(fake_mamba_ssm, block):
+    torch.manual_seed(0)
+    reference = build(block, backend="torch").double()
+    fast = build(block, backend="mamba_ssm").double()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    y_ref, state_ref = reference(x)
+    y, state = fast(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(state.ssm, state_ref.ssm)
+    step = torch.randn(2, 1, 32, dtype=torch.float64)
+    y_ref, next_ref = reference(step, state_ref)
+    y, next_state = fast(step, state)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(next_state.ssm, next_ref.ssm)
+    if block == "mamba":
+        with pytest.raises(BackendUnavailableError, match="cannot start a multi-token scan from a state"):
+            fast(x, state)
+    else:
+        y, _ = fast(x, state)
+        torch.testing.assert_close(y, reference(x, state_ref)[0])

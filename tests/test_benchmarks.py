@@ -1,0 +1,40 @@
+"""benchmarks.throughput --smoke: every block is measured and the report is complete. No performance is asserted."""
+import json
+
+from benchmarks.throughput import SMOKE, is_oom, main, markdown, zoo_models
+
+BLOCKS = ["attention", "moe", "mamba", "mamba2", "rwkv6", "rwkv7", "retnet", "lstm", "hybrid mamba2+attention"]
+
+
+def test_smoke_report_has_every_block_with_positive_numbers(tmp_path, capsys):
+    assert main(["--smoke", "--no-peers", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "throughput_smoke.json").read_text())
+    meta = report["meta"]
+    assert meta["device"] and meta["torch"] and meta["transformers"] and meta["date"]
+    assert meta["shapes"]["train_lengths"] == SMOKE.train_lengths
+    assert list(report["models"]) == BLOCKS
+    for name, entry in report["models"].items():
+        assert entry["kind"] == "zoo" and entry["parameters"] > 0, name
+        assert sorted(entry["train"], key=int) == [str(t) for t in SMOKE.train_lengths], name
+        for cell in entry["train"].values():
+            assert cell["tokens_per_s"] > 0 and cell["batch"] >= 1, (name, cell)
+        assert len(entry["inference"]) == len(SMOKE.contexts) * len(SMOKE.batches)
+        for cell in entry["inference"].values():
+            assert cell["prefill_ms"] > 0 and cell["decode_ms_per_token"] > 0 and cell["decode_tokens_per_s"] > 0, (name, cell)
+    table = (tmp_path / "throughput_smoke.md").read_text()
+    assert table == markdown(report) and all(f"| {name} |" in table for name in BLOCKS)
+    assert "plots" in capsys.readouterr().out  # written, or skipped with a message when matplotlib is missing
+
+
+def test_every_model_config_is_valid_at_the_default_size():
+    from benchmarks.throughput import Shapes
+
+    models = zoo_models(Shapes())
+    assert list(models) == BLOCKS and all(cfg.d_model == 768 for cfg in models.values())
+
+
+def test_out_of_memory_is_recognized():
+    import torch
+
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_oom(ValueError("shape mismatch"))

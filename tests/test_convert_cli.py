@@ -1,0 +1,64 @@
+"""``python -m zoo.convert HF_DIR OUT_DIR`` on tiny random Llama, Mistral, Mixtral, Mamba and Mamba-2 checkpoints."""
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM,
+    MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+)
+
+import zoo
+from zoo.convert.__main__ import CONVERTERS, main
+from zoo.data import byte_tokenizer
+
+ATTN = dict(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0)
+SSM = dict(vocab_size=259, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+TINY = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**ATTN)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**ATTN, sliding_window=None)),
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**ATTN, num_local_experts=4, num_experts_per_tok=2)),
+    "mamba": lambda: MambaForCausalLM(MambaConfig(**SSM, time_step_rank=4)),
+    "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**SSM, num_heads=4, head_dim=16, n_groups=1, chunk_size=16)),
+}
+
+
+def perturb(model):
+    """Move every weight off its init (norms, D, biases) so a wrong mapping cannot hide; sharpen routers."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_every_converter_is_tested():
+    assert sorted(TINY) == sorted(CONVERTERS)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_convert_cli_logits_match(tmp_path, model_type, capsys):
+    torch.manual_seed(0)
+    hf = perturb(TINY[model_type]())
+    assert hf.config.model_type == model_type
+    hf.save_pretrained(tmp_path / "hf")
+    byte_tokenizer().save_pretrained(tmp_path / "hf")
+    assert main([str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo")
+    assert isinstance(converted, zoo.ZooForCausalLM)
+    assert (tmp_path / "zoo" / "tokenizer.json").is_file()
+    x = torch.randint(0, 259, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_convert_cli_errors_name_the_problem(tmp_path, capsys):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    MistralForCausalLM(MistralConfig(**ATTN, sliding_window=16)).save_pretrained(tmp_path / "sliding")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main([str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo.convert: error:") and "model_type 'gpt2' has no zoo converter" in err and "mamba2" in err
+    assert main([str(tmp_path / "sliding"), str(tmp_path / "out")]) == 2
+    assert "sliding-window attention is not supported" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err

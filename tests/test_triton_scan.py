@@ -1,0 +1,253 @@
+"""Triton selective scan (Mamba-1) and SSD (Mamba-2) kernels against the fp64 naive references, forward and backward.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported), so the shapes are tiny; the GPU tests at the end use real shapes.
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_naive, selective_scan_triton  # noqa: E402
+from zoo.kernels.selective_scan.triton_scan import _selective_scan_fwd_kernel  # noqa: E402
+from zoo.kernels.ssd import ssd_chunked, ssd_naive, ssd_triton  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+INTERPRETED = isinstance(_selective_scan_fwd_kernel, InterpretedFunction)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not INTERPRETED:
+    pytest.skip(
+        f"triton was imported before TRITON_INTERPRET=1 (now {os.environ.get('TRITON_INTERPRET')!r}): CPU kernels cannot run",
+        allow_module_level=True,
+    )
+
+# max |error| / max |reference| per input dtype (outputs and gradients are rounded to the input dtype)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def assert_close(actual, expected, dtype, what, tol_scale=1.0):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().clamp_min(1e-6).item()
+    assert err <= TOLERANCE[dtype] * tol_scale * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def run_with_grads(fn, inputs, seed=1):
+    """Call ``fn``, back-propagate fixed random cotangents through output and final state, return all of them."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
+    y, h = fn(**{**inputs, **leaves})
+    gen = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=gen).to(y.device)
+    gh = torch.randn(h.shape, generator=gen).to(h.device)
+    ((y.double() * gy).sum() + (h.double() * gh).sum()).backward()
+    return y, h, {k: v.grad for k, v in leaves.items()}
+
+
+def check_against_reference(fn, ref_fn, inputs, dtype, tol_scale=1.0):
+    """Kernel on ``inputs`` in ``dtype`` vs the reference in fp64 on the same (rounded) values."""
+    low = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    ref_inputs = {k: v.to(dtype).double() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    y, h, grads = run_with_grads(fn, low)
+    y_ref, h_ref, grads_ref = run_with_grads(ref_fn, ref_inputs)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "y", tol_scale)
+    assert_close(h, h_ref, dtype, "final state", tol_scale)
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient for {name}"
+        assert grad.dtype == dtype and grad.shape == inputs[name].shape, name
+        assert_close(grad, grads_ref[name], dtype, f"d{name}", tol_scale)
+
+
+# ---------------------------------------------------------------- Mamba-1 selective scan
+
+
+def mamba_inputs(batch, T, dim, n, device=DEVICE, full=True):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    inputs = {
+        "u": r(batch, T, dim),
+        "delta": r(batch, T, dim) * 0.5 - 1.0,
+        "A": -torch.exp(r(dim, n) * 0.5),
+        "B": r(batch, T, n),
+        "C": r(batch, T, n),
+    }
+    if full:
+        inputs |= {"D": r(dim), "z": r(batch, T, dim), "delta_bias": r(dim) * 0.3, "initial_state": r(batch, dim, n)}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def mamba_reference(chunk_size=None, **kw):
+    return selective_scan_naive(**kw)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65])
+def test_selective_scan_triton_matches_naive_fp32(T):
+    """d_inner 24 and N 12 are not powers of two; checkpoints every 16 steps leave a partial tail chunk."""
+    inputs = mamba_inputs(1, T, 24, 12) | {"chunk_size": 16}
+    check_against_reference(selective_scan_triton, mamba_reference, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selective_scan_triton_low_precision(dtype):
+    inputs = mamba_inputs(1, 33, 24, 12) | {"chunk_size": 8}
+    check_against_reference(selective_scan_triton, mamba_reference, inputs, dtype)
+
+
+def test_selective_scan_triton_non_contiguous_without_options():
+    """Strided views, no D / z / bias / initial state, no softplus; N 16 splits d_inner 80 into blocks 32 + 32 + 16."""
+    base = mamba_inputs(2, 10, 80, 16, full=False)
+    inputs = {
+        "u": base["u"].transpose(0, 1).contiguous().transpose(0, 1),
+        "delta": F.softplus(base["delta"]).transpose(1, 2).contiguous().transpose(1, 2),
+        "A": base["A"].t().contiguous().t(),
+        "B": base["B"].transpose(1, 2).contiguous().transpose(1, 2),
+        "C": base["C"],
+        "delta_softplus": False,
+    }
+    assert not inputs["u"].is_contiguous() and not inputs["A"].is_contiguous() and not inputs["B"].is_contiguous()
+    check_against_reference(selective_scan_triton, mamba_reference, inputs, torch.float32)
+
+
+def test_selective_scan_triton_state_carries_across_calls():
+    full = mamba_inputs(1, 20, 8, 4)
+    y_full, h_full = selective_scan_triton(**full)
+    first = {k: (v[:, :12] if v.dim() == 3 and v.shape[1] == 20 else v) for k, v in full.items()}
+    second = {k: (v[:, 12:] if v.dim() == 3 and v.shape[1] == 20 else v) for k, v in full.items()}
+    y1, h1 = selective_scan_triton(**first)
+    y2, h2 = selective_scan_triton(**{**second, "initial_state": h1})
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, h_full, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_triton_checks_inputs():
+    inputs = mamba_inputs(1, 4, 8, 4)
+    with pytest.raises(ValueError, match=r"selective_scan_triton: B must be \[B, T, N\] = \[1, 4, 4\], got \[1, 4, 3\]"):
+        selective_scan_triton(**{**inputs, "B": inputs["B"][..., :3]})
+    with pytest.raises(ValueError, match="selective_scan_triton: inputs must be float32, bfloat16 or float16"):
+        selective_scan_triton(**{k: v.double() for k, v in inputs.items()})
+
+
+# ---------------------------------------------------------------- Mamba-2 SSD
+
+
+def ssd_inputs(batch, T, heads, groups, p, n, device=DEVICE, full=True):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    inputs = {
+        "x": r(batch, T, heads, p),
+        "dt": r(batch, T, heads) - 1.0,
+        "A": -torch.exp(r(heads) * 0.5),
+        "B": r(batch, T, groups, n),
+        "C": r(batch, T, groups, n),
+    }
+    if full:
+        inputs |= {"D": r(heads), "dt_bias": r(heads) * 0.3, "initial_state": r(batch, heads, p, n)}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def ssd_reference(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, float("inf")), initial_state=None, chunk_size=64):
+    """``ssd_scan``'s dt preprocessing, then the naive recurrence."""
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return ssd_naive(x, dt.clamp(*dt_limit), A, B, C, D, initial_state)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+def test_ssd_triton_matches_naive_fp32(T):
+    """Chunks of 16 (partial tail chunk); head dim 24 and N 12 are not powers of two; dt_limit clamps some steps."""
+    inputs = ssd_inputs(1, T, 1, 1, 24, 12) | {"chunk_size": 16, "dt_limit": (0.05, 0.6)}
+    check_against_reference(ssd_triton, ssd_reference, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ssd_triton_low_precision(dtype):
+    inputs = ssd_inputs(1, 33, 1, 1, 24, 12) | {"chunk_size": 8}
+    check_against_reference(ssd_triton, ssd_reference, inputs, dtype)
+
+
+def test_ssd_triton_non_contiguous_groups_and_channel_blocks():
+    """Strided views, 4 heads in 2 groups, no D / bias / initial state, no softplus; N 128 splits P 24 into 16 + 8."""
+    base = ssd_inputs(1, 6, 4, 2, 24, 128, full=False)
+    inputs = {
+        "x": base["x"].transpose(2, 3).contiguous().transpose(2, 3),
+        "dt": F.softplus(base["dt"]).transpose(1, 2).contiguous().transpose(1, 2),
+        "A": base["A"],
+        "B": base["B"].transpose(0, 1).contiguous().transpose(0, 1),
+        "C": base["C"],
+        "dt_softplus": False,
+        "chunk_size": 4,
+    }
+    assert not inputs["x"].is_contiguous() and not inputs["dt"].is_contiguous()
+    check_against_reference(ssd_triton, ssd_reference, inputs, torch.float32)
+
+
+def test_ssd_triton_checks_inputs():
+    inputs = ssd_inputs(1, 4, 4, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"ssd_triton: B must be \[B, T, G, N\] with G dividing H=4"):
+        ssd_triton(**{**inputs, "B": inputs["B"][:, :, :1].expand(1, 4, 3, 4)})
+    with pytest.raises(ValueError, match="ssd_triton: inputs must be float32, bfloat16 or float16"):
+        ssd_triton(**{k: v.double() for k, v in inputs.items()})
+
+
+# ---------------------------------------------------------------- GPU: real shapes, long sequences
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1000, 4097])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
+def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
+    inputs = mamba_inputs(2, T, 512, 16, device="cuda")
+    check_against_reference(selective_scan_triton, lambda chunk_size=None, **kw: selective_scan_chunked(**kw), inputs, dtype, tol_scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1000, 4097])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
+def test_ssd_triton_gpu_matches_chunked(T, dtype):
+    inputs = ssd_inputs(2, T, 8, 2, 64, 128, device="cuda") | {"dt_limit": (0.0, 2.0)}
+
+    def chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), initial_state=None):
+        return ssd_chunked(x, F.softplus(dt + dt_bias).clamp(*dt_limit), A, B, C, D, initial_state)
+
+    check_against_reference(ssd_triton, chunked, inputs, dtype, tol_scale=10.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
+def test_triton_scans_bf16_long_sequence_finite():
+    """T = 65536 in bf16 with decays near 0 (large dt) and near 1 (tiny dt): outputs, states and grads finite."""
+    T = 65536
+    m = mamba_inputs(1, T, 64, 16, device="cuda")
+    m["delta"] = torch.where(torch.rand_like(m["delta"]) < 0.5, torch.full_like(m["delta"], 8.0), torch.full_like(m["delta"], -12.0))
+    y, h, grads = run_with_grads(selective_scan_triton, {k: v.bfloat16() for k, v in m.items()})
+    s = ssd_inputs(1, T, 4, 1, 64, 128, device="cuda")
+    s["dt"] = torch.where(torch.rand_like(s["dt"]) < 0.5, torch.full_like(s["dt"], 8.0), torch.full_like(s["dt"], -12.0))
+    y2, h2, grads2 = run_with_grads(ssd_triton, {k: v.bfloat16() for k, v in s.items()})
+    for name, t in {"y": y, "h": h, "y_ssd": y2, "h_ssd": h2, **grads, **{f"ssd_{k}": v for k, v in grads2.items()}}.items():
+        assert torch.isfinite(t.float()).all(), f"{name} has non-finite values"
+
+
+# ---------------------------------------------------------------- benchmark script
+
+
+def test_kernel_benchmark_smoke_writes_results(tmp_path, capsys):
+    from benchmarks import kernels
+
+    if DEVICE == "cpu":
+        with pytest.raises(SystemExit) as exit_info:
+            kernels.main(["--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert "kernels: error: the benchmark shapes need a CUDA GPU" in capsys.readouterr().err
+    report = kernels.main(["--smoke", "--ops", "selective_scan", "--out", str(tmp_path)])
+    runs = report["ops"]["selective_scan"]["runs"]
+    assert {r["impl"] for r in runs} >= {"zoo triton", "zoo chunked torch"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
+    assert json.loads((tmp_path / "kernels-smoke.json").read_text())["ops"]["selective_scan"]["runs"] == runs
+    assert "| zoo triton |" in (tmp_path / "kernels-smoke.md").read_text()

@@ -1,0 +1,260 @@
+"""``python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N]``
+
+Trains the same recipe once per block type (every layer that block; FFN, data, optimizer and schedule unchanged),
+each at the width whose parameter count is closest to the recipe's own (or to ``--params N``): ``d_model`` runs over
+multiples of 8 up to 4x the recipe's, and widths the block's config rejects (head sizes) are skipped.
+Writes ``<output_dir>/ablation.{md,csv}`` (one row per block) and each run under ``<output_dir>/<block>/``.
+A block whose run fails gets a row with its error; the others still run.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.config import ModelConfig, Recipe, load_recipe
+from zoo.errors import ConfigError, ZooError
+from zoo.layers import MIXERS
+
+USAGE = "usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N]"
+WIDTH_STEP = 8
+COLUMNS = [
+    "block", "d_model", "parameters", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "peak_memory_mb",
+    "state_per_token", "state_fixed", "error",
+]
+
+
+@dataclass
+class AblationArgs:
+    recipe: str
+    blocks: list[str]
+    overrides: list[str]
+    target_params: int | None
+
+
+def parse_args(argv: list[str]) -> AblationArgs:
+    recipe, blocks, overrides, target = None, None, [], None
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--params"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not value.isdigit():
+                raise ZooError(f"--params takes a whole number of parameters, got {value!r}\n{USAGE}")
+            target = int(value)
+        elif arg.startswith("-"):
+            raise ZooError(f"unknown flag '{arg}'\n{USAGE}")
+        elif arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        elif arg.startswith("blocks="):
+            parsed = yaml.safe_load(arg.split("=", 1)[1])
+            blocks = parsed if isinstance(parsed, list) else [parsed]
+        else:
+            overrides.append(arg)
+    if not recipe:
+        raise ZooError(f"no recipe given\n{USAGE}")
+    if not blocks:
+        raise ZooError(f"no blocks given\n{USAGE}")
+    for i, name in enumerate(blocks):
+        MIXERS.get(str(name), f"blocks[{i}]")
+    return AblationArgs(recipe, [str(b) for b in blocks], overrides, target)
+
+
+def model_stats(model_cfg: ModelConfig) -> dict[str, int]:
+    """Parameter count and per-sequence state sizes (summed over layers) of the model, built on the meta device."""
+    import torch
+
+    from zoo.modeling import ZooConfig, ZooForCausalLM
+
+    with torch.device("meta"):
+        model = ZooForCausalLM(ZooConfig.from_model_config(model_cfg))
+    mixers = [layer.mixer for layer in model.model.layers]
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "state_per_token": sum(m.state_size_per_token() for m in mixers),
+        "state_fixed": sum(m.state_size() for m in mixers),
+    }
+
+
+def with_block(model_cfg: ModelConfig, block: str, d_model: int) -> ModelConfig:
+    """``model_cfg`` with every layer ``block`` at width ``d_model`` (other blocks' sections dropped, FFNs kept)."""
+    tree = model_cfg.to_dict()
+    for name in MIXERS.names():
+        if name != block:
+            tree.pop(name, None)
+    tree.update(blocks=[block], d_model=d_model)
+    return ModelConfig.from_dict(tree)
+
+
+def matched_width(model_cfg: ModelConfig, block: str, target: int) -> tuple[ModelConfig, dict[str, int]]:
+    """The valid width whose parameter count is closest to ``target``, and that model's stats."""
+    best = None
+    first_error = None
+    for d_model in range(WIDTH_STEP, 4 * model_cfg.d_model + 1, WIDTH_STEP):
+        try:
+            candidate = with_block(model_cfg, block, d_model)
+        except ConfigError as err:
+            first_error = first_error or err
+            continue
+        stats = model_stats(candidate)
+        gap = abs(stats["parameters"] - target)
+        if best is None or gap < best[0]:
+            best = (gap, candidate, stats)
+        if stats["parameters"] >= target:
+            break  # parameters grow with the width: wider ones are further away
+    if best is None:
+        raise ConfigError("model.d_model", f"no width up to {4 * model_cfg.d_model} is valid for block '{block}': {first_error}")
+    return best[1], best[2]
+
+
+class PeakMemory:
+    """Peak memory of a run: CUDA's max allocated bytes, or on CPU the peak resident-set growth over the start,
+    sampled every 20 ms from /proc/self/statm (None where that file does not exist)."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self._stop = threading.Event()
+        self._peak = self._start = 0
+
+    @staticmethod
+    def _rss() -> int | None:
+        import os
+
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self._rss() or 0)
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._start = self._peak = self._rss() or 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.cuda:
+            self._stop.set()
+            self._thread.join()
+
+    def megabytes(self) -> float | None:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if not self._start:
+            return None
+        return (self._peak - self._start) / 2**20
+
+
+def vocab_size(recipe: Recipe) -> int:
+    from zoo.data import ZooDataModule
+
+    return recipe.model.vocab_size or len(ZooDataModule(recipe.data, seed=recipe.seed).load_tokenizer())
+
+
+def training_tokens_per_s(metrics_csv: Path) -> float | None:
+    """Median of the logged training throughputs (metrics.csv leaves validation time out; the first row, which
+    holds the warm-up steps, is skipped when there are others)."""
+    with metrics_csv.open() as f:
+        rates = [float(r["tokens_per_s"]) for r in csv.DictReader(f) if r["tokens_per_s"]]
+    rates = sorted(rates[1:] if len(rates) > 1 else rates)
+    return rates[len(rates) // 2] if rates else None
+
+
+def run_block(base: Recipe, block: str, target: int, out: Path) -> dict[str, Any]:
+    """Train ``base`` with every layer ``block`` at the matched width; the table row (errors recorded, not raised)."""
+    from zoo.train import train
+
+    row: dict[str, Any] = {"block": block}
+    try:
+        model_cfg, stats = matched_width(base.model, block, target)
+        row.update(d_model=model_cfg.d_model, **stats)
+        recipe = Recipe.from_dict({**base.to_dict(), "model": model_cfg.to_dict(), "output_dir": str(out / block), "name": f"{base.name}-{block}"})
+        with PeakMemory() as memory:
+            summary = train(recipe)
+        row.update(
+            val_loss=summary["val_loss"], val_ppl=summary["val_ppl"], val_acc=summary.get("val_acc"),
+            tokens_per_s=training_tokens_per_s(out / block / "metrics.csv") or summary["tokens_per_s"],
+            peak_memory_mb=memory.megabytes(),
+        )
+    except Exception as err:  # noqa: BLE001 - one failing block must not stop the ablation
+        row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        print(f"zoo.ablate: {block} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    return row
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = [c for c in COLUMNS if any(row.get(c) is not None for row in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) -> list[dict[str, Any]]:
+    """Run the ablation; writes ``<output_dir>/ablation.{md,csv}`` and returns the rows."""
+    out = Path(base.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base.model.vocab_size = vocab_size(base)
+    target = target_params or model_stats(base.model)["parameters"]
+    rows = []
+    for block in blocks:
+        start = time.perf_counter()
+        rows.append(run_block(base, block, target, out))
+        print(f"zoo.ablate: {block} done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        with (out / "ablation.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({c: _cell(row.get(c)) for c in COLUMNS} for row in rows)
+        header = (
+            f"Ablation of recipe `{base.name}`: every layer one block type, width matched to {target:,} parameters; "
+            f"{base.trainer.max_steps} steps each. state_per_token / state_fixed: state elements per sequence "
+            "(summed over layers) that grow with each token / stay constant.\n\n"
+        )
+        (out / "ablation.md").write_text(header + markdown_table(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        args = parse_args(argv)
+        base = load_recipe(args.recipe, args.overrides)
+        rows = ablate(base, args.blocks, args.target_params)
+    except ZooError as err:
+        print(f"zoo.ablate: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows), end="")
+    print(f"zoo.ablate: table in {Path(base.output_dir) / 'ablation.md'} and ablation.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``python -m zoo.convert HF_DIR OUT_DIR``: turn a local Hugging Face checkpoint into a zoo checkpoint.
+
+Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, mamba, mamba2. OUT_DIR gets
+config.json (model_type "zoo"), model.safetensors, generation_config.json and the tokenizer files if HF_DIR has
+them; load it with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` after ``import zoo``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from zoo.convert.llama import from_llama
+from zoo.convert.mamba import from_mamba, from_mamba2
+from zoo.convert.mixtral import from_mixtral
+from zoo.errors import ZooError
+
+USAGE = "usage: python -m zoo.convert HF_DIR OUT_DIR"
+
+# config.model_type of the source checkpoint -> converter of its loaded HF model
+CONVERTERS = {
+    "llama": from_llama,
+    "mistral": from_llama,
+    "mixtral": from_mixtral,
+    "mamba": from_mamba,
+    "mamba2": from_mamba2,
+}
+
+
+def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert the HF checkpoint in ``hf_dir`` and save the zoo model (and tokenizer, if any) to ``out_dir``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ZooError(f"'{hf_dir}' is not a Hugging Face checkpoint directory (no config.json)")
+    model_type = AutoConfig.from_pretrained(hf_dir).model_type
+    converter = CONVERTERS.get(model_type)
+    if converter is None:
+        raise ZooError(f"{hf_dir}: model_type '{model_type}' has no zoo converter; supported: {', '.join(CONVERTERS)}")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
+    try:
+        model = converter(hf_model)
+    except (ValueError, KeyError) as err:
+        raise ZooError(f"{hf_dir}: cannot convert this {model_type} checkpoint: {err}") from None
+    if (hf_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(hf_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    if len(argv) != 2:
+        print(f"zoo.convert: error: expected HF_DIR and OUT_DIR\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        out = convert_checkpoint(*argv)
+    except ZooError as err:
+        print(f"zoo.convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"zoo.convert: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

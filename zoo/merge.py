@@ -1,0 +1,69 @@
+"""``python -m zoo.merge --base DIR --adapter DIR --out DIR``: fold a LoRA adapter into its base model.
+
+The base is a Hugging Face directory (``zoo.train``'s ``hf/`` or ``zoo.convert``'s output), the adapter a PEFT
+directory (``<output_dir>/adapter`` of a ``finetune:`` recipe). OUT gets a plain checkpoint (config.json,
+model.safetensors, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads without PEFT.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from zoo.errors import ZooError
+
+
+def merge_leftover_adapters(model):
+    """Merge and unwrap LoRA layers that ``merge_and_unload`` left in place.
+
+    peft 0.21 leaves the adapter of a module that sits inside a ``target_parameters`` wrapper (an MoE router
+    ``ffn.gate`` under the experts' ParamWrappers) unmerged, which would save ``gate.base_layer.weight`` and
+    ``lora_A/B`` keys a plain model cannot load.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                child.merge()
+                setattr(parent, name, child.get_base_layer())
+    return model
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Load base + adapter, merge the LoRA weights into the base weights and save the plain model to ``out_dir``."""
+    import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    if not (base_dir / "config.json").is_file():
+        raise ZooError(f"--base '{base_dir}' is not a Hugging Face checkpoint directory (no config.json)")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ZooError(f"--adapter '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    merged = merge_leftover_adapters(model.merge_and_unload())
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_dir
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zoo.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the base model's Hugging Face directory")
+    parser.add_argument("--adapter", required=True, help="the PEFT adapter directory")
+    parser.add_argument("--out", required=True, help="where to write the merged checkpoint")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = merge_adapter(args.base, args.adapter, args.out)
+    except ZooError as err:
+        print(f"zoo.merge: error: {err}", file=sys.stderr)
+        return 2
+    print(f"zoo.merge: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
