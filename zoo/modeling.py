@@ -255,20 +255,28 @@ class ZooMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     expert_load: torch.FloatTensor | None = None
 
 
-class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
+class ZooWithLMHead(ZooPreTrainedModel):
+    """A :class:`ZooModel` with a vocabulary head (tied to the embedding when the config says so); the causal and
+    the masked-diffusion models build on it."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
 
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         self.model = ZooModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+
+class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        self.post_init()
 
     def forward(
         self,
@@ -331,7 +339,7 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(torch.cat((angles.cos(), angles.sin()), dim=-1).to(self.mlp[0].weight.dtype))
 
 
-class ZooForMaskedLM(ZooPreTrainedModel):
+class ZooForMaskedLM(ZooWithLMHead):
     """A bidirectional :class:`ZooModel` with an LM head: the denoiser of masked (absorbing-state) diffusion.
 
     Built with ``config.bidirectional = True`` whatever block the layers use. With ``diffusion.time_conditioning``
@@ -339,21 +347,11 @@ class ZooForMaskedLM(ZooPreTrainedModel):
     conditioning, not per-layer adaLN). The training objective and the sampler live in :mod:`zoo.diffusion`.
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
-
     def __init__(self, config: ZooConfig):
         config.bidirectional = True
         super().__init__(config)
-        self.model = ZooModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.time_embed = TimestepEmbedding(config.d_model) if (config.diffusion or {}).get("time_conditioning") else None
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
