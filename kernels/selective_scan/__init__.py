@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_scan_shapes
 from .chunked import selective_scan_chunked
 from .mamba_ssm_backend import selective_scan_mamba_ssm
 from .naive import selective_scan_naive
@@ -40,24 +41,7 @@ def selective_scan(
     chunked one (few large operations); ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
     ``triton`` (zoo's kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
     """
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be [B, T, D], got {list(u.shape)}")
-    batch, T, dim = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"selective_scan: delta must match u {list(u.shape)}, got {list(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be [D={dim}, N], got {list(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, T, n):
-            raise ValueError(f"selective_scan: {name} must be [B, T, N] = {[batch, T, n]}, got {list(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (dim,):
-            raise ValueError(f"selective_scan: {name} must be [D={dim}], got {list(t.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan: z must match u {list(u.shape)}, got {list(z.shape)}")
-    if initial_state is not None and initial_state.shape != (batch, dim, n):
-        raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {[batch, dim, n]}, got {list(initial_state.shape)}")
+    check_scan_shapes("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     if backend == "triton":
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
     if backend == "mamba_ssm":

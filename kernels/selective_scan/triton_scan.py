@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .checks import check_scan_shapes
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -243,26 +245,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan_triton: u must be [B, T, D], got {list(u.shape)}")
-    batch, T, dim = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"selective_scan_triton: delta must match u {list(u.shape)}, got {list(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan_triton: A must be [D={dim}, N], got {list(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, T, n):
-            raise ValueError(f"selective_scan_triton: {name} must be [B, T, N] = {[batch, T, n]}, got {list(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (dim,):
-            raise ValueError(f"selective_scan_triton: {name} must be [D={dim}], got {list(t.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan_triton: z must match u {list(u.shape)}, got {list(z.shape)}")
-    if initial_state is not None and initial_state.shape != (batch, dim, n):
-        raise ValueError(
-            f"selective_scan_triton: initial_state must be [B, D, N] = {[batch, dim, n]}, got {list(initial_state.shape)}"
-        )
+    check_scan_shapes("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     for t in tensors:
         if t.dtype not in SUPPORTED_DTYPES:
