@@ -62,6 +62,21 @@ class AttentionState(NamedTuple):
     key_mask: torch.Tensor | None = None  # [B, S] bool; None: every slot is a real token
 
 
+class StaticAttentionState(NamedTuple):
+    """A preallocated KV cache for static decoding (:mod:`zoo.decoding`), the one state zoo updates in place.
+
+    New keys/values are written at slot ``length`` and the counters advance on the device, so a decode step has a
+    fixed shape, no host synchronization and no allocation: it can be captured in a CUDA graph and replayed.
+    Built from a prefilled :class:`AttentionState` by :meth:`Attention.static_state`.
+    """
+
+    k: torch.Tensor  # [B, H_kv, L, Dh], L = the longest sequence it can hold
+    v: torch.Tensor  # [B, H_kv, L, Dh]
+    key_mask: torch.Tensor  # [B, L] bool: True at slots holding a real token
+    length: torch.Tensor  # [] int64: the next free slot (shared by all rows)
+    positions: torch.Tensor  # [B] int64: each row's RoPE position of its next token (left padding skipped)
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -127,7 +142,24 @@ class Attention(SequenceMixer):
     def state_size_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
 
-    def mix(self, x: torch.Tensor, state: AttentionState | None):
+    def static_state(self, state: AttentionState | None, max_length: int) -> StaticAttentionState:
+        """``state`` (a prefilled KV cache, or None) copied into buffers holding ``max_length`` tokens."""
+        if state is None:
+            raise ValueError(f"attention block (layer {self.layer_idx}): static decoding starts from a prefilled state")
+        B, H, S, Dh = state.k.shape
+        if S > max_length:
+            raise ValueError(f"attention block (layer {self.layer_idx}): {S} cached tokens exceed max_length={max_length}")
+        k = state.k.new_zeros(B, H, max_length, Dh)
+        v = state.v.new_zeros(B, H, max_length, Dh)
+        k[:, :, :S], v[:, :, :S] = state.k, state.v
+        real = state.key_mask if state.key_mask is not None else state.k.new_ones(B, S, dtype=torch.bool)
+        key_mask = F.pad(real, (0, max_length - S), value=False)  # [B, L]
+        length = torch.tensor(S, dtype=torch.long, device=k.device)
+        return StaticAttentionState(k, v, key_mask, length, real.sum(-1).long())
+
+    def mix(self, x: torch.Tensor, state: AttentionState | StaticAttentionState | None):
+        if isinstance(state, StaticAttentionState):
+            return self._mix_static(x, state)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -154,6 +186,28 @@ class Attention(SequenceMixer):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y), AttentionState(k, v, key_mask)
 
+    def _mix_static(self, x: torch.Tensor, state: StaticAttentionState):
+        """Write this call's keys/values into the static cache at ``state.length`` (in place) and attend over it."""
+        B, T, _ = x.shape
+        L = state.k.shape[2]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        steps = torch.arange(T, device=x.device)
+        slots = state.length + steps  # [T]
+        cos, sin = rope_cos_sin(state.positions[:, None] + steps, self.head_dim, self.config.rope_theta)  # [B, T, Dh]
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        state.k.index_copy_(2, slots, k.to(state.k.dtype))
+        state.v.index_copy_(2, slots, v.to(state.v.dtype))
+        state.key_mask.index_fill_(1, slots, True)
+        visible = torch.arange(L, device=x.device)[None, :] <= slots[:, None]  # [T, L]
+        allowed = state.key_mask[:, None, None, :] & visible  # [B, 1, T, L]
+        y = self._attend_masked(q, state.k.to(q.dtype), state.v.to(q.dtype), allowed)  # [B, H, T, Dh]
+        state.length.add_(T)
+        state.positions.add_(T)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y), state
+
     def stack_row_states(self, states: list[AttentionState]) -> AttentionState:
         """Left-pad single-row KV caches of different lengths to the longest; ``key_mask`` marks the real slots."""
         length = max(s.k.shape[2] for s in states)
@@ -177,12 +231,7 @@ class Attention(SequenceMixer):
             allowed = key_mask[:, None, None, :]  # [B, 1, 1, S]
             if causal:
                 allowed = allowed & causal_mask(T, S, q.device)  # [B, 1, T, S]
-            if backend == "eager":
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
-                scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
-                return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.float()).to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads)
+            return self._attend_masked(q, k, v, allowed)
         if backend == "auto":
             use_flash = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             backend = "flash_attn" if use_flash else "sdpa"
@@ -210,3 +259,13 @@ class Attention(SequenceMixer):
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         mask = None if T == 1 else causal_mask(T, S, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention with an explicit boolean mask ``allowed`` (broadcast to ``[B, H, T, S]``; True = visible), through
+        SDPA (flash_attn_func takes no such mask) or the eager reference."""
+        if self.backend == "eager":
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
+            scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
+            return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads)

@@ -67,6 +67,14 @@ class SequenceMixer(nn.Module, abc.ABC):
         (attention's KV cache) override this to align rows of different lengths."""
         return cat_states(states)
 
+    def static_state(self, state: Any, max_length: int) -> Any:
+        """This block's prefilled ``state`` as buffers for static decoding (:mod:`zoo.decoding`), which copies each
+        step's new state into them. Constant-size states are cloned; blocks whose state grows with the tokens seen
+        (attention) override this with a preallocated state of ``max_length`` tokens."""
+        if state is None:
+            raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): static decoding starts from a prefilled state")
+        return map_state(state, torch.clone)
+
     def state_size_per_token(self) -> int:
         """Number of state elements this block keeps per sequence for each token seen (0 for constant-size state)."""
         return 0

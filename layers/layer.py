@@ -1,37 +1,110 @@
-"""One residual layer: pre-norm mixer + residual, then pre-norm FFN + residual."""
+"""One residual layer: pre-norm mixer + residual, then pre-norm FFN + residual; optionally adaLN-Zero conditioned (DiT)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
-from .base import SequenceMixer, cat_states
+from .base import SequenceMixer, cat_states, map_state
 from .norm import RMSNorm
+
+
+class Modulation(NamedTuple):
+    """adaLN parameters of one residual branch, each ``[B, 1, D]``."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+class AdaLNModulation(nn.Module):
+    """adaLN-Zero's projection ``Linear(SiLU(c))`` of a conditioning ``c [B, D]`` into ``n_outputs`` vectors
+    ``[B, 1, D]`` (shift, scale, gate per branch). Zero at init: every shift and scale is 0, every gate closed.
+
+    The weights are this module's own parameters (not a child ``nn.Linear``): Hugging Face's initialization only
+    calls ``init_parameters`` on modules that hold parameters themselves.
+    """
+
+    def __init__(self, d_model: int, n_outputs: int):
+        super().__init__()
+        self.d_model = d_model
+        self.n_outputs = n_outputs
+        self.weight = nn.Parameter(torch.zeros(n_outputs * d_model, d_model))
+        self.bias = nn.Parameter(torch.zeros(n_outputs * d_model))
+
+    def init_parameters(self) -> None:
+        init.zeros_(self.weight)
+        init.zeros_(self.bias)
+
+    def forward(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(F.silu(conditioning), self.weight, self.bias)[:, None, :].chunk(self.n_outputs, dim=-1)  # each [B, 1, D]
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, n_outputs={self.n_outputs}"
 
 
 class ResidualLayer(nn.Module):
     """The layer's state is the mixer's, or ``(mixer_state, ffn_state)`` when the FFN is stateful
-    (``ffn.stateful``: ``forward(x, state) -> (y, state)``, e.g. RWKV channel-mix's token shift)."""
+    (``ffn.stateful``: ``forward(x, state) -> (y, state)``, e.g. RWKV channel-mix's token shift).
 
-    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float):
+    ``conditioned``: adaLN-Zero (DiT, MDLM's time-conditioned DiT). A conditioning vector ``c [B, D]`` gives each
+    branch a shift, scale and gate, ``x + gate * branch(norm(x) * (1 + scale) + shift)``, from ``Linear(SiLU(c))``
+    initialized to zero (:class:`AdaLNModulation`), so every gate starts closed and the layer starts as the identity.
+    """
+
+    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False):
         super().__init__()
         self.mixer_norm = RMSNorm(d_model, norm_eps)
         self.mixer = mixer
         self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
         self.ffn = ffn
         self.ffn_stateful = bool(getattr(ffn, "stateful", False))
+        self.n_branches = 1 if ffn is None else 2
+        self.modulation = AdaLNModulation(d_model, 3 * self.n_branches) if conditioned else None
 
-    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def _modulations(self, conditioning: torch.Tensor | None) -> tuple[Modulation | None, Modulation | None]:
+        """``(mixer branch, FFN branch)`` adaLN parameters from ``conditioning [B, D]``; ``None`` when unconditioned."""
+        layer = f"ResidualLayer (layer {self.mixer.layer_idx})"
+        if self.modulation is None:
+            if conditioning is not None:
+                raise ValueError(f"{layer} is not conditioned (built with conditioned=False): pass conditioning=None")
+            return None, None
+        if conditioning is None:
+            raise ValueError(f"{layer} is adaLN-conditioned: pass conditioning [batch, {self.modulation.d_model}]")
+        params = self.modulation(conditioning)
+        return Modulation(*params[:3]), Modulation(*params[3:]) if self.ffn is not None else None
+
+    @staticmethod
+    def _branch_input(norm: RMSNorm, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
+        h = norm(x)
+        return h if mod is None else h * (1 + mod.scale) + mod.shift
+
+    @staticmethod
+    def _gated(h: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
+        return h if mod is None else mod.gate * h
+
+    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one."""
+        mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
-        h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
-        x = x + h
+        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state)
+        x = x + self._gated(h, mixer_mod)
         if self.ffn is None:
             return x, mixer_state
         if not self.ffn_stateful:
-            return x + self.ffn(self.ffn_norm(x)), mixer_state
-        h, ffn_state = self.ffn(self.ffn_norm(x), ffn_state)
-        return x + h, (mixer_state, ffn_state)
+            return x + self._gated(self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod)), ffn_mod), mixer_state
+        h, ffn_state = self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod), ffn_state)
+        return x + self._gated(h, ffn_mod), (mixer_state, ffn_state)
+
+    def static_state(self, state: Any, max_length: int) -> Any:
+        """The layer's prefilled state as static-decoding buffers (see :meth:`SequenceMixer.static_state`)."""
+        if not self.ffn_stateful:
+            return self.mixer.static_state(state, max_length)
+        mixer_state, ffn_state = state
+        return self.mixer.static_state(mixer_state, max_length), map_state(ffn_state, torch.clone)
 
     def stack_row_states(self, states: list[Any]) -> Any:
         """One batch state from single-row layer states (see :meth:`SequenceMixer.stack_row_states`)."""

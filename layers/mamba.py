@@ -128,10 +128,10 @@ class Mamba(SequenceMixer):
         conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d)  # [B, Di, T]
         u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # [B, T, Di]; its bias goes in before the softplus
+        delta = self.dt_proj(dt)  # [B, T, Di], bias included (a module call, so a LoRA adapter on dt_proj applies)
         A = -torch.exp(self.A_log.float())  # [Di, N]
         y, ssm = selective_scan(
-            u, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            u, delta, A, B, C, self.D, z=z, delta_softplus=True,
             initial_state=None if fresh else state.ssm,
             backend=scan_backend_for(self.backend),
         )

@@ -8,8 +8,10 @@ Parameters (names matter for PEFT targeting and converters):
 - ``shared`` (only with ``shared_experts > 0``): a :class:`~zoo.layers.ffn.SwiGLU` of hidden size
   ``shared_experts * H`` that every token goes through (the sum of that many always-on experts).
 
-After each forward the module keeps the router statistics of that call in ``last_stats`` (a :class:`RouterStats`);
-:class:`~zoo.modeling.ZooForCausalLM` takes them (``pop_stats``) to form the auxiliary losses.
+Each forward keeps its routing decisions until :meth:`MoE.pop_stats` turns everything since the last pop into one
+:class:`RouterStats` (the model does that after every forward to form the auxiliary losses). Pooling the calls makes
+a left-padded batch, whose rows the model runs one by one without their padding, count the same tokens as a padded
+batch with a ``token_mask``.
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ class MoE(nn.Module):
         self.shared = None
         if config.shared_experts:
             self.shared = SwiGLU(SwiGLUConfig(hidden_size=config.shared_experts * hidden), d_model, layer_idx)
-        self.last_stats: RouterStats | None = None
+        self.pending_routes: list[tuple[torch.Tensor, ...]] = []  # (logits, probs, top_idx, token mask) per call
 
     def init_parameters(self) -> None:
         for w in (self.w_gate, self.w_up, self.w_down):
@@ -160,10 +162,11 @@ class MoE(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]
         logits, probs, top_w, top_idx = self.route(h)
-        mask = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        load_balancing, z, load = router_losses(logits, probs, top_idx, mask)
-        weighted = self.config.aux_loss_coef * load_balancing + self.config.z_loss_coef * z
-        self.last_stats = RouterStats(logits, load_balancing, z, weighted, load)
+        if token_mask is None:
+            mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        else:
+            mask = token_mask.reshape(-1).to(device=h.device, dtype=torch.bool)  # [N]
+        self.pending_routes.append((logits, probs, top_idx, mask))
         if self.config.dispatch == "grouped":
             y = self._grouped(h, top_w, top_idx)
         else:
@@ -173,9 +176,19 @@ class MoE(nn.Module):
         return y.reshape(shape)
 
     def pop_stats(self) -> RouterStats | None:
-        """The last forward's router statistics, forgotten here (so no graph is kept alive by the module)."""
-        stats, self.last_stats = self.last_stats, None
-        return stats
+        """Router statistics over every forward since the last pop (None if there was none), then forgotten here
+        so that the module keeps no graph alive."""
+        if not self.pending_routes:
+            return None
+        logits, probs, top_idx, mask = (torch.cat(parts) for parts in zip(*self.pending_routes))
+        self.pending_routes = []
+        load_balancing, z, load = router_losses(logits, probs, top_idx, mask)
+        weighted = self.config.aux_loss_coef * load_balancing + self.config.z_loss_coef * z
+        return RouterStats(logits, load_balancing, z, weighted, load)
+
+    def discard_stats(self) -> None:
+        """Forget the pending routing decisions without computing losses (decoding loops)."""
+        self.pending_routes = []
 
     def _grouped(self, h: torch.Tensor, top_w: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         n, k = top_idx.shape

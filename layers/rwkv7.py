@@ -1,12 +1,26 @@
 """RWKV-7 "Goose" time mixing (Peng et al. 2025, arXiv:2503.14456, Sec. 4), following the RWKV-LM x070 code.
 
-Token shift with static per-channel interpolation, data-dependent decay ``w_t = exp(-e^{-0.5} sigmoid(d_t))`` (in
-[0.545, 1]), in-context learning rate ``alpha_t = sigmoid(LoRA)``, normalized removal key ``kappa_hat``, the generalized
-delta rule state update ``S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t`` with ``a = -kappa_hat``,
-``b = kappa_hat * alpha``, per-head GroupNorm, the ``r_k`` bonus term and a low-rank sigmoid output gate.
+Equations of the paper (v1 numbering) and where they are in :meth:`RWKV7.mix`; the paper's in-context learning rate
+``a_t`` is ``alpha`` here and its replacement-rate booster ``alpha`` is ``k_a``:
 
-Not included: the cross-layer value residual (``v_first`` mixing of layer 0's values into later layers), which needs
-state shared between layers; every layer uses its own values.
+- Eq. 3, token shift ``x^s_t = lerp(x_t, x_{t-1}, mu_s)`` for s in r, w, k, v, a, g (``x_mix``);
+- Eq. 4, in-context learning rate ``a_t = sigmoid(loramlp_a(x^a_t))`` (``a0``, ``a1``, ``a2``);
+- Eq. 5, key ``k_t = x^k_t W_k``; Eq. 13, receptance ``r_t = x^r_t W_r``;
+- Eq. 6, removal key ``kappa_t = k_t * xi`` (``k_k``); Eq. 15, ``kappa_hat_t = kappa_t / ||kappa_t||`` per head;
+- Eq. 7, replacement key ``k~_t = k_t * lerp(1, a_t, alpha)`` (``k_a``);
+- Eqs. 11-12, decay ``d_t = loramlp_d(x^w_t)``, ``w_t = exp(-e^{-0.5} sigmoid(d_t))``, in [0.545, 1] (``w0``-``w2``);
+- Eq. 14, output gate ``g_t = loramlp_g(x^g_t)`` with a sigmoid inside (``g1``, ``g2``);
+- Eqs. 16-17, the state evolution ``wkv_t = wkv_{t-1} (diag(w_t) - kappa_hat_t^T (a_t * kappa_hat_t)) + v_t^T k~_t``,
+  passed to the kernel as ``a = -kappa_hat``, ``b = kappa_hat * a_t`` (reference: ``zoo.kernels.rwkv7.naive``);
+- Eq. 20, the bonus ``(r_t . (rho * k~_t)) v_t`` per head (``r_k``); Eq. 21, GroupNorm of the readout ``wkv_t r_t^T``
+  plus the bonus; Eq. 22, output ``(p_t * g_t) W_o``.
+
+Not included: Eqs. 8-10, the cross-layer value residual (``v_first`` mixing of layer 0's values into later layers),
+which needs state shared between layers; every layer uses its own values ``v_t = x^v_t W_v``.
+
+Where the numbers come from: the paper's text was not reachable from our machines; the numbering is the one annotated
+in public implementations written from the paper (two of them agree on Eq. 17), and each formula above was checked
+against the RWKV-LM x070 code, which this block matches.
 """
 from __future__ import annotations
 

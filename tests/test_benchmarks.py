@@ -38,3 +38,16 @@ def test_out_of_memory_is_recognized():
 
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_oom(ValueError("shape mismatch"))
+
+
+def test_decode_benchmark_smoke_reports_every_recipe_and_mode(tmp_path):
+    from benchmarks.decode import RECIPES, main as decode_main
+
+    assert decode_main(["--smoke", "--batches", "2", "--prompt", "6", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("decode_smoke-*.json")
+    report = json.loads(json_path.read_text())
+    assert report["meta"]["modes"] == ["generate", "static"] and report["meta"]["device"]
+    assert list(report["models"]) == RECIPES
+    for recipe, entry in report["models"].items():
+        for key in ("generate@2", "static@2"):
+            assert entry[key]["tokens_per_s"] > 0, (recipe, key, entry[key])

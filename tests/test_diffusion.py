@@ -18,12 +18,12 @@ from zoo.modeling import ZooConfig, ZooForCausalLM, ZooForMaskedLM
 MASK = 258
 
 
-def tiny_config(blocks=("attention",), **diffusion) -> ZooConfig:
+def tiny_config(blocks=("attention",), ffn="none", **diffusion) -> ZooConfig:
     module_args = {"attention": {"n_heads": 2}, "mamba": {"d_state": 4, "expand": 1}, "lstm": {"hidden_size": 16}}
     settings = to_dict(DiffusionConfig(**diffusion))
     settings["sampling"]["context_length"] = 16
     return ZooConfig(
-        d_model=16, n_layers=2, blocks=list(blocks), ffn="none", vocab_size=259,
+        d_model=16, n_layers=2, blocks=list(blocks), ffn=ffn, vocab_size=259,
         module_args={b: module_args[b] for b in blocks}, mask_token_id=MASK, diffusion=settings,
     )
 
@@ -152,14 +152,22 @@ def test_semi_autoregressive_blocks_extend_past_the_context():
 def test_hf_round_trip_and_sample_text(tmp_path):
     torch.manual_seed(0)
     model = ZooForMaskedLM(tiny_config(("mamba",), time_conditioning=True)).eval()
+    with torch.no_grad():
+        for modulation in adaln_modulations(model):
+            torch.nn.init.normal_(modulation.weight, std=0.3)  # trained-like adaLN weights: zero-init must not hide them
     tok = byte_tokenizer()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is ZooForMaskedLM and loaded.config.bidirectional and loaded.time_embed is not None
+    for saved, restored in zip(adaln_modulations(model), adaln_modulations(loaded), strict=True):
+        torch.testing.assert_close(restored.weight, saved.weight, atol=0, rtol=0)
     x = torch.randint(0, 256, (2, 9))
     t = torch.tensor([0.3, 0.7])
-    torch.testing.assert_close(loaded(input_ids=x, timesteps=t).logits, model(input_ids=x, timesteps=t).logits)
+    with torch.no_grad():
+        logits = loaded(input_ids=x, timesteps=t).logits
+        torch.testing.assert_close(logits, model(input_ids=x, timesteps=t).logits)
+        assert (logits - loaded(input_ids=x, timesteps=t.flip(0)).logits).abs().max() > 1e-3
     with pytest.raises(ValueError, match="timesteps"):
         loaded(input_ids=x)
     texts = sample_text(loaded, AutoTokenizer.from_pretrained(tmp_path), ["def f(", "x"], steps=4, length=6, seed=0)
@@ -200,3 +208,116 @@ def test_tiny_diffusion_training_writes_metrics_and_exports(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("import ")
     assert main([str(tmp_path / "run"), "--prompt", "x", "--greedy"]) == 2
     assert "--greedy is not supported" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Time conditioning: adaLN-Zero in every layer and on the final norm
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def adaln_modulations(model: ZooForMaskedLM) -> list[torch.nn.Module]:
+    """Every layer's modulation, then the final norm's."""
+    return [layer.modulation for layer in model.model.layers] + [model.model.final_modulation]
+
+
+def denoise_logits(model, x, t):
+    with torch.no_grad():
+        return model(input_ids=x, timesteps=torch.tensor(t)).logits
+
+
+@pytest.mark.parametrize("ffn", ["none", "swiglu"])
+def test_adaln_zero_starts_time_independent_then_conditions_each_row_on_its_own_time(ffn):
+    torch.manual_seed(0)
+    model = ZooForMaskedLM(tiny_config(ffn=ffn, time_conditioning=True)).eval()
+    n_branches = 1 if ffn == "none" else 2
+    assert [tuple(m.weight.shape) for m in adaln_modulations(model)] == [(3 * n_branches * 16, 16)] * 2 + [(2 * 16, 16)]
+    assert all(not m.weight.any() and not m.bias.any() for m in adaln_modulations(model))  # zero after post_init
+    x = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(denoise_logits(model, x, [0.1, 0.2]), denoise_logits(model, x, [0.9, 0.6]), atol=0, rtol=0)
+    with torch.no_grad():
+        for modulation in adaln_modulations(model):
+            torch.nn.init.normal_(modulation.weight)
+    both = denoise_logits(model, x, [0.1, 0.9])
+    assert (both - denoise_logits(model, x, [0.9, 0.1])).abs().amax((1, 2)).min() > 1e-3  # every row depends on t
+    rows = torch.cat((denoise_logits(model, x[:1], [0.1]), denoise_logits(model, x[1:], [0.9])))
+    torch.testing.assert_close(both, rows, atol=1e-5, rtol=1e-5)  # each row follows its own t
+    # A left-padded row runs alone with its own conditioning: its tokens' logits match the unpadded call.
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask, timesteps=torch.tensor([0.1, 0.9])).logits
+    torch.testing.assert_close(padded[0, 3:], denoise_logits(model, x[:1, 3:], [0.1])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], both[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])  # layer 0, layer 1, the final norm
+def test_every_layer_and_the_final_norm_have_their_own_modulation(which):
+    torch.manual_seed(0)
+    model = ZooForMaskedLM(tiny_config(("mamba",), ffn="swiglu", time_conditioning=True)).eval()
+    modulations = adaln_modulations(model)
+    assert len({id(m.weight) for m in modulations}) == 3
+    with torch.no_grad():
+        torch.nn.init.normal_(modulations[which].weight)
+    x = torch.randint(0, 256, (1, 8))
+    # Exactly equal before the perturbation (see above); a freshly initialized layer's branch is small, so is the change.
+    assert (denoise_logits(model, x, [0.1]) - denoise_logits(model, x, [0.9])).abs().max() > 1e-6
+
+
+def test_conditioning_errors_name_the_layer_and_the_expected_shape():
+    from zoo.layers import ResidualLayer
+    from zoo.layers.attention import Attention, AttentionConfig
+
+    torch.manual_seed(0)
+    conditioned = ResidualLayer(Attention(AttentionConfig(n_heads=2), 16, 3), None, 16, 1e-5, conditioned=True)
+    plain = ResidualLayer(Attention(AttentionConfig(n_heads=2), 16, 3), None, 16, 1e-5)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"layer 3\).*adaLN-conditioned: pass conditioning \[batch, 16\]"):
+        conditioned(x)
+    with pytest.raises(ValueError, match=r"layer 3\) is not conditioned.*pass conditioning=None"):
+        plain(x, conditioning=torch.randn(2, 16))
+    model = ZooForMaskedLM(tiny_config(time_conditioning=True)).eval()
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match=r"conditioning: expected a floating-point tensor of shape \[2, 16\], got .* \[1, 16\]"):
+        model.model(input_ids=ids, conditioning=torch.randn(1, 16), use_cache=False)
+    with pytest.raises(ValueError, match=r"conditioning: this model is adaLN-conditioned.*\[2, 16\]"):
+        model.model(input_ids=ids, use_cache=False)
+    with pytest.raises(ValueError, match=r"timesteps: expected shape \[2\]"):
+        model(input_ids=ids, timesteps=torch.tensor(0.5))
+    unconditioned = ZooForMaskedLM(tiny_config()).eval()
+    assert unconditioned.model.final_modulation is None and all(layer.modulation is None for layer in unconditioned.model.layers)
+    with pytest.raises(ValueError, match=r"conditioning: this model is not conditioned"):
+        unconditioned.model(input_ids=ids, conditioning=torch.randn(2, 16), use_cache=False)
+
+
+def test_moe_denoiser_training_step_adds_router_loss_and_takes_the_stats():
+    import lightning as L
+
+    from zoo.diffusion import DiffusionLightningModule, nelbo_and_output
+    from zoo.layers import MoE
+    from zoo.modeling import ZooMoeMaskedLMOutput
+
+    overrides = [
+        "model.ffn=moe", "model.d_model=32", "model.n_layers=2", "model.vocab_size=259", "model.attention.n_heads=2",
+        "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=16",
+    ]
+    module = DiffusionLightningModule(load_recipe("diffusion_small", overrides), {"mask_token_id": MASK})
+    module.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    moes = [m for m in module.model.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2 and "train_aux_loss" in module.metric_columns()
+    batch = torch.randint(0, 256, (4, 17))
+    torch.manual_seed(1)
+    step = module.training_step(batch, 0)
+    assert all(m.pop_stats() is None for m in moes)  # taken by the model's forward
+    torch.manual_seed(1)  # replay the step's times and masks
+    x = batch[:, 1:]
+    times = sample_times(4, module.diffusion.t_min, module.diffusion.antithetic, device=x.device)
+    nelbo, out = nelbo_and_output(module.model, x, module.schedule, MASK, times)
+    assert isinstance(out, ZooMoeMaskedLMOutput) and out.router_loss > 0 and out.expert_load.shape == (2, 4)
+    torch.testing.assert_close(out.router_loss, torch.stack([0.01 * out.aux_loss + 0.001 * out.z_loss]).mean())
+    torch.testing.assert_close(logged["train_loss"], nelbo)  # train_loss: the NELBO alone
+    torch.testing.assert_close(step["loss"], nelbo + out.router_loss)
+    torch.testing.assert_close(logged["train_aux_loss"], out.aux_loss)
+    step["loss"].backward()
+    assert moes[0].gate.weight.grad.abs().sum() > 0

@@ -119,6 +119,8 @@ def test_generate_cli(tmp_path, capsys):
     assert generate_main([str(tmp_path / "run"), "--prompt", "ab", "--prompt", "hello", "--max-new-tokens", "4", "--greedy"]) == 0
     texts = [tok.decode(model.generate(tok(p, return_tensors="pt")["input_ids"], max_new_tokens=4, do_sample=False)[0], skip_special_tokens=True) for p in ("ab", "hello")]
     assert capsys.readouterr().out == "".join(f"{t}\n\n" for t in texts)
+    assert generate_main([str(tmp_path / "run"), "--prompt", "ab", "--prompt", "hello", "--max-new-tokens", "4", "--greedy", "--static"]) == 0
+    assert capsys.readouterr().out == "".join(f"{t}\n\n" for t in texts)  # static decoding: the same tokens
     sampled = [str(tmp_path / "run" / "hf"), "--prompt", "ab", "--max-new-tokens", "6", "--seed", "3", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.3"]
     assert generate_main(sampled) == 0 and generate_main(sampled) == 0
     first, again = capsys.readouterr().out.split("\n\n")[:2]

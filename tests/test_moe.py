@@ -133,7 +133,7 @@ def test_moe_records_stats_and_token_mask():
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     m(x, token_mask=mask)
     stats = m.pop_stats()
-    assert m.last_stats is None and stats.router_logits.shape == (10, 6)
+    assert not m.pending_routes and stats.router_logits.shape == (10, 6)
     logits = stats.router_logits
     lb, z, load = router_losses(logits, torch.softmax(logits, -1), torch.topk(logits, 2).indices, mask.reshape(-1))
     torch.testing.assert_close(stats.load_balancing_loss, lb)
@@ -265,7 +265,7 @@ def test_loss_includes_router_loss_and_backprops_to_router():
     assert out.router_logits is None and out.expert_load.shape == (1, 4)
     out.router_loss.backward()
     assert m.model.layers[0].ffn.gate.weight.grad.abs().sum() > 0
-    assert m.model.layers[0].ffn.last_stats is None  # taken by the model, no graph kept alive
+    assert not m.model.layers[0].ffn.pending_routes  # taken by the model, no graph kept alive
 
 
 def test_dense_model_output_is_unchanged():
@@ -293,3 +293,18 @@ def test_tiny_moe_training_logs_router_metrics(tmp_path):
         assert float(row["train_z_loss"]) > 0
         ratios = [float(row[f"moe/load_max_over_mean/layer{i}"]) for i in range(2)]
         assert 1 <= float(row["moe/load_max_over_mean"]) <= 4 and float(row["moe/load_max_over_mean"]) == pytest.approx(sum(ratios) / 2, abs=1e-5)
+
+
+def test_left_padded_batch_router_losses_count_every_rows_real_tokens():
+    """The model runs a left-padded batch row by row; the router losses must pool all rows' real tokens (not keep
+    only the last row's call) and never count padding."""
+    m = tiny_zoo_moe()
+    a, b = torch.randint(1, 50, (1, 5)), torch.randint(1, 50, (1, 3))
+    logits = torch.cat([m(row, output_router_logits=True).router_logits[0] for row in (a, b)])  # [8, E]: real tokens
+    lb, z, _ = router_losses(logits, torch.softmax(logits, -1), torch.topk(logits, 2).indices)
+    batch = torch.cat((a, torch.cat((torch.zeros(1, 2, dtype=torch.long), b), 1)))  # row 1 left-padded by 2
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    out = m(batch, attention_mask=mask, output_router_logits=True)
+    assert out.router_logits[0].shape == (8, 4)
+    torch.testing.assert_close(out.aux_loss, lb)
+    torch.testing.assert_close(out.z_loss, z)

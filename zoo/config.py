@@ -398,9 +398,7 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     target_parameters: list[str] = field(default_factory=list)
-    # Left out of target_modules: mamba's dt_proj is applied through its weight (its bias goes inside the scan), so an
-    # adapter there would never be used.
-    exclude_modules: list[str] = field(default_factory=lambda: ["dt_proj"])
+    exclude_modules: list[str] = field(default_factory=list)  # module-name suffixes left out of target_modules
 
     def __post_init__(self) -> None:
         if self.r < 1:

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
 
 from zoo.config import DiffusionConfig, DiffusionSamplingConfig, build, to_dict
 from zoo.errors import ZooError
@@ -79,11 +80,29 @@ def mask_tokens(x: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, protected:
     return torch.where(masked, torch.full_like(x, mask_id), x), masked
 
 
+def denoiser_output(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, ModelOutput]:
+    """The denoiser's fp32 logits ``[B, T, V]`` for ``z [B, T]`` at times ``t [B]``, the mask token made impossible,
+    and its whole output (MoE router losses)."""
+    out = model(input_ids=z, timesteps=t)
+    logits = out.logits.float()
+    logits[..., mask_id] = float("-inf")
+    return logits, out
+
+
 def denoiser_logits(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, mask_id: int) -> torch.Tensor:
     """The denoiser's fp32 logits ``[B, T, V]`` for ``z [B, T]`` at times ``t [B]``, the mask token made impossible."""
-    logits = model(input_ids=z, timesteps=t).logits.float()
-    logits[..., mask_id] = float("-inf")
-    return logits
+    return denoiser_output(model, z, t, mask_id)[0]
+
+
+def nelbo_and_output(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
+                     protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
+    """:func:`diffusion_nelbo` and the denoiser's output it came from (a training step adds its MoE router loss)."""
+    z, masked = mask_tokens(x, schedule.alpha(t), mask_id, protected, generator)
+    logits, out = denoiser_output(model, z, t, mask_id)
+    nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)  # [B, T]
+    weighted = schedule.loss_weight(t).float()[:, None] * torch.where(masked, nll, torch.zeros_like(nll))
+    n_tokens = x.numel() if protected is None else int((~protected).sum())
+    return weighted.sum() / max(n_tokens, 1), out
 
 
 def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
@@ -93,12 +112,7 @@ def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSche
     Only masked positions contribute, each with weight ``-alpha'_t / (1 - alpha_t)``; the sum is divided by the number
     of unprotected tokens, so it compares with a causal LM's mean cross-entropy on the same tokens.
     """
-    z, masked = mask_tokens(x, schedule.alpha(t), mask_id, protected, generator)
-    logits = denoiser_logits(model, z, t, mask_id)
-    nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)  # [B, T]
-    weighted = schedule.loss_weight(t).float()[:, None] * torch.where(masked, nll, torch.zeros_like(nll))
-    n_tokens = x.numel() if protected is None else int((~protected).sum())
-    return weighted.sum() / max(n_tokens, 1)
+    return nelbo_and_output(model, x, schedule, mask_id, t, protected, generator)[0]
 
 
 class DiffusionLightningModule(ZooLightningModule):
@@ -121,23 +135,27 @@ class DiffusionLightningModule(ZooLightningModule):
         return ZooForMaskedLM(config)
 
     def metric_columns(self) -> list[str]:
-        return []
+        return self.router_columns()
 
-    def _nelbo(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _nelbo(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
         if not isinstance(batch, torch.Tensor):
             raise ZooError("objective: diffusion trains on packed text windows; this data source yields (inputs, targets) pairs")
         x = batch[:, 1:]  # [B, T]: the tokens a causal model predicts from these windows
         t = sample_times(x.shape[0], self.diffusion.t_min, self.diffusion.antithetic, generator, x.device)
-        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator)
+        return nelbo_and_output(self.model, x, self.schedule, self.mask_id, t, generator=generator)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self._nelbo(batch)
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        loss, out = self._nelbo(batch)
         self.log("train_loss", loss, prog_bar=True)
-        return loss
+        if not self.moe_layers:
+            return loss
+        # MoE: optimize the NELBO + router losses; train_loss stays the NELBO, comparable with val_loss.
+        self.log_router_metrics(out)
+        return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         generator = torch.Generator(device=batch.device).manual_seed(self.recipe.seed * 100003 + batch_idx)
-        self.log("val_loss", self._nelbo(batch, generator), prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+        self.log("val_loss", self._nelbo(batch, generator)[0], prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------------------------

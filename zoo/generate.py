@@ -3,7 +3,9 @@
 CHECKPOINT is a Hugging Face directory written by ``zoo.train`` (``<output_dir>/hf``), or the run directory that
 holds it. Several prompts run as one left-padded batch. Options: ``--max-new-tokens N`` (default 64),
 ``--temperature T`` (default 1.0), ``--top-k K`` (default 50; 0 disables), ``--top-p P`` (default 1.0),
-``--greedy`` (argmax decoding; ignores the sampling options), ``--seed S`` (default 0).
+``--greedy`` (argmax decoding; ignores the sampling options), ``--seed S`` (default 0),
+``--static`` (decode from preallocated states with :class:`zoo.decoding.StaticDecoder`; same tokens),
+``--cuda-graph`` (``--static`` with every decode step replayed as a CUDA graph; CUDA only).
 Each prompt's text (prompt + continuation) is printed followed by a blank line.
 A masked-diffusion checkpoint (a ZooForMaskedLM: its config has ``diffusion`` settings) is sampled with
 ``zoo.diffusion.sample_text`` instead: ``--max-new-tokens`` new tokens, ``--diffusion-steps K`` denoising steps
@@ -41,15 +43,28 @@ def generate_causal(
     top_k: int = 50,
     top_p: float = 1.0,
     seed: int = 0,
+    static: bool = False,
+    cuda_graph: bool = False,
 ) -> list[str]:
-    """Continue each prompt with a causal LM (``model.generate`` over a ZooCache): prompt + continuation texts."""
+    """Continue each prompt with a causal LM: prompt + continuation texts. ``model.generate`` over a ZooCache, or
+    with ``static``/``cuda_graph`` a :class:`~zoo.decoding.StaticDecoder` (the same tokens for the same seed)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     sampling = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     torch.manual_seed(seed)
-    out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tokenizer.pad_token_id, **sampling
-    )
+    if static or cuda_graph:
+        from zoo.decoding import StaticDecoder
+
+        eos = model.generation_config.eos_token_id
+        decoder = StaticDecoder(model, batch["input_ids"].shape[1] + max_new_tokens, cuda_graph=cuda_graph)
+        out = decoder.generate(
+            batch["input_ids"], batch["attention_mask"], max_new_tokens, do_sample=not greedy,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+    else:
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
     new_tokens = out[:, batch["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
     return [p + tokenizer.decode(t, skip_special_tokens=True) for p, t in zip(prompts, new_tokens)]
 
@@ -65,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diffusion-steps", type=int, default=None, help="denoising steps (masked-diffusion checkpoints)")
+    parser.add_argument("--static", action="store_true", help="decode from preallocated states (zoo.decoding)")
+    parser.add_argument("--cuda-graph", action="store_true", help="--static, each decode step replayed as a CUDA graph")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -94,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.greedy:
                 raise ZooError("--greedy is not supported for masked-diffusion checkpoints; lower --temperature instead")
+            if args.static or args.cuda_graph:
+                raise ZooError("--static and --cuda-graph decode causal checkpoints; a masked-diffusion checkpoint samples with --diffusion-steps")
             model = AutoModelForMaskedLM.from_pretrained(path).to(args.device).eval()
             texts = sample_text(
                 model, tokenizer, args.prompt, steps=args.diffusion_steps, length=args.max_new_tokens,
@@ -104,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             texts = generate_causal(
                 model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                static=args.static, cuda_graph=args.cuda_graph,
             )
     except ZooError as err:
         print(f"zoo.generate: error: {err}", file=sys.stderr)

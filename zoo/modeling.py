@@ -16,6 +16,7 @@ from transformers.modeling_outputs import (
 from zoo.config import ModelConfig
 from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
 from zoo.layers.base import describe_backends
+from zoo.layers.layer import AdaLNModulation
 
 logger = logging.getLogger("zoo")
 
@@ -118,11 +119,16 @@ class ZooPreTrainedModel(PreTrainedModel):
 
 
 class ZooModel(ZooPreTrainedModel):
-    """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm."""
+    """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm.
+
+    With ``config.diffusion["time_conditioning"]`` every layer and the final norm are adaLN-Zero conditioned (DiT):
+    ``forward`` then takes ``conditioning [B, D]`` (a diffusion-time embedding), see :class:`ResidualLayer`.
+    """
 
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         spec = config.model_config()
+        self.conditioned = bool((config.diffusion or {}).get("time_conditioning"))
         self.embed = nn.Embedding(config.vocab_size, spec.d_model)
         layers = []
         for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
@@ -130,9 +136,11 @@ class ZooModel(ZooPreTrainedModel):
             build_mixer = mixer_cls.bidirectional if config.bidirectional else mixer_cls
             mixer = build_mixer(spec.args_for(block), spec.d_model, i)
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
-            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps))
+            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        # adaLN on the output: shift and scale after the final norm (DiT's final layer), zero at init.
+        self.final_modulation = AdaLNModulation(spec.d_model, 2) if self.conditioned else None
         logger.info(
             "zoo model: backends %s (auto = torch; triton on request)",
             describe_backends([layer.mixer for layer in self.layers]),
@@ -162,8 +170,10 @@ class ZooModel(ZooPreTrainedModel):
         past_key_values: ZooCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        conditioning: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -173,6 +183,7 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError(f"inputs_embeds: expected shape [batch, seq_len, {self.config.d_model}], got {list(inputs_embeds.shape)}")
         elif not inputs_embeds.is_floating_point():
             raise ValueError(f"inputs_embeds: expected a floating-point tensor, got {inputs_embeds.dtype}")
+        self._check_conditioning(conditioning, inputs_embeds.shape[0])
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = ZooCache(len(self.layers))
@@ -180,16 +191,31 @@ class ZooModel(ZooPreTrainedModel):
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
             n_pad = self._left_padding(attention_mask, inputs_embeds.shape[1], past_key_values)
         if n_pad is None:
-            hidden = self._run_layers(inputs_embeds, past_key_values)
+            hidden = self._run_layers(inputs_embeds, past_key_values, conditioning)
         else:
-            hidden = self._run_left_padded(inputs_embeds, n_pad, past_key_values)
+            hidden = self._run_left_padded(inputs_embeds, n_pad, past_key_values, conditioning)
         if past_key_values is not None:
             past_key_values.seen_tokens += hidden.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None)
+        hidden = self.norm(hidden)
+        if conditioning is not None:
+            shift, scale = self.final_modulation(conditioning)  # each [B, 1, D]
+            hidden = hidden * (1 + scale) + shift
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 
-    def _run_layers(self, hidden: torch.Tensor, cache: ZooCache | None) -> torch.Tensor:
+    def _check_conditioning(self, conditioning: torch.Tensor | None, batch_size: int) -> None:
+        if not self.conditioned:
+            if conditioning is not None:
+                raise ValueError("conditioning: this model is not conditioned (config.diffusion.time_conditioning is off); pass None")
+            return
+        expected = [batch_size, self.config.d_model]
+        if conditioning is None:
+            raise ValueError(f"conditioning: this model is adaLN-conditioned (config.diffusion.time_conditioning); pass a tensor of shape {expected}")
+        if list(conditioning.shape) != expected or not conditioning.is_floating_point():
+            raise ValueError(f"conditioning: expected a floating-point tensor of shape {expected}, got {conditioning.dtype} {list(conditioning.shape)}")
+
+    def _run_layers(self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None)
+            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None, conditioning)
             if cache is not None:
                 cache.states[i] = new_state
         return hidden
@@ -215,7 +241,9 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("attention_mask: a row has no tokens at all")
         return (~mask).sum(dim=1).tolist()
 
-    def _run_left_padded(self, hidden: torch.Tensor, n_pad: list[int], cache: ZooCache | None) -> torch.Tensor:
+    def _run_left_padded(
+        self, hidden: torch.Tensor, n_pad: list[int], cache: ZooCache | None, conditioning: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A left-padded batch without changing the block contract ``forward(x, state)``.
 
         Each row's real tokens (``hidden[b, n_pad[b]:]``) run alone from an empty state, so no block ever sees a
@@ -228,7 +256,8 @@ class ZooModel(ZooPreTrainedModel):
         rows, row_caches = [], []
         for b, pad in enumerate(n_pad):
             row_cache = ZooCache(len(self.layers)) if cache is not None else None
-            row = self._run_layers(hidden[b : b + 1, pad:], row_cache)  # [1, T - pad, D]
+            row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
+            row = self._run_layers(hidden[b : b + 1, pad:], row_cache, row_conditioning)  # [1, T - pad, D]
             rows.append(F.pad(row, (0, 0, pad, 0)))  # [1, T, D], zeros at the padding
             row_caches.append(row_cache)
         if cache is not None:
@@ -272,6 +301,24 @@ class ZooWithLMHead(ZooPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def _pop_router_losses(self) -> dict[str, Any] | None:
+        """The last forward's MoE router statistics, taken off the MoE FFNs (so no graph stays alive on them), as
+        ``router_loss``, ``aux_loss``, ``z_loss`` (per-layer losses averaged over the MoE layers), ``expert_load
+        [n_moe_layers, E]`` and ``router_logits`` (per layer); ``None`` for a model without MoE FFNs."""
+        # modules(), not layer.ffn: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
+        popped = [module.pop_stats() for module in self.model.layers.modules() if isinstance(module, MoE)]
+        stats = [s for s in popped if s is not None]
+        if not stats:
+            return None
+        # With one MoE layer, aux_loss equals HF Mixtral's aux_loss.
+        return {
+            "router_loss": torch.stack([s.weighted_loss for s in stats]).mean(),
+            "aux_loss": torch.stack([s.load_balancing_loss for s in stats]).mean(),
+            "z_loss": torch.stack([s.z_loss for s in stats]).mean(),
+            "expert_load": torch.stack([s.expert_load for s in stats]),
+            "router_logits": tuple(s.router_logits for s in stats),
+        }
+
 
 class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
     def __init__(self, config: ZooConfig):
@@ -306,22 +353,14 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
-        # modules(), not layer.ffn: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
-        stats = [module.pop_stats() for module in self.model.layers.modules() if isinstance(module, MoE)]
-        if not stats:
+        router = self._pop_router_losses()
+        if router is None:
             return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-        # Per-layer losses averaged over MoE layers: with one MoE layer, aux_loss equals HF Mixtral's aux_loss.
-        router_loss = torch.stack([s.weighted_loss for s in stats]).mean()
         if loss is not None:
-            loss = loss + router_loss.to(loss.device)
-        return ZooMoeCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values,
-            aux_loss=torch.stack([s.load_balancing_loss for s in stats]).mean(),
-            z_loss=torch.stack([s.z_loss for s in stats]).mean(),
-            router_loss=router_loss,
-            expert_load=torch.stack([s.expert_load for s in stats]),
-            router_logits=tuple(s.router_logits for s in stats) if output_router_logits else None,
-        )
+            loss = loss + router["router_loss"].to(loss.device)
+        if not output_router_logits:
+            router["router_logits"] = None
+        return ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, **router)
 
 
 class TimestepEmbedding(nn.Module):
@@ -339,12 +378,25 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(torch.cat((angles.cos(), angles.sin()), dim=-1).to(self.mlp[0].weight.dtype))
 
 
+@dataclass
+class ZooMoeMaskedLMOutput(MaskedLMOutput):
+    """A masked LM's output with MoE router losses, as in :class:`ZooMoeCausalLMOutputWithPast` (``loss`` includes
+    ``router_loss`` when labels are given)."""
+
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    expert_load: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
 class ZooForMaskedLM(ZooWithLMHead):
     """A bidirectional :class:`ZooModel` with an LM head: the denoiser of masked (absorbing-state) diffusion.
 
     Built with ``config.bidirectional = True`` whatever block the layers use. With ``diffusion.time_conditioning``
-    an embedding of the diffusion time ``timesteps [B]`` is added to every position's input embedding (an additive
-    conditioning, not per-layer adaLN). The training objective and the sampler live in :mod:`zoo.diffusion`.
+    the diffusion time ``timesteps [B]`` is embedded (:class:`TimestepEmbedding`) into ``c [B, D]``, which conditions
+    every layer and the final norm by adaLN-Zero (DiT, as MDLM's time-conditioned DiT; see :class:`ResidualLayer`).
+    The training objective and the sampler live in :mod:`zoo.diffusion`.
     """
 
     def __init__(self, config: ZooConfig):
@@ -360,18 +412,31 @@ class ZooForMaskedLM(ZooWithLMHead):
         inputs_embeds: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """Logits ``[B, T, V]`` for every position; ``labels`` (-100 ignored) give the plain masked-LM cross-entropy.
-        ``timesteps [B]`` is required when the model is time-conditioned and ignored otherwise."""
+        ``timesteps [B]`` is required when the model is time-conditioned and ignored otherwise. Models with ``moe``
+        FFNs return a :class:`ZooMoeMaskedLMOutput` (router losses; ``loss`` includes them; router logits on request)."""
+        conditioning = None
         if self.time_embed is not None:
             if timesteps is None:
                 raise ValueError("this ZooForMaskedLM is time-conditioned (diffusion.time_conditioning): pass timesteps [batch]")
-            if inputs_embeds is None:
-                self.model._check_input_ids(input_ids)
-                inputs_embeds, input_ids = self.model.embed(input_ids), None
-            inputs_embeds = inputs_embeds + self.time_embed(timesteps.to(inputs_embeds.device))[:, None, :]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False)
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if timesteps.dim() != 1 or timesteps.shape[0] != batch_size:
+                raise ValueError(f"timesteps: expected shape [{batch_size}] (one time per row), got {list(timesteps.shape)}")
+            conditioning = self.time_embed(timesteps.to(self.lm_head.weight.device))  # [B, D]
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
+            conditioning=conditioning,
+        )
         logits = self.lm_head(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        return MaskedLMOutput(loss=loss, logits=logits)
+        router = self._pop_router_losses()
+        if router is None:
+            return MaskedLMOutput(loss=loss, logits=logits)
+        if loss is not None:
+            loss = loss + router["router_loss"].to(loss.device)
+        if not output_router_logits:
+            router["router_logits"] = None
+        return ZooMoeMaskedLMOutput(loss=loss, logits=logits, **router)

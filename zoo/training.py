@@ -52,10 +52,14 @@ class ZooLightningModule(L.LightningModule):
 
     def metric_columns(self) -> list[str]:
         """Logged metrics beyond the standard ones that ``metrics.csv`` gets columns for (task accuracy, MoE router metrics)."""
+        return [*self.task_columns(), *self.router_columns()]
+
+    def router_columns(self) -> list[str]:
+        """MoE router metrics logged by :meth:`log_router_metrics`."""
         if not self.moe_layers:
-            return self.task_columns()
+            return []
         per_layer = [f"moe/load_max_over_mean/layer{i}" for i in self.moe_layers]
-        return [*self.task_columns(), "train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
+        return ["train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
 
     def task_columns(self) -> list[str]:
         """Synthetic tasks log the accuracy on answer positions."""
@@ -86,6 +90,11 @@ class ZooLightningModule(L.LightningModule):
         if not self.moe_layers:
             return loss
         # MoE: optimize LM + router losses; train_loss stays the LM loss, comparable with val_loss.
+        self.log_router_metrics(out)
+        return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
+
+    def log_router_metrics(self, out) -> None:
+        """Router losses and expert load balance of an MoE model's training output (``aux_loss``, ``z_loss``, ``expert_load``)."""
         self.log("train_aux_loss", out.aux_loss)
         self.log("train_z_loss", out.z_loss)
         if (self.trainer.global_step + 1) % self.recipe.trainer.log_every == 0:
@@ -94,7 +103,6 @@ class ZooLightningModule(L.LightningModule):
             self.log("moe/load_max_over_mean", ratio.mean())
             for i, r in zip(self.moe_layers, ratio):
                 self.log(f"moe/load_max_over_mean/layer{i}", r)
-        return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, out = self._lm_loss_and_output(batch)

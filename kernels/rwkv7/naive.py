@@ -10,7 +10,10 @@ Here the state is kept transposed, ``S [K, V]`` (like RWKV-6's), so the same upd
 
     S_t = diag(w_t) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t,      o_t = r_t S_t
 
-(Equation numbers are not quoted: the wording above follows the paper's text and the RWKV-LM x070 code.)
+This is the paper's Eq. 17, ``wkv_t = wkv_{t-1} (diag(w_t) - kappa_hat_t^T (a_t * kappa_hat_t)) + v_t^T k~_t``
+(the transition matrix in parentheses is its ``G_t``), with the readout ``o_t = wkv_t r_t^T`` of Eq. 21 before the
+GroupNorm. The paper calls the in-context learning rate ``a_t``; here ``a`` and ``b`` are the kernel's two rank-1
+vectors instead. Equation numbers as in arXiv:2503.14456 v1 (see ``zoo.layers.rwkv7`` for where they were read).
 """
 from __future__ import annotations
 

@@ -1,0 +1,177 @@
+"""Decode speed of every ``_small`` recipe's model: Hugging Face ``generate`` vs zoo's static decoding vs CUDA graphs.
+
+``python -m benchmarks.decode`` (CUDA: bf16 weights; CPU: fp32) or ``--smoke`` (the same recipes shrunk to d_model 64
+and 4 layers, CPU). For each recipe's model (random weights; the speed does not depend on them) and each batch size:
+a prompt of ``--prompt`` tokens is prefilled, then ``--new-tokens`` tokens are decoded greedily by
+
+- ``generate``: ``model.generate`` over a growing :class:`~zoo.modeling.ZooCache` (per-token times marked inside it);
+- ``static``: :class:`~zoo.decoding.StaticDecoder` steps (preallocated states, no host synchronization);
+- ``cuda_graph``: the same steps replayed as one CUDA graph (CUDA only).
+
+Decode tokens/s = batch / median step time. The three modes run in the same process, so their ratios compare.
+Writes ``benchmarks/results/decode[_smoke]-<device>.{json,md}`` with the device, versions and shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+
+from benchmarks.moe import device_name
+from benchmarks.throughput import StepClock, guarded, version_of
+from zoo.config import load_recipe
+from zoo.decoding import StaticDecoder
+from zoo.modeling import ZooConfig, ZooForCausalLM
+
+RECIPES = [
+    "transformer_small", "moe_small", "mamba_small", "mamba2_small", "rwkv6_small", "rwkv7_small", "retnet_small",
+    "lstm_small", "hybrid_small", "mamba_moe_small",
+]
+RESULTS = Path(__file__).parent / "results"
+SMOKE_OVERRIDES = ["model.d_model=64", "model.n_layers=4"]  # 64: RWKV head size; 4: tiles every block pattern
+
+
+def build_model(recipe: str, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ZooForCausalLM:
+    config = load_recipe(recipe, [*overrides, "model.vocab_size=259"]).model  # the byte tokenizer's vocabulary
+    model = ZooForCausalLM(ZooConfig.from_model_config(config)).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def time_generate(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Milliseconds of each decode step inside ``model.generate`` (the prefill interval dropped)."""
+    clock = StepClock(ids.device)
+    with torch.inference_mode():
+        clock.mark()
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=0, logits_processor=[clock],
+        )
+    return clock.intervals_ms()[1:]
+
+
+def time_static(model, ids: torch.Tensor, new_tokens: int, cuda_graph: bool) -> list[float]:
+    """Milliseconds of each :meth:`StaticDecoder.step` after the prefill (and the graph capture)."""
+    decoder = StaticDecoder(model, ids.shape[1] + new_tokens, cuda_graph=cuda_graph)
+    cuda = ids.device.type == "cuda"
+    with torch.inference_mode():
+        token = decoder.prefill(ids).argmax(-1)
+        times = []
+        for _ in range(new_tokens - 1):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                token = decoder.step(token).argmax(-1)
+                end.record()
+                times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                token = decoder.step(token).argmax(-1)
+                times.append((time.perf_counter() - t0) * 1e3)
+        if cuda:
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) for a, b in times]
+    return times
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int, mode: str, warmup: int) -> dict:
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=model.device)
+    run: Callable[[], list[float]] = {
+        "generate": lambda: time_generate(model, ids, new_tokens),
+        "static": lambda: time_static(model, ids, new_tokens, cuda_graph=False),
+        "cuda_graph": lambda: time_static(model, ids, new_tokens, cuda_graph=True),
+    }[mode]
+    for _ in range(warmup):
+        run()
+    per_token = median(run())
+    return {"ms_per_step": round(per_token, 4), "tokens_per_s": round(batch * 1e3 / per_token, 1)}
+
+
+def run(recipes: list[str], batches: list[int], prompt: int, new_tokens: int, device: torch.device, smoke: bool,
+        log: Callable[[str], None]) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    modes = ["generate", "static"] + (["cuda_graph"] if device.type == "cuda" else [])
+    results: dict[str, Any] = {}
+    for recipe in recipes:
+        torch.manual_seed(0)
+        model = build_model(recipe, SMOKE_OVERRIDES if smoke else [], device, dtype)
+        entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
+        for batch in batches:
+            for mode in modes:
+                cell = guarded(lambda: measure(model, batch, prompt, new_tokens, mode, warmup=0 if smoke else 1), device)
+                entry[f"{mode}@{batch}"] = cell
+                log(f"{recipe} batch={batch} {mode}: {cell}")
+        results[recipe] = entry
+        del model
+    return {
+        "meta": {
+            "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__, "triton": version_of("triton"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "smoke": smoke},
+            "modes": modes,
+        },
+        "models": results,
+    }
+
+
+def _cell(cell: Any) -> str:
+    if isinstance(cell, dict) and "tokens_per_s" in cell:
+        return f"{cell['tokens_per_s']:,.0f}"
+    return cell if isinstance(cell, str) else f"error: {cell.get('error', cell)}"[:80]
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    batches, modes = meta["shapes"]["batches"], meta["modes"]
+    columns = [f"{mode} b{b}" for b in batches for mode in modes]
+    lines = [
+        f"Decode tokens/s, greedy, prompt {meta['shapes']['prompt']}, {meta['shapes']['new_tokens']} new tokens; "
+        f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}",
+        "",
+        "| recipe | params | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for recipe, entry in report["models"].items():
+        cells = [_cell(entry[f"{mode}@{b}"]) for b in batches for mode in modes]
+        lines.append(f"| {recipe} | {entry['parameters'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="recipes shrunk to d_model 64, 4 layers, on CPU")
+    parser.add_argument("--recipes", help="comma-separated recipe names (default: every _small recipe)")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    recipes = args.recipes.split(",") if args.recipes else RECIPES
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    batches = [int(b) for b in args.batches.split(",") if b]
+    report = run(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, lambda line: print(line, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
+    stem = args.out / f"decode{'_smoke' if args.smoke else ''}-{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
