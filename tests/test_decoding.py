@@ -1,11 +1,14 @@
 """Static decoding (zoo.decoding): preallocated state buffers give the same tokens as ``model.generate`` for every
 block and hybrid, greedy and sampled, with left padding and EOS; steps write into fixed buffers; CUDA graphs on GPU."""
+import contextlib
+
 import pytest
 import torch
 
 from test_generate import IDS, MODELS, PAD, VOCAB, greedy, tiny
-from zoo.decoding import StaticDecoder, process_logits
+from zoo.decoding import StaticDecoder, copy_state_, process_logits
 from zoo.errors import ZooError
+from zoo.layers import map_state
 from zoo.layers.attention import StaticAttentionState
 
 
@@ -108,3 +111,55 @@ def test_cuda_graph_decode_equals_generate_and_allocates_nothing(blocks):
     torch.cuda.synchronize()
     after = torch.cuda.memory_stats()["allocation.all.allocated"]
     assert after - before <= 8 * 2  # only the argmax outputs outside the graph; the replayed steps allocate nothing
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of ``StaticDecoder._capture``, with CUDA-graph semantics on CPU: capturing
+    records the step without running it (the states are put back on exit), ``replay`` runs the recorded step."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.captures = 0
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.decoder._step()
+
+        class Graph:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.captures += 1
+                self.saved = [map_state(s, torch.clone) for s in fake.decoder.states], fake.decoder.logits.clone()
+
+            def __exit__(self, *exc):
+                copy_state_(fake.decoder.states, self.saved[0])
+                fake.decoder.logits.copy_(self.saved[1])
+
+        self.Stream, self.CUDAGraph, self.graph = Stream, CUDAGraph, Graph
+        self.current_stream = lambda device=None: Stream()
+        self.stream = lambda stream: contextlib.nullcontext()
+
+
+def test_cuda_graph_capture_logic_with_stand_ins(monkeypatch):
+    """The capture path on CPU: warm-up steps must leave no trace (states restored, prefill logits returned) and
+    every replayed step must give generate's tokens. Real capture is the GPU test's job."""
+    model = tiny(["attention", "mamba"], "rwkv_cmix")
+    ids, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (4, 7)])
+    expected = greedy(model, ids, 9, attention_mask=mask)
+    decoder = StaticDecoder(model, max_length=20)
+    decoder.cuda_graph = True
+    fake = _FakeCuda(decoder)
+    for name in ("Stream", "CUDAGraph", "graph", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=9), expected)
+    assert fake.captures == 1 and decoder.graph is not None

@@ -84,9 +84,10 @@ class StaticDecoder:
         layers = self.model.model.layers
         self.states = [layer.static_state(state, self.max_length) for layer, state in zip(layers, cache.states)]
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
-        self.logits = out.logits[:, -1].float().clone()
-        self.graph = self._capture() if self.cuda_graph else None
-        return self.logits.clone()
+        last_logits = out.logits[:, -1].float()  # [B, V]
+        self.logits = last_logits.clone()
+        self.graph = self._capture() if self.cuda_graph else None  # its warm-up steps overwrite self.logits
+        return last_logits
 
     def _step(self) -> None:
         """One token for every row: reads ``self.input_ids``, updates the state buffers, writes ``self.logits``."""
