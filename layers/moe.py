@@ -135,7 +135,7 @@ class MoE(nn.Module):
         self.shared = None
         if config.shared_experts:
             self.shared = SwiGLU(SwiGLUConfig(hidden_size=config.shared_experts * hidden), d_model, layer_idx)
-        self.pending_routes: list[tuple[torch.Tensor, ...]] = []  # (logits, probs, top_idx, token mask) per call
+        self.pending_routes: list[tuple] = []  # (logits, probs, top_idx, token mask or None) per call
 
     def init_parameters(self) -> None:
         for w in (self.w_gate, self.w_up, self.w_down):
@@ -162,10 +162,7 @@ class MoE(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]
         logits, probs, top_w, top_idx = self.route(h)
-        if token_mask is None:
-            mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        else:
-            mask = token_mask.reshape(-1).to(device=h.device, dtype=torch.bool)  # [N]
+        mask = None if token_mask is None else token_mask.reshape(-1).to(device=h.device, dtype=torch.bool)  # [N]
         self.pending_routes.append((logits, probs, top_idx, mask))
         if self.config.dispatch == "grouped":
             y = self._grouped(h, top_w, top_idx)
@@ -180,8 +177,12 @@ class MoE(nn.Module):
         so that the module keeps no graph alive."""
         if not self.pending_routes:
             return None
-        logits, probs, top_idx, mask = (torch.cat(parts) for parts in zip(*self.pending_routes))
+        logits, probs, top_idx, masks = zip(*self.pending_routes)
         self.pending_routes = []
+        mask = None  # every token counts, unless some call had a token mask
+        if any(m is not None for m in masks):
+            mask = torch.cat([m if m is not None else torch.ones(len(l), dtype=torch.bool, device=l.device) for m, l in zip(masks, logits)])
+        logits, probs, top_idx = torch.cat(logits), torch.cat(probs), torch.cat(top_idx)
         load_balancing, z, load = router_losses(logits, probs, top_idx, mask)
         weighted = self.config.aux_loss_coef * load_balancing + self.config.z_loss_coef * z
         return RouterStats(logits, load_balancing, z, weighted, load)

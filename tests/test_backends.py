@@ -36,9 +36,9 @@ def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu():
 
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
-def test_missing_mamba_ssm_is_an_error_not_a_fallback(block):
-    if "mamba_ssm" in sys.modules or importlib.util.find_spec("mamba_ssm") is not None:
-        pytest.skip("mamba-ssm is installed here")
+def test_missing_mamba_ssm_is_an_error_not_a_fallback(block, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "mamba_ssm" else find_spec(name, *args))
     with pytest.raises(BackendUnavailableError, match=f"{block} backend 'mamba_ssm' was asked for but the mamba_ssm package is not installed"):
         build(block, backend="mamba_ssm")
 

@@ -75,7 +75,7 @@ def test_nelbo_is_the_weighted_masked_cross_entropy():
     x = torch.randint(0, 256, (3, 12))
     t = torch.tensor([0.2, 0.5, 0.9])
     schedule = NoiseSchedule("loglinear", 1e-3)
-    loss = diffusion_nelbo(model, x, schedule, MASK, t, generator=torch.Generator().manual_seed(1))
+    loss = diffusion_nelbo(model, x, schedule, MASK, t, generator=torch.Generator().manual_seed(1))[0]
     z, masked = mask_tokens(x, schedule.alpha(t), MASK, generator=torch.Generator().manual_seed(1))
     logits = model(input_ids=z).logits.float()
     logits[..., MASK] = float("-inf")
@@ -83,7 +83,7 @@ def test_nelbo_is_the_weighted_masked_cross_entropy():
     expected = sum(float(nll[b][masked[b]].sum().detach()) / float(t[b]) for b in range(3)) / x.numel()
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     # Masking every position at t = 1 the weight is 1 / (1 - eps) times the mean cross-entropy.
-    full = diffusion_nelbo(model, x, NoiseSchedule("loglinear", 1e-9), MASK, torch.ones(3))
+    full = diffusion_nelbo(model, x, NoiseSchedule("loglinear", 1e-9), MASK, torch.ones(3))[0]
     all_masked = model(input_ids=torch.full_like(x, MASK)).logits.float()
     all_masked[..., MASK] = float("-inf")
     ce = torch.nn.functional.cross_entropy(all_masked.flatten(0, 1), x.flatten())
@@ -292,7 +292,7 @@ def test_conditioning_errors_name_the_layer_and_the_expected_shape():
 def test_moe_denoiser_training_step_adds_router_loss_and_takes_the_stats():
     import lightning as L
 
-    from zoo.diffusion import DiffusionLightningModule, nelbo_and_output
+    from zoo.diffusion import DiffusionLightningModule, diffusion_nelbo
     from zoo.layers import MoE
     from zoo.modeling import ZooMoeMaskedLMOutput
 
@@ -313,7 +313,7 @@ def test_moe_denoiser_training_step_adds_router_loss_and_takes_the_stats():
     torch.manual_seed(1)  # replay the step's times and masks
     x = batch[:, 1:]
     times = sample_times(4, module.diffusion.t_min, module.diffusion.antithetic, device=x.device)
-    nelbo, out = nelbo_and_output(module.model, x, module.schedule, MASK, times)
+    nelbo, out = diffusion_nelbo(module.model, x, module.schedule, MASK, times)
     assert isinstance(out, ZooMoeMaskedLMOutput) and out.router_loss > 0 and out.expert_load.shape == (2, 4)
     torch.testing.assert_close(out.router_loss, torch.stack([0.01 * out.aux_loss + 0.001 * out.z_loss]).mean())
     torch.testing.assert_close(logged["train_loss"], nelbo)  # train_loss: the NELBO alone

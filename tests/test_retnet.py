@@ -77,7 +77,7 @@ def test_low_precision_inputs_compute_in_fp32():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"k": torch.zeros(B, 5, H, K + 1)}, r"q and k must both be \[B, T, H, K\]"),
+        ({"k": torch.zeros(B, 5, H, K + 1)}, r"k must be \[B, T, H, K\] = \[2, 5, 3, 6\] like q, got \[2, 5, 3, 7\]"),
         ({"v": torch.zeros(B, 4, H, V)}, r"v must be \[B, T, H, V\] = \[2, 5, 3, V\]"),
         ({"log_decay": torch.zeros(H + 1)}, r"log_decay must be \[H\] = \[3\]"),
         ({"initial_state": torch.zeros(B, H, V, K)}, r"initial_state must be \[B, H, K, V\] = \[2, 3, 6, 10\]"),

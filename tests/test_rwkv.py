@@ -136,16 +136,16 @@ def test_rwkv6_block_with_extreme_decay_is_finite(log_log_decay):
 
 def test_kernel_input_checks():
     r, k, v, w_log, u, s0 = (t.detach() for t in rwkv6_inputs(2, 5, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"rwkv6: expected u of shape \[3, 4\]"):
+    with pytest.raises(ValueError, match=r"rwkv6: u must be \[H, K\] = \[3, 4\]"):
         rwkv6(r, k, v, w_log, u[:2])
-    with pytest.raises(ValueError, match="rwkv6: expected k of shape"):
+    with pytest.raises(ValueError, match=r"rwkv6: k must be \[B, T, H, K\] = \[2, 5, 3, 4\] like r"):
         rwkv6(r, k[:, :4], v, w_log, u)
-    with pytest.raises(ValueError, match="rwkv6: expected initial_state"):
+    with pytest.raises(ValueError, match=r"rwkv6: initial_state must be \[B, H, K, V\]"):
         rwkv6(r, k, v, w_log, u, s0[:1])
     r, w_log, k, v, a, b, s0 = (t.detach() for t in rwkv7_inputs(2, 5, 3, 4, 4))
-    with pytest.raises(ValueError, match="rwkv7: expected b of shape"):
+    with pytest.raises(ValueError, match=r"rwkv7: b must be \[B, T, H, K\] = \[2, 5, 3, 4\] like r"):
         rwkv7(r, w_log, k, v, a, b[..., :2])
-    with pytest.raises(ValueError, match=r"rwkv7: expected v of shape \[2, 5, 3, V\]"):
+    with pytest.raises(ValueError, match=r"rwkv7: v must be \[B, T, H, V\] = \[2, 5, 3, V\]"):
         rwkv7(r, w_log, k, v[:, :3], a, b)
 
 

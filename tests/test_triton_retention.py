@@ -106,7 +106,7 @@ def test_strong_decay_is_exact():
 
 def test_input_checks():
     inputs = make_inputs(T=4)
-    with pytest.raises(ValueError, match="fp32 / bf16 / fp16"):
+    with pytest.raises(ValueError, match="inputs must be float32, bfloat16 or float16"):
         retention_triton(**{n: t.double() for n, t in inputs.items()})
     with pytest.raises(ValueError, match="log_decay"):
         retention_triton(**{**inputs, "log_decay": inputs["log_decay"][:1]})

@@ -144,7 +144,7 @@ def test_output_only_loss_and_torch_backend_agree(op):
 def test_input_checks(op):
     fn, _, make = OPS[op]
     inputs = make(T=4)
-    with pytest.raises(ValueError, match="fp32 / bf16 / fp16"):
+    with pytest.raises(ValueError, match="inputs must be float32, bfloat16 or float16"):
         fn(**{n: t.double() for n, t in inputs.items()})
     with pytest.raises(ValueError, match="initial_state"):
         fn(**{**inputs, "initial_state": inputs["initial_state"][:, :1]})

@@ -89,30 +89,20 @@ def denoiser_output(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, ma
     return logits, out
 
 
-def denoiser_logits(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """The denoiser's fp32 logits ``[B, T, V]`` for ``z [B, T]`` at times ``t [B]``, the mask token made impossible."""
-    return denoiser_output(model, z, t, mask_id)[0]
+def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
+                    protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
+    """One-sample estimate of the NELBO per token (nats) of clean tokens ``x [B, T]`` at times ``t [B]``, and the
+    denoiser's output it came from (a training step adds its MoE router loss).
 
-
-def nelbo_and_output(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
-                     protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
-    """:func:`diffusion_nelbo` and the denoiser's output it came from (a training step adds its MoE router loss)."""
+    Only masked positions contribute, each with weight ``-alpha'_t / (1 - alpha_t)``; the sum is divided by the number
+    of unprotected tokens, so it compares with a causal LM's mean cross-entropy on the same tokens.
+    """
     z, masked = mask_tokens(x, schedule.alpha(t), mask_id, protected, generator)
     logits, out = denoiser_output(model, z, t, mask_id)
     nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)  # [B, T]
     weighted = schedule.loss_weight(t).float()[:, None] * torch.where(masked, nll, torch.zeros_like(nll))
     n_tokens = x.numel() if protected is None else int((~protected).sum())
     return weighted.sum() / max(n_tokens, 1), out
-
-
-def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
-                    protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One-sample estimate of the NELBO per token (nats) of clean tokens ``x [B, T]`` at times ``t [B]``.
-
-    Only masked positions contribute, each with weight ``-alpha'_t / (1 - alpha_t)``; the sum is divided by the number
-    of unprotected tokens, so it compares with a causal LM's mean cross-entropy on the same tokens.
-    """
-    return nelbo_and_output(model, x, schedule, mask_id, t, protected, generator)[0]
 
 
 class DiffusionLightningModule(ZooLightningModule):
@@ -142,7 +132,7 @@ class DiffusionLightningModule(ZooLightningModule):
             raise ZooError("objective: diffusion trains on packed text windows; this data source yields (inputs, targets) pairs")
         x = batch[:, 1:]  # [B, T]: the tokens a causal model predicts from these windows
         t = sample_times(x.shape[0], self.diffusion.t_min, self.diffusion.antithetic, generator, x.device)
-        return nelbo_and_output(self.model, x, self.schedule, self.mask_id, t, generator=generator)
+        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         loss, out = self._nelbo(batch)
@@ -195,7 +185,7 @@ def denoise(model: PreTrainedModel, tokens: torch.Tensor, steps: int, schedule: 
         if not masked.any():
             break
         if probs is None or time_conditioned:
-            logits = denoiser_logits(model, x, torch.full((B,), float(t), device=x.device), mask_id)
+            logits = denoiser_output(model, x, torch.full((B,), float(t), device=x.device), mask_id)[0]
             probs = torch.softmax(logits / temperature, dim=-1)  # [B, L, V]
             calls += 1
         alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)

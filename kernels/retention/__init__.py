@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.checks import check_head_inputs
+
 from .chunked import retention_chunked
 from .naive import retention_recurrent
 from .parallel import retention_parallel
@@ -39,17 +41,7 @@ def retention(
     ``backend``: ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels: ``form`` ``recurrent`` runs the fused
     recurrent one, the others the chunked one).
     """
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"retention: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"retention: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if log_decay.shape != (H,):
-        raise ValueError(f"retention: log_decay must be [H] = [{H}], got {list(log_decay.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"retention: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"retention: chunk_size must be >= 1, got {chunk_size}")
+    check_retention_inputs("retention", q, k, v, log_decay, initial_state, chunk_size)
     if backend == "triton":
         o, final = retention_triton(q, k, v, log_decay, initial_state, form, chunk_size)
     elif backend != "torch":
@@ -65,4 +57,12 @@ def retention(
     return o.to(v.dtype), final
 
 
-__all__ = ["FORMS", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]
+def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_size: int) -> int:
+    """The shapes of :func:`retention`'s contract (shared with the Triton kernels); returns the head dim K."""
+    _, _, H, K = check_head_inputs(op, {"q": q, "k": k}, v, initial_state, chunk_size)
+    if log_decay.shape != (H,):
+        raise ValueError(f"{op}: log_decay must be [H] = [{H}], got {list(log_decay.shape)}")
+    return K
+
+
+__all__ = ["FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]

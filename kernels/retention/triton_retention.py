@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.rwkv6.triton_rwkv6 import MAX_HEAD_DIM, check_triton_device
+from zoo.kernels.retention import FORMS, check_retention_inputs
+from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs
 
 MAX_BLOCK_V = 32  # recurrent kernels split V over programs: more parallelism when B * H is small
 MAX_CHUNK_BLOCK_V = 64  # chunked kernels: wider tl.dot tiles
-FORMS = ("chunk", "parallel", "recurrent")
 
 
 @triton.jit
@@ -368,25 +368,10 @@ def retention_triton(
     the backward pass); ``"chunk"`` and ``"parallel"`` (the same function) run the chunked kernels, with chunks of
     ``chunk_size`` rounded to a power of two in [16, 64].
     """
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"retention_triton: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"retention_triton: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if log_decay.shape != (H,):
-        raise ValueError(f"retention_triton: log_decay must be [H] = [{H}], got {list(log_decay.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"retention_triton: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"retention_triton: chunk_size must be >= 1, got {chunk_size}")
+    K = check_retention_inputs("retention_triton", q, k, v, log_decay, initial_state, chunk_size)
     if form not in FORMS:
         raise ValueError(f"retention_triton: unknown form '{form}'; choose one of {', '.join(FORMS)}")
-    if K > MAX_HEAD_DIM:
-        raise ValueError(f"retention_triton: head dim K={K} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
-    tensors = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"retention_triton: supports fp32 / bf16 / fp16 inputs, got {t.dtype}; use the torch backend")
-    check_triton_device("retention_triton", *tensors)
+    check_head_dim("retention_triton", K)
+    check_triton_inputs("retention_triton", _retention_fwd_kernel, q, k, v, log_decay, initial_state)
     o, final = RetentionFunction.apply(q, k, v, log_decay, initial_state, chunk_size, form != "recurrent")
     return o.to(v.dtype), final

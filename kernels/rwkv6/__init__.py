@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+from zoo.kernels.checks import check_head_inputs
+
 from .chunked import rwkv6_chunked
 from .naive import rwkv6_naive
 
@@ -13,7 +15,15 @@ def rwkv6_triton(*args, **kwargs):
 
     return kernel(*args, **kwargs)
 
-__all__ = ["rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_triton"]
+def check_rwkv6_inputs(op: str, r, k, v, w_log, u, initial_state, chunk_size: int) -> tuple[int, int, int, int]:
+    """The shapes of :func:`rwkv6`'s contract (shared with the Triton kernel); returns ``(B, T, H, K)``."""
+    B, T, H, K = check_head_inputs(op, {"r": r, "k": k, "w_log": w_log}, v, initial_state, chunk_size)
+    if u.shape != (H, K):
+        raise ValueError(f"{op}: u must be [H, K] = [{H}, {K}], got {list(u.shape)}")
+    return B, T, H, K
+
+
+__all__ = ["check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_triton"]
 
 
 def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
@@ -23,20 +33,7 @@ def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: 
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``;
     both in fp32, or fp64 for fp64 inputs.
     """
-    if r.dim() != 4:
-        raise ValueError(f"rwkv6: expected r of shape [B, T, H, K], got {list(r.shape)}")
-    B, T, H, K = r.shape
-    for name, t in (("k", k), ("w_log", w_log)):
-        if t.shape != r.shape:
-            raise ValueError(f"rwkv6: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"rwkv6: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if u.shape != (H, K):
-        raise ValueError(f"rwkv6: expected u of shape [{H}, {K}], got {list(u.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"rwkv6: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"rwkv6: chunk_size must be >= 1, got {chunk_size}")
+    B, T, H, K = check_rwkv6_inputs("rwkv6", r, k, v, w_log, u, initial_state, chunk_size)
     if backend == "triton":
         return rwkv6_triton(r, k, v, w_log, u, initial_state, chunk_size)
     if backend != "torch":

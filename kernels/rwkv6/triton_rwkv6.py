@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-MAX_HEAD_DIM = 256  # the [K, BV] state lives in registers
+from zoo.kernels.rwkv6 import check_rwkv6_inputs
+from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs
+
 MAX_BLOCK_V = 32  # V is split over programs: more parallelism when B * H is small, fewer registers
 
 
@@ -195,14 +196,6 @@ class RWKV6Function(torch.autograd.Function):
         return (*grads, None)
 
 
-def check_triton_device(name: str, *tensors: torch.Tensor) -> None:
-    """Raise a clear error when a tensor's device cannot run the Triton kernels."""
-    interpreted = isinstance(_rwkv6_fwd_kernel, InterpretedFunction)
-    for t in tensors:
-        if t.device.type == "cpu" and not interpreted:
-            raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-
-
 def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     """Multi-head WKV with data-dependent decay (Triton fused-recurrent kernels, forward and backward).
 
@@ -211,25 +204,7 @@ def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. ``chunk_size`` is the number of tokens between
     the states saved for the backward pass (memory ``T / chunk_size`` states vs. recompute).
     """
-    if r.dim() != 4:
-        raise ValueError(f"rwkv6_triton: expected r of shape [B, T, H, K], got {list(r.shape)}")
-    B, T, H, K = r.shape
-    for name, t in (("k", k), ("w_log", w_log)):
-        if t.shape != r.shape:
-            raise ValueError(f"rwkv6_triton: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"rwkv6_triton: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if u.shape != (H, K):
-        raise ValueError(f"rwkv6_triton: expected u of shape [{H}, {K}], got {list(u.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"rwkv6_triton: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"rwkv6_triton: chunk_size must be >= 1, got {chunk_size}")
-    if K > MAX_HEAD_DIM:
-        raise ValueError(f"rwkv6_triton: head dim K={K} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
-    tensors = [t for t in (r, k, v, w_log, u, initial_state) if t is not None]
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"rwkv6_triton: supports fp32 / bf16 / fp16 inputs, got {t.dtype}; use the torch backend")
-    check_triton_device("rwkv6_triton", *tensors)
+    K = check_rwkv6_inputs("rwkv6_triton", r, k, v, w_log, u, initial_state, chunk_size)[3]
+    check_head_dim("rwkv6_triton", K)
+    check_triton_inputs("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state)
     return RWKV6Function.apply(r, k, v, w_log, u, initial_state, chunk_size)

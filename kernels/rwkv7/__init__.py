@@ -1,6 +1,8 @@
 """RWKV-7 (Goose) WKV operator: ``rwkv7(r, w_log, k, v, a, b, initial_state) -> (o, final_state)``."""
 from __future__ import annotations
 
+from zoo.kernels.checks import check_head_inputs
+
 from .chunked import rwkv7_chunked
 from .naive import rwkv7_naive
 from .recurrent import rwkv7_recurrent
@@ -13,6 +15,11 @@ def rwkv7_triton(*args, **kwargs):
 
     return kernel(*args, **kwargs)
 
+def rwkv7_keys(r, w_log, k, a, b) -> dict:
+    """The ``[B, T, H, K]`` inputs of :func:`rwkv7` by name, for :func:`zoo.kernels.checks.check_head_inputs`."""
+    return {"r": r, "w_log": w_log, "k": k, "a": a, "b": b}
+
+
 __all__ = ["rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_triton"]
 
 
@@ -24,18 +31,7 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
     in fp32, or fp64 for fp64 inputs. ``backend``: ``triton`` or ``torch``: on CPU the recurrent form with a
     hand-written backward, elsewhere the chunked form (one token: the sequential form).
     """
-    if r.dim() != 4:
-        raise ValueError(f"rwkv7: expected r of shape [B, T, H, K], got {list(r.shape)}")
-    B, T, H, K = r.shape
-    for name, t in (("w_log", w_log), ("k", k), ("a", a), ("b", b)):
-        if t.shape != r.shape:
-            raise ValueError(f"rwkv7: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"rwkv7: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"rwkv7: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"rwkv7: chunk_size must be >= 1, got {chunk_size}")
+    T = check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[1]
     if backend == "triton":
         return rwkv7_triton(r, w_log, k, v, a, b, initial_state, chunk_size)
     if backend != "torch":

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.rwkv6.triton_rwkv6 import MAX_HEAD_DIM, check_triton_device
+from zoo.kernels.checks import check_head_inputs
+from zoo.kernels.rwkv7 import rwkv7_keys
+from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs
 
 MAX_BLOCK_V = 32  # V is split over programs: more parallelism when B * H is small, fewer registers
 
@@ -203,23 +205,7 @@ def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16)
     ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Triton fused-recurrent kernels, forward and
     backward; ``chunk_size`` is the number of tokens between the states saved for the backward pass.
     """
-    if r.dim() != 4:
-        raise ValueError(f"rwkv7_triton: expected r of shape [B, T, H, K], got {list(r.shape)}")
-    B, T, H, K = r.shape
-    for name, t in (("w_log", w_log), ("k", k), ("a", a), ("b", b)):
-        if t.shape != r.shape:
-            raise ValueError(f"rwkv7_triton: expected {name} of shape {list(r.shape)} like r, got {list(t.shape)}")
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"rwkv7_triton: expected v of shape [{B}, {T}, {H}, V], got {list(v.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"rwkv7_triton: expected initial_state of shape [{B}, {H}, {K}, {v.shape[-1]}], got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"rwkv7_triton: chunk_size must be >= 1, got {chunk_size}")
-    if K > MAX_HEAD_DIM:
-        raise ValueError(f"rwkv7_triton: head dim K={K} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
-    tensors = [t for t in (r, w_log, k, v, a, b, initial_state) if t is not None]
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"rwkv7_triton: supports fp32 / bf16 / fp16 inputs, got {t.dtype}; use the torch backend")
-    check_triton_device("rwkv7_triton", *tensors)
+    K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
+    check_head_dim("rwkv7_triton", K)
+    check_triton_inputs("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state)
     return RWKV7Function.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

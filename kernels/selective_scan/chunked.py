@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .inputs import prepare_inputs, skip_and_gate
+
 
 def selective_scan_chunked(
     u: torch.Tensor,
@@ -26,16 +28,9 @@ def selective_scan_chunked(
     With ``S_t`` the cumulative log-decay ``sum_{s<=t} dt_s A`` inside a chunk that starts from state ``h_0``:
     ``h_t = h_t^local + exp(S_t) * h_0``, where ``h^local`` is the scan of the chunk from a zero state.
     """
-    dtype = torch.promote_types(u.dtype, torch.float32)
+    dtype, dt, uf, h0 = prepare_inputs(u, delta, A, delta_bias, delta_softplus, initial_state)
     batch, T, dim = u.shape
     n = A.shape[1]
-    dt = delta.to(dtype)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)
-    if delta_softplus:
-        dt = F.softplus(dt)
-    uf = u.to(dtype)
-    h0 = torch.zeros(batch, dim, n, dtype=dtype, device=u.device) if initial_state is None else initial_state.to(dtype)
     if T == 0:
         return u.new_zeros(batch, 0, dim), h0
     L = chunk_size or max(1, math.ceil(math.sqrt(T)))
@@ -70,8 +65,4 @@ def selective_scan_chunked(
     # 3. add each chunk's start state, decayed to every step: C_l . (exp(A cumsum(dt)_l) * h_start)
     carried = torch.exp(dt_cum[..., None] * Af) * h_start[:, :, None]  # [B, nc, L, D, N]
     y = (y + torch.einsum("bcldn,bcln->bcld", carried, C_c)).reshape(batch, nc * L, dim)[:, :T]  # [B, T, D]
-    if D is not None:
-        y = y + uf * D.to(dtype)
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype), start
+    return skip_and_gate(y, uf, D, z, u.dtype), start

@@ -7,7 +7,8 @@ the reverse recurrence. Memory is ``O(B D N (T / L + L))`` instead of autograd's
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .inputs import prepare_inputs, skip_and_gate
 
 
 def _chunk_inputs(dt, dtu, A, B, t0, t1):
@@ -91,24 +92,12 @@ def selective_scan_recurrent(
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`selective_scan_naive`; ``chunk_size`` (default 32) is the checkpoint interval."""
-    dtype = torch.promote_types(u.dtype, torch.float32)
+    dtype, dt, uf, h0 = prepare_inputs(u, delta, A, delta_bias, delta_softplus, initial_state)
     batch, T, dim = u.shape
-    n = A.shape[1]
-    dt = delta.to(dtype)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)
-    if delta_softplus:
-        dt = F.softplus(dt)
-    uf = u.to(dtype)
-    h0 = torch.zeros(batch, dim, n, dtype=dtype, device=u.device) if initial_state is None else initial_state.to(dtype)
     if T == 0:
         return u.new_zeros(batch, 0, dim), h0
     y, h = _SelectiveScanRecurrent.apply(
         dt.contiguous(), uf.contiguous(), A.to(dtype).contiguous(), B.to(dtype).contiguous(), C.to(dtype).contiguous(),
         h0.contiguous(), chunk_size or 32,
     )
-    if D is not None:
-        y = y + uf * D.to(dtype)
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype), h
+    return skip_and_gate(y, uf, D, z, u.dtype), h

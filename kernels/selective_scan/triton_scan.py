@@ -14,11 +14,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from zoo.kernels.triton_checks import check_triton_inputs
 
 from .checks import check_scan_shapes
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -246,16 +245,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     check_scan_shapes("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
-    for t in tensors:
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"selective_scan_triton: inputs must be float32, bfloat16 or float16, got {t.dtype}")
-        if t.device != u.device:
-            raise ValueError(f"selective_scan_triton: all inputs must be on {u.device}, got one on {t.device}")
-    if u.device.type == "cpu" and not isinstance(_selective_scan_fwd_kernel, InterpretedFunction):
-        raise ValueError(
-            "selective_scan_triton: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported"
-        )
+    check_triton_inputs("selective_scan_triton", _selective_scan_fwd_kernel, u, delta, A, B, C, D, z, delta_bias, initial_state)
 
 
 def selective_scan_triton(

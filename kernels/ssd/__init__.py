@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_ssd_shapes
 from .chunked import ssd_chunked
 from .mamba_ssm_backend import ssd_mamba_ssm
 from .naive import ssd_naive
@@ -38,23 +39,7 @@ def ssd_scan(
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
     ``backend``: ``torch`` (chunked), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``).
     """
-    if x.dim() != 4:
-        raise ValueError(f"ssd_scan: x must be [B, T, H, P], got {list(x.shape)}")
-    batch, T, heads, p = x.shape
-    if dt.shape != (batch, T, heads):
-        raise ValueError(f"ssd_scan: dt must be [B, T, H] = {[batch, T, heads]}, got {list(dt.shape)}")
-    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
-        if t is not None and t.shape != (heads,):
-            raise ValueError(f"ssd_scan: {name} must be [H={heads}], got {list(t.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (batch, T) or heads % B.shape[2]:
-        raise ValueError(f"ssd_scan: B must be [B, T, G, N] with G dividing H={heads}, got {list(B.shape)}")
-    if C.shape != B.shape:
-        raise ValueError(f"ssd_scan: C must match B {list(B.shape)}, got {list(C.shape)}")
-    n = B.shape[-1]
-    if initial_state is not None and initial_state.shape != (batch, heads, p, n):
-        raise ValueError(f"ssd_scan: initial_state must be [B, H, P, N] = {[batch, heads, p, n]}, got {list(initial_state.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"ssd_scan: chunk_size must be >= 1, got {chunk_size}")
+    check_ssd_shapes("ssd_scan", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
     if backend == "triton":
         return ssd_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
     if backend == "mamba_ssm":

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from zoo.kernels.triton_checks import check_triton_inputs
+
+from .checks import check_ssd_shapes
 
 
 @triton.jit
@@ -265,37 +266,6 @@ class SSDFn(torch.autograd.Function):
         )
 
 
-def _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"ssd_triton: x must be [B, T, H, P], got {list(x.shape)}")
-    batch, T, heads, p = x.shape
-    if dt.shape != (batch, T, heads):
-        raise ValueError(f"ssd_triton: dt must be [B, T, H] = {[batch, T, heads]}, got {list(dt.shape)}")
-    if A.shape != (heads,):
-        raise ValueError(f"ssd_triton: A must be [H={heads}], got {list(A.shape)}")
-    for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None and t.shape != (heads,):
-            raise ValueError(f"ssd_triton: {name} must be [H={heads}], got {list(t.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (batch, T) or heads % B.shape[2]:
-        raise ValueError(f"ssd_triton: B must be [B, T, G, N] with G dividing H={heads}, got {list(B.shape)}")
-    if C.shape != B.shape:
-        raise ValueError(f"ssd_triton: C must match B {list(B.shape)}, got {list(C.shape)}")
-    n = B.shape[-1]
-    if initial_state is not None and initial_state.shape != (batch, heads, p, n):
-        raise ValueError(
-            f"ssd_triton: initial_state must be [B, H, P, N] = {[batch, heads, p, n]}, got {list(initial_state.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"ssd_triton: chunk_size must be >= 1, got {chunk_size}")
-    for t in (t for t in (x, dt, A, B, C, D, dt_bias, initial_state) if t is not None):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"ssd_triton: inputs must be float32, bfloat16 or float16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"ssd_triton: all inputs must be on {x.device}, got one on {t.device}")
-    if x.device.type == "cpu" and not isinstance(_ssd_chunk_fwd_kernel, InterpretedFunction):
-        raise ValueError("ssd_triton: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported")
-
-
 def ssd_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -317,5 +287,6 @@ def ssd_triton(
     ``chunk_size`` sets the kernel's chunk length (rounded to a power of two in [16, 32]).
     Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
     """
-    _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
+    check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
+    check_triton_inputs("ssd_triton", _ssd_chunk_fwd_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
     return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_length(chunk_size))
