@@ -61,6 +61,11 @@ class AttentionState(NamedTuple):
     v: torch.Tensor  # [B, H_kv, S, Dh]
     key_mask: torch.Tensor | None = None  # [B, S] bool; None: every slot is a real token
 
+    def crop(self, keep: int) -> "AttentionState":
+        """The cache of the first ``keep`` slots (a rollback, e.g. of rejected draft tokens in assisted decoding)."""
+        key_mask = None if self.key_mask is None else self.key_mask[:, :keep]
+        return AttentionState(self.k[:, :, :keep], self.v[:, :, :keep], key_mask)
+
 
 class StaticAttentionState(NamedTuple):
     """A preallocated KV cache for static decoding (:mod:`zoo.decoding`), the one state zoo updates in place.
@@ -79,6 +84,13 @@ class StaticAttentionState(NamedTuple):
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def auto_attention_backend(device_type: str, dtype: torch.dtype) -> str:
+    """What ``backend: auto`` runs for inputs on ``device_type`` in ``dtype``: flash-attn for CUDA fp16/bf16 where it
+    is installed, else SDPA (which picks its own FlashAttention/cuDNN/memory-efficient kernel)."""
+    use_flash = device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    return "flash_attn" if use_flash else "sdpa"
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +120,8 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 class Attention(SequenceMixer):
     """Self-attention, causal unless ``causal: false``: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
 
+    state_can_roll_back = True
+
     @classmethod
     def bidirectional(cls, config: AttentionConfig, d_model: int, layer_idx: int) -> "Attention":
         """Attention sees both directions by dropping its causal mask (no second instance needed)."""
@@ -118,20 +132,22 @@ class Attention(SequenceMixer):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim or d_model // config.n_heads
-        self.backend = self._resolve_backend(config.backend)
+        self.set_backend(config.backend)
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=config.bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=config.bias)
 
-    @staticmethod
-    def _resolve_backend(backend: str) -> str:
+    def set_backend(self, backend: str) -> None:
+        """Use ``backend`` (one of ``BACKENDS``) from now on; flash_attn must be installed."""
+        if backend not in BACKENDS:
+            raise ConfigError("backend", f"unknown attention backend '{backend}'; choose one of {', '.join(BACKENDS)}")
         if backend == "flash_attn" and not flash_attn_available():
             raise BackendUnavailableError(
                 "attention backend 'flash_attn' was asked for but the flash-attn package is not installed "
                 "(pip install 'zoo[cuda]' on a CUDA machine, or use backend: sdpa)"
             )
-        return backend
+        self.backend = backend
 
     def init_state(self, batch_size, device=None, dtype=None) -> AttentionState:
         dtype = dtype or self.q_proj.weight.dtype
@@ -233,8 +249,7 @@ class Attention(SequenceMixer):
                 allowed = allowed & causal_mask(T, S, q.device)  # [B, 1, T, S]
             return self._attend_masked(q, k, v, allowed)
         if backend == "auto":
-            use_flash = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            backend = "flash_attn" if use_flash else "sdpa"
+            backend = auto_attention_backend(q.device.type, q.dtype)
         if backend == "flash_attn":
             if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
                 raise BackendUnavailableError(
@@ -256,7 +271,8 @@ class Attention(SequenceMixer):
         if not causal:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         if T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            # A Python bool even when T is symbolic (torch.export): one query over one key is causal too.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = None if T == 1 else causal_mask(T, S, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

@@ -24,6 +24,9 @@ class SequenceMixer(nn.Module, abc.ABC):
     """
 
     registry_name: str = ""
+    # Whether this block's state can be cut back to an earlier token (its state type then has ``crop(keep)``), as
+    # assisted decoding needs after rejected draft tokens; a recurrent state cannot.
+    state_can_roll_back: bool = False
 
     def __init__(self, config: Any, d_model: int, layer_idx: int):
         super().__init__()

@@ -99,6 +99,11 @@ class ResidualLayer(nn.Module):
         h, ffn_state = self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod), ffn_state)
         return x + self._gated(h, ffn_mod), (mixer_state, ffn_state)
 
+    @property
+    def state_can_roll_back(self) -> bool:
+        """Whether this layer's state can be cut back to an earlier token (see :attr:`SequenceMixer.state_can_roll_back`)."""
+        return self.mixer.state_can_roll_back and not self.ffn_stateful
+
     def static_state(self, state: Any, max_length: int) -> Any:
         """The layer's prefilled state as static-decoding buffers (see :meth:`SequenceMixer.static_state`)."""
         if not self.ffn_stateful:

@@ -80,7 +80,7 @@ class StaticDecoder:
         if P >= self.max_length:
             raise ZooError(f"StaticDecoder: the prompt has {P} tokens, max_length is {self.max_length}: no room to generate")
         cache = ZooCache(len(self.model.model.layers))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
         layers = self.model.model.layers
         self.states = [layer.static_state(state, self.max_length) for layer, state in zip(layers, cache.states)]
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)

@@ -15,10 +15,27 @@ from transformers.modeling_outputs import (
 
 from zoo.config import ModelConfig
 from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
+from zoo.layers.attention import Attention, flash_attn_available
 from zoo.layers.base import describe_backends
 from zoo.layers.layer import AdaLNModulation
 
 logger = logging.getLogger("zoo")
+
+# transformers >= 5.24 names the decoding cache ``cache`` (forward argument and output field); 5.0-5.23 name it
+# ``past_key_values``. zoo's forwards accept both and return the cache under the installed version's name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache(cache: "ZooCache | None", past_key_values: "ZooCache | None") -> "ZooCache | None":
+    """The cache a forward was given, under either name (``past_key_values`` is the older name of ``cache``)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the decoding cache once: `cache` and `past_key_values` (its older name) were both given")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(output: Any) -> "ZooCache | None":
+    """The cache a zoo model's output holds, whatever the installed transformers calls the field."""
+    return output.get(CACHE_FIELD)
 
 
 class ZooConfig(PreTrainedConfig):
@@ -26,7 +43,7 @@ class ZooConfig(PreTrainedConfig):
 
     model_type = "zoo"
     attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers"}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     d_model: int = 256
     n_layers: int = 4
@@ -70,7 +87,13 @@ class ZooConfig(PreTrainedConfig):
 
 
 class ZooCache:
-    """Per-layer block states for generation: KV caches, recurrent states, LSTM (h, c) alike."""
+    """Per-layer block states for generation: KV caches, recurrent states, LSTM (h, c) alike.
+
+    ``seen_tokens`` counts the tokens every layer has consumed, recurrent layers included, so transformers may slice
+    the inputs of a continued ``generate`` by :meth:`get_seq_length` for every layer: ``is_linear`` (which tells
+    transformers not to) is False for each layer. A cache whose states are all KV caches can roll back
+    (:meth:`crop`, used by assisted decoding); a recurrent state cannot.
+    """
 
     is_compileable = False
 
@@ -81,9 +104,60 @@ class ZooCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.states)
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(callable(getattr(state, "crop", None)) for state in self.states)
+
+    def crop(self, length: int) -> None:
+        """Drop the last ``-length`` tokens (``length <= 0``, transformers >= 5.24) or keep the first ``length``
+        (``length > 0``, earlier transformers); only a cache of KV caches can roll back."""
+        if not self.is_croppable:
+            kinds = sorted({type(state).__name__ for state in self.states if not callable(getattr(state, "crop", None))})
+            raise ValueError(f"ZooCache.crop: states of type {', '.join(kinds)} cannot roll back (recurrent state); only KV caches can")
+        keep = self.seen_tokens + length if length <= 0 else min(length, self.seen_tokens)
+        if keep < 0:
+            raise ValueError(f"ZooCache.crop({length}): the cache holds only {self.seen_tokens} tokens")
+        self.states = [state.crop(keep) for state in self.states]
+        self.seen_tokens = keep
+
+    def activate_past_recording(self) -> None:
+        """Nothing to record: a KV cache keeps every token (so it can be cropped), a recurrent state cannot roll back."""
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search): every state tensor's batch dimension follows ``beam_idx``."""
         self.states = [map_state(s, lambda t: t.index_select(0, beam_idx.to(t.device))) for s in self.states]
+
+
+# transformers' ``attn_implementation`` names -> zoo's ``attention.backend``
+ATTN_IMPLEMENTATIONS = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attn"}
+
+
+def reported_attn_implementation(config: ZooConfig) -> str:
+    """The transformers name of the attention the config's attention blocks run (``auto``: flash-attn where it is
+    installed, which it uses for CUDA fp16/bf16 inputs, else SDPA)."""
+    backend = (config.module_args or {}).get("attention", {}).get("backend", "auto")
+    if backend == "auto":
+        backend = "flash_attn" if flash_attn_available() else "sdpa"
+    return {zoo_name: hf_name for hf_name, zoo_name in ATTN_IMPLEMENTATIONS.items()}[backend]
+
+
+def apply_attn_implementation(config: ZooConfig, requested: str) -> None:
+    """Set the attention blocks' backend from transformers' ``attn_implementation`` (a no-op when the config already
+    runs it, so ``auto`` stays ``auto``)."""
+    if requested == reported_attn_implementation(config):
+        return
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={requested!r}: zoo's attention runs {', '.join(map(repr, ATTN_IMPLEMENTATIONS))} "
+            "(model.attention.backend eager, sdpa, flash_attn)"
+        )
+    module_args = dict(config.module_args or {})
+    module_args["attention"] = {**module_args.get("attention", {}), "backend": ATTN_IMPLEMENTATIONS[requested]}
+    config.module_args = module_args
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -91,7 +165,29 @@ class ZooPreTrainedModel(PreTrainedModel):
     config: ZooConfig
     base_model_prefix = "model"
     _no_split_modules = ["ResidualLayer"]
-    _is_stateful = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: ZooConfig, *args: Any, **kwargs: Any):
+        """``attn_implementation`` (of ``from_pretrained``/``from_config``) sets ``attention.backend``; the config then
+        reports the attention the model runs."""
+        requested = config._attn_implementation_internal
+        if isinstance(requested, str):
+            apply_attn_implementation(config, requested)
+        super().__init__(config, *args, **kwargs)
+        config._attn_implementation_internal = reported_attn_implementation(config)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs: Any) -> None:
+        """Switch every attention block's backend after loading (transformers' API)."""
+        if not isinstance(attn_implementation, str):
+            raise ValueError(f"attn_implementation: zoo models take one name for every layer, got {attn_implementation!r}")
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        apply_attn_implementation(self.config, attn_implementation)
+        backend = self.config.module_args["attention"]["backend"]
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_backend(backend)
+        self.config._attn_implementation_internal = reported_attn_implementation(self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -99,6 +195,12 @@ class ZooPreTrainedModel(PreTrainedModel):
         init_parameters = getattr(module, "init_parameters", None)
         if callable(init_parameters):
             init_parameters()
+
+    @property
+    def _is_stateful(self) -> bool:
+        """True when a layer keeps a state that cannot roll back (a recurrent block, a stateful FFN): transformers then
+        refuses assisted and prompt-lookup decoding, which an attention-only model supports."""
+        return not all(layer.state_can_roll_back for layer in self.base_model.layers)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -167,13 +269,16 @@ class ZooModel(ZooPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: ZooCache | None = None,
+        cache: ZooCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         conditioning: torch.Tensor | None = None,
+        past_key_values: ZooCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise."""
+        """``cache`` (or its older name ``past_key_values``): the :class:`ZooCache` to continue from and update.
+        ``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise."""
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -185,22 +290,22 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError(f"inputs_embeds: expected a floating-point tensor, got {inputs_embeds.dtype}")
         self._check_conditioning(conditioning, inputs_embeds.shape[0])
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = ZooCache(len(self.layers))
+        if use_cache and cache is None:
+            cache = ZooCache(len(self.layers))
         n_pad = None
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
-            n_pad = self._left_padding(attention_mask, inputs_embeds.shape[1], past_key_values)
+            n_pad = self._left_padding(attention_mask, inputs_embeds.shape[1], cache)
         if n_pad is None:
-            hidden = self._run_layers(inputs_embeds, past_key_values, conditioning)
+            hidden = self._run_layers(inputs_embeds, cache, conditioning)
         else:
-            hidden = self._run_left_padded(inputs_embeds, n_pad, past_key_values, conditioning)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += hidden.shape[1]
+            hidden = self._run_left_padded(inputs_embeds, n_pad, cache, conditioning)
+        if cache is not None:
+            cache.seen_tokens += hidden.shape[1]
         hidden = self.norm(hidden)
         if conditioning is not None:
             shift, scale = self.final_modulation(conditioning)  # each [B, 1, D]
             hidden = hidden * (1 + scale) + shift
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: cache if use_cache else None})
 
     def _check_conditioning(self, conditioning: torch.Tensor | None, batch_size: int) -> None:
         if not self.conditioned:
@@ -325,27 +430,38 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         super().__init__(config)
         self.post_init()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any):
+        """``generate`` starts from a fresh :class:`ZooCache` unless given one (transformers would make none for a
+        model with its own cache type, and assisted decoding needs one before the first step)."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_FIELD] = ZooCache(len(self.model.layers))
+        return result
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: ZooCache | None = None,
+        cache: ZooCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         output_router_logits: bool | None = None,
+        past_key_values: ZooCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored.
+        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored. ``cache`` (or its
+        older name ``past_key_values``) is the :class:`ZooCache` to continue from.
 
         Models with ``moe`` FFNs return a :class:`ZooMoeCausalLMOutputWithPast` whose ``loss`` includes the router
         losses; ``output_router_logits=True`` also returns each MoE layer's router logits.
         """
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            input_ids=input_ids, attention_mask=attention_mask, cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds, use_cache=use_cache,
         )
+        new_cache = {CACHE_FIELD: output_cache(out)}
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -355,12 +471,12 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
             loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
         router = self._pop_router_losses()
         if router is None:
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **new_cache)
         if loss is not None:
             loss = loss + router["router_loss"].to(loss.device)
         if not output_router_logits:
             router["router_logits"] = None
-        return ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, **router)
+        return ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, **new_cache, **router)
 
 
 class TimestepEmbedding(nn.Module):

@@ -40,15 +40,6 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
     return recipe, overrides, print_only
 
 
-def lightning_precision(recipe: Recipe) -> str:
-    import torch
-
-    if recipe.trainer.precision != "auto":
-        return recipe.trainer.precision
-    on_gpu = torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
 def train(recipe: Recipe) -> dict:
     """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     import lightning as L
@@ -60,6 +51,7 @@ def train(recipe: Recipe) -> dict:
         find_resume_point, trim_metrics,
     )
     from zoo.data import ZooDataModule
+    from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
     out = ensure_writable_dir(recipe.output_dir)
@@ -96,12 +88,14 @@ def train(recipe: Recipe) -> dict:
         save_on_train_epoch_end=False, save_top_k=2, monitor="step", mode="max",
     )
     nonfinite = NonFiniteGuard(trainer_cfg.nonfinite, trainer_cfg.max_nonfinite_skips)
+    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    amp = precision_plugin(precision, trainer_cfg.accelerator, trainer_cfg.strategy)
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         strategy=trainer_cfg.strategy,
-        precision=lightning_precision(recipe),
+        precision=None if amp else precision,
         gradient_clip_val=trainer_cfg.grad_clip or None,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
@@ -109,7 +103,7 @@ def train(recipe: Recipe) -> dict:
         num_sanity_val_steps=0,
         logger=False,
         callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *([amp] if amp else [])],
         use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
         enable_progress_bar=trainer_cfg.progress_bar,
         default_root_dir=str(out),

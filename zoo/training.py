@@ -15,6 +15,7 @@ from zoo.checkpoints.io import atomic_directory
 from zoo.config import Recipe
 from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
+from zoo.precision import resolve_fused
 from zoo.synthetic import answer_accuracy
 
 
@@ -118,9 +119,7 @@ class ZooLightningModule(L.LightningModule):
         opt = self.recipe.optimizer
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        fused = opt.fused
-        if fused is None:
-            fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in decay + no_decay)
+        fused = resolve_fused(opt.fused, decay + no_decay)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused,

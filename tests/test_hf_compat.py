@@ -1,0 +1,142 @@
+"""zoo models under the installed transformers version (CI runs this file on the newest and on the oldest supported
+one): the decoding cache's name, continuation from a returned cache, assisted and prompt-lookup decoding,
+``attn_implementation`` and ``torch.export``."""
+import logging
+
+import pytest
+import torch
+import transformers
+from transformers.utils import logging as hf_logging
+
+from test_generate import IDS, MODELS, PAD, VOCAB, greedy, tiny
+from zoo.modeling import CACHE_FIELD, ZooCache, output_cache
+
+
+def test_cache_field_follows_the_installed_transformers():
+    fields = transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__
+    assert CACHE_FIELD in fields
+    model = tiny(["attention", "mamba"])
+    out = model(torch.randint(1, VOCAB, (1, 5)), use_cache=True)
+    assert isinstance(output_cache(out), ZooCache) and output_cache(out).get_seq_length() == 5
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forward_takes_the_cache_under_either_name(name):
+    model = tiny(["attention", "rwkv6"])
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = output_cache(model(ids[:, :6], use_cache=True))
+        rest = model(ids[:, 6:], use_cache=True, **{name: cache}).logits
+    torch.testing.assert_close(rest, full[:, 6:], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 9
+
+
+def test_two_different_caches_are_refused():
+    model = tiny(["attention"])
+    with pytest.raises(ValueError, match="pass the decoding cache once"):
+        model(torch.randint(1, VOCAB, (1, 3)), cache=ZooCache(2), past_key_values=ZooCache(2))
+
+
+@pytest.mark.parametrize("blocks, ffn", MODELS, ids=IDS)
+def test_generate_continues_from_the_returned_cache(blocks, ffn):
+    """generate(n) then generate(m) from the returned cache == one generate(n + m), and no deprecated-name warning."""
+    model = tiny(blocks, ffn)
+    prompt = torch.randint(1, VOCAB, (1, 5))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        whole = greedy(model, prompt, 7)
+        first = greedy(model, prompt, 3, return_dict_in_generate=True)
+        cache = output_cache(first)
+        assert cache.get_seq_length() == prompt.shape[1] + 2  # the last token is not fed yet
+        second = greedy(model, first.sequences, 4, **{CACHE_FIELD: cache})
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert torch.equal(second, whole)
+    assert not [m for m in messages if "deprecated" in m], messages
+
+
+def test_assisted_and_prompt_lookup_decoding_for_attention_models():
+    model = tiny(["attention"])
+    torch.manual_seed(1)
+    assistant = tiny(["attention"])  # same architecture, other weights: drafts get rejected and the cache rolls back
+    assistant.model.embed.weight.data.normal_()
+    prompt = torch.randint(1, VOCAB, (1, 6))
+    # An eos id (transformers 5.0's assisted decoding needs one); the prompts never hold it and the references stop alike.
+    run = lambda ids, **kw: model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=PAD, pad_token_id=PAD, **kw)  # noqa: E731
+    assert not model._is_stateful
+    assert torch.equal(run(prompt, assistant_model=assistant), run(prompt))
+    repeated = torch.cat([prompt, prompt], 1)  # n-grams to look up
+    assert torch.equal(run(repeated, prompt_lookup_num_tokens=3), run(repeated))
+
+
+@pytest.mark.parametrize("blocks, ffn", [(["mamba", "attention"], "swiglu"), (["attention"], "rwkv_cmix")])
+def test_assisted_decoding_refuses_states_that_cannot_roll_back(blocks, ffn):
+    model = tiny(blocks, ffn)
+    assert model._is_stateful
+    with pytest.raises(ValueError, match="stateful"):
+        greedy(model, torch.randint(1, VOCAB, (1, 4)), 3, prompt_lookup_num_tokens=2)
+
+
+def test_crop_of_a_recurrent_cache_names_the_state():
+    model = tiny(["mamba", "attention"])
+    cache = output_cache(model(torch.randint(1, VOCAB, (1, 4)), use_cache=True))
+    assert not cache.is_croppable
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.crop(-1)
+
+
+def test_crop_keeps_a_prefix_of_the_kv_cache():
+    model = tiny(["attention"])
+    ids = torch.randint(1, VOCAB, (1, 8))
+    with torch.no_grad():
+        cache = output_cache(model(ids, use_cache=True))
+        cache.crop(-3)  # transformers >= 5.24: tokens to remove
+        assert cache.get_seq_length() == 5 and cache.states[0].k.shape[2] == 5
+        cache.crop(4)  # earlier transformers: the length to keep
+        assert cache.get_seq_length() == 4
+        rest = model(ids[:, 4:], use_cache=True, **{CACHE_FIELD: cache}).logits
+        torch.testing.assert_close(rest, model(ids, use_cache=False).logits[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_attn_implementation_sets_and_reports_the_attention_backend(tmp_path):
+    model = tiny(["lstm", "attention"])
+    assert model.config._attn_implementation == "sdpa"  # backend auto runs SDPA here (no flash-attn installed)
+    model.save_pretrained(tmp_path)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    ids = torch.randint(1, VOCAB, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        for name, backend in [("sdpa", "auto"), ("eager", "eager")]:
+            loaded = load(tmp_path, attn_implementation=name)
+            assert loaded.config._attn_implementation == name
+            assert loaded.model.layers[1].mixer.backend == backend
+            torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        loaded.set_attn_implementation("sdpa")
+        assert loaded.model.layers[1].mixer.backend == "sdpa" and loaded.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="zoo's attention runs"):
+        load(tmp_path, attn_implementation="paged|sdpa")
+    # flash-attn is not installed here: transformers refuses (ImportError; 5.0 fails reading its version, a ValueError)
+    with pytest.raises((ImportError, ValueError)):
+        load(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_torch_export_with_a_dynamic_sequence_length():
+    model = tiny(["attention"])
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    seq = torch.export.Dim("seq", min=2, max=256)
+    exported = torch.export.export(Logits(model), (torch.randint(1, VOCAB, (2, 9)),), dynamic_shapes={"input_ids": {1: seq}})
+    longer = torch.randint(1, VOCAB, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(longer), model(longer).logits, atol=1e-5, rtol=1e-5)
