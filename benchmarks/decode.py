@@ -26,9 +26,9 @@ import transformers
 
 from benchmarks.moe import device_name
 from benchmarks.throughput import StepClock, guarded, version_of
-from zoo.config import load_recipe
 from zoo.decoding import StaticDecoder
 from zoo.modeling import ZooConfig, ZooForCausalLM
+from zoo.recipe_loader import load_recipe
 
 RECIPES = [
     "transformer_small", "moe_small", "mamba_small", "mamba2_small", "rwkv6_small", "rwkv7_small", "retnet_small",

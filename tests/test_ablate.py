@@ -5,8 +5,8 @@ import pytest
 
 from conftest import tiny_overrides
 from zoo.ablate import ablate, main, matched_width, model_stats, parse_args, with_block
-from zoo.config import load_recipe
 from zoo.errors import ConfigError, ZooError
+from zoo.recipe_loader import load_recipe
 
 
 def test_matched_width_is_the_closest_valid_width():
@@ -29,7 +29,7 @@ def test_parse_args_rejects_unknown_blocks_and_flags():
     assert args.blocks == ["attention", "lstm"] and args.overrides == ["trainer.max_steps=3"] and args.target_params == 1000
     with pytest.raises(ConfigError, match="unknown block 'nope'"):
         parse_args(["recipe=transformer_small", "blocks=[attention,nope]"])
-    with pytest.raises(ZooError, match="unknown flag"):
+    with pytest.raises(ZooError, match="unrecognized arguments: --fast"):
         parse_args(["recipe=transformer_small", "blocks=[lstm]", "--fast"])
     assert main(["recipe=transformer_small"]) == 2
 

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from zoo.config import ModelConfig, Recipe, builtin_recipe_names, load_recipe, parse_overrides
+from zoo.config import ModelConfig, Recipe
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
+from zoo.recipe_loader import builtin_recipe_names, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted((ROOT / "recipes").glob("*.yaml"))

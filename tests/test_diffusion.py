@@ -8,12 +8,14 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import zoo
 from conftest import tiny_overrides
-from zoo.config import DiffusionConfig, load_recipe, to_dict
+from zoo.config import DiffusionConfig
 from zoo.data import byte_tokenizer
 from zoo.diffusion import NoiseSchedule, denoise, diffusion_nelbo, generate_ids, mask_tokens, sample_times, sample_text
 from zoo.errors import ConfigError
 from zoo.layers import Bidirectional
 from zoo.modeling import ZooConfig, ZooForCausalLM, ZooForMaskedLM
+from zoo.recipe_loader import load_recipe
+from zoo.typed import to_dict
 
 MASK = 258
 

@@ -10,13 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_overrides
 from test_blocks import TEST_ARGS
-from zoo.config import LoRAConfig, ModelConfig, load_recipe
+from zoo.config import LoRAConfig, ModelConfig
 from zoo.data import byte_tokenizer
 from zoo.errors import ConfigError
 from zoo.finetune import peft_lora_config
 from zoo.layers import MIXERS
 from zoo.merge import main as merge_main
 from zoo.modeling import ZooConfig, ZooForCausalLM
+from zoo.recipe_loader import load_recipe
 from zoo.train import train
 from zoo.training import export_hf
 

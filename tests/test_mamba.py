@@ -1,5 +1,7 @@
 """Mamba / Mamba-2: chunked kernels against their sequential references, HF oracles, save/load, config checks."""
 import pytest
+import transformers
+from packaging.version import Version
 import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
@@ -146,6 +148,8 @@ def test_logits_match_hf_mamba(kw):
     "kw", [{}, {"n_groups": 2, "chunk_size": 8, "tie_word_embeddings": True}, {"time_step_limit": (0.0, 0.05), "use_bias": True}]
 )
 def test_logits_match_hf_mamba2(kw):
+    if kw.get("n_groups", 1) > 1 and Version(transformers.__version__) < Version("5.23.0"):
+        pytest.skip("transformers < 5.23 normalizes Mamba-2's gated RMSNorm over all of d_inner, not per group as mamba-ssm and zoo do (fixed in 5.23)")
     hf = tiny_mamba2(**kw)
     model = from_mamba2(hf).eval()
     x = torch.randint(0, 97, (2, 45))

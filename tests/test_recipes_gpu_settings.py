@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_overrides
-from zoo.config import builtin_recipe_names, load_recipe
+from zoo.recipe_loader import builtin_recipe_names, load_recipe
 from zoo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,11 @@ from zoo.checkpoints import (
     PREEMPTED_EXIT_CODE, AtomicCheckpointIO, CheckpointError, NonFiniteError, ResumableBatchSampler, atomic_directory,
     checkpoint_files, ensure_writable_dir, find_resume_point, load_checkpoint_file, trim_metrics,
 )
-from zoo.config import ModelConfig, load_recipe
+from zoo.config import ModelConfig
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
+from zoo.recipe_loader import load_recipe
 from zoo.train import train
 from zoo.training import ZooLightningModule
 

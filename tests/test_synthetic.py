@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from zoo.config import TaskConfig, load_recipe
 from zoo.data import ZooDataModule
 from zoo.errors import ConfigError
+from zoo.recipe_loader import load_recipe
 from zoo.synthetic import IGNORE_INDEX, answer_accuracy, generate
+from zoo.synthetic import TaskConfig
 from zoo.train import train
 
 

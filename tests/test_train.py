@@ -13,7 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_overrides
-from zoo.config import load_recipe
+from zoo.recipe_loader import load_recipe
 from zoo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

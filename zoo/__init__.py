@@ -5,9 +5,10 @@ with ``AutoModelForCausalLM.from_pretrained(dir)``.
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from zoo.config import ModelConfig, Recipe, load_recipe
+from zoo.config import ModelConfig, Recipe
 from zoo.errors import ConfigError, ZooError
 from zoo.modeling import ZooCache, ZooConfig, ZooForCausalLM, ZooForMaskedLM, ZooModel
+from zoo.recipe_loader import load_recipe
 
 AutoConfig.register(ZooConfig.model_type, ZooConfig, exist_ok=True)
 AutoModel.register(ZooConfig, ZooModel, exist_ok=True)

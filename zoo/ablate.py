@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
-from zoo.config import ModelConfig, Recipe, load_recipe
+from zoo.cli import ArgumentParser, run_main, split_recipe_args
+from zoo.config import ModelConfig, Recipe
 from zoo.errors import ConfigError, ZooError
 from zoo.layers import MIXERS
+from zoo.recipe_loader import load_recipe
 
 USAGE = "usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N]"
 WIDTH_STEP = 8
@@ -40,30 +42,19 @@ class AblationArgs:
 
 
 def parse_args(argv: list[str]) -> AblationArgs:
-    recipe, blocks, overrides, target = None, None, [], None
-    it = iter(argv)
-    for arg in it:
-        if arg.startswith("--params"):
-            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-            if not value.isdigit():
-                raise ZooError(f"--params takes a whole number of parameters, got {value!r}\n{USAGE}")
-            target = int(value)
-        elif arg.startswith("-"):
-            raise ZooError(f"unknown flag '{arg}'\n{USAGE}")
-        elif arg.startswith("recipe="):
-            recipe = arg.split("=", 1)[1]
-        elif arg.startswith("blocks="):
-            parsed = yaml.safe_load(arg.split("=", 1)[1])
-            blocks = parsed if isinstance(parsed, list) else [parsed]
-        else:
-            overrides.append(arg)
-    if not recipe:
-        raise ZooError(f"no recipe given\n{USAGE}")
+    parser = ArgumentParser(prog="python -m zoo.ablate", usage=USAGE[len("usage: "):], description=__doc__.split("\n")[0])
+    parser.add_argument("settings", nargs="*", help="recipe=NAME, blocks=[...], then key.path=value overrides")
+    parser.add_argument("--params", type=int, default=None, help="target parameter count (default: the recipe's)")
+    args = parser.parse_args(argv)
+    blocks = [s.split("=", 1)[1] for s in args.settings if s.startswith("blocks=")]
+    recipe, overrides = split_recipe_args([s for s in args.settings if not s.startswith("blocks=")], USAGE)
     if not blocks:
         raise ZooError(f"no blocks given\n{USAGE}")
-    for i, name in enumerate(blocks):
-        MIXERS.get(str(name), f"blocks[{i}]")
-    return AblationArgs(recipe, [str(b) for b in blocks], overrides, target)
+    parsed = yaml.safe_load(blocks[-1])
+    names = [str(b) for b in (parsed if isinstance(parsed, list) else [parsed])]
+    for i, name in enumerate(names):
+        MIXERS.get(name, f"blocks[{i}]")
+    return AblationArgs(recipe, names, overrides, args.params)
 
 
 def model_stats(model_cfg: ModelConfig) -> dict[str, int]:
@@ -241,19 +232,15 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
+
+    def body() -> None:
         args = parse_args(argv)
         base = load_recipe(args.recipe, args.overrides)
         rows = ablate(base, args.blocks, args.target_params)
-    except ZooError as err:
-        print(f"zoo.ablate: error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(rows), end="")
-    print(f"zoo.ablate: table in {Path(base.output_dir) / 'ablation.md'} and ablation.csv")
-    return 0
+        print(markdown_table(rows), end="")
+        print(f"zoo.ablate: table in {Path(base.output_dir) / 'ablation.md'} and ablation.csv")
+
+    return run_main("zoo.ablate", body)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Masked (absorbing-state) discrete diffusion, as in MDLM (Sahoo et al. 2024): noise schedules, the continuous-time
-NELBO, the Lightning module that trains a :class:`~zoo.modeling.ZooForMaskedLM` with it, and the ancestral sampler.
+NELBO (noise schedules in :mod:`zoo.noise`), the Lightning module that trains a :class:`~zoo.modeling.ZooForMaskedLM` with it, and the ancestral sampler.
 
 At time ``t`` in [0, 1] each token is kept with probability ``alpha_t`` and replaced by the mask token otherwise.
 The denoiser predicts the clean tokens (SUBS parametrization: never the mask token). The negative ELBO per sequence
@@ -14,48 +14,12 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from zoo.config import DiffusionConfig, DiffusionSamplingConfig, build, to_dict
+from zoo.config import DiffusionConfig, DiffusionSamplingConfig
 from zoo.errors import ZooError
 from zoo.modeling import ZooConfig, ZooForMaskedLM
+from zoo.noise import NoiseSchedule
 from zoo.training import ZooLightningModule
-
-
-class NoiseSchedule:
-    """``alpha_t``: the probability that a token is still unmasked at time ``t``; ``alpha_0 = 1``, ``alpha_1 = eps``.
-
-    - ``loglinear``: ``alpha_t = 1 - (1 - eps) t`` (MDLM's default; the total noise ``-log alpha_t`` is a log of a linear function)
-    - ``linear``: ``alpha_t = eps^t`` (total noise ``sigma_t = -t log eps`` linear in t, MDLM's LinearNoise from 0)
-    - ``cosine``: ``alpha_t = eps + (1 - eps) cos(pi t / 2)``
-    """
-
-    def __init__(self, name: str = "loglinear", eps: float = 1e-3):
-        self.name = name
-        self.eps = eps
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else None)
-        if self.name == "loglinear":
-            return 1 - (1 - self.eps) * t
-        if self.name == "linear":
-            return torch.exp(t * math.log(self.eps))
-        if self.name == "cosine":
-            return self.eps + (1 - self.eps) * torch.cos(0.5 * math.pi * t)
-        raise ValueError(f"unknown noise schedule '{self.name}'")
-
-    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
-        """``d alpha_t / dt`` (negative: tokens only get masked as t grows)."""
-        t = torch.as_tensor(t)
-        if self.name == "loglinear":
-            return torch.full_like(t, -(1 - self.eps))
-        if self.name == "linear":
-            return math.log(self.eps) * self.alpha(t)
-        if self.name == "cosine":
-            return -(1 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
-        raise ValueError(f"unknown noise schedule '{self.name}'")
-
-    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The NELBO weight ``-alpha'_t / (1 - alpha_t)`` of a masked position's cross-entropy (``1/t`` for loglinear)."""
-        return -self.alpha_derivative(t) / (1 - self.alpha(t))
+from zoo.typed import build, to_dict
 
 
 def sample_times(batch_size: int, t_min: float, antithetic: bool = True, generator: torch.Generator | None = None,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.cli import ArgumentParser, run_main
 from zoo.errors import ZooError
 
 
@@ -70,7 +71,7 @@ def generate_causal(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m zoo.generate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m zoo.generate", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="an hf/ directory written by zoo.train, or its run directory")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -99,7 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def body() -> None:
         args = parse_args(argv)
         path = resolve_checkpoint(args.checkpoint)
         import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
@@ -125,12 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                 static=args.static, cuda_graph=args.cuda_graph,
             )
-    except ZooError as err:
-        print(f"zoo.generate: error: {err}", file=sys.stderr)
-        return 2
-    for text in texts:
-        print(text, end="\n\n")
-    return 0
+        for text in texts:
+            print(text, end="\n\n")
+
+    return run_main("zoo.generate", body)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ model.safetensors, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` load
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from zoo.cli import ArgumentParser, run_main
 from zoo.errors import ZooError
 
 
@@ -51,18 +51,16 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo.merge", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m zoo.merge", description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="the base model's Hugging Face directory")
     parser.add_argument("--adapter", required=True, help="the PEFT adapter directory")
     parser.add_argument("--out", required=True, help="where to write the merged checkpoint")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out = merge_adapter(args.base, args.adapter, args.out)
-    except ZooError as err:
-        print(f"zoo.merge: error: {err}", file=sys.stderr)
-        return 2
-    print(f"zoo.merge: wrote {out}")
-    return 0
+
+    def body() -> None:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        print(f"zoo.merge: wrote {merge_adapter(args.base, args.adapter, args.out)}")
+
+    return run_main("zoo.merge", body)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,48 @@ and accuracy count answer positions only. Token 0 is the blank/filler token of e
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
-from zoo.config import SYNTHETIC_SOURCES, TaskConfig
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 
 IGNORE_INDEX = -100
 BLANK = 0
+
+
+@dataclass
+class TaskConfig:
+    """A synthetic task's settings (``data.task``, for ``data.source`` in :data:`GENERATORS`).
+
+    ``vocab_size`` is the task's token vocabulary (the model's is 3 larger: the tokenizer's special tokens).
+    """
+
+    vocab_size: int = bounded(64, ge=4, note="blank, markers and data tokens")
+    num_kv_pairs: int = bounded(8, ge=1)  # mqar
+    num_queries: int | None = None  # mqar; None: every key is queried
+    power_a: float = bounded(0.01, gt=0)  # mqar: query gaps drawn with weight ~ gap^(power_a - 1), as in Zoology
+    num_tokens_to_copy: int = bounded(16, ge=1)  # selective_copy
+    train_samples: int = bounded(20000, ge=1)
+    val_samples: int = bounded(1000, ge=1)
+
+    def queries(self) -> int:
+        return self.num_kv_pairs if self.num_queries is None else self.num_queries
+
+    def validate(self, source: str, seq_len: int) -> None:
+        """Check the settings against the task and ``data.seq_len``; errors name ``task.KEY`` or ``seq_len``."""
+        if source == "mqar":
+            if self.num_kv_pairs > self.vocab_size // 2 - 1:
+                raise ConfigError("task.num_kv_pairs", f"{self.num_kv_pairs} distinct keys need vocab_size >= {2 * self.num_kv_pairs + 2}")
+            if not 1 <= self.queries() <= self.num_kv_pairs:
+                raise ConfigError("task.num_queries", f"must be in [1, num_kv_pairs={self.num_kv_pairs}], got {self.num_queries}")
+            if (seq_len + 1 - 2 * self.num_kv_pairs) // 2 < self.queries():
+                raise ConfigError("seq_len", f"mqar needs seq_len >= {2 * self.num_kv_pairs + 2 * self.queries() - 1} for {self.num_kv_pairs} pairs and {self.queries()} queries, got {seq_len}")
+        elif source == "selective_copy" and seq_len < 2 * self.num_tokens_to_copy:
+            raise ConfigError("seq_len", f"selective_copy needs seq_len >= 2 * num_tokens_to_copy = {2 * self.num_tokens_to_copy}, got {seq_len}")
+        elif source == "induction" and seq_len < 3:
+            raise ConfigError("seq_len", f"induction needs seq_len >= 3, got {seq_len}")
 
 
 def mqar(rng: np.random.Generator, n: int, seq_len: int, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +120,10 @@ def generate(source: str, task: TaskConfig, seq_len: int, train_samples: int, va
 
     Samples are drawn in one stream, duplicates dropped, and the first ``val_samples`` distinct ones go to validation.
     """
-    if source not in SYNTHETIC_SOURCES:
-        raise ConfigError("data.source", f"'{source}' is not a synthetic task; tasks: {', '.join(SYNTHETIC_SOURCES)}")
+    if source not in GENERATORS:
+        raise ConfigError("data.source", f"'{source}' is not a synthetic task; tasks: {', '.join(GENERATORS)}")
     need = train_samples + val_samples
-    rng = np.random.default_rng([seed, SYNTHETIC_SOURCES.index(source)])
+    rng = np.random.default_rng([seed, list(GENERATORS).index(source)])
     inputs, targets = GENERATORS[source](rng, need + need // 10 + 16, seq_len, task)
     digests = [hashlib.sha1(row.tobytes() + t.tobytes()).digest() for row, t in zip(inputs, targets)]
     _, first_seen = np.unique(np.array(digests), return_index=True)

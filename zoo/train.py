@@ -17,27 +17,22 @@ import time
 import warnings
 from pathlib import Path
 
-from zoo.config import Recipe, load_recipe
+from zoo.cli import ArgumentParser, run_main, split_recipe_args
+from zoo.config import Recipe
 from zoo.errors import ZooError
+from zoo.recipe_loader import load_recipe
 
 USAGE = "usage: python -m zoo.train recipe=NAME [key.path=value ...] [--print]"
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
     """Split the command line into (recipe name, overrides, print-only)."""
-    recipe, overrides, print_only = None, [], False
-    for arg in argv:
-        if arg in ("--print", "--print-recipe"):
-            print_only = True
-        elif arg.startswith("recipe="):
-            recipe = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
-            raise ZooError(f"unknown flag '{arg}'\n{USAGE}")
-        else:
-            overrides.append(arg)
-    if not recipe:
-        raise ZooError(f"no recipe given\n{USAGE}")
-    return recipe, overrides, print_only
+    parser = ArgumentParser(prog="python -m zoo.train", usage=USAGE[len("usage: "):], description=__doc__.split("\n")[0])
+    parser.add_argument("settings", nargs="*", help="recipe=NAME, then key.path=value overrides")
+    parser.add_argument("--print", "--print-recipe", dest="print_only", action="store_true", help="print the resolved recipe and exit")
+    args = parser.parse_args(argv)
+    recipe, overrides = split_recipe_args(args.settings, USAGE)
+    return recipe, overrides, args.print_only
 
 
 def train(recipe: Recipe) -> dict:
@@ -165,29 +160,23 @@ def train(recipe: Recipe) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
+
+    def body() -> int:
         name, overrides, print_only = parse_args(argv)
         recipe = load_recipe(name, overrides)
-    except ZooError as err:
-        print(f"zoo.train: error: {err}", file=sys.stderr)
-        return 2
-    if print_only:
-        print(recipe.to_yaml(), end="")
-        return 0
-    from zoo.checkpoints import PREEMPTED_EXIT_CODE, PreemptedError
+        if print_only:
+            print(recipe.to_yaml(), end="")
+            return 0
+        from zoo.checkpoints import PREEMPTED_EXIT_CODE, PreemptedError
 
-    try:
-        train(recipe)
-    except PreemptedError as err:
-        print(f"zoo.train: {err}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    except ZooError as err:
-        print(f"zoo.train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        try:
+            train(recipe)
+        except PreemptedError as err:
+            print(f"zoo.train: {err}", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        return 0
+
+    return run_main("zoo.train", body)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from zoo.cli import ArgumentParser, run_main
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
 from zoo.errors import ZooError
-
-USAGE = "usage: python -m zoo.convert HF_DIR OUT_DIR"
 
 # config.model_type of the source checkpoint -> converter of its loaded HF model
 CONVERTERS = {
@@ -51,20 +50,15 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    if len(argv) != 2:
-        print(f"zoo.convert: error: expected HF_DIR and OUT_DIR\n{USAGE}", file=sys.stderr)
-        return 2
-    try:
-        out = convert_checkpoint(*argv)
-    except ZooError as err:
-        print(f"zoo.convert: error: {err}", file=sys.stderr)
-        return 2
-    print(f"zoo.convert: wrote {out}")
-    return 0
+    parser = ArgumentParser(prog="python -m zoo.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("hf_dir", help="a local Hugging Face checkpoint directory")
+    parser.add_argument("out_dir", help="where to write the zoo checkpoint")
+
+    def body() -> None:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        print(f"zoo.convert: wrote {convert_checkpoint(args.hf_dir, args.out_dir)}")
+
+    return run_main("zoo.convert", body)
 
 
 if __name__ == "__main__":
