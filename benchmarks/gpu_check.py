@@ -151,13 +151,29 @@ class Budget:
         return time.monotonic() - self.start
 
 
+_GROUPS: set[int] = set()  # process groups of the commands running now
+_STOP = threading.Event()  # set on SIGTERM / SIGINT: no command starts any more
+
+
+def _kill_groups_and_exit(signum: int, frame: Any) -> None:
+    """SIGTERM / SIGINT: the steps' process groups go too (they run in sessions of their own)."""
+    _STOP.set()
+    for pgid in list(_GROUPS):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def run_command(cmd: list[str], timeout: float, log: Path, cwd: Path = ROOT, env: dict | None = None) -> tuple[int | None, str]:
     """Run ``cmd`` in its own process group, output to ``log``; on timeout the whole group is killed (rc None)."""
+    if _STOP.is_set():
+        raise SystemExit("gpu_check: stopped by a signal")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     rc = None
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+        _GROUPS.add(proc.pid)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -166,6 +182,7 @@ def run_command(cmd: list[str], timeout: float, log: Path, cwd: Path = ROOT, env
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # also what the step left behind (workers, compilers)
             proc.wait()
+            _GROUPS.discard(proc.pid)
     return rc, log.read_text(errors="replace")
 
 
@@ -474,7 +491,8 @@ def base_recipe(recipe: str, recipes: dict) -> tuple[str | None, str]:
     return None, f"fine-tunes {init_from}, which no recipe of this check writes"
 
 
-def plan(env: dict, dry: bool, workdir: Path, budget_s: float) -> list[tuple[list[Step], bool]]:
+def plan(env: dict, dry: bool, workdir: Path, budget_s: float,
+         overrides: list[str] = TRAIN_OVERRIDES) -> list[tuple[list[Step], bool]]:
     """Stages of steps after the environment: (steps, may run concurrently)."""
     py = sys.executable
     stages: list[tuple[list[Step], bool]] = []
@@ -491,7 +509,7 @@ def plan(env: dict, dry: bool, workdir: Path, budget_s: float) -> list[tuple[lis
     first, second = [], []
     for recipe in recipes:
         out_dir = workdir / "train" / recipe
-        argv = [f"recipe={recipe}", f"output_dir={out_dir}", *TRAIN_OVERRIDES]
+        argv = [f"recipe={recipe}", f"output_dir={out_dir}", *overrides]
         base, why = base_recipe(recipe, recipes)
         if base:
             argv.append(f"finetune.init_from={workdir / 'train' / base / 'hf'}")
@@ -616,7 +634,7 @@ def markdown(report: dict) -> str:
     train = by_group.get("train", [])
     if train:
         lines += ["", "## Training: one short run per recipe", "",
-                  "`python -m zoo.train recipe=NAME output_dir=TMP " + " ".join(TRAIN_OVERRIDES) + "`"
+                  "`python -m zoo.train recipe=NAME output_dir=TMP " + " ".join(meta.get("train_overrides", TRAIN_OVERRIDES)) + "`"
                   + (" (dry run: with `--print`; the resolved recipe is checked to carry every override)." if meta["dry_run"] else "."),
                   ""]
         if meta["dry_run"]:
@@ -708,16 +726,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="plan and check every command, run nothing on a GPU")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for gpu-check-<gpu>.{md,json}")
     parser.add_argument("--jobs", type=int, default=4, help="training runs at a time on the GPU (default 4)")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more recipe override for every training run (repeatable)")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error("--budget-s must be positive")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if any("=" not in item or item.startswith(("recipe=", "output_dir=")) for item in args.train_override):
+        parser.error("--train-override takes KEY=VALUE, and neither recipe nor output_dir")
+    overrides = [*TRAIN_OVERRIDES, *args.train_override]
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         parser.error(f"--out {args.out}: {err}")
     budget = Budget(args.budget_s, reserve=min(15.0, 0.05 * args.budget_s))
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _kill_groups_and_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
     command = "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     workdir = Path(tempfile.mkdtemp(prefix="zoo-gpu-check-"))
     try:
@@ -739,17 +765,17 @@ def main(argv: list[str] | None = None) -> int:
         gpu = (env.get("gpu") or {}).get("name")
         env_result.details["summary"] = (f"{gpu}, torch {env.get('torch')}" if gpu else f"no CUDA; torch {env.get('torch')}")
         results = [env_result]
-        for steps, concurrent in plan(env, dry, workdir, args.budget_s):
+        for steps, concurrent in plan(env, dry, workdir, args.budget_s, overrides):
             results += runner.stage(steps, args.jobs if concurrent and not dry else 1)
         device = gpu if gpu and not dry else f"{platform.machine()} CPU, no GPU used"
         code = exit_code(results)
         report = {
             "meta": {
                 "command": command, "dry_run": dry, "dry_reason": why, "device": device,
-                "stem": "gpu-check-dry-run" if dry else f"gpu-check-{slug(gpu)}",
+                "stem": "gpu-check-dry-run" if dry else f"gpu-check-{slug(gpu or device)}",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "budget_s": args.budget_s, "wall_s": round(budget.elapsed(), 1), "exit_code": code, "jobs": args.jobs,
-                "train_overrides": TRAIN_OVERRIDES, "kernel_args": KERNEL_ARGS, "decode_args": DECODE_ARGS,
+                "train_overrides": overrides, "kernel_args": KERNEL_ARGS, "decode_args": DECODE_ARGS,
             },
             "environment": env,
             "steps": [dataclasses.asdict(r) for r in results],
@@ -759,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

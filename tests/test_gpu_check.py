@@ -31,7 +31,7 @@ def test_dry_run_plans_and_checks_every_step(tmp_path):
     from benchmarks.kernels import BENCHES
     from zoo.config import builtin_recipe_names
 
-    assert g.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert g.main(["--dry-run", "--out", str(tmp_path), "--train-override", "optimizer.fused=false"]) == 0
     report = json.loads((tmp_path / "gpu-check-dry-run.json").read_text())
     md = (tmp_path / "gpu-check-dry-run.md").read_text()
     assert md.startswith("# GPU check (dry run)") and report["meta"]["dry_run"] and report["meta"]["exit_code"] == 0
@@ -44,7 +44,8 @@ def test_dry_run_plans_and_checks_every_step(tmp_path):
 
     for recipe in recipes:
         command = steps[f"train {recipe}"]["command"]
-        assert f"zoo.train recipe={recipe} " in command and "trainer.precision=bf16-mixed" in command and command.endswith("--print")
+        assert f"zoo.train recipe={recipe} " in command and " optimizer.fused=false " in command and command.endswith(" --print")
+        assert all(item in command for item in g.TRAIN_OVERRIDES)  # trainer.precision=bf16-mixed among them
     order = [s["name"] for s in report["steps"]]
     assert order.index("train lora_small") > order.index("train mamba_small")
     assert "/train/mamba_small/hf" in steps["train lora_small"]["command"]
@@ -177,7 +178,7 @@ def test_report_is_written_as_markdown_and_json(tmp_path):
     assert g.markdown(json.loads(json_path.read_text())) == md
 
 
-@pytest.mark.parametrize("argv", [["--budget-s", "0"], ["--jobs", "0"], ["--no-such-option"]])
+@pytest.mark.parametrize("argv", [["--budget-s", "0"], ["--jobs", "0"], ["--train-override", "recipe=x"], ["--no-such-option"]])
 def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_:
         g.main(argv)
@@ -193,3 +194,19 @@ def test_kernel_benchmark_sizes_option(capsys):
     with pytest.raises(SystemExit) as exit_:
         kernels.main(["--sizes", "1024:x", "--dry-run"])
     assert exit_.value.code == 2
+
+
+def test_benchmark_outputs_are_read_back(tmp_path):
+    from benchmarks import kernels
+
+    kernels.main(["--smoke", "--ops", "selective_scan", "--out", str(tmp_path / "k")])
+    ok, details = g.bench_parser(tmp_path / "k", "kernels")("", 0)
+    assert ok and details["report"]["ops"]["selective_scan"]["runs"] and "| zoo triton |" in details["markdown"]
+    assert g.bench_parser(tmp_path / "k", "kernels")("", 1)[0] is False  # a failed run does not pass on old files
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "decode-x.json").write_text(json.dumps(
+        {"models": {"mamba_small": {"static@1": {"tokens_per_s": 10.0}, "cuda_graph@1": {"error": "RuntimeError: capture"}}}}
+    ))
+    ok, details = g.bench_parser(tmp_path / "d", "decode")("", 0)
+    assert not ok and "1 error cells" in details["reason"] and "capture" in details["reason"]
