@@ -1,7 +1,8 @@
 """Decode speed of every ``_small`` recipe's model: Hugging Face ``generate`` vs zoo's static decoding vs CUDA graphs.
 
 ``python -m benchmarks.decode`` (CUDA: bf16 weights; CPU: fp32) or ``--smoke`` (the same recipes shrunk to d_model 64
-and 4 layers, CPU). For each recipe's model (random weights; the speed does not depend on them) and each batch size:
+and 4 layers, CPU); ``--dry-run`` prints the plan (recipes resolved, device, modes, shapes) and times nothing.
+For each recipe's model (random weights; the speed does not depend on them) and each batch size:
 a prompt of ``--prompt`` tokens is prefilled, then ``--new-tokens`` tokens are decoded greedily by
 
 - ``generate``: ``model.generate`` over a growing :class:`~zoo.modeling.ZooCache` (per-token times marked inside it);
@@ -126,6 +127,19 @@ def run(recipes: list[str], batches: list[int], prompt: int, new_tokens: int, de
     }
 
 
+def plan(recipes: list[str], batches: list[int], prompt: int, new_tokens: int, device: torch.device, smoke: bool,
+         out: Path) -> dict:
+    """What :func:`run` would measure (``--dry-run``): every recipe's model config is resolved, no model is built."""
+    configs = {recipe: load_recipe(recipe, [*(SMOKE_OVERRIDES if smoke else []), "model.vocab_size=259"]).model for recipe in recipes}
+    return {
+        "device": device_name(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "modes": ["generate", "static"] + (["cuda_graph"] if device.type == "cuda" else []),
+        "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "smoke": smoke},
+        "recipes": {name: {"blocks": list(cfg.blocks), "n_layers": cfg.n_layers, "d_model": cfg.d_model} for name, cfg in configs.items()},
+        "out": str(out),
+    }
+
+
 def _cell(cell: Any) -> str:
     if isinstance(cell, dict) and "tokens_per_s" in cell:
         return f"{cell['tokens_per_s']:,.0f}"
@@ -157,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dry-run", action="store_true", help="resolve the recipes, print the plan as JSON, time nothing")
     args = parser.parse_args(argv)
     recipes = args.recipes.split(",") if args.recipes else RECIPES
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     batches = [int(b) for b in args.batches.split(",") if b]
+    if args.dry_run:
+        print(json.dumps(plan(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, args.out), indent=2))
+        return 0
     report = run(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, lambda line: print(line, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")

@@ -1,7 +1,9 @@
 """Scan kernels, forward and forward + backward: zoo's Triton kernels vs zoo's chunked PyTorch forms vs peer kernels.
 
 ``python -m benchmarks.kernels`` (CUDA GPU, bf16, 16k tokens per call: T = 1k / 4k / 16k with B = 16 / 4 / 1) or
-``--smoke`` (tiny fp32 shapes; on CPU the Triton kernels run in the interpreter). Every implementation of an op gets
+``--smoke`` (tiny fp32 shapes; on CPU the Triton kernels run in the interpreter); ``--sizes 1024:4`` times other
+(T, batch) sizes, ``--dry-run`` prints the plan (device, dtype, sizes, implementations, peers found) and times nothing.
+Every implementation of an op gets
 the same inputs in the same process; times are medians of CUDA-event timings after warm-up. Peers (mamba_ssm, fla)
 are timed when they import. Writes ``benchmarks/results/kernels-<gpu>.{json,md}`` (``kernels-smoke`` for --smoke).
 
@@ -391,15 +393,46 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"1024:4,4096:1"`` -> ``[(1024, 4), (4096, 1)]`` (T:batch pairs)."""
+    try:
+        sizes = [tuple(int(n) for n in pair.split(":")) for pair in text.split(",") if pair]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected T:batch pairs like 1024:4,4096:1, got {text!r}")
+    return sizes
+
+
+def plan(args: argparse.Namespace, device: torch.device, sizes, dtype, warmup: int, iters: int, path: Path) -> dict:
+    """What a run with these arguments would time (``--dry-run``): nothing is computed, peers are only imported."""
+    ops = {}
+    for op in args.ops:
+        bench = BENCHES[op]
+        peers = {name: load() is not None for name, load in bench.peers.items()}
+        ops[op] = {
+            "shapes": bench.smoke_shapes if args.smoke else bench.shapes,
+            "implementations": list(bench.zoo) + [name for name, found in peers.items() if found],
+            "peers_missing": [name for name, found in peers.items() if not found],
+        }
+    return {
+        "device": device_name(device), "cuda": device.type == "cuda", "dtype": str(dtype).removeprefix("torch."),
+        "sizes": [{"T": T, "batch": b} for T, b in sizes], "warmup": warmup, "iters": iters, "ops": ops,
+        "would_write": [str(path.with_suffix(".json")), str(path.with_suffix(".md"))],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (CPU: Triton interpreter)")
     parser.add_argument("--ops", nargs="+", choices=sorted(BENCHES), default=sorted(BENCHES))
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--sizes", type=parse_sizes, help="T:batch pairs, e.g. 1024:4,4096:1 (default: 16k tokens per call)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and time nothing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md results")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
+    if not cuda and not args.smoke and not args.dry_run:
         parser.error("the benchmark shapes need a CUDA GPU; pass --smoke for a tiny run on CPU")
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
@@ -407,6 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         sizes, dtype, warmup, iters = GPU_SIZES, torch.bfloat16, 3, args.iters or 10
         stem = "kernels-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    sizes = args.sizes or sizes
+    if args.dry_run:
+        planned = plan(args, device, sizes, dtype, warmup, iters, args.out / stem)
+        print(json.dumps(planned, indent=2))
+        return planned
     report = {
         "device": device_name(device),
         "torch": torch.__version__,
