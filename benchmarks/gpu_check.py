@@ -80,7 +80,7 @@ try:
 except Exception as err:
     out.update(cuda=False, torch_error=f"{type(err).__name__}: {err}".splitlines()[0])
 try:
-    from zoo.config import builtin_recipe_names, load_recipe
+    from zoo.recipe_loader import builtin_recipe_names, load_recipe
     out["recipes"] = {}
     for name in builtin_recipe_names():
         r = load_recipe(name)
@@ -522,7 +522,7 @@ def plan(env: dict, dry: bool, workdir: Path, budget_s: float,
             step = Step(**common, cmd=[py, "-m", "zoo.train", *argv], parse=train_parser(out_dir))
         (second if base else first).append(step)
     if not recipes:
-        why = needs(env, "zoo.train") or env.get("recipes_error", "zoo.config lists no recipe")
+        why = needs(env, "zoo.train") or env.get("recipes_error", "zoo.recipe_loader lists no recipe")
         first.append(Step("train (recipes)", "train", skip=f"no recipe list: {why}"))
     stages += [(first, True), (second, True)]
 

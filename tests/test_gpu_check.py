@@ -29,7 +29,7 @@ def alive(pid: int) -> bool:
 
 def test_dry_run_plans_and_checks_every_step(tmp_path):
     from benchmarks.kernels import BENCHES
-    from zoo.config import builtin_recipe_names
+    from zoo.recipe_loader import builtin_recipe_names
 
     assert g.main(["--dry-run", "--out", str(tmp_path), "--train-override", "optimizer.fused=false"]) == 0
     report = json.loads((tmp_path / "gpu-check-dry-run.json").read_text())

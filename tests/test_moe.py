@@ -278,7 +278,7 @@ def test_tiny_moe_training_logs_router_metrics(tmp_path):
     import csv
 
     from conftest import tiny_overrides
-    from zoo.config import load_recipe
+    from zoo.recipe_loader import load_recipe
     from zoo.train import train
 
     overrides = tiny_overrides(tmp_path, **{"trainer.log_every": 2, "model.moe.expert_hidden": 32})

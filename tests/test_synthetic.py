@@ -10,8 +10,7 @@ from conftest import tiny_overrides
 from zoo.data import ZooDataModule
 from zoo.errors import ConfigError
 from zoo.recipe_loader import load_recipe
-from zoo.synthetic import IGNORE_INDEX, answer_accuracy, generate
-from zoo.synthetic import TaskConfig
+from zoo.synthetic import IGNORE_INDEX, TaskConfig, answer_accuracy, generate
 from zoo.train import train
 
 
