@@ -1,4 +1,11 @@
-"""zoo.layers: sequence mixers behind one contract, feed-forward modules and the registries that name them."""
+"""zoo.layers: sequence mixers behind one contract, feed-forward modules and the registries that name them.
+
+Every module of this package is imported here, so a block or FFN file registers itself (``@MIXERS.register``) by
+being in this folder: adding a block edits no list.
+"""
+import importlib
+import pkgutil
+
 from .base import Bidirectional, SequenceMixer, map_state
 from .registry import FFNS, MIXERS, Entry, Registry
 from .norm import RMSNorm
@@ -23,3 +30,6 @@ __all__ = [
     "RWKV6", "RWKV6Config", "RWKV6State", "RWKV7", "RWKV7Config", "RWKV7State",
     "RWKVChannelMix", "RWKVChannelMixConfig",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

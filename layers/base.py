@@ -27,6 +27,8 @@ class SequenceMixer(nn.Module, abc.ABC):
     # Whether this block's state can be cut back to an earlier token (its state type then has ``crop(keep)``), as
     # assisted decoding needs after rejected draft tokens; a recurrent state cannot.
     state_can_roll_back: bool = False
+    # A wrapper of registered blocks (Bidirectional), built by the model, not named in recipes.
+    wraps_blocks: bool = False
 
     def __init__(self, config: Any, d_model: int, layer_idx: int):
         super().__init__()
@@ -42,6 +44,10 @@ class SequenceMixer(nn.Module, abc.ABC):
             )
         if not x.is_floating_point():
             raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): expected a floating-point x, got {x.dtype}")
+        if state is not None:
+            batch = first_tensor(state).shape[0]
+            if batch != x.shape[0]:
+                raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): state batch {batch} != input batch {x.shape[0]}")
         return self.mix(x, state)
 
     @abc.abstractmethod
@@ -91,6 +97,8 @@ class Bidirectional(SequenceMixer):
     """Two instances of a causal block: one scans the sequence forward, the other scans it time-reversed; their
     outputs are summed, so position t sees tokens 0..T-1. Whole sequences only: there is no streaming state."""
 
+    wraps_blocks = True
+
     def __init__(self, block_cls: type[SequenceMixer], config: Any, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
         self.registry_name = f"bidirectional {block_cls.registry_name}"
@@ -120,6 +128,16 @@ def cat_states(states: list[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(cat_states(list(parts)) for parts in zip(*states))
     raise TypeError(f"cannot concatenate states of type {type(first).__name__}")
+
+
+def first_tensor(state: Any) -> torch.Tensor:
+    """The first tensor of a (nested tuple / NamedTuple) state: its first dimension is the batch."""
+    if isinstance(state, torch.Tensor):
+        return state
+    for part in state:
+        if part is not None:
+            return first_tensor(part)
+    raise TypeError(f"state of type {type(state).__name__} holds no tensor")
 
 
 def map_state(state: Any, fn) -> Any:
