@@ -107,38 +107,38 @@ B, T, H, K, V, CHUNK = 2, 20, 2, 8, 6, 8  # T: two full chunks and a partial one
 
 
 def retention_inputs(g):
-    q, k = torch.randn(B, T, H, K, generator=g) * K**-0.5, torch.randn(B, T, H, K, generator=g) * K**-0.5
-    log_decay = torch.log1p(-torch.exp2(-5.0 - torch.arange(H)))  # RetNet's gamma_h
-    return dict(q=q, k=k, v=torch.randn(B, T, H, V, generator=g), log_decay=log_decay,
-                initial_state=torch.randn(B, H, K, V, generator=g)), {"q", "k", "v"}
+    randn = functools.partial(torch.randn, generator=g)
+    return dict(q=randn(B, T, H, K) * K**-0.5, k=randn(B, T, H, K) * K**-0.5, v=randn(B, T, H, V),
+                log_decay=torch.log1p(-torch.exp2(-5.0 - torch.arange(H))),  # RetNet's gamma_h
+                initial_state=randn(B, H, K, V)), {"q", "k", "v"}
 
 
 def rwkv6_inputs(g):
-    return dict(r=torch.randn(B, T, H, K, generator=g), k=torch.randn(B, T, H, K, generator=g), v=torch.randn(B, T, H, V, generator=g),
-                w_log=-3 * torch.rand(B, T, H, K, generator=g), u=torch.randn(H, K, generator=g) * 0.5,
-                initial_state=torch.randn(B, H, K, V, generator=g)), {"r", "k", "v"}
+    randn, rand = functools.partial(torch.randn, generator=g), functools.partial(torch.rand, generator=g)
+    return dict(r=randn(B, T, H, K), k=randn(B, T, H, K), v=randn(B, T, H, V), w_log=-3 * rand(B, T, H, K),
+                u=randn(H, K) * 0.5, initial_state=randn(B, H, K, V)), {"r", "k", "v"}
 
 
 def rwkv7_inputs(g):
-    kk = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    return dict(r=torch.randn(B, T, H, K, generator=g), w_log=-math.exp(-0.5) * torch.rand(B, T, H, K, generator=g),
-                k=torch.randn(B, T, H, K, generator=g), v=torch.randn(B, T, H, V, generator=g), a=-kk,
-                b=kk * torch.rand(B, T, H, K, generator=g), initial_state=torch.randn(B, H, K, V, generator=g)), {"r", "k", "v", "a", "b"}
+    randn, rand = functools.partial(torch.randn, generator=g), functools.partial(torch.rand, generator=g)
+    kk = F.normalize(randn(B, T, H, K), dim=-1)
+    return dict(r=randn(B, T, H, K), w_log=-math.exp(-0.5) * rand(B, T, H, K), k=randn(B, T, H, K), v=randn(B, T, H, V),
+                a=-kk, b=kk * rand(B, T, H, K), initial_state=randn(B, H, K, V)), {"r", "k", "v", "a", "b"}
 
 
 def selective_scan_inputs(g, dim=6, n=4):
-    dt = 0.01 + 0.19 * torch.rand(dim, generator=g)
-    return dict(u=torch.randn(B, T, dim, generator=g), delta=torch.randn(B, T, dim, generator=g) * 0.5,
-                A=-torch.arange(1.0, n + 1).repeat(dim, 1), B=torch.randn(B, T, n, generator=g), C=torch.randn(B, T, n, generator=g),
-                D=torch.randn(dim, generator=g), z=torch.randn(B, T, dim, generator=g), delta_bias=dt + torch.log(-torch.expm1(-dt)),
-                initial_state=torch.randn(B, dim, n, generator=g)), {"u", "delta", "B", "C", "z"}
+    randn, rand = functools.partial(torch.randn, generator=g), functools.partial(torch.rand, generator=g)
+    dt = 0.01 + 0.19 * rand(dim)  # Mamba's dt range; delta_bias is its inverse softplus
+    return dict(u=randn(B, T, dim), delta=randn(B, T, dim) * 0.5, A=-torch.arange(1.0, n + 1).repeat(dim, 1),
+                B=randn(B, T, n), C=randn(B, T, n), D=randn(dim), z=randn(B, T, dim),
+                delta_bias=dt + torch.log(-torch.expm1(-dt)), initial_state=randn(B, dim, n)), {"u", "delta", "B", "C", "z"}
 
 
 def ssd_inputs(g, heads=4, p=4, groups=2, n=4):
-    return dict(x=torch.randn(B, T, heads, p, generator=g), dt=0.5 * torch.rand(B, T, heads, generator=g),
-                A=-(0.1 + 4 * torch.rand(heads, generator=g)), B=torch.randn(B, T, groups, n, generator=g),
-                C=torch.randn(B, T, groups, n, generator=g), D=torch.randn(heads, generator=g),
-                dt_bias=torch.randn(heads, generator=g) * 0.5, initial_state=torch.randn(B, heads, p, n, generator=g)), {"x", "dt", "B", "C"}
+    randn, rand = functools.partial(torch.randn, generator=g), functools.partial(torch.rand, generator=g)
+    return dict(x=randn(B, T, heads, p), dt=0.5 * rand(B, T, heads), A=-(0.1 + 4 * rand(heads)),
+                B=randn(B, T, groups, n), C=randn(B, T, groups, n), D=randn(heads), dt_bias=randn(heads) * 0.5,
+                initial_state=randn(B, heads, p, n)), {"x", "dt", "B", "C"}
 
 
 # Per op: (fp32 inputs by parameter name, the activations among them: what a block under autocast hands over in its
