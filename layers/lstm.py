@@ -56,4 +56,5 @@ class LSTM(SequenceMixer):
         h0 = state.h.to(compute_dtype).unsqueeze(0).contiguous()  # [1, B, H], as nn.LSTM wants
         c0 = state.c.to(compute_dtype).unsqueeze(0).contiguous()
         y, (h, c) = self.lstm(x, (h0, c0))  # y: [B, T, H]
-        return self.out_proj(y), LSTMState(h.squeeze(0), c.squeeze(0))
+        # The state keeps its dtype (the model's), not autocast's.
+        return self.out_proj(y), LSTMState(h.squeeze(0).to(state.h.dtype), c.squeeze(0).to(state.c.dtype))

@@ -23,11 +23,12 @@ OFFERED_BACKENDS = ('triton', 'mamba_ssm')  # beyond torch, on request
 def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv of ``x [B, C, T]`` continuing from the last ``K-1`` inputs ``prev [B, C, K-1]``.
 
-    Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs."""
+    Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs in ``prev``'s dtype (under
+    autocast ``x`` is in the compute dtype; the state keeps its own)."""
     full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
     out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
     keep = conv.kernel_size[0] - 1
-    return out, full[:, :, full.shape[-1] - keep :]
+    return out, full[:, :, full.shape[-1] - keep :].to(prev.dtype)
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:

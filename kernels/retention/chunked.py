@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def retention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,

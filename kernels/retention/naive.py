@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def retention_recurrent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial_state: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

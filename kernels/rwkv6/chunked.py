@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def rwkv6_chunked(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     """Chunked WKV. ``r, k, w_log [B, T, H, K]``, ``v [B, T, H, V]``, ``u [H, K]``, state ``[B, H, K, V]``.
 
@@ -26,7 +29,7 @@ def rwkv6_chunked(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     C = chunk_size
     S = torch.zeros(B, H, K, V, dtype=dtype, device=r.device) if initial_state is None else initial_state.to(dtype)
     if T == 0:
-        return v.new_zeros(B, 0, H, V), S
+        return torch.zeros(B, 0, H, V, dtype=dtype, device=r.device), S
     N = -(-T // C)
     pad = N * C - T
     # Padding with r = k = v = 0 and log decay 0 leaves outputs and the final state unchanged.

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def rwkv6_naive(r, k, v, w_log, u, initial_state=None):
     """Token-by-token WKV. ``r, k, w_log [B, T, H, K]``, ``v [B, T, H, V]``, ``u [H, K]``, state ``[B, H, K, V]``.
 

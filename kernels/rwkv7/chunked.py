@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
+
 
 def _pair_decay(A_to: torch.Tensor, A_from: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``exp(A_to[t] - A_from[j])`` where ``mask[t, j]``, else 0: ``[..., C, C, K]``."""
@@ -29,6 +31,7 @@ def _pair(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor
     return (x[..., :, None, :] * y[..., None, :, :] * decay).sum(-1)
 
 
+@autocast_off
 def rwkv7_chunked(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
     """Chunked generalized delta rule. ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``, state ``[B, H, K, V]``.
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def rwkv7_naive(r, w_log, k, v, a, b, initial_state=None):
     """Token-by-token generalized delta rule. ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``, state ``[B, H, K, V]``.
 

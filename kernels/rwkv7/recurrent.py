@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
+
 
 def _time_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, X] -> [T, B*H, X]`` (contiguous)."""
@@ -25,7 +27,8 @@ def _batch_major(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
 
 
 class _DeltaRuleRecurrence(torch.autograd.Function):
-    """All inputs time-major ``[T, BH, K]`` (v: ``[T, BH, V]``); ``w`` is the log decay."""
+    """All inputs time-major ``[T, BH, K]`` (v: ``[T, BH, V]``); ``w`` is the log decay. Runs with autocast off: the
+    caller is decorated with :func:`autocast_off`, and so is the backward."""
 
     @staticmethod
     def _scan(S, decay, k, v, a, b, t0, t1):
@@ -55,12 +58,14 @@ class _DeltaRuleRecurrence(torch.autograd.Function):
         return torch.cat(outs), S
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do, dS_final):
+        # Everything in the saved tensors' dtype (the incoming gradients too), whatever autocast is active.
         r, w, k, v, a, b, *checkpoints = ctx.saved_tensors
         T, L = r.shape[0], ctx.chunk_size
         decay = w.exp()
-        do = torch.zeros(T, *v.shape[1:], dtype=v.dtype, device=v.device) if do is None else do
-        G = torch.zeros_like(checkpoints[0]) if dS_final is None else dS_final.clone()  # dL/dS_t
+        do = torch.zeros(T, *v.shape[1:], dtype=v.dtype, device=v.device) if do is None else do.to(v.dtype)
+        G = torch.zeros_like(checkpoints[0]) if dS_final is None else dS_final.to(v.dtype, copy=True)  # dL/dS_t
         dr, dw, dk, dv, da, db = (torch.empty_like(t) for t in (r, w, k, v, a, b))
         for index in reversed(range(len(checkpoints))):
             t0 = index * L
@@ -85,6 +90,7 @@ class _DeltaRuleRecurrence(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, G, None
 
 
+@autocast_off
 def rwkv7_recurrent(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 32):
     """Same contract as :func:`rwkv7_naive`: ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]``; returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 if given).

@@ -7,9 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
+
 from .inputs import prepare_inputs, skip_and_gate
 
 
+@autocast_off
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def selective_scan_naive(
     u: torch.Tensor,
     delta: torch.Tensor,

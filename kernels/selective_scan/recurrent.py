@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
+
 from .inputs import prepare_inputs, skip_and_gate
 
 
@@ -28,7 +30,8 @@ def _scan_chunk(h: torch.Tensor, decay: torch.Tensor, inject: torch.Tensor) -> t
 
 
 class _SelectiveScanRecurrent(torch.autograd.Function):
-    """``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, ``y_t = C_t . h_t`` on prepared fp32/fp64 inputs."""
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, ``y_t = C_t . h_t`` on prepared fp32/fp64 inputs (autocast off:
+    the caller is decorated with :func:`autocast_off`, and so is the backward)."""
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, h0, chunk_size):
@@ -46,12 +49,14 @@ class _SelectiveScanRecurrent(torch.autograd.Function):
         return torch.cat(ys, dim=1), h
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dh_final):
+        # Everything in the saved tensors' dtype (the incoming gradients too), whatever autocast is active.
         dt, u, A, B, C, *checkpoints = ctx.saved_tensors
         T, L = dt.shape[1], ctx.chunk_size
         dtu = dt * u
-        dh = torch.zeros_like(checkpoints[0]) if dh_final is None else dh_final.clone()
-        dy = torch.zeros_like(dt) if dy is None else dy
+        dh = torch.zeros_like(checkpoints[0]) if dh_final is None else dh_final.to(dt.dtype, copy=True)
+        dy = torch.zeros_like(dt) if dy is None else dy.to(dt.dtype)
         d_dt_decay, d_dtu, dB, dC = torch.empty_like(dt), torch.empty_like(dt), torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
         for index in reversed(range(len(checkpoints))):
@@ -78,6 +83,7 @@ class _SelectiveScanRecurrent(torch.autograd.Function):
         return d_dt, du, dA, dB, dC, dh, None
 
 
+@autocast_off
 def selective_scan_recurrent(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import autocast_off
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = sum_{j < k <= i} a[..., k]`` for ``j <= i``, ``-inf`` above the diagonal (stable, no subtraction)."""
@@ -15,6 +17,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device)), float("-inf"))
 
 
+@autocast_off
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,

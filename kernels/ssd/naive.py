@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.amp import autocast_off
 
+
+@autocast_off
 def ssd_naive(
     x: torch.Tensor,
     dt: torch.Tensor,

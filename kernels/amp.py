@@ -1,0 +1,31 @@
+"""Autocast and the torch forms of the kernels.
+
+A torch form casts its inputs to its compute dtype (fp32, fp64 for fp64 inputs) and keeps its states and scans in
+it. Under autocast (Lightning's ``bf16-mixed`` / ``16-mixed``) its matmuls and einsums would silently run in
+bf16/fp16 instead: states rounded at every read, final states handed back in the low dtype, and hand-written
+backward passes mixing fp32 saved tensors with low-precision gradients. :func:`autocast_off` prevents all three.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def autocast_off(fn):
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument.
+
+    For the torch forms and for the ``forward`` and ``backward`` of their autograd Functions: a device-independent
+    ``torch.amp.custom_fwd(cast_inputs=...)`` / ``custom_bwd`` (the forms cast their inputs themselves), so the
+    backward computes in the saved tensors' dtype whether or not it is called inside autocast.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
