@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import abc
-import importlib.util
 import logging
 from typing import Any
 
 import torch
 from torch import nn
-
-from zoo.errors import BackendUnavailableError
 
 logger = logging.getLogger("zoo")
 
@@ -151,33 +148,6 @@ def map_state(state: Any, fn) -> Any:
     if isinstance(state, (tuple, list)):
         return type(state)(map_state(s, fn) for s in state)
     raise TypeError(f"cannot map over a state of type {type(state).__name__}")
-
-
-SCAN_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
-
-
-def check_scan_backend(block: str, backend: str, offered: tuple[str, ...]) -> str:
-    """Validate a recurrent block's ``backend`` at construction; returns it.
-
-    ``offered`` are the non-torch backends this block has code for. Asking for one it lacks, or one whose package
-    does not import here, is an error, never a silent fallback. ``auto`` is resolved by :func:`scan_backend_for`.
-    """
-    if backend in ("auto", "torch"):
-        return backend
-    if backend not in offered:
-        choices = ", ".join(("auto", "torch", *offered))
-        raise BackendUnavailableError(f"{block} block has no '{backend}' backend; choose one of {choices}")
-    package = {"triton": "triton", "mamba_ssm": "mamba_ssm"}[backend]
-    if importlib.util.find_spec(package) is None:
-        raise BackendUnavailableError(f"{block} backend '{backend}' was asked for but the {package} package is not installed")
-    return backend
-
-
-def scan_backend_for(backend: str) -> str:
-    """The backend a call runs. ``auto`` is torch on every device for now: zoo's Triton kernels have passed
-    their interpreter tests on CPU but not yet their GPU tests (Triton 3.4-3.7.0 miscompiles some chunked backward
-    kernels on Hopper), so they run only when asked for with ``backend: triton``."""
-    return "torch" if backend == "auto" else backend
 
 
 def describe_backends(mixers: list[nn.Module]) -> str:

@@ -10,14 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.kernels.selective_scan import selective_scan
+from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
-from .base import SequenceMixer, check_scan_backend, scan_backend_for
+from .base import SequenceMixer
 from .registry import MIXERS
-
-
-BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
-OFFERED_BACKENDS = ('triton', 'mamba_ssm')  # beyond torch, on request
 
 
 def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +43,7 @@ class MambaConfig:
     bias: bool = False  # in_proj / out_proj bias
     dt_min: float = 0.001
     dt_max: float = 0.1
-    backend: str = "auto"  # auto | torch | triton | mamba_ssm
+    backend: str = "auto"  # a name in zoo.kernels.selective_scan.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         for key in ("d_state", "expand"):
@@ -59,8 +55,7 @@ class MambaConfig:
             raise ConfigError("dt_rank", f"must be >= 1 (or null for ceil(d_model/16)), got {self.dt_rank}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown mamba backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        BACKENDS.check(self.backend, "mamba")
 
     def resolved_dt_rank(self, d_model: int) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)
@@ -79,7 +74,7 @@ class Mamba(SequenceMixer):
 
     def __init__(self, config: MambaConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = check_scan_backend("mamba", config.backend, OFFERED_BACKENDS)
+        self.backend = BACKENDS.require(config.backend, "mamba")
         self.d_inner = config.expand * d_model
         self.d_state = config.d_state
         self.dt_rank = config.resolved_dt_rank(d_model)
@@ -134,6 +129,6 @@ class Mamba(SequenceMixer):
         y, ssm = selective_scan(
             u, delta, A, B, C, self.D, z=z, delta_softplus=True,
             initial_state=None if fresh else state.ssm,
-            backend=scan_backend_for(self.backend),
+            backend=self.backend,
         )
         return self.out_proj(y), MambaState(conv_state, ssm)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.kernels.ssd import ssd_scan
+from zoo.kernels.ssd import BACKENDS, ssd_scan
 
-from .base import SequenceMixer, check_scan_backend, scan_backend_for
-from .mamba import BACKENDS, OFFERED_BACKENDS, causal_conv, inverse_softplus_dt
+from .base import SequenceMixer
+from .mamba import causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -31,7 +31,7 @@ class Mamba2Config:
     dt_max: float = 0.1
     dt_limit_min: float = 0.0  # dt is clamped to [dt_limit_min, dt_limit_max] after the softplus
     dt_limit_max: float | None = None  # None: no upper limit
-    backend: str = "auto"  # auto | torch | triton | mamba_ssm
+    backend: str = "auto"  # a name in zoo.kernels.ssd.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
@@ -49,8 +49,7 @@ class Mamba2Config:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if self.dt_limit_max is not None and self.dt_limit_max <= self.dt_limit_min:
             raise ConfigError("dt_limit_max", f"must be > dt_limit_min={self.dt_limit_min}, got {self.dt_limit_max}")
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown mamba2 backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        BACKENDS.check(self.backend, "mamba2")
 
 
 class Mamba2State(NamedTuple):
@@ -82,7 +81,7 @@ class Mamba2(SequenceMixer):
 
     def __init__(self, config: Mamba2Config, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = check_scan_backend("mamba2", config.backend, OFFERED_BACKENDS)
+        self.backend = BACKENDS.require(config.backend, "mamba2")
         self.d_inner = config.expand * d_model
         self.head_dim = config.head_dim
         self.n_heads = self.d_inner // config.head_dim
@@ -146,7 +145,7 @@ class Mamba2(SequenceMixer):
             dt_limit=(self.config.dt_limit_min, limit_max),
             initial_state=state.ssm,
             chunk_size=self.config.chunk_size,
-            backend=scan_backend_for(self.backend),
+            backend=self.backend,
         )
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm)

@@ -21,14 +21,10 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.kernels.retention import retention
+from zoo.kernels.retention import BACKENDS, retention
 
-from .base import SequenceMixer, check_scan_backend, scan_backend_for
+from .base import SequenceMixer
 from .registry import MIXERS
-
-BACKENDS = ("auto", "torch", "triton")
-
-OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
 
 
 @dataclass
@@ -39,7 +35,7 @@ class RetNetConfig:
     rope_theta: float = 10000.0
     group_norm_affine: bool = False  # learnable per-channel scale/shift after the per-head GroupNorm
     norm_eps: float = 1e-6
-    backend: str = "auto"  # auto | torch | triton
+    backend: str = "auto"  # a name in zoo.kernels.retention.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if self.n_heads < 1:
@@ -56,8 +52,7 @@ class RetNetConfig:
             raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta}")
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"must be > 0, got {self.norm_eps}")
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown retnet backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        BACKENDS.check(self.backend, "retnet")
 
 
 class RetNetState(NamedTuple):
@@ -77,7 +72,7 @@ class RetNet(SequenceMixer):
 
     def __init__(self, config: RetNetConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
-        self.backend = check_scan_backend("retnet", config.backend, OFFERED_BACKENDS)
+        self.backend = BACKENDS.require(config.backend, "retnet")
         self.n_heads = config.n_heads
         self.key_dim = d_model // config.n_heads
         self.value_dim = self.key_dim * config.value_factor
@@ -132,7 +127,7 @@ class RetNet(SequenceMixer):
         k = (k * cos + rotate_every_two(k) * sin) * K**-0.5
         o, kv = retention(
             q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size,
-            backend=scan_backend_for(self.backend),
+            backend=self.backend,
         )
         # Move the state to the frame of the next call's token 0: rotate its key axis by -T theta.
         end = T * theta  # [K]

@@ -15,14 +15,12 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.kernels.rwkv6 import rwkv6
+from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
-from .base import SequenceMixer, check_scan_backend, scan_backend_for
+from .base import SequenceMixer
 from .registry import MIXERS
 
 
-BACKENDS = ("auto", "torch", "triton")
-OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
 # d_t is clamped here before w_log = -exp(d_t): decay exp(-exp(3)) ~ 2e-9 is already "forget everything", and a
 # bounded log decay keeps the chunked kernel's fp32 cumulative sums precise.
 MAX_LOG_LOG_DECAY = 3.0
@@ -40,7 +38,7 @@ class RWKV6Config:
     decay_lora_rank: int = 64
     mix_lora_rank: int = 32
     chunk_size: int = 16
-    backend: str = "auto"  # auto | torch | triton
+    backend: str = "auto"  # a name in zoo.kernels.rwkv6.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if self.head_dim < 1 or d_model % self.head_dim:
@@ -48,8 +46,7 @@ class RWKV6Config:
         for key in ("decay_lora_rank", "mix_lora_rank", "chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown rwkv6 backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        BACKENDS.check(self.backend, "rwkv6")
 
 
 class RWKV6State(NamedTuple):
@@ -66,7 +63,7 @@ class RWKV6(SequenceMixer):
         D, R, Rd = d_model, config.mix_lora_rank, config.decay_lora_rank
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = check_scan_backend("rwkv6", config.backend, OFFERED_BACKENDS)
+        self.backend = BACKENDS.require(config.backend, "rwkv6")
         self.time_maa_x = nn.Parameter(torch.empty(D))
         self.time_maa = nn.Parameter(torch.empty(5, D))  # lambda of the w, k, v, r, g mixes
         self.time_maa_w1 = nn.Parameter(torch.empty(D, 5 * R))
@@ -132,7 +129,7 @@ class RWKV6(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv6(
             r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size,
-            backend=scan_backend_for(self.backend),
+            backend=self.backend,
         )  # o: [B, T, H, K]
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         y = self.output(o * g)

@@ -34,13 +34,11 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.kernels.rwkv7 import rwkv7
+from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
-from .base import SequenceMixer, check_scan_backend, scan_backend_for
-from .rwkv6 import BACKENDS, token_shift
-
-OFFERED_BACKENDS = ('triton',)  # beyond torch, on request
+from .base import SequenceMixer
+from .rwkv6 import token_shift
 
 
 @dataclass
@@ -50,7 +48,7 @@ class RWKV7Config:
     a_lora_rank: int = 64
     gate_lora_rank: int = 128
     chunk_size: int = 16
-    backend: str = "auto"  # auto | torch | triton
+    backend: str = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if self.head_dim < 1 or d_model % self.head_dim:
@@ -58,8 +56,7 @@ class RWKV7Config:
         for key in ("decay_lora_rank", "a_lora_rank", "gate_lora_rank", "chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown rwkv7 backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        BACKENDS.check(self.backend, "rwkv7")
 
 
 class RWKV7State(NamedTuple):
@@ -76,7 +73,7 @@ class RWKV7(SequenceMixer):
         D = d_model
         self.head_dim = config.head_dim
         self.n_heads = D // config.head_dim
-        self.backend = check_scan_backend("rwkv7", config.backend, OFFERED_BACKENDS)
+        self.backend = BACKENDS.require(config.backend, "rwkv7")
         self.x_mix = nn.Parameter(torch.empty(6, D))  # lerp weights of r, w, k, v, a, g
         self.w0 = nn.Parameter(torch.empty(D))
         self.w1 = nn.Parameter(torch.empty(D, config.decay_lora_rank))
@@ -146,7 +143,7 @@ class RWKV7(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv7(
             r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size,
-            backend=scan_backend_for(self.backend),
+            backend=self.backend,
         )
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, K]

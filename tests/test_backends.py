@@ -11,12 +11,14 @@ import torch
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.kernels import selective_scan as ss_pkg
+from zoo.kernels import retention as retention_pkg
+from zoo.kernels import rwkv6 as rwkv6_pkg
+from zoo.kernels import rwkv7 as rwkv7_pkg
 from zoo.kernels import ssd as ssd_pkg
 from zoo.kernels.selective_scan import mamba_ssm_backend as ss_adapter
 from zoo.kernels.selective_scan import selective_scan_naive
 from zoo.kernels.ssd import mamba_ssm_backend as ssd_adapter
 from zoo.kernels.ssd import ssd_scan
-from zoo.layers.base import check_scan_backend, scan_backend_for
 from zoo.layers.registry import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
@@ -29,10 +31,22 @@ def build(block, **args):
     return MIXERS.get(block).cls(spec.args_for(block), 32, 0)
 
 
-def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu():
-    assert scan_backend_for("auto") == "torch"
-    assert scan_backend_for("triton") == "triton"
-    assert build("rwkv7", backend="triton").backend == "triton"
+OPS = {"mamba": ss_pkg, "mamba2": ssd_pkg, "rwkv6": rwkv6_pkg, "rwkv7": rwkv7_pkg, "retnet": retention_pkg}
+
+
+@pytest.mark.parametrize("block", sorted(OPS))
+def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu(block):
+    table = OPS[block].BACKENDS
+    assert table.resolve("auto") == "torch" and table.resolve("triton") == "triton"
+    assert build(block, backend="triton").backend == "triton"
+    assert build(block).backend == "auto"
+
+
+def test_every_recurrent_block_uses_its_ops_backend_table():
+    """The blocks keep no backend tuples: a config's choices are its op's table (derived, not listed)."""
+    for block, op in OPS.items():
+        with pytest.raises(ConfigError, match=f"unknown {block} backend 'nope'; choose one of {', '.join(op.BACKENDS.names())}"):
+            build(block, backend="nope")
 
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
@@ -49,9 +63,10 @@ def test_blocks_without_mamba_ssm_reject_it_by_key(block):
         ModelConfig.from_dict({"d_model": 32, "blocks": [block], block: {**RECURRENT[block], "backend": "mamba_ssm"}})
 
 
-def test_a_backend_the_block_lacks_is_named():
-    with pytest.raises(BackendUnavailableError, match="lstm block has no 'triton' backend; choose one of auto, torch"):
-        check_scan_backend("lstm", "triton", ())
+def test_an_op_called_with_an_unknown_backend_names_it():
+    q = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(ValueError, match="retention: unknown backend 'cuda'; choose one of auto, torch, triton"):
+        retention_pkg.retention(q, q, q, torch.zeros(1), backend="cuda")
 
 
 def test_model_logs_its_backends_once(caplog):

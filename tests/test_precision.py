@@ -70,15 +70,18 @@ def test_attention_auto_picks_flash_attn_only_for_cuda_half_inputs(monkeypatch):
 
 
 def test_recurrent_backend_auto_is_torch_on_a_gpu_too(monkeypatch):
-    from zoo.layers import MIXERS
-    from zoo.layers.base import scan_backend_for
+    import importlib
+    import pkgutil
+
+    import zoo.kernels
+    from zoo.kernels.backends import BackendTable
 
     fake_cuda(monkeypatch)
-    assert scan_backend_for("auto") == "torch"  # until the Triton kernels pass `pytest -m gpu`
-    for name in MIXERS.names():
-        config = MIXERS.get(name).config_cls()
-        if hasattr(config, "backend") and name != "attention":
-            assert scan_backend_for(config.backend) == "torch", name
+    ops = [importlib.import_module(f"zoo.kernels.{m.name}") for m in pkgutil.iter_modules(zoo.kernels.__path__) if m.ispkg]
+    tables = [op.BACKENDS for op in ops if isinstance(getattr(op, "BACKENDS", None), BackendTable)]
+    assert len(tables) == 5
+    for table in tables:
+        assert table.resolve("auto") == "torch", table.op  # until the Triton kernels pass `pytest -m gpu`
 
 
 class Regression(L.LightningModule):

@@ -8,7 +8,6 @@ tokens it bounds the negative log-likelihood per token, so ``exp`` of it bounds 
 """
 from __future__ import annotations
 
-import math
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase

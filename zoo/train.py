@@ -15,7 +15,6 @@ import math
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_main, split_recipe_args
 from zoo.config import Recipe

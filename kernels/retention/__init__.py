@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import retention_chunked
@@ -38,23 +39,23 @@ def retention(
     q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
     initial_state: [B, H, K, V] or None (zeros). Computes in fp32 (fp64 for fp64 inputs).
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
-    ``backend``: ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels: ``form`` ``recurrent`` runs the fused
-    recurrent one, the others the chunked one).
+    ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels:
+    ``form`` ``recurrent`` runs the fused recurrent one, the others the chunked one).
     """
     check_retention_inputs("retention", q, k, v, log_decay, initial_state, chunk_size)
-    if backend == "triton":
-        o, final = retention_triton(q, k, v, log_decay, initial_state, form, chunk_size)
-    elif backend != "torch":
-        raise ValueError(f"retention: unknown backend '{backend}'; choose torch or triton")
-    elif form == "chunk":
-        o, final = retention_chunked(q, k, v, log_decay, initial_state, chunk_size)
-    elif form == "parallel":
-        o, final = retention_parallel(q, k, v, log_decay, initial_state)
-    elif form == "recurrent":
-        o, final = retention_recurrent(q, k, v, log_decay, initial_state)
-    else:
+    if form not in FORMS:
         raise ValueError(f"retention: unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    o, final = BACKENDS(backend, q, k, v, log_decay, initial_state, form, chunk_size)
     return o.to(v.dtype), final
+
+
+def retention_torch(q, k, v, log_decay, initial_state, form: str, chunk_size: int):
+    """The torch backend: the ``form`` asked for."""
+    if form == "chunk":
+        return retention_chunked(q, k, v, log_decay, initial_state, chunk_size)
+    if form == "parallel":
+        return retention_parallel(q, k, v, log_decay, initial_state)
+    return retention_recurrent(q, k, v, log_decay, initial_state)
 
 
 def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_size: int) -> int:
@@ -65,4 +66,7 @@ def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_siz
     return K
 
 
-__all__ = ["FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]
+__all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]
+
+
+BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton")})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import rwkv6_chunked
@@ -23,21 +24,25 @@ def check_rwkv6_inputs(op: str, r, k, v, w_log, u, initial_state, chunk_size: in
     return B, T, H, K
 
 
-__all__ = ["check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_triton"]
+__all__ = ["BACKENDS", "check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_triton"]
 
 
 def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
-    """Multi-head WKV with data-dependent decay; ``backend`` ``torch`` (chunked) or ``triton``.
+    """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked) or ``triton``.
 
     Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``;
     both in fp32, or fp64 for fp64 inputs.
     """
-    B, T, H, K = check_rwkv6_inputs("rwkv6", r, k, v, w_log, u, initial_state, chunk_size)
-    if backend == "triton":
-        return rwkv6_triton(r, k, v, w_log, u, initial_state, chunk_size)
-    if backend != "torch":
-        raise ValueError(f"rwkv6: unknown backend '{backend}'; choose torch or triton")
-    if T == 1:
+    check_rwkv6_inputs("rwkv6", r, k, v, w_log, u, initial_state, chunk_size)
+    return BACKENDS(backend, r, k, v, w_log, u, initial_state, chunk_size)
+
+
+def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
+    """The torch backend: one token sequential, else chunked."""
+    if r.shape[1] == 1:
         return rwkv6_naive(r, k, v, w_log, u, initial_state)
     return rwkv6_chunked(r, k, v, w_log, u, initial_state, chunk_size)
+
+
+BACKENDS = BackendTable("rwkv6", {"torch": Backend(rwkv6_torch), "triton": Backend(rwkv6_triton, "triton")})

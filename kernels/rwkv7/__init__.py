@@ -1,6 +1,7 @@
 """RWKV-7 (Goose) WKV operator: ``rwkv7(r, w_log, k, v, a, b, initial_state) -> (o, final_state)``."""
 from __future__ import annotations
 
+from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import rwkv7_chunked
@@ -20,7 +21,7 @@ def rwkv7_keys(r, w_log, k, a, b) -> dict:
     return {"r": r, "w_log": w_log, "k": k, "a": a, "b": b}
 
 
-__all__ = ["rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_triton"]
+__all__ = ["BACKENDS", "rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_triton"]
 
 
 def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
@@ -28,15 +29,19 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
 
     Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
-    in fp32, or fp64 for fp64 inputs. ``backend``: ``triton`` or ``torch``: on CPU the recurrent form with a
+    in fp32, or fp64 for fp64 inputs. ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``triton`` or ``torch``: on CPU the recurrent form with a
     hand-written backward, elsewhere the chunked form (one token: the sequential form).
     """
-    T = check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[1]
-    if backend == "triton":
-        return rwkv7_triton(r, w_log, k, v, a, b, initial_state, chunk_size)
-    if backend != "torch":
-        raise ValueError(f"rwkv7: unknown backend '{backend}'; choose torch or triton")
-    if T == 1:
+    check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)
+    return BACKENDS(backend, r, w_log, k, v, a, b, initial_state, chunk_size)
+
+
+def rwkv7_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
+    """The torch backend: one token sequential; else on CPU the recurrent form, elsewhere the chunked one."""
+    if r.shape[1] == 1:
         return rwkv7_naive(r, w_log, k, v, a, b, initial_state)
     form = rwkv7_recurrent if r.device.type == "cpu" else rwkv7_chunked
     return form(r, w_log, k, v, a, b, initial_state, chunk_size)
+
+
+BACKENDS = BackendTable("rwkv7", {"torch": Backend(rwkv7_torch), "triton": Backend(rwkv7_triton, "triton")})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.backends import Backend, BackendTable
+
 from .checks import check_scan_shapes
 from .chunked import selective_scan_chunked
 from .mamba_ssm_backend import selective_scan_mamba_ssm
@@ -42,14 +44,24 @@ def selective_scan(
     ``triton`` (zoo's kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
     """
     check_scan_shapes("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if backend == "triton":
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
-    if backend == "mamba_ssm":
-        return selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
-    if backend != "torch":
-        raise ValueError(f"selective_scan: unknown backend '{backend}'; choose one of torch, triton, mamba_ssm")
+    return BACKENDS(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+
+
+def selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
+    """The torch backend: the recurrent form on CPU, the chunked one elsewhere."""
     form = selective_scan_recurrent if u.device.type == "cpu" else selective_scan_chunked
     return form(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
 
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_triton"]
+def _mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
+    return selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+BACKENDS = BackendTable("selective_scan", {
+    "torch": Backend(selective_scan_torch),
+    "triton": Backend(selective_scan_triton, "triton"),
+    "mamba_ssm": Backend(_mamba_ssm, "mamba_ssm"),
+})
+
+
+__all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_triton"]

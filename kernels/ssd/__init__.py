@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.backends import Backend, BackendTable
+
 from .checks import check_ssd_shapes
 from .chunked import ssd_chunked
 from .mamba_ssm_backend import ssd_mamba_ssm
@@ -37,15 +39,15 @@ def ssd_scan(
     ``dt = clamp(softplus(dt + dt_bias), *dt_limit)``. Shapes: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias
     ``[H]``; B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros).
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
-    ``backend``: ``torch`` (chunked), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``).
+    ``backend`` (:data:`BACKENDS`): ``torch`` (chunked), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its
+    ``mamba_chunk_scan_combined``); ``auto`` is torch.
     """
     check_ssd_shapes("ssd_scan", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    if backend == "triton":
-        return ssd_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
-    if backend == "mamba_ssm":
-        return ssd_mamba_ssm(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
-    if backend != "torch":
-        raise ValueError(f"ssd_scan: unknown backend '{backend}'; choose one of torch, triton, mamba_ssm")
+    return BACKENDS(backend, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+
+
+def ssd_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size):
+    """The torch backend of :func:`ssd_scan`: the dt transform, then the chunked form."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     dt = dt.to(dtype)
     if dt_bias is not None:
@@ -56,4 +58,10 @@ def ssd_scan(
     return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
-__all__ = ["ssd_scan", "ssd_chunked", "ssd_naive", "ssd_triton"]
+BACKENDS = BackendTable("ssd_scan", {
+    "torch": Backend(ssd_torch),
+    "triton": Backend(ssd_triton, "triton"),
+    "mamba_ssm": Backend(ssd_mamba_ssm, "mamba_ssm"),
+})
+
+__all__ = ["BACKENDS", "ssd_scan", "ssd_chunked", "ssd_naive", "ssd_triton"]
