@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import BackendUnavailableError, ConfigError
+from zoo.typed import bounded
 
 from .base import SequenceMixer
 from .registry import MIXERS
@@ -20,17 +21,15 @@ BACKENDS = ("auto", "sdpa", "flash_attn", "eager")
 
 @dataclass
 class AttentionConfig:
-    n_heads: int = 4
+    n_heads: int = bounded(4, ge=1)
     n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
     head_dim: int | None = None  # None: d_model // n_heads
-    rope_theta: float = 10000.0
+    rope_theta: float = bounded(10000.0, gt=0)
     backend: str = "auto"  # auto | sdpa | flash_attn | eager
     bias: bool = False
     causal: bool = True  # False: every query sees every key (bidirectional denoisers, e.g. masked diffusion)
 
     def validate(self, d_model: int) -> None:
-        if self.n_heads < 1:
-            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
         if self.head_dim is None and d_model % self.n_heads:
             raise ConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={self.n_heads}; set head_dim or change one")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
@@ -42,8 +41,6 @@ class AttentionConfig:
             raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
         if self.backend not in BACKENDS:
             raise ConfigError("backend", f"unknown attention backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
-        if self.rope_theta <= 0:
-            raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta}")
 
     @property
     def kv_heads(self) -> int:
@@ -184,8 +181,6 @@ class Attention(SequenceMixer):
         key_mask = None
         positions = torch.arange(T, device=x.device)  # [T]
         if state is not None:
-            if state.k.shape[0] != B:
-                raise ValueError(f"attention block (layer {self.layer_idx}): state batch {state.k.shape[0]} != input batch {B}")
             offset = state.k.shape[2]
             positions = positions + offset
             if state.key_mask is not None:

@@ -7,21 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.errors import ConfigError
+from zoo.typed import bounded
 
 from .registry import FFNS
 
 
 @dataclass
 class SwiGLUConfig:
-    hidden_size: int | None = None  # None: 8/3 * d_model rounded up to a multiple of `multiple_of`
-    multiple_of: int = 64
+    hidden_size: int | None = bounded(None, ge=1)  # None: 8/3 * d_model rounded up to a multiple of `multiple_of`
+    multiple_of: int = bounded(64, ge=1)
 
     def validate(self, d_model: int) -> None:
-        if self.hidden_size is not None and self.hidden_size < 1:
-            raise ConfigError("hidden_size", f"must be >= 1, got {self.hidden_size}")
-        if self.multiple_of < 1:
-            raise ConfigError("multiple_of", f"must be >= 1, got {self.multiple_of}")
+        """Bounds only (declared on the fields)."""
 
     def resolved_hidden_size(self, d_model: int) -> int:
         if self.hidden_size is not None:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from zoo.errors import ConfigError
+from zoo.typed import bounded
 
 from .base import SequenceMixer
 from .registry import MIXERS
@@ -15,11 +15,10 @@ from .registry import MIXERS
 
 @dataclass
 class LSTMConfig:
-    hidden_size: int | None = None  # None: d_model
+    hidden_size: int | None = bounded(None, ge=1)  # None: d_model
 
     def validate(self, d_model: int) -> None:
-        if self.hidden_size is not None and self.hidden_size < 1:
-            raise ConfigError("hidden_size", f"must be >= 1, got {self.hidden_size}")
+        """Bounds only (declared on the fields)."""
 
 
 class LSTMState(NamedTuple):
@@ -49,8 +48,6 @@ class LSTM(SequenceMixer):
     def mix(self, x: torch.Tensor, state: LSTMState | None):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        elif state.h.shape[0] != x.shape[0]:
-            raise ValueError(f"lstm block (layer {self.layer_idx}): state batch {state.h.shape[0]} != input batch {x.shape[0]}")
         # cuDNN wants h/c in the dtype the LSTM computes in (autocast's, when active).
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h0 = state.h.to(compute_dtype).unsqueeze(0).contiguous()  # [1, B, H], as nn.LSTM wants

@@ -10,35 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
 from .base import SequenceMixer
+from .ops import causal_conv, inverse_softplus_dt
 from .registry import MIXERS
-
-
-def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv of ``x [B, C, T]`` continuing from the last ``K-1`` inputs ``prev [B, C, K-1]``.
-
-    Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs in ``prev``'s dtype (under
-    autocast ``x`` is in the compute dtype; the state keeps its own)."""
-    full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
-    out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
-    keep = conv.kernel_size[0] - 1
-    return out, full[:, :, full.shape[-1] - keep :].to(prev.dtype)
-
-
-def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:
-    """``softplus^-1`` of time steps drawn log-uniformly in ``[dt_min, dt_max]`` (Mamba's dt bias init)."""
-    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 @dataclass
 class MambaConfig:
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    d_state: int = bounded(16, ge=1)
+    d_conv: int = bounded(4, ge=1)
+    expand: int = bounded(2, ge=1)
+    dt_rank: int | None = bounded(None, ge=1, note="or null for ceil(d_model/16)")
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
     dt_min: float = 0.001
@@ -46,13 +31,6 @@ class MambaConfig:
     backend: str = "auto"  # a name in zoo.kernels.selective_scan.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
-        for key in ("d_state", "expand"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.d_conv < 1:
-            raise ConfigError("d_conv", f"must be >= 1, got {self.d_conv}")
-        if self.dt_rank is not None and self.dt_rank < 1:
-            raise ConfigError("dt_rank", f"must be >= 1 (or null for ceil(d_model/16)), got {self.dt_rank}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         BACKENDS.check(self.backend, "mamba")
@@ -118,8 +96,6 @@ class Mamba(SequenceMixer):
         fresh = state is None  # the scan then starts from zeros without being handed a state
         if fresh:
             state = self.init_state(batch, x.device, x.dtype)
-        elif state.ssm.shape[0] != batch:
-            raise ValueError(f"mamba block (layer {self.layer_idx}): state batch {state.ssm.shape[0]} != input batch {batch}")
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, Di] each
         conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d)  # [B, Di, T]
         u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]

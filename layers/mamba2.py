@@ -9,24 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
 from .base import SequenceMixer
-from .mamba import causal_conv, inverse_softplus_dt
+from .ops import causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
 @dataclass
 class Mamba2Config:
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1  # groups of heads sharing B and C (and the gated norm's statistics)
-    chunk_size: int = 64
+    d_state: int = bounded(64, ge=1)
+    d_conv: int = bounded(4, ge=1)
+    expand: int = bounded(2, ge=1)
+    head_dim: int = bounded(64, ge=1)
+    n_groups: int = bounded(1, ge=1)  # groups of heads sharing B and C (and the gated norm's statistics)
+    chunk_size: int = bounded(64, ge=1)
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
-    norm_eps: float = 1e-5  # gated RMSNorm
+    norm_eps: float = bounded(1e-5, gt=0)  # gated RMSNorm
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_limit_min: float = 0.0  # dt is clamped to [dt_limit_min, dt_limit_max] after the softplus
@@ -34,17 +35,12 @@ class Mamba2Config:
     backend: str = "auto"  # a name in zoo.kernels.ssd.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
-        for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         d_inner = self.expand * d_model
         if d_inner % self.head_dim:
             raise ConfigError("head_dim", f"d_inner = expand * d_model = {d_inner} is not divisible by head_dim={self.head_dim}")
         heads = d_inner // self.head_dim
         if heads % self.n_groups:
             raise ConfigError("n_groups", f"the number of heads {heads} (d_inner/head_dim) is not divisible by n_groups={self.n_groups}")
-        if self.norm_eps <= 0:
-            raise ConfigError("norm_eps", f"must be > 0, got {self.norm_eps}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if self.dt_limit_max is not None and self.dt_limit_max <= self.dt_limit_min:
@@ -125,8 +121,6 @@ class Mamba2(SequenceMixer):
         batch, T, _ = x.shape
         if state is None:
             state = self.init_state(batch, x.device, x.dtype)
-        elif state.ssm.shape[0] != batch:
-            raise ValueError(f"mamba2 block (layer {self.layer_idx}): state batch {state.ssm.shape[0]} != input batch {batch}")
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         conv_out, conv_state = causal_conv(xbc.transpose(1, 2), state.conv, self.conv1d)  # [B, conv_dim, T]
         xbc = F.silu(conv_out).transpose(1, 2)  # [B, T, conv_dim]

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 
 from .ffn import SwiGLU, SwiGLUConfig
 from .registry import FFNS
@@ -31,33 +32,20 @@ from .registry import FFNS
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 8
+    num_experts: int = bounded(8, ge=1)
     top_k: int = 2
-    expert_hidden: int | None = None  # None: like swiglu, 8/3 * d_model rounded up to a multiple of `multiple_of`
-    multiple_of: int = 64
-    shared_experts: int = 0  # always-on SwiGLU experts of size expert_hidden
+    expert_hidden: int | None = bounded(None, ge=1)  # None: like swiglu, 8/3 * d_model rounded up to a multiple of `multiple_of`
+    multiple_of: int = bounded(64, ge=1)
+    shared_experts: int = bounded(0, ge=0)  # always-on SwiGLU experts of size expert_hidden
     router: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
-    router_jitter: float = 0.0  # multiplicative uniform noise on the router input, training only
-    aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch / Mixtral)
-    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    router_jitter: float = bounded(0.0, ge=0, lt=1)  # multiplicative uniform noise on the router input, training only
+    aux_loss_coef: float = bounded(0.01, ge=0)  # load-balancing loss weight (Switch / Mixtral)
+    z_loss_coef: float = bounded(0.001, ge=0)  # router z-loss weight (ST-MoE)
     dispatch: Literal["grouped", "loop"] = "grouped"
 
     def validate(self, d_model: int) -> None:
-        if self.num_experts < 1:
-            raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.expert_hidden is not None and self.expert_hidden < 1:
-            raise ConfigError("expert_hidden", f"must be >= 1, got {self.expert_hidden}")
-        if self.multiple_of < 1:
-            raise ConfigError("multiple_of", f"must be >= 1, got {self.multiple_of}")
-        if self.shared_experts < 0:
-            raise ConfigError("shared_experts", f"must be >= 0, got {self.shared_experts}")
-        if not 0 <= self.router_jitter < 1:
-            raise ConfigError("router_jitter", f"must be in [0, 1), got {self.router_jitter}")
-        for key in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
 
     def resolved_expert_hidden(self, d_model: int) -> int:
         return SwiGLUConfig(self.expert_hidden, self.multiple_of).resolved_hidden_size(d_model)

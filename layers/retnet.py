@@ -21,6 +21,7 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 from zoo.kernels.retention import BACKENDS, retention
 
 from .base import SequenceMixer
@@ -29,29 +30,19 @@ from .registry import MIXERS
 
 @dataclass
 class RetNetConfig:
-    n_heads: int = 4
-    value_factor: int = 2  # value (and gate) width per head = value_factor * key head dim (the paper uses 2)
-    chunk_size: int = 64  # chunk length of the chunkwise form (Eq. 7)
-    rope_theta: float = 10000.0
+    n_heads: int = bounded(4, ge=1)
+    value_factor: int = bounded(2, ge=1)  # value (and gate) width per head = value_factor * key head dim (the paper uses 2)
+    chunk_size: int = bounded(64, ge=1)  # chunk length of the chunkwise form (Eq. 7)
+    rope_theta: float = bounded(10000.0, gt=0)
     group_norm_affine: bool = False  # learnable per-channel scale/shift after the per-head GroupNorm
-    norm_eps: float = 1e-6
+    norm_eps: float = bounded(1e-6, gt=0)
     backend: str = "auto"  # a name in zoo.kernels.retention.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
-        if self.n_heads < 1:
-            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
         if d_model % self.n_heads:
             raise ConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={self.n_heads}")
         if (d_model // self.n_heads) % 2:
             raise ConfigError("n_heads", f"key head dim d_model/n_heads = {d_model // self.n_heads} must be even for the rotation")
-        if self.value_factor < 1:
-            raise ConfigError("value_factor", f"must be >= 1, got {self.value_factor}")
-        if self.chunk_size < 1:
-            raise ConfigError("chunk_size", f"must be >= 1, got {self.chunk_size}")
-        if self.rope_theta <= 0:
-            raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta}")
-        if self.norm_eps <= 0:
-            raise ConfigError("norm_eps", f"must be > 0, got {self.norm_eps}")
         BACKENDS.check(self.backend, "retnet")
 
 
@@ -114,8 +105,6 @@ class RetNet(SequenceMixer):
     def mix(self, x: torch.Tensor, state: RetNetState | None):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
-        if state is not None and state.kv.shape[0] != B:
-            raise ValueError(f"retnet block (layer {self.layer_idx}): state batch {state.kv.shape[0]} != input batch {B}")
         dtype = torch.promote_types(x.dtype, torch.float32)
         theta = self.angles(x.device, dtype)  # [K]
         phase = torch.arange(T, device=x.device, dtype=dtype)[:, None] * theta  # [T, K]

@@ -15,9 +15,11 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
 from .base import SequenceMixer
+from .ops import token_shift
 from .registry import MIXERS
 
 
@@ -26,26 +28,17 @@ from .registry import MIXERS
 MAX_LOG_LOG_DECAY = 3.0
 
 
-def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """The previous token of each position of ``x [B, T, D]``; ``last [B, D]`` (or zeros) precedes x[:, 0]."""
-    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
-    return torch.cat((first, x[:, :-1]), dim=1)
-
-
 @dataclass
 class RWKV6Config:
-    head_dim: int = 64
-    decay_lora_rank: int = 64
-    mix_lora_rank: int = 32
-    chunk_size: int = 16
+    head_dim: int = bounded(64, ge=1)
+    decay_lora_rank: int = bounded(64, ge=1)
+    mix_lora_rank: int = bounded(32, ge=1)
+    chunk_size: int = bounded(16, ge=1)
     backend: str = "auto"  # a name in zoo.kernels.rwkv6.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
-        if self.head_dim < 1 or d_model % self.head_dim:
+        if d_model % self.head_dim:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
-        for key in ("decay_lora_rank", "mix_lora_rank", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         BACKENDS.check(self.backend, "rwkv6")
 
 
@@ -113,8 +106,6 @@ class RWKV6(SequenceMixer):
     def mix(self, x: torch.Tensor, state: RWKV6State | None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        if state is not None and state.shift.shape[0] != B:
-            raise ValueError(f"rwkv6 block (layer {self.layer_idx}): state batch {state.shift.shape[0]} != input batch {B}")
         xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
         xxx = x + xx * self.time_maa_x
         lora = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, R]

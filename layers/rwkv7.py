@@ -34,28 +34,26 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
+from zoo.typed import bounded
 from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
 from .base import SequenceMixer
-from .rwkv6 import token_shift
+from .ops import token_shift
 
 
 @dataclass
 class RWKV7Config:
-    head_dim: int = 64
-    decay_lora_rank: int = 64
-    a_lora_rank: int = 64
-    gate_lora_rank: int = 128
-    chunk_size: int = 16
+    head_dim: int = bounded(64, ge=1)
+    decay_lora_rank: int = bounded(64, ge=1)
+    a_lora_rank: int = bounded(64, ge=1)
+    gate_lora_rank: int = bounded(128, ge=1)
+    chunk_size: int = bounded(16, ge=1)
     backend: str = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
-        if self.head_dim < 1 or d_model % self.head_dim:
+        if d_model % self.head_dim:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
-        for key in ("decay_lora_rank", "a_lora_rank", "gate_lora_rank", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         BACKENDS.check(self.backend, "rwkv7")
 
 
@@ -126,8 +124,6 @@ class RWKV7(SequenceMixer):
     def mix(self, x: torch.Tensor, state: RWKV7State | None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        if state is not None and state.shift.shape[0] != B:
-            raise ValueError(f"rwkv7 block (layer {self.layer_idx}): state batch {state.shift.shape[0]} != input batch {B}")
         xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
         xr, xw, xk, xv, xa, xg = (x + xx * self.x_mix[i] for i in range(6))
         r = self.receptance(xr)

@@ -12,19 +12,18 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from zoo.errors import ConfigError
+from zoo.typed import bounded
 
 from .registry import FFNS
-from .rwkv6 import token_shift
+from .ops import token_shift
 
 
 @dataclass
 class RWKVChannelMixConfig:
-    hidden_size: int | None = None  # None: 3.5 * d_model rounded up to a multiple of 32 (RWKV-6's size)
+    hidden_size: int | None = bounded(None, ge=1)  # None: 3.5 * d_model rounded up to a multiple of 32 (RWKV-6's size)
 
     def validate(self, d_model: int) -> None:
-        if self.hidden_size is not None and self.hidden_size < 1:
-            raise ConfigError("hidden_size", f"must be >= 1, got {self.hidden_size}")
+        """Bounds only (declared on the fields)."""
 
     def resolved_hidden_size(self, d_model: int) -> int:
         return self.hidden_size if self.hidden_size is not None else -(-int(3.5 * d_model) // 32) * 32

@@ -110,6 +110,10 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Construct dataclass ``cls`` from a mapping, checking keys and types; errors carry ``path``."""
     if isinstance(data, cls):
+        try:
+            check_bounds(cls, vars(data))
+        except ConfigError as err:
+            raise err.under(path) if path else err
         return data
     if data is None:
         data = {}

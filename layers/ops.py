@@ -1,0 +1,32 @@
+"""Pieces several blocks share: the token shift (RWKV), a depthwise causal convolution with a carried state and
+Mamba's time-step bias initialization."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """The previous token of each position of ``x [B, T, D]``; ``last [B, D]`` (or zeros) precedes x[:, 0]."""
+    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
+    return torch.cat((first, x[:, :-1]), dim=1)
+
+
+def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv of ``x [B, C, T]`` continuing from the last ``K-1`` inputs ``prev [B, C, K-1]``.
+
+    Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs in ``prev``'s dtype (under
+    autocast ``x`` is in the compute dtype; the state keeps its own)."""
+    full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
+    out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
+    keep = conv.kernel_size[0] - 1
+    return out, full[:, :, full.shape[-1] - keep :].to(prev.dtype)
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:
+    """``softplus^-1`` of time steps drawn log-uniformly in ``[dt_min, dt_max]`` (Mamba's dt bias init)."""
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
