@@ -689,7 +689,7 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
             if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
                 model_kwargs[CACHE_FIELD] = ZooCache(len(self.model.layers))
             return result
-        if implementation not in ("static", "dynamic"):
+        if implementation not in ("static", "dynamic", "dynamic_full"):  # transformers < 5.24 asks "dynamic_full" for assistants
             raise ValueError(f"cache_implementation={implementation!r}: zoo models keep their states in a ZooCache, 'static' or 'dynamic'")
         if generation_config.use_cache is not False:
             max_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
