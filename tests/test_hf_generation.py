@@ -177,3 +177,20 @@ def test_return_dict_false_is_the_outputs_non_none_fields():
             assert len(from_tuple) == len(value) == 3
         else:
             assert type(from_tuple) is type(value), name
+
+
+@pytest.mark.parametrize("config", ["attention", "hybrid"])
+def test_decode_step_over_a_static_cache_compiles_without_graph_breaks(config):
+    """torch.compile(fullgraph=True) of one-token steps over a static ZooCache: no graph break, generate's tokens.
+    (The eager backend checks the capture; inductor compiles the same graph, which costs CPU minutes in CI.)"""
+    torch._dynamo.reset()
+    model = tiny(*CONFIGS[config])
+    prompt = torch.randint(1, VOCAB, (1, 5))
+    expected = greedy(model, prompt, 4)
+    step = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        cache = ZooCache(len(model.model.layers), max_length=16)
+        tokens = [model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)]
+        for _ in range(3):
+            tokens.append(step(tokens[-1], cache=cache, use_cache=True).logits[:, -1:].argmax(-1))
+    assert cache.is_static and torch.equal(torch.cat([prompt, *tokens], 1), expected)
