@@ -39,14 +39,17 @@ def common_tests_dir(version: str = transformers.__version__) -> Path:
     target = root / version
     if (target / "test_modeling_common.py").exists():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, f"transformers=={version}"]
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        download = Path(tmp) / "sdist"
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(download), f"transformers=={version}"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        archives = list(Path(tmp).glob("transformers-*.tar.gz"))
+        archives = list(download.glob("transformers-*.tar.gz"))
         if result.returncode or not archives:
             raise RuntimeError(f"pip download of the transformers=={version} sdist failed: {result.stderr.strip()[-500:]}")
         prefix = f"{archives[0].name[: -len('.tar.gz')]}/tests/"
-        staging = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
+        staging = Path(tmp) / "tests"
+        staging.mkdir()
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 name = member.name[len(prefix):]
