@@ -46,6 +46,12 @@ class AttentionConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
+    @property
+    def _attn_implementation(self) -> str:
+        """transformers' name of this backend (its tests read ``module.config._attn_implementation``)."""
+        backend = "flash_attn" if self.backend == "auto" and flash_attn_available() else self.backend
+        return {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}[backend]
+
 
 class AttentionState(NamedTuple):
     """KV cache: keys and values of every token seen so far.
@@ -118,6 +124,10 @@ class Attention(SequenceMixer):
     """Self-attention, causal unless ``causal: false``: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
 
     state_can_roll_back = True
+    # Set by the model for calls that return attention maps (``output_attentions``): such a call attends through the
+    # eager path and leaves its softmax probabilities ``[B, H, T, S]`` in ``attention_weights``.
+    record_weights = False
+    attention_weights: torch.Tensor | None = None
 
     @classmethod
     def bidirectional(cls, config: AttentionConfig, d_model: int, layer_idx: int) -> "Attention":
@@ -237,9 +247,9 @@ class Attention(SequenceMixer):
         T, S = q.shape[2], k.shape[2]
         causal = self.config.causal
         backend = self.backend
-        if key_mask is not None:
+        if key_mask is not None or self.record_weights:
             # flash_attn_func takes no per-row key mask: a padded batch goes through SDPA with an explicit mask.
-            allowed = key_mask[:, None, None, :]  # [B, 1, 1, S]
+            allowed = q.new_ones(1, 1, 1, S, dtype=torch.bool) if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
             if causal:
                 allowed = allowed & causal_mask(T, S, q.device)  # [B, 1, T, S]
             return self._attend_masked(q, k, v, allowed)
@@ -273,10 +283,14 @@ class Attention(SequenceMixer):
 
     def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Attention with an explicit boolean mask ``allowed`` (broadcast to ``[B, H, T, S]``; True = visible), through
-        SDPA (flash_attn_func takes no such mask) or the eager reference."""
-        if self.backend == "eager":
+        SDPA (flash_attn_func takes no such mask) or the eager reference (which keeps the probabilities when
+        ``record_weights`` is set)."""
+        if self.backend == "eager" or self.record_weights:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
             scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
-            return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.float()).to(q.dtype)
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            if self.record_weights:
+                self.attention_weights = probs.to(q.dtype)
+            return (probs @ v.float()).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads)

@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import zoo
 from zoo.config import ModelConfig
-from zoo.modeling import ZooConfig, ZooForCausalLM, ZooModel
+from zoo.modeling import CACHE_FIELD, ZooConfig, ZooForCausalLM, ZooModel, output_cache
 
 
 def tiny(blocks=("lstm", "attention"), **kw):
@@ -85,9 +85,29 @@ def test_bad_input_ids_are_named(bad, message):
         tiny()(bad)
 
 
-def test_right_padded_batches_are_refused_not_silently_wrong():
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_right_padded_rows_equal_their_tokens_alone(use_cache):
+    """Right padding (transformers' default padding side): every row's tokens give the logits and the cache they give
+    alone, so a continuation from the cache skips the padding."""
+    model = tiny()
+    x = torch.randint(1, 50, (2, 6))
+    mask = torch.ones_like(x)
+    mask[0, -2:] = 0
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, use_cache=use_cache)
+        alone = model(x[:1, :4], use_cache=True)
+        torch.testing.assert_close(out.logits[0, :4], alone.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits[1], model(x[1:]).logits[0], atol=1e-5, rtol=1e-5)
+        if use_cache:
+            nxt = torch.randint(1, 50, (2, 1))
+            step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), **{CACHE_FIELD: output_cache(out)}).logits
+            alone_step = model(nxt[:1], **{CACHE_FIELD: output_cache(alone)}).logits
+            torch.testing.assert_close(step[0], alone_step[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_gap_between_tokens_is_refused_not_silently_wrong():
     x = torch.randint(0, 50, (2, 5))
     mask = torch.ones_like(x)
-    mask[0, -1] = 0  # left padding is supported (tests/test_generate.py); padding after a token is not
-    with pytest.raises(ValueError, match="padded positions after a token in row 0"):
+    mask[0, 2] = 0  # left and right padding are supported; a pad between two tokens is not
+    with pytest.raises(ValueError, match="padded position between two tokens in row 0"):
         tiny()(x, attention_mask=mask)

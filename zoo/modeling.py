@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput, MoeCausalLMOutputWithPast,
 )
 
 from zoo.config import ModelConfig
 from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
-from zoo.layers.attention import Attention, flash_attn_available
+from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
 from zoo.layers.layer import AdaLNModulation
 
@@ -86,27 +88,181 @@ class ZooConfig(PreTrainedConfig):
         )
 
 
-class ZooCache:
-    """Per-layer block states for generation: KV caches, recurrent states, LSTM (h, c) alike.
+def _attention_state(state: Any) -> AttentionState | StaticAttentionState | None:
+    """The KV cache in a layer's state (alone, or first of a ``(mixer_state, ffn_state)`` pair); None for others."""
+    if isinstance(state, (AttentionState, StaticAttentionState)):
+        return state
+    if isinstance(state, tuple) and not hasattr(state, "_fields") and state and isinstance(state[0], (AttentionState, StaticAttentionState)):
+        return state[0]
+    return None
 
-    ``seen_tokens`` counts the tokens every layer has consumed, recurrent layers included, so transformers may slice
-    the inputs of a continued ``generate`` by :meth:`get_seq_length` for every layer: ``is_linear`` (which tells
-    transformers not to) is False for each layer. A cache whose states are all KV caches can roll back
-    (:meth:`crop`, used by assisted decoding); a recurrent state cannot.
+
+def _map_rows(state: Any, fn) -> Any:
+    """Apply ``fn`` to every batch-first tensor of a state (a static KV cache's shared slot counter has no batch)."""
+    if isinstance(state, StaticAttentionState):
+        return state._replace(k=fn(state.k), v=fn(state.v), key_mask=fn(state.key_mask), positions=fn(state.positions))
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return type(state)(_map_rows(part, fn) for part in state)
+    return map_state(state, fn)
+
+
+class ZooCacheLayer(CacheLayerMixin):
+    """One layer's block state in a :class:`ZooCache`: a KV cache, a recurrent state, an LSTM's (h, c), ...
+
+    A KV cache shows as ``keys``/``values`` ``[B, H_kv, S, Dh]`` and grows by :meth:`update` like transformers'
+    ``DynamicLayer``; other states are opaque to transformers, which only moves their batch rows (beam search).
     """
 
     is_compileable = False
+    is_sliding = False
 
-    def __init__(self, n_layers: int):
-        self.states: list[Any] = [None] * n_layers
+    def __init__(self, max_length: int | None = None):
+        # CacheLayerMixin.__init__ is not called: keys and values are views of ``state``, not attributes of their own.
+        self.state: Any = None
         self.seen_tokens = 0
+        self.max_length = max_length
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.state).__name__})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        kv = _attention_state(self.state)
+        return None if kv is None else kv.k
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        kv = _attention_state(self.state)
+        return None if kv is None else kv.v
+
+    @property
+    def max_batch_size(self) -> int | None:
+        tensors: list[torch.Tensor] = []
+        _map_rows(self.state, lambda t: tensors.append(t) or t)
+        return tensors[0].shape[0] if tensors else None
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.get_max_length()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to allocate ahead: the first forward creates the state."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states``/``value_states`` ``[B, H_kv, T, Dh]`` to this layer's KV cache (``DynamicLayer.update``)."""
+        if self.state is not None and not isinstance(self.state, AttentionState):
+            raise ValueError(f"ZooCacheLayer.update: this layer keeps a {type(self.state).__name__} state, not a growing KV cache")
+        if self.state is None:
+            self.state = AttentionState(key_states, value_states)
+        else:
+            key_mask = self.state.key_mask
+            if key_mask is not None:
+                key_mask = torch.cat((key_mask, key_mask.new_ones(key_mask.shape[0], key_states.shape[2])), dim=1)  # [B, S + T]
+            self.state = AttentionState(
+                torch.cat((self.state.k, key_states), dim=2), torch.cat((self.state.v, value_states), dim=2), key_mask
+            )
+        return self.state.k, self.state.v
+
+    def get_seq_length(self, *args: Any) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for a query of ``query`` tokens (transformers >= 5.24) or positions (earlier)."""
+        query_length = query if isinstance(query, int) else query.shape[0]
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_length is None else self.max_length
+
+    def get_max_cache_shape(self) -> int:
+        return self.get_max_length()
+
+    def reset(self) -> None:
+        self.state = None
+        self.seen_tokens = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.state = _map_rows(self.state, lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.state = _map_rows(self.state, lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        raise NotImplementedError("ZooCache keeps every state on the model's device (no offloading)")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("ZooCache keeps every state on the model's device (no offloading)")
+
+
+class ZooCache(Cache):
+    """Per-layer block states for generation, as a transformers ``Cache``: KV caches, recurrent states, LSTM (h, c).
+
+    Each of ``layers`` is a :class:`ZooCacheLayer`; ``states`` lists their states. ``seen_tokens`` counts the tokens
+    every layer has consumed, recurrent layers included, so transformers may slice the inputs of a continued
+    ``generate`` by :meth:`get_seq_length` for every layer: ``is_linear`` (which tells transformers not to) is False
+    for each layer. A cache whose states are all KV caches can roll back (:meth:`crop`, used by assisted decoding);
+    a recurrent state cannot. With ``max_length`` (``cache_implementation="static"``) the first forward's KV caches
+    become preallocated buffers of ``max_length`` slots that later steps fill in place (as :mod:`zoo.decoding`).
+    """
+
+    def __init__(self, n_layers: int, max_length: int | None = None):
+        super().__init__(layers=[ZooCacheLayer(max_length) for _ in range(n_layers)])
+        self.max_length = max_length
+        self.is_static = False  # True once the states are static buffers (after the first forward with max_length)
+
+    @property
+    def states(self) -> list[Any]:
+        return [layer.state for layer in self.layers]
+
+    @states.setter
+    def states(self, states: list[Any]) -> None:
+        if len(states) != len(self.layers):
+            raise ValueError(f"ZooCache.states: expected {len(self.layers)} layer states, got {len(states)}")
+        for layer, state in zip(self.layers, states):
+            layer.state = state
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.layers[0].seen_tokens if self.layers else 0
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        for layer in self.layers:
+            layer.seen_tokens = value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def get_mask_sizes(self, query: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.max_length is None else self.max_length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.get_max_length()
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.seen_tokens > 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
     @property
     def is_linear(self) -> list[bool]:
-        return [False] * len(self.states)
+        return [False] * len(self.layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.layers)
 
     @property
     def is_croppable(self) -> bool:
@@ -127,9 +283,9 @@ class ZooCache:
     def activate_past_recording(self) -> None:
         """Nothing to record: a KV cache keeps every token (so it can be cropped), a recurrent state cannot roll back."""
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search): every state tensor's batch dimension follows ``beam_idx``."""
-        self.states = [map_state(s, lambda t: t.index_select(0, beam_idx.to(t.device))) for s in self.states]
+    def reset(self) -> None:
+        super().reset()
+        self.is_static = False
 
 
 # transformers' ``attn_implementation`` names -> zoo's ``attention.backend``
@@ -274,11 +430,23 @@ class ZooModel(ZooPreTrainedModel):
         use_cache: bool | None = None,
         conditioning: torch.Tensor | None = None,
         past_key_values: ZooCache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         """``cache`` (or its older name ``past_key_values``): the :class:`ZooCache` to continue from and update.
-        ``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise."""
+        ``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise.
+
+        ``output_hidden_states``: the embedding output and every layer's output, the last one after the final norm
+        (``n_layers + 1`` tensors ``[B, T, D]``, as Llama). ``output_attentions``: the attention maps ``[B, H, T, S]``
+        of the attention layers only (recurrent layers compute none; as transformers' Jamba), through the eager path.
+        ``return_dict=False`` returns the output's non-None fields as a tuple.
+        """
         cache = resolve_cache(cache, past_key_values)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -292,20 +460,33 @@ class ZooModel(ZooPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = ZooCache(len(self.layers))
-        n_pad = None
+        if not use_cache:
+            cache = None
+        spans = None
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
-            n_pad = self._left_padding(attention_mask, inputs_embeds.shape[1], cache)
-        if n_pad is None:
-            hidden = self._run_layers(inputs_embeds, cache, conditioning)
-        else:
-            hidden = self._run_left_padded(inputs_embeds, n_pad, cache, conditioning)
+            spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
+        record = _Recorder(self.layers, output_hidden_states, output_attentions)
+        with record:
+            if spans is None:
+                hidden = self._run_layers(inputs_embeds, cache, conditioning, record)
+            else:
+                hidden = self._run_rows(inputs_embeds, spans, cache, conditioning, record)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
+            if cache.max_length is not None and not cache.is_static:
+                cache.states = [layer.static_state(state, cache.max_length) for layer, state in zip(self.layers, cache.states)]
+                cache.is_static = True
         hidden = self.norm(hidden)
         if conditioning is not None:
             shift, scale = self.final_modulation(conditioning)  # each [B, 1, D]
             hidden = hidden * (1 + scale) + shift
-        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: cache if use_cache else None})
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=(*record.hidden_states[:-1], hidden) if output_hidden_states else None,
+            attentions=tuple(record.attentions) if output_attentions else None,
+            **{CACHE_FIELD: cache},
+        )
+        return out if return_dict else out.to_tuple()
 
     def _check_conditioning(self, conditioning: torch.Tensor | None, batch_size: int) -> None:
         if not self.conditioned:
@@ -318,56 +499,122 @@ class ZooModel(ZooPreTrainedModel):
         if list(conditioning.shape) != expected or not conditioning.is_floating_point():
             raise ValueError(f"conditioning: expected a floating-point tensor of shape {expected}, got {conditioning.dtype} {list(conditioning.shape)}")
 
-    def _run_layers(self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_layers(
+        self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None, record: "_Recorder | None" = None
+    ) -> torch.Tensor:
+        """Every layer over ``hidden [B, T, D]``, updating ``cache``; ``record`` keeps each layer's input and attention map."""
         for i, layer in enumerate(self.layers):
+            if record is not None:
+                record.before_layer(hidden)
             hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None, conditioning)
+            if record is not None:
+                record.after_layer(layer)
             if cache is not None:
-                cache.states[i] = new_state
+                cache.layers[i].state = new_state
+        if record is not None:
+            record.before_layer(hidden)
         return hidden
 
-    @staticmethod
-    def _left_padding(attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[int] | None:
-        """Number of padding tokens before each row's first token; only left padding of a first call is allowed."""
+    def _token_spans(self, attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]] | None:
+        """Each row's ``(start, end)``: its tokens are ``[start, end)``, padding before (left) or after (right) them.
+
+        Padding is allowed in a first call only. A causal model without a cache to keep runs right padding as tokens
+        (no earlier position sees them): then None, one batched call. Otherwise the rows run one by one."""
         if attention_mask.dim() != 2 or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask: expected shape [batch, >= {seq_len}], got {list(attention_mask.shape)}")
         mask = attention_mask[:, -seq_len:].bool()  # [B, T]: the positions of this call
         if cache is not None and cache.seen_tokens:
             if not bool(mask.all()):
-                raise ValueError("attention_mask has padded positions after the first call; zoo models take left padding of the prompt only")
+                raise ValueError("attention_mask has padded positions after the first call; zoo models take left or right padding of the prompt only")
             return None
-        after_token = mask.cummax(dim=1).values & ~mask  # a pad that follows a real token
-        if bool(after_token.any()):
-            row = int(after_token.any(dim=1).nonzero()[0])
-            raise ValueError(
-                f"attention_mask has padded positions after a token in row {row}; zoo models take left-padded batches only "
-                "(tokenizer.padding_side = 'left')"
-            )
         if not bool(mask.any(dim=1).all()):
             raise ValueError("attention_mask: a row has no tokens at all")
-        return (~mask).sum(dim=1).tolist()
+        started = mask.cummax(dim=1).values  # [B, T]: at or after the row's first token
+        ended = mask.flip(1).cummax(dim=1).values.flip(1)  # [B, T]: at or before the row's last token
+        gap = started & ended & ~mask  # a pad between two tokens
+        if bool(gap.any()):
+            row = int(gap.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"attention_mask has a padded position between two tokens in row {row}; zoo models take left- or "
+                "right-padded batches only (each row's tokens in one run)"
+            )
+        starts = (~started).sum(dim=1).tolist()
+        ends = (seq_len - (~ended).sum(dim=1)).tolist()
+        if cache is None and not self.config.bidirectional and not any(starts):
+            return None
+        return list(zip(starts, ends))
 
-    def _run_left_padded(
-        self, hidden: torch.Tensor, n_pad: list[int], cache: ZooCache | None, conditioning: torch.Tensor | None = None
+    def _run_rows(
+        self, hidden: torch.Tensor, spans: list[tuple[int, int]], cache: ZooCache | None, conditioning: torch.Tensor | None = None,
+        record: "_Recorder | None" = None,
     ) -> torch.Tensor:
-        """A left-padded batch without changing the block contract ``forward(x, state)``.
+        """A padded batch without changing the block contract ``forward(x, state)``.
 
-        Each row's real tokens (``hidden[b, n_pad[b]:]``) run alone from an empty state, so no block ever sees a
-        padding token and every row starts at position 0 (RoPE included). The rows' outputs are left-padded with
-        zeros back to ``[B, T, D]``; each layer merges the rows' states with ``stack_row_states``: constant-size
-        recurrent states concatenate on the batch, attention left-pads its KV cache and keeps a per-row key mask, so
-        later decode steps of the whole batch skip the padding slots and continue every row's own positions.
-        Costs one prefill per row; decode steps then run batched as usual.
+        Each row's tokens (``hidden[b, start:end]``) run alone from an empty state, so no block ever sees a padding
+        token and every row starts at position 0 (RoPE included). The rows' outputs (hidden states and attention maps
+        alike) are padded with zeros back to ``[B, T, D]``; each layer merges the rows' states with
+        ``stack_row_states``: constant-size recurrent states concatenate on the batch, attention left-pads its KV
+        cache and keeps a per-row key mask, so later decode steps of the whole batch skip the padding slots and
+        continue every row's own positions. Costs one prefill per row; decode steps then run batched as usual.
         """
-        rows, row_caches = [], []
-        for b, pad in enumerate(n_pad):
+        T = hidden.shape[1]
+        rows, row_caches, row_records = [], [], []
+        for b, (start, end) in enumerate(spans):
             row_cache = ZooCache(len(self.layers)) if cache is not None else None
+            row_record = record.for_row() if record is not None else None
             row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
-            row = self._run_layers(hidden[b : b + 1, pad:], row_cache, row_conditioning)  # [1, T - pad, D]
-            rows.append(F.pad(row, (0, 0, pad, 0)))  # [1, T, D], zeros at the padding
+            row = self._run_layers(hidden[b : b + 1, start:end], row_cache, row_conditioning, row_record)  # [1, end - start, D]
+            rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
             row_caches.append(row_cache)
+            row_records.append(row_record)
         if cache is not None:
             cache.states = [layer.stack_row_states([c.states[i] for c in row_caches]) for i, layer in enumerate(self.layers)]
+        if record is not None:
+            record.merge_rows(row_records, spans, T)
         return torch.cat(rows)
+
+
+class _Recorder:
+    """What a forward returns besides its last hidden state: every layer's input (``hidden_states``) and the
+    attention layers' probabilities (``attentions``); as a context, it asks the attention blocks for them."""
+
+    def __init__(self, layers: nn.ModuleList, hidden_states: bool, attentions: bool):
+        self.attention_blocks = [layer.mixer for layer in layers if isinstance(layer.mixer, Attention)] if attentions else []
+        self.keep_hidden, self.keep_attentions = hidden_states, attentions
+        self.hidden_states: list[torch.Tensor] = []
+        self.attentions: list[torch.Tensor] = []
+
+    def __enter__(self) -> "_Recorder":
+        for block in self.attention_blocks:
+            block.record_weights = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for block in self.attention_blocks:
+            block.record_weights, block.attention_weights = False, None
+
+    def for_row(self) -> "_Recorder":
+        return _Recorder(nn.ModuleList(), self.keep_hidden, self.keep_attentions)
+
+    def before_layer(self, hidden: torch.Tensor) -> None:
+        if self.keep_hidden:
+            self.hidden_states.append(hidden)
+
+    def after_layer(self, layer: nn.Module) -> None:
+        if self.keep_attentions and isinstance(layer.mixer, Attention):
+            self.attentions.append(layer.mixer.attention_weights)
+            layer.mixer.attention_weights = None
+
+    def merge_rows(self, rows: list["_Recorder"], spans: list[tuple[int, int]], T: int) -> None:
+        """The rows' records, padded with zeros to the batch's ``T`` positions and stacked on the batch."""
+        self.hidden_states = [
+            torch.cat([F.pad(r.hidden_states[i], (0, 0, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, T, D]
+            for i in range(len(rows[0].hidden_states))
+        ]
+        self.attentions = [
+            torch.cat([F.pad(r.attentions[i], (start, T - end, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, H, T, T]
+            for i in range(len(rows[0].attentions))
+        ]
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -430,13 +677,24 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         super().__init__(config)
         self.post_init()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int, max_cache_length: int, *args: Any, **kwargs: Any
+    ):
         """``generate`` starts from a fresh :class:`ZooCache` unless given one (transformers would make none for a
-        model with its own cache type, and assisted decoding needs one before the first step)."""
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_FIELD] = ZooCache(len(self.model.layers))
-        return result
+        model with its own cache type, and assisted decoding needs one before the first step).
+        ``cache_implementation="static"`` makes it a static one of ``max_cache_length`` slots, ``"dynamic"`` a growing one."""
+        implementation = generation_config.cache_implementation
+        if implementation is None or model_kwargs.get(CACHE_FIELD) is not None:
+            result = super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
+            if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
+                model_kwargs[CACHE_FIELD] = ZooCache(len(self.model.layers))
+            return result
+        if implementation not in ("static", "dynamic", "dynamic_full"):  # transformers < 5.24 asks "dynamic_full" for assistants
+            raise ValueError(f"cache_implementation={implementation!r}: zoo models keep their states in a ZooCache, 'static' or 'dynamic'")
+        if generation_config.use_cache is not False:
+            max_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            model_kwargs[CACHE_FIELD] = ZooCache(len(self.model.layers), max_length if implementation == "static" else None)
+        return None
 
     def forward(
         self,
@@ -446,37 +704,49 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         past_key_values: ZooCache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); -100 is ignored. ``cache`` (or its
-        older name ``past_key_values``) is the :class:`ZooCache` to continue from.
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels`` are aligned with ``input_ids`` (shifted inside, as in HF); ``shift_labels`` are targets already
+        shifted (position t predicts ``shift_labels[:, t]``, as context parallelism splits them); -100 is ignored;
+        ``num_items_in_batch`` makes the loss a sum over that many targets (gradient accumulation). ``cache`` (or its
+        older name ``past_key_values``) is the :class:`ZooCache` to continue from. ``logits_to_keep``: the last N
+        positions' logits (0: all), or a tensor of the positions to keep.
 
         Models with ``moe`` FFNs return a :class:`ZooMoeCausalLMOutputWithPast` whose ``loss`` includes the router
         losses; ``output_router_logits=True`` also returns each MoE layer's router logits.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=resolve_cache(cache, past_key_values),
-            inputs_embeds=inputs_embeds, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
         )
-        new_cache = {CACHE_FIELD: output_cache(out)}
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        fields = {CACHE_FIELD: output_cache(out), "hidden_states": out.hidden_states, "attentions": out.attentions}
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
+        if labels is not None or shift_labels is not None:
+            loss = ForCausalLMLoss(
+                logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
+            )
         router = self._pop_router_losses()
         if router is None:
-            return CausalLMOutputWithPast(loss=loss, logits=logits, **new_cache)
-        if loss is not None:
-            loss = loss + router["router_loss"].to(loss.device)
-        if not output_router_logits:
-            router["router_logits"] = None
-        return ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, **new_cache, **router)
+            result = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
+        else:
+            if loss is not None:
+                loss = loss + router["router_loss"].to(loss.device)
+            if not output_router_logits:
+                router["router_logits"] = None
+            result = ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, **fields, **router)
+        return result if return_dict else result.to_tuple()
 
 
 class TimestepEmbedding(nn.Module):
@@ -529,8 +799,11 @@ class ZooForMaskedLM(ZooWithLMHead):
         timesteps: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MaskedLMOutput:
+    ) -> MaskedLMOutput | tuple:
         """Logits ``[B, T, V]`` for every position; ``labels`` (-100 ignored) give the plain masked-LM cross-entropy.
         ``timesteps [B]`` is required when the model is time-conditioned and ignored otherwise. Models with ``moe``
         FFNs return a :class:`ZooMoeMaskedLMOutput` (router losses; ``loss`` includes them; router logits on request)."""
@@ -542,17 +815,22 @@ class ZooForMaskedLM(ZooWithLMHead):
             if timesteps.dim() != 1 or timesteps.shape[0] != batch_size:
                 raise ValueError(f"timesteps: expected shape [{batch_size}] (one time per row), got {list(timesteps.shape)}")
             conditioning = self.time_embed(timesteps.to(self.lm_head.weight.device))  # [B, D]
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
-            conditioning=conditioning,
+            conditioning=conditioning, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
+        fields = {"hidden_states": out.hidden_states, "attentions": out.attentions}
         logits = self.lm_head(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
         router = self._pop_router_losses()
         if router is None:
-            return MaskedLMOutput(loss=loss, logits=logits)
-        if loss is not None:
-            loss = loss + router["router_loss"].to(loss.device)
-        if not output_router_logits:
-            router["router_logits"] = None
-        return ZooMoeMaskedLMOutput(loss=loss, logits=logits, **router)
+            result = MaskedLMOutput(loss=loss, logits=logits, **fields)
+        else:
+            if loss is not None:
+                loss = loss + router["router_loss"].to(loss.device)
+            if not output_router_logits:
+                router["router_logits"] = None
+            result = ZooMoeMaskedLMOutput(loss=loss, logits=logits, **fields, **router)
+        return result if return_dict else result.to_tuple()
