@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import BackendUnavailableError, ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 from .base import SequenceMixer
 from .registry import MIXERS
@@ -20,6 +20,7 @@ BACKENDS = ("auto", "sdpa", "flash_attn", "eager")
 
 
 @dataclass
+@checked
 class AttentionConfig:
     n_heads: int = bounded(4, ge=1)
     n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)

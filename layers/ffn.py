@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 from .registry import FFNS
 
 
 @dataclass
+@checked
 class SwiGLUConfig:
     hidden_size: int | None = bounded(None, ge=1)  # None: 8/3 * d_model rounded up to a multiple of `multiple_of`
     multiple_of: int = bounded(64, ge=1)

@@ -7,13 +7,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 from .base import SequenceMixer
 from .registry import MIXERS
 
 
 @dataclass
+@checked
 class LSTMConfig:
     hidden_size: int | None = bounded(None, ge=1)  # None: d_model
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
 from .base import SequenceMixer
@@ -19,6 +19,7 @@ from .registry import MIXERS
 
 
 @dataclass
+@checked
 class MambaConfig:
     d_state: int = bounded(16, ge=1)
     d_conv: int = bounded(4, ge=1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
 from .base import SequenceMixer
@@ -18,6 +18,7 @@ from .registry import MIXERS
 
 
 @dataclass
+@checked
 class Mamba2Config:
     d_state: int = bounded(64, ge=1)
     d_conv: int = bounded(4, ge=1)

@@ -24,13 +24,14 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 from .ffn import SwiGLU, SwiGLUConfig
 from .registry import FFNS
 
 
 @dataclass
+@checked
 class MoEConfig:
     num_experts: int = bounded(8, ge=1)
     top_k: int = 2

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 from zoo.kernels.retention import BACKENDS, retention
 
 from .base import SequenceMixer
@@ -29,6 +29,7 @@ from .registry import MIXERS
 
 
 @dataclass
+@checked
 class RetNetConfig:
     n_heads: int = bounded(4, ge=1)
     value_factor: int = bounded(2, ge=1)  # value (and gate) width per head = value_factor * key head dim (the paper uses 2)

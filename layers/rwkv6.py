@@ -15,7 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
 from .base import SequenceMixer
@@ -29,6 +29,7 @@ MAX_LOG_LOG_DECAY = 3.0
 
 
 @dataclass
+@checked
 class RWKV6Config:
     head_dim: int = bounded(64, ge=1)
     decay_lora_rank: int = bounded(64, ge=1)

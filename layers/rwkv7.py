@@ -34,7 +34,7 @@ from torch import nn
 from transformers import initialization as init
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
@@ -43,6 +43,7 @@ from .ops import token_shift
 
 
 @dataclass
+@checked
 class RWKV7Config:
     head_dim: int = bounded(64, ge=1)
     decay_lora_rank: int = bounded(64, ge=1)

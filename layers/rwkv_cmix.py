@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 from .registry import FFNS
 from .ops import token_shift
 
 
 @dataclass
+@checked
 class RWKVChannelMixConfig:
     hidden_size: int | None = bounded(None, ge=1)  # None: 3.5 * d_model rounded up to a multiple of 32 (RWKV-6's size)
 

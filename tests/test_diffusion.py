@@ -20,13 +20,14 @@ from zoo.typed import to_dict
 MASK = 258
 
 
-def tiny_config(blocks=("attention",), ffn="none", **diffusion) -> ZooConfig:
+def tiny_config(blocks=("attention",), ffn="none", time_conditioning=False, **diffusion) -> ZooConfig:
     module_args = {"attention": {"n_heads": 2}, "mamba": {"d_state": 4, "expand": 1}, "lstm": {"hidden_size": 16}}
     settings = to_dict(DiffusionConfig(**diffusion))
     settings["sampling"]["context_length"] = 16
     return ZooConfig(
-        d_model=16, n_layers=2, blocks=list(blocks), ffn=ffn, vocab_size=259,
-        module_args={b: module_args[b] for b in blocks}, mask_token_id=MASK, diffusion=settings,
+        d_model=16, n_layers=2, blocks=list(blocks), ffn=ffn, vocab_size=259, bidirectional=True,
+        time_conditioning=time_conditioning, module_args={b: module_args[b] for b in blocks}, mask_token_id=MASK,
+        diffusion=settings,
     )
 
 
@@ -323,3 +324,17 @@ def test_moe_denoiser_training_step_adds_router_loss_and_takes_the_stats():
     torch.testing.assert_close(logged["train_aux_loss"], out.aux_loss)
     step["loss"].backward()
     assert moes[0].gate.weight.grad.abs().sum() > 0
+
+
+def test_architecture_flags_are_model_fields_checked_with_the_objective():
+    r = load_recipe("diffusion_small", ["model.time_conditioning=true"])
+    assert r.model.bidirectional and r.model.time_conditioning
+    with pytest.raises(ConfigError, match=r"model\.bidirectional: objective: diffusion trains a denoiser"):
+        load_recipe("diffusion_small", ["model.bidirectional=false"])
+    with pytest.raises(ConfigError, match=r"model\.time_conditioning: conditions the layers on a diffusion time"):
+        load_recipe("transformer_small", ["model.time_conditioning=true"])
+    with pytest.raises(ConfigError, match=r"model\.bidirectional: objective: causal needs causal layers"):
+        load_recipe("transformer_small", ["model.bidirectional=true"])
+    causal_config = ZooConfig(d_model=16, n_layers=2, blocks=["attention"], vocab_size=259, module_args={"attention": {"n_heads": 2}})
+    with pytest.raises(ValueError, match="ZooForMaskedLM is a denoiser that sees the whole sequence"):
+        ZooForMaskedLM(causal_config)

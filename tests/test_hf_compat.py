@@ -140,3 +140,22 @@ def test_torch_export_with_a_dynamic_sequence_length():
     longer = torch.randint(1, VOCAB, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(longer), model(longer).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_written_before_the_model_spec_change_load_unchanged():
+    """tests/data/e5e32dd: a causal hybrid and a time-conditioned masked-diffusion model saved by zoo at commit e5e32dd
+    (time_conditioning then lived in config.diffusion), with their logits; both load and give the same logits."""
+    import json
+    from pathlib import Path
+
+    from zoo.modeling import ZooForMaskedLM
+
+    data = Path(__file__).parent / "data" / "e5e32dd"
+    expected = json.loads((data / "expected_logits.json").read_text())
+    ids, t = torch.tensor(expected["input_ids"]), torch.tensor(expected["timesteps"])
+    causal = transformers.AutoModelForCausalLM.from_pretrained(data / "causal_mamba_attention").eval()
+    denoiser = ZooForMaskedLM.from_pretrained(data / "diffusion_time_conditioned").eval()
+    assert denoiser.model.conditioned and denoiser.time_embed is not None
+    with torch.no_grad():
+        torch.testing.assert_close(causal(ids).logits, torch.tensor(expected["causal_logits"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(denoiser(input_ids=ids, timesteps=t).logits, torch.tensor(expected["denoiser_logits"]), atol=1e-5, rtol=1e-5)

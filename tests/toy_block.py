@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from zoo.layers import MIXERS, SequenceMixer
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 
 @dataclass
+@checked
 class ToyEMAConfig:
     expand: int = bounded(1, ge=1)
 

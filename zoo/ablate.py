@@ -210,7 +210,7 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) ->
     """Run the ablation; writes ``<output_dir>/ablation.{md,csv}`` and returns the rows."""
     out = Path(base.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base.model.vocab_size = vocab_size(base)
+    base = base.with_vocab_size(vocab_size(base))
     target = target_params or model_stats(base.model)["parameters"]
     rows = []
     for block in blocks:

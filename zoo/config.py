@@ -17,10 +17,11 @@ from zoo.errors import ConfigError
 from zoo.layers import FFNS, MIXERS
 from zoo.noise import ScheduleName
 from zoo.synthetic import GENERATORS, TaskConfig
-from zoo.typed import bounded, build, to_dict
+from zoo.typed import bounded, build, checked, to_dict
 
 
 @dataclass
+@checked
 class ModelConfig:
     """Architecture. Besides the keys below, a key named after a block or FFN (``attention:``, ``lstm:``,
     ``swiglu:``) holds that module's settings, shared by every layer that uses it."""
@@ -33,6 +34,8 @@ class ModelConfig:
     norm_eps: float = bounded(1e-5, gt=0)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
+    time_conditioning: bool = False  # adaLN-Zero conditioning of every layer on a diffusion time (DiT / MDLM)
     module_args: dict[str, Any] = field(default_factory=dict)  # block/FFN name -> its config dataclass
 
     def __post_init__(self) -> None:
@@ -106,6 +109,7 @@ def _module_entry(name: str, path: str):
 
 
 @dataclass
+@checked
 class DataConfig:
     source: str = "stdlib"  # stdlib | a local text file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
     tokenizer: Literal["byte", "bpe"] = "byte"
@@ -132,6 +136,7 @@ class DataConfig:
 
 
 @dataclass
+@checked
 class OptimizerConfig:
     lr: float = bounded(1e-3, gt=0)
     weight_decay: float = 0.1
@@ -145,6 +150,7 @@ class OptimizerConfig:
 
 
 @dataclass
+@checked
 class SchedulerConfig:
     name: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = bounded(100, ge=0)
@@ -152,6 +158,7 @@ class SchedulerConfig:
 
 
 @dataclass
+@checked
 class TrainerConfig:
     max_steps: int = bounded(1000, ge=1)
     val_every: int = bounded(100, ge=1)  # optimizer steps between validations (and checkpoints)
@@ -169,6 +176,7 @@ class TrainerConfig:
 
 
 @dataclass
+@checked
 class DiffusionSamplingConfig:
     """Sampler defaults of a masked-diffusion model (``zoo.diffusion.sample_text`` arguments override them)."""
 
@@ -181,6 +189,7 @@ class DiffusionSamplingConfig:
 
 
 @dataclass
+@checked
 class DiffusionConfig:
     """Masked (absorbing-state) diffusion, as in MDLM: ``alpha_t`` is the probability a token is still unmasked at
     time ``t``; the loss is the continuous-time NELBO. Used when the recipe's ``objective`` is ``diffusion``."""
@@ -189,11 +198,11 @@ class DiffusionConfig:
     eps: float = bounded(1e-3, gt=0, lt=1)  # alpha_1 = eps: the fraction of tokens left unmasked at t = 1
     t_min: float = bounded(1e-3, ge=0, lt=1)  # training times are drawn from [t_min, 1] (the loglinear weight 1/t is unbounded at 0)
     antithetic: bool = True  # low-discrepancy times: one uniform offset, evenly spaced across the batch
-    time_conditioning: bool = False  # MDLM runs without it
     sampling: DiffusionSamplingConfig = field(default_factory=DiffusionSamplingConfig)
 
 
 @dataclass
+@checked
 class LoRAConfig:
     """LoRA adapters (PEFT) on a fine-tuned base. ``target_modules``: ``all-linear`` (every nn.Linear but the LM
     head: every block's projections) or module-name suffixes (``[q_proj, v_proj]``, ``[in_proj, out_proj]``).
@@ -251,8 +260,23 @@ class Recipe:
         attention = self.model.module_args.get("attention")
         if self.objective == "causal" and attention is not None and not attention.causal:
             raise ConfigError("model.attention.causal", "objective: causal needs causal attention (diffusion denoisers drop the mask themselves)")
+        if self.objective == "diffusion" and not self.model.bidirectional:
+            raise ConfigError("model.bidirectional", "objective: diffusion trains a denoiser that sees the whole sequence; set model.bidirectional: true")
+        if self.model.time_conditioning and self.objective != "diffusion":
+            raise ConfigError("model.time_conditioning", "conditions the layers on a diffusion time: it needs objective: diffusion")
+        if self.objective == "causal" and self.model.bidirectional:
+            raise ConfigError("model.bidirectional", "objective: causal needs causal layers; bidirectional models are diffusion denoisers")
         if self.finetune is not None and self.objective != "causal":
             raise ConfigError("finetune", f"LoRA fine-tuning trains causal LMs; objective is {self.objective!r}")
+
+    def with_vocab_size(self, n_tokens: int) -> "Recipe":
+        """This recipe, validated again, with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the
+        tokenizer is made, before anything is built); a vocab_size given in the recipe must hold them all."""
+        if self.model.vocab_size is not None:
+            if self.model.vocab_size < n_tokens:
+                raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
+            return self
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=n_tokens))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":

@@ -120,7 +120,8 @@ def diffusion_config(model: PreTrainedModel) -> DiffusionConfig:
     """The typed diffusion settings a :class:`ZooForMaskedLM` was trained with."""
     if getattr(model.config, "diffusion", None) is None:
         raise ZooError(f"{type(model).__name__} has no diffusion settings in its config (config.diffusion); not a ZooForMaskedLM?")
-    return build(DiffusionConfig, model.config.diffusion, "config.diffusion")
+    settings = {k: v for k, v in model.config.diffusion.items() if k != "time_conditioning"}  # a model field since 0.1
+    return build(DiffusionConfig, settings, "config.diffusion")
 
 
 @torch.no_grad()
@@ -182,7 +183,7 @@ def generate_ids(model: PreTrainedModel, prompt_ids: torch.Tensor, length: int, 
     settings = diffusion_config(model)
     schedule = NoiseSchedule(settings.schedule, settings.eps)
     mask_id = model.config.mask_token_id
-    kwargs = dict(unmasking=unmasking, temperature=temperature, time_conditioned=settings.time_conditioning, generator=generator)
+    kwargs = dict(unmasking=unmasking, temperature=temperature, time_conditioned=model.model.conditioned, generator=generator)
     out = prompt_ids
     B, P = prompt_ids.shape
     if P + length <= context_length:

@@ -58,8 +58,9 @@ class ZooConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     use_cache: bool = True
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
+    time_conditioning: bool = False  # adaLN-Zero conditioning on a diffusion time (see ZooModel)
     mask_token_id: int | None = None
-    diffusion: dict | None = None  # masked-diffusion settings (zoo.config.DiffusionConfig) of a ZooForMaskedLM
+    diffusion: dict | None = None  # masked-diffusion objective and sampler settings (zoo.config.DiffusionConfig)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -73,16 +74,20 @@ class ZooConfig(PreTrainedConfig):
         return cls(
             d_model=plain["d_model"], n_layers=plain["n_layers"], blocks=plain["blocks"], ffn=plain["ffn"],
             vocab_size=plain["vocab_size"], norm_eps=plain["norm_eps"], init_std=plain["init_std"],
-            module_args=module_args, tie_word_embeddings=plain["tie_embeddings"], **kwargs,
+            module_args=module_args, tie_word_embeddings=plain["tie_embeddings"], bidirectional=model.bidirectional,
+            time_conditioning=model.time_conditioning, **kwargs,
         )
 
     def model_config(self) -> ModelConfig:
-        """The validated zoo model config this HF config describes."""
+        """The validated zoo model spec this HF config describes: what :class:`ZooModel` builds from. Checkpoints
+        written before ``time_conditioning`` was a model field keep it in ``diffusion``; it is read from there."""
+        time_conditioning = self.time_conditioning or bool((self.diffusion or {}).get("time_conditioning"))
         return ModelConfig.from_dict(
             {
                 "d_model": self.d_model, "n_layers": self.n_layers, "blocks": list(self.blocks or ["attention"]),
                 "ffn": self.ffn, "vocab_size": self.vocab_size, "norm_eps": self.norm_eps, "init_std": self.init_std,
-                "tie_embeddings": self.tie_word_embeddings, **(self.module_args or {}),
+                "tie_embeddings": self.tie_word_embeddings, "bidirectional": self.bidirectional,
+                "time_conditioning": time_conditioning, **(self.module_args or {}),
             },
             "config",
         )
@@ -379,19 +384,20 @@ class ZooPreTrainedModel(PreTrainedModel):
 class ZooModel(ZooPreTrainedModel):
     """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm.
 
-    With ``config.diffusion["time_conditioning"]`` every layer and the final norm are adaLN-Zero conditioned (DiT):
-    ``forward`` then takes ``conditioning [B, D]`` (a diffusion-time embedding), see :class:`ResidualLayer`.
+    Built from the validated spec ``config.model_config()``. With ``time_conditioning`` every layer and the final
+    norm are adaLN-Zero conditioned (DiT): ``forward`` then takes ``conditioning [B, D]`` (a diffusion-time
+    embedding), see :class:`ResidualLayer`. With ``bidirectional`` every block sees the whole sequence.
     """
 
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         spec = config.model_config()
-        self.conditioned = bool((config.diffusion or {}).get("time_conditioning"))
+        self.conditioned = spec.time_conditioning
         self.embed = nn.Embedding(config.vocab_size, spec.d_model)
         layers = []
         for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
             mixer_cls = MIXERS.get(block).cls
-            build_mixer = mixer_cls.bidirectional if config.bidirectional else mixer_cls
+            build_mixer = mixer_cls.bidirectional if spec.bidirectional else mixer_cls
             mixer = build_mixer(spec.args_for(block), spec.d_model, i)
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
             layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned))
@@ -436,7 +442,7 @@ class ZooModel(ZooPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """``cache`` (or its older name ``past_key_values``): the :class:`ZooCache` to continue from and update.
-        ``conditioning [B, D]``: required by a conditioned model (``config.diffusion.time_conditioning``), refused otherwise.
+        ``conditioning [B, D]``: required by a conditioned model (``model.time_conditioning``), refused otherwise.
 
         ``output_hidden_states``: the embedding output and every layer's output, the last one after the final norm
         (``n_layers + 1`` tensors ``[B, T, D]``, as Llama). ``output_attentions``: the attention maps ``[B, H, T, S]``
@@ -491,11 +497,11 @@ class ZooModel(ZooPreTrainedModel):
     def _check_conditioning(self, conditioning: torch.Tensor | None, batch_size: int) -> None:
         if not self.conditioned:
             if conditioning is not None:
-                raise ValueError("conditioning: this model is not conditioned (config.diffusion.time_conditioning is off); pass None")
+                raise ValueError("conditioning: this model is not conditioned (model.time_conditioning is off); pass None")
             return
         expected = [batch_size, self.config.d_model]
         if conditioning is None:
-            raise ValueError(f"conditioning: this model is adaLN-conditioned (config.diffusion.time_conditioning); pass a tensor of shape {expected}")
+            raise ValueError(f"conditioning: this model is adaLN-conditioned (model.time_conditioning); pass a tensor of shape {expected}")
         if list(conditioning.shape) != expected or not conditioning.is_floating_point():
             raise ValueError(f"conditioning: expected a floating-point tensor of shape {expected}, got {conditioning.dtype} {list(conditioning.shape)}")
 
@@ -779,16 +785,17 @@ class ZooMoeMaskedLMOutput(MaskedLMOutput):
 class ZooForMaskedLM(ZooWithLMHead):
     """A bidirectional :class:`ZooModel` with an LM head: the denoiser of masked (absorbing-state) diffusion.
 
-    Built with ``config.bidirectional = True`` whatever block the layers use. With ``diffusion.time_conditioning``
+    Needs ``config.bidirectional`` (``model.bidirectional: true``), whatever block the layers use. With ``time_conditioning``
     the diffusion time ``timesteps [B]`` is embedded (:class:`TimestepEmbedding`) into ``c [B, D]``, which conditions
     every layer and the final norm by adaLN-Zero (DiT, as MDLM's time-conditioned DiT; see :class:`ResidualLayer`).
     The training objective and the sampler live in :mod:`zoo.diffusion`.
     """
 
     def __init__(self, config: ZooConfig):
-        config.bidirectional = True
+        if not config.bidirectional:
+            raise ValueError("ZooForMaskedLM is a denoiser that sees the whole sequence: build it from a config with bidirectional=True")
         super().__init__(config)
-        self.time_embed = TimestepEmbedding(config.d_model) if (config.diffusion or {}).get("time_conditioning") else None
+        self.time_embed = TimestepEmbedding(config.d_model) if self.model.conditioned else None
         self.post_init()
 
     def forward(
@@ -810,7 +817,7 @@ class ZooForMaskedLM(ZooWithLMHead):
         conditioning = None
         if self.time_embed is not None:
             if timesteps is None:
-                raise ValueError("this ZooForMaskedLM is time-conditioned (diffusion.time_conditioning): pass timesteps [batch]")
+                raise ValueError("this ZooForMaskedLM is time-conditioned (model.time_conditioning): pass timesteps [batch]")
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             if timesteps.dim() != 1 or timesteps.shape[0] != batch_size:
                 raise ValueError(f"timesteps: expected shape [{batch_size}] (one time per row), got {list(timesteps.shape)}")

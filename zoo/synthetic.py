@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from zoo.errors import ConfigError
-from zoo.typed import bounded
+from zoo.typed import bounded, checked
 
 IGNORE_INDEX = -100
 BLANK = 0
 
 
 @dataclass
+@checked
 class TaskConfig:
     """A synthetic task's settings (``data.task``, for ``data.source`` in :data:`GENERATORS`).
 

@@ -18,7 +18,6 @@ import warnings
 
 from zoo.cli import ArgumentParser, run_main, split_recipe_args
 from zoo.config import Recipe
-from zoo.errors import ZooError
 from zoo.recipe_loader import load_recipe
 
 USAGE = "usage: python -m zoo.train recipe=NAME [key.path=value ...] [--print]"
@@ -57,10 +56,7 @@ def train(recipe: Recipe) -> dict:
         torch.set_float32_matmul_precision("high")
     data = ZooDataModule(recipe.data, seed=recipe.seed)
     tokenizer = data.load_tokenizer()
-    if recipe.model.vocab_size is None:
-        recipe.model.vocab_size = len(tokenizer)
-    elif recipe.model.vocab_size < len(tokenizer):
-        raise ZooError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    recipe = recipe.with_vocab_size(len(tokenizer))
     special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if recipe.objective == "diffusion":
         from zoo.diffusion import DiffusionLightningModule

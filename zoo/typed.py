@@ -17,10 +17,24 @@ from zoo.errors import ConfigError
 
 def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, note: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with bounds that :func:`build` enforces before construction (``None`` values are not checked);
+    """A dataclass field with bounds, checked at construction by a :func:`checked` class (``None`` is not checked);
     ``note`` is added to the error, e.g. what ``None`` means."""
     bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt, "note": note}
     return dataclasses.field(default=default, metadata={"bounds": bounds}, **kwargs)
+
+
+def checked(cls: type) -> type:
+    """Class decorator (under ``@dataclass``): the bounds the fields declare with :func:`bounded` are checked whenever
+    the class is constructed, before its own ``__post_init__``."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        check_bounds(cls, vars(self))
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return cls
 
 
 def _describe(bounds: dict[str, Any]) -> str:
@@ -110,10 +124,6 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Construct dataclass ``cls`` from a mapping, checking keys and types; errors carry ``path``."""
     if isinstance(data, cls):
-        try:
-            check_bounds(cls, vars(data))
-        except ConfigError as err:
-            raise err.under(path) if path else err
         return data
     if data is None:
         data = {}
@@ -129,7 +139,6 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
     try:
-        check_bounds(cls, kwargs)
         return cls(**kwargs)
     except ConfigError as err:
         raise err.under(path) if path else err
