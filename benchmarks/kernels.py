@@ -3,6 +3,8 @@
 ``python -m benchmarks.kernels`` (CUDA GPU, bf16, 16k tokens per call: T = 1k / 4k / 16k with B = 16 / 4 / 1) or
 ``--smoke`` (tiny fp32 shapes; on CPU the Triton kernels run in the interpreter); ``--sizes 1024:4`` times other
 (T, batch) sizes, ``--dry-run`` prints the plan (device, dtype, sizes, implementations, peers found) and times nothing.
+``--model`` runs nothing on a device: it prints and writes ``benchmarks/results/kernels-roofline.{json,md}``, a paper
+roofline (lower bounds from bytes, FLOPs and grids, :mod:`benchmarks.roofline`) of zoo's Triton kernels on an H100.
 Every implementation of an op gets
 the same inputs in the same process; times are medians of CUDA-event timings after warm-up. Peers (mamba_ssm, fla)
 are timed when they import. Writes ``benchmarks/results/kernels-<gpu>.{json,md}`` (``kernels-smoke`` for --smoke).
@@ -422,6 +424,20 @@ def plan(args: argparse.Namespace, device: torch.device, sizes, dtype, warmup: i
     }
 
 
+def write_model(ops: list[str], sizes, out: Path) -> dict:
+    """``--model``: the paper roofline of ``ops`` at ``sizes``, printed and written as kernels-roofline.{json,md}."""
+    from benchmarks.roofline import model_markdown, model_report
+
+    report = model_report(BENCHES, sizes, ops)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kernels-roofline"
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(model_markdown(report))
+    print(model_markdown(report), end="")
+    print(f"wrote {path}.json and {path}.md")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (CPU: Triton interpreter)")
@@ -430,7 +446,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=parse_sizes, help="T:batch pairs, e.g. 1024:4,4096:1 (default: 16k tokens per call)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and time nothing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md results")
+    parser.add_argument("--model", action="store_true", help="paper roofline (H100 lower bounds); runs no kernel")
     args = parser.parse_args(argv)
+    if args.model:
+        return write_model(args.ops, args.sizes or GPU_SIZES, args.out)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke and not args.dry_run:
         parser.error("the benchmark shapes need a CUDA GPU; pass --smoke for a tiny run on CPU")
