@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -36,9 +37,9 @@ import triton  # noqa: E402
 
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
-from zoo.kernels.retention import retention_chunked, retention_triton  # noqa: E402
-from zoo.kernels.rwkv6 import rwkv6_chunked, rwkv6_triton  # noqa: E402
-from zoo.kernels.rwkv7 import rwkv7_chunked, rwkv7_triton  # noqa: E402
+from zoo.kernels.retention import retention, retention_chunked, retention_triton  # noqa: E402
+from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton  # noqa: E402
+from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SIZES = [(1024, 16), (4096, 4), (16384, 1)]  # (T, batch): 16k tokens per call
@@ -253,6 +254,24 @@ def _fla_retention() -> Prepare | None:
     return prepare
 
 
+def _zoo_fla(fn, constant: tuple[str, ...] = ()) -> Callable[[], Prepare | None]:
+    """zoo's op with ``backend="fla"`` (fla's kernels behind zoo's adapter), when fla imports; ``constant`` inputs get
+    no gradient (retention's fixed decays)."""
+
+    def load() -> Prepare | None:
+        if importlib.util.find_spec("fla") is None:
+            return None
+
+        def prepare(inputs: dict) -> Prepared:
+            leaves = _leaves({k: v for k, v in inputs.items() if k not in constant})
+            run = lambda: fn(**leaves, **{k: inputs[k] for k in constant}, backend="fla")  # noqa: E731
+            return run, list(leaves.values())
+
+        return prepare
+
+    return load
+
+
 HEADS_64 = {"heads": 16, "head_dim": 64}
 HEADS_SMOKE = {"heads": 2, "head_dim": 8}
 RWKV6 = KernelBench(
@@ -260,14 +279,14 @@ RWKV6 = KernelBench(
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv6_inputs,
     zoo={"zoo triton": _zoo_call(rwkv6_triton), "zoo chunked torch": _zoo_call(rwkv6_chunked)},
-    peers={"fla chunk_rwkv6": _fla_rwkv6},
+    peers={"fla chunk_rwkv6": _fla_rwkv6, "zoo backend=fla": _zoo_fla(rwkv6)},
 )
 RWKV7 = KernelBench(
     shapes=HEADS_64,
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv7_inputs,
     zoo={"zoo triton": _zoo_call(rwkv7_triton), "zoo chunked torch": _zoo_call(rwkv7_chunked)},
-    peers={"fla chunk_rwkv7": _fla_rwkv7},
+    peers={"fla chunk_rwkv7": _fla_rwkv7, "zoo backend=fla": _zoo_fla(rwkv7)},
 )
 RETENTION = KernelBench(
     shapes=HEADS_64,
@@ -278,7 +297,7 @@ RETENTION = KernelBench(
         "zoo triton recurrent": _zoo_call(retention_triton, form="recurrent"),
         "zoo chunked torch": _zoo_call(retention_chunked),
     },
-    peers={"fla chunk_retention": _fla_retention},
+    peers={"fla chunk_retention": _fla_retention, "zoo backend=fla": _zoo_fla(retention, constant=("log_decay",))},
 )
 
 
