@@ -107,7 +107,7 @@ def _retention_chunk(name: str, a: dict, programs: int) -> Flops:
     return Flops(
         tensor=0.0 if ieee else dots * chunks,
         cuda=(dots if ieee else 0.0) * chunks + elementwise * chunks,
-        exp=(BT * BT + 2 * BT) * chunks,
+        exp=BT * BT * programs + 2 * BT * chunks,  # the decay mask once per program, in / out decays per chunk
         tensor_precision=None if ieee else a["PRECISION"],
     )
 
@@ -229,7 +229,11 @@ def _bytes(t: torch.Tensor) -> int:
 def launch_model(launch: Launch) -> dict:
     """Bytes (by dtype and direction), FLOPs and grid of one launch."""
     a = launch.args
+    if launch.kernel not in WRITES or launch.kernel not in FLOPS:
+        raise KeyError(f"benchmarks/roofline.py has no model of kernel {launch.kernel}: add it to WRITES and FLOPS")
     writes = WRITES[launch.kernel]
+    if not writes <= set(a):
+        raise KeyError(f"{launch.kernel} no longer has the arguments {sorted(writes - set(a))}: update WRITES in benchmarks/roofline.py")
     read: dict[str, int] = {}
     written: dict[str, int] = {}
     scratch_traffic = 0

@@ -66,3 +66,14 @@ def test_selective_scan_inputs_and_peer_column(report):
     assert run["peer_fwd_bwd_ms_measured"] == 3.78 and run["fwd_bwd"]["bound_ms"] < 3.78
     assert "| mamba-ssm selective_scan_fn (d_inner 2048, N 16) | 3.08 | 3.24 | 3.78 |" in md
     assert "| 3.78 |" in md
+
+
+def test_every_op_and_kernel_has_a_model(tmp_path):
+    data = main(["--model", "--sizes", "64:2", "--out", str(tmp_path)])
+    assert sorted(data["ops"]) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    for op, entry in data["ops"].items():
+        assert (entry["peer_line"] is None) == (op == "rwkv7"), op  # PEERS.md has no rwkv7 timing
+        for run in entry["runs"]:
+            s = run["fwd_bwd"]
+            assert len(s["launches"]) == 2 and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
+            assert s["tensor_flops"] + s["cuda_core_flops"] > run["fwd"]["tensor_flops"] + run["fwd"]["cuda_core_flops"] > 0
