@@ -3,6 +3,8 @@
 ``python -m benchmarks.kernels`` (CUDA GPU, bf16, 16k tokens per call: T = 1k / 4k / 16k with B = 16 / 4 / 1) or
 ``--smoke`` (tiny fp32 shapes; on CPU the Triton kernels run in the interpreter); ``--sizes 1024:4`` times other
 (T, batch) sizes, ``--dry-run`` prints the plan (device, dtype, sizes, implementations, peers found) and times nothing.
+``--model`` runs nothing on a device: it prints and writes ``benchmarks/results/kernels-roofline.{json,md}``, a paper
+roofline (lower bounds from bytes, FLOPs and grids, :mod:`benchmarks.roofline`) of zoo's Triton kernels on an H100.
 Every implementation of an op gets
 the same inputs in the same process; times are medians of CUDA-event timings after warm-up. Peers (mamba_ssm, fla)
 are timed when they import. Writes ``benchmarks/results/kernels-<gpu>.{json,md}`` (``kernels-smoke`` for --smoke).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -34,9 +37,9 @@ import triton  # noqa: E402
 
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
-from zoo.kernels.retention import retention_chunked, retention_triton  # noqa: E402
-from zoo.kernels.rwkv6 import rwkv6_chunked, rwkv6_triton  # noqa: E402
-from zoo.kernels.rwkv7 import rwkv7_chunked, rwkv7_triton  # noqa: E402
+from zoo.kernels.retention import retention, retention_chunked, retention_triton  # noqa: E402
+from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton  # noqa: E402
+from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SIZES = [(1024, 16), (4096, 4), (16384, 1)]  # (T, batch): 16k tokens per call
@@ -251,6 +254,24 @@ def _fla_retention() -> Prepare | None:
     return prepare
 
 
+def _zoo_fla(fn, constant: tuple[str, ...] = ()) -> Callable[[], Prepare | None]:
+    """zoo's op with ``backend="fla"`` (fla's kernels behind zoo's adapter), when fla imports; ``constant`` inputs get
+    no gradient (retention's fixed decays)."""
+
+    def load() -> Prepare | None:
+        if importlib.util.find_spec("fla") is None:
+            return None
+
+        def prepare(inputs: dict) -> Prepared:
+            leaves = _leaves({k: v for k, v in inputs.items() if k not in constant})
+            run = lambda: fn(**leaves, **{k: inputs[k] for k in constant}, backend="fla")  # noqa: E731
+            return run, list(leaves.values())
+
+        return prepare
+
+    return load
+
+
 HEADS_64 = {"heads": 16, "head_dim": 64}
 HEADS_SMOKE = {"heads": 2, "head_dim": 8}
 RWKV6 = KernelBench(
@@ -258,14 +279,14 @@ RWKV6 = KernelBench(
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv6_inputs,
     zoo={"zoo triton": _zoo_call(rwkv6_triton), "zoo chunked torch": _zoo_call(rwkv6_chunked)},
-    peers={"fla chunk_rwkv6": _fla_rwkv6},
+    peers={"fla chunk_rwkv6": _fla_rwkv6, "zoo backend=fla": _zoo_fla(rwkv6)},
 )
 RWKV7 = KernelBench(
     shapes=HEADS_64,
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv7_inputs,
     zoo={"zoo triton": _zoo_call(rwkv7_triton), "zoo chunked torch": _zoo_call(rwkv7_chunked)},
-    peers={"fla chunk_rwkv7": _fla_rwkv7},
+    peers={"fla chunk_rwkv7": _fla_rwkv7, "zoo backend=fla": _zoo_fla(rwkv7)},
 )
 RETENTION = KernelBench(
     shapes=HEADS_64,
@@ -276,7 +297,7 @@ RETENTION = KernelBench(
         "zoo triton recurrent": _zoo_call(retention_triton, form="recurrent"),
         "zoo chunked torch": _zoo_call(retention_chunked),
     },
-    peers={"fla chunk_retention": _fla_retention},
+    peers={"fla chunk_retention": _fla_retention, "zoo backend=fla": _zoo_fla(retention, constant=("log_decay",))},
 )
 
 
@@ -422,6 +443,20 @@ def plan(args: argparse.Namespace, device: torch.device, sizes, dtype, warmup: i
     }
 
 
+def write_model(ops: list[str], sizes, out: Path) -> dict:
+    """``--model``: the paper roofline of ``ops`` at ``sizes``, printed and written as kernels-roofline.{json,md}."""
+    from benchmarks.roofline import model_markdown, model_report
+
+    report = model_report(BENCHES, sizes, ops)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kernels-roofline"
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(model_markdown(report))
+    print(model_markdown(report), end="")
+    print(f"wrote {path}.json and {path}.md")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (CPU: Triton interpreter)")
@@ -430,7 +465,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=parse_sizes, help="T:batch pairs, e.g. 1024:4,4096:1 (default: 16k tokens per call)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and time nothing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md results")
+    parser.add_argument("--model", action="store_true", help="paper roofline (H100 lower bounds); runs no kernel")
     args = parser.parse_args(argv)
+    if args.model:
+        return write_model(args.ops, args.sizes or GPU_SIZES, args.out)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke and not args.dry_run:
         parser.error("the benchmark shapes need a CUDA GPU; pass --smoke for a tiny run on CPU")

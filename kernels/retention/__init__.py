@@ -10,6 +10,7 @@ from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import retention_chunked
+from .fla_backend import retention_fla
 from .naive import retention_recurrent
 from .parallel import retention_parallel
 
@@ -69,4 +70,4 @@ def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_siz
 __all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]
 
 
-BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton")})
+BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton"), "fla": Backend(retention_fla, "fla")})

@@ -6,6 +6,7 @@ from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import rwkv6_chunked
+from .fla_backend import rwkv6_fla
 from .naive import rwkv6_naive
 
 
@@ -45,4 +46,4 @@ def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
     return rwkv6_chunked(r, k, v, w_log, u, initial_state, chunk_size)
 
 
-BACKENDS = BackendTable("rwkv6", {"torch": Backend(rwkv6_torch), "triton": Backend(rwkv6_triton, "triton")})
+BACKENDS = BackendTable("rwkv6", {"torch": Backend(rwkv6_torch), "triton": Backend(rwkv6_triton, "triton"), "fla": Backend(rwkv6_fla, "fla")})

@@ -5,6 +5,7 @@ from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import rwkv7_chunked
+from .fla_backend import rwkv7_fla
 from .naive import rwkv7_naive
 from .recurrent import rwkv7_recurrent
 
@@ -44,4 +45,4 @@ def rwkv7_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
     return form(r, w_log, k, v, a, b, initial_state, chunk_size)
 
 
-BACKENDS = BackendTable("rwkv7", {"torch": Backend(rwkv7_torch), "triton": Backend(rwkv7_triton, "triton")})
+BACKENDS = BackendTable("rwkv7", {"torch": Backend(rwkv7_torch), "triton": Backend(rwkv7_triton, "triton"), "fla": Backend(rwkv7_fla, "fla")})

@@ -1,0 +1,391 @@
+"""A paper roofline of zoo's Triton kernels (``python -m benchmarks.kernels --model``): lower bounds, not measurements.
+
+Each op's benchmark call (``benchmarks.kernels.BENCHES[op].zoo["zoo triton"]``) is run on ``meta`` tensors with every
+``@triton.jit`` kernel of the op's Triton module replaced by a recorder, forward and then backward through autograd. So
+the grid, the constexpr tiles and every buffer a launch gets (checkpoints, scratch, partial sums) come from the
+launchers' own code: a retuned tile size shows up here without editing this file.
+
+Per launch it counts, with the conventions of :data:`NOTES`:
+
+* HBM bytes: every tensor argument once, read or written (``WRITES``), by dtype; arguments switched off by their
+  ``HAS_*`` flag are not touched. Scratch buffers count once (their size); their round trips are reported apart.
+* FLOPs per kernel (``FLOPS``, read off the kernel bodies): ``tl.dot`` with tf32/bf16 operands on tensor cores,
+  ``tl.dot(..., input_precision="ieee")`` and every elementwise / rank-1 / reduction op on the CUDA cores
+  (a multiply-add is 2 FLOPs), plus ``exp`` calls (MUFU) apart.
+
+The bound is ``max(bytes / HBM, tensor FLOPs / tensor peak, CUDA-core FLOPs / CUDA-core peak)`` on an H100 SXM; a
+second bound also uses that one program runs on one SM, so a grid of ``n < 132`` programs gets ``n / 132`` of the
+compute peaks. The PyTorch work around the launches (summing partial gradients, dtype casts) is not counted, so
+both stay lower bounds.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+H100 = {
+    "name": "H100 SXM",
+    "sms": 132,
+    "hbm_bytes_per_s": 3.35e12,
+    "bf16_tensor_flops": 989e12,
+    "tf32_tensor_flops": 494.7e12,  # dense TF32, half the bf16 rate (NVIDIA H100 SXM datasheet)
+    "fp32_cuda_core_flops": 67e12,
+}
+
+# The Triton module of each op: its @triton.jit kernels are the ones recorded.
+TRITON_MODULES = {
+    "selective_scan": "zoo.kernels.selective_scan.triton_scan",
+    "ssd": "zoo.kernels.ssd.triton_ssd",
+    "rwkv6": "zoo.kernels.rwkv6.triton_rwkv6",
+    "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
+    "retention": "zoo.kernels.retention.triton_retention",
+}
+
+# Arguments each kernel writes (everything else that is a tensor is read). Scratch is written and read back.
+WRITES = {
+    "_selective_scan_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
+    "_selective_scan_bwd_kernel": {"du_ptr", "ddelta_ptr", "dz_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"},
+    "_ssd_chunk_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
+    "_ssd_chunk_bwd_kernel": {"dx_ptr", "ddt_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"},
+    "_rwkv6_fwd_kernel": {"o", "ckpt", "s_final"},
+    "_rwkv6_bwd_kernel": {"dr", "dk", "dv", "dw", "du", "ds0"},
+    "_rwkv7_fwd_kernel": {"o", "ckpt", "s_final"},
+    "_rwkv7_bwd_kernel": {"dr", "dw", "dk", "dv", "da", "db", "ds0"},
+    "_retention_fwd_kernel": {"o", "ckpt", "s_final"},
+    "_retention_bwd_kernel": {"dq", "dk", "dv", "dg", "ds0"},
+    "_retention_chunk_fwd_kernel": {"o", "ckpt", "s_final"},
+    "_retention_chunk_bwd_kernel": {"dq", "dk", "dv", "dg", "ds0"},
+}
+SCRATCH = {"scratch", "scratch_ptr"}
+# Pointer arguments only touched when a constexpr flag is set (otherwise a placeholder tensor is passed).
+GUARDS = {
+    "s0": "HAS_S0", "ds_final": "HAS_DS_FINAL", "h0_ptr": "HAS_H0", "dhT_ptr": "HAS_DHT", "D_ptr": "HAS_D",
+    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS",
+}
+
+
+@dataclass
+class Flops:
+    """Work of one launch: tensor-core FLOPs (and their operand precision), CUDA-core FLOPs, exp calls."""
+
+    tensor: float = 0.0
+    cuda: float = 0.0
+    exp: float = 0.0
+    tensor_precision: str | None = None
+
+
+def _recurrent(fwd_per_elem: int, bwd_per_elem: int, fwd_exp_per_k: int, bwd_exp_per_k: int):
+    """The fused-recurrent kernels (rwkv6, rwkv7, retention ``recurrent``): per token, each program updates its
+    ``[BK, BV]`` state tile with rank-1 products and reductions, all on CUDA cores. The backward recomputes each
+    chunk's states (counted in ``bwd_per_elem``)."""
+
+    def count(name: str, a: dict, programs: int) -> Flops:
+        per_elem = bwd_per_elem if "bwd" in name else fwd_per_elem
+        exp_per_k = bwd_exp_per_k if "bwd" in name else fwd_exp_per_k
+        tile = a["BK"] * a["BV"]
+        return Flops(cuda=per_elem * a["T"] * tile * programs, exp=exp_per_k * a["T"] * a["BK"] * programs)
+
+    return count
+
+
+def _retention_chunk(name: str, a: dict, programs: int) -> Flops:
+    """Chunked retention: per chunk of BT tokens, [BT, BK] x [BK, BT] / [BT, BT] x [BT, BV] / [BK, BV] tl.dot tiles."""
+    BT, BK, BV = a["BT"], a["BK"], a["BV"]
+    if "bwd" in name:
+        dots = 2 * BT * BT * (3 * BK + 2 * BV) + 10 * BT * BK * BV  # A, dA, dq, dk, dv and the state terms
+        elementwise = 2 * BT * BT + 6 * BT * BK + 2 * BT * BV + 6 * BK * BV
+    else:
+        dots = 2 * BT * BT * (BK + BV) + 4 * BT * BK * BV  # Q K^T, A V, (Q xi) S, (K zeta)^T V
+        elementwise = BT * BT + 2 * BT * BK + 2 * BK * BV
+    chunks = a["NC"] * programs
+    ieee = a["PRECISION"] == "ieee"
+    return Flops(
+        tensor=0.0 if ieee else dots * chunks,
+        cuda=(dots if ieee else 0.0) * chunks + elementwise * chunks,
+        exp=BT * BT * programs + 2 * BT * chunks,  # the decay mask once per program, in / out decays per chunk
+        tensor_precision=None if ieee else a["PRECISION"],
+    )
+
+
+def _selective_scan(name: str, a: dict, programs: int) -> Flops:
+    """Per token each program updates its ``[BLOCK_D, BLOCK_N]`` state: decay ``exp(dt A)``, rank-1 input, the
+    ``C`` readout (forward: 6 FLOPs + 1 exp per element; backward: recompute 4 + adjoint 18, 2 exp)."""
+    tile = a["BLOCK_D"] * a["BLOCK_N"]
+    per_elem, exps = (22, 2) if "bwd" in name else (6, 1)
+    return Flops(cuda=per_elem * a["T"] * tile * programs, exp=exps * a["T"] * tile * programs)
+
+
+def _ssd(name: str, a: dict, programs: int) -> Flops:
+    """Chunked SSD: ``L x L`` and ``L x BLOCK_P/BLOCK_N`` ``tl.dot`` tiles, all ``input_precision="ieee"`` (fp32 FMA
+    on CUDA cores, not tensor cores), plus the segment-sum decays."""
+    L, P, N = a["L"], a["BLOCK_P"], a["BLOCK_N"]
+    if "bwd" in name:
+        dots = 6 * L * L * N + 4 * L * L * P + 10 * L * P * N  # CB, dC, dB; dxd, dS; five [L, P] x [P|L, N] terms
+        elementwise = 8 * L * L + 10 * L * P + 4 * P * N
+    else:
+        dots = 2 * L * L * (N + P) + 4 * L * P * N  # C B^T, scores (dt x), C h^T, (dt x)^T B
+        elementwise = 3 * L * L + 5 * L * P + 2 * P * N
+    chunks = a["n_chunks"] * programs
+    return Flops(cuda=(dots + elementwise) * chunks, exp=(L * L + 2 * L) * chunks)
+
+
+FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
+    "_selective_scan_fwd_kernel": _selective_scan,
+    "_selective_scan_bwd_kernel": _selective_scan,
+    "_ssd_chunk_fwd_kernel": _ssd,
+    "_ssd_chunk_bwd_kernel": _ssd,
+    # per state element per token: see the kernel bodies (fwd / bwd incl. recompute); exp per K-row per token
+    "_rwkv6_fwd_kernel": _recurrent(7, 14, 1, 2),
+    "_rwkv6_bwd_kernel": _recurrent(7, 14, 1, 2),
+    "_rwkv7_fwd_kernel": _recurrent(9, 33, 1, 2),
+    "_rwkv7_bwd_kernel": _recurrent(9, 33, 1, 2),
+    "_retention_fwd_kernel": _recurrent(5, 17, 0, 0),
+    "_retention_bwd_kernel": _recurrent(5, 17, 0, 0),
+    "_retention_chunk_fwd_kernel": _retention_chunk,
+    "_retention_chunk_bwd_kernel": _retention_chunk,
+}
+
+NOTES = [
+    "Lower bounds computed on paper from the kernels' code, not measurements.",
+    "bytes: every tensor argument of a launch once (read, or written), by dtype; scratch counted once at its size,"
+    " its per-step round trips listed apart (they may stay in L2).",
+    "FLOPs: a multiply-add is 2; reductions and rank-1 updates on [BK, BV] / [BLOCK_D, BLOCK_N] state tiles are"
+    " CUDA-core FLOPs; vector-sized (per row) work is left out except exp calls.",
+    "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
+    " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
+    "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
+]
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: its name, grid and named arguments (tensors, scalars and constexprs)."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    args: dict = field(default_factory=dict)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](*args, **kwargs)`` records a :class:`Launch`."""
+
+    def __init__(self, jit, launches: list[Launch]):
+        self.name = jit.fn.__name__
+        self.arg_names = list(jit.arg_names)
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.arg_names, args), **kwargs)
+            g = grid(named) if callable(grid) else grid
+            g = tuple(int(n) for n in (g if isinstance(g, tuple) else (g,)))
+            self.launches.append(Launch(self.name, g, named))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(op: str):
+    """Replace the op's ``@triton.jit`` kernels by recorders; yields the list the launches go to."""
+    from triton.runtime.jit import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+
+    module = importlib.import_module(TRITON_MODULES[op])
+    kernels = {n: f for n, f in vars(module).items() if isinstance(f, (JITFunction, InterpretedFunction))}
+    launches: list[Launch] = []
+    try:
+        for name, jit in kernels.items():
+            setattr(module, name, _Recorder(jit, launches))
+        yield launches
+    finally:
+        for name, jit in kernels.items():
+            setattr(module, name, jit)
+
+
+def record(op: str, prepare, make_inputs, shapes: dict, T: int, batch: int, dtype=torch.bfloat16) -> tuple[list[Launch], list[Launch]]:
+    """The launches of the benchmark's call (``prepare``) on meta tensors: (forward ones, backward ones)."""
+    inputs = make_inputs(batch, T, shapes, torch.device("meta"), dtype)
+    with recording(op) as launches:
+        run, _ = prepare(inputs)
+        outputs = [o for o in run() if torch.is_tensor(o) and o.is_floating_point()]
+        n_fwd = len(launches)
+        torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
+    return launches[:n_fwd], launches[n_fwd:]
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def launch_model(launch: Launch) -> dict:
+    """Bytes (by dtype and direction), FLOPs and grid of one launch."""
+    a = launch.args
+    if launch.kernel not in WRITES or launch.kernel not in FLOPS:
+        raise KeyError(f"benchmarks/roofline.py has no model of kernel {launch.kernel}: add it to WRITES and FLOPS")
+    writes = WRITES[launch.kernel]
+    if not writes <= set(a):
+        raise KeyError(f"{launch.kernel} no longer has the arguments {sorted(writes - set(a))}: update WRITES in benchmarks/roofline.py")
+    read: dict[str, int] = {}
+    written: dict[str, int] = {}
+    scratch_traffic = 0
+    for name, value in a.items():
+        if not torch.is_tensor(value) or (name in GUARDS and not a.get(GUARDS[name], True)):
+            continue
+        dtype = str(value.dtype).removeprefix("torch.")
+        target = written if name in writes or name in SCRATCH else read
+        target[dtype] = target.get(dtype, 0) + _bytes(value)
+        if name in SCRATCH:  # one state tile per step per program, written and read back
+            states = a["CH"] if name == "scratch" else a["chunk"] + 1  # states it holds per program
+            scratch_traffic += 2 * a["T"] * _bytes(value) // states
+    flops = FLOPS[launch.kernel](launch.kernel, a, launch.programs)
+    constexprs = {k: v for k, v in a.items() if isinstance(v, (int, str)) and k.isupper() and not k.startswith("HAS_")}
+    return {
+        "kernel": launch.kernel,
+        "grid": list(launch.grid),
+        "programs": launch.programs,
+        "programs_per_sm": launch.programs / H100["sms"],
+        "constants": constexprs,
+        "bytes_read": read,
+        "bytes_written": written,
+        "scratch_round_trip_bytes": scratch_traffic,
+        "tensor_flops": flops.tensor,
+        "tensor_precision": flops.tensor_precision,
+        "cuda_core_flops": flops.cuda,
+        "exp_calls": flops.exp,
+    }
+
+
+def bound_ms(launches: list[dict], gpu: dict = H100) -> dict:
+    """Each roofline term in ms summed over launches that run one after another, and two bounds: the sum over
+    launches of the largest term, and the same with a grid of ``n < SMs`` programs getting ``n / SMs`` of the
+    compute peaks (one program runs on one SM)."""
+    terms = {"hbm_ms": 0.0, "tensor_ms": 0.0, "cuda_core_ms": 0.0, "bound_ms": 0.0, "bound_sm_limited_ms": 0.0}
+    for m in launches:
+        moved = sum(m["bytes_read"].values()) + sum(m["bytes_written"].values())
+        peak = gpu["tf32_tensor_flops"] if m["tensor_precision"] == "tf32" else gpu["bf16_tensor_flops"]
+        share = min(1.0, m["programs"] / gpu["sms"])
+        t_hbm = moved / gpu["hbm_bytes_per_s"] * 1e3
+        t_tensor = m["tensor_flops"] / peak * 1e3
+        t_cuda = m["cuda_core_flops"] / gpu["fp32_cuda_core_flops"] * 1e3
+        terms["hbm_ms"] += t_hbm
+        terms["tensor_ms"] += t_tensor
+        terms["cuda_core_ms"] += t_cuda
+        terms["bound_ms"] += max(t_hbm, t_tensor, t_cuda)
+        terms["bound_sm_limited_ms"] += max(t_hbm, t_tensor / share, t_cuda / share)
+    return terms
+
+
+PEERS_SOURCE = "/work/shared/PEERS.md, 'Peer numbers measured on one H100 80GB HBM3 (2026-11-23)', bf16, fwd+bwd ms, CUDA-event mean of 10 after 3 warm-ups"
+# Measured fwd+bwd ms by T (B = 16384 / T), copied with the line they come from.
+PEERS = {
+    "selective_scan": ("| mamba-ssm selective_scan_fn (d_inner 2048, N 16) | 3.08 | 3.24 | 3.78 |", {1024: 3.08, 4096: 3.24, 16384: 3.78}),
+    "ssd": ("| mamba-ssm mamba_chunk_scan_combined (32 heads × 64, N 128, chunk 256) | 3.74 | 4.03 | 4.62 |", {1024: 3.74, 4096: 4.03, 16384: 4.62}),
+    "retention": ("| fla chunk_retention (16 heads × 64) | 1.92 | 1.80 | 2.12 |", {1024: 1.92, 4096: 1.80, 16384: 2.12}),
+    "rwkv6": ("| fla chunk_rwkv6 (16 heads × 64) | 2.23 | 2.29 | 3.06 |", {1024: 2.23, 4096: 2.29, 16384: 3.06}),
+}
+
+
+def _total(models: list[dict], key: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in models:
+        for dtype, n in m[key].items():
+            out[dtype] = out.get(dtype, 0) + n
+    return out
+
+
+def _summary(models: list[dict]) -> dict:
+    return {
+        "launches": models,
+        "bytes_read": _total(models, "bytes_read"),
+        "bytes_written": _total(models, "bytes_written"),
+        "scratch_round_trip_bytes": sum(m["scratch_round_trip_bytes"] for m in models),
+        "tensor_flops": sum(m["tensor_flops"] for m in models),
+        "cuda_core_flops": sum(m["cuda_core_flops"] for m in models),
+        "exp_calls": sum(m["exp_calls"] for m in models),
+        **bound_ms(models),
+    }
+
+
+def model_report(benches: dict, sizes, ops=None) -> dict:
+    """The roofline of every ``zoo triton*`` implementation of ``benches`` at ``sizes`` ((T, batch) pairs)."""
+    report = {"kind": "paper roofline (lower bounds computed from the kernels' code, not measured)",
+              "gpu": H100, "dtype": "bfloat16", "notes": NOTES, "peers_source": PEERS_SOURCE, "ops": {}}
+    for op in ops or benches:
+        bench = benches[op]
+        peer_line, peer_ms = PEERS.get(op, (None, {}))
+        runs = []
+        for impl, prepare in bench.zoo.items():
+            if not impl.startswith("zoo triton"):
+                continue
+            for T, batch in sizes:
+                fwd, bwd = record(op, prepare, bench.make_inputs, bench.shapes, T, batch)
+                fwd_models = [launch_model(launch) for launch in fwd]
+                all_models = fwd_models + [launch_model(launch) for launch in bwd]
+                runs.append({"impl": impl, "T": T, "batch": batch, "fwd": _summary(fwd_models),
+                             "fwd_bwd": _summary(all_models), "peer_fwd_bwd_ms_measured": peer_ms.get(T)})
+        report["ops"][op] = {"shapes": bench.shapes, "peer_line": peer_line, "runs": runs}
+    return report
+
+
+def _mb(counts: dict[str, int]) -> str:
+    return " + ".join(f"{n / 1e6:.1f} {dtype}" for dtype, n in sorted(counts.items())) or "0"
+
+
+def _gf(flops: float) -> str:
+    return f"{flops / 1e9:.1f}"
+
+
+def model_markdown(report: dict) -> str:
+    gpu = report["gpu"]
+    lines = [
+        f"# Paper roofline of zoo's Triton kernels on an {gpu['name']} (lower bounds, NOT measurements)",
+        "",
+        f"Computed by `python -m benchmarks.kernels --model` from the kernels' code at the benchmark shapes, {report['dtype']} inputs. "
+        f"Peaks: HBM {gpu['hbm_bytes_per_s'] / 1e12} TB/s, tensor {gpu['bf16_tensor_flops'] / 1e12:.0f} TFLOP/s bf16 "
+        f"({gpu['tf32_tensor_flops'] / 1e12} tf32), CUDA cores {gpu['fp32_cuda_core_flops'] / 1e12:.0f} TFLOP/s fp32, {gpu['sms']} SMs.",
+        "Bound = sum over launches of max(HBM, tensor, CUDA-core time); SM-limited bound: a grid of n < 132 programs "
+        "gets n/132 of the compute peaks. Peer column: measured fwd+bwd ms (not a bound), from "
+        f"{report['peers_source']}.",
+        "",
+        *[f"- {note}" for note in report["notes"]],
+    ]
+    for op, entry in report["ops"].items():
+        lines += [
+            "",
+            f"## {op}: {', '.join(f'{k} {v}' for k, v in entry['shapes'].items())}",
+            "",
+            "| impl | T | B | pass | HBM MB read | HBM MB written | scratch MB (L2?) | tensor GFLOP | CUDA-core GFLOP | exp G | "
+            "HBM ms | tensor ms | CUDA ms | bound ms | SM-limited bound ms | peer fwd+bwd ms (measured) |",
+            "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in entry["runs"]:
+            for key, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
+                s = r[key]
+                peer = r["peer_fwd_bwd_ms_measured"] if key == "fwd_bwd" and r["peer_fwd_bwd_ms_measured"] else "-"
+                lines.append(
+                    f"| {r['impl']} | {r['T']} | {r['batch']} | {label} | {_mb(s['bytes_read'])} | {_mb(s['bytes_written'])} | "
+                    f"{s['scratch_round_trip_bytes'] / 1e6:.0f} | {_gf(s['tensor_flops'])} | {_gf(s['cuda_core_flops'])} | "
+                    f"{s['exp_calls'] / 1e9:.2f} | {s['hbm_ms']:.3f} | {s['tensor_ms']:.3f} | {s['cuda_core_ms']:.3f} | "
+                    f"{s['bound_ms']:.3f} | {s['bound_sm_limited_ms']:.3f} | {peer} |"
+                )
+        lines += ["", "Launches (grid from the launchers' own code):", "",
+                  "| impl | T | B | kernel | grid | programs | programs / SM | launch constants |", "|---|---:|---:|---|---|---:|---:|---|"]
+        for r in entry["runs"]:
+            for m in r["fwd_bwd"]["launches"]:
+                tiles = ", ".join(f"{k}={v}" for k, v in m["constants"].items())
+                lines.append(f"| {r['impl']} | {r['T']} | {r['batch']} | {m['kernel']} | {tuple(m['grid'])} | {m['programs']} | "
+                             f"{m['programs_per_sm']:.2f} | {tiles} |")
+        if entry["peer_line"]:
+            lines += ["", f"Peer source line: `{entry['peer_line']}`"]
+        else:
+            lines += ["", "No peer timing for this op in PEERS.md."]
+    return "\n".join(lines) + "\n"

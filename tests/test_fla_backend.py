@@ -1,0 +1,150 @@
+"""``backend="fla"`` (flash-linear-attention 0.6.0) for rwkv6, rwkv7 and retention: fla's own Triton kernels, run in
+the Triton interpreter on CPU, against zoo's sequential fp32 references (outputs, final state and every gradient,
+from a non-zero initial state, at odd lengths that cross fla's chunk boundaries), and through the blocks.
+
+On CPU, fla's kernels need three interpreter shims (installed by the ``fla_interpreter`` fixture): the autotuner
+keeps its first config instead of timing them (there is no device to time on); ``for i in range(n)`` loop indices
+inside fla's kernels are Python ints in the interpreter, so fla modules get a ``range`` whose ints also have
+``.to(dtype)``; and fla's module-level alias ``gather = tl.gather`` is re-pointed at the interpreter's ``tl.gather``.
+"""
+import builtins
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("fla", reason="flash-linear-attention is not installed (it is in the cuda extra; CI does not install it)")
+pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from zoo.kernels import retention as retention_pkg  # noqa: E402
+from zoo.kernels import rwkv6 as rwkv6_pkg  # noqa: E402
+from zoo.kernels import rwkv7 as rwkv7_pkg  # noqa: E402
+from zoo.layers.registry import MIXERS  # noqa: E402
+from zoo.config import ModelConfig  # noqa: E402
+
+B, H, K = 2, 2, 16  # tl.dot needs dims >= 16
+ATOL = RTOL = 1e-4  # fp32 in the interpreter; measured errors are below 6e-5
+
+
+class _LoopInt(int):
+    """A loop index that also answers ``.to(dtype)``, as a compiled kernel's loop variable does."""
+
+    def to(self, dtype, **kwargs):
+        return tl.cast(int(self), dtype)
+
+
+def _range(*args):
+    return (_LoopInt(i) for i in builtins.range(*args))
+
+
+def _gather(src, index, axis):
+    return tl.gather(src, index, axis)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fla_interpreter():
+    """fla's kernels imported, with the interpreter shims of the module docstring on CPU."""
+    import fla.ops.rwkv6  # noqa: F401
+    import fla.ops.rwkv7  # noqa: F401
+    import fla.ops.simple_gla  # noqa: F401
+
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fla.") and module is not None:
+                mp.setattr(module, "range", _range, raising=False)
+                if getattr(module, "gather", None) is tl.gather:
+                    mp.setattr(module, "gather", _gather)
+        yield
+
+
+def _decay(T):
+    return -torch.exp(torch.randn(B, T, H, K) - 1.0)  # log decay <= 0
+
+
+def rwkv6_inputs(T):
+    return {"r": torch.randn(B, T, H, K), "k": torch.randn(B, T, H, K) * K**-0.5, "v": torch.randn(B, T, H, K),
+            "w_log": _decay(T), "u": torch.randn(H, K) * 0.5, "initial_state": torch.randn(B, H, K, K)}
+
+
+def rwkv7_inputs(T):
+    kk = F.normalize(torch.randn(B, T, H, K), dim=-1)
+    return {"r": torch.randn(B, T, H, K), "w_log": _decay(T), "k": torch.randn(B, T, H, K) * K**-0.5,
+            "v": torch.randn(B, T, H, K), "a": -kk, "b": kk * torch.rand(B, T, H, K), "initial_state": torch.randn(B, H, K, K)}
+
+
+def retention_inputs(T):
+    return {"q": torch.randn(B, T, H, K) * K**-0.5, "k": torch.randn(B, T, H, K) * K**-0.5, "v": torch.randn(B, T, H, 2 * K),
+            "log_decay": torch.log1p(-torch.exp2(-5.0 - torch.arange(H, dtype=torch.float32))),
+            "initial_state": torch.randn(B, H, K, 2 * K)}
+
+
+# op: (zoo function, zoo's sequential reference, inputs, T: odd and past fla's chunk length, inputs without gradients)
+OPS = {
+    "rwkv6": (rwkv6_pkg.rwkv6, rwkv6_pkg.rwkv6_naive, rwkv6_inputs, 67, ()),  # fla chunks of 64
+    "rwkv7": (rwkv7_pkg.rwkv7, rwkv7_pkg.rwkv7_naive, rwkv7_inputs, 37, ()),  # fla chunks of 16
+    "retention": (retention_pkg.retention, retention_pkg.retention_recurrent, retention_inputs, 67, ("log_decay",)),
+}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fla_matches_the_reference_forward_state_and_gradients(op):
+    fn, reference, make, T, constant = OPS[op]
+    inputs = make(T)
+    results = {}
+    for name, run in (("fla", lambda **x: fn(**x, backend="fla")), ("reference", reference)):
+        leaves = {n: t.clone().requires_grad_(n not in constant) for n, t in inputs.items()}
+        o, state = run(**leaves)
+        assert o.dtype == state.dtype == torch.float32 and o.shape == inputs["v"].shape
+        torch.manual_seed(1)
+        torch.autograd.backward([o, state], [torch.randn_like(o), torch.randn_like(state)])
+        results[name] = (o, state, {n: t.grad for n, t in leaves.items() if n not in constant})
+    (o, state, grads), (o_ref, state_ref, grads_ref) = results["fla"], results["reference"]
+    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(state, state_ref, atol=ATOL, rtol=RTOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"d{name}: {m}")
+
+
+def test_fla_retention_refuses_a_learnable_decay_and_fp64():
+    inputs = retention_inputs(3)
+    with pytest.raises(ValueError, match="no gradient to log_decay"):
+        retention_pkg.retention(**{**inputs, "log_decay": inputs["log_decay"].requires_grad_()}, backend="fla")
+    with pytest.raises(ValueError, match="fla backend takes float32, bfloat16 or float16 inputs, got torch.float64"):
+        rwkv6_pkg.rwkv6(**{n: t.double() for n, t in rwkv6_inputs(3).items()}, backend="fla")
+
+
+BLOCKS = {"rwkv6": {"head_dim": 16}, "rwkv7": {"head_dim": 16}, "retnet": {"n_heads": 2}}
+
+
+def build(block, backend):
+    spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 1, "blocks": [block], block: {**BLOCKS[block], "backend": backend}})
+    return MIXERS.get(block).cls(spec.args_for(block), 32, 0)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_block_with_fla_backend_equals_torch(block):
+    """Prefill (odd length), parameter gradients, then one decoding step from the returned state."""
+    torch.manual_seed(0)
+    reference = build(block, "torch")
+    fast = build(block, "fla")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 19, 32)
+    (y_ref, state_ref), (y, state) = reference(x), fast(x)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
+    for field, value in state._asdict().items():
+        torch.testing.assert_close(value, getattr(state_ref, field), atol=ATOL, rtol=RTOL, msg=lambda m: f"{field}: {m}")
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(fast.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    step = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(step, state)[0], reference(step, state_ref)[0], atol=ATOL, rtol=RTOL)

@@ -1,0 +1,79 @@
+"""benchmarks.kernels --model: the paper roofline's structure and a few numbers checked by hand."""
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+from benchmarks.kernels import main  # noqa: E402
+from benchmarks.roofline import H100  # noqa: E402
+
+T, BATCH, HEADS, HEAD_DIM = 16384, 1, 16, 64
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("roofline")
+    main(["--model", "--ops", "rwkv6", "selective_scan", "--sizes", f"{T}:{BATCH}", "--out", str(out)])
+    return json.loads((out / "kernels-roofline.json").read_text()), (out / "kernels-roofline.md").read_text()
+
+
+def _run(report, op, impl="zoo triton"):
+    (run,) = [r for r in report["ops"][op]["runs"] if r["impl"] == impl and r["T"] == T]
+    return run
+
+
+def test_table_is_labelled_a_lower_bound_and_lists_every_launch(report):
+    data, md = report
+    assert "lower bounds, NOT measurements" in md and "not measured" in data["kind"]
+    assert list(data["ops"]) == ["rwkv6", "selective_scan"]
+    for op in data["ops"]:
+        run = _run(data, op)
+        kernels = [m["kernel"] for m in run["fwd_bwd"]["launches"]]
+        assert len(kernels) == 2 and "fwd" in kernels[0] and "bwd" in kernels[1], kernels
+        assert [m["kernel"] for m in run["fwd"]["launches"]] == kernels[:1]
+        for m in run["fwd_bwd"]["launches"]:
+            assert m["programs"] == pytest.approx(m["programs_per_sm"] * H100["sms"])
+            assert f"| {m['kernel']} | {tuple(m['grid'])} | {m['programs']} |" in md
+
+
+def test_rwkv6_forward_bytes_flops_and_grid_by_hand(report):
+    data, _ = report
+    fwd = _run(data, "rwkv6")["fwd"]
+    tokens = BATCH * T * HEADS * HEAD_DIM
+    # r, k, v, w_log in bf16 and u [H, K] in fp32; o [B, T, H, V] fp32, final state and checkpoints fp32
+    assert fwd["bytes_read"] == {"bfloat16": 4 * tokens * 2, "float32": HEADS * HEAD_DIM * 4}
+    (launch,) = fwd["launches"]
+    c = launch["constants"]
+    checkpoints = launch["programs"] * c["NC"] * c["BK"] * c["BV"] * 4
+    assert fwd["bytes_written"] == {"float32": tokens * 4 + BATCH * HEADS * HEAD_DIM * HEAD_DIM * 4 + checkpoints}
+    # one program per (V block, batch * head); 7 CUDA-core FLOPs per state element per token, no tensor cores
+    assert launch["grid"] == [-(-HEAD_DIM // c["BV"]), BATCH * HEADS]
+    assert fwd["cuda_core_flops"] == 7 * T * BATCH * HEADS * HEAD_DIM * HEAD_DIM and fwd["tensor_flops"] == 0
+    moved = sum(fwd["bytes_read"].values()) + sum(fwd["bytes_written"].values())
+    terms = (moved / 3.35e12, fwd["cuda_core_flops"] / 67e12)
+    assert fwd["bound_ms"] == pytest.approx(max(terms) * 1e3)
+    share = launch["programs"] / 132
+    assert fwd["bound_sm_limited_ms"] == pytest.approx(max(terms[0], terms[1] / share) * 1e3)
+
+
+def test_selective_scan_inputs_and_peer_column(report):
+    data, md = report
+    run = _run(data, "selective_scan")
+    d, n = 2048, 16
+    # u, delta, z [B, T, D] and B, C [B, T, N] in bf16; A [D, N], D, delta_bias [D] in fp32
+    assert run["fwd"]["bytes_read"] == {"bfloat16": (3 * T * d + 2 * T * n) * 2, "float32": (d * n + 2 * d) * 4}
+    assert run["peer_fwd_bwd_ms_measured"] == 3.78 and run["fwd_bwd"]["bound_ms"] < 3.78
+    assert "| mamba-ssm selective_scan_fn (d_inner 2048, N 16) | 3.08 | 3.24 | 3.78 |" in md
+    assert "| 3.78 |" in md
+
+
+def test_every_op_and_kernel_has_a_model(tmp_path):
+    data = main(["--model", "--sizes", "64:2", "--out", str(tmp_path)])
+    assert sorted(data["ops"]) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    for op, entry in data["ops"].items():
+        assert (entry["peer_line"] is None) == (op == "rwkv7"), op  # PEERS.md has no rwkv7 timing
+        for run in entry["runs"]:
+            s = run["fwd_bwd"]
+            assert len(s["launches"]) == 2 and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
+            assert s["tensor_flops"] + s["cuda_core_flops"] > run["fwd"]["tensor_flops"] + run["fwd"]["cuda_core_flops"] > 0
