@@ -107,9 +107,10 @@ def _module_entry(name: str, path: str):
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | a local text file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    source: str = "stdlib"  # stdlib | local text, parquet, jsonl or arrow file(s): a file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
+    tokenizer: str = "byte"  # byte | bpe | a tokenizer.json file | a local Hugging Face tokenizer directory | a hub name
     vocab_size: int = 4096  # bpe only
+    num_proc: int = bounded(1, ge=1)  # processes tokenizing the corpus (datasets.map)
     seq_len: int = bounded(256, ge=1)
     batch_size: int = bounded(16, ge=1)
     val_fraction: float = bounded(0.05, gt=0, lt=1)
@@ -127,6 +128,8 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
+        if self.tokenizer.endswith(".json") and not Path(self.tokenizer).expanduser().is_file():
+            raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
@@ -166,6 +169,7 @@ class TrainerConfig:
     compile: bool = False
     nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or grad norm: stop, or skip that update
     max_nonfinite_skips: int = bounded(10, ge=1)  # with skip: this many skipped steps in a row stop the run
+    logger: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=list)  # Lightning loggers besides metrics.csv
 
 
 @dataclass
