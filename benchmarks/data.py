@@ -9,8 +9,9 @@ words as 256 KiB text files, then runs four phases, each in a forked child so it
   in-memory ``.npy`` then an atomic write);
 - ``old/load``: ``np.load`` of the whole array, then the same DataLoader.
 
-Each reports tokens/s and peak RSS (``ru_maxrss``; ``rss_start_mb`` is the RSS the child started with, the parent's
-imports). The loaders read ``--loader-batches`` shuffled batches. Byte tokenizer, ``seq_len`` 256, batch 16.
+Each reports tokens/s, peak RSS (``ru_maxrss``, which counts pages of memory-mapped files the process touched, page
+cache the kernel can drop) and peak anonymous RSS (``RssAnon``, sampled every 5 ms: the memory the process itself
+holds); ``rss_start_mb`` / ``anon_start_mb`` are the child's at its start (the parent's imports). The loaders read ``--loader-batches`` shuffled batches. Byte tokenizer, ``seq_len`` 256, batch 16.
 Writes ``benchmarks/results/data-<size>.{json,md}`` with the machine, load average and versions.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,33 @@ def generate_corpus(directory: Path, n_bytes: int, seed: int = 0, doc_bytes: int
         written += len(text.encode())
         i += 1
     return written
+
+
+class AnonPeak:
+    """Samples ``RssAnon`` of this process every ``interval`` seconds in a thread; ``peak`` in MiB."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, self.now(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+        return self.peak
 
 
 def _peak_rss_mb() -> float:
@@ -114,6 +143,8 @@ def _read(tokens, batches: int, seed: int = 0) -> int:
 
 def _phase(name: str, corpus: Path, cache: Path, num_proc: int, batches: int) -> dict:
     start_rss = _rss_mb()
+    anon = AnonPeak()
+    anon_start = anon.peak
     cfg = _config(corpus, cache, num_proc)
     t0 = time.perf_counter()
     if name == "new/tokenize":
@@ -130,7 +161,7 @@ def _phase(name: str, corpus: Path, cache: Path, num_proc: int, batches: int) ->
         tokens = _read(np.load(_old_path(cache, "train"), allow_pickle=False), batches)
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "rss_start_mb": round(start_rss, 1)}
+            "rss_start_mb": round(start_rss, 1), "peak_anon_mb": round(anon.stop(), 1), "anon_start_mb": round(anon_start, 1)}
 
 
 def _child(conn, *args) -> None:
@@ -165,12 +196,15 @@ def markdown(report: dict) -> str:
         f"{m['torch']}, datasets {m['datasets']}, numpy {m['numpy']}; byte tokenizer, num_proc {m['num_proc']}, "
         f"loader: {m['loader_batches']} batches of {BATCH} x {SEQ_LEN}.",
         "",
-        "| path | tokenize tok/s | tokenize peak RSS MB | loader tok/s | loader peak RSS MB | RSS at start MB |",
+        "| path | tokenize tok/s | tokenize peak RSS / anon MiB | loader tok/s | loader peak RSS / anon MiB | at start RSS / anon MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for path in ("new", "old"):
         t, r = report["phases"][f"{path}/tokenize"], report["phases"][f"{path}/load"]
-        lines.append(f"| {path} | {t['tokens_per_s']:,} | {t['peak_rss_mb']:,} | {r['tokens_per_s']:,} | {r['peak_rss_mb']:,} | {r['rss_start_mb']:,} |")
+        lines.append(
+            f"| {path} | {t['tokens_per_s']:,} | {t['peak_rss_mb']:,} / {t['peak_anon_mb']:,} | {r['tokens_per_s']:,} | "
+            f"{r['peak_rss_mb']:,} / {r['peak_anon_mb']:,} | {r['rss_start_mb']:,} / {r['anon_start_mb']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 

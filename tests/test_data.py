@@ -112,7 +112,7 @@ def test_sharded_tokens_read_through_memmap_and_pickle_as_paths(tmp_path, monkey
     writer.close({})
     tokens = ShardedTokens(tmp_path / "split")
     assert len(tokens) == 30 and tokens[5:23].tolist() == list(range(5, 23)) and tokens[28:40].tolist() == [28, 29]
-    assert isinstance(tokens._shards()[0], np.memmap)
+    assert isinstance(tokens._shards()[0].base, np.memmap) and not tokens[0:3].flags.writeable
     assert len(pickle.dumps(tokens)) < 2000
     assert np.concatenate(list(tokens.chunks(4))).tolist() == list(range(30))
     assert not [p for p in (tmp_path / "split").iterdir() if p.name.startswith(".")]  # no temp files left
@@ -132,6 +132,28 @@ def test_local_tokenizer_directory_and_jsonl_source(tmp_path):
     tokens = np.asarray(dm.train_tokens)
     assert tokens.dtype == np.uint16 and len(tokens) == len(expected)
     assert (tokens[tokens != 256] < 256).all() and (tokens == 256).sum() == len(docs["train"])
+
+
+def test_parallel_tokenization_gives_the_same_shards(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(24):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "some words here " * (i + 3))
+    tokens = []
+    for num_proc in (1, 2):
+        dm = ZooDataModule(DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=300, seq_len=8, val_fraction=0.2,
+                                      num_proc=num_proc, cache_dir=str(tmp_path / f"cache{num_proc}")))
+        dm.setup()
+        tokens.append(np.asarray(dm.train_tokens))
+    assert len(tokens[0]) > 100 and np.array_equal(tokens[0], tokens[1])
+
+
+def test_mixed_file_kinds_are_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text('{"text": "x"}')
+    (tmp_path / "src" / "b.txt").write_text("y")
+    with pytest.raises(ConfigError, match="mixes file kinds"):
+        load_documents(DataConfig(source=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache")))
 
 
 def test_unknown_tokenizer_file_is_named(tmp_path):

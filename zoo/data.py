@@ -19,6 +19,7 @@ Token cache: each split is a directory of flat binary shards (``uint16``, or ``u
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
 import json
@@ -89,7 +90,7 @@ def _documents_from_files(files: list[Path], root: Path, cache_dir: Path) -> dat
     features = datasets.Features({"key": datasets.Value("string"), "text": datasets.Value("string")})
     return datasets.Dataset.from_generator(
         _file_documents, features=features, gen_kwargs={"files": [str(f) for f in files], "root": str(root)},
-        cache_dir=str(cache_dir),
+        cache_dir=str(cache_dir), writer_batch_size=64,
     )
 
 
@@ -112,7 +113,7 @@ def local_files(source: str) -> list[Path]:
 
 
 def _table_documents(files: list[Path], cfg: DataConfig, cache_dir: Path) -> datasets.Dataset:
-    kinds = {TABLE_FORMATS[f.suffix] for f in files}
+    kinds = {TABLE_FORMATS.get(f.suffix, f"{f.suffix or 'suffixless'} text") for f in files}
     if len(kinds) > 1:
         raise ConfigError("data.source", f"'{cfg.source}' mixes file kinds ({', '.join(sorted(kinds))}); use one")
     table = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir))
@@ -290,7 +291,7 @@ class _ShardWriter:
                 fd, self._tmp = tempfile.mkstemp(dir=self.directory, prefix=".shard.")
                 self._file = os.fdopen(fd, "wb")
             take = min(len(tokens), self.shard_tokens - self._count)
-            self._file.write(tokens[:take].tobytes())
+            self._file.write(memoryview(np.ascontiguousarray(tokens[:take])).cast("B"))
             self._count += take
             tokens = tokens[take:]
             if self._count == self.shard_tokens:
@@ -317,7 +318,10 @@ class ShardedTokens:
         index = json.loads((self.directory / "index.json").read_text())
         self.dtype = np.dtype(index["dtype"])
         self.files = [s["file"] for s in index["shards"]]
-        self.starts = np.cumsum([0] + [s["tokens"] for s in index["shards"]])
+        self._starts = [0]
+        for shard in index["shards"]:
+            self._starts.append(self._starts[-1] + shard["tokens"])
+        self._len = self._starts[-1]
         self._maps: list[np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
@@ -326,28 +330,30 @@ class ShardedTokens:
     def _shards(self) -> list[np.ndarray]:
         if self._maps is None:
             self._maps = [
-                np.memmap(self.directory / f, dtype=self.dtype, mode="r") if n else np.zeros(0, self.dtype)
-                for f, n in zip(self.files, np.diff(self.starts))
+                np.asarray(np.memmap(self.directory / f, dtype=self.dtype, mode="r")) if hi > lo else np.zeros(0, self.dtype)
+                for f, lo, hi in zip(self.files, self._starts, self._starts[1:])
             ]
         return self._maps
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self._len
 
     def __getitem__(self, index: slice) -> np.ndarray:
+        """Tokens ``index`` (a contiguous slice): a read-only view when it lies in one shard, else a copy."""
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("ShardedTokens takes contiguous slices only")
-        start, stop, _ = index.indices(len(self))
+        start, stop, _ = index.indices(self._len)
         if stop <= start:
             return np.zeros(0, self.dtype)
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        shards = self._shards()
+        k = bisect.bisect_right(self._starts, start) - 1
+        if stop <= self._starts[k + 1]:
+            return shards[k][start - self._starts[k] : stop - self._starts[k]]
         pieces = []
-        for k in range(first, len(self.files)):
-            if self.starts[k] >= stop:
-                break
-            lo, hi = start - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
-            pieces.append(self._shards()[k][max(lo, 0) : hi])
-        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces)
+        while k < len(shards) and self._starts[k] < stop:
+            pieces.append(shards[k][max(start - self._starts[k], 0) : stop - self._starts[k]])
+            k += 1
+        return np.concatenate(pieces)
 
     def chunks(self, size: int = 1 << 24):
         """Consecutive copies of at most ``size`` tokens, covering the sequence."""
@@ -355,8 +361,7 @@ class ShardedTokens:
             yield self[start : start + size]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
+        return np.array(self[:], dtype=dtype)
 
 
 def _token_chunks(tokens, size: int = 1 << 24):
@@ -479,12 +484,12 @@ class ZooDataModule(L.LightningDataModule):
         writer = _ShardWriter(directory, dtype, SHARD_TOKENS)
         try:
             encoded = docs.map(
-                encode, batched=True, batch_size=256, remove_columns=docs.column_names,
+                encode, batched=True, batch_size=64, writer_batch_size=64, remove_columns=docs.column_names,
                 features=datasets.Features({"ids": datasets.List(datasets.Value(dtype.name))}),
                 num_proc=self.cfg.num_proc if self.cfg.num_proc > 1 else None,
                 cache_file_name=str(scratch / "ids.arrow"), load_from_cache_file=False, desc=f"tokenizing {split}",
             )
-            for batch in encoded.with_format("arrow").iter(batch_size=8192):
+            for batch in encoded.with_format("arrow").iter(batch_size=64):
                 for chunk in batch.column("ids").chunks:
                     writer.write(chunk.flatten().to_numpy(zero_copy_only=False))
             writer.close({"vocab_size": len(tok), "eos_token_id": eos, "documents": len(docs)})
