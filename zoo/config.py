@@ -7,6 +7,7 @@ bounds raise :class:`~zoo.errors.ConfigError` with the full key path); cross-fie
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,8 +129,11 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
-        if self.tokenizer.endswith(".json") and not Path(self.tokenizer).expanduser().is_file():
-            raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
+        if self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).expanduser().exists():
+            if self.tokenizer.endswith(".json"):
+                raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
+            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", self.tokenizer):
+                raise ConfigError("tokenizer", f"expected 'byte', 'bpe', a tokenizer.json file, a tokenizer directory or a hub name, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
