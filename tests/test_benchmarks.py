@@ -51,3 +51,17 @@ def test_decode_benchmark_smoke_reports_every_recipe_and_mode(tmp_path):
     for recipe, entry in report["models"].items():
         for key in ("generate@2", "static@2"):
             assert entry[key]["tokens_per_s"] > 0, (recipe, key, entry[key])
+
+
+def test_data_benchmark_smoke_reports_both_paths(tmp_path):
+    from benchmarks.data import main as data_main, markdown as data_markdown
+
+    assert data_main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "data-smoke.json").read_text())
+    assert report["meta"]["corpus_bytes"] >= 300_000 and report["meta"]["datasets"] and report["meta"]["machine"]
+    phases = report["phases"]
+    assert set(phases) == {"new/tokenize", "new/load", "old/tokenize", "old/load"}
+    assert phases["new/tokenize"]["tokens"] == phases["old/tokenize"]["tokens"] > report["meta"]["corpus_bytes"]  # bytes + one EOS a document
+    assert phases["new/load"]["tokens"] == phases["old/load"]["tokens"] == 5 * 16 * 256
+    assert all(p["tokens_per_s"] > 0 and p["peak_rss_mb"] >= p["rss_start_mb"] > 0 for p in phases.values())
+    assert (tmp_path / "data-smoke.md").read_text() == data_markdown(report)

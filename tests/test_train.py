@@ -43,6 +43,41 @@ def test_tiny_training_run_writes_everything(tmp_path, recipe):
     assert isinstance(tok.decode(gen[0]), str)
 
 
+def test_loggers_get_the_recipe_and_the_metrics(tmp_path, monkeypatch):
+    """trainer.logger: csv always; tensorboard and wandb (offline) where installed. metrics.csv is written as ever."""
+    import importlib.util
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    names = ["csv"] + [n for n, m in (("tensorboard", "tensorboard"), ("wandb", "wandb")) if importlib.util.find_spec(m)]
+    r = load_recipe("transformer_small", tiny_overrides(tmp_path, **{"trainer.logger": "[" + ",".join(names) + "]"}))
+    train(r)
+    out = tmp_path / "run"
+    assert [int(row["step"]) for row in csv.DictReader((out / "metrics.csv").open())] == [1, 2, 3, 4, 5, 6]
+    hparams = yaml.safe_load((out / "logs" / "csv" / "hparams.yaml").read_text())
+    assert hparams["trainer"]["logger"] == names and hparams["model"]["vocab_size"] == 259
+    logged = list(csv.DictReader((out / "logs" / "csv" / "metrics.csv").open()))
+    assert {"train_loss", "val_loss", "step"} <= set(logged[0]) and any(row["val_loss"] for row in logged)
+    if "tensorboard" in names:
+        assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+        assert (out / "logs" / "tensorboard" / "hparams.yaml").exists()
+    if "wandb" in names:
+        assert list((out / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_logger_without_its_extra_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from zoo.errors import ConfigError
+    from zoo.train import make_loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    r = load_recipe("transformer_small", tiny_overrides(tmp_path, **{"trainer.logger": "[csv,tensorboard]"}))
+    with pytest.raises(ConfigError, match=r"trainer.logger\[1\]: tensorboard is not installed; pip install 'zoo\[tensorboard\]'"):
+        make_loggers(r, tmp_path / "run")
+
+
 def test_training_lowers_validation_loss(tmp_path):
     r = load_recipe("transformer_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 40, "trainer.val_every": 20, "trainer.log_every": 20, "model.d_model": 64, "optimizer.lr": 3e-3}))
     train(r)

@@ -7,6 +7,7 @@ bounds raise :class:`~zoo.errors.ConfigError` with the full key path); cross-fie
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,9 +112,10 @@ def _module_entry(name: str, path: str):
 @dataclass
 @checked
 class DataConfig:
-    source: str = "stdlib"  # stdlib | a local text file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    source: str = "stdlib"  # stdlib | local text, parquet, jsonl or arrow file(s): a file, directory or glob | hf:NAME[/CONFIG] | a synthetic task
+    tokenizer: str = "byte"  # byte | bpe | a tokenizer.json file | a local Hugging Face tokenizer directory | a hub name
     vocab_size: int = 4096  # bpe only
+    num_proc: int = bounded(1, ge=1)  # processes tokenizing the corpus (datasets.map)
     seq_len: int = bounded(256, ge=1)
     batch_size: int = bounded(16, ge=1)
     val_fraction: float = bounded(0.05, gt=0, lt=1)
@@ -131,6 +133,11 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
+        if self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).expanduser().exists():
+            if self.tokenizer.endswith(".json"):
+                raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
+            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", self.tokenizer):
+                raise ConfigError("tokenizer", f"expected 'byte', 'bpe', a tokenizer.json file, a tokenizer directory or a hub name, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
@@ -173,6 +180,7 @@ class TrainerConfig:
     compile: bool = False
     nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or grad norm: stop, or skip that update
     max_nonfinite_skips: int = bounded(10, ge=1)  # with skip: this many skipped steps in a row stop the run
+    logger: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=list)  # Lightning loggers besides metrics.csv
 
 
 @dataclass

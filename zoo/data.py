@@ -4,17 +4,28 @@ Sources (``data.source``):
 - ``stdlib``: the ``.py`` files of the running Python's standard library (tests, site-packages and IDLE left out),
   split into train/validation by a hash of each file's path: offline and deterministic.
 - a local text file, directory or glob: one document per file, split the same way.
+- local ``.parquet``, ``.jsonl``/``.json`` or ``.arrow`` files (a file, directory or glob of one kind): one document per
+  row, its ``data.text_field`` column, split by a hash of the row index.
 - ``hf:NAME`` or ``hf:NAME/CONFIG``: a Hugging Face hub dataset (needs a network), its ``data.text_field`` column.
 - ``mqar``, ``selective_copy``, ``induction``: synthetic tasks (zoo.synthetic, settings in ``data.task``), served as
   ``(inputs, targets)`` pairs whose targets are -100 outside answer positions.
+
+Tokenizers (``data.tokenizer``): ``byte``, ``bpe`` (trained on the training split), or an existing one: a
+``tokenizer.json`` file, a local Hugging Face tokenizer directory or a hub name.
+
+Token cache: each split is a directory of flat binary shards (``uint16``, or ``uint32`` for vocabularies above
+65,536 ids) and an ``index.json`` written last, each file atomically; training reads the shards through
+``np.memmap``, so a rank's memory does not grow with the corpus.
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
-import io
+import json
 import os
 import sysconfig
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +36,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
@@ -37,6 +48,8 @@ PAD_TOKEN = "<|pad|>"
 MASK_TOKEN = "<|mask|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, MASK_TOKEN]
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+TABLE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}  # suffix -> datasets builder
+SHARD_TOKENS = 1 << 27  # tokens per cache shard (256 MiB of uint16)
 
 # ------------------------------------------------------------------------------------------------------------------
 # Documents
@@ -58,25 +71,31 @@ def _in_validation(key: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
-def _documents_from_files(files: list[Path], root: Path) -> dict[str, list[str]]:
-    keys, texts = [], []
-    for path in files:
+def _file_documents(files: list[str], root: str):
+    """Yield ``{key, text}`` per document: one per file, or blocks of 100 lines of a single file (so both splits get some)."""
+    root = Path(root)
+    for path in map(Path, files):
         text = path.read_text(encoding="utf-8", errors="replace")
         key = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
         if len(files) == 1:
-            # A single file: documents are blocks of 100 lines, so both splits get some.
             lines = text.splitlines(keepends=True)
             for start in range(0, len(lines), 100):
-                keys.append(f"{key}:{start}")
-                texts.append("".join(lines[start : start + 100]))
+                yield {"key": f"{key}:{start}", "text": "".join(lines[start : start + 100])}
         else:
-            keys.append(key)
-            texts.append(text)
-    return {"key": keys, "text": texts}
+            yield {"key": key, "text": text}
+
+
+def _documents_from_files(files: list[Path], root: Path, cache_dir: Path) -> datasets.Dataset:
+    """The files' documents as a dataset written to ``cache_dir`` (memory-mapped, not held in RAM)."""
+    features = datasets.Features({"key": datasets.Value("string"), "text": datasets.Value("string")})
+    return datasets.Dataset.from_generator(
+        _file_documents, features=features, gen_kwargs={"files": [str(f) for f in files], "root": str(root)},
+        cache_dir=str(cache_dir), writer_batch_size=64,
+    )
 
 
 def _split(ds: datasets.Dataset, val_fraction: float) -> datasets.DatasetDict:
-    is_val = [_in_validation(k, val_fraction) for k in ds["key"]]
+    is_val = [_in_validation(k, val_fraction) for k in ds.with_format("arrow")["key"].to_pylist()]
     val_idx = [i for i, v in enumerate(is_val) if v]
     train_idx = [i for i, v in enumerate(is_val) if not v]
     if not val_idx or not train_idx:
@@ -93,11 +112,24 @@ def local_files(source: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
 
 
-def load_documents(cfg: DataConfig) -> datasets.DatasetDict:
-    """Train/validation documents (columns ``key`` and ``text``) for ``cfg.source``."""
+def _table_documents(files: list[Path], cfg: DataConfig, cache_dir: Path) -> datasets.Dataset:
+    kinds = {TABLE_FORMATS.get(f.suffix, f"{f.suffix or 'suffixless'} text") for f in files}
+    if len(kinds) > 1:
+        raise ConfigError("data.source", f"'{cfg.source}' mixes file kinds ({', '.join(sorted(kinds))}); use one")
+    table = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir))
+    if cfg.text_field not in table.column_names:
+        raise ConfigError("data.text_field", f"'{cfg.text_field}' is not a column of {cfg.source}; columns: {table.column_names}")
+    table = table.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+    return table.add_column("key", [str(i) for i in range(len(table))])
+
+
+def load_documents(cfg: DataConfig, cache_dir: Path | None = None) -> datasets.DatasetDict:
+    """Train/validation documents (columns ``key`` and ``text``) for ``cfg.source``; local corpora are written as
+    Arrow files under ``cache_dir/documents`` (default: ``data.cache_dir``) and memory-mapped."""
+    cache_dir = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser() / "documents" / source_fingerprint(cfg)
     if cfg.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return _split(datasets.Dataset.from_dict(_documents_from_files(stdlib_files(), root)), cfg.val_fraction)
+        return _split(_documents_from_files(stdlib_files(), root, cache_dir), cfg.val_fraction)
     if cfg.source.startswith("hf:"):
         name, _, subset = cfg.source[3:].partition("/")
         loaded = datasets.load_dataset(name, subset or None)
@@ -114,8 +146,10 @@ def load_documents(cfg: DataConfig) -> datasets.DatasetDict:
             "data.source",
             f"'{cfg.source}' is neither a built-in source (stdlib), an existing file, directory or glob, nor hf:NAME",
         )
+    if any(f.suffix in TABLE_FORMATS for f in files):
+        return _split(_table_documents(files, cfg, cache_dir), cfg.val_fraction)
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    return _split(datasets.Dataset.from_dict(_documents_from_files(files, root)), cfg.val_fraction)
+    return _split(_documents_from_files(files, root, cache_dir), cfg.val_fraction)
 
 
 def source_fingerprint(cfg: DataConfig) -> str:
@@ -188,6 +222,35 @@ def train_bpe(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     return _wrap(tok)
 
 
+def load_pretrained_tokenizer(spec: str) -> PreTrainedTokenizerFast:
+    """A ``tokenizer.json`` file, a local Hugging Face tokenizer directory or a hub name. Missing EOS, pad or mask
+    tokens are added as zoo's special tokens; BOS defaults to EOS (documents are separated by EOS)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=int(1e30), padding_side="left")
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec, padding_side="left")
+        except (OSError, ValueError) as err:
+            raise ConfigError("data.tokenizer", f"'{spec}' is neither byte, bpe, a tokenizer.json, a tokenizer directory nor a loadable hub name ({err})") from None
+        if not isinstance(tok, PreTrainedTokenizerFast):
+            raise ConfigError("data.tokenizer", f"'{spec}' has no fast (tokenizers) tokenizer")
+    missing = {
+        attr: token for attr, token in (("eos_token", EOS_TOKEN), ("pad_token", PAD_TOKEN), ("mask_token", MASK_TOKEN))
+        if getattr(tok, attr) is None
+    }
+    if missing:
+        tok.add_special_tokens(missing)
+    if tok.bos_token is None:
+        tok.bos_token = tok.eos_token
+    return tok
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id fits, else ``uint32``."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -202,6 +265,109 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+class _ShardWriter:
+    """Appends token arrays to ``NNNNN.bin`` shards of at most ``shard_tokens`` each (each written to a temp file,
+    then renamed); :meth:`close` writes ``index.json`` last, atomically."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        directory.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self._file, self._tmp, self._count = None, None, 0
+
+    def _finish_shard(self) -> None:
+        name = f"{len(self.shards):05d}.bin"
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.directory / name)
+        self.shards.append({"file": name, "tokens": self._count})
+        self._file, self._tmp, self._count = None, None, 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        while len(tokens):
+            if self._file is None:
+                fd, self._tmp = tempfile.mkstemp(dir=self.directory, prefix=".shard.")
+                self._file = os.fdopen(fd, "wb")
+            take = min(len(tokens), self.shard_tokens - self._count)
+            self._file.write(memoryview(np.ascontiguousarray(tokens[:take])).cast("B"))
+            self._count += take
+            tokens = tokens[take:]
+            if self._count == self.shard_tokens:
+                self._finish_shard()
+
+    def close(self, meta: dict) -> None:
+        if self._file is not None:
+            self._finish_shard()
+        index = {**meta, "dtype": self.dtype.name, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        _atomic_write_bytes(self.directory / "index.json", json.dumps(index, indent=1).encode())
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+class ShardedTokens:
+    """A split's token shards read through ``np.memmap`` as one sequence: ``len``, contiguous slices, :meth:`chunks`.
+    Pickles as its directory (DataLoader workers map the files themselves)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = json.loads((self.directory / "index.json").read_text())
+        self.dtype = np.dtype(index["dtype"])
+        self.files = [s["file"] for s in index["shards"]]
+        self._starts = [0]
+        for shard in index["shards"]:
+            self._starts.append(self._starts[-1] + shard["tokens"])
+        self._len = self._starts[-1]
+        self._maps: list[np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def _shards(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [
+                np.asarray(np.memmap(self.directory / f, dtype=self.dtype, mode="r")) if hi > lo else np.zeros(0, self.dtype)
+                for f, lo, hi in zip(self.files, self._starts, self._starts[1:])
+            ]
+        return self._maps
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """Tokens ``index`` (a contiguous slice): a read-only view when it lies in one shard, else a copy."""
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("ShardedTokens takes contiguous slices only")
+        start, stop, _ = index.indices(self._len)
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        shards = self._shards()
+        k = bisect.bisect_right(self._starts, start) - 1
+        if stop <= self._starts[k + 1]:
+            return shards[k][start - self._starts[k] : stop - self._starts[k]]
+        pieces = []
+        while k < len(shards) and self._starts[k] < stop:
+            pieces.append(shards[k][max(start - self._starts[k], 0) : stop - self._starts[k]])
+            k += 1
+        return np.concatenate(pieces)
+
+    def chunks(self, size: int = 1 << 24):
+        """Consecutive copies of at most ``size`` tokens, covering the sequence."""
+        for start in range(0, len(self), size):
+            yield self[start : start + size]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.array(self[:], dtype=dtype)
+
+
+def _token_chunks(tokens, size: int = 1 << 24):
+    return tokens.chunks(size) if isinstance(tokens, ShardedTokens) else (tokens[i : i + size] for i in range(0, len(tokens), size))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Packed token windows
 # ------------------------------------------------------------------------------------------------------------------
@@ -210,7 +376,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 class TokenWindows(Dataset):
     """Consecutive, non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, limit: int | None = None):
+    def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, limit: int | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
         n = (len(tokens) - 1) // seq_len
@@ -248,7 +414,7 @@ class CorpusStats:
 
 
 class ZooDataModule(L.LightningDataModule):
-    """Tokenizes a source once (cached under ``data.cache_dir``) and serves packed windows."""
+    """Tokenizes a source once (shards cached under ``data.cache_dir``) and serves packed windows read from disk."""
 
     def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
@@ -256,64 +422,95 @@ class ZooDataModule(L.LightningDataModule):
         self.seed = seed
         self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
         self.tokenizer: PreTrainedTokenizerFast | None = None
-        self.train_tokens: np.ndarray | None = None
-        self.val_tokens: np.ndarray | None = None
+        self.train_tokens: ShardedTokens | np.ndarray | None = None  # np.ndarray for synthetic tasks
+        self.val_tokens: ShardedTokens | np.ndarray | None = None
         self.task_train: tuple[np.ndarray, np.ndarray] | None = None  # synthetic tasks: (inputs, targets)
         self.task_val: tuple[np.ndarray, np.ndarray] | None = None
         self._documents: datasets.DatasetDict | None = None
         self._resume_position: dict[str, int] | None = None  # set from a checkpoint by load_state_dict
 
     def _key(self) -> str:
-        tok = "byte" if self.cfg.tokenizer == "byte" else f"bpe{self.cfg.vocab_size}"
+        if self.cfg.tokenizer in ("byte", "bpe"):
+            tok = "byte" if self.cfg.tokenizer == "byte" else f"bpe{self.cfg.vocab_size}"
+        else:
+            tok = "tok" + hashlib.sha1(self.load_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()[:12]
         return f"{source_fingerprint(self.cfg)}-{tok}"
 
     def documents(self) -> datasets.DatasetDict:
         if self._documents is None:
-            self._documents = load_documents(self.cfg)
+            self._documents = load_documents(self.cfg, self.cache_dir)
         return self._documents
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
-        """The byte tokenizer, or the BPE trained on this source's training split (cached)."""
+        """The task or byte tokenizer, the BPE trained on this source's training split (cached), or a pretrained one."""
         if self.tokenizer is None:
             if self.cfg.task is not None:
                 self.tokenizer = task_tokenizer(self.cfg.task.vocab_size)
             elif self.cfg.tokenizer == "byte":
                 self.tokenizer = byte_tokenizer()
-            else:
+            elif self.cfg.tokenizer == "bpe":
                 path = self.cache_dir / "tokenizers" / f"{self._key()}.json"
                 if not path.exists():
-                    tok = train_bpe(self.documents()["train"]["text"], self.cfg.vocab_size)
+                    texts = (batch["text"] for batch in self.documents()["train"].iter(batch_size=1000))
+                    tok = train_bpe(texts, self.cfg.vocab_size)
                     _atomic_write_bytes(path, tok.backend_tokenizer.to_str().encode())
                 self.tokenizer = _wrap(Tokenizer.from_file(str(path)))
+            else:
+                self.tokenizer = load_pretrained_tokenizer(self.cfg.tokenizer)
         return self.tokenizer
 
-    def _encode_split(self, split: str) -> np.ndarray:
+    def _token_dir(self, split: str) -> Path:
+        return self.cache_dir / "tokens" / f"{self._key()}-{split}"
+
+    def _write_split(self, split: str, directory: Path) -> None:
+        """Tokenize one split with ``datasets.map`` (``data.num_proc`` processes; results in Arrow files on disk),
+        each document followed by EOS, and stream the ids into shards under ``directory``."""
         tok = self.load_tokenizer()
-        eos = tok.convert_tokens_to_ids(EOS_TOKEN)
+        eos, dtype, byte = tok.eos_token_id, token_dtype(len(tok)), self.cfg.tokenizer == "byte"
+
+        def encode(batch: dict) -> dict:
+            texts = batch["text"]
+            ids = [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts] if byte else tok(texts, add_special_tokens=False)["input_ids"]
+            out = []
+            for piece in ids:
+                arr = np.empty(len(piece) + 1, dtype)
+                arr[:-1] = piece
+                arr[-1] = eos
+                out.append(arr)
+            return {"ids": out}
+
         docs = self.documents()[split]
-        if self.cfg.tokenizer == "byte":
-            pieces = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for text in docs["text"]]
-        else:
-            encoded = docs.map(lambda b: {"ids": tok(b["text"])["input_ids"]}, batched=True, remove_columns=docs.column_names)
-            pieces = [np.asarray(ids, dtype=np.uint16) for ids in encoded["ids"]]
-        out = []
-        for piece in pieces:
-            out.append(piece)
-            out.append(np.array([eos], dtype=np.uint16))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
+        scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        writer = _ShardWriter(directory, dtype, SHARD_TOKENS)
+        try:
+            encoded = docs.map(
+                encode, batched=True, batch_size=64, writer_batch_size=64, remove_columns=docs.column_names,
+                features=datasets.Features({"ids": datasets.List(datasets.Value(dtype.name))}),
+                num_proc=self.cfg.num_proc if self.cfg.num_proc > 1 else None,
+                cache_file_name=str(scratch / "ids.arrow"), load_from_cache_file=False, desc=f"tokenizing {split}",
+            )
+            for batch in encoded.with_format("arrow").iter(batch_size=64):
+                for chunk in batch.column("ids").chunks:
+                    writer.write(chunk.flatten().to_numpy(zero_copy_only=False))
+            writer.close({"vocab_size": len(tok), "eos_token_id": eos, "documents": len(docs)})
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            del docs
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def prepare_data(self) -> None:
-        """Tokenize both splits into ``.npy`` files under the cache (atomic writes; safe with several ranks).
+        """Tokenize both splits into shards under the cache (atomic writes; safe with several ranks).
         Synthetic tasks are generated in :meth:`setup` instead."""
         self.load_tokenizer()
         if self.cfg.task is not None:
             return
         for split in ("train", "validation"):
-            path = self.cache_dir / "tokens" / f"{self._key()}-{split}.npy"
-            if not path.exists():
-                buf = io.BytesIO()
-                np.save(buf, self._encode_split(split), allow_pickle=False)
-                _atomic_write_bytes(path, buf.getvalue())
+            directory = self._token_dir(split)
+            if not (directory / "index.json").exists():
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                self._write_split(split, directory)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_tokens is not None:
@@ -325,12 +522,13 @@ class ZooDataModule(L.LightningDataModule):
             self.train_tokens, self.val_tokens = self.task_train[0].ravel(), self.task_val[0].ravel()
             return
         self.prepare_data()
-        load = lambda split: np.load(self.cache_dir / "tokens" / f"{self._key()}-{split}.npy", allow_pickle=False)  # noqa: E731
-        self.train_tokens, self.val_tokens = load("train"), load("validation")
+        self.train_tokens, self.val_tokens = ShardedTokens(self._token_dir("train")), ShardedTokens(self._token_dir("validation"))
 
     def stats(self) -> CorpusStats:
         self.setup()
-        counts = np.bincount(self.train_tokens, minlength=len(self.load_tokenizer())).astype(np.float64)
+        counts = np.zeros(len(self.load_tokenizer()), dtype=np.float64)
+        for chunk in _token_chunks(self.train_tokens):
+            counts += np.bincount(chunk, minlength=len(counts))
         p = counts[counts > 0] / counts.sum()
         return CorpusStats(len(self.train_tokens), len(self.val_tokens), float(-(p * np.log(p)).sum()))
 

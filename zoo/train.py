@@ -1,7 +1,7 @@
 """``python -m zoo.train recipe=NAME [key.path=value ...] [--print]``: train a recipe with Lightning.
 
 Writes ``<output_dir>/recipe.yaml`` (resolved), ``metrics.csv``, ``ckpt/`` (Lightning checkpoints) and ``hf/``
-(a Hugging Face directory). ``--print`` prints the resolved recipe and exits without training.
+(a Hugging Face directory); ``trainer.logger`` adds Lightning loggers (csv, tensorboard, wandb) under ``logs/``. ``--print`` prints the resolved recipe and exits without training.
 Recipe errors exit with code 2 before any model is built.
 
 ``resume=auto`` continues from the newest loadable checkpoint in ``<output_dir>/ckpt`` (model, optimizer, scheduler,
@@ -31,6 +31,33 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
     args = parser.parse_args(argv)
     recipe, overrides = split_recipe_args(args.settings, USAGE)
     return recipe, overrides, args.print_only
+
+
+LOGGER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # logger -> modules, any of which serves
+
+
+def make_loggers(recipe: Recipe, out) -> list:
+    """Lightning loggers named by ``trainer.logger``, writing under ``<output_dir>/logs``. A logger whose optional
+    extra is not installed raises a ConfigError naming the extra."""
+    import importlib.util
+
+    from lightning.pytorch import loggers
+
+    from zoo.errors import ConfigError
+
+    made = []
+    for i, name in enumerate(recipe.trainer.logger):
+        modules = LOGGER_EXTRAS.get(name, ())
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"trainer.logger[{i}]", f"{name} is not installed; pip install 'zoo[{name}]'")
+        if name == "csv":
+            logger = loggers.CSVLogger(save_dir=out / "logs", name="csv", version="")
+        elif name == "tensorboard":
+            logger = loggers.TensorBoardLogger(save_dir=out / "logs", name="tensorboard", version="", default_hp_metric=False)
+        else:
+            logger = loggers.WandbLogger(save_dir=str(out / "logs"), name=recipe.name, project="zoo")
+        made.append(logger)
+    return made
 
 
 def train(recipe: Recipe) -> dict:
@@ -78,6 +105,7 @@ def train(recipe: Recipe) -> dict:
         save_on_train_epoch_end=False, save_top_k=2, monitor="step", mode="max",
     )
     nonfinite = NonFiniteGuard(trainer_cfg.nonfinite, trainer_cfg.max_nonfinite_skips)
+    loggers = make_loggers(recipe, out)
     precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
     amp = precision_plugin(precision, trainer_cfg.accelerator, trainer_cfg.strategy)
     trainer = L.Trainer(
@@ -91,7 +119,8 @@ def train(recipe: Recipe) -> dict:
         val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=loggers or False,
+        log_every_n_steps=trainer_cfg.log_every,
         callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
         plugins=[AtomicCheckpointIO(), *([amp] if amp else [])],
         use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
@@ -101,6 +130,8 @@ def train(recipe: Recipe) -> dict:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
+        for logger in trainer.loggers:
+            logger.log_hyperparams(recipe.to_dict())
         if resume is None:
             metrics.path.unlink(missing_ok=True)
         else:
