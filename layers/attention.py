@@ -185,9 +185,7 @@ class Attention(SequenceMixer):
         if isinstance(state, StaticAttentionState):
             return self._mix_static(x, state)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q, k, v = self._project(x)
         offset = 0
         key_mask = None
         positions = torch.arange(T, device=x.device)  # [T]
@@ -197,10 +195,7 @@ class Attention(SequenceMixer):
             if state.key_mask is not None:
                 key_mask = torch.cat((state.key_mask, state.key_mask.new_ones(B, T)), dim=1)  # [B, S]
                 positions = state.key_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)  # [B, T], pads skipped
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
-        if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rotate(q, k, positions)
         if state is not None and offset:
             k = torch.cat((state.k.to(k.dtype), k), dim=2)  # [B, Hkv, S, Dh]
             v = torch.cat((state.v.to(v.dtype), v), dim=2)
@@ -212,13 +207,10 @@ class Attention(SequenceMixer):
         """Write this call's keys/values into the static cache at ``state.length`` (in place) and attend over it."""
         B, T, _ = x.shape
         L = state.k.shape[2]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q, k, v = self._project(x)
         steps = torch.arange(T, device=x.device)
         slots = state.length + steps  # [T]
-        cos, sin = rope_cos_sin(state.positions[:, None] + steps, self.head_dim, self.config.rope_theta)  # [B, T, Dh]
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        q, k = self._rotate(q, k, state.positions[:, None] + steps)  # positions [B, T]
         state.k.index_copy_(2, slots, k.to(state.k.dtype))
         state.v.index_copy_(2, slots, v.to(state.v.dtype))
         state.key_mask.index_fill_(1, slots, True)
@@ -229,6 +221,21 @@ class Attention(SequenceMixer):
         state.positions.add_(T)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y), state
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, D]`` -> q ``[B, H, T, Dh]``, k and v ``[B, Hkv, T, Dh]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        return q, k, v
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE at ``positions [T]`` (shared by the rows) or ``[B, T]`` (per row)."""
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def stack_row_states(self, states: list[AttentionState]) -> AttentionState:
         """Left-pad single-row KV caches of different lengths to the longest; ``key_mask`` marks the real slots."""
@@ -267,12 +274,8 @@ class Attention(SequenceMixer):
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # [B, T, H, Dh]
             return y.transpose(1, 2)
         if backend == "eager":
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
-            scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
-            if causal:
-                scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-            return (scores.softmax(-1) @ v.float()).to(q.dtype)
+            allowed = causal_mask(T, S, q.device) if causal else q.new_ones(T, S, dtype=torch.bool)  # [T, S]
+            return self._attend_masked(q, k, v, allowed)
         gqa = self.n_heads != self.n_kv_heads
         if not causal:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

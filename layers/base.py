@@ -15,7 +15,10 @@ class SequenceMixer(nn.Module, abc.ABC):
     """A sequence mixer: ``forward(x [B, T, D], state=None) -> (y [B, T, D], state)``.
 
     One call serves a full sequence (``state=None``), a chunk of a longer sequence (state in, state out)
-    and one-token decode (``T == 1``). The returned state is new; the state passed in is never modified.
+    and one-token decode (``T == 1``). The returned state is new; the state passed in is never modified, with one
+    exception: the preallocated buffers of static decoding (:meth:`static_state`, e.g. attention's
+    ``StaticAttentionState``) are written in place by design, so a decode step allocates nothing and can be replayed
+    as a CUDA graph.
     Subclasses implement :meth:`mix` and :meth:`init_state`; :meth:`forward` checks the input first.
     A state is a tensor or a (Named)tuple of tensors, each with the batch as its first dimension.
     """
