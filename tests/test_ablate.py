@@ -1,10 +1,11 @@
 """zoo.ablate: width matching by parameter count, one table row per block, failures recorded as rows."""
 import csv
+import json
 
 import pytest
 
 from conftest import tiny_overrides
-from zoo.ablate import ablate, main, matched_width, model_stats, parse_args, with_block
+from zoo.ablate import ablate, best_run, main, matched_width, model_stats, parse_args, with_block
 from zoo.errors import ConfigError, ZooError
 from zoo.recipe_loader import load_recipe
 
@@ -32,6 +33,30 @@ def test_parse_args_rejects_unknown_blocks_and_flags():
     with pytest.raises(ZooError, match="unrecognized arguments: --fast"):
         parse_args(["recipe=transformer_small", "blocks=[lstm]", "--fast"])
     assert main(["recipe=transformer_small"]) == 2
+    assert parse_args(["recipe=mqar_small", "blocks=[conv]", "--lrs", "1e-3,3e-3,1e-2"]).lrs == [1e-3, 3e-3, 1e-2]
+    assert parse_args(["recipe=mqar_small", "blocks=[conv]"]).lrs is None
+    for bad in ("1e-3,fast", "0", ","):
+        with pytest.raises(ConfigError, match="--lrs"):
+            parse_args(["recipe=mqar_small", "blocks=[conv]", "--lrs", bad])
+
+
+def test_best_run_is_the_highest_accuracy_else_the_lowest_loss():
+    runs = [{"lr": 1e-3, "val_acc": 0.2, "val_loss": 1.0}, {"lr": 3e-3, "val_acc": 0.9, "val_loss": 2.0}]
+    assert best_run(runs)["lr"] == 3e-3
+    assert best_run([{**run, "val_acc": None} for run in runs])["lr"] == 1e-3
+
+
+def test_lr_sweep_row_is_the_best_run_with_the_no_recall_floor(tmp_path):
+    task = {"data.seq_len": 16, "data.task.num_kv_pairs": 2, "data.task.train_samples": 64, "data.task.val_samples": 8}
+    base = load_recipe("mqar_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.val_every": 2, **task}))
+    (row,) = ablate(base, ["conv"], lrs=[1e-3, 1e-2])
+    out = tmp_path / "run"
+    runs = {lr: json.loads((out / "conv" / f"lr{lr}" / "summary.json").read_text())["val_acc"] for lr in ("0.001", "0.01")}
+    assert row["lr"] == float(max(runs, key=runs.get)) and row["val_acc"] == max(runs.values())
+    assert row["val_acc_floor"] == pytest.approx(1 / 2) and row["val_by_lr"].startswith("0.001:")
+    (table,) = csv.DictReader((out / "ablation.csv").open())
+    assert float(table["lr"]) == row["lr"] and float(table["val_acc_floor"]) == pytest.approx(0.5)
+    assert "| lr |" in (out / "ablation.md").read_text() and "best of learning rates 0.001, 0.01" in (out / "ablation.md").read_text()
 
 
 def test_tiny_ablation_writes_the_table(tmp_path):

@@ -10,7 +10,7 @@ from conftest import tiny_overrides
 from zoo.data import ZooDataModule
 from zoo.errors import ConfigError
 from zoo.recipe_loader import load_recipe
-from zoo.synthetic import IGNORE_INDEX, TaskConfig, answer_accuracy, generate
+from zoo.synthetic import IGNORE_INDEX, TaskConfig, answer_accuracy, generate, no_recall_floor
 from zoo.train import train
 
 
@@ -28,6 +28,31 @@ def test_mqar_answer_is_the_value_paired_with_the_queried_key():
         # Everything after the context that is not a query is blank.
         rest = np.setdiff1d(np.arange(16, 64), answers)
         assert (x[rest] == 0).all()
+
+
+def test_mqar_values_are_distinct_and_cover_the_value_half():
+    task = TaskConfig(vocab_size=20, num_kv_pairs=9)  # 9 keys of 9, 9 values of 10
+    (inputs, _), _ = generate("mqar", task, 36, 2000, 10, seed=0)
+    values = inputs[:, 1:18:2]
+    assert all(len(set(row)) == 9 for row in values.tolist())
+    assert set(np.unique(values)) == set(range(10, 20))
+
+
+def test_mqar_with_too_few_values_is_a_config_error():
+    with pytest.raises(ConfigError, match="distinct values") as err:
+        generate("mqar", TaskConfig(vocab_size=16, num_kv_pairs=8), 32, 10, 10, seed=0)
+    assert err.value.path == "task.num_kv_pairs"
+
+
+def test_no_recall_floor_credits_the_most_frequent_context_value():
+    task = TaskConfig(vocab_size=16, num_kv_pairs=3)
+    # Row 0: values 9, 9, 10 (9 most frequent); queries answer 9 and 10. Row 1: values 8, 9, 10 all tied; one query.
+    inputs = np.array([[1, 9, 2, 9, 3, 10, 1, 0, 3], [1, 8, 2, 9, 3, 10, 2, 0, 0]])
+    targets = np.full_like(inputs, IGNORE_INDEX)
+    targets[0, 6], targets[0, 8], targets[1, 6] = 9, 10, 9
+    assert no_recall_floor(inputs, targets, task) == pytest.approx((1 + 0 + 1 / 3) / 3)
+    _, (val_x, val_y) = generate("mqar", TaskConfig(vocab_size=64, num_kv_pairs=8), 64, 10, 500, seed=0)
+    assert no_recall_floor(val_x, val_y, TaskConfig(vocab_size=64, num_kv_pairs=8)) == pytest.approx(1 / 8)
 
 
 def test_selective_copy_recalls_the_data_tokens_in_order_at_the_markers():
@@ -113,9 +138,10 @@ def test_few_step_training_logs_answer_accuracy(tmp_path):
     recipe = load_recipe("mqar_small", overrides)
     summary = train(recipe)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    assert list(rows[0])[-2:] == ["train_acc", "val_acc"]
+    assert list(rows[0])[-3:] == ["train_acc", "val_acc", "val_acc_floor"]
     assert all(0 <= float(r["train_acc"]) <= 1 for r in rows if r["train_loss"])
     val = [r for r in rows if r["val_loss"]]
     assert [r["step"] for r in val] == ["3", "6"] and all(0 <= float(r["val_acc"]) <= 1 for r in val)
     assert not any(r["val_acc"] for r in rows if not r["val_loss"])
+    assert all(float(r["val_acc_floor"]) == pytest.approx(1 / 4) for r in val)  # distinct values: 1 / num_kv_pairs
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_acc"] == pytest.approx(summary["val_acc"])

@@ -1,10 +1,13 @@
-"""``python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N]``
+"""``python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs 1e-3,3e-3]``
 
 Trains the same recipe once per block type (every layer that block; FFN, data, optimizer and schedule unchanged),
 each at the width whose parameter count is closest to the recipe's own (or to ``--params N``): ``d_model`` runs over
 multiples of 8 up to 4x the recipe's, and widths the block's config rejects (head sizes) are skipped.
-Writes ``<output_dir>/ablation.{md,csv}`` (one row per block) and each run under ``<output_dir>/<block>/``.
-A block whose run fails gets a row with its error; the others still run.
+``--lrs``: each block is trained once per learning rate and its row is the best run (highest val_acc on synthetic
+tasks, else lowest val_loss), as Zoology reports; the ``lr`` column names it and ``val_by_lr`` lists every run.
+Writes ``<output_dir>/ablation.{md,csv}`` (one row per block) and each run under ``<output_dir>/<block>/`` (with
+``--lrs``: ``<output_dir>/<block>/lr<LR>/``). MQAR rows carry ``val_acc_floor``, the no-recall accuracy
+(:func:`zoo.synthetic.no_recall_floor`). A block whose run fails gets a row with its error; the others still run.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from zoo.errors import ConfigError, ZooError
 from zoo.layers import MIXERS
 from zoo.recipe_loader import load_recipe
 
-USAGE = "usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N]"
+USAGE = "usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs LR,LR,...]"
 WIDTH_STEP = 8
 COLUMNS = [
-    "block", "d_model", "parameters", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "peak_memory_mb",
-    "state_per_token", "state_fixed", "error",
+    "block", "d_model", "parameters", "lr", "val_loss", "val_ppl", "val_acc", "val_acc_floor", "val_by_lr", "tokens_per_s",
+    "peak_memory_mb", "state_per_token", "state_fixed", "error",
 ]
 
 
@@ -39,12 +42,14 @@ class AblationArgs:
     blocks: list[str]
     overrides: list[str]
     target_params: int | None
+    lrs: list[float] | None = None
 
 
 def parse_args(argv: list[str]) -> AblationArgs:
     parser = ArgumentParser(prog="python -m zoo.ablate", usage=USAGE[len("usage: "):], description=__doc__.split("\n")[0])
     parser.add_argument("settings", nargs="*", help="recipe=NAME, blocks=[...], then key.path=value overrides")
     parser.add_argument("--params", type=int, default=None, help="target parameter count (default: the recipe's)")
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates: each block's row is its best run")
     args = parser.parse_args(argv)
     blocks = [s.split("=", 1)[1] for s in args.settings if s.startswith("blocks=")]
     recipe, overrides = split_recipe_args([s for s in args.settings if not s.startswith("blocks=")], USAGE)
@@ -54,7 +59,18 @@ def parse_args(argv: list[str]) -> AblationArgs:
     names = [str(b) for b in (parsed if isinstance(parsed, list) else [parsed])]
     for i, name in enumerate(names):
         MIXERS.get(name, f"blocks[{i}]")
-    return AblationArgs(recipe, names, overrides, args.params)
+    return AblationArgs(recipe, names, overrides, args.params, parse_lrs(args.lrs) if args.lrs is not None else None)
+
+
+def parse_lrs(text: str) -> list[float]:
+    """``1e-3,3e-3`` -> ``[0.001, 0.003]``: positive numbers, at least one."""
+    try:
+        lrs = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError("--lrs", f"expected comma-separated numbers, got {text!r}") from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise ConfigError("--lrs", f"expected positive learning rates, got {text!r}")
+    return lrs
 
 
 def model_stats(model_cfg: ModelConfig) -> dict[str, int]:
@@ -169,22 +185,50 @@ def training_tokens_per_s(metrics_csv: Path) -> float | None:
     return rates[len(rates) // 2] if rates else None
 
 
-def run_block(base: Recipe, block: str, target: int, out: Path) -> dict[str, Any]:
-    """Train ``base`` with every layer ``block`` at the matched width; the table row (errors recorded, not raised)."""
+def last_logged(metrics_csv: Path, key: str) -> float | None:
+    """The last value of column ``key`` in metrics.csv (None when never logged)."""
+    with metrics_csv.open() as f:
+        values = [r[key] for r in csv.DictReader(f) if r.get(key)]
+    return float(values[-1]) if values else None
+
+
+def train_one(base: Recipe, model_cfg: ModelConfig, run_dir: Path, name: str, lr: float) -> dict[str, Any]:
+    """One training run of the ablation: its metrics for the table row."""
     from zoo.train import train
 
+    tree = {**base.to_dict(), "model": model_cfg.to_dict(), "output_dir": str(run_dir), "name": name}
+    tree["optimizer"] = {**tree["optimizer"], "lr": lr}
+    with PeakMemory() as memory:
+        summary = train(Recipe.from_dict(tree))
+    return {
+        "lr": lr, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "val_acc": summary.get("val_acc"),
+        "val_acc_floor": last_logged(run_dir / "metrics.csv", "val_acc_floor"),
+        "tokens_per_s": training_tokens_per_s(run_dir / "metrics.csv") or summary["tokens_per_s"],
+        "peak_memory_mb": memory.megabytes(),
+    }
+
+
+def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the highest val_acc (synthetic tasks), else the lowest val_loss; the first of equals."""
+    if all(run["val_acc"] is not None for run in runs):
+        return max(runs, key=lambda run: run["val_acc"])
+    return min(runs, key=lambda run: run["val_loss"])
+
+
+def run_block(base: Recipe, block: str, target: int, out: Path, lrs: list[float] | None = None) -> dict[str, Any]:
+    """Train ``base`` with every layer ``block`` at the matched width (once per learning rate in ``lrs``, else at the
+    recipe's); the table row of the best run (errors recorded, not raised)."""
     row: dict[str, Any] = {"block": block}
     try:
         model_cfg, stats = matched_width(base.model, block, target)
         row.update(d_model=model_cfg.d_model, **stats)
-        recipe = Recipe.from_dict({**base.to_dict(), "model": model_cfg.to_dict(), "output_dir": str(out / block), "name": f"{base.name}-{block}"})
-        with PeakMemory() as memory:
-            summary = train(recipe)
-        row.update(
-            val_loss=summary["val_loss"], val_ppl=summary["val_ppl"], val_acc=summary.get("val_acc"),
-            tokens_per_s=training_tokens_per_s(out / block / "metrics.csv") or summary["tokens_per_s"],
-            peak_memory_mb=memory.megabytes(),
-        )
+        if lrs is None:
+            row.update(train_one(base, model_cfg, out / block, f"{base.name}-{block}", base.optimizer.lr))
+        else:
+            runs = [train_one(base, model_cfg, out / block / f"lr{lr:g}", f"{base.name}-{block}-lr{lr:g}", lr) for lr in lrs]
+            row.update(best_run(runs))
+            metric = "val_acc" if runs[0]["val_acc"] is not None else "val_loss"
+            row["val_by_lr"] = " ".join(f"{run['lr']:g}:{run[metric]:.4f}" for run in runs)
     except Exception as err:  # noqa: BLE001 - one failing block must not stop the ablation
         row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
         print(f"zoo.ablate: {block} failed:\n{traceback.format_exc()}", file=sys.stderr)
@@ -195,6 +239,8 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
+        if 0 < abs(value) < 1e-3:
+            return f"{value:g}"
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
@@ -206,7 +252,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) -> list[dict[str, Any]]:
+def ablate(base: Recipe, blocks: list[str], target_params: int | None = None, lrs: list[float] | None = None) -> list[dict[str, Any]]:
     """Run the ablation; writes ``<output_dir>/ablation.{md,csv}`` and returns the rows."""
     out = Path(base.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +261,7 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) ->
     rows = []
     for block in blocks:
         start = time.perf_counter()
-        rows.append(run_block(base, block, target, out))
+        rows.append(run_block(base, block, target, out, lrs))
         print(f"zoo.ablate: {block} done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         with (out / "ablation.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -223,8 +269,10 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None) ->
             writer.writerows({c: _cell(row.get(c)) for c in COLUMNS} for row in rows)
         header = (
             f"Ablation of recipe `{base.name}`: every layer one block type, width matched to {target:,} parameters; "
-            f"{base.trainer.max_steps} steps each. state_per_token / state_fixed: state elements per sequence "
-            "(summed over layers) that grow with each token / stay constant.\n\n"
+            f"{base.trainer.max_steps} steps each"
+            + (f", best of learning rates {', '.join(f'{lr:g}' for lr in lrs)} (val_by_lr: every run)" if lrs else "")
+            + ". state_per_token / state_fixed: state elements per sequence (summed over layers) that grow with each "
+            "token / stay constant. val_acc_floor: the accuracy reachable without recall.\n\n"
         )
         (out / "ablation.md").write_text(header + markdown_table(rows))
     return rows
@@ -236,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = parse_args(argv)
         base = load_recipe(args.recipe, args.overrides)
-        rows = ablate(base, args.blocks, args.target_params)
+        rows = ablate(base, args.blocks, args.target_params, args.lrs)
         print(markdown_table(rows), end="")
         print(f"zoo.ablate: table in {Path(base.output_dir) / 'ablation.md'} and ablation.csv")
 

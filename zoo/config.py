@@ -23,9 +23,19 @@ from zoo.typed import bounded, build, checked, to_dict
 
 @dataclass
 @checked
+class ShortConvSetting:
+    """``model.<block>.short_conv``: kernel of a depthwise causal convolution run before that block in every layer
+    that uses it (:class:`zoo.layers.short_conv.ShortConv`)."""
+
+    short_conv: int = bounded(0, ge=0, note="0: off")
+
+
+@dataclass
+@checked
 class ModelConfig:
     """Architecture. Besides the keys below, a key named after a block or FFN (``attention:``, ``lstm:``,
-    ``swiglu:``) holds that module's settings, shared by every layer that uses it."""
+    ``swiglu:``) holds that module's settings, shared by every layer that uses it. A block's section also takes
+    ``short_conv: K`` (see :class:`ShortConvSetting`), kept in :attr:`short_conv`."""
 
     d_model: int = bounded(256, ge=1)
     n_layers: int = bounded(4, ge=1)
@@ -38,8 +48,13 @@ class ModelConfig:
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
     time_conditioning: bool = False  # adaLN-Zero conditioning of every layer on a diffusion time (DiT / MDLM)
     module_args: dict[str, Any] = field(default_factory=dict)  # block/FFN name -> its config dataclass
+    short_conv: dict[str, int] = field(default_factory=dict)  # block name -> short conv kernel (0: none)
 
     def __post_init__(self) -> None:
+        for name, kernel in self.short_conv.items():
+            if name not in MIXERS:
+                raise ConfigError(f"{name}.short_conv", f"only blocks take a short convolution; blocks: {', '.join(MIXERS.names())}")
+            build(ShortConvSetting, {"short_conv": kernel}, name)
         if not self.blocks:
             raise ConfigError("blocks", "must name at least one block")
         for i, name in enumerate(self.blocks):
@@ -66,10 +81,10 @@ class ModelConfig:
         """Build from the recipe form, where module settings sit beside the plain keys."""
         if not isinstance(data, dict):
             raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
-        plain = {f.name for f in dataclasses.fields(cls)} - {"module_args"}
+        plain = {f.name for f in dataclasses.fields(cls)} - {"module_args", "short_conv"}
         known_modules = set(MIXERS.names()) | set(FFNS.names())
         kwargs = {k: v for k, v in data.items() if k in plain}
-        module_args = {}
+        module_args, short_conv = {}, {}
         for key, value in data.items():
             if key in plain:
                 continue
@@ -79,12 +94,18 @@ class ModelConfig:
                     f"unknown key; allowed keys here: {', '.join(sorted(plain))}, "
                     f"or a block/ffn name: {', '.join(sorted(known_modules))}",
                 )
+            if key in MIXERS and isinstance(value, dict) and "short_conv" in value:
+                value = dict(value)
+                short_conv[key] = build(ShortConvSetting, {"short_conv": value.pop("short_conv")}, f"{path}.{key}").short_conv
             module_args[key] = value
-        return build(cls, {**kwargs, "module_args": module_args}, path)
+        return build(cls, {**kwargs, "module_args": module_args, "short_conv": short_conv}, path)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "module_args"}
+        """The recipe form: ``short_conv`` back in its block's section."""
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("module_args", "short_conv")}
         out.update({name: to_dict(args) for name, args in self.module_args.items()})
+        for name, kernel in self.short_conv.items():
+            out.setdefault(name, {})["short_conv"] = kernel
         return out
 
     def ffn_pattern(self) -> list[str]:

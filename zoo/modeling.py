@@ -20,6 +20,7 @@ from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
 from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
 from zoo.layers.layer import AdaLNModulation
+from zoo.layers.short_conv import ShortConv
 
 logger = logging.getLogger("zoo")
 
@@ -398,7 +399,7 @@ class ZooModel(ZooPreTrainedModel):
         for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
             mixer_cls = MIXERS.get(block).cls
             build_mixer = mixer_cls.bidirectional if spec.bidirectional else mixer_cls
-            mixer = build_mixer(spec.args_for(block), spec.d_model, i)
+            mixer = ShortConv.wrap(build_mixer(spec.args_for(block), spec.d_model, i), spec.short_conv.get(block, 0))
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
             layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned))
         self.layers = nn.ModuleList(layers)

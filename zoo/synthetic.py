@@ -5,8 +5,9 @@ model must predict after reading ``inputs[n, :t + 1]`` at an answer position and
 and accuracy count answer positions only. Token 0 is the blank/filler token of every task.
 
 - ``mqar``: multi-query associative recall as in Zoology (Arora et al. 2023): ``num_kv_pairs`` key-value pairs
-  (keys from the lower half of the vocabulary, values from the upper half), then the keys queried again at
-  power-law spaced positions among blanks; the answer after a query key is the value it was paired with.
+  (distinct keys from the lower half of the vocabulary, distinct values from the upper half), then the keys queried
+  again at power-law spaced positions among blanks; the answer after a query key is the value it was paired with.
+  :func:`no_recall_floor` is the accuracy reachable without recall (``1 / num_kv_pairs``).
 - ``selective_copy``: selective copying as in Mamba (Gu & Dao 2023): ``num_tokens_to_copy`` data tokens at random
   positions among blanks, then as many marker tokens; at the markers the data tokens are recalled in order.
 - ``induction``: induction heads as in Mamba: random tokens with one trigger token somewhere; the sequence ends
@@ -48,8 +49,13 @@ class TaskConfig:
     def validate(self, source: str, seq_len: int) -> None:
         """Check the settings against the task and ``data.seq_len``; errors name ``task.KEY`` or ``seq_len``."""
         if source == "mqar":
-            if self.num_kv_pairs > self.vocab_size // 2 - 1:
-                raise ConfigError("task.num_kv_pairs", f"{self.num_kv_pairs} distinct keys need vocab_size >= {2 * self.num_kv_pairs + 2}")
+            keys, values = self.vocab_size // 2 - 1, self.vocab_size - self.vocab_size // 2
+            if self.num_kv_pairs > min(keys, values):
+                raise ConfigError(
+                    "task.num_kv_pairs", f"{self.num_kv_pairs} pairs need as many distinct keys (vocab_size={self.vocab_size} has "
+                    f"{keys}, tokens 1..{self.vocab_size // 2 - 1}) and distinct values ({values}, tokens "
+                    f"{self.vocab_size // 2}..{self.vocab_size - 1}): vocab_size >= {2 * self.num_kv_pairs + 2}",
+                )
             if not 1 <= self.queries() <= self.num_kv_pairs:
                 raise ConfigError("task.num_queries", f"must be in [1, num_kv_pairs={self.num_kv_pairs}], got {self.num_queries}")
             if (seq_len + 1 - 2 * self.num_kv_pairs) // 2 < self.queries():
@@ -61,12 +67,13 @@ class TaskConfig:
 
 
 def mqar(rng: np.random.Generator, n: int, seq_len: int, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Zoology's ``multiquery_ar``: keys in ``[1, V/2)``, values in ``[V/2, V)``, power-law query gaps."""
+    """Zoology's ``multiquery_ar``: distinct keys in ``[1, V/2)``, distinct values in ``[V/2, V)`` (both drawn
+    without replacement, as Zoology does), power-law query gaps."""
     num_pairs, num_queries = task.num_kv_pairs, task.queries()
     context = 2 * num_pairs
     key_vocab = task.vocab_size // 2
     keys = 1 + rng.random((n, key_vocab - 1)).argsort(axis=1)[:, :num_pairs]  # [N, P], distinct per row
-    values = rng.integers(key_vocab, task.vocab_size, size=(n, num_pairs))  # [N, P]
+    values = key_vocab + rng.random((n, task.vocab_size - key_vocab)).argsort(axis=1)[:, :num_pairs]  # [N, P], distinct per row
     examples = np.zeros((n, seq_len + 1), dtype=np.int64)
     examples[:, 0:context:2] = keys
     examples[:, 1:context:2] = values
@@ -123,6 +130,7 @@ def generate(source: str, task: TaskConfig, seq_len: int, train_samples: int, va
     """
     if source not in GENERATORS:
         raise ConfigError("data.source", f"'{source}' is not a synthetic task; tasks: {', '.join(GENERATORS)}")
+    task.validate(source, seq_len)
     need = train_samples + val_samples
     rng = np.random.default_rng([seed, list(GENERATORS).index(source)])
     inputs, targets = GENERATORS[source](rng, need + need // 10 + 16, seq_len, task)
@@ -136,6 +144,25 @@ def generate(source: str, task: TaskConfig, seq_len: int, train_samples: int, va
         )
     val, train = keep[:val_samples], keep[val_samples:need]
     return (inputs[train], targets[train]), (inputs[val], targets[val])
+
+
+def no_recall_floor(inputs: np.ndarray, targets: np.ndarray, task: TaskConfig) -> float:
+    """Accuracy of the best predictor that reads an MQAR context's values but never recalls which key they follow.
+
+    Such a predictor answers every query with the most frequent value among the context's ``num_kv_pairs`` values
+    (positions ``1, 3, ..., 2P-1``), ties broken uniformly at random. Its expected accuracy, computed exactly from
+    ``inputs [N, T]`` and ``targets [N, T]``: each answer position scores ``1 / k`` when its answer is one of the
+    ``k`` values tied for most frequent in its row's context, else 0; the floor is the mean over answer positions.
+    With distinct values every value is tied, so the floor is ``1 / num_kv_pairs``.
+    """
+    context_values = inputs[:, 1 : 2 * task.num_kv_pairs : 2]  # [N, P]
+    counts = (context_values[:, :, None] == context_values[:, None, :]).sum(-1)  # [N, P], occurrences of each value
+    top = counts.max(axis=1, keepdims=True)  # [N, 1]
+    tied = (counts == top).sum(axis=1) // top[:, 0]  # [N], number of distinct values tied for most frequent
+    rows, cols = np.nonzero(targets != IGNORE_INDEX)
+    answers = targets[rows, cols]  # [A]
+    hit = ((context_values[rows] == answers[:, None]) & (counts[rows] == top[rows])).any(axis=1)  # [A]
+    return float((hit / tied[rows]).mean()) if len(answers) else 0.0
 
 
 def answer_accuracy(logits, targets):

@@ -16,7 +16,7 @@ from zoo.config import Recipe
 from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
 from zoo.precision import resolve_fused
-from zoo.synthetic import answer_accuracy
+from zoo.synthetic import answer_accuracy, no_recall_floor
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float, name: str) -> float:
@@ -46,6 +46,7 @@ class ZooLightningModule(L.LightningModule):
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
         self.model = self.build_model(config)
         self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
+        self._val_acc_floor: float | None = None
 
     def build_model(self, config: ZooConfig) -> PreTrainedModel:
         """The model this module trains (subclasses with another objective build another head)."""
@@ -63,8 +64,19 @@ class ZooLightningModule(L.LightningModule):
         return ["train_aux_loss", "train_z_loss", "moe/load_max_over_mean", *per_layer]
 
     def task_columns(self) -> list[str]:
-        """Synthetic tasks log the accuracy on answer positions."""
-        return ["train_acc", "val_acc"] if self.recipe.data.task is not None else []
+        """Synthetic tasks log the accuracy on answer positions; MQAR also its no-recall floor (``val_acc_floor``)."""
+        if self.recipe.data.task is None:
+            return []
+        return ["train_acc", "val_acc", "val_acc_floor"] if self.recipe.data.source == "mqar" else ["train_acc", "val_acc"]
+
+    def _log_no_recall_floor(self) -> None:
+        """MQAR: log :func:`zoo.synthetic.no_recall_floor` of the validation samples (computed on the first validation)."""
+        if self.recipe.data.source != "mqar" or self.trainer.sanity_checking:
+            return
+        if self._val_acc_floor is None:
+            samples = self.trainer.val_dataloaders.dataset  # TaskSamples: every validation sample evaluated
+            self._val_acc_floor = no_recall_floor(samples.inputs.numpy(), samples.targets.numpy(), self.recipe.data.task)
+        self.log("val_acc_floor", self._val_acc_floor)
 
     def _log_answer_accuracy(self, name: str, logits: torch.Tensor, batch, **kwargs: Any) -> None:
         if self.recipe.data.task is None:
@@ -111,6 +123,7 @@ class ZooLightningModule(L.LightningModule):
         self._log_answer_accuracy("val_acc", out.logits, batch, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_no_recall_floor()
         val_loss = self.trainer.callback_metrics.get("val_loss")
         if val_loss is not None:
             self.log("val_ppl", torch.exp(val_loss.float()), prog_bar=True, sync_dist=True)
