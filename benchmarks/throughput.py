@@ -31,6 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.moe import device_name
 from zoo.config import ModelConfig
+from zoo.layers import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,6 +78,8 @@ def zoo_models(shapes: Shapes) -> dict[str, ModelConfig]:
             "mamba2": head, "attention": {"n_heads": heads},
         },
     }
+    for name in MIXERS.names():  # a block added since: its defaults, so no block is left out
+        specs.setdefault(name, {"blocks": [name]})
     return {
         name: ModelConfig.from_dict({"d_model": d, "n_layers": n, "vocab_size": shapes.vocab_size, **spec}, f"models.{name}")
         for name, spec in specs.items()

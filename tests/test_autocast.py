@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo.kernels
+from zoo.kernels.backends import BackendTable
 from zoo.layers import FFNS, MIXERS, SequenceMixer, map_state
 
 LOW = [torch.bfloat16, torch.float16]
@@ -348,7 +349,7 @@ def kernel_ops(name: str) -> set[str]:
             if inspect.isfunction(f) and f.__module__.startswith("zoo.kernels.")}
 
 
-TRITON_BLOCKS = [n for n in MIXERS.names() if "triton" in getattr(block_module(n), "OFFERED_BACKENDS", ())]
+TRITON_BLOCKS = [n for n in MIXERS.names() if isinstance(getattr(block_module(n), "BACKENDS", None), BackendTable) and "triton" in block_module(n).BACKENDS.names()]
 
 
 def test_triton_blocks_cover_every_op():

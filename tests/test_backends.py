@@ -1,5 +1,6 @@
 """Backend choice of the recurrent blocks: validation at construction, ``auto`` per device, the model's log line,
 and the mamba-ssm adapters' layout conversions (checked on CPU against a stand-in built from our references)."""
+import dataclasses
 import importlib.machinery
 import logging
 import sys
@@ -8,13 +9,11 @@ import types
 import pytest
 import torch
 
+from test_blocks import TEST_ARGS
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.kernels import selective_scan as ss_pkg
 from zoo.kernels import retention as retention_pkg
-from zoo.kernels import rwkv6 as rwkv6_pkg
-from zoo.kernels import rwkv7 as rwkv7_pkg
-from zoo.kernels import ssd as ssd_pkg
 from zoo.kernels.selective_scan import mamba_ssm_backend as ss_adapter
 from zoo.kernels.selective_scan import selective_scan_naive
 from zoo.kernels.ssd import mamba_ssm_backend as ssd_adapter
@@ -22,21 +21,22 @@ from zoo.kernels.ssd import ssd_scan
 from zoo.layers.registry import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
-RECURRENT = {"mamba": {"d_state": 8}, "mamba2": {"d_state": 8, "head_dim": 16}, "rwkv6": {"head_dim": 16},
-             "rwkv7": {"head_dim": 16}, "retnet": {"n_heads": 2}}
+# Every block whose config has a backend, and the backend table of the op it runs (read from the block's module).
+OPS = {
+    name: sys.modules[MIXERS.get(name).cls.__module__].BACKENDS
+    for name in MIXERS.names()
+    if "backend" in {f.name for f in dataclasses.fields(MIXERS.get(name).config_cls)} and name != "attention"
+}
 
 
 def build(block, **args):
-    spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 1, "blocks": [block], block: {**RECURRENT[block], **args}})
-    return MIXERS.get(block).cls(spec.args_for(block), 32, 0)
-
-
-OPS = {"mamba": ss_pkg, "mamba2": ssd_pkg, "rwkv6": rwkv6_pkg, "rwkv7": rwkv7_pkg, "retnet": retention_pkg}
+    spec = ModelConfig.from_dict({"d_model": 48, "n_layers": 1, "blocks": [block], block: {**TEST_ARGS.get(block, {}), **args}})
+    return MIXERS.get(block).cls(spec.args_for(block), 48, 0)
 
 
 @pytest.mark.parametrize("block", sorted(OPS))
 def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu(block):
-    table = OPS[block].BACKENDS
+    table = OPS[block]
     assert table.resolve("auto") == "torch" and table.resolve("triton") == "triton"
     assert build(block, backend="triton").backend == "triton"
     assert build(block).backend == "auto"
@@ -44,12 +44,13 @@ def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu(block):
 
 def test_every_recurrent_block_uses_its_ops_backend_table():
     """The blocks keep no backend tuples: a config's choices are its op's table (derived, not listed)."""
+    assert set(OPS) == {"mamba", "mamba2", "retnet", "rwkv6", "rwkv7"}  # the five recurrent blocks shipped today
     for block, op in OPS.items():
-        with pytest.raises(ConfigError, match=f"unknown {block} backend 'nope'; choose one of {', '.join(op.BACKENDS.names())}"):
+        with pytest.raises(ConfigError, match=f"unknown {block} backend 'nope'; choose one of {', '.join(op.names())}"):
             build(block, backend="nope")
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", [b for b, table in OPS.items() if "mamba_ssm" in table.names()])
 def test_missing_mamba_ssm_is_an_error_not_a_fallback(block, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "mamba_ssm" else find_spec(name, *args))
@@ -57,10 +58,10 @@ def test_missing_mamba_ssm_is_an_error_not_a_fallback(block, monkeypatch):
         build(block, backend="mamba_ssm")
 
 
-@pytest.mark.parametrize("block", ["rwkv6", "rwkv7", "retnet"])
+@pytest.mark.parametrize("block", [b for b, table in OPS.items() if "mamba_ssm" not in table.names()])
 def test_blocks_without_mamba_ssm_reject_it_by_key(block):
     with pytest.raises(ConfigError, match=f"model.{block}.backend: unknown {block} backend 'mamba_ssm'"):
-        ModelConfig.from_dict({"d_model": 32, "blocks": [block], block: {**RECURRENT[block], "backend": "mamba_ssm"}})
+        build(block, backend="mamba_ssm")
 
 
 def test_an_op_called_with_an_unknown_backend_names_it():
@@ -119,18 +120,18 @@ def test_mamba_ssm_adapters_need_cuda_tensors():
         ss_pkg.selective_scan(x, x, -torch.ones(4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), backend="mamba_ssm")
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", [b for b, table in OPS.items() if "mamba_ssm" in table.names()])
 def test_mamba_ssm_backend_matches_torch_through_the_block(fake_mamba_ssm, block):
     torch.manual_seed(0)
     reference = build(block, backend="torch").double()
     fast = build(block, backend="mamba_ssm").double()
     fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
     y_ref, state_ref = reference(x)
     y, state = fast(x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(state.ssm, state_ref.ssm)
-    step = torch.randn(2, 1, 32, dtype=torch.float64)
+    step = torch.randn(2, 1, 48, dtype=torch.float64)
     y_ref, next_ref = reference(step, state_ref)
     y, next_state = fast(step, state)
     torch.testing.assert_close(y, y_ref)

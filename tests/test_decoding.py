@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from test_generate import IDS, MODELS, PAD, VOCAB, greedy, tiny
+from zoo.layers import MIXERS
 from zoo.decoding import StaticDecoder, copy_state_, process_logits
 from zoo.errors import ZooError
 from zoo.layers import map_state
@@ -92,7 +93,7 @@ def test_process_logits_matches_hf_warpers():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("blocks", [["attention"], ["mamba"], ["mamba2"], ["rwkv6"], ["rwkv7"], ["retnet"], ["lstm"], ["mamba2", "attention"]])
+@pytest.mark.parametrize("blocks", [[name] for name in MIXERS.names()] + [["mamba2", "attention"]])
 def test_cuda_graph_decode_equals_generate_and_allocates_nothing(blocks):
     model = tiny(blocks).cuda()
     ids, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (5, 9)])
