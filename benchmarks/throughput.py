@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import time
@@ -278,10 +279,13 @@ def benchmark_model(build: Callable[[], torch.nn.Module], shapes: Shapes, device
     return entry
 
 
-def version_of(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
+def version_of(distribution: str) -> str | None:
+    """The installed version, read from the package metadata: importing a package (fla) can register models with
+    transformers' Auto classes."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return getattr(__import__(module), "__version__", "unknown")
 
 
 def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: bool, log: Callable[[str], None]) -> dict:
@@ -302,7 +306,7 @@ def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: b
     return {
         "meta": {
             "device": device_name(device), "torch": torch.__version__, "triton": version_of("triton"),
-            "transformers": transformers.__version__, "fla": version_of("fla"), "mamba_ssm": version_of("mamba_ssm"),
+            "transformers": transformers.__version__, "fla": version_of("flash-linear-attention"), "mamba_ssm": version_of("mamba-ssm"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": shapes.__dict__,
         },

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import tiny_overrides
 from zoo.recipe_loader import builtin_recipe_names, load_recipe
@@ -20,8 +20,10 @@ GPU_SETTINGS = {
     "optimizer.fused": True,
     "trainer.grad_clip": 1.0,
     "trainer.max_steps": STEPS,
-    "trainer.val_every": STEPS,
+    "trainer.val_every": STEPS // 2,
     "optimizer.lr": 3e-3,
+    "model.d_model": 64,  # the smallest width every recipe's head sizes allow (RWKV heads are 64 wide)
+    "model.n_layers": 4,  # the longest block pattern (hybrid_small: 3 x mamba2 + attention)
 }
 
 
@@ -32,18 +34,22 @@ def overrides(tmp_path: Path, recipe: str, **extra) -> list[str]:
     return tiny_overrides(tmp_path, **settings)
 
 
-def train_losses(out: Path) -> list[float]:
-    return [float(row["train_loss"]) for row in csv.DictReader((out / "metrics.csv").open()) if row["train_loss"]]
+def losses(out: Path, column: str) -> list[float]:
+    return [float(row[column]) for row in csv.DictReader((out / "metrics.csv").open()) if row[column]]
 
 
-def check_run(out: Path, summary: dict, finetune: bool = False) -> None:
-    losses = train_losses(out)
-    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
-    assert math.isfinite(summary["val_loss"])
-    assert sum(losses[-3:]) < sum(losses[:3]), losses  # falling: the last three steps below the first three
-    if not finetune:
-        model = AutoModelForCausalLM.from_pretrained(out / "hf")
-        assert torch.isfinite(model(torch.randint(0, 200, (1, 8))).logits).all()
+def check_run(out: Path, summary: dict, recipe) -> None:
+    train, val = losses(out, "train_loss"), losses(out, "val_loss")
+    assert len(train) == STEPS and all(math.isfinite(x) for x in train), train
+    # Falling, measured on the validation set (fixed windows, and fixed times and masks for diffusion), at half time
+    # and at the end: the training loss of a single step is too noisy for a diffusion NELBO.
+    assert len(val) == 2 and all(math.isfinite(x) for x in val) and val[1] < val[0], val
+    assert summary["val_loss"] == pytest.approx(val[1], abs=1e-5)
+    if recipe.finetune is None:
+        auto = AutoModelForMaskedLM if recipe.objective == "diffusion" else AutoModelForCausalLM
+        model = auto.from_pretrained(out / "hf")
+        ids = torch.randint(0, model.config.vocab_size, (1, 8))
+        assert torch.isfinite(model(ids).logits).all()
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +67,10 @@ def test_recipe_trains_with_gpu_settings(tmp_path, recipe, request):
         extra = {"finetune.init_from": str(request.getfixturevalue("mamba_export")), "data.source": str(ROOT / "layers" / "*.py")}
     r = load_recipe(recipe, overrides(tmp_path, recipe, **extra))
     assert r.trainer.precision == "bf16-mixed" and r.optimizer.fused is True
-    check_run(tmp_path / "run", train(r), finetune=r.finetune is not None)
+    check_run(tmp_path / "run", train(r), r)
 
 
 @pytest.mark.parametrize("recipe", ["transformer_small", "mamba2_small", "moe_small"])
 def test_compiled_training_with_gpu_settings(tmp_path, recipe):
     r = load_recipe(recipe, overrides(tmp_path, recipe, **{"trainer.compile": True}))
-    check_run(tmp_path / "run", train(r))
+    check_run(tmp_path / "run", train(r), r)

@@ -15,28 +15,30 @@ from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
 from zoo.errors import ZooError
 
-# config.model_type of the source checkpoint -> converter of its loaded HF model
+# config.model_type of the source checkpoint -> (the transformers class that loads it, converter of the loaded model).
+# The class is named, not looked up through the Auto classes: other packages (fla) register their own "mamba".
 CONVERTERS = {
-    "llama": from_llama,
-    "mistral": from_llama,
-    "mixtral": from_mixtral,
-    "mamba": from_mamba,
-    "mamba2": from_mamba2,
+    "llama": ("LlamaForCausalLM", from_llama),
+    "mistral": ("MistralForCausalLM", from_llama),
+    "mixtral": ("MixtralForCausalLM", from_mixtral),
+    "mamba": ("MambaForCausalLM", from_mamba),
+    "mamba2": ("Mamba2ForCausalLM", from_mamba2),
 }
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert the HF checkpoint in ``hf_dir`` and save the zoo model (and tokenizer, if any) to ``out_dir``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
         raise ZooError(f"'{hf_dir}' is not a Hugging Face checkpoint directory (no config.json)")
     model_type = AutoConfig.from_pretrained(hf_dir).model_type
-    converter = CONVERTERS.get(model_type)
-    if converter is None:
+    if model_type not in CONVERTERS:
         raise ZooError(f"{hf_dir}: model_type '{model_type}' has no zoo converter; supported: {', '.join(CONVERTERS)}")
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
+    hf_class, converter = CONVERTERS[model_type]
+    hf_model = getattr(transformers, hf_class).from_pretrained(hf_dir, dtype="auto")
     try:
         model = converter(hf_model)
     except (ValueError, KeyError) as err:
