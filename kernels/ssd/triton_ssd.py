@@ -10,11 +10,13 @@ Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton_checks import check_triton_inputs
+from zoo.kernels.triton_checks import Launch, Target, check_triton_inputs, launch_target
 
 from .checks import check_ssd_shapes
 
@@ -27,6 +29,8 @@ def _ssd_chunk_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Grid ``(B, H, cdiv(P, BLOCK_P))``: program ``(b, h, i)`` walks the ``cdiv(T, L)`` chunks with the state
+    rows of head channels ``[i * BLOCK_P, (i + 1) * BLOCK_P)`` of batch ``b``, head ``h``."""
     pid_b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     group = head // (H // G)
@@ -83,6 +87,7 @@ def _ssd_chunk_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Grid ``(B, H, cdiv(P, BLOCK_P))``, the forward's: program ``(b, h, i)`` walks the chunks in reverse."""
     pid_b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -180,11 +185,20 @@ def _ssd_chunk_bwd_kernel(
     tl.store(dbias_ptr + part, dbias)
 
 
-def _block_sizes(p: int, n: int) -> tuple[int, int]:
-    """Tiles of at least 16 (the smallest ``tl.dot`` operand); head channels are split to bound registers."""
+class Tiles(NamedTuple):
+    """Launch parameters of the SSD kernels (forward and backward)."""
+
+    BLOCK_P: int
+    BLOCK_N: int
+    launch: Launch
+
+
+def tiles(p: int, n: int, dtype: torch.dtype, target: Target) -> Tiles:
+    """Tiles of at least 16 (the smallest ``tl.dot`` operand); head channels are split to bound registers. The same
+    on every target and input dtype."""
     block_n = max(16, triton.next_power_of_2(n))
     block_p = max(16, min(triton.next_power_of_2(p), 2048 // block_n))
-    return block_p, block_n
+    return Tiles(block_p, block_n, Launch(num_warps=8, num_stages=3))
 
 
 def chunk_length(chunk_size: int) -> int:
@@ -195,7 +209,8 @@ def chunk_length(chunk_size: int) -> int:
 def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    block_p, block_n = _block_sizes(p, n)
+    t = tiles(p, n, x.dtype, launch_target(x.device))
+    block_p, block_n = t.BLOCK_P, t.BLOCK_N
     n_chunks = -(-T // chunk)
     y = torch.empty_like(x)
     final_state = torch.empty(batch, heads, p, n, device=x.device, dtype=torch.float32)
@@ -204,7 +219,7 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
         x, dt, A, B, C, D, dt_bias, initial_state, y, final_state, ckpt,
         T, heads, groups, p, n, n_chunks, float(dt_limit[0]), float(dt_limit[1]),
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, HAS_H0=initial_state is not None, SOFTPLUS=dt_softplus,
-        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=8,
+        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, **t.launch._asdict(),
     )
     return y, final_state, ckpt
 
@@ -212,7 +227,8 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
 def _launch_backward(x, dt, A, B, C, D, dt_bias, ckpt, dy, d_final, dt_softplus, dt_limit, chunk):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    block_p, block_n = _block_sizes(p, n)
+    t = tiles(p, n, x.dtype, launch_target(x.device))
+    block_p, block_n = t.BLOCK_P, t.BLOCK_N
     n_pblocks = triton.cdiv(p, block_p)
     n_chunks = ckpt.shape[2]
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -227,7 +243,7 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, ckpt, dy, d_final, dt_softplus,
         dx, ddt, dA, dB, dC, dD, dbias, dh0,
         T, heads, groups, p, n, n_chunks, float(dt_limit[0]), float(dt_limit[1]),
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, HAS_DHT=d_final is not None, SOFTPLUS=dt_softplus,
-        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=8,
+        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, **t.launch._asdict(),
     )
     ddt = ddt.sum(2).transpose(1, 2)  # [B, T, H]
     # heads of one group share B and C: [B, H, pblocks, T, N] -> [B, T, G, N]
