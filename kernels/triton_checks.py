@@ -66,7 +66,9 @@ class RecurrentTiles(NamedTuple):
 
 
 def recurrent_tiles(K: int, V: int, dtype: torch.dtype, target: Target) -> RecurrentTiles:
-    """V blocks of at most 32 (more programs when B * H is small), 4 warps. The same on every target and input dtype."""
+    """V blocks of at most 32 (more programs when B * H is small); 4 warps up to 2048 state entries per program (16 per
+    thread), 8 above (at 4, RWKV-6's forward at head dim 128 spilled on sm_86 / sm_89). The same on every target and
+    input dtype."""
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), 32)
-    return RecurrentTiles(BK, BV, Launch(num_warps=4, num_stages=3))
+    return RecurrentTiles(BK, BV, Launch(num_warps=4 if BK * BV <= 2048 else 8, num_stages=3))

@@ -289,12 +289,30 @@ class ChunkTiles(NamedTuple):
     launch: Launch
 
 
+# The largest tiles whose chunked backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
+# (sm_90, fp32 inputs, K <= 64). On sm_80 / 86 / 89, tf32 mma.sync products (bf16 / fp16 inputs) hold more registers
+# than fp32 FMA ones and need the smallest tiles; at K = 128 they still spill.
+CHUNK_TILES = {  # key: (largest BT, largest BV, warps)
+    (True, False, True): (32, 64, 8),
+    (True, True, True): (32, 32, 8),
+    (True, False, False): (16, 32, 8),
+    (True, True, False): (16, 16, 8),
+    (False, False, True): (16, 16, 4),
+    (False, True, True): (32, 32, 8),
+    (False, False, False): (16, 16, 8),
+    (False, True, False): (16, 16, 8),
+}
+
+
 def chunk_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkTiles:
-    """``tl.dot`` needs every dimension >= 16. The same on every target and input dtype."""
-    BT = min(max(triton.next_power_of_2(chunk_size), 16), 64)
+    """BT: ``chunk_size`` as a power of two in [16, largest BT]; BK holds all of K; ``tl.dot`` needs every dimension
+    >= 16; no software pipelining (a second stage spills in most cases). sm_90 has its own rows of
+    :data:`CHUNK_TILES`; every other target, and the interpreter, gets the rows measured on sm_80 / 86 / 89."""
     BK = max(triton.next_power_of_2(K), 16)
-    BV = max(min(triton.next_power_of_2(V), 64), 16)
-    return ChunkTiles(BT, BK, BV, Launch(num_warps=4, num_stages=3))
+    max_bt, max_bv, warps = CHUNK_TILES[target.arch // 10 == 9, dtype == torch.float32, BK <= 64]
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
+    BV = max(min(triton.next_power_of_2(V), max_bv), 16)
+    return ChunkTiles(BT, BK, BV, Launch(num_warps=warps, num_stages=1))
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -387,7 +405,8 @@ def retention_triton(
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32.
     ``form="recurrent"`` runs the fused-recurrent kernels (``chunk_size`` = tokens between the states saved for
     the backward pass); ``"chunk"`` and ``"parallel"`` (the same function) run the chunked kernels, with chunks of
-    ``chunk_size`` rounded to a power of two in [16, 64].
+    ``chunk_size`` rounded to a power of two >= 16, at most 32 (16 for some dtypes, head dims and GPUs:
+    :func:`chunk_tiles`).
     """
     K = check_retention_inputs("retention_triton", q, k, v, log_decay, initial_state, chunk_size)
     if form not in FORMS:

@@ -198,11 +198,13 @@ class Tiles(NamedTuple):
 
 
 def tiles(p: int, n: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Tiles of at least 16 (the smallest ``tl.dot`` operand); head channels are split to bound registers. The same
-    on every target and input dtype."""
+    """Tiles of at least 16 (the smallest ``tl.dot`` operand), at most 1024 state entries per program (head channels
+    are split over programs), 8 warps, no software pipelining. The same on every target and input dtype: no spills
+    at d_state 64 on sm_80 / 86 / 89 / 90 (benchmarks/kernel_resources.py); at d_state 128 the kernels spill at
+    L = 32 and not at L = 16 (chunk_size 16; measured on sm_90)."""
     block_n = max(16, triton.next_power_of_2(n))
-    block_p = max(16, min(triton.next_power_of_2(p), 2048 // block_n))
-    return Tiles(block_p, block_n, Launch(num_warps=8, num_stages=3))
+    block_p = max(16, min(triton.next_power_of_2(p), 1024 // block_n))
+    return Tiles(block_p, block_n, Launch(num_warps=8, num_stages=1))
 
 
 def chunk_length(chunk_size: int) -> int:
