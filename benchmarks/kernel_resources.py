@@ -192,6 +192,7 @@ def worker(target: str, dtypes: list[str], out: str) -> None:
     driver.set_active(fake)
     # zoo's launchers read the target the way a GPU run does (torch.cuda's capability of the tensors' device)
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
+    torch.version.hip = None  # an NVIDIA target, whatever this torch was built for
     rows = []
     for dtype in dtypes:
         for case in cases():

@@ -34,17 +34,19 @@ def check_head_dim(op: str, K: int) -> None:
 class Target(NamedTuple):
     """What a launcher's tile choice depends on besides shape and dtype."""
 
-    arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0 for the interpreter
+    arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
 
 
-INTERPRETER = Target(0)  # CPU tensors: the tiles of a target without a table of its own (the safe choice)
+# The safe tiles (those of the GPUs without a table of their own): CPU tensors (the interpreter) and ROCm, whose
+# capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's.
+DEFAULT_TARGET = Target(0)
 
 
 def launch_target(device: torch.device) -> Target:
     """The target of a launch on ``device``: its CUDA capability (what fla and mamba-ssm key their tiles on), or
-    :data:`INTERPRETER` for CPU tensors."""
-    if device.type == "cpu":
-        return INTERPRETER
+    :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
+    if device.type == "cpu" or torch.version.hip:
+        return DEFAULT_TARGET
     major, minor = torch.cuda.get_device_capability(device)
     return Target(10 * major + minor)
 

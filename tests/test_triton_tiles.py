@@ -11,7 +11,7 @@ from zoo.kernels.retention import triton_retention  # noqa: E402
 from zoo.kernels.retention.triton_retention import ChunkTiles, chunk_tiles  # noqa: E402
 from zoo.kernels.selective_scan import triton_scan  # noqa: E402
 from zoo.kernels.ssd import triton_ssd  # noqa: E402
-from zoo.kernels.triton_checks import INTERPRETER, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
+from zoo.kernels.triton_checks import DEFAULT_TARGET, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
 
 GPUS = {"A100": (8, 0), "RTX 3090": (8, 6), "RTX 4090": (8, 9), "H100": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0)}
 CUDA = torch.device("cuda", 0)
@@ -28,7 +28,14 @@ def fake_gpu(monkeypatch, name: str) -> Target:
 def test_launch_target_is_read_from_the_device(monkeypatch, name):
     major, minor = GPUS[name]
     assert fake_gpu(monkeypatch, name) == Target(10 * major + minor)
-    assert launch_target(torch.device("cpu")) == INTERPRETER
+    assert launch_target(torch.device("cpu")) == DEFAULT_TARGET
+
+
+def test_rocm_gets_the_default_tiles(monkeypatch):
+    """An MI250 reports capability 9.0, like an H100: it must not get the H100's tiles."""
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert fake_gpu(monkeypatch, "H100") == DEFAULT_TARGET
+    assert chunk_tiles(64, 128, 64, BF16, DEFAULT_TARGET) == ChunkTiles(16, 64, 16, Launch(4, 1))
 
 
 @pytest.mark.parametrize("name, dtype, K, V, expected", [
@@ -91,4 +98,4 @@ def test_h100_chunked_retention_tiles_match_the_reference(monkeypatch, dtype, K,
     monkeypatch.setattr(triton_retention, "chunk_tiles", spy)
     check_against_reference(make_inputs(T=70, K=K, V=72), dtype, "chunk", 64)
     assert len(used) == 2 and all(t[:3] == expected for t in used)  # forward and backward
-    assert chunk_tiles(K, 72, 64, dtype, INTERPRETER)[:3] != expected
+    assert chunk_tiles(K, 72, 64, dtype, DEFAULT_TARGET)[:3] != expected

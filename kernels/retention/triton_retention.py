@@ -307,9 +307,9 @@ CHUNK_TILES = {  # key: (largest BT, largest BV, warps)
 def chunk_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkTiles:
     """BT: ``chunk_size`` as a power of two in [16, largest BT]; BK holds all of K; ``tl.dot`` needs every dimension
     >= 16; no software pipelining (a second stage spills in most cases). sm_90 has its own rows of
-    :data:`CHUNK_TILES`; every other target, and the interpreter, gets the rows measured on sm_80 / 86 / 89."""
+    :data:`CHUNK_TILES`; every other target (and the interpreter) gets the rows measured on sm_80 / 86 / 89."""
     BK = max(triton.next_power_of_2(K), 16)
-    max_bt, max_bv, warps = CHUNK_TILES[target.arch // 10 == 9, dtype == torch.float32, BK <= 64]
+    max_bt, max_bv, warps = CHUNK_TILES[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), max_bv), 16)
     return ChunkTiles(BT, BK, BV, Launch(num_warps=warps, num_stages=1))
