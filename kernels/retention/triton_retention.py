@@ -18,15 +18,14 @@ Everything accumulates in fp32; K-sized gradients are per-V-block partial sums a
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from zoo.kernels.retention import FORMS, check_retention_inputs
-from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs
-
-MAX_BLOCK_V = 32  # recurrent kernels split V over programs: more parallelism when B * H is small
-MAX_CHUNK_BLOCK_V = 64  # chunked kernels: wider tl.dot tiles
+from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
 @triton.jit
@@ -36,6 +35,8 @@ def _retention_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the sequence with state columns ``[i_v * BV,
+    (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -72,6 +73,7 @@ def _retention_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_DS_FINAL: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks its checkpoints in reverse."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -131,6 +133,8 @@ def _retention_chunk_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the ``cdiv(T, BT)`` chunks with state
+    columns ``[i_v * BV, (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -178,6 +182,7 @@ def _retention_chunk_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DS_FINAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks the chunks in reverse."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -234,17 +239,12 @@ def _retention_chunk_bwd_kernel(
     tl.store(dg + i_v * B * H + i_bh, tl.sum(b_dg, axis=0))
 
 
-def _blocks(K: int, V: int) -> tuple[int, int, int]:
-    BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    return BK, BV, triton.cdiv(V, BV)
-
-
 def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK, BV, NV = _blocks(K, V)
+    tiles = recurrent_tiles(K, V, q.dtype, launch_target(q.device))
+    BK, BV, NV = tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = triton.cdiv(T, chunk_size)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
@@ -252,7 +252,7 @@ def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_fwd_kernel[(NV, B * H)](
         q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0,
+        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0, **tiles.launch._asdict(),
     )
     return o, s_final, ckpt
 
@@ -261,7 +261,8 @@ def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
     """Launch the backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK, BV, NV = _blocks(K, V)
+    tiles = recurrent_tiles(K, V, q.dtype, launch_target(q.device))
+    BK, BV, NV = tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = ckpt.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
@@ -273,29 +274,64 @@ def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
     _retention_bwd_kernel[(NV, B * H)](
         q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt, scratch,
         dq, dk, dv, dg, ds0,
-        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds,
+        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **tiles.launch._asdict(),
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
 
-def _chunk_blocks(K: int, V: int, chunk_size: int) -> tuple[int, int, int, int]:
-    """Block sizes of the chunked kernels: ``tl.dot`` needs every dimension >= 16."""
-    BT = min(max(triton.next_power_of_2(chunk_size), 16), 64)
+class ChunkTiles(NamedTuple):
+    """Launch parameters of the chunked kernels: forward and backward share BT, BK and BV (the chunk-start states are
+    ``[BK, BV]`` blocks of BT-token chunks) and their launch options."""
+
+    BT: int
+    BK: int
+    BV: int
+    launch: Launch
+
+
+# The largest tiles whose chunked backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
+# (sm_90, fp32 inputs, K <= 64). On sm_80 / 86 / 89, tf32 mma.sync products (bf16 / fp16 inputs) hold more registers
+# than fp32 FMA ones and need the smallest tiles; at K = 128 they still spill.
+CHUNK_TILES = {  # key: (largest BT, largest BV, warps)
+    (True, False, True): (32, 64, 8),
+    (True, True, True): (32, 32, 8),
+    (True, False, False): (16, 32, 8),
+    (True, True, False): (16, 16, 8),
+    (False, False, True): (16, 16, 4),
+    (False, True, True): (32, 32, 8),
+    (False, False, False): (16, 16, 8),
+    (False, True, False): (16, 16, 8),
+}
+
+
+def chunk_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkTiles:
+    """BT: ``chunk_size`` as a power of two in [16, largest BT]; BK holds all of K; ``tl.dot`` needs every dimension
+    >= 16; no software pipelining (a second stage spills in most cases). sm_90 has its own rows of
+    :data:`CHUNK_TILES`; every other target (and the interpreter) gets the rows measured on sm_80 / 86 / 89."""
     BK = max(triton.next_power_of_2(K), 16)
-    BV = max(min(triton.next_power_of_2(V), MAX_CHUNK_BLOCK_V), 16)
-    return BT, BK, BV, triton.cdiv(V, BV)
+    max_bt, max_bv, warps = CHUNK_TILES[target.arch == 90, dtype == torch.float32, BK <= 64]
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
+    BV = max(min(triton.next_power_of_2(V), max_bv), 16)
+    return ChunkTiles(BT, BK, BV, Launch(num_warps=warps, num_stages=1))
 
 
-def _precision(*tensors: torch.Tensor) -> str:
+def _dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The widest input dtype: it sets the ``tl.dot`` precision and with it the tiles."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+
+
+def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
-    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     """Launch the chunked forward kernel. Returns ``(o, final_state, chunk_start_states)`` in fp32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV, NV = _chunk_blocks(K, V, chunk_size)
+    dtype = _dtype(q, k, v)
+    tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = triton.cdiv(T, BT)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
@@ -303,7 +339,7 @@ def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_chunk_fwd_kernel[(NV, B * H)](
         q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=_precision(q, k, v),
+        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=_precision(dtype), **tiles.launch._asdict(),
     )
     return o, s_final, ckpt
 
@@ -312,7 +348,9 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     """Launch the chunked backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV, NV = _chunk_blocks(K, V, chunk_size)
+    dtype = _dtype(q, k, v)
+    tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = ckpt.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
@@ -323,7 +361,8 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     _retention_chunk_bwd_kernel[(NV, B * H)](
         q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt,
         dq, dk, dv, dg, ds0,
-        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=_precision(q, k, v),
+        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=_precision(dtype),
+        **tiles.launch._asdict(),
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
@@ -366,7 +405,8 @@ def retention_triton(
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32.
     ``form="recurrent"`` runs the fused-recurrent kernels (``chunk_size`` = tokens between the states saved for
     the backward pass); ``"chunk"`` and ``"parallel"`` (the same function) run the chunked kernels, with chunks of
-    ``chunk_size`` rounded to a power of two in [16, 64].
+    ``chunk_size`` rounded to a power of two >= 16, at most 32 (16 for some dtypes, head dims and GPUs:
+    :func:`chunk_tiles`).
     """
     K = check_retention_inputs("retention_triton", q, k, v, log_decay, initial_state, chunk_size)
     if form not in FORMS:

@@ -22,9 +22,7 @@ import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.rwkv7 import rwkv7_keys
-from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs
-
-MAX_BLOCK_V = 32  # V is split over programs: more parallelism when B * H is small, fewer registers
+from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
 @triton.jit
@@ -34,6 +32,8 @@ def _rwkv7_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the sequence with state columns ``[i_v * BV,
+    (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -73,6 +73,7 @@ def _rwkv7_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_DS_FINAL: tl.constexpr,
 ):
+    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks its checkpoints in reverse."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -134,17 +135,12 @@ def _rwkv7_bwd_kernel(
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int, int]:
-    BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    return BK, BV, triton.cdiv(V, BV)
-
-
 def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int):
     """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    BK, BV, NV = _blocks(K, V)
+    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
+    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
     NC = triton.cdiv(T, chunk_size)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=r.device)
     s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
@@ -152,7 +148,7 @@ def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _rwkv7_fwd_kernel[(NV, B * H)](
         r, w_log, k, v, a, b, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0,
+        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0, **t.launch._asdict(),
     )
     return o, s_final, ckpt
 
@@ -161,7 +157,8 @@ def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     """Launch the backward kernel. Returns fp32 ``(dr, dw_log, dk, dv, da, db, d_initial_state)``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    BK, BV, NV = _blocks(K, V)
+    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
+    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
     NC = ckpt.shape[1]
     f32 = dict(dtype=torch.float32, device=r.device)
     dr, dw, dk, da, db = (torch.empty(NV, B, T, H, K, **f32) for _ in range(5))
@@ -172,7 +169,7 @@ def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     _rwkv7_bwd_kernel[(NV, B * H)](
         r, w_log, k, v, a, b, do, ds_final if has_ds else ds0, ckpt, scratch,
         dr, dw, dk, dv, da, db, ds0,
-        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds,
+        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
     )
     return dr.sum(0), dw.sum(0), dk.sum(0), dv, da.sum(0), db.sum(0), ds0
 

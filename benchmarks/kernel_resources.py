@@ -1,0 +1,352 @@
+"""Ahead-of-time compile check of every zoo Triton kernel for real GPU targets, on a machine without a GPU.
+
+``python -m benchmarks.kernel_resources`` compiles each kernel (forward and backward) for sm_80, sm_86, sm_89 and
+sm_90 at the shapes of the ~125M benchmark models (d_model 768; the recipes use the same per-head shapes with fewer
+heads), for bf16 and fp32 inputs, and writes registers, spill (stack) bytes and shared memory per kernel to
+``benchmarks/results/kernels-resources.md``. It exits 1 when a kernel fails to compile or needs more shared memory
+per block than its target allows.
+
+How, without a GPU: one worker process per target (``TRITON_INTERPRET`` removed) swaps Triton's active driver for
+:class:`FakeDriver`, whose ``get_current_target()`` is the target, and answers ``torch.cuda.get_device_capability``
+for it. It then calls zoo's public Triton functions forward and backward on ``meta`` tensors,
+so zoo's own launchers pick grid, tiles, ``num_warps`` and ``num_stages``, and Triton's own JIT specializes and
+compiles exactly what a GPU would launch; the fake launcher records each launch instead of running it. ptxas and
+cuobjdump ship in the triton wheel; cuobjdump reads registers, stack bytes and static shared memory from the cubin.
+Integer arguments are given GPU-typical values (T = 2048, a multiple of 16, which Triton specializes on).
+Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), so a second run only
+re-reads them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS: dict[str, tuple[int, int]] = {  # name -> (arch, shared memory per block in bytes, the opt-in maximum)
+    "sm_80": (80, 166912),  # A100
+    "sm_86": (86, 101376),  # RTX 3090, A40, A10
+    "sm_89": (89, 101376),  # RTX 4090, L40S, L4
+    "sm_90": (90, 232448),  # H100, H200
+}
+DTYPES = ("bfloat16", "float32")
+TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N")
+T = 2048  # sequence length of every case: a multiple of 16 like most training runs
+D_MODEL = 768
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a zoo Triton function, forward and backward, at one shape."""
+
+    op: str
+    shape: str  # shown in the table
+    dims: dict
+
+
+def cases() -> list[Case]:
+    """The ~125M models' shapes (d_model 768): head dims 64 and 128, Mamba d_state 16, Mamba-2 d_state 64 and 128."""
+    out = [Case("selective_scan", "D=1536 N=16", {"D": 2 * D_MODEL, "N": 16})]
+    for p in (64, 128):
+        for n in (64, 128):
+            out.append(Case("ssd", f"H={2 * D_MODEL // p} P={p} N={n}", {"H": 2 * D_MODEL // p, "P": p, "N": n}))
+    for op in ("rwkv6", "rwkv7"):
+        for k in (64, 128):
+            out.append(Case(op, f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
+    for form in ("chunk", "recurrent"):
+        for k in (64, 128):  # RetNet's value_factor 2: V = 2 K
+            out.append(Case(f"retention_{form}", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
+    return out
+
+
+def run_case(case: Case, dtype) -> None:
+    """Forward and backward of ``case`` on meta tensors, with the arguments zoo's layers pass (activations in
+    ``dtype``, parameters and log decays in fp32; the Mamba-2 layer always passes a state); chunk sizes are the
+    recipes'. The backward pass gets the output's gradient only, as in training."""
+    import torch
+
+    from zoo.kernels.retention.triton_retention import retention_triton
+    from zoo.kernels.rwkv6.triton_rwkv6 import rwkv6_triton
+    from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_triton
+    from zoo.kernels.selective_scan.triton_scan import selective_scan_triton
+    from zoo.kernels.ssd.triton_ssd import ssd_triton
+
+    d = case.dims
+
+    def act(*shape):
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=True)
+
+    def param(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.float32, requires_grad=True)
+
+    if case.op == "selective_scan":  # layers/mamba.py
+        D, N = d["D"], d["N"]
+        y, _ = selective_scan_triton(act(1, T, D), act(1, T, D), param(D, N), act(1, T, N), act(1, T, N), param(D),
+                                     z=act(1, T, D), delta_softplus=True)
+    elif case.op == "ssd":  # layers/mamba2.py
+        H, P, N = d["H"], d["P"], d["N"]
+        y, _ = ssd_triton(act(1, T, H, P), act(1, T, H), param(H), act(1, T, 1, N), act(1, T, 1, N), D=param(H),
+                          dt_bias=param(H), dt_softplus=True, initial_state=param(1, H, P, N), chunk_size=64)
+    elif case.op == "rwkv6":  # layers/rwkv6.py
+        H, K, V = d["H"], d["K"], d["V"]
+        y, _ = rwkv6_triton(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K), chunk_size=16)
+    elif case.op == "rwkv7":  # layers/rwkv7.py
+        H, K, V = d["H"], d["K"], d["V"]
+        y, _ = rwkv7_triton(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V), act(1, T, H, K),
+                            act(1, T, H, K), chunk_size=16)
+    else:  # layers/retnet.py (which passes fp32; the kernel benchmark passes bf16)
+        H, K, V = d["H"], d["K"], d["V"]
+        form = case.op.removeprefix("retention_")
+        y, _ = retention_triton(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(H), form=form, chunk_size=64)
+    y.backward(torch.empty_like(y))
+
+
+# ---------------------------------------------------------------- worker: one target, in its own process
+
+
+def cubin_resources(cubin: bytes, cuobjdump: str) -> dict:
+    """Registers, stack bytes per thread and static shared memory of the one function in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", out.split("Function", 1)[1]))
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "static_shared": int(fields["SHARED"])}
+
+
+class FakeDriver:
+    """Triton's active driver for a GPU that is not there: compiles for ``arch`` and records launches."""
+
+    def __init__(self, arch: int, cuobjdump: str):
+        self.arch = arch
+        self.launches: list[dict] = []
+        self.clock = time.perf_counter()  # compile seconds of a launch: time since the previous one (or the case start)
+        driver = self
+
+        class Utils:
+            @staticmethod
+            def get_device_properties(device):
+                # no limit here: the report checks the target's limit, so over-limit kernels still get a row
+                return {"max_shared_mem": 1 << 30}
+
+            @staticmethod
+            def load_binary(name, cubin, shared, device):
+                return object(), cubin_resources(cubin, cuobjdump), 0, 0, 1024
+
+            @staticmethod
+            def unload_module(module):
+                pass
+
+        self.utils = Utils()
+
+        def launcher_cls(src, meta):
+            def launch(g0, g1, g2, stream, function, packed, launch_meta, enter_hook, exit_hook, *args):
+                names = src.fn.arg_names
+                constants = {names[path[0]]: value for path, value in src.constants.items() if len(path) == 1}
+                driver.launches.append({
+                    "kernel": src.fn.__name__, "grid": [g0, g1, g2], "warps": meta.num_warps, "stages": meta.num_stages,
+                    "shared": meta.shared + function["static_shared"], "regs": function["regs"],
+                    "stack": function["stack"],
+                    "tiles": {k: constants[k] for k in TILE_NAMES if k in constants},
+                    "seconds": round(time.perf_counter() - driver.clock, 2),
+                })
+                driver.clock = time.perf_counter()
+
+            return launch
+
+        self.launcher_cls = launcher_cls
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def worker(target: str, dtypes: list[str], out: str) -> None:
+    """Compile every case for ``target`` in this process and write its rows to ``out`` (JSON)."""
+    assert "TRITON_INTERPRET" not in os.environ, "the interpreter cannot compile for a GPU"
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    import torch
+    import triton
+    from triton.runtime import driver
+
+    arch, shared = TARGETS[target]
+    fake = FakeDriver(arch, str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    driver.set_active(fake)
+    # zoo's launchers read the target the way a GPU run does (torch.cuda's capability of the tensors' device)
+    torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
+    torch.version.hip = None  # an NVIDIA target, whatever this torch was built for
+    rows = []
+    for dtype in dtypes:
+        for case in cases():
+            start = len(fake.launches)
+            fake.clock = time.perf_counter()
+            try:
+                run_case(case, getattr(torch, dtype))
+                error = None
+            except Exception as e:  # a compile error is a result: it fails the check, not the run
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            base = {"op": case.op, "shape": case.shape, "dims": case.dims, "target": target, "dtype": dtype, "limit": shared}
+            rows += [{**base, **launch} for launch in fake.launches[start:]]
+            if error:
+                rows.append({**base, "kernel": "(compile)", "error": error})
+    Path(out).write_text(json.dumps(rows))
+
+
+# ---------------------------------------------------------------- driver: workers in parallel, table, check
+
+
+def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None) -> list[dict]:
+    """Run one worker process per target, ``jobs`` at a time; return every launch row."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    jobs = jobs or min(len(targets), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+    def run(target):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--worker", target, "--dtypes", *dtypes, "--json", f.name]
+            proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{target} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            return json.loads(Path(f.name).read_text())
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return [row for rows in pool.map(run, targets) for row in rows]
+
+
+# Launches that still spill registers, and why; the notes under the table. tests/test_triton_aot.py fails on any other.
+KNOWN_SPILLS = (
+    # (kernel name prefix, text in the shape, targets, dtypes, why)
+    ("_ssd_chunk_", "N=128", tuple(TARGETS), DTYPES,
+     "d_state 128 at the recipes' chunk length L = 32: the [L, 128] tiles of B, C, dB, dC and the [BLOCK_P, 128] "
+     "state and its gradient need more than 255 registers per thread (BLOCK_P = 16 with 4, 8 or 16 warps spills, "
+     "and so do tf32 products). `chunk_size=16` (L = 16) compiles without spills (measured on sm_90, bf16), at "
+     "twice the checkpoint memory (T / L fp32 states of [P, N])."),
+    ("_retention_chunk_bwd", "K=128", ("sm_80", "sm_86", "sm_89"), ("bfloat16",),
+     "head dim 128 with bf16 inputs on sm_80 / 86 / 89: the operands of the ten tf32 `mma.sync` products of the "
+     "backward spill even at the smallest tiles (BT = BV = 16, 4 or 8 warps); fp32 inputs (FMA products) and sm_90 "
+     "(wgmma) do not."),
+)
+
+
+def known_spill(row: dict) -> str | None:
+    """Why ``row`` may spill, or None when it must not."""
+    for prefix, shape, targets, dtypes, why in KNOWN_SPILLS:
+        if row["kernel"].startswith(prefix) and shape in row["shape"] and row["target"] in targets and row["dtype"] in dtypes:
+            return why
+    return None
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Compile errors and kernels over their target's shared memory per block."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['op']} {r['shape']} {r['dtype']} on {r['target']}: {r['error']}")
+        elif r["shared"] > r["limit"]:
+            out.append(f"{r['kernel']} {r['shape']} {r['dtype']} on {r['target']}: {r['shared']} B shared memory > {r['limit']} B")
+    return out
+
+
+def markdown(rows: list[dict], title: str = "", notes: bool = True) -> str:
+    """The table, one row per (kernel, shape, dtype, target), with a summary per target and (``notes``) why the
+    spills left are there. Nothing in it depends on the machine or the run: a change in the file is a change in the
+    kernels."""
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("triton", "torch"))
+    order = {op: i for i, op in enumerate(dict.fromkeys(c.op for c in cases()))}
+    ok = [r for r in rows if "error" not in r]
+    ok.sort(key=lambda r: (order[r["op"]], r["kernel"], r["shape"], r["dtype"], r["target"]))
+    lines = [
+        f"# zoo Triton kernels: compile-time resources per GPU target{title}",
+        "",
+        f"Written by `python -m benchmarks.kernel_resources` (tests/test_triton_aot.py; {versions}). Compile-time data, "
+        "not a GPU run: each kernel is compiled ahead of time for the target, without a GPU, with the grid, tiles, "
+        "warps and stages that zoo's launchers pick for that target; registers, stack bytes per thread (register "
+        "spills) and static shared memory come from `cuobjdump --dump-resource-usage`, dynamic shared memory from "
+        "Triton's metadata; smem is their sum.",
+        "",
+        f"Shapes: the ~125M models (d_model 768; the recipes have the same head shapes), T = {T}, batch 1, the "
+        "recipes' chunk sizes; bf16 = bf16 activations, fp32 parameters (as under bf16 autocast).",
+        "",
+        "| target | smem limit B | most smem B | launches | over the limit | spilling |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target, (_, limit) in TARGETS.items():
+        mine = [r for r in ok if r["target"] == target]
+        if mine:
+            over = sum(r["shared"] > limit for r in mine)
+            lines.append(f"| {target} | {limit} | {max(r['shared'] for r in mine)} | {len(mine)} | {over} | "
+                         f"{sum(r['stack'] > 0 for r in mine)} |")
+    lines += [
+        "",
+        "| kernel | shape | dtype | target | tiles | grid | warps | stages | regs | spill B/thread | smem B | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ok:
+        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+        grid = "x".join(str(g) for g in r["grid"])
+        fits = "yes" if r["shared"] <= r["limit"] else f"**no** (> {r['limit']})"
+        lines.append(
+            f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['target']} | {tiles} | {grid} | {r['warps']} | "
+            f"{r['stages']} | {r['regs']} | {r['stack']} | {r['shared']} | {fits} |"
+        )
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['target']} | compile error: {r['error']} |||||||| no |")
+    spilling = [r for r in ok if r["stack"] > 0]
+    if notes and spilling:
+        lines += ["", "Spills left:", ""]
+        for prefix, shape, targets, dtypes, why in KNOWN_SPILLS:
+            if any(known_spill(r) == why for r in spilling):
+                lines.append(f"- `{prefix}*` at {shape}, {' / '.join(targets)}, {' / '.join(dtypes)}: {why}")
+        lines += [f"- {r['kernel']} {r['shape']} {r['dtype']} on {r['target']}: unexplained" for r in spilling if not known_spill(r)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes at a time (default: one per core)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernels-resources.md")
+    parser.add_argument("--rows", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.dtypes, args.json)
+        return 0
+    start = time.perf_counter()
+    rows = collect(args.targets, args.dtypes, args.jobs)
+    seconds = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows))
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1))
+    bad = problems(rows)
+    print(f"{len(rows)} kernel launches compiled for {', '.join(args.targets)} in {seconds:.0f} s -> {args.out}")
+    for line in bad:
+        print("FAIL", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The tiles zoo's Triton launchers pick per GPU target, checked on CPU: ``torch.cuda.get_device_capability`` is faked,
+so the choice an A100, RTX 4090 or H100 user gets is pinned here; and the H100 tiles of the chunked retention kernels,
+which differ from the interpreter's, run in the interpreter against the reference."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_triton_retention import check_against_reference, make_inputs  # noqa: E402
+from zoo.kernels.retention import triton_retention  # noqa: E402
+from zoo.kernels.retention.triton_retention import ChunkTiles, chunk_tiles  # noqa: E402
+from zoo.kernels.selective_scan import triton_scan  # noqa: E402
+from zoo.kernels.ssd import triton_ssd  # noqa: E402
+from zoo.kernels.triton_checks import DEFAULT_TARGET, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
+
+GPUS = {"A100": (8, 0), "RTX 3090": (8, 6), "RTX 4090": (8, 9), "H100": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0)}
+CUDA = torch.device("cuda", 0)
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def fake_gpu(monkeypatch, name: str) -> Target:
+    """Make ``torch.cuda`` answer for GPU ``name``; return the target zoo's launchers then see on ``cuda:0``."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: GPUS[name])
+    return launch_target(CUDA)
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_launch_target_is_read_from_the_device(monkeypatch, name):
+    major, minor = GPUS[name]
+    assert fake_gpu(monkeypatch, name) == Target(10 * major + minor)
+    assert launch_target(torch.device("cpu")) == DEFAULT_TARGET
+
+
+def test_rocm_gets_the_default_tiles(monkeypatch):
+    """An MI250 reports capability 9.0, like an H100: it must not get the H100's tiles."""
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert fake_gpu(monkeypatch, "H100") == DEFAULT_TARGET
+    assert chunk_tiles(64, 128, 64, BF16, DEFAULT_TARGET) == ChunkTiles(16, 64, 16, Launch(4, 1))
+
+
+@pytest.mark.parametrize("name, dtype, K, V, expected", [
+    # H100: wgmma keeps the largest spill-free tiles
+    ("H100", BF16, 64, 128, ChunkTiles(32, 64, 64, Launch(8, 1))),
+    ("H100", FP32, 64, 128, ChunkTiles(32, 64, 32, Launch(8, 1))),
+    ("H100", BF16, 128, 256, ChunkTiles(16, 128, 32, Launch(8, 1))),
+    ("H100", FP32, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
+    # sm_80 / 86 / 89: tf32 mma.sync products (bf16 inputs) need the smallest tiles
+    ("A100", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
+    ("RTX 3090", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
+    ("RTX 4090", FP32, 64, 128, ChunkTiles(32, 64, 32, Launch(8, 1))),
+    ("A100", BF16, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
+    ("RTX 4090", FP32, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
+    # targets zoo is not compiled for get the safe (sm_80 / 86 / 89) tiles
+    ("B200", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
+    ("RTX 5090", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
+])
+def test_chunked_retention_tiles_per_gpu(monkeypatch, name, dtype, K, V, expected):
+    assert chunk_tiles(K, V, 64, dtype, fake_gpu(monkeypatch, name)) == expected
+
+
+def test_chunked_retention_tiles_follow_chunk_size_and_small_heads(monkeypatch):
+    h100 = fake_gpu(monkeypatch, "H100")
+    assert chunk_tiles(64, 128, 16, BF16, h100).BT == 16  # a smaller chunk_size is kept
+    assert chunk_tiles(64, 128, 200, BF16, h100).BT == 32  # a larger one is capped
+    assert chunk_tiles(8, 8, 64, FP32, h100)[:3] == (32, 16, 16)  # tl.dot's minimum of 16
+    assert chunk_tiles(64, 128, 64, torch.float16, h100) == chunk_tiles(64, 128, 64, BF16, h100)
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_other_kernels_pick_the_same_tiles_on_every_gpu(monkeypatch, name):
+    target = fake_gpu(monkeypatch, name)
+    for dtype in (BF16, FP32):
+        assert recurrent_tiles(64, 64, dtype, target) == RecurrentTiles(64, 32, Launch(4, 3))
+        assert recurrent_tiles(128, 128, dtype, target) == RecurrentTiles(128, 32, Launch(8, 3))
+        assert triton_scan.tiles(1536, 16, dtype, target) == triton_scan.Tiles(32, 16, Launch(8, 3))
+        assert triton_ssd.tiles(64, 64, dtype, target) == triton_ssd.Tiles(16, 64, Launch(8, 1))
+        assert triton_ssd.tiles(128, 128, dtype, target) == triton_ssd.Tiles(16, 128, Launch(8, 1))
+        assert triton_ssd.tiles(64, 16, dtype, target) == triton_ssd.Tiles(64, 16, Launch(8, 1))
+
+
+@pytest.mark.parametrize("dtype, K, expected", [
+    (torch.bfloat16, 24, (32, 32, 64)),  # the interpreter's own: 16, 32, 16
+    (torch.float16, 24, (32, 32, 64)),
+    (torch.bfloat16, 72, (16, 128, 32)),  # the interpreter's own: 16, 128, 16
+])
+def test_h100_chunked_retention_tiles_match_the_reference(monkeypatch, dtype, K, expected):
+    """The interpreter runs the H100 tiles of half-precision inputs, which differ from its own: outputs, final state
+    and every gradient still match the recurrent reference; V = 72 spans two or three V blocks, T = 70 ends inside a
+    chunk. (fp32 inputs get the same tiles on H100 as in the interpreter.)"""
+    h100 = Target(90)
+    monkeypatch.setattr(triton_retention, "launch_target", lambda device: h100)
+    used = []
+
+    def spy(*args):
+        used.append(chunk_tiles(*args))
+        return used[-1]
+
+    monkeypatch.setattr(triton_retention, "chunk_tiles", spy)
+    check_against_reference(make_inputs(T=70, K=K, V=72), dtype, "chunk", 64)
+    assert len(used) == 2 and all(t[:3] == expected for t in used)  # forward and backward
+    assert chunk_tiles(K, 72, 64, dtype, DEFAULT_TARGET)[:3] != expected
