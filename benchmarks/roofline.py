@@ -21,6 +21,7 @@ both stay lower bounds.
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ WRITES = {
     "_selective_scan_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
     "_selective_scan_bwd_kernel": {"du_ptr", "ddelta_ptr", "dz_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"},
     "_ssd_chunk_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
-    "_ssd_chunk_bwd_kernel": {"dx_ptr", "ddt_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"},
+    "_ssd_chunk_bwd_kernel": {"dx_ptr", "ddt_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dh0_ptr"},
     "_rwkv6_fwd_kernel": {"o", "ckpt", "s_final"},
     "_rwkv6_bwd_kernel": {"dr", "dk", "dv", "dw", "du", "ds0"},
     "_rwkv7_fwd_kernel": {"o", "ckpt", "s_final"},
@@ -159,6 +160,8 @@ NOTES = [
     "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
     " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
     "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
+    "SSD backward: the FLOP count was written for the kernel before its rewrite (two fewer products per chunk since);"
+    " its CUDA-core term may overstate the work, so treat the SSD backward bound as an estimate, not a strict bound.",
 ]
 
 
@@ -193,6 +196,10 @@ class _Recorder:
         return launch
 
 
+H100_CAPABILITY = (9, 0)
+H100_SHARED_PER_BLOCK = 232448  # bytes, the opt-in maximum per block
+
+
 @contextlib.contextmanager
 def recording(op: str):
     """Replace the op's ``@triton.jit`` kernels by recorders; yields the list the launches go to."""
@@ -202,13 +209,19 @@ def recording(op: str):
     module = importlib.import_module(TRITON_MODULES[op])
     kernels = {n: f for n, f in vars(module).items() if isinstance(f, (JITFunction, InterpretedFunction))}
     launches: list[Launch] = []
+    # The launchers pick tiles for the device's capability (kernels.triton_checks.launch_target): answer as an H100.
+    cuda_queries = {name: getattr(torch.cuda, name) for name in ("get_device_capability", "get_device_properties")}
     try:
+        torch.cuda.get_device_capability = lambda *args, **kwargs: H100_CAPABILITY
+        torch.cuda.get_device_properties = lambda *args, **kwargs: SimpleNamespace(shared_memory_per_block_optin=H100_SHARED_PER_BLOCK)
         for name, jit in kernels.items():
             setattr(module, name, _Recorder(jit, launches))
         yield launches
     finally:
         for name, jit in kernels.items():
             setattr(module, name, jit)
+        for name, query in cuda_queries.items():
+            setattr(torch.cuda, name, query)
 
 
 def record(op: str, prepare, make_inputs, shapes: dict, T: int, batch: int, dtype=torch.bfloat16) -> tuple[list[Launch], list[Launch]]:
