@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.report import write_report
 from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
 from zoo.data import EOS_TOKEN, ShardedTokens, TokenWindows, ZooDataModule, _atomic_write_bytes, _split, byte_tokenizer, local_files
@@ -242,12 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "phases": phases,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"data-{'smoke' if args.smoke else _label(written)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    write_report(args.out / f"data-{'smoke' if args.smoke else _label(written)}", report, markdown(report))
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import transformers
 
+from benchmarks.report import write_report
 from benchmarks.moe import device_name
 from benchmarks.throughput import StepClock, guarded, version_of
 from zoo.decoding import StaticDecoder
@@ -180,14 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, args.out), indent=2))
         return 0
     report = run(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, lambda line: print(line, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
-    stem = args.out / f"decode{'_smoke' if args.smoke else ''}-{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    write_report(args.out / f"decode{'_smoke' if args.smoke else ''}-{slug}", report, markdown(report))
     return 0
 
 

@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
+from benchmarks.report import write_report
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
 from zoo.kernels.retention import retention, retention_chunked, retention_triton  # noqa: E402
@@ -448,12 +449,7 @@ def write_model(ops: list[str], sizes, out: Path) -> dict:
     from benchmarks.roofline import model_markdown, model_report
 
     report = model_report(BENCHES, sizes, ops)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "kernels-roofline"
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(model_markdown(report))
-    print(model_markdown(report), end="")
-    print(f"wrote {path}.json and {path}.md")
+    write_report(out / "kernels-roofline", report, model_markdown(report))
     return report
 
 
@@ -495,12 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
         bench = BENCHES[op]
         shapes = bench.smoke_shapes if args.smoke else bench.shapes
         report["ops"][op] = run_bench(op, bench, sizes, shapes, device, dtype, warmup, iters)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / stem
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report), end="")
-    print(f"wrote {path}.json and {path}.md")
+    write_report(args.out / stem, report, markdown(report))
     return report
 
 

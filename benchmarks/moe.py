@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import write_report
 from zoo.layers import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from zoo.layers.moe import grouped_mm_supported
 
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("the default shapes need a CUDA GPU; use --smoke on CPU")
         device, shapes, iters = torch.device("cuda"), GPU_SHAPES, args.iters or 20
     report = run(shapes, device, warmup=2, iters=iters)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / ("moe_smoke" if args.smoke else "moe")
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report), end="")
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(RESULTS / ("moe_smoke" if args.smoke else "moe"), report, markdown(report))
     return report
 
 

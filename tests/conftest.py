@@ -31,3 +31,21 @@ def tiny_overrides(tmp_path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def greedy_by_full_forward(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """``prompt`` extended by ``n`` tokens, each the argmax of a full forward over everything before it (no cache):
+    what greedy ``generate`` must return."""
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def prefill_then_decode_logits(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Logits ``[B, T - prefix, V]`` of ``ids[:, prefix:]`` fed one token at a time after a prefill of ``ids[:, :prefix]``."""
+    from zoo.modeling import CACHE_FIELD, output_cache
+
+    cache = output_cache(model(ids[:, :prefix], use_cache=True))
+    steps = [model(ids[:, i : i + 1], use_cache=True, **{CACHE_FIELD: cache}).logits for i in range(prefix, ids.shape[1])]
+    return torch.cat(steps, 1)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import prefill_then_decode_logits
 from zoo.convert import convert_state_dict
 from zoo.convert.llama import LLAMA_KEY_MAP, from_llama
 
@@ -31,10 +32,7 @@ def test_decode_matches_llama_with_cache():
     zoo_model = from_llama(hf).eval()
     x = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
-        out = zoo_model(x[:, :8], use_cache=True)
-        cache = out.past_key_values
-        steps = [zoo_model(x[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(8, 12)]
-        torch.testing.assert_close(torch.cat(steps, 1), hf(x).logits[:, 8:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(prefill_then_decode_logits(zoo_model, x, 8), hf(x).logits[:, 8:], atol=1e-5, rtol=0)
 
 
 def test_unmapped_weight_is_an_error():

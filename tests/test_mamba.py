@@ -5,6 +5,7 @@ from packaging.version import Version
 import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from conftest import prefill_then_decode_logits
 import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
 from zoo.config import ModelConfig
 from zoo.convert import convert_state_dict
@@ -163,9 +164,7 @@ def test_decode_with_cache_matches_hf_full_sequence(make, convert):
     model = convert(hf).eval()
     x = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
-        cache = model(x[:, :7], use_cache=True).past_key_values
-        steps = [model(x[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(7, 12)]
-        torch.testing.assert_close(torch.cat(steps, 1), hf(x).logits[:, 7:], atol=1e-4, rtol=0)
+        torch.testing.assert_close(prefill_then_decode_logits(model, x, 7), hf(x).logits[:, 7:], atol=1e-4, rtol=0)
 
 
 def test_unmapped_mamba_weight_is_an_error():

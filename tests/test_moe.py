@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from conftest import prefill_then_decode_logits
 import zoo
 from zoo.config import ModelConfig
 from zoo.convert.mixtral import from_mixtral
@@ -220,9 +221,7 @@ def test_decode_with_cache_matches_full_forward():
     model = from_mixtral(tiny_mixtral()).eval()
     x = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
-        cache = model(x[:, :8], use_cache=True).past_key_values
-        steps = [model(x[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(8, 12)]
-        torch.testing.assert_close(torch.cat(steps, 1), model(x).logits[:, 8:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(prefill_then_decode_logits(model, x, 8), model(x).logits[:, 8:], atol=1e-5, rtol=0)
 
 
 def tiny_zoo_moe(**moe):

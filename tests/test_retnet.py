@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from conftest import greedy_by_full_forward
 import zoo
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
@@ -170,7 +171,4 @@ def test_greedy_generate_equals_full_forward_argmax():
     m = tiny_lm()
     prompt = torch.randint(1, 50, (1, 6))
     out = m.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-    seq = prompt
-    for _ in range(10):
-        seq = torch.cat([seq, m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, greedy_by_full_forward(m, prompt, 10))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from conftest import greedy_by_full_forward
 import zoo
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
@@ -222,7 +223,4 @@ def test_cmix_model_generates_like_full_forward():
     model = ZooForCausalLM(ZooConfig.from_model_config(spec)).eval()
     prompt = torch.randint(0, 40, (1, 5))
     out = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    seq = prompt
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, greedy_by_full_forward(model, prompt, 6))

@@ -10,14 +10,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
+from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.retention import retention_chunked, retention_recurrent, retention_triton  # noqa: E402
 from zoo.kernels.retention.triton_retention import _retention_fwd_kernel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(_retention_fwd_kernel, InterpretedFunction):
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it): the CPU kernel tests cannot run")
+require_interpreter(_retention_fwd_kernel)
 
 # max |error| / max |reference| per input dtype (outputs and gradients are rounded to the input dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -25,10 +22,7 @@ FORMS = ("recurrent", "chunk")
 
 
 def assert_close(actual, expected, dtype, what, tol=None):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().clamp_min(1e-6).item()
-    tol = TOLERANCE[dtype] if tol is None else tol
-    assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+    assert_relative_error(actual, expected, TOLERANCE[dtype] if tol is None else tol, f"{what} ({dtype})")
 
 
 def make_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", gammas=(0.97, 0.4)):
@@ -40,17 +34,6 @@ def make_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", ga
         initial_state=torch.randn(B, H, K, V) if initial_state else None,
     )
     return {n: t.to(device) if torch.is_tensor(t) else t for n, t in inputs.items()}
-
-
-def run_with_grads(fn, inputs, seed=1):
-    """Call ``fn``, back-propagate fixed random cotangents through output and final state; return all of them."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
-    o, s = fn(**{**inputs, **leaves})
-    gen = torch.Generator().manual_seed(seed)
-    go = torch.randn(o.shape, generator=gen).to(o.device)
-    gs = torch.randn(s.shape, generator=gen).to(s.device)
-    ((o.double() * go).sum() + (s.double() * gs).sum()).backward()
-    return o, s, {k: v.grad for k, v in leaves.items()}
 
 
 def check_against_reference(inputs, dtype, form, chunk_size, reference=retention_recurrent, tol=None):

@@ -9,35 +9,19 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
+from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.rwkv6 import rwkv6_chunked, rwkv6_naive, rwkv6_triton  # noqa: E402
 from zoo.kernels.rwkv6.triton_rwkv6 import _rwkv6_fwd_kernel  # noqa: E402
 from zoo.kernels.rwkv7 import rwkv7_chunked, rwkv7_naive, rwkv7_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(_rwkv6_fwd_kernel, InterpretedFunction):
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it): the CPU kernel tests cannot run")
+require_interpreter(_rwkv6_fwd_kernel)
 
 # max |error| / max |reference| per input dtype (gradients are rounded to the input dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def assert_close(actual, expected, dtype, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().clamp_min(1e-6).item()
-    assert err <= TOLERANCE[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
-
-
-def run_with_grads(fn, inputs, seed=1):
-    """Call ``fn``, back-propagate fixed random cotangents through output and final state; return all of them."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
-    o, s = fn(**{**inputs, **leaves})
-    gen = torch.Generator().manual_seed(seed)
-    go = torch.randn(o.shape, generator=gen).to(o.device)
-    gs = torch.randn(s.shape, generator=gen).to(s.device)
-    ((o.double() * go).sum() + (s.double() * gs).sum()).backward()
-    return o, s, {k: v.grad for k, v in leaves.items()}
+    assert_relative_error(actual, expected, TOLERANCE[dtype], f"{what} ({dtype})")
 
 
 def check_against_reference(fn, ref_fn, inputs, dtype):

@@ -4,7 +4,6 @@ On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_
 imported), so the shapes are tiny; the GPU tests at the end use real shapes.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -15,35 +14,16 @@ triton = pytest.importorskip("triton")
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_naive, selective_scan_triton  # noqa: E402
 from zoo.kernels.selective_scan.triton_scan import _selective_scan_fwd_kernel  # noqa: E402
 from zoo.kernels.ssd import ssd_chunked, ssd_naive, ssd_triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton_testing import DEVICE, assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 
-INTERPRETED = isinstance(_selective_scan_fwd_kernel, InterpretedFunction)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not INTERPRETED:
-    raise RuntimeError(
-        f"triton was imported before TRITON_INTERPRET=1 (now {os.environ.get('TRITON_INTERPRET')!r}; tests/conftest.py "
-        "sets it): the CPU kernel tests cannot run"
-    )
+require_interpreter(_selective_scan_fwd_kernel)
 
 # max |error| / max |reference| per input dtype (outputs and gradients are rounded to the input dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def assert_close(actual, expected, dtype, what, tol_scale=1.0):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().clamp_min(1e-6).item()
-    assert err <= TOLERANCE[dtype] * tol_scale * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
-
-
-def run_with_grads(fn, inputs, seed=1):
-    """Call ``fn``, back-propagate fixed random cotangents through output and final state, return all of them."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
-    y, h = fn(**{**inputs, **leaves})
-    gen = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=gen).to(y.device)
-    gh = torch.randn(h.shape, generator=gen).to(h.device)
-    ((y.double() * gy).sum() + (h.double() * gh).sum()).backward()
-    return y, h, {k: v.grad for k, v in leaves.items()}
+    assert_relative_error(actual, expected, TOLERANCE[dtype] * tol_scale, f"{what} ({dtype})")
 
 
 def check_against_reference(fn, ref_fn, inputs, dtype, tol_scale=1.0):

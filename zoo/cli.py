@@ -42,6 +42,11 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
         return 2
 
 
+def run_parsed(prog: str, parser: ArgumentParser, argv: list[str] | None, action: Callable[[argparse.Namespace], None]) -> int:
+    """Parse ``argv`` (None: the command line) with ``parser`` and run ``action(args)``, both under :func:`run_main`."""
+    return run_main(prog, lambda: action(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+
+
 def split_recipe_args(settings: list[str], usage: str) -> tuple[str, list[str]]:
     """``["recipe=NAME", "a.b=1", ...]`` -> ``("NAME", ["a.b=1", ...])``: the recipe-style arguments of train and ablate."""
     recipes = [s.split("=", 1)[1] for s in settings if s.startswith("recipe=")]

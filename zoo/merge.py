@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from zoo.cli import ArgumentParser, run_main
+from zoo.cli import ArgumentParser, run_parsed
 from zoo.errors import ZooError
 
 
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the base model's Hugging Face directory")
     parser.add_argument("--adapter", required=True, help="the PEFT adapter directory")
     parser.add_argument("--out", required=True, help="where to write the merged checkpoint")
-
-    def body() -> None:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-        print(f"zoo.merge: wrote {merge_adapter(args.base, args.adapter, args.out)}")
-
-    return run_main("zoo.merge", body)
+    return run_parsed("zoo.merge", parser, argv, lambda args: print(f"zoo.merge: wrote {merge_adapter(args.base, args.adapter, args.out)}"))
 
 
 if __name__ == "__main__":

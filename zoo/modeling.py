@@ -660,6 +660,22 @@ class ZooWithLMHead(ZooPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def _head_output(self, output_classes: tuple[type, type], loss, logits, fields: dict[str, Any],
+                     output_router_logits: bool | None, return_dict: bool) -> Any:
+        """The head's output: ``output_classes[0]``, or for a model with MoE FFNs ``output_classes[1]`` with the router
+        statistics (``loss`` then includes the router loss; router logits only on request); a tuple unless
+        ``return_dict``."""
+        router = self._pop_router_losses()
+        if router is None:
+            result = output_classes[0](loss=loss, logits=logits, **fields)
+        else:
+            if loss is not None:
+                loss = loss + router["router_loss"].to(loss.device)
+            if not output_router_logits:
+                router["router_logits"] = None
+            result = output_classes[1](loss=loss, logits=logits, **fields, **router)
+        return result if return_dict else result.to_tuple()
+
     def _pop_router_losses(self) -> dict[str, Any] | None:
         """The last forward's MoE router statistics, taken off the MoE FFNs (so no graph stays alive on them), as
         ``router_loss``, ``aux_loss``, ``z_loss`` (per-layer losses averaged over the MoE layers), ``expert_load
@@ -744,16 +760,8 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
             loss = ForCausalLMLoss(
                 logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
             )
-        router = self._pop_router_losses()
-        if router is None:
-            result = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
-        else:
-            if loss is not None:
-                loss = loss + router["router_loss"].to(loss.device)
-            if not output_router_logits:
-                router["router_logits"] = None
-            result = ZooMoeCausalLMOutputWithPast(loss=loss, logits=logits, **fields, **router)
-        return result if return_dict else result.to_tuple()
+        output_classes = (CausalLMOutputWithPast, ZooMoeCausalLMOutputWithPast)
+        return self._head_output(output_classes, loss, logits, fields, output_router_logits, return_dict)
 
 
 class TimestepEmbedding(nn.Module):
@@ -832,13 +840,5 @@ class ZooForMaskedLM(ZooWithLMHead):
         fields = {"hidden_states": out.hidden_states, "attentions": out.attentions}
         logits = self.lm_head(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        router = self._pop_router_losses()
-        if router is None:
-            result = MaskedLMOutput(loss=loss, logits=logits, **fields)
-        else:
-            if loss is not None:
-                loss = loss + router["router_loss"].to(loss.device)
-            if not output_router_logits:
-                router["router_logits"] = None
-            result = ZooMoeMaskedLMOutput(loss=loss, logits=logits, **fields, **router)
-        return result if return_dict else result.to_tuple()
+        output_classes = (MaskedLMOutput, ZooMoeMaskedLMOutput)
+        return self._head_output(output_classes, loss, logits, fields, output_router_logits, return_dict)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from zoo.cli import ArgumentParser, run_main
+from zoo.cli import ArgumentParser, run_parsed
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m zoo.convert", description=__doc__.split("\n")[0])
     parser.add_argument("hf_dir", help="a local Hugging Face checkpoint directory")
     parser.add_argument("out_dir", help="where to write the zoo checkpoint")
-
-    def body() -> None:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-        print(f"zoo.convert: wrote {convert_checkpoint(args.hf_dir, args.out_dir)}")
-
-    return run_main("zoo.convert", body)
+    return run_parsed("zoo.convert", parser, argv, lambda args: print(f"zoo.convert: wrote {convert_checkpoint(args.hf_dir, args.out_dir)}"))
 
 
 if __name__ == "__main__":
