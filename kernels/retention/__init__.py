@@ -22,6 +22,16 @@ def retention_triton(*args, **kwargs):
 
     return kernel(*args, **kwargs)
 
+
+def retention_triton_chunk(*args, **kwargs):
+    """zoo's chunk-parallel Triton kernels (:mod:`.triton_chunk_parallel`, same arguments as :func:`retention`; ``form``
+    is not used): parallel over (chunks x batch x heads), states passed between chunks by a small sequential kernel.
+    Triton is imported on first use."""
+    from .triton_chunk_parallel import retention_chunk_parallel as kernel
+
+    return kernel(*args, **kwargs)
+
+
 FORMS = ("chunk", "parallel", "recurrent")
 
 
@@ -41,7 +51,8 @@ def retention(
     initial_state: [B, H, K, V] or None (zeros). Computes in fp32 (fp64 for fp64 inputs).
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
     ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels:
-    ``form`` ``recurrent`` runs the fused recurrent one, the others the chunked one).
+    ``form`` ``recurrent`` runs the fused recurrent one, the others the chunked one) or ``triton_chunk`` (zoo's
+    chunk-parallel kernels, any ``form``).
     """
     check_retention_inputs("retention", q, k, v, log_decay, initial_state, chunk_size)
     if form not in FORMS:
@@ -67,7 +78,9 @@ def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_siz
     return K
 
 
-__all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton"]
+__all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton",
+           "retention_triton_chunk"]
 
 
-BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton"), "fla": Backend(retention_fla, "fla")})
+BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton"), "fla": Backend(retention_fla, "fla"),
+                                   "triton_chunk": Backend(retention_triton_chunk, "triton")})

@@ -1,0 +1,353 @@
+"""Chunk-parallel Triton retention (Sun et al. 2023, Eq. (7)), forward and backward, same maths as ``naive.py``.
+
+The sequence is cut into ``NT = cdiv(T, BT)`` chunks; with ``n_c`` real tokens in chunk c, ``xi_i = gamma^(i+1)``
+(chunk start through token i) and ``zeta_j = gamma^(n_c-1-j)`` (token j to the chunk end, 0 on padding)::
+
+    h_c     = (K_c * zeta)^T V_c                                    # [K, V], chunk c's own contribution
+    S_{c+1} = gamma^(n_c) S_c + h_c,   S_0 = initial state         # state entering chunk c + 1
+    O_c     = (Q_c K_c^T * D) V_c + (Q_c * xi) S_c,   D_ij = gamma^(i-j) [i >= j]
+
+Forward: three launches, the mamba-ssm / fla split. (1) :func:`_retention_cp_chunk_state_kernel` computes every
+``h_c`` at once, grid ``(NT, cdiv(V, BV), B * H)``; (2) :func:`_retention_cp_pass_kernel` runs the recurrence over
+chunks, sequential in c but parallel over the ``K * V`` state entries, grid ``(cdiv(K * V, BLOCK), B * H)``;
+(3) :func:`_retention_cp_output_kernel` computes every ``O_c``, grid ``(NT, cdiv(V, BV), B * H)``. The states
+``S_0 .. S_NT`` live in one fp32 buffer ``[B * H, NT + 1, K, V]`` (h_c is written to slot c + 1 and replaced in place
+by ``S_{c+1}``), kept for the backward pass. Backward: the mirror. ``dh_c = (Q_c * xi)^T dO_c`` for every chunk,
+then ``dS_c = gamma^(n_c) dS_{c+1} + dh_c`` from ``dS_NT`` (the final state's gradient) down to ``dS_0`` (the initial
+state's), then per chunk, with ``dA = dO_c V_c^T * D``::
+
+    dQ_c = dA K_c + (dO_c S_c^T) * xi        dK_c = dA^T Q_c + (V_c dS_{c+1}^T) * zeta
+    dV_c = (Q_c K_c^T * D)^T dO_c + (K_c * zeta) dS_{c+1}
+    d log gamma = sum_c [ n_c <dS_{c+1}, S_{c+1}> + sum_i (i + 1)(q_i . dq_i - k_i . dk_i) ]
+
+Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
+launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (BT = 64, BV = 32); the state passes have
+``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
+(``ieee`` for fp32 inputs, ``tf32`` for bf16 / fp16 ones); every decay is ``exp`` of a non-positive number.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from zoo.kernels.retention import check_retention_inputs
+from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
+
+
+@triton.jit
+def _retention_cp_chunk_state_kernel(
+    k, v, g, states,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``h_c = (K_c * zeta)^T V_c`` into slot ``c + 1`` of ``states [B * H, NT + 1, K, V]``. k: [B, T, H, K];
+    v: [B, T, H, V]; g: [H]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes rows ``[0, K)``
+    and columns ``[i_v * BV, (i_v + 1) * BV)`` of ``h_c``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    n = tl.minimum(BT, T - t0)
+    m_t = o_t < n
+    b_g = tl.load(g + i_h).to(tl.float32)
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_k = tl.load(k + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
+    b_h = tl.dot(tl.trans(b_k * b_zeta[:, None]), b_v, input_precision=PRECISION)  # [BK, BV]
+    p_h = states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _retention_cp_pass_kernel(
+    states, g, s_edge,
+    T, NT,
+    H: tl.constexpr, KV: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32); ``s_edge [B * H, K * V]``.
+    Forward (``REVERSE=False``): slot 0 <- ``s_edge`` (the initial state, or zeros); for c = 0 .. NT - 1, slot c + 1 <-
+    ``gamma^(n_c) * slot c + slot c + 1`` (``h_c`` becomes ``S_{c+1}``). Backward (``REVERSE=True``): slot NT <-
+    ``s_edge`` (the final state's gradient, or zeros); for c = NT - 1 .. 0, slot c <- ``gamma^(n_c) * slot c + 1 +
+    slot c`` (``dh_c`` becomes ``dS_c``). Grid ``(cdiv(K * V, BLOCK), B * H)``: program ``(i_s, i_bh)`` carries state
+    entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` of batch-head ``i_bh`` through all chunks."""
+    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_bh % H
+    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    m_s = o_s < KV
+    b_g = tl.load(g + i_h).to(tl.float32)
+    p_base = states + i_bh * (NT + 1) * KV + o_s
+    if HAS_EDGE:
+        b_s = tl.load(s_edge + i_bh * KV + o_s, mask=m_s, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BLOCK], dtype=tl.float32)
+    if REVERSE:
+        tl.store(p_base + NT * KV, b_s, mask=m_s)
+    else:
+        tl.store(p_base, b_s, mask=m_s)
+    for i in range(NT):
+        if REVERSE:
+            c = NT - 1 - i
+            slot = c
+        else:
+            c = i
+            slot = c + 1
+        n = tl.minimum(BT, T - c * BT)
+        b_s = b_s * tl.exp(n.to(tl.float32) * b_g) + tl.load(p_base + slot * KV, mask=m_s, other=0.0)
+        tl.store(p_base + slot * KV, b_s, mask=m_s)
+
+
+@triton.jit
+def _retention_cp_output_kernel(
+    q, k, v, g, states, o,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``O_c = (Q_c K_c^T * D) V_c + (Q_c * xi) S_c`` with ``S_c`` from slot c of ``states``. q, k: [B, T, H, K];
+    v, o: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes the chunk's columns
+    ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    n = tl.minimum(BT, T - t0)
+    m_t = o_t < n
+    b_g = tl.load(g + i_h).to(tl.float32)
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_q = tl.load(q + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    p_s = states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s, mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # the exponent is masked before exp
+    b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
+    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D  # [BT, BT]
+    b_o = tl.dot(b_A, b_v, input_precision=PRECISION)
+    b_o += tl.dot(b_q * b_xi[:, None], b_s, input_precision=PRECISION)
+    tl.store(o + p_tv, b_o, mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _retention_cp_dstate_kernel(
+    q, do, g, dstates,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``dh_c = (Q_c * xi)^T dO_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. q: [B, T, H, K]; do: [B, T, H, V].
+    Grid ``(NT, cdiv(V, BV), B * H)``, as :func:`_retention_cp_chunk_state_kernel`."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    b_g = tl.load(g + i_h).to(tl.float32)
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_q = tl.load(q + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
+    b_dh = tl.dot(tl.trans(b_q * b_xi[:, None]), b_do, input_precision=PRECISION)  # [BK, BV]
+    p_dh = dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _retention_cp_grad_kernel(
+    q, k, v, g, do, states, dstates,
+    dq, dk, dv, dg,
+    T, NT, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ_c, dK_c, dV_c and chunk c's share of ``d log gamma`` from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
+    (``dstates``). dq, dk: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; dg:
+    ``[NV, B * H, NT]``. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` uses value columns
+    ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    t0 = i_t * BT
+    n = tl.minimum(BT, T - t0)
+    m_t = o_t < n
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_g = tl.load(g + i_h).to(tl.float32)
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
+    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
+    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
+    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
+    b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
+    b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
+    b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
+    b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
+    b_dq += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * b_xi[:, None]
+    b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
+    b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_zeta[:, None]
+    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D
+    b_dv = tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
+    b_dv += tl.dot(b_k * b_zeta[:, None], b_ds_end, input_precision=PRECISION)
+    p_part = i_v * B * T * H * K
+    tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_part + p_tk, b_dk, mask=m_tk)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+    b_dg = tl.sum(tl.sum(b_q * b_dq - b_k * b_dk, axis=1) * (o_t + 1).to(tl.float32), axis=0)
+    b_dg += n.to(tl.float32) * tl.sum(tl.sum(b_ds_end * b_s_end, axis=1), axis=0)
+    tl.store(dg + (i_v * B * H + i_bh) * NT + i_t, b_dg)
+
+
+class ChunkParallelTiles(NamedTuple):
+    """Launch parameters of the chunk-parallel kernels: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` /
+    ``[BK, BV]`` tiles; the state passes carry ``BLOCK`` state entries per program."""
+
+    BT: int
+    BK: int
+    BV: int
+    BLOCK: int
+    launch: Launch
+    pass_launch: Launch
+
+
+def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
+    """BT: ``chunk_size`` as a power of two in [16, 64] (32 at K > 64); BK holds all of K; BV: at most 32; ``tl.dot``
+    needs every dimension >= 16. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs).
+    The same on every target and input dtype."""
+    BK = max(triton.next_power_of_2(K), 16)
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), 64 if BK <= 64 else 32)
+    BV = max(min(triton.next_power_of_2(V), 32), 16)
+    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=4, num_stages=1), Launch(num_warps=2, num_stages=1))
+
+
+def _dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The widest input dtype: it sets the ``tl.dot`` precision."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
+    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states)``, ``states
+    [B * H, NT + 1, K, V]`` holding ``S_0 .. S_NT``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = _dtype(q, k, v)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    precision = _precision(dtype)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    states = torch.empty(B * H, NT + 1, K, V, **f32)
+    o = torch.empty(B, T, H, V, **f32)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, **tiles.launch._asdict())
+    _retention_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, log_decay, states, T, NT, **dims)
+    has_s0 = initial_state is not None
+    _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
+        states, log_decay, initial_state if has_s0 else states, T, NT,
+        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
+    )
+    _retention_cp_output_kernel[(NT, NV, B * H)](q, k, v, log_decay, states, o, T, NT, **dims)
+    final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
+    return o, final, states
+
+
+def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
+    """Launch the three backward kernels. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = _dtype(q, k, v)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    precision = _precision(dtype)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+    dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
+    dv = torch.empty(B, T, H, V, **f32)
+    dg = torch.empty(NV, B * H, NT, **f32)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, **tiles.launch._asdict())
+    _retention_cp_dstate_kernel[(NT, NV, B * H)](q, do, log_decay, dstates, T, NT, **dims)
+    has_ds = ds_final is not None
+    _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
+        dstates, log_decay, ds_final if has_ds else dstates, T, NT,
+        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
+    )
+    _retention_cp_grad_kernel[(NT, NV, B * H)](
+        q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B, **dims,
+    )
+    ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    d_log_decay = dg.view(NV, B, H, NT).sum((0, 1, 3))  # [NV, B * H, NT] -> [H]
+    return dq.sum(0), dk.sum(0), dv, d_log_decay, ds0
+
+
+class RetentionChunkParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size):
+        inputs = [t.contiguous() for t in (q, k, v, log_decay)]
+        s0 = None if initial_state is None else initial_state.contiguous()
+        o, final, states = retention_cp_fwd(*inputs, s0, chunk_size)
+        ctx.save_for_backward(*inputs, states)
+        ctx.chunk_size = chunk_size
+        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay)] + [None if initial_state is None else initial_state.dtype]
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, states = ctx.saved_tensors
+        ds_final = None if ds_final is None else ds_final.contiguous()
+        grads = retention_cp_bwd(*inputs, do.contiguous(), ds_final, states, ctx.chunk_size)
+        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None)
+
+
+def retention_chunk_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    form: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n``: the chunk-parallel Triton kernels
+    of this module, forward and backward (every gradient, ``log_decay``'s included).
+
+    q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
+    initial_state: [B, H, K, V] or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns o
+    [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32. ``form`` is not used (always chunked);
+    ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at K > 64): :func:`chunk_parallel_tiles`.
+    """
+    K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
+    check_head_dim("retention_chunk_parallel", K)
+    check_triton_inputs("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state)
+    o, final = RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
+    return o.to(v.dtype), final
