@@ -39,7 +39,7 @@ TARGETS: dict[str, tuple[int, int]] = {  # name -> (arch, shared memory per bloc
     "sm_90": (90, 232448),  # H100, H200
 }
 DTYPES = ("bfloat16", "float32")
-TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N")
+TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK")
 T = 2048  # sequence length of every case: a multiple of 16 like most training runs
 D_MODEL = 768
 
@@ -65,6 +65,8 @@ def cases() -> list[Case]:
     for form in ("chunk", "recurrent"):
         for k in (64, 128):  # RetNet's value_factor 2: V = 2 K
             out.append(Case(f"retention_{form}", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
+    for k in (64, 128):  # the chunk-parallel kernels (backend triton_chunk)
+        out.append(Case("retention_chunk_parallel", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
     return out
 
 
@@ -74,6 +76,7 @@ def run_case(case: Case, dtype) -> None:
     recipes'. The backward pass gets the output's gradient only, as in training."""
     import torch
 
+    from zoo.kernels.retention.triton_chunk_parallel import retention_chunk_parallel
     from zoo.kernels.retention.triton_retention import retention_triton
     from zoo.kernels.rwkv6.triton_rwkv6 import rwkv6_triton
     from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_triton
@@ -103,6 +106,9 @@ def run_case(case: Case, dtype) -> None:
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = rwkv7_triton(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V), act(1, T, H, K),
                             act(1, T, H, K), chunk_size=16)
+    elif case.op == "retention_chunk_parallel":  # layers/retnet.py with backend triton_chunk
+        H, K, V = d["H"], d["K"], d["V"]
+        y, _ = retention_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(H), chunk_size=64)
     else:  # layers/retnet.py (which passes fp32; the kernel benchmark passes bf16)
         H, K, V = d["H"], d["K"], d["V"]
         form = case.op.removeprefix("retention_")

@@ -38,7 +38,7 @@ import triton  # noqa: E402
 from benchmarks.report import write_report
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
-from zoo.kernels.retention import retention, retention_chunked, retention_triton  # noqa: E402
+from zoo.kernels.retention import retention, retention_chunked, retention_triton, retention_triton_chunk  # noqa: E402
 from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton  # noqa: E402
 from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton  # noqa: E402
 
@@ -296,6 +296,7 @@ RETENTION = KernelBench(
     zoo={
         "zoo triton": _zoo_call(retention_triton, form="chunk"),
         "zoo triton recurrent": _zoo_call(retention_triton, form="recurrent"),
+        "zoo triton chunk-parallel": _zoo_call(retention_triton_chunk),
         "zoo chunked torch": _zoo_call(retention_chunked),
     },
     peers={"fla chunk_retention": _fla_retention, "zoo backend=fla": _zoo_fla(retention, constant=("log_decay",))},

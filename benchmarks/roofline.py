@@ -38,13 +38,13 @@ H100 = {
     "fp32_cuda_core_flops": 67e12,
 }
 
-# The Triton module of each op: its @triton.jit kernels are the ones recorded.
-TRITON_MODULES = {
+# The Triton module(s) of each op: their @triton.jit kernels are the ones recorded.
+TRITON_MODULES: dict[str, str | tuple[str, ...]] = {
     "selective_scan": "zoo.kernels.selective_scan.triton_scan",
     "ssd": "zoo.kernels.ssd.triton_ssd",
     "rwkv6": "zoo.kernels.rwkv6.triton_rwkv6",
     "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
-    "retention": "zoo.kernels.retention.triton_retention",
+    "retention": ("zoo.kernels.retention.triton_retention", "zoo.kernels.retention.triton_chunk_parallel"),
 }
 
 # Arguments each kernel writes (everything else that is a tensor is read). Scratch is written and read back.
@@ -61,12 +61,19 @@ WRITES = {
     "_retention_bwd_kernel": {"dq", "dk", "dv", "dg", "ds0"},
     "_retention_chunk_fwd_kernel": {"o", "ckpt", "s_final"},
     "_retention_chunk_bwd_kernel": {"dq", "dk", "dv", "dg", "ds0"},
+    "_retention_cp_chunk_state_kernel": {"states"},
+    "_retention_cp_pass_kernel": {"states"},
+    "_retention_cp_output_kernel": {"o"},
+    "_retention_cp_dstate_kernel": {"dstates"},
+    "_retention_cp_grad_kernel": {"dq", "dk", "dv", "dg"},
 }
+# Arguments a kernel updates in place: read whole and written whole, so counted twice.
+READ_WRITES = {"_retention_cp_pass_kernel": {"states"}}
 SCRATCH = {"scratch", "scratch_ptr"}
 # Pointer arguments only touched when a constexpr flag is set (otherwise a placeholder tensor is passed).
 GUARDS = {
     "s0": "HAS_S0", "ds_final": "HAS_DS_FINAL", "h0_ptr": "HAS_H0", "dhT_ptr": "HAS_DHT", "D_ptr": "HAS_D",
-    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS",
+    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS", "s_edge": "HAS_EDGE",
 }
 
 
@@ -113,6 +120,36 @@ def _retention_chunk(name: str, a: dict, programs: int) -> Flops:
     )
 
 
+def _retention_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
+    """Chunk-parallel retention: one chunk of BT tokens per program, [BT, BK] / [BT, BV] / [BK, BV] tl.dot tiles; every
+    program builds its own [BT, BT] decay mask (output and gradient kernels)."""
+    BT, BK, BV = a["BT"], a["BK"], a["BV"]
+    if "grad" in name:  # dA, A, dq, dk, dv and their state terms
+        dots = 2 * BT * BT * (3 * BK + 2 * BV) + 6 * BT * BK * BV
+        elementwise = 2 * BT * BT + 6 * BT * BK + 2 * BT * BV + 2 * BK * BV
+        exps = BT * BT + 2 * BT
+    elif "output" in name:  # Q K^T, A V, (Q xi) S
+        dots = 2 * BT * BT * (BK + BV) + 2 * BT * BK * BV
+        elementwise = BT * BT + BT * BK
+        exps = BT * BT + BT
+    else:  # chunk_state (K zeta)^T V, dstate (Q xi)^T dO
+        dots = 2 * BT * BK * BV
+        elementwise = BT * BK
+        exps = BT
+    ieee = a["PRECISION"] == "ieee"
+    return Flops(
+        tensor=0.0 if ieee else dots * programs,
+        cuda=((dots if ieee else 0.0) + elementwise) * programs,
+        exp=exps * programs,
+        tensor_precision=None if ieee else a["PRECISION"],
+    )
+
+
+def _retention_state_pass(name: str, a: dict, programs: int) -> Flops:
+    """The state passes: per chunk, each program does one multiply-add on its BLOCK state entries and one exp."""
+    return Flops(cuda=2 * a["BLOCK"] * a["NT"] * programs, exp=a["NT"] * programs)
+
+
 def _selective_scan(name: str, a: dict, programs: int) -> Flops:
     """Per token each program updates its ``[BLOCK_D, BLOCK_N]`` state: decay ``exp(dt A)``, rank-1 input, the
     ``C`` readout (forward: 6 FLOPs + 1 exp per element; backward: recompute 4 + adjoint 18, 2 exp)."""
@@ -149,6 +186,11 @@ FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
     "_retention_bwd_kernel": _recurrent(5, 17, 0, 0),
     "_retention_chunk_fwd_kernel": _retention_chunk,
     "_retention_chunk_bwd_kernel": _retention_chunk,
+    "_retention_cp_chunk_state_kernel": _retention_chunk_parallel,
+    "_retention_cp_pass_kernel": _retention_state_pass,
+    "_retention_cp_output_kernel": _retention_chunk_parallel,
+    "_retention_cp_dstate_kernel": _retention_chunk_parallel,
+    "_retention_cp_grad_kernel": _retention_chunk_parallel,
 }
 
 NOTES = [
@@ -160,6 +202,8 @@ NOTES = [
     "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
     " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
     "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
+    "Chunk-parallel retention: its in-place state passes read and write the [B*H, NT+1, K, V] fp32 state buffer (counted"
+    " twice); the output and gradient kernels read that buffer, counted once, though neighbouring chunks share slots.",
     "SSD backward: the FLOP count was written for the kernel before its rewrite (two fewer products per chunk since);"
     " its CUDA-core term may overstate the work, so treat the SSD backward bound as an estimate, not a strict bound.",
 ]
@@ -206,19 +250,20 @@ def recording(op: str):
     from triton.runtime.jit import JITFunction
     from triton.runtime.interpreter import InterpretedFunction
 
-    module = importlib.import_module(TRITON_MODULES[op])
-    kernels = {n: f for n, f in vars(module).items() if isinstance(f, (JITFunction, InterpretedFunction))}
+    names = TRITON_MODULES[op]
+    modules = [importlib.import_module(name) for name in ((names,) if isinstance(names, str) else names)]
+    kernels = {(m, n): f for m in modules for n, f in vars(m).items() if isinstance(f, (JITFunction, InterpretedFunction))}
     launches: list[Launch] = []
     # The launchers pick tiles for the device's capability (kernels.triton_checks.launch_target): answer as an H100.
     cuda_queries = {name: getattr(torch.cuda, name) for name in ("get_device_capability", "get_device_properties")}
     try:
         torch.cuda.get_device_capability = lambda *args, **kwargs: H100_CAPABILITY
         torch.cuda.get_device_properties = lambda *args, **kwargs: SimpleNamespace(shared_memory_per_block_optin=H100_SHARED_PER_BLOCK)
-        for name, jit in kernels.items():
+        for (module, name), jit in kernels.items():
             setattr(module, name, _Recorder(jit, launches))
         yield launches
     finally:
-        for name, jit in kernels.items():
+        for (module, name), jit in kernels.items():
             setattr(module, name, jit)
         for name, query in cuda_queries.items():
             setattr(torch.cuda, name, query)
@@ -256,6 +301,8 @@ def launch_model(launch: Launch) -> dict:
         dtype = str(value.dtype).removeprefix("torch.")
         target = written if name in writes or name in SCRATCH else read
         target[dtype] = target.get(dtype, 0) + _bytes(value)
+        if name in READ_WRITES.get(launch.kernel, ()):
+            read[dtype] = read.get(dtype, 0) + _bytes(value)
         if name in SCRATCH:  # one state tile per step per program, written and read back
             states = a["CH"] if name == "scratch" else a["chunk"] + 1  # states it holds per program
             scratch_traffic += 2 * a["T"] * _bytes(value) // states

@@ -15,12 +15,13 @@ triton = pytest.importorskip("triton")
 from test_triton_retention import make_inputs  # noqa: E402
 from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.retention import retention, retention_chunked, retention_recurrent  # noqa: E402
+from zoo.kernels.retention import triton_chunk_parallel  # noqa: E402
 from zoo.kernels.retention.triton_chunk_parallel import (  # noqa: E402
     _retention_cp_output_kernel,
     chunk_parallel_tiles,
     retention_chunk_parallel,
 )
-from zoo.kernels.triton_checks import DEFAULT_TARGET, Target  # noqa: E402
+from zoo.kernels.triton_checks import DEFAULT_TARGET, Launch, Target  # noqa: E402
 
 require_interpreter(_retention_cp_output_kernel)
 
@@ -51,8 +52,8 @@ def test_fp32_matches_recurrent(T):
     check(make_inputs(T=T, V=40), torch.float32, 16)
 
 
-def test_fp32_largest_chunks_and_head_dim_over_64():
-    """Chunks of 64 (BT = 64 at K = 24; T = 130: three chunks, the last of 2 tokens) and K = 72 (BK = 128, BT = 32)."""
+def test_fp32_chunk_64_and_head_dim_over_64():
+    """chunk_size 64 (BT = 32 at K = 24; T = 130: five chunks, the last of 2 tokens) and K = 72 (BK = 128, BT = 16)."""
     check(make_inputs(T=130, K=24, V=40), torch.float32, 64)
     check(make_inputs(T=45, K=72, V=24), torch.float32, 64)
 
@@ -60,6 +61,21 @@ def test_fp32_largest_chunks_and_head_dim_over_64():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_recurrent(dtype):
     check(make_inputs(T=37, V=40), dtype, 16)
+
+
+def test_h100_tiles_match_the_reference(monkeypatch):
+    """The H100 tiles of bf16 inputs (BT = 64, which the interpreter's own tiles never use) run in the interpreter:
+    T = 70 is a full chunk and a 6-token one."""
+    monkeypatch.setattr(triton_chunk_parallel, "launch_target", lambda device: Target(90))
+    used = []
+
+    def spy(*args):
+        used.append(chunk_parallel_tiles(*args))
+        return used[-1]
+
+    monkeypatch.setattr(triton_chunk_parallel, "chunk_parallel_tiles", spy)
+    check(make_inputs(T=70, V=40), torch.bfloat16, 64)
+    assert [t.BT for t in used] == [64, 64]  # forward and backward
 
 
 def test_non_contiguous_batch_two_no_initial_state():
@@ -89,12 +105,17 @@ def test_backend_name_runs_these_kernels():
 
 
 def test_tiles_and_parallelism():
-    """BT follows chunk_size in [16, 64] (32 at K > 64), BV <= 32, BLOCK = 64; at B = 1, T = 16k, H = 16, K = V = 64
-    every launch has >= 4 programs per SM of an H100 (528)."""
+    """BT follows chunk_size up to the spill-free maximum of the target (64 only for bf16 / fp16 on sm_90 at K <= 64),
+    BV <= 32, BLOCK = 64; at B = 1, T = 16k, H = 16, K = V = 64 every launch has >= 4 programs per SM of an H100."""
     t = chunk_parallel_tiles(64, 64, 64, torch.bfloat16, Target(90))
-    assert t[:4] == (64, 64, 32, 64)
-    assert t == chunk_parallel_tiles(64, 64, 64, torch.float32, DEFAULT_TARGET)
-    assert chunk_parallel_tiles(128, 256, 64, torch.bfloat16, Target(90))[:3] == (32, 128, 32)
+    assert t[:4] == (64, 64, 32, 64) and t.launch == Launch(8, 1) and t.pass_launch == Launch(2, 1)
+    assert chunk_parallel_tiles(64, 64, 64, torch.float16, Target(90)) == t
+    assert chunk_parallel_tiles(64, 128, 64, torch.float32, Target(90))[:3] == (32, 64, 32)
+    assert chunk_parallel_tiles(64, 128, 64, torch.bfloat16, Target(80))[:3] == (16, 64, 32)
+    assert chunk_parallel_tiles(64, 128, 64, torch.float32, Target(86))[:3] == (32, 64, 32)
+    assert chunk_parallel_tiles(128, 256, 64, torch.bfloat16, Target(90))[:3] == (16, 128, 32)
+    assert chunk_parallel_tiles(64, 64, 64, torch.bfloat16, DEFAULT_TARGET) == chunk_parallel_tiles(64, 64, 64, torch.bfloat16, Target(89))
+    assert chunk_parallel_tiles(64, 64, 16, torch.bfloat16, Target(90)).BT == 16  # a smaller chunk_size is kept
     assert chunk_parallel_tiles(8, 8, 5, torch.float32, DEFAULT_TARGET)[:3] == (16, 16, 16)
     T, H = 16384, 16
     per_chunk = triton.cdiv(T, t.BT) * triton.cdiv(64, t.BV) * H

@@ -21,8 +21,8 @@ state's), then per chunk, with ``dA = dO_c V_c^T * D``::
     d log gamma = sum_c [ n_c <dS_{c+1}, S_{c+1}> + sum_i (i + 1)(q_i . dq_i - k_i . dk_i) ]
 
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
-launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (BT = 64, BV = 32); the state passes have
-``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
+launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (bf16 on an H100: BT = 64, BV = 32; smaller
+BT elsewhere, so more); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
 (``ieee`` for fp32 inputs, ``tf32`` for bf16 / fp16 ones); every decay is ``exp`` of a non-positive number.
 """
 from __future__ import annotations
@@ -235,14 +235,25 @@ class ChunkParallelTiles(NamedTuple):
     pass_launch: Launch
 
 
+# The largest chunk BT whose backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
+# (sm_90, fp32 inputs, K <= 64): fp32 products are FMA ones (more registers); on sm_80 / 86 / 89 the tf32 mma.sync
+# operands of the bf16 / fp16 backward spill at BT = 64 as well.
+CP_MAX_BT = {
+    (True, False, True): 64, (True, True, True): 32, (True, False, False): 16, (True, True, False): 16,
+    (False, False, True): 16, (False, True, True): 32, (False, False, False): 16, (False, True, False): 16,
+}
+
+
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
-    """BT: ``chunk_size`` as a power of two in [16, 64] (32 at K > 64); BK holds all of K; BV: at most 32; ``tl.dot``
-    needs every dimension >= 16. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs).
-    The same on every target and input dtype."""
+    """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_MAX_BT`] (64 only on sm_90 with bf16 /
+    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 8 warps, no
+    software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), 2
+    warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
     BK = max(triton.next_power_of_2(K), 16)
-    BT = min(max(triton.next_power_of_2(chunk_size), 16), 64 if BK <= 64 else 32)
+    max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=4, num_stages=1), Launch(num_warps=2, num_stages=1))
+    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=8, num_stages=1), Launch(num_warps=2, num_stages=1))
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
