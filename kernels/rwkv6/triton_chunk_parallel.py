@@ -1,0 +1,378 @@
+"""Chunk-parallel Triton RWKV-6 WKV, forward and backward (same maths as ``naive.py`` and ``chunked.py``).
+
+The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channel, ``A_t = sum_{j<=t} w_log_j``
+(inclusive), ``A'_t = A_t - w_log_t`` (exclusive) and ``A_L`` = the chunk's total (padding has ``w_log = 0``)::
+
+    a_ti    = sum_k r_tk k_ik exp(A'_tk - A_ik)   (i < t)           b_t = r_t . (u * k_t)
+    O_c     = a V_c + (R_c * exp(A')) S_c + b * V_c
+    h_c     = (K_c * exp(A_L - A))^T V_c,   S_{c+1} = exp(A_L) * S_c + h_c   (exp(A_L) scales the K rows)
+
+Numerically safe in log space: the intra-chunk weights ``a`` are built one key token i at a time from the exact
+per-channel differences ``A'_t - A_i = sum_{i<j<t} w_log_j <= 0`` (the exponent is masked before ``exp``), so no
+factor ``exp(-A)`` is ever formed and decays near 0 (``w_log`` -> -inf) or bf16 inputs cannot overflow; this costs
+``BT * BT * K`` exps per chunk, on CUDA cores. The products with V, S and dS are ``tl.dot`` with fp32 accumulation.
+
+Forward: (1) :func:`_rwkv6_cp_chunk_state_kernel` writes every ``h_c`` (slot c + 1 of the fp32 state buffer
+``[B * H, NT + 1, K, V]``) and ``A_L`` (``[B * H, NT, K]``), grid ``(NT, cdiv(V, BV), B * H)``; (2)
+:func:`_rwkv6_cp_pass_kernel` runs the recurrence over chunks in place, parallel over the ``K * V`` state entries,
+grid ``(cdiv(K * V, BLOCK), B * H)``; (3) :func:`_rwkv6_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
+Backward: ``dh_c = (R_c * exp(A'))^T dO_c`` (:func:`_rwkv6_cp_dstate_kernel`), the reverse pass
+``dS_c = exp(A_L) * dS_{c+1} + dh_c``, then per chunk (:func:`_rwkv6_cp_grad_kernel`), with ``da = dO V^T``
+(i < t) and ``db_t = dO_t . v_t``::
+
+    dR  = dR~ + db * u * K,   dR~_t = sum_{i<t} da_ti k_i exp(A'_t - A_i) + exp(A'_t) * (S_c dO_t)
+    dK  = dK~ + db * u * R,   dK~_i = sum_{t>i} da_ti r_t exp(A'_t - A_i) + exp(A_L - A_i) * (dS_{c+1} v_i)
+    dV  = a^T dO + b * dO + (K * exp(A_L - A)) dS_{c+1},   du = sum_t db_t r_t * k_t
+    dw_log_j = sum_{t>j} r_t * dR~_t - sum_{t>=j} k_t * dK~_t + rowsum(dS_{c+1} * S_{c+1})
+
+Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
+launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (chunk_size 16: BT = 16, BV = 32); the
+state passes ``cdiv(64 * 64, 64) * 16 = 1024`` (BLOCK = 64). K-sized gradients are per-V-block partial sums added
+up in PyTorch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from zoo.kernels.rwkv6 import check_rwkv6_inputs
+from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
+
+
+@triton.jit
+def _rwkv6_cp_chunk_state_kernel(
+    k, v, w, states, gl,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``h_c = (K_c * exp(A_L - A))^T V_c`` into slot c + 1 of ``states [B * H, NT + 1, K, V]``; ``A_L`` into
+    ``gl [B * H, NT, K]`` (by the ``i_v = 0`` programs). k, w: [B, T, H, K]; v: [B, T, H, V]. Grid
+    ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_A = tl.cumsum(b_w, axis=0)  # [BT, BK] inclusive
+    b_AL = tl.sum(b_w, axis=0)  # [BK]
+    b_h = tl.dot(tl.trans(b_k * tl.exp(b_AL[None, :] - b_A)), b_v, input_precision=PRECISION)  # [BK, BV]
+    p_h = states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(gl + (i_bh * NT + i_t) * K + o_k, b_AL, mask=m_k)
+
+
+@triton.jit
+def _rwkv6_cp_pass_kernel(
+    states, gl, s_edge,
+    NT,
+    V: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32), row k of chunk c decayed by
+    ``exp(gl[i_bh, c, k])``; ``s_edge [B * H, K * V]``. Forward: slot 0 <- ``s_edge`` (or zeros), then for c = 0 ..
+    NT - 1 slot c + 1 <- ``exp(A_L) * slot c + slot c + 1``. Backward (``REVERSE``): slot NT <- ``s_edge`` (or zeros),
+    then for c = NT - 1 .. 0 slot c <- ``exp(A_L) * slot c + 1 + slot c``. Grid ``(cdiv(K * V, BLOCK), B * H)``:
+    program ``(i_s, i_bh)`` carries state entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` through all chunks."""
+    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    m_s = o_s < KV
+    K = KV // V
+    p_base = states + i_bh * (NT + 1) * KV + o_s
+    p_gl = gl + i_bh * NT * K + o_s // V
+    if HAS_EDGE:
+        b_s = tl.load(s_edge + i_bh * KV + o_s, mask=m_s, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BLOCK], dtype=tl.float32)
+    if REVERSE:
+        tl.store(p_base + NT * KV, b_s, mask=m_s)
+    else:
+        tl.store(p_base, b_s, mask=m_s)
+    for i in range(NT):
+        if REVERSE:
+            c = NT - 1 - i
+            slot = c
+        else:
+            c = i
+            slot = c + 1
+        b_decay = tl.exp(tl.load(p_gl + c * K, mask=m_s, other=0.0))
+        b_s = b_s * b_decay + tl.load(p_base + slot * KV, mask=m_s, other=0.0)
+        tl.store(p_base + slot * KV, b_s, mask=m_s)
+
+
+@triton.jit
+def _rwkv6_cp_output_kernel(
+    r, k, v, w, u, states, o,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``O_c = a V_c + (R_c * exp(A')) S_c + b * V_c`` with ``S_c`` from slot c of ``states``. r, k, w: [B, T, H, K];
+    v, o: [B, T, H, V]; u: [H, K]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes the chunk's
+    columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_s = tl.load(states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
+    b_A = tl.cumsum(b_w, axis=0)
+    b_Ae = b_A - b_w
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):  # key token j: column j of a, from exact per-channel log differences
+        b_kj = tl.sum(tl.where(o_t[:, None] == j, b_k, 0.0), axis=0)  # [BK], row j
+        b_Aj = tl.sum(tl.where(o_t[:, None] == j, b_A, 0.0), axis=0)
+        m_after = o_t > j
+        b_e = tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))  # [BT, BK], <= 1 where used
+        b_col = tl.where(m_after, tl.sum(b_r * b_kj[None, :] * b_e, axis=1), 0.0)
+        b_a += tl.where(o_t[None, :] == j, b_col[:, None], 0.0)
+    b_b = tl.sum(b_r * b_u[None, :] * b_k, axis=1)  # [BT]
+    b_o = tl.dot(b_a, b_v, input_precision=PRECISION)
+    b_o += tl.dot(b_r * tl.exp(b_Ae), b_s, input_precision=PRECISION)
+    b_o += b_b[:, None] * b_v
+    tl.store(o + p_tv, b_o, mask=m_tv)
+
+
+@triton.jit
+def _rwkv6_cp_dstate_kernel(
+    r, w, do, dstates,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``dh_c = (R_c * exp(A'))^T dO_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. r, w: [B, T, H, K];
+    do: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``, as :func:`_rwkv6_cp_chunk_state_kernel`."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_Ae = tl.cumsum(b_w, axis=0) - b_w
+    b_dh = tl.dot(tl.trans(b_r * tl.exp(b_Ae)), b_do, input_precision=PRECISION)  # [BK, BV]
+    p_dh = dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _rwkv6_cp_grad_kernel(
+    r, k, v, w, u, do, states, dstates,
+    dr, dk, dv, dw, du,
+    T, NT, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dR_c, dK_c, dV_c, dw_log_c and chunk c's share of du from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
+    (``dstates``). dr, dk, dw: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; du:
+    ``[NV, B * H, NT, K]``. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` uses value columns
+    ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
+    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
+    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
+    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
+    b_A = tl.cumsum(b_w, axis=0)
+    b_Ae = b_A - b_w
+    b_AL = tl.sum(b_w, axis=0)
+    b_da = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BT(t), BT(i)], used where i < t
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dr = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for j in range(BT):
+        sel_row = o_t[:, None] == j
+        b_kj = tl.sum(tl.where(sel_row, b_k, 0.0), axis=0)  # [BK], row j
+        b_rj = tl.sum(tl.where(sel_row, b_r, 0.0), axis=0)
+        b_Aj = tl.sum(tl.where(sel_row, b_A, 0.0), axis=0)
+        b_Aej = tl.sum(tl.where(sel_row, b_Ae, 0.0), axis=0)
+        # pairs (t > j, i = j): column j of a, dR~ rows t
+        m_after = o_t > j
+        b_e = tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))
+        b_col = tl.where(m_after, tl.sum(b_r * b_kj[None, :] * b_e, axis=1), 0.0)
+        b_a += tl.where(o_t[None, :] == j, b_col[:, None], 0.0)
+        b_da_col = tl.where(m_after, tl.sum(tl.where(o_t[None, :] == j, b_da, 0.0), axis=1), 0.0)  # da[t, j]
+        b_dr += b_da_col[:, None] * b_kj[None, :] * b_e
+        # pairs (t = j, i < j): dK~ rows i
+        m_before = o_t < j
+        b_e = tl.exp(tl.where(m_before[:, None], b_Aej[None, :] - b_A, 0.0))
+        b_da_row = tl.where(m_before, tl.sum(tl.where(sel_row, b_da, 0.0), axis=0), 0.0)  # da[j, i]
+        b_dk += b_da_row[:, None] * b_rj[None, :] * b_e
+    b_decay_end = tl.exp(b_AL[None, :] - b_A)  # [BT, BK]
+    b_dr += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * tl.exp(b_Ae)
+    b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_decay_end
+    b_db = tl.sum(b_do * b_v, axis=1)  # [BT], this V block's share
+    b_b = tl.sum(b_r * b_u[None, :] * b_k, axis=1)
+    b_dv = tl.dot(tl.trans(b_a), b_do, input_precision=PRECISION) + b_b[:, None] * b_do
+    b_dv += tl.dot(b_k * b_decay_end, b_ds_end, input_precision=PRECISION)
+    # dw_log: reverse exclusive cumsum of r * dR~ minus reverse inclusive cumsum of k * dK~, plus the chunk end's term
+    b_x = b_r * b_dr
+    b_y = b_k * b_dk
+    b_dw = tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0)
+    b_dw -= tl.sum(b_y, axis=0)[None, :] - tl.cumsum(b_y, axis=0) + b_y
+    b_dw += tl.sum(b_ds_end * b_s_end, axis=1)[None, :]
+    p_part = i_v * B * T * H * K
+    tl.store(dr + p_part + p_tk, b_dr + b_db[:, None] * b_u[None, :] * b_k, mask=m_tk)
+    tl.store(dk + p_part + p_tk, b_dk + b_db[:, None] * b_u[None, :] * b_r, mask=m_tk)
+    tl.store(dw + p_part + p_tk, b_dw, mask=m_tk)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+    tl.store(du + ((i_v * B * H + i_bh) * NT + i_t) * K + o_k, tl.sum(b_db[:, None] * b_r * b_k, axis=0), mask=m_k)
+
+
+class ChunkParallelTiles(NamedTuple):
+    """Launch parameters of the chunk-parallel kernels: per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` /
+    ``[BK, BV]`` tiles; the state passes carry ``BLOCK`` state entries per program."""
+
+    BT: int
+    BK: int
+    BV: int
+    BLOCK: int
+    launch: Launch
+    pass_launch: Launch
+
+
+def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
+    """BT: ``chunk_size`` as a power of two in [16, 32] (16 at K > 64: the intra-chunk weights cost ``BT * BT * K``
+    exps); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 4 warps (8 at K > 64), no
+    software pipelining. BLOCK = 64 state entries per pass program, 2 warps. The same on every target and dtype."""
+    BK = max(triton.next_power_of_2(K), 16)
+    BT = min(max(triton.next_power_of_2(chunk_size), 16), 32 if BK <= 64 else 16)
+    BV = max(min(triton.next_power_of_2(V), 32), 16)
+    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=4 if BK <= 64 else 8, num_stages=1), Launch(2, 1))
+
+
+def _precision(*tensors: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 ones lose nothing to tf32 tensor-core products."""
+    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
+    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl)``."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
+    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    states = torch.empty(B * H, NT + 1, K, V, **f32)
+    gl = torch.empty(B * H, NT, K, **f32)
+    o = torch.empty(B, T, H, V, **f32)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    _rwkv6_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, w, states, gl, T, NT, **dims)
+    has_s0 = initial_state is not None
+    _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
+        states, gl, initial_state if has_s0 else states, NT,
+        V=V, KV=K * V, BLOCK=BLOCK, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
+    )
+    _rwkv6_cp_output_kernel[(NT, NV, B * H)](r, k, v, w, u, states, o, T, NT, **dims)
+    final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
+    return o, final, states, gl
+
+
+def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
+    """Launch the three backward kernels. Returns fp32 ``(dr, dk, dv, dw, du, d_initial_state)``."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
+    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+    dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
+    dv = torch.empty(B, T, H, V, **f32)
+    du = torch.empty(NV, B * H, NT, K, **f32)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    _rwkv6_cp_dstate_kernel[(NT, NV, B * H)](r, w, do, dstates, T, NT, **dims)
+    has_ds = ds_final is not None
+    _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
+        dstates, gl, ds_final if has_ds else dstates, NT,
+        V=V, KV=K * V, BLOCK=BLOCK, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
+    )
+    _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
+        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **dims,
+    )
+    ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    du = du.view(NV, B, H, NT, K).sum((0, 1, 3))  # [NV, B * H, NT, K] -> [H, K]
+    return dr.sum(0), dk.sum(0), dv, dw.sum(0), du, ds0
+
+
+class RWKV6ChunkParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, k, v, w_log, u, initial_state, chunk_size):
+        inputs = [t.contiguous() for t in (r, k, v, w_log, u)]
+        s0 = None if initial_state is None else initial_state.contiguous()
+        o, final, states, gl = rwkv6_cp_fwd(*inputs, s0, chunk_size)
+        ctx.save_for_backward(*inputs, states, gl)
+        ctx.chunk_size = chunk_size
+        ctx.dtypes = [t.dtype for t in (r, k, v, w_log, u)] + [None if initial_state is None else initial_state.dtype]
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, states, gl = ctx.saved_tensors
+        ds_final = None if ds_final is None else ds_final.contiguous()
+        grads = rwkv6_cp_bwd(*inputs, do.contiguous(), ds_final, states, gl, ctx.chunk_size)
+        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None)
+
+
+def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
+    """Multi-head WKV with data-dependent decay: the chunk-parallel Triton kernels of this module, forward and
+    backward (every gradient, ``w_log``'s, ``u``'s and the initial state's included).
+
+    Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
+    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
+    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. ``chunk_size`` is rounded to a power of two in
+    [16, 32] (16 at K > 64): :func:`chunk_parallel_tiles`.
+    """
+    K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
+    check_head_dim("rwkv6_chunk_parallel", K)
+    check_triton_inputs("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state)
+    return RWKV6ChunkParallelFunction.apply(r, k, v, w_log, u, initial_state, chunk_size)
