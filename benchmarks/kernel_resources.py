@@ -67,6 +67,8 @@ def cases() -> list[Case]:
             out.append(Case(f"retention_{form}", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
     for k in (64, 128):  # the chunk-parallel kernels (backend triton_chunk)
         out.append(Case("retention_chunk_parallel", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
+    for k in (64, 128):
+        out.append(Case("rwkv6_chunk_parallel", f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
     return out
 
 
@@ -78,6 +80,7 @@ def run_case(case: Case, dtype) -> None:
 
     from zoo.kernels.retention.triton_chunk_parallel import retention_chunk_parallel
     from zoo.kernels.retention.triton_retention import retention_triton
+    from zoo.kernels.rwkv6.triton_chunk_parallel import rwkv6_chunk_parallel
     from zoo.kernels.rwkv6.triton_rwkv6 import rwkv6_triton
     from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_triton
     from zoo.kernels.selective_scan.triton_scan import selective_scan_triton
@@ -106,6 +109,10 @@ def run_case(case: Case, dtype) -> None:
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = rwkv7_triton(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V), act(1, T, H, K),
                             act(1, T, H, K), chunk_size=16)
+    elif case.op == "rwkv6_chunk_parallel":  # layers/rwkv6.py with backend triton_chunk
+        H, K, V = d["H"], d["K"], d["V"]
+        y, _ = rwkv6_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K),
+                                    chunk_size=16)
     elif case.op == "retention_chunk_parallel":  # layers/retnet.py with backend triton_chunk
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = retention_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(H), chunk_size=64)

@@ -39,7 +39,7 @@ from benchmarks.report import write_report
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
 from zoo.kernels.retention import retention, retention_chunked, retention_triton, retention_triton_chunk  # noqa: E402
-from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton  # noqa: E402
+from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton, rwkv6_triton_chunk  # noqa: E402
 from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -279,7 +279,8 @@ RWKV6 = KernelBench(
     shapes=HEADS_64,
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv6_inputs,
-    zoo={"zoo triton": _zoo_call(rwkv6_triton), "zoo chunked torch": _zoo_call(rwkv6_chunked)},
+    zoo={"zoo triton": _zoo_call(rwkv6_triton), "zoo triton chunk-parallel": _zoo_call(rwkv6_triton_chunk),
+         "zoo chunked torch": _zoo_call(rwkv6_chunked)},
     peers={"fla chunk_rwkv6": _fla_rwkv6, "zoo backend=fla": _zoo_fla(rwkv6)},
 )
 RWKV7 = KernelBench(

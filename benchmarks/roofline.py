@@ -42,7 +42,7 @@ H100 = {
 TRITON_MODULES: dict[str, str | tuple[str, ...]] = {
     "selective_scan": "zoo.kernels.selective_scan.triton_scan",
     "ssd": "zoo.kernels.ssd.triton_ssd",
-    "rwkv6": "zoo.kernels.rwkv6.triton_rwkv6",
+    "rwkv6": ("zoo.kernels.rwkv6.triton_rwkv6", "zoo.kernels.rwkv6.triton_chunk_parallel"),
     "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
     "retention": ("zoo.kernels.retention.triton_retention", "zoo.kernels.retention.triton_chunk_parallel"),
 }
@@ -66,9 +66,14 @@ WRITES = {
     "_retention_cp_output_kernel": {"o"},
     "_retention_cp_dstate_kernel": {"dstates"},
     "_retention_cp_grad_kernel": {"dq", "dk", "dv", "dg"},
+    "_rwkv6_cp_chunk_state_kernel": {"states", "gl"},
+    "_rwkv6_cp_pass_kernel": {"states"},
+    "_rwkv6_cp_output_kernel": {"o"},
+    "_rwkv6_cp_dstate_kernel": {"dstates"},
+    "_rwkv6_cp_grad_kernel": {"dr", "dk", "dv", "dw", "du"},
 }
 # Arguments a kernel updates in place: read whole and written whole, so counted twice.
-READ_WRITES = {"_retention_cp_pass_kernel": {"states"}}
+READ_WRITES = {"_retention_cp_pass_kernel": {"states"}, "_rwkv6_cp_pass_kernel": {"states"}}
 SCRATCH = {"scratch", "scratch_ptr"}
 # Pointer arguments only touched when a constexpr flag is set (otherwise a placeholder tensor is passed).
 GUARDS = {
@@ -150,6 +155,37 @@ def _retention_state_pass(name: str, a: dict, programs: int) -> Flops:
     return Flops(cuda=2 * a["BLOCK"] * a["NT"] * programs, exp=a["NT"] * programs)
 
 
+def _rwkv6_state_pass(name: str, a: dict, programs: int) -> Flops:
+    """RWKV-6's state passes: per chunk, one multiply-add and one exp (its row's decay) per state entry."""
+    return Flops(cuda=2 * a["BLOCK"] * a["NT"] * programs, exp=a["BLOCK"] * a["NT"] * programs)
+
+
+def _rwkv6_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
+    """Chunk-parallel RWKV-6, one chunk of BT tokens per program: the intra-chunk weights are built one key token at a
+    time from [BT, BK] tiles (about 7 FLOPs and 1 exp per element and token in the output kernel, 13 and 2 in the
+    gradient kernel, all CUDA cores); the products with V, S and dS are tl.dot tiles."""
+    BT, BK, BV = a["BT"], a["BK"], a["BV"]
+    if "grad" in name:  # da, a^T dO, the two state terms of dr / dk, (K decay) dS
+        dots = 4 * BT * BT * BV + 6 * BT * BK * BV
+        elementwise = 13 * BT * BT * BK + 12 * BT * BK + 2 * BK * BV
+        exps = 2 * BT * BT * BK + 2 * BT * BK
+    elif "output" in name:  # a V, (R exp(A')) S
+        dots = 2 * BT * BT * BV + 2 * BT * BK * BV
+        elementwise = 7 * BT * BT * BK + 4 * BT * BK + 2 * BT * BV
+        exps = BT * BT * BK + BT * BK
+    else:  # chunk_state (K exp(A_L - A))^T V, dstate (R exp(A'))^T dO
+        dots = 2 * BT * BK * BV
+        elementwise = 3 * BT * BK
+        exps = BT * BK
+    ieee = a["PRECISION"] == "ieee"
+    return Flops(
+        tensor=0.0 if ieee else dots * programs,
+        cuda=((dots if ieee else 0.0) + elementwise) * programs,
+        exp=exps * programs,
+        tensor_precision=None if ieee else a["PRECISION"],
+    )
+
+
 def _selective_scan(name: str, a: dict, programs: int) -> Flops:
     """Per token each program updates its ``[BLOCK_D, BLOCK_N]`` state: decay ``exp(dt A)``, rank-1 input, the
     ``C`` readout (forward: 6 FLOPs + 1 exp per element; backward: recompute 4 + adjoint 18, 2 exp)."""
@@ -191,6 +227,11 @@ FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
     "_retention_cp_output_kernel": _retention_chunk_parallel,
     "_retention_cp_dstate_kernel": _retention_chunk_parallel,
     "_retention_cp_grad_kernel": _retention_chunk_parallel,
+    "_rwkv6_cp_chunk_state_kernel": _rwkv6_chunk_parallel,
+    "_rwkv6_cp_pass_kernel": _rwkv6_state_pass,
+    "_rwkv6_cp_output_kernel": _rwkv6_chunk_parallel,
+    "_rwkv6_cp_dstate_kernel": _rwkv6_chunk_parallel,
+    "_rwkv6_cp_grad_kernel": _rwkv6_chunk_parallel,
 }
 
 NOTES = [
@@ -202,8 +243,9 @@ NOTES = [
     "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
     " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
     "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
-    "Chunk-parallel retention: its in-place state passes read and write the [B*H, NT+1, K, V] fp32 state buffer (counted"
-    " twice); the output and gradient kernels read that buffer, counted once, though neighbouring chunks share slots.",
+    "Chunk-parallel retention and RWKV-6: their in-place state passes read and write the [B*H, NT+1, K, V] fp32"
+    " state buffer (counted twice); the output and gradient kernels read it, counted once, though neighbouring chunks"
+    " share slots.",
     "SSD backward: the FLOP count was written for the kernel before its rewrite (two fewer products per chunk since);"
     " its CUDA-core term may overstate the work, so treat the SSD backward bound as an estimate, not a strict bound.",
 ]

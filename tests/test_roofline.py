@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks.kernels import main  # noqa: E402
-from benchmarks.roofline import H100  # noqa: E402
+from benchmarks.roofline import H100, PEERS  # noqa: E402
 
 T, BATCH, HEADS, HEAD_DIM = 16384, 1, 16, 64
 LAUNCHES = {"zoo triton chunk-parallel": 6}  # fwd + bwd launches of an implementation (others: 2)
@@ -80,24 +80,28 @@ def test_every_op_and_kernel_has_a_model(tmp_path):
             assert s["tensor_flops"] + s["cuda_core_flops"] > run["fwd"]["tensor_flops"] + run["fwd"]["cuda_core_flops"] > 0
 
 
-def test_chunk_parallel_retention_grids_fill_an_h100(tmp_path):
+@pytest.mark.parametrize("op, decay_bytes", [("retention", HEADS * 4), ("rwkv6", None)])
+def test_chunk_parallel_grids_fill_an_h100(tmp_path, op, decay_bytes):
     """At B = 1, T = 16k, 16 heads of 64 every chunk-parallel launch has >= 4 programs per SM (528); the per-chunk
     grids are (cdiv(T, BT), cdiv(V, BV), B * H), the state passes (cdiv(K * V, BLOCK), B * H); the in-place state
     passes read and write their buffer."""
-    data = main(["--model", "--ops", "retention", "--sizes", f"{T}:{BATCH}", "--out", str(tmp_path)])
-    run = _run(data, "retention", "zoo triton chunk-parallel")
+    data = main(["--model", "--ops", op, "--sizes", f"{T}:{BATCH}", "--out", str(tmp_path)])
+    run = _run(data, op, "zoo triton chunk-parallel")
     launches = run["fwd_bwd"]["launches"]
+    prefix = {"retention": "_retention_cp_", "rwkv6": "_rwkv6_cp_"}[op]
     assert [m["kernel"] for m in launches] == [
-        "_retention_cp_chunk_state_kernel", "_retention_cp_pass_kernel", "_retention_cp_output_kernel",
-        "_retention_cp_dstate_kernel", "_retention_cp_pass_kernel", "_retention_cp_grad_kernel"]
+        f"{prefix}{name}_kernel" for name in ("chunk_state", "pass", "output", "dstate", "pass", "grad")]
+    BT = launches[0]["constants"]["BT"]
     for m in launches:
         c = m["constants"]
         assert m["programs"] >= 4 * H100["sms"], m
         if "BLOCK" in c:
             assert m["grid"] == [-(-HEAD_DIM * HEAD_DIM // c["BLOCK"]), BATCH * HEADS]
-            states = (T // c["BT"] + 1) * HEADS * HEAD_DIM**2 * 4  # [B * H, NT + 1, K, V] fp32
+            states = (T // BT + 1) * HEADS * HEAD_DIM**2 * 4  # [B * H, NT + 1, K, V] fp32
             edge = HEADS * HEAD_DIM**2 * 4 if c["REVERSE"] else 0  # the final state's gradient (no initial state here)
-            assert m["bytes_written"]["float32"] == states and m["bytes_read"]["float32"] == states + edge + HEADS * 4
+            # retention reads log_decay [H]; RWKV-6 the chunk totals of the log decays [B * H, NT, K]
+            decays = decay_bytes if decay_bytes is not None else HEADS * (T // BT) * HEAD_DIM * 4
+            assert m["bytes_written"]["float32"] == states and m["bytes_read"]["float32"] == states + edge + decays
         else:
             assert m["grid"] == [-(-T // c["BT"]), -(-HEAD_DIM // c["BV"]), BATCH * HEADS]
-    assert run["fwd_bwd"]["tensor_flops"] > 0 and run["peer_fwd_bwd_ms_measured"] == 2.12
+    assert run["fwd_bwd"]["tensor_flops"] > 0 and run["peer_fwd_bwd_ms_measured"] == PEERS[op][1][T]

@@ -19,7 +19,10 @@ KERNELS = {
     "retention_recurrent": ["_retention_fwd_kernel", "_retention_bwd_kernel"],
     "retention_chunk_parallel": ["_retention_cp_chunk_state_kernel", "_retention_cp_pass_kernel", "_retention_cp_output_kernel",
                                  "_retention_cp_dstate_kernel", "_retention_cp_pass_kernel", "_retention_cp_grad_kernel"],
+    "rwkv6_chunk_parallel": ["_rwkv6_cp_chunk_state_kernel", "_rwkv6_cp_pass_kernel", "_rwkv6_cp_output_kernel",
+                             "_rwkv6_cp_dstate_kernel", "_rwkv6_cp_pass_kernel", "_rwkv6_cp_grad_kernel"],
 }
+CHUNK_PARALLEL = ("retention_chunk_parallel", "rwkv6_chunk_parallel")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,8 @@ def test_no_spills_but_the_known_ones(rows):
     assert unexpected == []
     hopper = [r for r in rows if r["target"] == "sm_90"]
     head_dim_64 = [r for r in hopper if r["dims"].get("K", r["dims"].get("P")) == 64]
-    # 6 cases at head dim 64 (SSD at N = 64 and 128) with a fwd and a bwd launch, the chunk-parallel one with 6; 2 dtypes
-    assert len(head_dim_64) == (6 * 2 + 6) * 2
+    # 6 cases at head dim 64 (SSD at N = 64 and 128) with a fwd and a bwd launch, 2 chunk-parallel ones with 6; 2 dtypes
+    assert len(head_dim_64) == (6 * 2 + 2 * 6) * 2
     assert {(r["op"], r["dims"].get("N")) for r in hopper if r["stack"] > 0} <= {("ssd", 128)}
     assert all(r["stack"] == 0 for r in head_dim_64 if r["dims"].get("N") != 128)
 
@@ -60,9 +63,9 @@ def test_launch_grids_follow_the_docstring_formulas(rows):
             expected = [1, -(-d["D"] // tiles["BLOCK_D"]), 1]
         elif r["op"] == "ssd":
             expected = [1, d["H"], -(-d["P"] // tiles["BLOCK_P"])]
-        elif r["op"] == "retention_chunk_parallel" and "BLOCK" in tiles:  # the state passes: (cdiv(K * V, BLOCK), B * H)
+        elif r["op"] in CHUNK_PARALLEL and "BLOCK" in tiles:  # the state passes: (cdiv(K * V, BLOCK), B * H)
             expected = [-(-d["K"] * d["V"] // tiles["BLOCK"]), d["H"], 1]
-        elif r["op"] == "retention_chunk_parallel":  # per chunk: (cdiv(T, BT), cdiv(V, BV), B * H)
+        elif r["op"] in CHUNK_PARALLEL:  # per chunk: (cdiv(T, BT), cdiv(V, BV), B * H)
             expected = [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]]
         else:
             expected = [-(-d["V"] // tiles["BV"]), d["H"], 1]

@@ -215,11 +215,6 @@ def _rwkv6_cp_grad_kernel(
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
-    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
-    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
-    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
     b_A = tl.cumsum(b_w, axis=0)
     b_Ae = b_A - b_w
     b_AL = tl.sum(b_w, axis=0)
@@ -229,10 +224,12 @@ def _rwkv6_cp_grad_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     for j in range(BT):
         sel_row = o_t[:, None] == j
-        b_kj = tl.sum(tl.where(sel_row, b_k, 0.0), axis=0)  # [BK], row j
-        b_rj = tl.sum(tl.where(sel_row, b_r, 0.0), axis=0)
+        p_j = ((i_b * T + t0 + j) * H + i_h) * K + o_k  # [BK], row j (re-read from cache, not extracted)
+        m_j = m_k & (t0 + j + tl.zeros_like(o_k) < T)
+        b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        b_rj = tl.load(r + p_j, mask=m_j, other=0.0).to(tl.float32)
         b_Aj = tl.sum(tl.where(sel_row, b_A, 0.0), axis=0)
-        b_Aej = tl.sum(tl.where(sel_row, b_Ae, 0.0), axis=0)
+        b_Aej = b_Aj - tl.load(w + p_j, mask=m_j, other=0.0).to(tl.float32)
         # pairs (t > j, i = j): column j of a, dR~ rows t
         m_after = o_t > j
         b_e = tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))
@@ -245,6 +242,12 @@ def _rwkv6_cp_grad_kernel(
         b_e = tl.exp(tl.where(m_before[:, None], b_Aej[None, :] - b_A, 0.0))
         b_da_row = tl.where(m_before, tl.sum(tl.where(sel_row, b_da, 0.0), axis=0), 0.0)  # da[j, i]
         b_dk += b_da_row[:, None] * b_rj[None, :] * b_e
+    # the [BK, BV] states are loaded after the loop (fewer registers live in it)
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
+    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
+    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
+    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
     b_decay_end = tl.exp(b_AL[None, :] - b_A)  # [BT, BK]
     b_dr += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * tl.exp(b_Ae)
     b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_decay_end
@@ -275,17 +278,20 @@ class ChunkParallelTiles(NamedTuple):
     BV: int
     BLOCK: int
     launch: Launch
+    grad_launch: Launch
     pass_launch: Launch
 
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT: ``chunk_size`` as a power of two in [16, 32] (16 at K > 64: the intra-chunk weights cost ``BT * BT * K``
-    exps); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 4 warps (8 at K > 64), no
-    software pipelining. BLOCK = 64 state entries per pass program, 2 warps. The same on every target and dtype."""
+    exps); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 4 warps (8 for the gradient
+    kernel), no software pipelining: no spills on sm_80 / 86 / 89 / 90 at K = 64 and 128
+    (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass program, 2 warps. The same on every target
+    and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BT = min(max(triton.next_power_of_2(chunk_size), 16), 32 if BK <= 64 else 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=4 if BK <= 64 else 8, num_stages=1), Launch(2, 1))
+    return ChunkParallelTiles(BT, BK, BV, 64, Launch(4, 1), Launch(8, 1), Launch(2, 1))
 
 
 def _precision(*tensors: torch.Tensor) -> str:
@@ -336,7 +342,7 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
         V=V, KV=K * V, BLOCK=BLOCK, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
     )
     _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
-        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **dims,
+        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **{**dims, **tiles.grad_launch._asdict()},
     )
     ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
     du = du.view(NV, B, H, NT, K).sum((0, 1, 3))  # [NV, B * H, NT, K] -> [H, K]
