@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.retention import check_retention_inputs
+from zoo.kernels.retention.triton_retention import _dtype, _precision
 from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
 
 
@@ -254,16 +255,6 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
     return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=8, num_stages=1), Launch(num_warps=2, num_stages=1))
-
-
-def _dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The widest input dtype: it sets the ``tl.dot`` precision."""
-    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
