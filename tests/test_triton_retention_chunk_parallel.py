@@ -78,6 +78,11 @@ def test_h100_tiles_match_the_reference(monkeypatch):
     assert [t.BT for t in used] == [64, 64]  # forward and backward
 
 
+def test_batch_two_with_initial_state_many_chunks():
+    """B = 2 with an initial state, 3 heads, T = 150: ten chunks of 16 through the state passes."""
+    check(make_inputs(B=2, T=150, H=3, K=16, V=24, gammas=(0.9, 0.5, 0.99)), torch.float32, 16)
+
+
 def test_non_contiguous_batch_two_no_initial_state():
     """Transposed (non-contiguous) inputs, B = 2, no initial state, K = 8 (< 16, padded to 16)."""
     inputs = make_inputs(B=2, T=23, K=8, V=40, initial_state=False)

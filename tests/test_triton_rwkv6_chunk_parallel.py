@@ -44,6 +44,11 @@ def test_half_precision_matches_naive(dtype):
     check_against_reference(kernel(16), rwkv6_naive, rwkv6_inputs(T=37, V=40), dtype)
 
 
+def test_batch_two_with_initial_state_many_chunks():
+    """B = 2 with an initial state, 3 heads, T = 150: ten chunks of 16 through the state passes."""
+    check_against_reference(kernel(16), rwkv6_naive, rwkv6_inputs(B=2, T=150, H=3, K=16, V=24), torch.float32)
+
+
 def test_non_contiguous_batch_two_no_initial_state():
     """Transposed (non-contiguous) inputs, B = 2, no initial state, K = 8 (< 16, padded to 16)."""
     inputs = rwkv6_inputs(B=2, T=23, K=8, V=40, initial_state=False)
