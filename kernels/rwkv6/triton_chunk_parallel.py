@@ -26,7 +26,7 @@ Backward: ``dh_c = (R_c * exp(A'))^T dO_c`` (:func:`_rwkv6_cp_dstate_kernel`), t
     dw_log_j = sum_{t>j} r_t * dR~_t - sum_{t>=j} k_t * dK~_t + rowsum(dS_{c+1} * S_{c+1})
 
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
-launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (chunk_size 16: BT = 16, BV = 32); the
+launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (BT = 16, BV = 32); the
 state passes ``cdiv(64 * 64, 64) * 16 = 1024`` (BLOCK = 64). K-sized gradients are per-V-block partial sums added
 up in PyTorch.
 """
@@ -283,13 +283,13 @@ class ChunkParallelTiles(NamedTuple):
 
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
-    """BT: ``chunk_size`` as a power of two in [16, 32] (16 at K > 64: the intra-chunk weights cost ``BT * BT * K``
-    exps); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 4 warps (8 for the gradient
-    kernel), no software pipelining: no spills on sm_80 / 86 / 89 / 90 at K = 64 and 128
-    (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass program, 2 warps. The same on every target
-    and input dtype."""
+    """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; at BT = 32 the gradient kernel spills 48 to
+    496 bytes per thread on sm_80 / 86 / 90 at K = 64, and the intra-chunk weights cost ``BT * BT * K`` exps per
+    chunk); BK holds all of K; BV: at most 32; 4 warps (8 for the gradient kernel), no software pipelining: no spills
+    on sm_80 / 86 / 89 / 90 at K = 64 and 128 (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass
+    program, 2 warps. The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
-    BT = min(max(triton.next_power_of_2(chunk_size), 16), 32 if BK <= 64 else 16)
+    BT = 16
     BV = max(min(triton.next_power_of_2(V), 32), 16)
     return ChunkParallelTiles(BT, BK, BV, 64, Launch(4, 1), Launch(8, 1), Launch(2, 1))
 
@@ -375,8 +375,8 @@ def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int 
 
     Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
     ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
-    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. ``chunk_size`` is rounded to a power of two in
-    [16, 32] (16 at K > 64): :func:`chunk_parallel_tiles`.
+    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Chunks are 16 tokens whatever ``chunk_size``
+    (checked, unused): :func:`chunk_parallel_tiles`.
     """
     K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
     check_head_dim("rwkv6_chunk_parallel", K)
