@@ -74,11 +74,13 @@ WRITES = {
 }
 # Arguments a kernel updates in place: read whole and written whole, so counted twice.
 READ_WRITES = {"_retention_cp_pass_kernel": {"states"}, "_rwkv6_cp_pass_kernel": {"states"}}
+# The chunk-parallel state passes read ``s_edge`` (the initial state, or the final state's gradient) only with HAS_EDGE.
+CHUNK_PARALLEL_GUARDS = {"s_edge": "HAS_EDGE"}
 SCRATCH = {"scratch", "scratch_ptr"}
 # Pointer arguments only touched when a constexpr flag is set (otherwise a placeholder tensor is passed).
 GUARDS = {
     "s0": "HAS_S0", "ds_final": "HAS_DS_FINAL", "h0_ptr": "HAS_H0", "dhT_ptr": "HAS_DHT", "D_ptr": "HAS_D",
-    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS", "s_edge": "HAS_EDGE",
+    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS",
 }
 
 
@@ -238,14 +240,14 @@ NOTES = [
     "Lower bounds computed on paper from the kernels' code, not measurements.",
     "bytes: every tensor argument of a launch once (read, or written), by dtype; scratch counted once at its size,"
     " its per-step round trips listed apart (they may stay in L2).",
+    "Chunk-parallel retention and RWKV-6: their in-place state passes read and write the [B*H, NT+1, K, V] fp32"
+    " state buffer (counted twice); the output and gradient kernels read it, counted once, though neighbouring chunks"
+    " share slots.",
     "FLOPs: a multiply-add is 2; reductions and rank-1 updates on [BK, BV] / [BLOCK_D, BLOCK_N] state tiles are"
     " CUDA-core FLOPs; vector-sized (per row) work is left out except exp calls.",
     "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
     " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
     "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
-    "Chunk-parallel retention and RWKV-6: their in-place state passes read and write the [B*H, NT+1, K, V] fp32"
-    " state buffer (counted twice); the output and gradient kernels read it, counted once, though neighbouring chunks"
-    " share slots.",
     "SSD backward: the FLOP count was written for the kernel before its rewrite (two fewer products per chunk since);"
     " its CUDA-core term may overstate the work, so treat the SSD backward bound as an estimate, not a strict bound.",
 ]
@@ -338,7 +340,8 @@ def launch_model(launch: Launch) -> dict:
     written: dict[str, int] = {}
     scratch_traffic = 0
     for name, value in a.items():
-        if not torch.is_tensor(value) or (name in GUARDS and not a.get(GUARDS[name], True)):
+        guard = GUARDS.get(name, CHUNK_PARALLEL_GUARDS.get(name))
+        if not torch.is_tensor(value) or (guard is not None and not a.get(guard, True)):
             continue
         dtype = str(value.dtype).removeprefix("torch.")
         target = written if name in writes or name in SCRATCH else read

@@ -48,25 +48,24 @@ def test_no_spills_but_the_known_ones(rows):
     assert unexpected == []
     hopper = [r for r in rows if r["target"] == "sm_90"]
     head_dim_64 = [r for r in hopper if r["dims"].get("K", r["dims"].get("P")) == 64]
-    # 6 cases at head dim 64 (SSD at N = 64 and 128) with a fwd and a bwd launch, 2 chunk-parallel ones with 6; 2 dtypes
-    assert len(head_dim_64) == (6 * 2 + 2 * 6) * 2
+    at_64 = [c for c in kr.cases() if c.dims.get("K", c.dims.get("P")) == 64]  # SSD at N = 64 and 128
+    assert len(head_dim_64) == sum(len(KERNELS[c.op]) for c in at_64) * 2  # every launch, 2 dtypes
     assert {(r["op"], r["dims"].get("N")) for r in hopper if r["stack"] > 0} <= {("ssd", 128)}
     assert all(r["stack"] == 0 for r in head_dim_64 if r["dims"].get("N") != 128)
 
 
 def test_launch_grids_follow_the_docstring_formulas(rows):
-    """``(B, cdiv(D, BLOCK_D))``, ``(B, H, cdiv(P, BLOCK_P))``, ``(cdiv(V, BV), B * H)`` and the chunk-parallel
-    ``(cdiv(K * V, BLOCK), B * H)`` / ``(cdiv(T, BT), cdiv(V, BV), B * H)`` at batch 1."""
+    """``(B, cdiv(D, BLOCK_D))``, ``(B, H, cdiv(P, BLOCK_P))`` and ``(cdiv(V, BV), B * H)`` at batch 1."""
     for r in rows:
         d, tiles = r["dims"], r["tiles"]
-        if r["op"] == "selective_scan":
+        # chunk-parallel retention / RWKV-6: state passes (cdiv(K * V, BLOCK), B * H), per chunk (cdiv(T, BT), cdiv(V, BV), B * H)
+        if r["op"] in CHUNK_PARALLEL:
+            expected = ([-(-d["K"] * d["V"] // tiles["BLOCK"]), d["H"], 1] if "BLOCK" in tiles
+                        else [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]])
+        elif r["op"] == "selective_scan":
             expected = [1, -(-d["D"] // tiles["BLOCK_D"]), 1]
         elif r["op"] == "ssd":
             expected = [1, d["H"], -(-d["P"] // tiles["BLOCK_P"])]
-        elif r["op"] in CHUNK_PARALLEL and "BLOCK" in tiles:  # the state passes: (cdiv(K * V, BLOCK), B * H)
-            expected = [-(-d["K"] * d["V"] // tiles["BLOCK"]), d["H"], 1]
-        elif r["op"] in CHUNK_PARALLEL:  # per chunk: (cdiv(T, BT), cdiv(V, BV), B * H)
-            expected = [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]]
         else:
             expected = [-(-d["V"] // tiles["BV"]), d["H"], 1]
         assert r["grid"] == expected, r
