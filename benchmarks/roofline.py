@@ -153,13 +153,14 @@ def _retention_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
 
 
 def _retention_state_pass(name: str, a: dict, programs: int) -> Flops:
-    """The state passes: per chunk, each program does one multiply-add on its BLOCK state entries and one exp."""
-    return Flops(cuda=2 * a["BLOCK"] * a["NT"] * programs, exp=a["NT"] * programs)
+    """The state passes: per chunk and state entry about 8 FLOPs (a work-efficient scan of the affine maps over G chunks,
+    two combines of 3 FLOPs, then applying the map); one exp per chunk."""
+    return Flops(cuda=8 * a["BLOCK"] * a["NT"] * programs, exp=a["NT"] * programs)
 
 
 def _rwkv6_state_pass(name: str, a: dict, programs: int) -> Flops:
-    """RWKV-6's state passes: per chunk, one multiply-add and one exp (its row's decay) per state entry."""
-    return Flops(cuda=2 * a["BLOCK"] * a["NT"] * programs, exp=a["BLOCK"] * a["NT"] * programs)
+    """RWKV-6's state passes: as retention's, with one exp (its row's decay) per state entry and chunk."""
+    return Flops(cuda=8 * a["BLOCK"] * a["NT"] * programs, exp=a["BLOCK"] * a["NT"] * programs)
 
 
 def _rwkv6_chunk_parallel(name: str, a: dict, programs: int) -> Flops:

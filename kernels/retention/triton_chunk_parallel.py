@@ -9,7 +9,8 @@ The sequence is cut into ``NT = cdiv(T, BT)`` chunks; with ``n_c`` real tokens i
 
 Forward: three launches, the mamba-ssm / fla split. (1) :func:`_retention_cp_chunk_state_kernel` computes every
 ``h_c`` at once, grid ``(NT, cdiv(V, BV), B * H)``; (2) :func:`_retention_cp_pass_kernel` runs the recurrence over
-chunks, sequential in c but parallel over the ``K * V`` state entries, grid ``(cdiv(K * V, BLOCK), B * H)``;
+chunks, sequential in c (G chunks per step: one load, an associative scan, one store) but parallel over the ``K * V``
+state entries, grid ``(cdiv(K * V, BLOCK), B * H)``;
 (3) :func:`_retention_cp_output_kernel` computes every ``O_c``, grid ``(NT, cdiv(V, BV), B * H)``. The states
 ``S_0 .. S_NT`` live in one fp32 buffer ``[B * H, NT + 1, K, V]`` (h_c is written to slot c + 1 and replaced in place
 by ``S_{c+1}``), kept for the backward pass. Backward: the mirror. ``dh_c = (Q_c * xi)^T dO_c`` for every chunk,
@@ -68,10 +69,16 @@ def _retention_cp_chunk_state_kernel(
 
 
 @triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    """Composition of ``x -> a1 x + b1`` then ``x -> a2 x + b2`` (the combine of the chunk recurrence's scan)."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
 def _retention_cp_pass_kernel(
     states, g, s_edge,
     T, NT,
-    H: tl.constexpr, KV: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr,
+    H: tl.constexpr, KV: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
     HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32); ``s_edge [B * H, K * V]``.
@@ -79,10 +86,13 @@ def _retention_cp_pass_kernel(
     ``gamma^(n_c) * slot c + slot c + 1`` (``h_c`` becomes ``S_{c+1}``). Backward (``REVERSE=True``): slot NT <-
     ``s_edge`` (the final state's gradient, or zeros); for c = NT - 1 .. 0, slot c <- ``gamma^(n_c) * slot c + 1 +
     slot c`` (``dh_c`` becomes ``dS_c``). Grid ``(cdiv(K * V, BLOCK), B * H)``: program ``(i_s, i_bh)`` carries state
-    entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` of batch-head ``i_bh`` through all chunks."""
+    entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` of batch-head ``i_bh`` through all chunks, ``G`` chunks per step:
+    one ``[G, BLOCK]`` load (G loads in flight, not one), an associative scan of the affine maps over the G chunks,
+    one ``[G, BLOCK]`` store."""
     i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
     o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    o_g = tl.arange(0, G)
     m_s = o_s < KV
     b_g = tl.load(g + i_h).to(tl.float32)
     p_base = states + i_bh * (NT + 1) * KV + o_s
@@ -94,16 +104,24 @@ def _retention_cp_pass_kernel(
         tl.store(p_base + NT * KV, b_s, mask=m_s)
     else:
         tl.store(p_base, b_s, mask=m_s)
-    for i in range(NT):
+    for i0 in range(0, NT, G):
+        i = i0 + o_g  # [G], the order the chunks are passed in
+        m_g = i < NT
         if REVERSE:
             c = NT - 1 - i
             slot = c
         else:
             c = i
             slot = c + 1
-        n = tl.minimum(BT, T - c * BT)
-        b_s = b_s * tl.exp(n.to(tl.float32) * b_g) + tl.load(p_base + slot * KV, mask=m_s, other=0.0)
-        tl.store(p_base + slot * KV, b_s, mask=m_s)
+        n = tl.where(m_g, tl.minimum(BT, T - c * BT), 0)  # [G] tokens per chunk; 0 past the last chunk: the identity
+        m = m_g[:, None] & m_s[None, :]
+        p = p_base[None, :] + slot.to(tl.int64)[:, None] * KV  # [G, BLOCK]
+        b_h = tl.load(p, mask=m, other=0.0)
+        b_d = tl.broadcast_to(tl.exp(n.to(tl.float32) * b_g)[:, None], [G, BLOCK])
+        b_a, b_b = tl.associative_scan((b_d, b_h), 0, _affine_combine)
+        b_out = b_a * b_s[None, :] + b_b  # [G, BLOCK], the state after each of the G chunks
+        tl.store(p, b_out, mask=m)
+        b_s = tl.sum(tl.where(o_g[:, None] == G - 1, b_out, 0.0), axis=0)
 
 
 @triton.jit
@@ -232,6 +250,7 @@ class ChunkParallelTiles(NamedTuple):
     BK: int
     BV: int
     BLOCK: int
+    G: int
     launch: Launch
     pass_launch: Launch
 
@@ -248,13 +267,13 @@ CP_MAX_BT = {
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_MAX_BT`] (64 only on sm_90 with bf16 /
     fp16 inputs at K <= 64); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 8 warps, no
-    software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), 2
-    warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
+    software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), G = 16
+    chunks per pass step, 2 warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
     BK = max(triton.next_power_of_2(K), 16)
     max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, Launch(num_warps=8, num_stages=1), Launch(num_warps=2, num_stages=1))
+    return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(num_warps=8, num_stages=1), Launch(num_warps=2, num_stages=1))
 
 
 def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
@@ -275,7 +294,7 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
         states, log_decay, initial_state if has_s0 else states, T, NT,
-        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
+        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
     )
     _retention_cp_output_kernel[(NT, NV, B * H)](q, k, v, log_decay, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
@@ -301,7 +320,7 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     has_ds = ds_final is not None
     _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
         dstates, log_decay, ds_final if has_ds else dstates, T, NT,
-        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
+        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
     )
     _retention_cp_grad_kernel[(NT, NV, B * H)](
         q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B, **dims,
