@@ -14,7 +14,8 @@ factor ``exp(-A)`` is ever formed and decays near 0 (``w_log`` -> -inf) or bf16 
 
 Forward: (1) :func:`_rwkv6_cp_chunk_state_kernel` writes every ``h_c`` (slot c + 1 of the fp32 state buffer
 ``[B * H, NT + 1, K, V]``) and ``A_L`` (``[B * H, NT, K]``), grid ``(NT, cdiv(V, BV), B * H)``; (2)
-:func:`_rwkv6_cp_pass_kernel` runs the recurrence over chunks in place, parallel over the ``K * V`` state entries,
+:func:`_rwkv6_cp_pass_kernel` runs the recurrence over chunks in place (G chunks per step: one load, an associative
+scan, one store), parallel over the ``K * V`` state entries,
 grid ``(cdiv(K * V, BLOCK), B * H)``; (3) :func:`_rwkv6_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
 Backward: ``dh_c = (R_c * exp(A'))^T dO_c`` (:func:`_rwkv6_cp_dstate_kernel`), the reverse pass
 ``dS_c = exp(A_L) * dS_{c+1} + dh_c``, then per chunk (:func:`_rwkv6_cp_grad_kernel`), with ``da = dO V^T``
@@ -38,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels.retention.triton_chunk_parallel import _affine_combine
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
 from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
 
@@ -78,16 +80,18 @@ def _rwkv6_cp_chunk_state_kernel(
 def _rwkv6_cp_pass_kernel(
     states, gl, s_edge,
     NT,
-    V: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr,
+    V: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
     HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32), row k of chunk c decayed by
     ``exp(gl[i_bh, c, k])``; ``s_edge [B * H, K * V]``. Forward: slot 0 <- ``s_edge`` (or zeros), then for c = 0 ..
     NT - 1 slot c + 1 <- ``exp(A_L) * slot c + slot c + 1``. Backward (``REVERSE``): slot NT <- ``s_edge`` (or zeros),
     then for c = NT - 1 .. 0 slot c <- ``exp(A_L) * slot c + 1 + slot c``. Grid ``(cdiv(K * V, BLOCK), B * H)``:
-    program ``(i_s, i_bh)`` carries state entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` through all chunks."""
+    program ``(i_s, i_bh)`` carries state entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` through all chunks, ``G``
+    chunks per step (one ``[G, BLOCK]`` load, an associative scan of the affine maps, one store)."""
     i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    o_g = tl.arange(0, G)
     m_s = o_s < KV
     K = KV // V
     p_base = states + i_bh * (NT + 1) * KV + o_s
@@ -100,16 +104,23 @@ def _rwkv6_cp_pass_kernel(
         tl.store(p_base + NT * KV, b_s, mask=m_s)
     else:
         tl.store(p_base, b_s, mask=m_s)
-    for i in range(NT):
+    for i0 in range(0, NT, G):
+        i = i0 + o_g  # [G], the order the chunks are passed in
         if REVERSE:
             c = NT - 1 - i
             slot = c
         else:
             c = i
             slot = c + 1
-        b_decay = tl.exp(tl.load(p_gl + c * K, mask=m_s, other=0.0))
-        b_s = b_s * b_decay + tl.load(p_base + slot * KV, mask=m_s, other=0.0)
-        tl.store(p_base + slot * KV, b_s, mask=m_s)
+        m = (i < NT)[:, None] & m_s[None, :]
+        # past the last chunk: log decay 0 and h = 0, the identity map
+        b_d = tl.exp(tl.load(p_gl[None, :] + c.to(tl.int64)[:, None] * K, mask=m, other=0.0))  # [G, BLOCK]
+        p = p_base[None, :] + slot.to(tl.int64)[:, None] * KV  # [G, BLOCK]
+        b_h = tl.load(p, mask=m, other=0.0)
+        b_a, b_b = tl.associative_scan((b_d, b_h), 0, _affine_combine)
+        b_out = b_a * b_s[None, :] + b_b  # [G, BLOCK], the state after each of the G chunks
+        tl.store(p, b_out, mask=m)
+        b_s = tl.sum(tl.where(o_g[:, None] == G - 1, b_out, 0.0), axis=0)
 
 
 @triton.jit
@@ -277,6 +288,7 @@ class ChunkParallelTiles(NamedTuple):
     BK: int
     BV: int
     BLOCK: int
+    G: int
     launch: Launch
     grad_launch: Launch
     pass_launch: Launch
@@ -287,11 +299,11 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     496 bytes per thread on sm_80 / 86 / 90 at K = 64, and the intra-chunk weights cost ``BT * BT * K`` exps per
     chunk); BK holds all of K; BV: at most 32; 4 warps (8 for the gradient kernel), no software pipelining: no spills
     on sm_80 / 86 / 89 / 90 at K = 64 and 128 (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass
-    program, 2 warps. The same on every target and input dtype."""
+    program, G = 16 chunks per pass step, 2 warps. The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BT = 16
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, Launch(4, 1), Launch(8, 1), Launch(2, 1))
+    return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1))
 
 
 def _precision(*tensors: torch.Tensor) -> str:
@@ -315,7 +327,7 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
         states, gl, initial_state if has_s0 else states, NT,
-        V=V, KV=K * V, BLOCK=BLOCK, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
+        V=V, KV=K * V, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
     )
     _rwkv6_cp_output_kernel[(NT, NV, B * H)](r, k, v, w, u, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
@@ -339,7 +351,7 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     has_ds = ds_final is not None
     _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
         dstates, gl, ds_final if has_ds else dstates, NT,
-        V=V, KV=K * V, BLOCK=BLOCK, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
+        V=V, KV=K * V, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
     )
     _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
         r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **{**dims, **tiles.grad_launch._asdict()},
