@@ -39,7 +39,7 @@ TARGETS: dict[str, tuple[int, int]] = {  # name -> (arch, shared memory per bloc
     "sm_90": (90, 232448),  # H100, H200
 }
 DTYPES = ("bfloat16", "float32")
-TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK")
+TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK", "G")
 T = 2048  # sequence length of every case: a multiple of 16 like most training runs
 D_MODEL = 768
 
