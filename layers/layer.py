@@ -1,14 +1,17 @@
 """One residual layer: pre-norm mixer + residual, then pre-norm FFN + residual; optionally adaLN-Zero conditioned (DiT)."""
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
-from .base import SequenceMixer, cat_states, map_state
+from .base import SequenceMixer, cat_states, map_state, replaying
 from .norm import RMSNorm
 
 
@@ -53,10 +56,22 @@ class ResidualLayer(nn.Module):
     ``conditioned``: adaLN-Zero (DiT, MDLM's time-conditioned DiT). A conditioning vector ``c [B, D]`` gives each
     branch a shift, scale and gate, ``x + gate * branch(norm(x) * (1 + scale) + shift)``, from ``Linear(SiLU(c))``
     initialized to zero (:class:`AdaLNModulation`), so every gate starts closed and the layer starts as the identity.
+
+    Activation checkpointing: with ``gradient_checkpointing`` set (Hugging Face's per-layer switch, set by
+    ``gradient_checkpointing_enable`` or by zoo's ``trainer.activation_checkpointing``), a training forward without a
+    state keeps only the layer's input and recomputes the layer in the backward through ``_gradient_checkpointing_func``
+    (torch's non-reentrant checkpoint unless Hugging Face's switch passed another); the recomputation runs under
+    :func:`~zoo.layers.base.replaying`, so MoE routing statistics are recorded once.
     """
 
-    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False):
+    gradient_checkpointing = False
+
+    def __init__(
+        self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False, block: str = ""
+    ):
         super().__init__()
+        self.block = block  # the registry name of the mixer's block (activation checkpointing selects layers by it)
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         self.mixer_norm = RMSNorm(d_model, norm_eps)
         self.mixer = mixer
         self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
@@ -88,6 +103,17 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
+            calls = itertools.count()
+
+            def run(x: torch.Tensor, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+                with replaying(next(calls) > 0):  # the first call is the forward, later ones the backward's replays
+                    return self._forward(x, None, conditioning)
+
+            return self._gradient_checkpointing_func(run, x, conditioning)
+        return self._forward(x, state, conditioning)
+
+    def _forward(self, x: torch.Tensor, state: Any, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
         h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state)

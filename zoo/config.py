@@ -202,6 +202,14 @@ class TrainerConfig:
     nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or grad norm: stop, or skip that update
     max_nonfinite_skips: int = bounded(10, ge=1)  # with skip: this many skipped steps in a row stop the run
     logger: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=list)  # Lightning loggers besides metrics.csv
+    # Recompute layers in the backward instead of keeping their activations: none, all, or the layers of these blocks
+    activation_checkpointing: Literal["none", "all"] | list[str] = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activation_checkpointing, list):
+            for i, name in enumerate(self.activation_checkpointing):
+                if name not in MIXERS:
+                    raise ConfigError(f"activation_checkpointing[{i}]", f"unknown block {name!r}; blocks: {', '.join(MIXERS.names())}")
 
 
 @dataclass
@@ -297,6 +305,9 @@ class Recipe:
             raise ConfigError("model.bidirectional", "objective: causal needs causal layers; bidirectional models are diffusion denoisers")
         if self.finetune is not None and self.objective != "causal":
             raise ConfigError("finetune", f"LoRA fine-tuning trains causal LMs; objective is {self.objective!r}")
+        for i, name in enumerate(self.trainer.activation_checkpointing if isinstance(self.trainer.activation_checkpointing, list) else []):
+            if name not in self.model.blocks:
+                raise ConfigError(f"trainer.activation_checkpointing[{i}]", f"block {name!r} is not in model.blocks {self.model.blocks}")
 
     def with_vocab_size(self, n_tokens: int) -> "Recipe":
         """This recipe, validated again, with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the

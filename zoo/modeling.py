@@ -329,6 +329,7 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ResidualLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    supports_gradient_checkpointing = True  # per ResidualLayer, see set_activation_checkpointing
 
     def __init__(self, config: ZooConfig, *args: Any, **kwargs: Any):
         """``attn_implementation`` (of ``from_pretrained``/``from_config``) sets ``attention.backend``; the config then
@@ -382,6 +383,18 @@ class ZooPreTrainedModel(PreTrainedModel):
             raise explain_safetensors_error(pretrained_model_name_or_path, err) from None
 
 
+def set_activation_checkpointing(model: nn.Module, blocks: str | list[str]) -> int:
+    """Activation checkpointing (``trainer.activation_checkpointing``) for ``all`` residual layers of ``model``, the
+    layers whose block is named in ``blocks``, or ``none``; returns how many layers recompute in the backward. Works
+    on wrapped models too (PEFT, Lightning modules): it finds the layers by type."""
+    layers = [m for m in model.modules() if isinstance(m, ResidualLayer)]
+    if not layers:
+        raise ValueError(f"activation checkpointing: {type(model).__name__} has no zoo residual layers")
+    for layer in layers:
+        layer.gradient_checkpointing = blocks == "all" or (isinstance(blocks, list) and layer.block in blocks)
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
 class ZooModel(ZooPreTrainedModel):
     """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm.
 
@@ -401,7 +414,7 @@ class ZooModel(ZooPreTrainedModel):
             build_mixer = mixer_cls.bidirectional if spec.bidirectional else mixer_cls
             mixer = ShortConv.wrap(build_mixer(spec.args_for(block), spec.d_model, i), spec.short_conv.get(block, 0))
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
-            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned))
+            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned, block=block))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
         # adaLN on the output: shift and scale after the final norm (DiT's final layer), zero at init.
