@@ -53,13 +53,15 @@ class ResidualLayer(nn.Module):
     ``conditioned``: adaLN-Zero (DiT, MDLM's time-conditioned DiT). A conditioning vector ``c [B, D]`` gives each
     branch a shift, scale and gate, ``x + gate * branch(norm(x) * (1 + scale) + shift)``, from ``Linear(SiLU(c))``
     initialized to zero (:class:`AdaLNModulation`), so every gate starts closed and the layer starts as the identity.
+    ``norm``: the class of both pre-norms (``zoo.layers.norm.NORMS``), built as ``norm(d_model, norm_eps)``.
     """
 
-    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False):
+    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False,
+                 norm: type[nn.Module] = RMSNorm):
         super().__init__()
-        self.mixer_norm = RMSNorm(d_model, norm_eps)
+        self.mixer_norm = norm(d_model, norm_eps)
         self.mixer = mixer
-        self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
+        self.ffn_norm = norm(d_model, norm_eps) if ffn is not None else None
         self.ffn = ffn
         self.ffn_stateful = bool(getattr(ffn, "stateful", False))
         self.n_branches = 1 if ffn is None else 2
@@ -78,7 +80,7 @@ class ResidualLayer(nn.Module):
         return Modulation(*params[:3]), Modulation(*params[3:]) if self.ffn is not None else None
 
     @staticmethod
-    def _branch_input(norm: RMSNorm, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
+    def _branch_input(norm: nn.Module, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         h = norm(x)
         return h if mod is None else h * (1 + mod.scale) + mod.shift
 
@@ -86,11 +88,13 @@ class ResidualLayer(nn.Module):
     def _gated(h: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         return h if mod is None else mod.gate * h
 
-    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one."""
+    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None,
+                shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one.
+        ``shared``: the forward's cross-layer tensors, one dict for all layers (see ``SequenceMixer.shared_tensor``)."""
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
-        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state)
+        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared)
         x = x + self._gated(h, mixer_mod)
         if self.ffn is None:
             return x, mixer_state

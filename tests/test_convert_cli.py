@@ -1,4 +1,7 @@
-"""``python -m zoo.convert HF_DIR OUT_DIR`` on tiny random Llama, Mistral, Mixtral, Mamba and Mamba-2 checkpoints."""
+"""``python -m zoo.convert HF_DIR OUT_DIR`` on tiny random Llama, Mistral, Mixtral, Mamba, Mamba-2 checkpoints and,
+when flash-linear-attention is installed, fla RWKV-7 ones (run through fla's torch references, tests/fla_torch.py)."""
+import contextlib
+
 import pytest
 import torch
 from transformers import (
@@ -6,6 +9,7 @@ from transformers import (
     MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
 )
 
+from fla_torch import fla_rwkv7_on_torch
 import zoo
 from zoo.convert.__main__ import CONVERTERS, main
 from zoo.data import byte_tokenizer
@@ -18,7 +22,21 @@ TINY = {
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**ATTN, num_local_experts=4, num_experts_per_tok=2)),
     "mamba": lambda: MambaForCausalLM(MambaConfig(**SSM, time_step_rank=4)),
     "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**SSM, num_heads=4, head_dim=16, n_groups=1, chunk_size=16)),
+    "rwkv7": lambda: tiny_fla_rwkv7(),
 }
+# model_type -> context in which the source model runs on CPU (fla's Triton ops swapped for its torch references)
+RUN_SOURCE = {"rwkv7": fla_rwkv7_on_torch}
+
+
+def tiny_fla_rwkv7(**overrides):
+    """A 3-layer fla RWKV7ForCausalLM (layers 1 and 2 read layer 0's values); head_dim 16, norm_eps 1e-5: GroupNorm
+    eps 1.6e-4, not zoo's default 6.4e-4."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    ranks = dict(decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=4)
+    config = dict(vocab_size=259, hidden_size=32, num_hidden_layers=3, head_dim=16, hidden_ratio=3, fuse_norm=False, **ranks)
+    return RWKV7ForCausalLM(RWKV7Config(**{**config, **overrides}))
 
 
 def perturb(model):
@@ -47,7 +65,7 @@ def test_convert_cli_logits_match(tmp_path, model_type, capsys):
     assert isinstance(converted, zoo.ZooForCausalLM)
     assert (tmp_path / "zoo" / "tokenizer.json").is_file()
     x = torch.randint(0, 259, (2, 11))
-    with torch.no_grad():
+    with torch.no_grad(), RUN_SOURCE.get(model_type, contextlib.nullcontext)():
         torch.testing.assert_close(converted(x).logits, hf(x).logits, atol=1e-4, rtol=1e-4)
 
 

@@ -1,0 +1,54 @@
+"""fla's RWKV-7 layer and model on CPU without Triton: its fused Triton ops swapped for fla's own torch references.
+
+``fla_rwkv7_on_torch()`` (a context manager) replaces, in ``fla.layers.rwkv7`` and ``fla.models.rwkv7``, the
+Triton ops fla's ``RWKV7Attention`` and ``RWKV7FeedForward`` call: ``token_shift`` (a zero-padded shift, carrying a
+cache), ``fused_addcmul_rwkv7`` -> ``torch_addcmul_rwkv7``, ``fused_k_rwkv7`` -> ``k_update_ref``,
+``gate_output_correction`` -> ``gate_output_correction_ref``, and ``chunk_rwkv7`` / ``fused_mul_recurrent_rwkv7``
+-> fla's sequential ``dplr_recurrence`` (``fla.ops.generalized_delta_rule.dplr.naive``). fla's chunked kernel itself
+is checked against zoo's reference in tests/test_fla_backend.py. Build fla models with ``fuse_norm=False`` so
+LayerNorm and GroupNorm are torch's.
+"""
+import contextlib
+
+import pytest
+import torch
+
+
+def _token_shift(x, cu_seqlens=None, cache=None, output_cache=False, **kwargs):
+    """``delta = x_{t-1} - x_t`` with ``x_{-1}`` the cache (zeros without); the new cache is the last token ``[B, 1, D]``."""
+    prev = torch.zeros_like(x[:, :1]) if cache is None else cache.reshape(x.shape[0], 1, x.shape[2]).to(x)
+    delta = torch.cat((prev, x[:, :-1]), dim=1) - x  # [B, T, D]
+    return (delta, x[:, -1:]) if output_cache else delta
+
+
+def _dplr(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False, **kwargs):
+    """fla's sequential generalized delta rule on ``[B, T, H, K]`` inputs (it takes ``[B, H, T, K]`` and scales q by K^-0.5)."""
+    from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
+
+    q = r * scale * r.shape[-1] ** 0.5
+    o, state = dplr_recurrence(*(t.transpose(1, 2) for t in (q, k, v, a, b, w)), initial_state, output_final_state=True)
+    return o.transpose(1, 2), state if output_final_state else None
+
+
+def _mul_recurrent(r, w, k, v, kk, a, scale=1.0, initial_state=None, output_final_state=False, **kwargs):
+    return _dplr(r, w, k, v, -kk, kk * a, scale, initial_state, output_final_state)
+
+
+@contextlib.contextmanager
+def fla_rwkv7_on_torch():
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    import fla.layers.rwkv7 as layer
+    import fla.models.rwkv7.modeling_rwkv7 as modeling
+    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
+    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (layer, modeling):
+            mp.setattr(module, "token_shift", _token_shift)
+        mp.setattr(layer, "fused_addcmul_rwkv7", torch_addcmul_rwkv7)
+        mp.setattr(layer, "fused_k_rwkv7", lambda k, a, ka, *args, **kwargs: k_update_ref(k, a, ka))
+        mp.setattr(layer, "gate_output_correction", gate_output_correction_ref)
+        mp.setattr(layer, "chunk_rwkv7", _dplr)
+        mp.setattr(layer, "fused_mul_recurrent_rwkv7", _mul_recurrent)
+        yield
