@@ -1,4 +1,5 @@
-"""fla's RWKV-7 layer and model on CPU without Triton: its fused Triton ops swapped for fla's own torch references.
+"""fla's RWKV-6 and RWKV-7 layers and models on CPU without Triton: their Triton ops swapped for fla's own torch
+references (RWKV-6: :func:`fla_rwkv6_on_torch`).
 
 ``fla_rwkv7_on_torch()`` (a context manager) replaces, in ``fla.layers.rwkv7`` and ``fla.models.rwkv7``, the
 Triton ops fla's ``RWKV7Attention`` and ``RWKV7FeedForward`` call: ``token_shift`` (a zero-padded shift, carrying a
@@ -32,6 +33,39 @@ def _dplr(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=Fa
 
 def _mul_recurrent(r, w, k, v, kk, a, scale=1.0, initial_state=None, output_final_state=False, **kwargs):
     return _dplr(r, w, k, v, -kk, kk * a, scale, initial_state, output_final_state)
+
+
+# fla's Triton activations (built into layers at construction) in torch
+TORCH_ACTIVATIONS = {"swish": torch.nn.functional.silu, "sqrelu": lambda x: torch.relu(x).square()}
+
+
+def _rwkv6(r, k, v, w, u, scale=1.0, initial_state=None, output_final_state=False, **kwargs):
+    """fla's sequential RWKV-6 on ``[B, T, H, K]`` inputs (it takes ``[B, H, T, K]``)."""
+    from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
+
+    o, state = naive_recurrent_rwkv6(*(t.transpose(1, 2) for t in (r, k, v, w)), u, scale, initial_state, output_final_state)
+    return o.transpose(1, 2), state
+
+
+@contextlib.contextmanager
+def fla_rwkv6_on_torch():
+    """fla's RWKV-6 with its torch references: the token shift, ``naive_recurrent_rwkv6`` for ``chunk_rwkv6`` and
+    ``fused_recurrent_rwkv6``, ``GroupNormRef`` for the Triton GroupNorm and torch activations (models must be built
+    inside: layers keep their norm and activation from construction)."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    import fla.layers.rwkv6 as layer
+    import fla.models.rwkv6.modeling_rwkv6 as modeling
+    from fla.modules.norm.layernorm import GroupNormRef
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (layer, modeling):
+            mp.setattr(module, "token_shift", _token_shift)
+        mp.setattr(layer, "chunk_rwkv6", _rwkv6)
+        mp.setattr(layer, "fused_recurrent_rwkv6", _rwkv6)
+        mp.setattr(layer, "GroupNorm", GroupNormRef)
+        for module in (layer, modeling):
+            mp.setattr(module, "ACT2FN", TORCH_ACTIVATIONS)
+        yield
 
 
 @contextlib.contextmanager

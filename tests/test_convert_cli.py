@@ -1,5 +1,6 @@
 """``python -m zoo.convert HF_DIR OUT_DIR`` on tiny random Llama, Mistral, Mixtral, Mamba, Mamba-2 checkpoints and,
-when flash-linear-attention is installed, fla RWKV-7 ones (run through fla's torch references, tests/fla_torch.py)."""
+when flash-linear-attention is installed, fla RWKV-6 and RWKV-7 ones (run through fla's torch references,
+tests/fla_torch.py)."""
 import contextlib
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import (
     MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
 )
 
-from fla_torch import fla_rwkv7_on_torch
+from fla_torch import fla_rwkv6_on_torch, fla_rwkv7_on_torch
 import zoo
 from zoo.convert.__main__ import CONVERTERS, main
 from zoo.data import byte_tokenizer
@@ -22,10 +23,21 @@ TINY = {
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**ATTN, num_local_experts=4, num_experts_per_tok=2)),
     "mamba": lambda: MambaForCausalLM(MambaConfig(**SSM, time_step_rank=4)),
     "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**SSM, num_heads=4, head_dim=16, n_groups=1, chunk_size=16)),
+    "rwkv6": lambda: tiny_fla_rwkv6(),
     "rwkv7": lambda: tiny_fla_rwkv7(),
 }
-# model_type -> context in which the source model runs on CPU (fla's Triton ops swapped for its torch references)
-RUN_SOURCE = {"rwkv7": fla_rwkv7_on_torch}
+# model_type -> context in which the source model is built and runs on CPU (fla's Triton ops -> its torch references)
+RUN_SOURCE = {"rwkv6": fla_rwkv6_on_torch, "rwkv7": fla_rwkv7_on_torch}
+
+
+def tiny_fla_rwkv6(**overrides):
+    """A 2-layer fla RWKV6ForCausalLM with zoo's widths (expand_k = expand_v = 1); GroupNorm eps 1e-5."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fla.models import RWKV6Config, RWKV6ForCausalLM
+
+    config = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=1, expand_v=1,
+                  proj_low_rank_dim=4, gate_low_rank_dim=8, hidden_ratio=3, fuse_norm=False)
+    return RWKV6ForCausalLM(RWKV6Config(**{**config, **overrides}))
 
 
 def tiny_fla_rwkv7(**overrides):
@@ -55,18 +67,26 @@ def test_every_converter_is_tested():
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_convert_cli_logits_match(tmp_path, model_type, capsys):
     torch.manual_seed(0)
-    hf = perturb(TINY[model_type]())
-    assert hf.config.model_type == model_type
-    hf.save_pretrained(tmp_path / "hf")
-    byte_tokenizer().save_pretrained(tmp_path / "hf")
-    assert main([str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
-    assert "wrote" in capsys.readouterr().out
-    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo")
-    assert isinstance(converted, zoo.ZooForCausalLM)
-    assert (tmp_path / "zoo" / "tokenizer.json").is_file()
-    x = torch.randint(0, 259, (2, 11))
-    with torch.no_grad(), RUN_SOURCE.get(model_type, contextlib.nullcontext)():
-        torch.testing.assert_close(converted(x).logits, hf(x).logits, atol=1e-4, rtol=1e-4)
+    with RUN_SOURCE.get(model_type, contextlib.nullcontext)():
+        hf = perturb(TINY[model_type]())
+        assert hf.config.model_type == model_type
+        hf.save_pretrained(tmp_path / "hf")
+        byte_tokenizer().save_pretrained(tmp_path / "hf")
+        assert main([str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
+        assert "wrote" in capsys.readouterr().out
+        converted = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo")
+        assert isinstance(converted, zoo.ZooForCausalLM)
+        assert (tmp_path / "zoo" / "tokenizer.json").is_file()
+        x = torch.randint(0, 259, (2, 11))
+        with torch.no_grad():
+            expected = hf(x).logits
+            torch.testing.assert_close(converted(x).logits, expected, atol=1e-4, rtol=1e-4)
+            if model_type in RUN_SOURCE:  # fla models: the converted model's chunked prefill + decode too
+                out = converted(x[:, :4], use_cache=True)
+                cache = out.cache
+                parts = [out.logits, converted(x[:, 4:7], cache=cache, use_cache=True).logits]
+                parts += [converted(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(7, 11)]
+                torch.testing.assert_close(torch.cat(parts, 1), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_convert_cli_errors_name_the_problem(tmp_path, capsys):
@@ -80,3 +100,31 @@ def test_convert_cli_errors_name_the_problem(tmp_path, capsys):
     assert "sliding-window attention is not supported" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported (zoo's rwkv7_cmix uses sqrelu)"),
+    ({"norm_bias": False}, "norm_bias=False is not supported"),
+])
+def test_fla_settings_zoo_cannot_reproduce_are_refused(tmp_path, capsys, overrides, message):
+    with RUN_SOURCE["rwkv7"]():
+        tiny_fla_rwkv7(**overrides).save_pretrained(tmp_path / "hf")
+        capsys.readouterr()
+        assert main([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot convert this rwkv7 checkpoint" in err and message in err
+
+
+def test_fla_configs_zoo_cannot_reproduce_are_refused():
+    """Settings whose fla models do not build at tiny sizes: checked on the configs."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fla.models import RWKV6Config, RWKV7Config
+
+    from zoo.convert.fla import rwkv6_config_to_zoo, rwkv7_config_to_zoo
+
+    with pytest.raises(ValueError, match=r"value_dim \[64, 64\] != hidden_size 32 is not supported"):
+        rwkv7_config_to_zoo(RWKV7Config(hidden_size=32, num_hidden_layers=2, head_dim=16, value_dim=64))
+    with pytest.raises(ValueError, match="attn=.*softmax-attention layers are not supported"):
+        rwkv7_config_to_zoo(RWKV7Config(hidden_size=32, num_hidden_layers=2, head_dim=16, attn={"layers": [1], "num_heads": 2}))
+    with pytest.raises(ValueError, match=r"expand_k=0.5, expand_v=1.0: zoo's rwkv6 has key and value width d_model"):
+        rwkv6_config_to_zoo(RWKV6Config(hidden_size=32, num_hidden_layers=2, num_heads=2))

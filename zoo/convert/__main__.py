@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_parsed
-from zoo.convert.fla import from_fla_rwkv7
+from zoo.convert.fla import from_fla_rwkv6, from_fla_rwkv7
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
@@ -27,6 +27,7 @@ CONVERTERS = {
     "mixtral": ("transformers.MixtralForCausalLM", from_mixtral),
     "mamba": ("transformers.MambaForCausalLM", from_mamba),
     "mamba2": ("transformers.Mamba2ForCausalLM", from_mamba2),
+    "rwkv6": ("fla.models.RWKV6ForCausalLM", from_fla_rwkv6),
     "rwkv7": ("fla.models.RWKV7ForCausalLM", from_fla_rwkv7),
 }
 # model_types of fla checkpoints zoo has no converter for, and why

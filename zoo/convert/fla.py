@@ -101,12 +101,116 @@ def convert_rwkv7_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def from_fla_rwkv7(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an fla ``RWKV7ForCausalLM``."""
-    config = rwkv7_config_to_zoo(hf_model.config)
+    return _from_fla(hf_model, rwkv7_config_to_zoo(hf_model.config), convert_rwkv7_state_dict, "fla RWKV-7")
+
+
+# fla's RWKV-6 keeps its five ddlerp mixes in the order r, w, k, v, g; zoo's (RWKV-LM's) order is w, k, v, r, g.
+_RWKV6_ORDER = [1, 2, 3, 0, 4]  # zoo row i <- fla row _RWKV6_ORDER[i]
+
+FLA_RWKV6_KEY_MAP = {
+    r"model\.embeddings\.weight": "model.embed.weight",
+    r"model\.layers\.0\.pre_norm\.(weight|bias)": r"model.embed_norm.\1",
+    rf"{_LAYER}\.attn_norm\.(weight|bias)": rf"{_ZOO}.mixer_norm.\2",
+    rf"{_LAYER}\.ffn_norm\.(weight|bias)": rf"{_ZOO}.ffn_norm.\2",
+    rf"{_LAYER}\.attn\.x_proj\.0\.mu": rf"{_ZOO}.mixer.time_maa_x",
+    rf"{_LAYER}\.attn\.x_proj\.0\.linear\.weight": rf"{_ZOO}.mixer.time_maa_w1",
+    rf"{_LAYER}\.attn\.x_proj\.2\.weight": rf"{_ZOO}.mixer.time_maa_w2",
+    rf"{_LAYER}\.attn\.x_bias": rf"{_ZOO}.mixer.time_maa",
+    rf"{_LAYER}\.attn\.r_proj\.linear\.weight": rf"{_ZOO}.mixer.receptance.weight",
+    rf"{_LAYER}\.attn\.k_proj\.linear\.weight": rf"{_ZOO}.mixer.key.weight",
+    rf"{_LAYER}\.attn\.v_proj\.linear\.weight": rf"{_ZOO}.mixer.value.weight",
+    rf"{_LAYER}\.attn\.g_proj\.linear\.weight": rf"{_ZOO}.mixer.gate.weight",
+    rf"{_LAYER}\.attn\.w_proj\.linear\.lora\.0\.weight": rf"{_ZOO}.mixer.time_decay_w1",
+    rf"{_LAYER}\.attn\.w_proj\.linear\.lora\.2\.weight": rf"{_ZOO}.mixer.time_decay_w2",
+    rf"{_LAYER}\.attn\.w_proj\.linear\.lora\.2\.bias": rf"{_ZOO}.mixer.time_decay",
+    rf"{_LAYER}\.attn\.bonus": rf"{_ZOO}.mixer.time_faaaa",
+    rf"{_LAYER}\.attn\.g_norm\.(weight|bias)": rf"{_ZOO}.mixer.ln_x.\2",
+    rf"{_LAYER}\.attn\.o_proj\.weight": rf"{_ZOO}.mixer.output.weight",
+    rf"{_LAYER}\.ffn\.key\.mu": rf"{_ZOO}.ffn.time_maa_k",
+    rf"{_LAYER}\.ffn\.receptance\.mu": rf"{_ZOO}.ffn.time_maa_r",
+    rf"{_LAYER}\.ffn\.(key|receptance)\.linear\.weight": rf"{_ZOO}.ffn.\2.weight",
+    rf"{_LAYER}\.ffn\.value\.weight": rf"{_ZOO}.ffn.value.weight",
+    r"model\.norm\.(weight|bias)": r"model.norm.\1",
+    r"lm_head\.weight": "lm_head.weight",
+}
+FLA_RWKV6_TRANSPOSED = r"model\.layers\.\d+\.mixer\.time_decay_w[12]"
+
+
+def _rwkv6_mix_layouts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fla's ddlerp weights in zoo's layout and row order: ``time_maa [5, D]`` (fla ``x_bias``), ``time_maa_w1
+    [D, 5 R]`` (fla ``x_proj.0.linear.weight [5 R, D]``), ``time_maa_w2 [5, R, D]`` (fla ``x_proj.2.weight [D, 5 R]``)."""
+    out = dict(state)
+    for key, tensor in state.items():
+        if key.endswith(".mixer.time_maa"):
+            out[key] = tensor[_RWKV6_ORDER]
+        elif key.endswith(".mixer.time_maa_w1"):
+            five_r, D = tensor.shape
+            out[key] = tensor.view(5, five_r // 5, D)[_RWKV6_ORDER].reshape(five_r, D).T.contiguous()
+        elif key.endswith(".mixer.time_maa_w2"):
+            D, five_r = tensor.shape
+            out[key] = tensor.view(D, 5, five_r // 5).permute(1, 2, 0)[_RWKV6_ORDER].contiguous()
+    return out
+
+
+def rwkv6_config_to_zoo(hf_config) -> ZooConfig:
+    """The zoo config of an fla ``RWKV6Config``; unsupported features are an error, never ignored."""
+    D = hf_config.hidden_size
+    if getattr(hf_config, "attn", None):
+        raise ValueError(f"attn={hf_config.attn}: fla RWKV-6 models with softmax-attention layers are not supported")
+    if hf_config.expand_k != 1 or hf_config.expand_v != 1:
+        raise ValueError(f"expand_k={hf_config.expand_k}, expand_v={hf_config.expand_v}: zoo's rwkv6 has key and value width d_model (1, 1)")
+    if D % hf_config.num_heads:
+        raise ValueError(f"hidden_size {D} is not a multiple of num_heads {hf_config.num_heads}")
+    if hf_config.hidden_act != "sqrelu":
+        raise ValueError(f"hidden_act '{hf_config.hidden_act}' is not supported (zoo's rwkv_cmix uses sqrelu)")
+    if not hf_config.norm_bias:
+        raise ValueError("norm_bias=False is not supported (zoo's layernorm has a bias)")
+    intermediate = hf_config.intermediate_size
+    if intermediate is None:
+        intermediate = 32 * -(-int(D * (hf_config.hidden_ratio or 3.5)) // 32)  # fla's RWKV6FeedForward rounding
+    model = ModelConfig.from_dict(
+        {
+            "d_model": D,
+            "n_layers": hf_config.num_hidden_layers,
+            "blocks": ["rwkv6"],
+            "ffn": "rwkv_cmix",
+            "vocab_size": hf_config.vocab_size,
+            "norm": "layernorm",
+            "norm_eps": hf_config.norm_eps,
+            "embed_norm": bool(hf_config.norm_first),
+            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+            "rwkv6": {
+                "head_dim": D // hf_config.num_heads,
+                "decay_lora_rank": hf_config.gate_low_rank_dim,
+                "mix_lora_rank": hf_config.proj_low_rank_dim,
+                "group_norm_eps": hf_config.norm_eps,
+            },
+            "rwkv_cmix": {"hidden_size": intermediate},
+        },
+        "rwkv6",
+    )
+    return ZooConfig.from_model_config(
+        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
+    )
+
+
+def convert_rwkv6_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fla RWKV-6 weights under zoo's names, layouts and mix order."""
+    return _rwkv6_mix_layouts(convert_state_dict(state, FLA_RWKV6_KEY_MAP, "fla RWKV-6", transposed=FLA_RWKV6_TRANSPOSED))
+
+
+def _from_fla(hf_model, config: ZooConfig, convert, source: str) -> ZooForCausalLM:
     model = ZooForCausalLM(config)
     state = hf_model.state_dict()
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    load_converted(model, convert_rwkv7_state_dict(state), "fla RWKV-7")
+    load_converted(model, convert(state), source)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(hf_model.dtype)
+
+
+def from_fla_rwkv6(hf_model) -> ZooForCausalLM:
+    """A zoo model holding the weights of an fla ``RWKV6ForCausalLM``. zoo clamps the log-log decay at 3
+    (``zoo.layers.rwkv6.MAX_LOG_LOG_DECAY``: decay <= 2e-9 either way); fla does not."""
+    return _from_fla(hf_model, rwkv6_config_to_zoo(hf_model.config), convert_rwkv6_state_dict, "fla RWKV-6")
