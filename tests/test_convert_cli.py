@@ -128,3 +128,15 @@ def test_fla_configs_zoo_cannot_reproduce_are_refused():
         rwkv7_config_to_zoo(RWKV7Config(hidden_size=32, num_hidden_layers=2, head_dim=16, attn={"layers": [1], "num_heads": 2}))
     with pytest.raises(ValueError, match=r"expand_k=0.5, expand_v=1.0: zoo's rwkv6 has key and value width d_model"):
         rwkv6_config_to_zoo(RWKV6Config(hidden_size=32, num_hidden_layers=2, num_heads=2))
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("retnet", "its rotary embedding is fla's RotaryEmbedding (half-split"),
+    ("gla", "zoo has no gated linear attention (GLA) block"),
+])
+def test_fla_models_zoo_cannot_reproduce_are_refused_with_the_reason(tmp_path, capsys, model_type, reason):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    assert main([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_type '{model_type}' is not converted" in err and reason in err
