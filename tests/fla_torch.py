@@ -1,5 +1,5 @@
-"""fla's RWKV-6 and RWKV-7 layers and models on CPU without Triton: their Triton ops swapped for fla's own torch
-references (RWKV-6: :func:`fla_rwkv6_on_torch`).
+"""fla's RWKV-6, RWKV-7 and RetNet layers and models on CPU without Triton: their Triton ops swapped for fla's own
+torch references (RWKV-6: :func:`fla_rwkv6_on_torch`; RetNet: :func:`fla_retnet_on_torch`).
 
 ``fla_rwkv7_on_torch()`` (a context manager) replaces, in ``fla.layers.rwkv7`` and ``fla.models.rwkv7``, the
 Triton ops fla's ``RWKV7Attention`` and ``RWKV7FeedForward`` call: ``token_shift`` (a zero-padded shift, carrying a
@@ -85,4 +85,53 @@ def fla_rwkv7_on_torch():
         mp.setattr(layer, "gate_output_correction", gate_output_correction_ref)
         mp.setattr(layer, "chunk_rwkv7", _dplr)
         mp.setattr(layer, "fused_mul_recurrent_rwkv7", _mul_recurrent)
+        yield
+
+
+class _RMSNorm(torch.nn.Module):
+    """fla's ``RMSNorm(hidden_size, elementwise_affine, eps, ...)`` in torch (RetNet's per-head output norm)."""
+
+    def __init__(self, hidden_size, elementwise_affine=True, bias=False, eps=1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)
+        return y if self.weight is None else y * self.weight
+
+
+def _rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, **kwargs):
+    """fla's ``rotary_embedding`` through its ``rotary_embedding_ref`` (positions from an int offset)."""
+    from fla.modules.rotary.ops import rotary_embedding_ref
+
+    T = x.shape[1]
+    return rotary_embedding_ref(x, cos[seqlen_offsets : seqlen_offsets + T], sin[seqlen_offsets : seqlen_offsets + T], interleaved)
+
+
+def _retention(q, k, v, initial_state=None, output_final_state=False, **kwargs):
+    """fla's parallel ``naive_retention`` on ``[B, T, H, K]`` inputs; whole sequences only (no state in or out)."""
+    from fla.ops.retention.naive import naive_retention
+
+    if initial_state is not None:
+        raise NotImplementedError("the torch stand-in of fla's retention runs whole sequences only")
+    return naive_retention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def fla_retnet_on_torch():
+    """fla's RetNet with its torch references: ``naive_retention`` for the retention kernels (full forwards, no
+    cache), ``rotary_embedding_ref`` for the rotary kernel and a torch RMSNorm for the per-head output norm. Build
+    models inside with ``fuse_norm=False, fuse_swiglu=False`` and run them with ``use_cache=False``."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    import fla.layers.multiscale_retention as layer
+    import fla.modules.mlp as mlp
+    import fla.modules.rotary.ops as rotary
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer, "RMSNorm", _RMSNorm)
+        mp.setattr(layer, "chunk_retention", _retention)
+        mp.setattr(layer, "fused_recurrent_retention", _retention)
+        mp.setattr(rotary, "rotary_embedding", _rotary)
+        mp.setattr(mlp, "swiglu", lambda gate, y: torch.nn.functional.silu(gate) * y)
         yield

@@ -1,8 +1,8 @@
 """``python -m zoo.convert HF_DIR OUT_DIR``: turn a local Hugging Face checkpoint into a zoo checkpoint.
 
 Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, mamba, mamba2 (transformers), and
-rwkv6 and rwkv7 (flash-linear-attention's ``fla-hub`` models; reading them needs fla installed); fla's retnet and gla
-are refused with the reason (``NOT_CONVERTED``). OUT_DIR gets config.json
+rwkv6, rwkv7 and retnet (flash-linear-attention's ``fla-hub`` models; reading them needs fla installed); fla's gla
+is refused with the reason (``NOT_CONVERTED``). OUT_DIR gets config.json
 (model_type "zoo"), model.safetensors, generation_config.json and the tokenizer files if HF_DIR has them; load it
 with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` after ``import zoo``.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_parsed
-from zoo.convert.fla import from_fla_rwkv6, from_fla_rwkv7
+from zoo.convert.fla import from_fla_retnet, from_fla_rwkv6, from_fla_rwkv7
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
@@ -28,21 +28,12 @@ CONVERTERS = {
     "mixtral": ("transformers.MixtralForCausalLM", from_mixtral),
     "mamba": ("transformers.MambaForCausalLM", from_mamba),
     "mamba2": ("transformers.Mamba2ForCausalLM", from_mamba2),
+    "retnet": ("fla.models.RetNetForCausalLM", from_fla_retnet),
     "rwkv6": ("fla.models.RWKV6ForCausalLM", from_fla_rwkv6),
     "rwkv7": ("fla.models.RWKV7ForCausalLM", from_fla_rwkv7),
 }
 # model_types of fla checkpoints zoo has no converter for, and why
-NOT_CONVERTED = {
-    "retnet": (
-        "fla's MultiScaleRetention differs from zoo's retnet block in three ways zoo cannot express: its rotary "
-        "embedding is fla's RotaryEmbedding (half-split, non-interleaved pairs, theta_i = 1/10000^(2i/K)) where zoo's "
-        "follows torchscale (interleaved pairs, theta = 1/10000^linspace(0, 1, K/2)); its per-head output norm is an "
-        "RMSNorm with one weight [head_v_dim] shared by the heads where zoo's is a LayerNorm-style GroupNorm with an "
-        "optional [H * V] affine; and it has options zoo lacks (num_kv_heads, feature_map, use_short_conv, "
-        "attention residual norms)"
-    ),
-    "gla": "zoo has no gated linear attention (GLA) block to map fla's GatedLinearAttention onto",
-}
+NOT_CONVERTED = {"gla": "zoo has no gated linear attention (GLA) block to map fla's GatedLinearAttention onto"}
 
 
 def load_class(path: str, model_type: str) -> type:

@@ -214,3 +214,73 @@ def from_fla_rwkv6(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an fla ``RWKV6ForCausalLM``. zoo clamps the log-log decay at 3
     (``zoo.layers.rwkv6.MAX_LOG_LOG_DECAY``: decay <= 2e-9 either way); fla does not."""
     return _from_fla(hf_model, rwkv6_config_to_zoo(hf_model.config), convert_rwkv6_state_dict, "fla RWKV-6")
+
+
+FLA_RETNET_KEY_MAP = {
+    r"model\.embeddings\.weight": "model.embed.weight",
+    rf"{_LAYER}\.attn_norm\.weight": rf"{_ZOO}.mixer_norm.weight",
+    rf"{_LAYER}\.mlp_norm\.weight": rf"{_ZOO}.ffn_norm.weight",
+    rf"{_LAYER}\.attn\.([qkvgo])_proj\.weight": rf"{_ZOO}.mixer.\2_proj.weight",
+    rf"{_LAYER}\.attn\.g_norm\.weight": rf"{_ZOO}.mixer.norm_weight",
+    rf"{_LAYER}\.mlp\.(gate|up|down)_proj\.weight": rf"{_ZOO}.ffn.\2_proj.weight",
+    r"model\.norm\.weight": "model.norm.weight",
+    r"lm_head\.weight": "lm_head.weight",
+}
+
+
+def retnet_config_to_zoo(hf_config) -> ZooConfig:
+    """The zoo config of an fla ``RetNetConfig``: zoo's ``retnet`` with ``rotary: neox`` and ``output_norm: rmsnorm``
+    (fla's ``MultiScaleRetention``), a ``swiglu`` FFN (fla's ``GatedMLP``), RMSNorms; unsupported features are an error."""
+    D, H = hf_config.hidden_size, hf_config.num_heads
+    refused = {
+        "attn": getattr(hf_config, "attn", None),
+        "num_kv_heads": hf_config.num_kv_heads not in (None, H) and hf_config.num_kv_heads,
+        "feature_map": hf_config.feature_map,
+        "use_short_conv": hf_config.use_short_conv,
+        "attnres_block_size": getattr(hf_config, "attnres_block_size", None),
+    }
+    for name, value in refused.items():
+        if value:
+            raise ValueError(f"{name}={value!r} is not supported by zoo's retnet block")
+    if not hf_config.use_output_gate:
+        raise ValueError("use_output_gate=False is not supported (zoo's retnet always gates its output)")
+    if hf_config.hidden_act != "swish":
+        raise ValueError(f"hidden_act '{hf_config.hidden_act}' is not supported (zoo's retnet gate and swiglu use swish)")
+    if hf_config.expand_k != 1 or hf_config.expand_v != int(hf_config.expand_v) or hf_config.expand_v < 1:
+        raise ValueError(f"expand_k={hf_config.expand_k}, expand_v={hf_config.expand_v}: zoo's retnet has expand_k 1 and an integer expand_v (value_factor)")
+    intermediate = hf_config.intermediate_size
+    if intermediate is None:
+        intermediate = 256 * -(-int(D * (hf_config.hidden_ratio or 4) * 2 / 3) // 256)  # fla's GatedMLP rounding
+    model = ModelConfig.from_dict(
+        {
+            "d_model": D,
+            "n_layers": hf_config.num_hidden_layers,
+            "blocks": ["retnet"],
+            "ffn": "swiglu",
+            "vocab_size": hf_config.vocab_size,
+            "norm_eps": hf_config.norm_eps,
+            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+            "retnet": {
+                "n_heads": H,
+                "value_factor": int(hf_config.expand_v),
+                "rope_theta": 10000.0,  # fla's MultiScaleRetention builds RotaryEmbedding with its default base
+                "rotary": "neox",
+                "output_norm": "rmsnorm",
+                "group_norm_affine": bool(hf_config.elementwise_affine),
+                "norm_eps": hf_config.norm_eps,
+            },
+            "swiglu": {"hidden_size": intermediate},
+        },
+        "retnet",
+    )
+    return ZooConfig.from_model_config(
+        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
+    )
+
+
+def from_fla_retnet(hf_model) -> ZooForCausalLM:
+    """A zoo model holding the weights of an fla ``RetNetForCausalLM``."""
+    return _from_fla(
+        hf_model, retnet_config_to_zoo(hf_model.config),
+        lambda state: convert_state_dict(state, FLA_RETNET_KEY_MAP, "fla RetNet"), "fla RetNet",
+    )
