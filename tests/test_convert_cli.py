@@ -151,3 +151,15 @@ def test_fla_gla_is_refused_with_the_reason(tmp_path, capsys):
     assert main([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "model_type 'gla' is not converted" in err and "zoo has no gated linear attention (GLA) block" in err
+
+
+@pytest.mark.parametrize("model_type", sorted(RUN_SOURCE))
+def test_fla_checkpoints_with_fused_norms_convert(model_type):
+    """fla's default fuse_norm=True (the hub checkpoints') names some norms differently (RetNet's
+    g_norm_swish_gate); the key maps take both. Weights only: fla's fused norms need a GPU to run."""
+    with RUN_SOURCE[model_type]():
+        hf = TINY[model_type]()
+    fused_config = type(hf.config)(**{**hf.config.to_dict(), "fuse_norm": True})
+    fused = type(hf)(fused_config)
+    model = CONVERTERS[model_type][1](fused)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in fused.parameters())

@@ -221,7 +221,7 @@ FLA_RETNET_KEY_MAP = {
     rf"{_LAYER}\.attn_norm\.weight": rf"{_ZOO}.mixer_norm.weight",
     rf"{_LAYER}\.mlp_norm\.weight": rf"{_ZOO}.ffn_norm.weight",
     rf"{_LAYER}\.attn\.([qkvgo])_proj\.weight": rf"{_ZOO}.mixer.\2_proj.weight",
-    rf"{_LAYER}\.attn\.g_norm\.weight": rf"{_ZOO}.mixer.norm_weight",
+    rf"{_LAYER}\.attn\.g_norm(_swish_gate)?\.weight": rf"{_ZOO}.mixer.norm_weight",  # fuse_norm: fused with the gate
     rf"{_LAYER}\.mlp\.(gate|up|down)_proj\.weight": rf"{_ZOO}.ffn.\2_proj.weight",
     r"model\.norm\.weight": "model.norm.weight",
     r"lm_head\.weight": "lm_head.weight",
