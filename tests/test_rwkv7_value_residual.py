@@ -235,3 +235,19 @@ def test_blocks_match_fla_rwkv7_attention_for_every_layer():
             grads[side] = torch.autograd.grad(outs, xs, cotangents, retain_graph=True)
         for i, (theirs, ours) in enumerate(zip(grads[0], grads[1])):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=lambda m: f"d x_{i}: {m}")
+
+
+def test_static_decoder_and_left_padded_batches_carry_v_first():
+    """rwkv7 at layers 0 and 2 (layer 2 reads v_first), attention between: zoo.decoding's static steps and a
+    left-padded batch (rows prefilled one by one) generate what each row generates alone."""
+    from zoo.decoding import StaticDecoder
+
+    m = model(["rwkv7", "attention"], 4)
+    ids = torch.randint(1, 40, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    greedy = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = m.generate(ids, attention_mask=mask, **greedy)
+    torch.testing.assert_close(StaticDecoder(m, max_length=12).generate(ids, mask, max_new_tokens=5), expected)
+    torch.testing.assert_close(m.generate(ids[1:], **greedy), expected[1:])
+    torch.testing.assert_close(m.generate(ids[:1, 2:], **greedy), expected[:1, 2:])
