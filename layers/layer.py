@@ -57,6 +57,8 @@ class ResidualLayer(nn.Module):
     branch a shift, scale and gate, ``x + gate * branch(norm(x) * (1 + scale) + shift)``, from ``Linear(SiLU(c))``
     initialized to zero (:class:`AdaLNModulation`), so every gate starts closed and the layer starts as the identity.
 
+    ``norm``: the class of both pre-norms (``zoo.layers.norm.NORMS``), built as ``norm(d_model, norm_eps)``.
+
     Activation checkpointing: with ``gradient_checkpointing`` set (Hugging Face's per-layer switch, set by
     ``gradient_checkpointing_enable`` or by zoo's ``trainer.activation_checkpointing``), a training forward without a
     state keeps only the layer's input and recomputes the layer in the backward through ``_gradient_checkpointing_func``
@@ -66,15 +68,14 @@ class ResidualLayer(nn.Module):
 
     gradient_checkpointing = False
 
-    def __init__(
-        self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False, block: str = ""
-    ):
+    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False,
+                 norm: type[nn.Module] = RMSNorm, block: str = ""):
         super().__init__()
         self.block = block  # the registry name of the mixer's block (activation checkpointing selects layers by it)
         self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        self.mixer_norm = RMSNorm(d_model, norm_eps)
+        self.mixer_norm = norm(d_model, norm_eps)
         self.mixer = mixer
-        self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
+        self.ffn_norm = norm(d_model, norm_eps) if ffn is not None else None
         self.ffn = ffn
         self.ffn_stateful = bool(getattr(ffn, "stateful", False))
         self.n_branches = 1 if ffn is None else 2
@@ -93,7 +94,7 @@ class ResidualLayer(nn.Module):
         return Modulation(*params[:3]), Modulation(*params[3:]) if self.ffn is not None else None
 
     @staticmethod
-    def _branch_input(norm: RMSNorm, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
+    def _branch_input(norm: nn.Module, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         h = norm(x)
         return h if mod is None else h * (1 + mod.scale) + mod.shift
 
@@ -101,22 +102,27 @@ class ResidualLayer(nn.Module):
     def _gated(h: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         return h if mod is None else mod.gate * h
 
-    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one."""
+    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None,
+                shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one.
+        ``shared``: the forward's cross-layer tensors, one dict for all layers (see ``SequenceMixer.shared_tensor``).
+        Under activation checkpointing a producer's replay writes its tensor again after every reader has replayed
+        (the backward runs the layers in reverse), so readers replay with the tensor of the forward."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
             calls = itertools.count()
 
             def run(x: torch.Tensor, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
                 with replaying(next(calls) > 0):  # the first call is the forward, later ones the backward's replays
-                    return self._forward(x, None, conditioning)
+                    return self._forward(x, None, conditioning, shared)
 
             return self._gradient_checkpointing_func(run, x, conditioning)
-        return self._forward(x, state, conditioning)
+        return self._forward(x, state, conditioning, shared)
 
-    def _forward(self, x: torch.Tensor, state: Any, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    def _forward(self, x: torch.Tensor, state: Any, conditioning: torch.Tensor | None,
+                 shared: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any]:
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
-        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state)
+        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared)
         x = x + self._gated(h, mixer_mod)
         if self.ffn is None:
             return x, mixer_state

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from zoo.errors import ConfigError
-from zoo.layers import FFNS, MIXERS
+from zoo.layers import FFNS, MIXERS, NORMS
 from zoo.noise import ScheduleName
 from zoo.synthetic import GENERATORS, TaskConfig
 from zoo.typed import bounded, build, checked, to_dict
@@ -43,6 +43,8 @@ class ModelConfig:
     ffn: str | list[str] = "swiglu"  # a name, or a pattern tiled to n_layers; "none" for no FFN
     vocab_size: int | None = bounded(None, ge=2)  # None: taken from the tokenizer
     norm_eps: float = bounded(1e-5, gt=0)
+    norm: str = "rmsnorm"  # a name in zoo.layers.NORMS: the pre-norms, the final norm and embed_norm
+    embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = False
     init_std: float = 0.02
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
@@ -51,6 +53,8 @@ class ModelConfig:
     short_conv: dict[str, int] = field(default_factory=dict)  # block name -> short conv kernel (0: none)
 
     def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError("norm", f"unknown norm {self.norm!r}; norms: {', '.join(NORMS)}")
         for name, kernel in self.short_conv.items():
             if name not in MIXERS:
                 raise ConfigError(f"{name}.short_conv", f"only blocks take a short convolution; blocks: {', '.join(MIXERS.names())}")
