@@ -221,7 +221,7 @@ def markdown(report: dict) -> str:
         "Peak memory per process in MiB, `RssAnon` (held by the process) / `VmRSS` (plus touched pages of mapped token "
         "shards and libraries). `first` tokenizes then trains; `cached` trains from the token cache; workers: the "
         "tokenizer pool. Most of a rank's memory is the model's step, not the data: the logits of one batch alone are "
-        "batch x seq_len x 70,003 fp32 values (8 x 256 x 70,003 x 4 bytes = 547 MiB), and the loss keeps more of that size.",
+        "batch x seq_len x 70,003 fp32 values (4 x 128 x 70,003 x 4 bytes = 137 MiB), and the loss keeps more of that size.",
         "",
         "| corpus | tokens (dtype, shards) | run | seconds | rank 0 | rank 1 | workers |",
         "|---|---|---|---|---|---|---|",
@@ -256,14 +256,14 @@ def _version(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_at_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50M,200M", help=f"comma-separated corpus sizes from {list(SIZES)}, or byte counts")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="2 MB corpus, 4 steps, written as train-at-scale-smoke")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
     args = parser.parse_args(argv)
     sizes = {"2M": 2_000_000} if args.smoke else {s: SIZES.get(s) or int(s) for s in args.sizes.split(",")}
     steps = 4 if args.smoke else args.steps
-    model = ["model.d_model=64", "model.n_layers=2", "data.seq_len=256", "data.batch_size=8", "data.val_batches=4"]
+    model = ["model.d_model=64", "model.n_layers=2", "data.seq_len=128", "data.batch_size=4", "data.val_batches=2"]
     work = args.work or Path(tempfile.mkdtemp(prefix="zoo-scale-"))
     meta = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
