@@ -78,7 +78,7 @@ def test_selective_scan_triton_low_precision(dtype):
 
 
 def test_selective_scan_triton_non_contiguous_without_options():
-    """Strided views, no D / z / bias / initial state, no softplus; N 16 splits d_inner 80 into blocks 32 + 32 + 16."""
+    """Strided views, no D / z / bias / initial state, no softplus; N 16 splits d_inner 80 into 40 blocks of 2."""
     base = mamba_inputs(2, 10, 80, 16, full=False)
     inputs = {
         "u": base["u"].transpose(0, 1).contiguous().transpose(0, 1),
