@@ -12,8 +12,8 @@ Per head, with ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` and the chunk's
 The backward mirrors it: chunk-local state gradients ``(dy * exp(a_cum))^T @ C`` (1), passed in reverse (2, which
 also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total decay through its start state), then
 every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
-values per program) instead of a separate launch and buffer. Products are ``tl.dot`` with fp32 (``ieee``) operands;
-all accumulation is fp32. dB, dC and ddt (sums over heads of a group and head-channel blocks) are accumulated with
+values per program) instead of a separate launch and buffer. Products are ``tl.dot``: exact fp32 (``ieee``) for fp32
+inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC and ddt (sums over heads of a group and head-channel blocks) are accumulated with
 fp32 atomic adds, so their last bits depend on the order the programs run in.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
 """
@@ -35,7 +35,7 @@ def _ssd_chunk_state_kernel(
     src_ptr, dt_ptr, A_ptr, bias_ptr, mat_ptr, states_ptr, aend_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GRAD: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Chunk-local states. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
     ``states[b, h, c, i * BLOCK_P:(i + 1) * BLOCK_P, :]`` (``[B, H, cdiv(T, L), P, N]`` fp32).
@@ -77,7 +77,7 @@ def _ssd_chunk_state_kernel(
     else:
         w = dt * tl.exp(a_end - a_cum)
         tl.store(aend_ptr + bh * n_chunks + c, a_end, mask=pid_p == 0)
-    S = tl.dot(tl.trans(src * w[:, None]), mat, input_precision="ieee")  # [BLOCK_P, BLOCK_N]
+    S = tl.dot(tl.trans(src * w[:, None]), mat, input_precision=PRECISION)  # [BLOCK_P, BLOCK_N]
     state_offs = offs_p[:, None] * N + offs_n[None, :]
     tl.store(states_ptr + (bh * n_chunks + c) * P * N + state_offs, S, mask=mask_p[:, None] & mask_n[None, :])
 
@@ -125,7 +125,7 @@ def _ssd_chunk_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, y_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Chunk outputs. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
     ``y[b, cL:(c+1)L, h, i * BLOCK_P:(i + 1) * BLOCK_P] = ((C B^T) * exp(segsum)) @ (dt x) + exp(a_cum) * (C @ h_c^T)
@@ -166,9 +166,9 @@ def _ssd_chunk_scan_kernel(
     h = tl.load(starts_ptr + (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
                 mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))  # [L, L] decay j -> i
-    scores = tl.dot(Cc, tl.trans(Bc), input_precision="ieee") * seg  # [L, L]
-    y = tl.dot(scores, X * dt[:, None], input_precision="ieee")
-    y += tl.exp(a_cum)[:, None] * tl.dot(Cc, tl.trans(h), input_precision="ieee") + Dv * X  # [L, BLOCK_P]
+    scores = tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION) * seg  # [L, L]
+    y = tl.dot(scores, X * dt[:, None], input_precision=PRECISION)
+    y += tl.exp(a_cum)[:, None] * tl.dot(Cc, tl.trans(h), input_precision=PRECISION) + Dv * X  # [L, BLOCK_P]
     tl.store(y_ptr + (row0 * H + head) * P + offs_lp, y.to(y_ptr.dtype.element_ty), mask=mask_lp)
 
 
@@ -178,7 +178,7 @@ def _ssd_chunk_bwd_kernel(
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Every gradient of one chunk. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``, the chunk kernels': program
     ``(c, b * H + h, i)`` reads the chunk's start state (starts) and the gradient of its end state (dh), both
@@ -226,28 +226,28 @@ def _ssd_chunk_bwd_kernel(
     Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
     xd = X * dt[:, None]
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
-    CB = tl.dot(Cc, tl.trans(Bc), input_precision="ieee")  # [L, L]
+    CB = tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)  # [L, L]
     e_cum = tl.exp(a_cum)
     decay_to_end = tl.exp(a_end - a_cum)
     # y_off = exp(a_cum) * (C @ h_start^T): the reduction over head channels goes through dY @ h, which dC needs anyway
     h = tl.load(starts_ptr + state_offs, mask=mask_pn, other=0.0)
-    dY_h = tl.dot(dY, h, input_precision="ieee")  # [L, BLOCK_N]
+    dY_h = tl.dot(dY, h, input_precision=PRECISION)  # [L, BLOCK_N]
     d_acum = e_cum * tl.sum(Cc * dY_h, axis=1)
     dC = e_cum[:, None] * dY_h
     # y_diag = (CB * seg) @ xd
-    dCB = tl.dot(dY, tl.trans(xd), input_precision="ieee") * seg  # [L, L]
-    dC += tl.dot(dCB, Bc, input_precision="ieee")
+    dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L, L]
+    dC += tl.dot(dCB, Bc, input_precision=PRECISION)
     tl.atomic_add(dC_ptr + (row0 * G + group) * N + offs_ln, dC, mask=mask_ln, sem="relaxed")
     dseg = dCB * CB  # gradient of the log-decay difference a_cum[i] - a_cum[j]
     d_acum += tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
     # h_end = exp(a_end) h_start + (xd * decay_to_end)^T @ B
     dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
-    xd_dh = tl.dot(xd, dh, input_precision="ieee")  # [L, BLOCK_N]
+    xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
     d_decay = tl.sum(Bc * xd_dh, axis=1) * decay_to_end  # [L]
-    dB = tl.dot(tl.trans(dCB), Cc, input_precision="ieee") + decay_to_end[:, None] * xd_dh
+    dB = tl.dot(tl.trans(dCB), Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
     tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
-    dxd = tl.dot(tl.trans(CB * seg), dY, input_precision="ieee")  # [L, BLOCK_P]
-    dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision="ieee")
+    dxd = tl.dot(tl.trans(CB * seg), dY, input_precision=PRECISION)  # [L, BLOCK_P]
+    dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
     d_aend = tl.sum(d_decay, axis=0) + tl.load(daend_ptr + bh * n_chunks + c, mask=pid_p == 0, other=0.0)
     d_acum -= d_decay
     # a_cum[i] = sum_{k <= i} a[k] and a_end = sum_k a[k]
@@ -270,20 +270,33 @@ class Tiles(NamedTuple):
     L: int
     BLOCK_P: int
     BLOCK_N: int
-    launch: Launch
+    PRECISION: str  # of the tl.dot products
+    launch: Launch  # chunk states and outputs
+    bwd_launch: Launch  # chunk backward
     BLOCK: int  # state entries per state-passing program
     pass_launch: Launch
 
 
 def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]; tiles of at least 16 (the smallest ``tl.dot``
-    operand); head channels split into blocks of at most ``4096 / BLOCK_N``; 8 warps. State passing: 64 entries per
-    program (one warp), so batch 1 with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every target
-    and input dtype."""
-    L = min(64, max(16, triton.next_power_of_2(chunk_size)))
+    """Tiles of at least 16 (the smallest ``tl.dot`` operand), 8 warps, the largest spill-free ones at head dim 64
+    on sm_90 (benchmarks/kernel_resources.py): bf16 / fp16 inputs get tf32 tensor-core products and ``BLOCK_P`` up
+    to 64; fp32 inputs exact fp32 FMA products (more registers per product) and ``BLOCK_P`` 16, and at d_state > 64
+    a 4-warp backward (with 8 it spilled on sm_86 / sm_89; with 4 the outputs kernel spills). The chunk length is
+    ``chunk_size`` rounded to a power of two in [16, 32], and 16 at d_state > 64 (at 32 the backward spilled at
+    d_state 128); it only changes speed and memory. State passing: 64 entries per program (one warp), so batch 1
+    with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every target."""
     block_n = max(16, triton.next_power_of_2(n))
-    block_p = max(16, min(triton.next_power_of_2(p), 4096 // block_n))
-    return Tiles(L, block_p, block_n, Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
+    L = min(32 if block_n <= 64 else 16, max(16, triton.next_power_of_2(chunk_size)))
+    exact = dtype == torch.float32
+    block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 64))
+    bwd_warps = 4 if exact and block_n > 64 else 8
+    return Tiles(L, block_p, block_n, "ieee" if exact else "tf32", Launch(num_warps=8, num_stages=1),
+                 Launch(num_warps=bwd_warps, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
+
+
+def _widest(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 if any of the ``tl.dot`` operands' inputs is fp32 (exact products), else their half-precision dtype."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
 
 
 def _chunk_args(x, B, t: Tiles):
@@ -309,13 +322,13 @@ def _pass_states(states, aend, init, reverse, prev, t: Tiles):
 def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     n = B.shape[3]
-    t = tiles(p, n, chunk_size, x.dtype, launch_target(x.device))
+    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
     grid, dims = _chunk_args(x, B, t)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     states = torch.empty(batch, heads, grid[0], p, n, device=x.device, dtype=torch.float32)
     aend = torch.empty(batch, heads, grid[0], device=x.device, dtype=torch.float32)
     common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
-                  **t.launch._asdict())
+                  PRECISION=t.PRECISION, **t.launch._asdict())
     _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias, B, states, aend, *dims, *limits, GRAD=False, **common)
     final_state, _ = _pass_states(states, aend, initial_state, False, None, t)  # states now hold the start states
     y = torch.empty_like(x)
@@ -326,14 +339,15 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
 def _launch_backward(x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    t = tiles(p, n, chunk_size, x.dtype, launch_target(x.device))
+    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
     grid, dims = _chunk_args(x, B, t)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     f32 = dict(device=x.device, dtype=torch.float32)
     common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
-                  **t.launch._asdict())
+                  PRECISION=t.PRECISION)
     dstates = torch.empty(batch, heads, grid[0], p, n, **f32)
-    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, aend, *dims, *limits, GRAD=True, **common)
+    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *dims, *limits, GRAD=True, **common,
+                                  **t.launch._asdict())
     dh0, daend = _pass_states(dstates, aend, d_final, True, starts, t)  # dstates now hold the end-state gradients
     dx = torch.empty_like(x)
     ddt = torch.zeros(batch, T, heads, **f32)  # atomic sums over head-channel blocks
@@ -343,7 +357,7 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, dt_s
     dD = torch.empty(batch * heads, grid[0], grid[2], **f32)
     _ssd_chunk_bwd_kernel[grid](
         x, dt, A, B, C, D, dt_bias, starts, dstates, daend, dy, dx, ddt, dB, dC, dA, dD, *dims, *limits,
-        HAS_D=D is not None, **common,
+        HAS_D=D is not None, **common, **t.bwd_launch._asdict(),
     )
     dA = dA.view(batch, heads, -1).sum((0, 2))
     dD = dD.view(batch, heads, -1).sum((0, 2))
@@ -399,7 +413,7 @@ def ssd_triton(
 
     Same contract as :func:`zoo.kernels.ssd.ssd_scan`: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias ``[H]``;
     B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros); fp32, bf16 or fp16.
-    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 64]).
+    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 32]; 16 at d_state > 64).
     Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
