@@ -214,12 +214,14 @@ def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
     check_against_reference(selective_scan_triton, lambda chunk_size=None, **kw: selective_scan_chunked(**kw), inputs, dtype, tol_scale=10.0)
 
 
+@pytest.mark.parametrize("n", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1000, 4097])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
-def test_ssd_triton_gpu_matches_chunked(T, dtype):
-    inputs = ssd_inputs(2, T, 8, 2, 64, 128, device="cuda") | {"dt_limit": (0.0, 2.0)}
+def test_ssd_triton_gpu_matches_chunked(T, dtype, n):
+    """Chunks of 32 (N 64) and 16 (N 128); bf16 runs tf32 tensor-core products, fp32 exact ones."""
+    inputs = ssd_inputs(2, T, 8, 2, 64, n, device="cuda") | {"dt_limit": (0.0, 2.0)}
 
     def chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), initial_state=None):
         return ssd_chunked(x, F.softplus(dt + dt_bias).clamp(*dt_limit), A, B, C, D, initial_state)
