@@ -134,15 +134,20 @@ def _ssd_dots(a: dict, dots: float, elementwise: float, exps: float, programs: i
     )
 
 
+def _ssd_state_width(a: dict) -> int:
+    """d_state as the chunk kernels see it: ``cdiv(N, BLOCK_N)`` blocks of ``BLOCK_N``."""
+    return -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"]
+
+
 def _ssd_chunk_state(name: str, a: dict, programs: int) -> Flops:
     """``(src * w)^T @ mat``: one ``[BLOCK_P, L] x [L, BLOCK_N]`` product, the ``[L, L]`` masked cumsum of the log-decays."""
-    L, P, N = a["L"], a["BLOCK_P"], a["BLOCK_N"]
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
     return _ssd_dots(a, 2 * L * P * N, 2 * L * L + L * P, L, programs)
 
 
 def _ssd_chunk_scan(name: str, a: dict, programs: int) -> Flops:
     """``C B^T``, ``scores @ (dt x)``, ``C @ h^T``; the ``[L, L]`` cumsum, decay mask and scaling; ``[L, P]`` terms."""
-    L, P, N = a["L"], a["BLOCK_P"], a["BLOCK_N"]
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
     return _ssd_dots(a, 2 * L * L * (N + P) + 2 * L * P * N, 4 * L * L + 5 * L * P, L * L + L, programs)
 
 
@@ -150,7 +155,7 @@ def _ssd_chunk_bwd(name: str, a: dict, programs: int) -> Flops:
     """Eight products: ``C B^T``, ``dY dx^T``, ``dCB @ B``, ``dCB^T @ C`` (``[L, L]`` with ``N`` or ``P``), ``(CB * seg)^T @ dY``,
     ``dY @ h``, ``xd @ dh``, ``B @ dh^T`` (``[L, P] x [P, N]``); nine ``[L, L]``, eight ``[L, N]`` and ten ``[L, P]``
     elementwise / reduction terms."""
-    L, P, N = a["L"], a["BLOCK_P"], a["BLOCK_N"]
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
     dots = 6 * L * L * N + 4 * L * L * P + 6 * L * P * N
     return _ssd_dots(a, dots, 9 * L * L + 8 * L * N + 10 * L * P, L * L + 3 * L, programs)
 

@@ -81,7 +81,7 @@ def test_every_op_and_kernel_has_a_model(tmp_path):
 
 
 def test_ssd_chunk_parallel_grids_bytes_and_flops_by_hand(tmp_path):
-    """SSD at the benchmark shape (32 heads of 64, N 128, bf16 -> tf32 products, L = 16): every O(T) launch has at
+    """SSD at the benchmark shape (32 heads of 64, N 128, bf16 -> tf32 products, L = 64): every O(T) launch has at
     least 4 programs per H100 SM at batch 1; the chunk-state FLOPs and the output kernel's bytes by hand."""
     data = main(["--model", "--ops", "ssd", "--sizes", f"{T}:{BATCH}", "--out", str(tmp_path)])
     (run,) = data["ops"]["ssd"]["runs"][:1]
@@ -95,7 +95,8 @@ def test_ssd_chunk_parallel_grids_bytes_and_flops_by_hand(tmp_path):
     c = state["constants"]
     n_chunks = -(-T // c["L"])
     assert state["grid"] == [n_chunks, BATCH * h, -(-p // c["BLOCK_P"])]
-    assert state["tensor_precision"] == "tf32" and state["tensor_flops"] == 2 * c["L"] * c["BLOCK_P"] * c["BLOCK_N"] * state["programs"]
+    assert n % c["BLOCK_N"] == 0 and c["N"] == n
+    assert state["tensor_precision"] == "tf32" and state["tensor_flops"] == 2 * c["L"] * c["BLOCK_P"] * n * state["programs"]
     assert launches[1]["grid"] == [-(-p * n // launches[1]["constants"]["BLOCK"]), BATCH * h]
     scan = launches[2]
     # x, B, C bf16; dt bf16; A, D, dt_bias fp32 [H]; start states fp32 [B, H, NC, P, N]; y bf16

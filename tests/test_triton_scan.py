@@ -153,15 +153,16 @@ def test_ssd_triton_low_precision(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ssd_triton_chunk_parallel_batches_groups_and_blocks(dtype):
-    """Batch 2, 4 heads in 2 groups, initial state in / final state out, T 45 = one full chunk of 32 and a tail:
-    fp32 splits head dim 24 into channel blocks 16 + 8 (exact products), bf16 / fp16 take it in one block of 32;
-    every gradient (dB, dC, ddt summed atomically over heads and blocks) against the naive recurrence."""
+    """Batch 2, 4 heads in 2 groups, initial state in / final state out, T 45 = one full chunk of 32 and a tail,
+    d_state 20 in blocks of 16 + 4: fp32 splits head dim 24 into channel blocks 16 + 8 (exact products), bf16 / fp16
+    take it in one block of 32; every gradient (dB, dC, ddt summed atomically over heads and blocks) against the
+    naive recurrence."""
     inputs = ssd_inputs(2, 45, 4, 2, 24, 20) | {"chunk_size": 32}
     check_against_reference(ssd_triton, ssd_reference, inputs, dtype)
 
 
 def test_ssd_triton_non_contiguous_groups_and_channel_blocks():
-    """Strided views, 4 heads in 2 groups, no D / bias / initial state, no softplus; N 128 (chunks of 16), head dim
+    """Strided views, 4 heads in 2 groups, no D / bias / initial state, no softplus; N 128 in 8 blocks of 16, head dim
     24 in fp32 blocks of 16 + 8."""
     base = ssd_inputs(1, 6, 4, 2, 24, 128, full=False)
     inputs = {
@@ -220,7 +221,7 @@ def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
 def test_ssd_triton_gpu_matches_chunked(T, dtype, n):
-    """Chunks of 32 (N 64) and 16 (N 128); bf16 runs tf32 tensor-core products, fp32 exact ones."""
+    """Chunks of 64, d_state in 4 or 8 blocks of 16; bf16 runs tf32 tensor-core products, fp32 exact ones."""
     inputs = ssd_inputs(2, T, 8, 2, 64, n, device="cuda") | {"dt_limit": (0.0, 2.0)}
 
     def chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), initial_state=None):

@@ -12,9 +12,13 @@ Per head, with ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` and the chunk's
 The backward mirrors it: chunk-local state gradients ``(dy * exp(a_cum))^T @ C`` (1), passed in reverse (2, which
 also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total decay through its start state), then
 every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
-values per program) instead of a separate launch and buffer. Products are ``tl.dot``: exact fp32 (``ieee``) for fp32
-inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC and ddt (sums over heads of a group and head-channel blocks) are accumulated with
-fp32 atomic adds, so their last bits depend on the order the programs run in.
+values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
+``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
+exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC
+and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
+their last bits depend on the order the programs run in.
+Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk kernels run
+``256 x 16 x 2`` (bf16) or ``x 4`` (fp32) programs, the state passing ``128 x 16``: every launch >= 4 per SM.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
 """
 from __future__ import annotations
@@ -51,9 +55,7 @@ def _ssd_chunk_state_kernel(
     group = head // (H // G)
     offs_l = tl.arange(0, L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
-    mask_n = offs_n < N
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]
     mask_t = c * L + offs_l < T
     row0 = pid_b * T + c * L  # the chunk's first row of [B * T]
@@ -70,16 +72,20 @@ def _ssd_chunk_state_kernel(
     a_end = tl.sum(a, axis=0)
     src = tl.load(src_ptr + (row0 * H + head) * P + offs_l[:, None] * (H * P) + offs_p[None, :],
                   mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)  # [L, BLOCK_P]
-    mat = tl.load(mat_ptr + (row0 * G + group) * N + offs_l[:, None] * (G * N) + offs_n[None, :],
-                  mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [L, BLOCK_N]
     if GRAD:
         w = tl.exp(a_cum)
     else:
         w = dt * tl.exp(a_end - a_cum)
         tl.store(aend_ptr + bh * n_chunks + c, a_end, mask=pid_p == 0)
-    S = tl.dot(tl.trans(src * w[:, None]), mat, input_precision=PRECISION)  # [BLOCK_P, BLOCK_N]
-    state_offs = offs_p[:, None] * N + offs_n[None, :]
-    tl.store(states_ptr + (bh * n_chunks + c) * P * N + state_offs, S, mask=mask_p[:, None] & mask_n[None, :])
+    src = src * w[:, None]
+    for n0 in range(0, N, BLOCK_N):  # blocks of d_state
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mat = tl.load(mat_ptr + (row0 * G + group) * N + offs_l[:, None] * (G * N) + offs_n[None, :],
+                      mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [L, BLOCK_N]
+        S = tl.dot(tl.trans(src), mat, input_precision=PRECISION)  # [BLOCK_P, BLOCK_N]
+        state_offs = offs_p[:, None] * N + offs_n[None, :]
+        tl.store(states_ptr + (bh * n_chunks + c) * P * N + state_offs, S, mask=mask_p[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -138,13 +144,10 @@ def _ssd_chunk_scan_kernel(
     group = head // (H // G)
     offs_l = tl.arange(0, L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
-    mask_n = offs_n < N
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]: step i sees step j <= i
     mask_t = c * L + offs_l < T
     mask_lp = mask_t[:, None] & mask_p[None, :]
-    mask_ln = mask_t[:, None] & mask_n[None, :]
     row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
@@ -159,16 +162,23 @@ def _ssd_chunk_scan_kernel(
     dt = tl.where(mask_t, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)
     a_cum = tl.sum(tl.where(causal, (dt * A)[None, :], 0.0), axis=1)  # [L]
     offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P] of x / y
-    offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
     X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
-    Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-    Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-    h = tl.load(starts_ptr + (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+    CB = tl.zeros([L, L], tl.float32)
+    Ch = tl.zeros([L, BLOCK_P], tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # blocks of d_state: C B^T and C h^T accumulate over them
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_ln = mask_t[:, None] & mask_n[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
+        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        h = tl.load(starts_ptr + (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
+        Ch += tl.dot(Cc, tl.trans(h), input_precision=PRECISION)
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))  # [L, L] decay j -> i
-    scores = tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION) * seg  # [L, L]
-    y = tl.dot(scores, X * dt[:, None], input_precision=PRECISION)
-    y += tl.exp(a_cum)[:, None] * tl.dot(Cc, tl.trans(h), input_precision=PRECISION) + Dv * X  # [L, BLOCK_P]
+    y = tl.dot(CB * seg, X * dt[:, None], input_precision=PRECISION)
+    y += tl.exp(a_cum)[:, None] * Ch + Dv * X  # [L, BLOCK_P]
     tl.store(y_ptr + (row0 * H + head) * P + offs_lp, y.to(y_ptr.dtype.element_ty), mask=mask_lp)
 
 
@@ -193,15 +203,11 @@ def _ssd_chunk_bwd_kernel(
     group = head // (H // G)
     offs_l = tl.arange(0, L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
-    mask_n = offs_n < N
     causal = offs_l[:, None] >= offs_l[None, :]
     t = c * L + offs_l
     mask_t = t < T
     mask_lp = mask_t[:, None] & mask_p[None, :]
-    mask_ln = mask_t[:, None] & mask_n[None, :]
-    mask_pn = mask_p[:, None] & mask_n[None, :]
     row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
@@ -218,36 +224,49 @@ def _ssd_chunk_bwd_kernel(
     a_cum = tl.sum(tl.where(causal, (dt * A)[None, :], 0.0), axis=1)
     a_end = tl.sum(dt * A, axis=0)
     offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P] of x / dy / dx
-    offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C / dB / dC
-    state_offs = (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
-    X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
     dY = tl.load(dy_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
-    Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-    Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-    xd = X * dt[:, None]
+    xd = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32) * dt[:, None]
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
-    CB = tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)  # [L, L]
     e_cum = tl.exp(a_cum)
     decay_to_end = tl.exp(a_end - a_cum)
-    # y_off = exp(a_cum) * (C @ h_start^T): the reduction over head channels goes through dY @ h, which dC needs anyway
-    h = tl.load(starts_ptr + state_offs, mask=mask_pn, other=0.0)
-    dY_h = tl.dot(dY, h, input_precision=PRECISION)  # [L, BLOCK_N]
-    d_acum = e_cum * tl.sum(Cc * dY_h, axis=1)
-    dC = e_cum[:, None] * dY_h
-    # y_diag = (CB * seg) @ xd
+    # y_diag = (CB * seg) @ xd; C B^T first (one pass over the d_state blocks), so that it is dead in the second
     dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L, L]
-    dC += tl.dot(dCB, Bc, input_precision=PRECISION)
-    tl.atomic_add(dC_ptr + (row0 * G + group) * N + offs_ln, dC, mask=mask_ln, sem="relaxed")
+    CB = tl.zeros([L, L], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
+        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
     dseg = dCB * CB  # gradient of the log-decay difference a_cum[i] - a_cum[j]
-    d_acum += tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
-    # h_end = exp(a_end) h_start + (xd * decay_to_end)^T @ B
-    dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
-    xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
-    d_decay = tl.sum(Bc * xd_dh, axis=1) * decay_to_end  # [L]
-    dB = tl.dot(tl.trans(dCB), Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
-    tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
+    d_acum = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
     dxd = tl.dot(tl.trans(CB * seg), dY, input_precision=PRECISION)  # [L, BLOCK_P]
-    dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
+    d_decay = tl.zeros([L], tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # second pass: the state terms; dB and dC per block
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_ln = mask_t[:, None] & mask_n[None, :]
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C / dB / dC
+        state_offs = (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
+        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        # y_off = exp(a_cum) * (C @ h_start^T): the reduction over head channels goes through dY @ h, which dC needs
+        h = tl.load(starts_ptr + state_offs, mask=mask_pn, other=0.0)
+        dY_h = tl.dot(dY, h, input_precision=PRECISION)  # [L, BLOCK_N]
+        d_acum += e_cum * tl.sum(Cc * dY_h, axis=1)
+        dC = e_cum[:, None] * dY_h + tl.dot(dCB, Bc, input_precision=PRECISION)
+        tl.atomic_add(dC_ptr + (row0 * G + group) * N + offs_ln, dC, mask=mask_ln, sem="relaxed")
+        # h_end = exp(a_end) h_start + (xd * decay_to_end)^T @ B
+        dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
+        xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
+        d_decay += tl.sum(Bc * xd_dh, axis=1)
+        dB = tl.dot(tl.trans(dCB), Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
+        tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
+        dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
+    d_decay = d_decay * decay_to_end
+    X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
     d_aend = tl.sum(d_decay, axis=0) + tl.load(daend_ptr + bh * n_chunks + c, mask=pid_p == 0, other=0.0)
     d_acum -= d_decay
     # a_cum[i] = sum_{k <= i} a[k] and a_end = sum_k a[k]
@@ -278,20 +297,19 @@ class Tiles(NamedTuple):
 
 
 def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Tiles of at least 16 (the smallest ``tl.dot`` operand), 8 warps, the largest spill-free ones at head dim 64
-    on sm_90 (benchmarks/kernel_resources.py): bf16 / fp16 inputs get tf32 tensor-core products and ``BLOCK_P`` up
-    to 64; fp32 inputs exact fp32 FMA products (more registers per product) and ``BLOCK_P`` 16, and at d_state > 64
-    a 4-warp backward (with 8 it spilled on sm_86 / sm_89; with 4 the outputs kernel spills). The chunk length is
-    ``chunk_size`` rounded to a power of two in [16, 32], and 16 at d_state > 64 (at 32 the backward spilled at
-    d_state 128); it only changes speed and memory. State passing: 64 entries per program (one warp), so batch 1
-    with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every target."""
-    block_n = max(16, triton.next_power_of_2(n))
-    L = min(32 if block_n <= 64 else 16, max(16, triton.next_power_of_2(chunk_size)))
+    """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]; d_state in blocks of ``BLOCK_N`` = 16 (the
+    kernels loop over them, so the chunk length does not grow the register tiles with d_state); head channels in
+    blocks of ``BLOCK_P``: 32 for bf16 / fp16 inputs (tf32 tensor-core products), 16 for fp32 inputs (exact fp32
+    FMA products need more registers). 8 warps, but 4 for the fp32 chunk-state and output kernels (at 8 ptxas kept
+    them to 128 registers and the outputs kernel spilled on sm_80). The largest spill-free tiles at L = 64 found on
+    sm_90 (at ``BLOCK_P`` 64, or ``BLOCK_N`` 32 with ``BLOCK_P`` 32, the backward spilled). State passing: 64 entries
+    per program (one warp), so batch 1 with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every
+    target."""
+    L = min(64, max(16, triton.next_power_of_2(chunk_size)))
     exact = dtype == torch.float32
-    block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 64))
-    bwd_warps = 4 if exact and block_n > 64 else 8
-    return Tiles(L, block_p, block_n, "ieee" if exact else "tf32", Launch(num_warps=8, num_stages=1),
-                 Launch(num_warps=bwd_warps, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
+    block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 32))
+    return Tiles(L, block_p, 16, "ieee" if exact else "tf32", Launch(num_warps=4 if exact else 8, num_stages=1),
+                 Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
 
 
 def _widest(*tensors: torch.Tensor) -> torch.dtype:
@@ -413,7 +431,7 @@ def ssd_triton(
 
     Same contract as :func:`zoo.kernels.ssd.ssd_scan`: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias ``[H]``;
     B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros); fp32, bf16 or fp16.
-    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 32]; 16 at d_state > 64).
+    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 64]).
     Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
