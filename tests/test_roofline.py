@@ -102,3 +102,21 @@ def test_ssd_chunk_parallel_grids_bytes_and_flops_by_hand(tmp_path):
     # x, B, C bf16; dt bf16; A, D, dt_bias fp32 [H]; start states fp32 [B, H, NC, P, N]; y bf16
     assert scan["bytes_read"] == {"bfloat16": (T * h * p + T * h + 2 * T * n) * 2, "float32": 3 * h * 4 + BATCH * h * n_chunks * p * n * 4}
     assert scan["bytes_written"] == {"bfloat16": T * h * p * 2}
+
+
+@pytest.mark.parametrize("op, shapes", [
+    ("ssd", {"heads": HEADS, "head_dim": HEAD_DIM, "groups": 1, "d_state": 64}),
+    ("ssd", {"heads": HEADS, "head_dim": HEAD_DIM, "groups": 1, "d_state": 128}),
+    ("selective_scan", {"d_inner": 2048, "d_state": 16}),
+])
+def test_every_launch_has_four_programs_per_sm_at_batch_1(op, shapes):
+    """Issue 16's bar at B = 1, T = 16k, 16 heads of 64: every launch (all do O(T) work) has >= 4 programs per H100
+    SM, forward and backward, with the launchers' own H100 tiles."""
+    from benchmarks.kernels import BENCHES
+    from benchmarks.roofline import record
+
+    bench = BENCHES[op]
+    fwd, bwd = record(op, bench.zoo["zoo triton"], bench.make_inputs, shapes, T, BATCH)
+    assert fwd and bwd
+    for launch in fwd + bwd:
+        assert launch.programs >= 4 * H100["sms"], (launch.kernel, launch.grid)

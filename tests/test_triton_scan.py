@@ -232,6 +232,19 @@ def test_ssd_triton_gpu_matches_chunked(T, dtype, n):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
+def test_ssd_triton_gpu_long_context_batch_1():
+    """The long-context shape of issue 16 (B = 1, T = 16k, 16 heads of 64, d_state 128, bf16): 256 chunks of 64
+    passed through the state-passing kernels; outputs, final state and every gradient against the chunked form."""
+    inputs = ssd_inputs(1, 16384, 16, 1, 64, 128, device="cuda") | {"chunk_size": 64}
+
+    def chunked(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, chunk_size=64):
+        return ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, D, initial_state, chunk_size)
+
+    check_against_reference(ssd_triton, chunked, inputs, torch.bfloat16, tol_scale=10.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
 def test_triton_scans_bf16_long_sequence_finite():
     """T = 65536 in bf16 with decays near 0 (large dt) and near 1 (tiny dt): outputs, states and grads finite."""
     T = 65536
