@@ -153,8 +153,8 @@ def _ssd_chunk_scan(name: str, a: dict, programs: int) -> Flops:
 
 def _ssd_chunk_bwd(name: str, a: dict, programs: int) -> Flops:
     """Eight products: ``C B^T``, ``dY dx^T``, ``dCB @ B``, ``dCB^T @ C`` (``[L, L]`` with ``N`` or ``P``), ``(CB * seg)^T @ dY``,
-    ``dY @ h``, ``xd @ dh``, ``B @ dh^T`` (``[L, P] x [P, N]``); nine ``[L, L]``, eight ``[L, N]`` and ten ``[L, P]``
-    elementwise / reduction terms."""
+    ``dY @ h``, ``xd @ dh``, ``B @ dh^T`` (``[L, P] x [P, N]``), exact; about nine ``[L, L]``, eight ``[L, N]`` and
+    ten ``[L, P]`` elementwise / reduction terms (small beside the products)."""
     L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
     dots = 6 * L * L * N + 4 * L * L * P + 6 * L * P * N
     return _ssd_dots(a, dots, 9 * L * L + 8 * L * N + 10 * L * P, L * L + 3 * L, programs)
