@@ -2,7 +2,7 @@
 sm_90 at the ~125M models' shapes (bf16 and fp32) with the launch parameters zoo's launchers pick for that target, and
 fits the target's shared memory per block. No GPU needed: benchmarks/kernel_resources.py compiles in worker processes
 without the interpreter. Rewrites benchmarks/results/kernels-resources.md (deterministic: a diff there is a change in
-the kernels). Cost on 2 busy CPU cores: 1.5 to 3 minutes with an empty Triton cache, about 30 s with a warm one.
+the kernels). Cost on 2 busy CPU cores: about 4 minutes with an empty Triton cache, about 30 s with a warm one.
 """
 import pytest
 
