@@ -248,11 +248,6 @@ def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None) -> l
 # Launches that still spill registers, and why; the notes under the table. tests/test_triton_aot.py fails on any other.
 KNOWN_SPILLS = (
     # (kernel name prefix, text in the shape, targets, dtypes, why)
-    ("_ssd_chunk_", "N=128", tuple(TARGETS), DTYPES,
-     "d_state 128 at the recipes' chunk length L = 32: the [L, 128] tiles of B, C, dB, dC and the [BLOCK_P, 128] "
-     "state and its gradient need more than 255 registers per thread (BLOCK_P = 16 with 4, 8 or 16 warps spills, "
-     "and so do tf32 products). `chunk_size=16` (L = 16) compiles without spills (measured on sm_90, bf16), at "
-     "twice the checkpoint memory (T / L fp32 states of [P, N])."),
     ("_retention_chunk_bwd", "K=128", ("sm_80", "sm_86", "sm_89"), ("bfloat16",),
      "head dim 128 with bf16 inputs on sm_80 / 86 / 89: the operands of the ten tf32 `mma.sync` products of the "
      "backward spill even at the smallest tiles (BT = BV = 16, 4 or 8 warps); fp32 inputs (FMA products) and sm_90 "

@@ -51,8 +51,10 @@ TRITON_MODULES: dict[str, str | tuple[str, ...]] = {
 WRITES = {
     "_selective_scan_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
     "_selective_scan_bwd_kernel": {"du_ptr", "ddelta_ptr", "dz_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"},
-    "_ssd_chunk_fwd_kernel": {"y_ptr", "hT_ptr", "ckpt_ptr"},
-    "_ssd_chunk_bwd_kernel": {"dx_ptr", "ddt_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dh0_ptr"},
+    "_ssd_chunk_state_kernel": {"states_ptr", "aend_ptr"},
+    "_ssd_state_passing_kernel": {"out_ptr", "final_ptr", "daend_ptr"},
+    "_ssd_chunk_scan_kernel": {"y_ptr"},
+    "_ssd_chunk_bwd_kernel": {"dx_ptr", "ddt_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr"},
     "_rwkv6_fwd_kernel": {"o", "ckpt", "s_final"},
     "_rwkv6_bwd_kernel": {"dr", "dk", "dv", "dw", "du", "ds0"},
     "_rwkv7_fwd_kernel": {"o", "ckpt", "s_final"},
@@ -80,7 +82,7 @@ SCRATCH = {"scratch", "scratch_ptr"}
 # Pointer arguments only touched when a constexpr flag is set (otherwise a placeholder tensor is passed).
 GUARDS = {
     "s0": "HAS_S0", "ds_final": "HAS_DS_FINAL", "h0_ptr": "HAS_H0", "dhT_ptr": "HAS_DHT", "D_ptr": "HAS_D",
-    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS",
+    "z_ptr": "HAS_Z", "dz_ptr": "HAS_Z", "bias_ptr": "HAS_BIAS", "init_ptr": "HAS_INIT",
 }
 
 
@@ -197,25 +199,56 @@ def _selective_scan(name: str, a: dict, programs: int) -> Flops:
     return Flops(cuda=per_elem * a["T"] * tile * programs, exp=exps * a["T"] * tile * programs)
 
 
-def _ssd(name: str, a: dict, programs: int) -> Flops:
-    """Chunked SSD: ``L x L`` and ``L x BLOCK_P/BLOCK_N`` ``tl.dot`` tiles, all ``input_precision="ieee"`` (fp32 FMA
-    on CUDA cores, not tensor cores), plus the segment-sum decays."""
-    L, P, N = a["L"], a["BLOCK_P"], a["BLOCK_N"]
-    if "bwd" in name:
-        dots = 6 * L * L * N + 4 * L * L * P + 10 * L * P * N  # CB, dC, dB; dxd, dS; five [L, P] x [P|L, N] terms
-        elementwise = 8 * L * L + 10 * L * P + 4 * P * N
-    else:
-        dots = 2 * L * L * (N + P) + 4 * L * P * N  # C B^T, scores (dt x), C h^T, (dt x)^T B
-        elementwise = 3 * L * L + 5 * L * P + 2 * P * N
-    chunks = a["n_chunks"] * programs
-    return Flops(cuda=(dots + elementwise) * chunks, exp=(L * L + 2 * L) * chunks)
+def _ssd_dots(a: dict, dots: float, elementwise: float, exps: float, programs: int) -> Flops:
+    """One SSD chunk per program: ``tl.dot`` FLOPs on tensor cores (tf32) or CUDA cores (``ieee``)."""
+    ieee = a["PRECISION"] == "ieee"
+    return Flops(
+        tensor=0.0 if ieee else dots * programs,
+        cuda=((dots if ieee else 0.0) + elementwise) * programs,
+        exp=exps * programs,
+        tensor_precision=None if ieee else a["PRECISION"],
+    )
+
+
+def _ssd_state_width(a: dict) -> int:
+    """d_state as the chunk kernels see it: ``cdiv(N, BLOCK_N)`` blocks of ``BLOCK_N``."""
+    return -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"]
+
+
+def _ssd_chunk_state(name: str, a: dict, programs: int) -> Flops:
+    """``(src * w)^T @ mat``: one ``[BLOCK_P, L] x [L, BLOCK_N]`` product, the ``[L, L]`` masked cumsum of the log-decays."""
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
+    return _ssd_dots(a, 2 * L * P * N, 2 * L * L + L * P, L, programs)
+
+
+def _ssd_chunk_scan(name: str, a: dict, programs: int) -> Flops:
+    """``C B^T``, ``scores @ (dt x)``, ``C @ h^T``; the ``[L, L]`` cumsum, decay mask and scaling; ``[L, P]`` terms."""
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
+    return _ssd_dots(a, 2 * L * L * (N + P) + 2 * L * P * N, 4 * L * L + 5 * L * P, L * L + L, programs)
+
+
+def _ssd_chunk_bwd(name: str, a: dict, programs: int) -> Flops:
+    """Eight products: ``C B^T``, ``dY dx^T``, ``dCB @ B``, ``dCB^T @ C`` (``[L, L]`` with ``N`` or ``P``), ``(CB * seg)^T @ dY``,
+    ``dY @ h``, ``xd @ dh``, ``B @ dh^T`` (``[L, P] x [P, N]``), exact; about nine ``[L, L]``, eight ``[L, N]`` and
+    ten ``[L, P]`` elementwise / reduction terms (small beside the products)."""
+    L, P, N = a["L"], a["BLOCK_P"], _ssd_state_width(a)
+    dots = 6 * L * L * N + 4 * L * L * P + 6 * L * P * N
+    return _ssd_dots(a, dots, 9 * L * L + 8 * L * N + 10 * L * P, L * L + 3 * L, programs)
+
+
+def _ssd_state_passing(name: str, a: dict, programs: int) -> Flops:
+    """Per chunk and state entry: ``exp(a_end) h + S`` (2 FLOPs), in reverse also ``<dh_end, h_start>`` (2 more)."""
+    per_entry = 4 if a["REVERSE"] else 2
+    return Flops(cuda=per_entry * a["BLOCK"] * a["n_chunks"] * programs, exp=a["n_chunks"] * programs)
 
 
 FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
     "_selective_scan_fwd_kernel": _selective_scan,
     "_selective_scan_bwd_kernel": _selective_scan,
-    "_ssd_chunk_fwd_kernel": _ssd,
-    "_ssd_chunk_bwd_kernel": _ssd,
+    "_ssd_chunk_state_kernel": _ssd_chunk_state,
+    "_ssd_state_passing_kernel": _ssd_state_passing,
+    "_ssd_chunk_scan_kernel": _ssd_chunk_scan,
+    "_ssd_chunk_bwd_kernel": _ssd_chunk_bwd,
     # per state element per token: see the kernel bodies (fwd / bwd incl. recompute); exp per K-row per token
     "_rwkv6_fwd_kernel": _recurrent(7, 14, 1, 2),
     "_rwkv6_bwd_kernel": _recurrent(7, 14, 1, 2),
@@ -246,11 +279,10 @@ NOTES = [
     " share slots.",
     "FLOPs: a multiply-add is 2; reductions and rank-1 updates on [BK, BV] / [BLOCK_D, BLOCK_N] state tiles are"
     " CUDA-core FLOPs; vector-sized (per row) work is left out except exp calls.",
-    "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention upcasts bf16 to fp32"
-    " and uses tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
+    "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention and SSD kernels upcast"
+    " bf16 to fp32 and use tf32 tensor cores (494.7 TFLOP/s dense), not bf16 (989).",
+    "Atomic adds (selective scan dB / dC, SSD dB / dC / ddt) count their buffer once, like a write.",
     "The PyTorch work around the launches (summing per-block partial gradients, casts to the input dtype) is not counted.",
-    "SSD backward: the FLOP count was written for the kernel before its rewrite (two fewer products per chunk since);"
-    " its CUDA-core term may overstate the work, so treat the SSD backward bound as an estimate, not a strict bound.",
 ]
 
 

@@ -33,7 +33,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from benchmarks.moe import device_name
 from zoo.config import ModelConfig
 from zoo.layers import MIXERS
-from zoo.modeling import ZooConfig, ZooForCausalLM
+from zoo.layers import ResidualLayer
+from zoo.modeling import ZooConfig, ZooForCausalLM, set_activation_checkpointing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 32000
@@ -198,7 +199,42 @@ def measure_training(model: torch.nn.Module, shapes: Shapes, T: int, device: tor
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer
-    return {"batch": batch, "tokens_per_s": round(batch * T * shapes.iters / (t["ms"] / 1e3), 1), "peak_memory_mb": peak_mb(device)}
+    result = {"batch": batch, "tokens_per_s": round(batch * T * shapes.iters / (t["ms"] / 1e3), 1), "peak_memory_mb": peak_mb(device)}
+    if any(isinstance(m, ResidualLayer) for m in model.modules()):
+        result["saved_activation_mib"] = saved_activation_mib(model, ids, device, dtype)
+    return result
+
+
+def saved_activation_mib(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """MiB a training forward keeps for its backward, without (``none``) and with (``all``) activation checkpointing:
+    every tensor autograd saves (counted once per storage) plus the layer inputs that checkpointing keeps. Counted,
+    not timed, so it is the same on any device; the caching allocator's overhead and the backward's own temporaries
+    are not in it (``peak_memory_mb`` on a GPU has them)."""
+    result = {}
+    for mode in ("none", "all"):
+        set_activation_checkpointing(model, mode)
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        def keep_input(layer: ResidualLayer, args: tuple) -> None:
+            if layer.gradient_checkpointing:
+                keep(args[0])
+
+        hooks = [m.register_forward_pre_hook(keep_input) for m in model.modules() if isinstance(m, ResidualLayer)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
+                logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # [B, T, V]
+                keep(logits)  # the loss saves its (fp32) logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+            set_activation_checkpointing(model, "none")
+        del logits
+        result[mode] = round(sum(storages.values()) / 2**20, 2)
+    return result
 
 
 class StepClock(LogitsProcessor):
@@ -321,7 +357,9 @@ def _fmt_train(cell: Any) -> str:
     if "error" in cell:
         return "error"
     mem = f", {cell['peak_memory_mb'] / 1024:.1f} GiB" if cell.get("peak_memory_mb") is not None else ""
-    return f"{cell['tokens_per_s']:,.0f}{mem}"
+    saved = cell.get("saved_activation_mib")
+    kept = f"; activations {saved['none']:,.1f} -> {saved['all']:,.1f} MiB" if saved else ""
+    return f"{cell['tokens_per_s']:,.0f}{mem}{kept}"
 
 
 def _fmt_inference(cell: Any) -> str:
@@ -342,6 +380,10 @@ def markdown(report: dict) -> str:
         f"(Mamba/Mamba-2: twice the layers, no FFN), vocabulary {shapes['vocab_size']}, {shapes['dtype']}.",
         "",
         f"## Training: tokens/s (peak memory), {shapes['tokens_per_step']:,} tokens per step",
+        "",
+        "For zoo models, \"activations A -> B MiB\": what a training forward keeps for the backward without and with "
+        "`trainer.activation_checkpointing: all` (tensors autograd saves, counted once per storage, plus the layer "
+        "inputs checkpointing keeps).",
         "",
         "| model | parameters | " + " | ".join(f"T={T}" for T in shapes["train_lengths"]) + " |",
         "|---|---|" + "---|" * len(shapes["train_lengths"]),

@@ -8,7 +8,7 @@ import pkgutil
 
 from .base import Bidirectional, SequenceMixer, map_state
 from .registry import FFNS, MIXERS, Entry, Registry
-from .norm import RMSNorm
+from .norm import NORMS, LayerNorm, RMSNorm
 from .layer import ResidualLayer
 from .attention import Attention, AttentionConfig, AttentionState
 from .lstm import LSTM, LSTMConfig, LSTMState
@@ -19,16 +19,16 @@ from .mamba2 import Mamba2, Mamba2Config, Mamba2State
 from .moe import MoE, MoEConfig, RouterStats
 from .rwkv6 import RWKV6, RWKV6Config, RWKV6State
 from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
-from .rwkv_cmix import RWKVChannelMix, RWKVChannelMixConfig
+from .rwkv_cmix import RWKV7ChannelMix, RWKV7ChannelMixConfig, RWKVChannelMix, RWKVChannelMixConfig
 
 __all__ = [
-    "Bidirectional", "FFNS", "MIXERS", "Entry", "Registry", "SequenceMixer", "map_state", "RMSNorm", "ResidualLayer",
+    "Bidirectional", "FFNS", "MIXERS", "Entry", "Registry", "SequenceMixer", "map_state", "NORMS", "LayerNorm", "RMSNorm", "ResidualLayer",
     "Attention", "AttentionConfig", "AttentionState", "LSTM", "LSTMConfig", "LSTMState", "SwiGLU", "SwiGLUConfig",
     "RetNet", "RetNetConfig", "RetNetState",
     "Mamba", "MambaConfig", "MambaState", "Mamba2", "Mamba2Config", "Mamba2State",
     "MoE", "MoEConfig", "RouterStats",
     "RWKV6", "RWKV6Config", "RWKV6State", "RWKV7", "RWKV7Config", "RWKV7State",
-    "RWKVChannelMix", "RWKVChannelMixConfig",
+    "RWKVChannelMix", "RWKVChannelMixConfig", "RWKV7ChannelMix", "RWKV7ChannelMixConfig",
 ]
 
 for _module in pkgutil.iter_modules(__path__):

@@ -2,13 +2,34 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 logger = logging.getLogger("zoo")
+
+_REPLAYING = contextvars.ContextVar("zoo_replaying", default=False)
+
+
+@contextlib.contextmanager
+def replaying(on: bool = True) -> Iterator[None]:
+    """Marks a forward as activation checkpointing's recomputation in the backward (see :func:`is_replaying`)."""
+    token = _REPLAYING.set(on)
+    try:
+        yield
+    finally:
+        _REPLAYING.reset(token)
+
+
+def is_replaying() -> bool:
+    """True while activation checkpointing recomputes a layer: modules that record side statistics of a forward (MoE
+    routing) skip the replay, which the forward already recorded."""
+    return _REPLAYING.get()
 
 
 class SequenceMixer(nn.Module, abc.ABC):
@@ -29,6 +50,11 @@ class SequenceMixer(nn.Module, abc.ABC):
     state_can_roll_back: bool = False
     # A wrapper of registered blocks (Bidirectional), built by the model, not named in recipes.
     wraps_blocks: bool = False
+    # Name of a per-token tensor this block shares with later layers in one forward (RWKV-7's value residual reads
+    # layer 0's values), or None. The model tells each block that names one whether it is the first in the stack to
+    # name it (:meth:`set_shared_role`); that block stores the tensor in the forward's ``shared`` dict, later ones
+    # read it. Blocks that name one take ``mix(x, state, shared)``.
+    shared_tensor: str | None = None
 
     def __init__(self, config: Any, d_model: int, layer_idx: int):
         super().__init__()
@@ -36,7 +62,8 @@ class SequenceMixer(nn.Module, abc.ABC):
         self.d_model = d_model
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: torch.Tensor, state: Any = None, shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``shared``: the forward's cross-layer tensors (see :attr:`shared_tensor`); blocks that name none ignore it."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"{self.registry_name} block (layer {self.layer_idx}): expected x of shape [B, T, {self.d_model}], "
@@ -48,7 +75,14 @@ class SequenceMixer(nn.Module, abc.ABC):
             batch = first_tensor(state).shape[0]
             if batch != x.shape[0]:
                 raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): state batch {batch} != input batch {x.shape[0]}")
-        return self.mix(x, state)
+        if self.shared_tensor is None:
+            return self.mix(x, state)
+        return self.mix(x, state, shared)
+
+    def set_shared_role(self, producer: bool) -> None:
+        """Called once by the model for a block with a :attr:`shared_tensor`: ``producer`` is True for the first
+        layer of the stack that names it. Blocks that share a tensor override this (it may add parameters)."""
+        raise NotImplementedError(f"{self.registry_name} block names shared tensor {self.shared_tensor!r} but takes no role")
 
     @abc.abstractmethod
     def mix(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

@@ -1,14 +1,17 @@
 """One residual layer: pre-norm mixer + residual, then pre-norm FFN + residual; optionally adaLN-Zero conditioned (DiT)."""
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
-from .base import SequenceMixer, cat_states, map_state
+from .base import SequenceMixer, cat_states, map_state, replaying
 from .norm import RMSNorm
 
 
@@ -53,13 +56,26 @@ class ResidualLayer(nn.Module):
     ``conditioned``: adaLN-Zero (DiT, MDLM's time-conditioned DiT). A conditioning vector ``c [B, D]`` gives each
     branch a shift, scale and gate, ``x + gate * branch(norm(x) * (1 + scale) + shift)``, from ``Linear(SiLU(c))``
     initialized to zero (:class:`AdaLNModulation`), so every gate starts closed and the layer starts as the identity.
+
+    ``norm``: the class of both pre-norms (``zoo.layers.norm.NORMS``), built as ``norm(d_model, norm_eps)``.
+
+    Activation checkpointing: with ``gradient_checkpointing`` set (Hugging Face's per-layer switch, set by
+    ``gradient_checkpointing_enable`` or by zoo's ``trainer.activation_checkpointing``), a training forward without a
+    state keeps only the layer's input and recomputes the layer in the backward through ``_gradient_checkpointing_func``
+    (torch's non-reentrant checkpoint unless Hugging Face's switch passed another); the recomputation runs under
+    :func:`~zoo.layers.base.replaying`, so MoE routing statistics are recorded once.
     """
 
-    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False):
+    gradient_checkpointing = False
+
+    def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False,
+                 norm: type[nn.Module] = RMSNorm, block: str = ""):
         super().__init__()
-        self.mixer_norm = RMSNorm(d_model, norm_eps)
+        self.block = block  # the registry name of the mixer's block (activation checkpointing selects layers by it)
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        self.mixer_norm = norm(d_model, norm_eps)
         self.mixer = mixer
-        self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
+        self.ffn_norm = norm(d_model, norm_eps) if ffn is not None else None
         self.ffn = ffn
         self.ffn_stateful = bool(getattr(ffn, "stateful", False))
         self.n_branches = 1 if ffn is None else 2
@@ -78,7 +94,7 @@ class ResidualLayer(nn.Module):
         return Modulation(*params[:3]), Modulation(*params[3:]) if self.ffn is not None else None
 
     @staticmethod
-    def _branch_input(norm: RMSNorm, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
+    def _branch_input(norm: nn.Module, x: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         h = norm(x)
         return h if mod is None else h * (1 + mod.scale) + mod.shift
 
@@ -86,11 +102,27 @@ class ResidualLayer(nn.Module):
     def _gated(h: torch.Tensor, mod: Modulation | None) -> torch.Tensor:
         return h if mod is None else mod.gate * h
 
-    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one."""
+    def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None,
+                shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one.
+        ``shared``: the forward's cross-layer tensors, one dict for all layers (see ``SequenceMixer.shared_tensor``).
+        Under activation checkpointing a producer's replay writes its tensor again after every reader has replayed
+        (the backward runs the layers in reverse), so readers replay with the tensor of the forward."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
+            calls = itertools.count()
+
+            def run(x: torch.Tensor, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+                with replaying(next(calls) > 0):  # the first call is the forward, later ones the backward's replays
+                    return self._forward(x, None, conditioning, shared)
+
+            return self._gradient_checkpointing_func(run, x, conditioning)
+        return self._forward(x, state, conditioning, shared)
+
+    def _forward(self, x: torch.Tensor, state: Any, conditioning: torch.Tensor | None,
+                 shared: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any]:
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
-        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state)
+        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared)
         x = x + self._gated(h, mixer_mod)
         if self.ffn is None:
             return x, mixer_state

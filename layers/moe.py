@@ -26,6 +26,7 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
+from .base import is_replaying
 from .ffn import SwiGLU, SwiGLUConfig
 from .registry import FFNS
 
@@ -152,7 +153,8 @@ class MoE(nn.Module):
         h = x.reshape(-1, shape[-1])  # [N, D]
         logits, probs, top_w, top_idx = self.route(h)
         mask = None if token_mask is None else token_mask.reshape(-1).to(device=h.device, dtype=torch.bool)  # [N]
-        self.pending_routes.append((logits, probs, top_idx, mask))
+        if not is_replaying():  # activation checkpointing's recomputation: the forward already recorded these routes
+            self.pending_routes.append((logits, probs, top_idx, mask))
         if self.config.dispatch == "grouped":
             y = self._grouped(h, top_w, top_idx)
         else:

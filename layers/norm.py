@@ -1,5 +1,6 @@
-"""RMSNorm, computed in fp32 like Llama's."""
+"""The model's norms, computed in fp32 like Llama's RMSNorm: ``NORMS`` names them for ``model.norm``."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,3 +18,17 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with weight and bias (RWKV's ``ln0``/``ln1``/``ln2``/``ln_out``), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+# model.norm: the norm before each branch of a residual layer, after the embedding (model.embed_norm) and at the end
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}

@@ -36,6 +36,7 @@ class RWKV6Config:
     mix_lora_rank: int = bounded(32, ge=1)
     chunk_size: int = bounded(16, ge=1)
     backend: str = "auto"  # a name in zoo.kernels.rwkv6.BACKENDS; auto runs torch
+    group_norm_eps: float = bounded(64e-5, gt=0)  # eps of the readout's GroupNorm (ln_x); fla uses its norm_eps
 
     def validate(self, d_model: int) -> None:
         if d_model % self.head_dim:
@@ -71,7 +72,7 @@ class RWKV6(SequenceMixer):
         self.value = nn.Linear(D, D, bias=False)
         self.gate = nn.Linear(D, D, bias=False)
         self.output = nn.Linear(D, D, bias=False)
-        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=64e-5)
+        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=config.group_norm_eps)
         self.init_parameters()
 
     def init_parameters(self) -> None:

@@ -15,8 +15,13 @@ Equations of the paper (v1 numbering) and where they are in :meth:`RWKV7.mix`; t
 - Eq. 20, the bonus ``(r_t . (rho * k~_t)) v_t`` per head (``r_k``); Eq. 21, GroupNorm of the readout ``wkv_t r_t^T``
   plus the bonus; Eq. 22, output ``(p_t * g_t) W_o``.
 
-Not included: Eqs. 8-10, the cross-layer value residual (``v_first`` mixing of layer 0's values into later layers),
-which needs state shared between layers; every layer uses its own values ``v_t = x^v_t W_v``.
+- Eqs. 8-10, the value residual (``value_residual``, on by default): the first RWKV-7 layer of the stack keeps its
+  values ``v_t = x^v_t W_v`` and shares them as ``v_first`` (the model's per-forward ``shared`` dict, see
+  ``zoo.modeling.assign_shared_roles``); every later RWKV-7 layer mixes them into its own,
+  ``v_t = lerp(x^v_t W_v, v_first_t, sigmoid(v0 + (x^v_t v1) v2))`` (``v0``, ``v1``, ``v2``). ``v_first`` is per
+  token: at decode it is the current token's first-layer value, as in RWKV-LM and fla's ``RWKV7Model``. With
+  ``value_residual: false`` every layer uses its own values (what zoo's RWKV-7 did before the key existed; saved
+  configs without the key load that way, see :attr:`RWKV7Config.SAVED_DEFAULTS`).
 
 Where the numbers come from: the paper's text was not reachable from our machines; the numbering is the one annotated
 in public implementations written from the paper (two of them agree on Eq. 17), and each formula above was checked
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,12 @@ class RWKV7Config:
     gate_lora_rank: int = bounded(128, ge=1)
     chunk_size: int = bounded(16, ge=1)
     backend: str = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
+    value_residual: bool = True  # Eqs. 8-10: later RWKV-7 layers mix the first one's values into theirs
+    value_lora_rank: int = bounded(32, ge=1)  # rank of the value-residual gate's LoRA (v1, v2)
+    group_norm_eps: float = bounded(64e-5, gt=0)  # eps of the readout's GroupNorm (ln_x); RWKV-LM: head_dim * 1e-5
+    # What a saved config (a checkpoint's module_args) written before a key existed meant: zoo.modeling.ZooConfig
+    # fills these in for keys such a config lacks, so old checkpoints keep their behaviour.
+    SAVED_DEFAULTS: ClassVar[dict] = {"value_residual": False}
 
     def validate(self, d_model: int) -> None:
         if d_model % self.head_dim:
@@ -89,8 +100,29 @@ class RWKV7(SequenceMixer):
         self.key = nn.Linear(D, D, bias=False)
         self.value = nn.Linear(D, D, bias=False)
         self.output = nn.Linear(D, D, bias=False)
-        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=64e-5)
+        self.ln_x = nn.GroupNorm(self.n_heads, D, eps=config.group_norm_eps)
+        self.shared_tensor = "rwkv7.v_first" if config.value_residual else None
+        self.reads_v_first = False  # set by set_shared_role: a later RWKV-7 layer, with the v0/v1/v2 gate
         self.init_parameters()
+
+    def set_shared_role(self, producer: bool) -> None:
+        """The first RWKV-7 layer shares its values; a later one gets the value-residual gate ``v0``/``v1``/``v2``."""
+        if producer or self.reads_v_first:
+            return
+        D, rank = self.d_model, self.config.value_lora_rank
+        device = self.w0.device
+        self.v0 = nn.Parameter(torch.empty(D, device=device))
+        self.v1 = nn.Parameter(torch.empty(D, rank, device=device))
+        self.v2 = nn.Parameter(torch.empty(rank, D, device=device))
+        self.reads_v_first = True
+        if device.type != "meta":
+            self.init_value_gate()
+
+    def init_value_gate(self) -> None:
+        """RWKV-LM x070: ``v0 = 1`` (a gate of sigmoid(1) = 0.73 towards ``v_first``), ``v1 = 0``, small ``v2``."""
+        init.ones_(self.v0)
+        init.zeros_(self.v1)
+        init.uniform_(self.v2, -0.1 / math.sqrt(self.v2.shape[0]), 0.1 / math.sqrt(self.v2.shape[0]))
 
     def init_parameters(self) -> None:
         """RWKV-LM x070 init with the layer-depth ratios fixed at 0.5 (a block does not know the model depth);
@@ -110,6 +142,8 @@ class RWKV7(SequenceMixer):
         init.constant_(self.k_k, 0.85)
         init.ones_(self.k_a)
         init.constant_(self.r_k, -0.04)
+        if getattr(self, "reads_v_first", False):
+            self.init_value_gate()
 
     def init_state(self, batch_size, device=None, dtype=None) -> RWKV7State:
         dtype = dtype or self.key.weight.dtype
@@ -122,14 +156,18 @@ class RWKV7(SequenceMixer):
     def state_size(self) -> int:
         return self.d_model + self.n_heads * self.head_dim * self.head_dim
 
-    def mix(self, x: torch.Tensor, state: RWKV7State | None):
+    def mix(self, x: torch.Tensor, state: RWKV7State | None, shared: dict[str, torch.Tensor] | None = None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
         xr, xw, xk, xv, xa, xg = (x + xx * self.x_mix[i] for i in range(6))
         r = self.receptance(xr)
         k = self.key(xk)
-        v = self.value(xv)
+        v = self.value(xv)  # [B, T, D]
+        if self.reads_v_first:
+            v = torch.lerp(v, self._v_first(shared, v), torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))  # Eq. 10
+        elif self.shared_tensor is not None and shared is not None:
+            shared[self.shared_tensor] = v
         d = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # [B, T, D]
         w_log = -math.exp(-0.5) * torch.sigmoid(d.float())  # log decay in [-e^-0.5, 0]
         alpha = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
@@ -147,3 +185,15 @@ class RWKV7(SequenceMixer):
         y = self.output((o + bonus.reshape(B, T, D)) * g)
         wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise
         return y, RWKV7State(x[:, -1], wkv)
+
+    def _v_first(self, shared: dict[str, torch.Tensor] | None, v: torch.Tensor) -> torch.Tensor:
+        """The first RWKV-7 layer's values ``[B, T, D]`` for these tokens, from the forward's ``shared`` dict."""
+        v_first = None if shared is None else shared.get(self.shared_tensor)
+        if v_first is None:
+            raise ValueError(
+                f"rwkv7 block (layer {self.layer_idx}) mixes in the first RWKV-7 layer's values (value_residual): run it "
+                "in a model, or pass shared={'rwkv7.v_first': v [B, T, D]} from that layer"
+            )
+        if v_first.shape != v.shape:
+            raise ValueError(f"rwkv7 block (layer {self.layer_idx}): shared v_first has shape {list(v_first.shape)}, expected {list(v.shape)}")
+        return v_first

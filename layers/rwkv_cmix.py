@@ -59,3 +59,41 @@ class RWKVChannelMix(nn.Module):
         xx = token_shift(x, state) - x  # [B, T, D]
         k = torch.relu(self.key(x + xx * self.time_maa_k)).square()
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
+
+
+@dataclass
+@checked
+class RWKV7ChannelMixConfig:
+    hidden_size: int | None = bounded(None, ge=1)  # None: 4 * d_model (RWKV-7's size)
+
+    def validate(self, d_model: int) -> None:
+        """Bounds only (declared on the fields)."""
+
+
+@FFNS.register("rwkv7_cmix", RWKV7ChannelMixConfig)
+class RWKV7ChannelMix(nn.Module):
+    """RWKV-7's channel mixing (RWKV-LM ``CMix_x070``, fla's ``RWKV7FeedForward``): ``value(relu(key(x_k))^2)`` with
+    ``x_k = lerp(x_t, x_{t-1}, x_k)``; no receptance gate. Stateful like :class:`RWKVChannelMix` (state: last x ``[B, D]``)."""
+
+    stateful = True
+
+    def __init__(self, config: RWKV7ChannelMixConfig, d_model: int, layer_idx: int):
+        super().__init__()
+        hidden = config.hidden_size if config.hidden_size is not None else 4 * d_model
+        self.d_model = d_model
+        self.x_k = nn.Parameter(torch.empty(d_model))
+        self.key = nn.Linear(d_model, hidden, bias=False)
+        self.value = nn.Linear(hidden, d_model, bias=False)
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """x070's ``x_k = 1 - (i / D)^(ratio^4)`` with the layer-depth ratio fixed at 0.5, as in :class:`zoo.layers.RWKV7`."""
+        ddd = torch.arange(self.d_model, device=self.x_k.device, dtype=torch.float32) / self.d_model
+        init.copy_(self.x_k, 1 - ddd.pow(0.5**4))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.d_model, device=device or self.key.weight.device, dtype=dtype or self.key.weight.dtype)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, state) - x  # [B, T, D]
+        return self.value(torch.relu(self.key(x + xx * self.x_k)).square()), x[:, -1]

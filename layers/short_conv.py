@@ -46,6 +46,13 @@ class ShortConv(SequenceMixer):
             self.init_parameters()
 
     @property
+    def shared_tensor(self) -> str | None:
+        return self.inner.shared_tensor
+
+    def set_shared_role(self, producer: bool) -> None:
+        self.inner.set_shared_role(producer)
+
+    @property
     def backend(self) -> str:
         return str(getattr(self.inner, "backend", "-"))
 
@@ -68,11 +75,11 @@ class ShortConv(SequenceMixer):
         """``mixer`` behind a short convolution of ``kernel_size`` taps; ``mixer`` itself for 0."""
         return cls(mixer, kernel_size) if kernel_size else mixer
 
-    def mix(self, x: torch.Tensor, state: ShortConvState | None) -> tuple[torch.Tensor, ShortConvState]:
+    def mix(self, x: torch.Tensor, state: ShortConvState | None, shared: dict | None = None) -> tuple[torch.Tensor, ShortConvState]:
         # A fresh start passes the inner block no state (a Bidirectional block takes none).
         prev = torch.zeros(x.shape[0], self.d_model, self.kernel_size - 1, device=x.device, dtype=x.dtype) if state is None else state.conv
         conv_out, conv = depthwise_causal_conv(x, prev, self.weight, self.bias)  # [B, T, D], conv [B, D, K-1]
-        y, inner = self.inner(conv_out, None if state is None else state.inner)
+        y, inner = self.inner(conv_out, None if state is None else state.inner, shared)
         return y, ShortConvState(conv, inner)
 
     def stack_row_states(self, states: list[ShortConvState]) -> ShortConvState:

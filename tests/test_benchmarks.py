@@ -1,6 +1,8 @@
 """benchmarks.throughput --smoke: every block is measured and the report is complete. No performance is asserted."""
 import json
 
+import matplotlib.image
+
 from benchmarks.throughput import SMOKE, is_oom, main, markdown, zoo_models
 from zoo.layers import MIXERS
 
@@ -20,12 +22,20 @@ def test_smoke_report_has_every_block_with_positive_numbers(tmp_path, capsys):
         assert sorted(entry["train"], key=int) == [str(t) for t in SMOKE.train_lengths], name
         for cell in entry["train"].values():
             assert cell["tokens_per_s"] > 0 and cell["batch"] >= 1, (name, cell)
+            saved = cell["saved_activation_mib"]  # activation checkpointing keeps less for the backward
+            assert 0 < saved["all"] < saved["none"], (name, saved)
         assert len(entry["inference"]) == len(SMOKE.contexts) * len(SMOKE.batches)
         for cell in entry["inference"].values():
             assert cell["prefill_ms"] > 0 and cell["decode_ms_per_token"] > 0 and cell["decode_tokens_per_s"] > 0, (name, cell)
     table = (tmp_path / "throughput_smoke.md").read_text()
     assert table == markdown(report) and all(f"| {name} |" in table for name in BLOCKS)
-    assert "plots" in capsys.readouterr().out  # written, or skipped with a message when matplotlib is missing
+    assert "plots" in capsys.readouterr().out
+    plots = sorted(tmp_path.glob("throughput_smoke_*.png"))
+    assert [p.name for p in plots] == ["throughput_smoke_decode_b1.png", "throughput_smoke_decode_b2.png", "throughput_smoke_train.png"]
+    for path in plots:  # matplotlib is in the dev extra: the plots are drawn, with lines (not a blank canvas)
+        image = matplotlib.image.imread(path)  # [H, W, RGBA]
+        colored = (image[..., :3].max(-1) - image[..., :3].min(-1)) > 0.2  # line colours, not the black/grey axes
+        assert image.shape[0] > 300 and image.shape[1] > 400 and colored.sum() > 500, (path.name, image.shape, colored.sum())
 
 
 def test_every_model_config_is_valid_at_the_default_size():

@@ -134,6 +134,21 @@ def test_local_tokenizer_directory_and_jsonl_source(tmp_path):
     assert (tokens[tokens != 256] < 256).all() and (tokens == 256).sum() == len(docs["train"])
 
 
+def test_parquet_source_with_the_default_text_column(tmp_path):
+    """A parquet corpus whose column is already ``text`` (the default ``data.text_field``), in two files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i} " * 4 for i in range(20)]
+    (tmp_path / "corpus").mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"text": texts[part::2], "id": list(range(part, 20, 2))}), tmp_path / "corpus" / f"p{part}.parquet")
+    cfg = DataConfig(source=str(tmp_path / "corpus"), tokenizer="byte", seq_len=8, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    docs = ZooDataModule(cfg).documents()
+    assert sorted([*docs["train"]["text"], *docs["validation"]["text"]]) == sorted(texts)
+    assert set(docs["train"].column_names) == {"key", "text"}
+
+
 def test_parallel_tokenization_gives_the_same_shards(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -1,5 +1,6 @@
 """Every shipped recipe trains with what a GPU user gets: bf16-mixed autocast, fused AdamW, gradient clipping; and
-with ``trainer.compile=true`` for an attention, a recurrent and an MoE recipe. CPU autocast is real bf16, and
+with ``trainer.compile=true`` for an attention, a recurrent and an MoE recipe (the last two with activation
+checkpointing). CPU autocast is real bf16, and
 ``optimizer.fused`` resolves to True on CPU as on CUDA, so these are the GPU code paths (not the kernels)."""
 import csv
 import math
@@ -64,13 +65,17 @@ def mamba_export(tmp_path_factory) -> Path:
 def test_recipe_trains_with_gpu_settings(tmp_path, recipe, request):
     extra = {}
     if load_recipe(recipe).finetune is not None:
-        extra = {"finetune.init_from": str(request.getfixturevalue("mamba_export")), "data.source": str(ROOT / "layers" / "*.py")}
+        extra = {
+            "finetune.init_from": str(request.getfixturevalue("mamba_export")), "data.source": str(ROOT / "layers" / "*.py"),
+            "trainer.activation_checkpointing": "all",  # checkpointed layers under PEFT's LoRA wrappers
+        }
     r = load_recipe(recipe, overrides(tmp_path, recipe, **extra))
     assert r.trainer.precision == "bf16-mixed" and r.optimizer.fused is True
     check_run(tmp_path / "run", train(r), r)
 
 
-@pytest.mark.parametrize("recipe", ["transformer_small", "mamba2_small", "moe_small"])
-def test_compiled_training_with_gpu_settings(tmp_path, recipe):
-    r = load_recipe(recipe, overrides(tmp_path, recipe, **{"trainer.compile": True}))
+@pytest.mark.parametrize("recipe,checkpointing", [("transformer_small", "none"), ("mamba2_small", "all"), ("moe_small", "all")])
+def test_compiled_training_with_gpu_settings(tmp_path, recipe, checkpointing):
+    """Compiled, and (for two) with activation checkpointing, which torch.compile traces through."""
+    r = load_recipe(recipe, overrides(tmp_path, recipe, **{"trainer.compile": True, "trainer.activation_checkpointing": checkpointing}))
     check_run(tmp_path / "run", train(r), r)

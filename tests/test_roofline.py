@@ -9,6 +9,7 @@ from benchmarks.kernels import main  # noqa: E402
 from benchmarks.roofline import H100, PEERS  # noqa: E402
 
 T, BATCH, HEADS, HEAD_DIM = 16384, 1, 16, 64
+LAUNCHES = {"ssd": 6}  # fwd + bwd launches per op where not 2
 
 
 @pytest.fixture(scope="module")
@@ -105,5 +106,47 @@ def test_every_op_and_kernel_has_a_model(tmp_path):
         assert (entry["peer_line"] is None) == (op == "rwkv7"), op  # PEERS.md has no rwkv7 timing
         for run in entry["runs"]:
             s = run["fwd_bwd"]
-            assert len(s["launches"]) == IMPL_LAUNCHES.get(run["impl"], 2) and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
+            assert len(s["launches"]) == IMPL_LAUNCHES.get(run["impl"], LAUNCHES.get(op, 2)) and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
             assert s["tensor_flops"] + s["cuda_core_flops"] > run["fwd"]["tensor_flops"] + run["fwd"]["cuda_core_flops"] > 0
+
+
+def test_ssd_chunk_parallel_grids_bytes_and_flops_by_hand(tmp_path):
+    """SSD at the benchmark shape (32 heads of 64, N 128, bf16 -> tf32 products, L = 64): every O(T) launch has at
+    least 4 programs per H100 SM at batch 1; the chunk-state FLOPs and the output kernel's bytes by hand."""
+    data = main(["--model", "--ops", "ssd", "--sizes", f"{T}:{BATCH}", "--out", str(tmp_path)])
+    (run,) = data["ops"]["ssd"]["runs"][:1]
+    shapes = data["ops"]["ssd"]["shapes"]
+    h, p, n = shapes["heads"], shapes["head_dim"], shapes["d_state"]
+    launches = run["fwd_bwd"]["launches"]
+    assert [m["kernel"] for m in launches] == ["_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel",
+                                               "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_bwd_kernel"]
+    assert all(m["programs"] >= 4 * H100["sms"] for m in launches)
+    state = launches[0]
+    c = state["constants"]
+    n_chunks = -(-T // c["L"])
+    assert state["grid"] == [n_chunks, BATCH * h, -(-p // c["BLOCK_P"])]
+    assert n % c["BLOCK_N"] == 0 and c["N"] == n
+    assert state["tensor_precision"] == "tf32" and state["tensor_flops"] == 2 * c["L"] * c["BLOCK_P"] * n * state["programs"]
+    assert launches[1]["grid"] == [-(-p * n // launches[1]["constants"]["BLOCK"]), BATCH * h]
+    scan = launches[2]
+    # x, B, C bf16; dt bf16; A, D, dt_bias fp32 [H]; start states fp32 [B, H, NC, P, N]; y bf16
+    assert scan["bytes_read"] == {"bfloat16": (T * h * p + T * h + 2 * T * n) * 2, "float32": 3 * h * 4 + BATCH * h * n_chunks * p * n * 4}
+    assert scan["bytes_written"] == {"bfloat16": T * h * p * 2}
+
+
+@pytest.mark.parametrize("op, shapes", [
+    ("ssd", {"heads": HEADS, "head_dim": HEAD_DIM, "groups": 1, "d_state": 64}),
+    ("ssd", {"heads": HEADS, "head_dim": HEAD_DIM, "groups": 1, "d_state": 128}),
+    ("selective_scan", {"d_inner": 2048, "d_state": 16}),
+])
+def test_every_launch_has_four_programs_per_sm_at_batch_1(op, shapes):
+    """Issue 16's bar at B = 1, T = 16k, 16 heads of 64: every launch (all do O(T) work) has >= 4 programs per H100
+    SM, forward and backward, with the launchers' own H100 tiles."""
+    from benchmarks.kernels import BENCHES
+    from benchmarks.roofline import record
+
+    bench = BENCHES[op]
+    fwd, bwd = record(op, bench.zoo["zoo triton"], bench.make_inputs, shapes, T, BATCH)
+    assert fwd and bwd
+    for launch in fwd + bwd:
+        assert launch.programs >= 4 * H100["sms"], (launch.kernel, launch.grid)

@@ -78,7 +78,7 @@ def test_selective_scan_triton_low_precision(dtype):
 
 
 def test_selective_scan_triton_non_contiguous_without_options():
-    """Strided views, no D / z / bias / initial state, no softplus; N 16 splits d_inner 80 into blocks 32 + 32 + 16."""
+    """Strided views, no D / z / bias / initial state, no softplus; N 16 splits d_inner 80 into 40 blocks of 2."""
     base = mamba_inputs(2, 10, 80, 16, full=False)
     inputs = {
         "u": base["u"].transpose(0, 1).contiguous().transpose(0, 1),
@@ -151,8 +151,19 @@ def test_ssd_triton_low_precision(dtype):
     check_against_reference(ssd_triton, ssd_reference, inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ssd_triton_chunk_parallel_batches_groups_and_blocks(dtype):
+    """Batch 2, 4 heads in 2 groups, initial state in / final state out, T 45 = one full chunk of 32 and a tail,
+    d_state 20 in blocks of 16 + 4: fp32 splits head dim 24 into channel blocks 16 + 8 (exact products), bf16 / fp16
+    take it in one block of 32; every gradient (dB, dC, ddt summed atomically over heads and blocks) against the
+    naive recurrence."""
+    inputs = ssd_inputs(2, 45, 4, 2, 24, 20) | {"chunk_size": 32}
+    check_against_reference(ssd_triton, ssd_reference, inputs, dtype)
+
+
 def test_ssd_triton_non_contiguous_groups_and_channel_blocks():
-    """Strided views, 4 heads in 2 groups, no D / bias / initial state, no softplus; N 128 splits P 24 into 16 + 8."""
+    """Strided views, 4 heads in 2 groups, no D / bias / initial state, no softplus; N 128 in 8 blocks of 16, head dim
+    24 in fp32 blocks of 16 + 8."""
     base = ssd_inputs(1, 6, 4, 2, 24, 128, full=False)
     inputs = {
         "x": base["x"].transpose(2, 3).contiguous().transpose(2, 3),
@@ -165,6 +176,24 @@ def test_ssd_triton_non_contiguous_groups_and_channel_blocks():
     }
     assert not inputs["x"].is_contiguous() and not inputs["dt"].is_contiguous()
     check_against_reference(ssd_triton, ssd_reference, inputs, torch.float32)
+
+
+def test_ssd_triton_output_gradient_only_and_state_carries_across_calls():
+    """Backward from y alone (no final-state gradient); two calls chained through the state equal one call."""
+    inputs = ssd_inputs(1, 40, 2, 1, 24, 12) | {"chunk_size": 16}
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
+    ref_leaves = {k: v.double().clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v)}
+    ssd_triton(**{**inputs, **leaves})[0].sum().backward()
+    ssd_reference(**{**inputs, **ref_leaves})[0].sum().backward()
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, ref_leaves[name].grad, torch.float32, f"d{name}")
+    y_full, h_full = ssd_triton(**inputs)
+    first = {k: (v[:, :23] if torch.is_tensor(v) and v.dim() >= 3 and v.shape[1] == 40 else v) for k, v in inputs.items()}
+    second = {k: (v[:, 23:] if torch.is_tensor(v) and v.dim() >= 3 and v.shape[1] == 40 else v) for k, v in inputs.items()}
+    y1, h1 = ssd_triton(**first)
+    y2, h2 = ssd_triton(**{**second, "initial_state": h1})
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, h_full, rtol=1e-5, atol=1e-5)
 
 
 def test_ssd_triton_checks_inputs():
@@ -186,17 +215,32 @@ def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
     check_against_reference(selective_scan_triton, lambda chunk_size=None, **kw: selective_scan_chunked(**kw), inputs, dtype, tol_scale=10.0)
 
 
+@pytest.mark.parametrize("n", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1000, 4097])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
-def test_ssd_triton_gpu_matches_chunked(T, dtype):
-    inputs = ssd_inputs(2, T, 8, 2, 64, 128, device="cuda") | {"dt_limit": (0.0, 2.0)}
+def test_ssd_triton_gpu_matches_chunked(T, dtype, n):
+    """Chunks of 64, d_state in 4 or 8 blocks of 16; bf16 runs tf32 tensor-core products, fp32 exact ones."""
+    inputs = ssd_inputs(2, T, 8, 2, 64, n, device="cuda") | {"dt_limit": (0.0, 2.0)}
 
     def chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), initial_state=None):
         return ssd_chunked(x, F.softplus(dt + dt_bias).clamp(*dt_limit), A, B, C, D, initial_state)
 
     check_against_reference(ssd_triton, chunked, inputs, dtype, tol_scale=10.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
+def test_ssd_triton_gpu_long_context_batch_1():
+    """The long-context shape of issue 16 (B = 1, T = 16k, 16 heads of 64, d_state 128, bf16): 256 chunks of 64
+    passed through the state-passing kernels; outputs, final state and every gradient against the chunked form."""
+    inputs = ssd_inputs(1, 16384, 16, 1, 64, 128, device="cuda") | {"chunk_size": 64}
+
+    def chunked(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, chunk_size=64):
+        return ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, D, initial_state, chunk_size)
+
+    check_against_reference(ssd_triton, chunked, inputs, torch.bfloat16, tol_scale=10.0)
 
 
 @pytest.mark.gpu

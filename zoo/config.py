@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from zoo.errors import ConfigError
-from zoo.layers import FFNS, MIXERS
+from zoo.layers import FFNS, MIXERS, NORMS
 from zoo.noise import ScheduleName
 from zoo.synthetic import GENERATORS, TaskConfig
 from zoo.typed import bounded, build, checked, to_dict
@@ -43,6 +43,8 @@ class ModelConfig:
     ffn: str | list[str] = "swiglu"  # a name, or a pattern tiled to n_layers; "none" for no FFN
     vocab_size: int | None = bounded(None, ge=2)  # None: taken from the tokenizer
     norm_eps: float = bounded(1e-5, gt=0)
+    norm: str = "rmsnorm"  # a name in zoo.layers.NORMS: the pre-norms, the final norm and embed_norm
+    embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = False
     init_std: float = 0.02
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
@@ -51,6 +53,8 @@ class ModelConfig:
     short_conv: dict[str, int] = field(default_factory=dict)  # block name -> short conv kernel (0: none)
 
     def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError("norm", f"unknown norm {self.norm!r}; norms: {', '.join(NORMS)}")
         for name, kernel in self.short_conv.items():
             if name not in MIXERS:
                 raise ConfigError(f"{name}.short_conv", f"only blocks take a short convolution; blocks: {', '.join(MIXERS.names())}")
@@ -202,6 +206,14 @@ class TrainerConfig:
     nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or grad norm: stop, or skip that update
     max_nonfinite_skips: int = bounded(10, ge=1)  # with skip: this many skipped steps in a row stop the run
     logger: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=list)  # Lightning loggers besides metrics.csv
+    # Recompute layers in the backward instead of keeping their activations: none, all, or the layers of these blocks
+    activation_checkpointing: Literal["none", "all"] | list[str] = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activation_checkpointing, list):
+            for i, name in enumerate(self.activation_checkpointing):
+                if name not in MIXERS:
+                    raise ConfigError(f"activation_checkpointing[{i}]", f"unknown block {name!r}; blocks: {', '.join(MIXERS.names())}")
 
 
 @dataclass
@@ -297,6 +309,9 @@ class Recipe:
             raise ConfigError("model.bidirectional", "objective: causal needs causal layers; bidirectional models are diffusion denoisers")
         if self.finetune is not None and self.objective != "causal":
             raise ConfigError("finetune", f"LoRA fine-tuning trains causal LMs; objective is {self.objective!r}")
+        for i, name in enumerate(self.trainer.activation_checkpointing if isinstance(self.trainer.activation_checkpointing, list) else []):
+            if name not in self.model.blocks:
+                raise ConfigError(f"trainer.activation_checkpointing[{i}]", f"block {name!r} is not in model.blocks {self.model.blocks}")
 
     def with_vocab_size(self, n_tokens: int) -> "Recipe":
         """This recipe, validated again, with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the

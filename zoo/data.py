@@ -119,7 +119,9 @@ def _table_documents(files: list[Path], cfg: DataConfig, cache_dir: Path) -> dat
     table = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir))
     if cfg.text_field not in table.column_names:
         raise ConfigError("data.text_field", f"'{cfg.text_field}' is not a column of {cfg.source}; columns: {table.column_names}")
-    table = table.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+    table = table.select_columns([cfg.text_field])
+    if cfg.text_field != "text":
+        table = table.rename_column(cfg.text_field, "text")
     return table.add_column("key", [str(i) for i in range(len(table))])
 
 

@@ -92,9 +92,10 @@ class StaticDecoder:
     def _step(self) -> None:
         """One token for every row: reads ``self.input_ids``, updates the state buffers, writes ``self.logits``."""
         model = self.model.model
-        hidden = model.embed(self.input_ids)  # [B, 1, D]
+        hidden = model.normed_embeddings(model.embed(self.input_ids))  # [B, 1, D]
+        shared: dict[str, torch.Tensor] = {}  # this step's cross-layer tensors (see zoo.modeling.assign_shared_roles)
         for layer, state in zip(model.layers, self.states):
-            hidden, new_state = layer(hidden, state)
+            hidden, new_state = layer(hidden, state, shared=shared)
             copy_state_(state, new_state)
         self.logits.copy_(self.model.lm_head(model.norm(hidden))[:, -1].float())
         for moe in self.moe_modules:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import (
 )
 
 from zoo.config import ModelConfig
-from zoo.layers import FFNS, MIXERS, MoE, ResidualLayer, RMSNorm, map_state
+from zoo.layers import FFNS, MIXERS, NORMS, MoE, ResidualLayer, map_state
 from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
 from zoo.layers.layer import AdaLNModulation
@@ -41,6 +41,17 @@ def output_cache(output: Any) -> "ZooCache | None":
     return output.get(CACHE_FIELD)
 
 
+def with_saved_defaults(module_args: dict[str, Any]) -> dict[str, Any]:
+    """Saved module sections with the keys they lack filled from their config class's ``SAVED_DEFAULTS`` (what a
+    config written before the key existed meant); sections of unknown modules are left for validation to name."""
+    out = {}
+    for name, args in module_args.items():
+        registry = MIXERS if name in MIXERS else FFNS if name in FFNS else None
+        saved = getattr(registry.get(name).config_cls, "SAVED_DEFAULTS", {}) if registry is not None else {}
+        out[name] = {**saved, **args} if isinstance(args, dict) else args
+    return out
+
+
 class ZooConfig(PreTrainedConfig):
     """Hugging Face face of :class:`zoo.config.ModelConfig` (``model_type = "zoo"``)."""
 
@@ -54,6 +65,8 @@ class ZooConfig(PreTrainedConfig):
     ffn: str | list = "swiglu"
     vocab_size: int = 259
     norm_eps: float = 1e-5
+    norm: str = "rmsnorm"  # zoo.layers.NORMS; checkpoints saved before the key existed used RMSNorm
+    embed_norm: bool = False
     init_std: float = 0.02
     module_args: dict | None = None
     tie_word_embeddings: bool = False
@@ -74,21 +87,25 @@ class ZooConfig(PreTrainedConfig):
             raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building a model")
         return cls(
             d_model=plain["d_model"], n_layers=plain["n_layers"], blocks=plain["blocks"], ffn=plain["ffn"],
-            vocab_size=plain["vocab_size"], norm_eps=plain["norm_eps"], init_std=plain["init_std"],
+            vocab_size=plain["vocab_size"], norm_eps=plain["norm_eps"], norm=plain["norm"], embed_norm=plain["embed_norm"],
+            init_std=plain["init_std"],
             module_args=module_args, tie_word_embeddings=plain["tie_embeddings"], bidirectional=model.bidirectional,
             time_conditioning=model.time_conditioning, **kwargs,
         )
 
     def model_config(self) -> ModelConfig:
         """The validated zoo model spec this HF config describes: what :class:`ZooModel` builds from. Checkpoints
-        written before ``time_conditioning`` was a model field keep it in ``diffusion``; it is read from there."""
+        written before ``time_conditioning`` was a model field keep it in ``diffusion``; it is read from there.
+        A module section saved before one of its keys existed gets that key's ``SAVED_DEFAULTS`` value (the old
+        behaviour) instead of the new default: ``module_args`` here are the complete sections zoo saves."""
         time_conditioning = self.time_conditioning or bool((self.diffusion or {}).get("time_conditioning"))
         return ModelConfig.from_dict(
             {
                 "d_model": self.d_model, "n_layers": self.n_layers, "blocks": list(self.blocks or ["attention"]),
-                "ffn": self.ffn, "vocab_size": self.vocab_size, "norm_eps": self.norm_eps, "init_std": self.init_std,
+                "ffn": self.ffn, "vocab_size": self.vocab_size, "norm_eps": self.norm_eps, "norm": self.norm,
+                "embed_norm": self.embed_norm, "init_std": self.init_std,
                 "tie_embeddings": self.tie_word_embeddings, "bidirectional": self.bidirectional,
-                "time_conditioning": time_conditioning, **(self.module_args or {}),
+                "time_conditioning": time_conditioning, **with_saved_defaults(self.module_args or {}),
             },
             "config",
         )
@@ -329,6 +346,7 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ResidualLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    supports_gradient_checkpointing = True  # per ResidualLayer, see set_activation_checkpointing
 
     def __init__(self, config: ZooConfig, *args: Any, **kwargs: Any):
         """``attn_implementation`` (of ``from_pretrained``/``from_config``) sets ``attention.backend``; the config then
@@ -382,8 +400,32 @@ class ZooPreTrainedModel(PreTrainedModel):
             raise explain_safetensors_error(pretrained_model_name_or_path, err) from None
 
 
+def set_activation_checkpointing(model: nn.Module, blocks: str | list[str]) -> int:
+    """Activation checkpointing (``trainer.activation_checkpointing``) for ``all`` residual layers of ``model``, the
+    layers whose block is named in ``blocks``, or ``none``; returns how many layers recompute in the backward. Works
+    on wrapped models too (PEFT, Lightning modules): it finds the layers by type."""
+    layers = [m for m in model.modules() if isinstance(m, ResidualLayer)]
+    if not layers:
+        raise ValueError(f"activation checkpointing: {type(model).__name__} has no zoo residual layers")
+    for layer in layers:
+        layer.gradient_checkpointing = blocks == "all" or (isinstance(blocks, list) and layer.block in blocks)
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def assign_shared_roles(mixers: list[nn.Module]) -> None:
+    """Tell each block that shares a cross-layer tensor (``SequenceMixer.shared_tensor``) its role: the first block
+    of the stack naming a tensor produces it, later ones read it. The model passes every forward a fresh dict, so a
+    shared tensor holds the current call's tokens only (full forward, each prefill chunk, each decoded token)."""
+    named: set[str] = set()
+    for mixer in mixers:
+        name = mixer.shared_tensor
+        if name is not None:
+            mixer.set_shared_role(producer=name not in named)
+            named.add(name)
+
+
 class ZooModel(ZooPreTrainedModel):
-    """Embedding -> layers (block pattern tiled to n_layers) -> final RMSNorm.
+    """Embedding (-> embed_norm) -> layers (block pattern tiled to n_layers) -> final norm (RMSNorm unless model.norm says).
 
     Built from the validated spec ``config.model_config()``. With ``time_conditioning`` every layer and the final
     norm are adaLN-Zero conditioned (DiT): ``forward`` then takes ``conditioning [B, D]`` (a diffusion-time
@@ -395,15 +437,18 @@ class ZooModel(ZooPreTrainedModel):
         spec = config.model_config()
         self.conditioned = spec.time_conditioning
         self.embed = nn.Embedding(config.vocab_size, spec.d_model)
+        norm = NORMS[spec.norm]
+        self.embed_norm = norm(spec.d_model, spec.norm_eps) if spec.embed_norm else None
         layers = []
         for i, (block, ffn) in enumerate(zip(spec.layer_blocks(), spec.layer_ffns())):
             mixer_cls = MIXERS.get(block).cls
             build_mixer = mixer_cls.bidirectional if spec.bidirectional else mixer_cls
             mixer = ShortConv.wrap(build_mixer(spec.args_for(block), spec.d_model, i), spec.short_conv.get(block, 0))
             ffn_module = None if ffn == "none" else FFNS.get(ffn).cls(spec.args_for(ffn), spec.d_model, i)
-            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned))
+            layers.append(ResidualLayer(mixer, ffn_module, spec.d_model, spec.norm_eps, conditioned=self.conditioned, norm=norm, block=block))
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        assign_shared_roles([layer.mixer for layer in layers])
+        self.norm = norm(spec.d_model, spec.norm_eps)
         # adaLN on the output: shift and scale after the final norm (DiT's final layer), zero at init.
         self.final_modulation = AdaLNModulation(spec.d_model, 2) if self.conditioned else None
         logger.info(
@@ -464,6 +509,7 @@ class ZooModel(ZooPreTrainedModel):
         elif not inputs_embeds.is_floating_point():
             raise ValueError(f"inputs_embeds: expected a floating-point tensor, got {inputs_embeds.dtype}")
         self._check_conditioning(conditioning, inputs_embeds.shape[0])
+        inputs_embeds = self.normed_embeddings(inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = ZooCache(len(self.layers))
@@ -495,6 +541,10 @@ class ZooModel(ZooPreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
+    def normed_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The first layer's input from the embeddings ``[B, T, D]``: through ``embed_norm`` when the model has one."""
+        return embeds if self.embed_norm is None else self.embed_norm(embeds)
+
     def _check_conditioning(self, conditioning: torch.Tensor | None, batch_size: int) -> None:
         if not self.conditioned:
             if conditioning is not None:
@@ -509,11 +559,13 @@ class ZooModel(ZooPreTrainedModel):
     def _run_layers(
         self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None, record: "_Recorder | None" = None
     ) -> torch.Tensor:
-        """Every layer over ``hidden [B, T, D]``, updating ``cache``; ``record`` keeps each layer's input and attention map."""
+        """Every layer over ``hidden [B, T, D]``, updating ``cache``; ``record`` keeps each layer's input and attention map.
+        The layers share one fresh ``shared`` dict (cross-layer tensors of these tokens, see ``assign_shared_roles``)."""
+        shared: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if record is not None:
                 record.before_layer(hidden)
-            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None, conditioning)
+            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None, conditioning, shared)
             if record is not None:
                 record.after_layer(layer)
             if cache is not None:

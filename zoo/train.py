@@ -60,6 +60,22 @@ def make_loggers(recipe: Recipe, out) -> list:
     return made
 
 
+def check_strategy(recipe: Recipe) -> None:
+    """Lightning's FSDP strategies need CUDA: refuse them on a CPU run with the recipe key, before anything is built."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from zoo.errors import ConfigError
+
+    trainer = recipe.trainer
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if trainer.strategy in FSDPStrategy.get_registered_strategies() and on_cpu:
+        raise ConfigError(
+            "trainer.strategy", f"{trainer.strategy} needs CUDA (Lightning's FSDP refuses the CPU); on CPU use ddp, "
+            "or shard with torch's FSDP2 (torch.distributed.fsdp.fully_shard) in your own loop"
+        )
+
+
 def train(recipe: Recipe) -> dict:
     """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     import lightning as L
@@ -74,6 +90,7 @@ def train(recipe: Recipe) -> dict:
     from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
+    check_strategy(recipe)
     out = ensure_writable_dir(recipe.output_dir)
     resume = find_resume_point(out, recipe.resume) if recipe.resume else None
     for reason in resume.skipped if resume else []:

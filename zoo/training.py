@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from zoo.checkpoints.io import atomic_directory
 from zoo.config import Recipe
 from zoo.layers import MoE
-from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss
+from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
 from zoo.precision import resolve_fused
 from zoo.synthetic import answer_accuracy, no_recall_floor
 
@@ -45,6 +45,7 @@ class ZooLightningModule(L.LightningModule):
         self.recipe = recipe
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
         self.model = self.build_model(config)
+        set_activation_checkpointing(self.model, recipe.trainer.activation_checkpointing)
         self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
         self._val_acc_floor: float | None = None
 

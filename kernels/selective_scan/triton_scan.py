@@ -5,6 +5,9 @@ walks the sequence, writing the state every ``chunk`` steps to a checkpoint buff
 Backward: the same programs walk the chunks in reverse; each chunk's states are recomputed from its checkpoint into
 a per-program scratch buffer (``chunk + 1`` states), then the adjoint ``dh`` runs back through the chunk.
 Memory is ``O(T / chunk + chunk)`` states per program instead of ``O(T)``; all arithmetic is fp32.
+The time loop stays sequential (as in mamba-ssm's CUDA kernel); the parallelism is batch x channel blocks of
+``BLOCK_D`` channels, small enough that batch 1 fills a GPU. ``dB`` and ``dC`` (reductions over all channels) are
+accumulated with fp32 atomic adds, so their last bits depend on the order the programs run in.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
 """
 from __future__ import annotations
@@ -74,7 +77,8 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(B, cdiv(D, BLOCK_D))``, the forward's: program ``(b, i)`` walks its checkpoints in reverse."""
+    """Grid ``(B, cdiv(D, BLOCK_D))``, the forward's: program ``(b, i)`` walks its checkpoints in reverse.
+    dB, dC ``[B, T, N]`` fp32, zero-initialised: every program adds its channels' sum with ``tl.atomic_add``."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     n_dblocks = tl.num_programs(1)
@@ -139,14 +143,14 @@ def _selective_scan_bwd_kernel(
                 dy = dy * z * sig
             dD += dy * u
             dh += dy[:, None] * Ct[None, :]
-            tl.store(dC_ptr + ((pid_b * n_dblocks + pid_d) * T + t) * N + offs_n, tl.sum(dy[:, None] * h_t, axis=0), mask=mask_n)
+            tl.atomic_add(dC_ptr + row * N + offs_n, tl.sum(dy[:, None] * h_t, axis=0), mask=mask_n, sem="relaxed")
             decay = tl.exp(dt[:, None] * A)  # [BLOCK_D, BLOCK_N]
             d_decay = dh * h_prev * decay
             dh_B = tl.sum(dh * Bt[None, :], axis=1)  # [BLOCK_D]
             ddt = tl.sum(d_decay * A, axis=1) + dh_B * u
             dA += d_decay * dt[:, None]
             du = dy * Dv + dh_B * dt
-            tl.store(dB_ptr + ((pid_b * n_dblocks + pid_d) * T + t) * N + offs_n, tl.sum(dh * (dt * u)[:, None], axis=0), mask=mask_n)
+            tl.atomic_add(dB_ptr + row * N + offs_n, tl.sum(dh * (dt * u)[:, None], axis=0), mask=mask_n, sem="relaxed")
             if SOFTPLUS:
                 ddt = ddt / (1.0 + tl.exp(-dt_in))  # softplus derivative
             dbias += ddt
@@ -170,12 +174,13 @@ class Tiles(NamedTuple):
 
 
 def tiles(dim: int, n: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Small channel blocks (512 state entries per program): the time loop is sequential, so parallelism comes from
-    batch x channel blocks (B=1, d_inner 2048, N 16 gives 64 programs). 8 warps (2 state entries per thread): with 2
-    the backward spilled on every target, with 4 on sm_80. The same on every target and input dtype."""
+    """Tiny channel blocks (32 state entries per program, one per thread of one warp; at N > 32 one channel and
+    ``N / 32`` warps): the time loop is sequential, so parallelism comes from batch x channel blocks. At batch 1,
+    d_inner 2048, N 16 that is 1024 programs (7.8 per H100 SM; 512 at BLOCK_D 4 would be under 4 per SM), at
+    d_inner 1536 768. The same on every target and input dtype."""
     block_n = triton.next_power_of_2(n)
-    block_d = max(1, min(triton.next_power_of_2(dim), max(4, 512 // block_n)))
-    return Tiles(block_d, block_n, Launch(num_warps=8, num_stages=3))
+    block_d = max(1, min(triton.next_power_of_2(dim), 32 // block_n))
+    return Tiles(block_d, block_n, Launch(num_warps=max(1, min(8, block_d * block_n // 32)), num_stages=3))
 
 
 def _checkpoint_interval(T: int, chunk_size: int | None) -> int:
@@ -213,8 +218,8 @@ def _launch_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dy, d_final, del
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
     dA = torch.empty(batch, dim, n, **f32)
-    dB = torch.empty(batch, n_dblocks, T, n, **f32)  # partial sums per channel block
-    dC = torch.empty(batch, n_dblocks, T, n, **f32)
+    dB = torch.zeros(batch, T, n, **f32)  # atomic sums over channel blocks
+    dC = torch.zeros(batch, T, n, **f32)
     dD, dbias = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
     dh0 = torch.empty(batch, dim, n, **f32)
     _selective_scan_bwd_kernel[(batch, n_dblocks)](
@@ -224,7 +229,7 @@ def _launch_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dy, d_final, del
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=d_final is not None,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, **t.launch._asdict(),
     )
-    return du, ddelta, dz, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dbias.sum(0), dh0
+    return du, ddelta, dz, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0), dh0
 
 
 class SelectiveScanFn(torch.autograd.Function):

@@ -1,11 +1,24 @@
-"""Triton SSD scan (Mamba-2), forward and backward: chunked (Dao & Gu 2024, Section 6), dt preprocessing fused in.
+"""Triton SSD scan (Mamba-2), forward and backward, chunk-parallel (Dao & Gu 2024, Section 6; mamba-ssm's
+``mamba_chunk_scan_combined`` structure), with the dt preprocessing fused in.
 
-One program per (batch, head, block of ``BLOCK_P`` head channels) walks the chunks of ``L`` steps in order with the
-state ``[BLOCK_P, N]`` in registers. Inside a chunk, with ``a_cum`` the cumulative log-decay, the outputs are the
-quadratic form ``((C B^T) * exp(segsum)) @ (dt x)`` plus the start state read out by ``C``, all ``tl.dot`` on
-``[L, L]`` / ``[L, N]`` tiles; the state moves to the next chunk in one update. The forward writes each chunk's start
-state (``T / L`` states); the backward walks the chunks in reverse from those, carrying the state's gradient.
-Per-step reductions over head channels (dB, dC, ddt) are written per channel block and summed in PyTorch.
+Per head, with ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` and the chunk's cumulative log-decay
+``a_cum[l] = sum_{k <= l} dt[k] A`` (``a_end = a_cum[L - 1]``), the sequence is cut into chunks of ``L`` steps:
+
+1. chunk states, parallel over chunks: ``S_c = (dt x * exp(a_end - a_cum))^T @ B``, ``[P, N]`` from a zero start;
+2. state passing, sequential over chunks, parallel over state entries: ``h_c = exp(a_end_{c-1}) h_{c-1} + S_{c-1}``
+   (``h_0`` the initial state), the start state of every chunk and the final state;
+3. chunk outputs, parallel over chunks: ``y = ((C B^T) * exp(segsum)) @ (dt x) + exp(a_cum) * (C @ h_c^T) + D x``.
+
+The backward mirrors it: chunk-local state gradients ``(dy * exp(a_cum))^T @ C`` (1), passed in reverse (2, which
+also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total decay through its start state), then
+every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
+values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
+``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
+exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC
+and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
+their last bits depend on the order the programs run in.
+Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk kernels run
+``256 x 16 x 2`` (bf16) or ``x 4`` (fp32) programs, the state passing ``128 x 16``: every launch >= 4 per SM.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
 """
 from __future__ import annotations
@@ -22,27 +35,120 @@ from .checks import check_ssd_shapes
 
 
 @triton.jit
-def _ssd_chunk_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr,
-    y_ptr, hT_ptr, ckpt_ptr,
+def _ssd_chunk_state_kernel(
+    src_ptr, dt_ptr, A_ptr, bias_ptr, mat_ptr, states_ptr, aend_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GRAD: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid ``(B, H, cdiv(P, BLOCK_P))``: program ``(b, h, i)`` walks the ``cdiv(T, L)`` chunks with the state
-    rows of head channels ``[i * BLOCK_P, (i + 1) * BLOCK_P)`` of batch ``b``, head ``h``."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    """Chunk-local states. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
+    ``states[b, h, c, i * BLOCK_P:(i + 1) * BLOCK_P, :]`` (``[B, H, cdiv(T, L), P, N]`` fp32).
+    Forward (``GRAD`` False): src = x ``[B, T, H, P]``, mat = B ``[B, T, G, N]``,
+    ``S_c = (dt x * exp(a_end - a_cum))^T @ B``; it also writes ``aend [B, H, cdiv(T, L)]``.
+    Backward (``GRAD`` True): src = dy, mat = C, ``S_c = (dy * exp(a_cum))^T @ C`` (the start state's gradient from
+    the chunk's own outputs)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
+    pid_b = bh // H
+    head = (bh % H).to(tl.int32)
     group = head // (H // G)
     offs_l = tl.arange(0, L)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    mask_pn = mask_p[:, None] & mask_n[None, :]
+    causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]
+    mask_t = c * L + offs_l < T
+    row0 = pid_b * T + c * L  # the chunk's first row of [B * T]
+    A = tl.load(A_ptr + head).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + head).to(tl.float32)
+    dt = tl.load(dt_ptr + (row0 + offs_l) * H + head, mask=mask_t, other=0.0).to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))  # softplus
+    dt = tl.where(mask_t, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)  # steps past T leave the state alone
+    a = dt * A  # [L] log-decays
+    a_cum = tl.sum(tl.where(causal, a[None, :], 0.0), axis=1)  # [L] inclusive cumulative sum
+    a_end = tl.sum(a, axis=0)
+    src = tl.load(src_ptr + (row0 * H + head) * P + offs_l[:, None] * (H * P) + offs_p[None, :],
+                  mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)  # [L, BLOCK_P]
+    if GRAD:
+        w = tl.exp(a_cum)
+    else:
+        w = dt * tl.exp(a_end - a_cum)
+        tl.store(aend_ptr + bh * n_chunks + c, a_end, mask=pid_p == 0)
+    src = src * w[:, None]
+    for n0 in range(0, N, BLOCK_N):  # blocks of d_state
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mat = tl.load(mat_ptr + (row0 * G + group) * N + offs_l[:, None] * (G * N) + offs_n[None, :],
+                      mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [L, BLOCK_N]
+        S = tl.dot(tl.trans(src), mat, input_precision=PRECISION)  # [BLOCK_P, BLOCK_N]
+        state_offs = offs_p[:, None] * N + offs_n[None, :]
+        tl.store(states_ptr + (bh * n_chunks + c) * P * N + state_offs, S, mask=mask_p[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _ssd_state_passing_kernel(
+    states_ptr, aend_ptr, init_ptr, out_ptr, final_ptr, prev_ptr, daend_ptr,
+    n_chunks, PN,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """State passing between chunks. Grid ``(cdiv(P * N, BLOCK), B * H)``: program ``(i, b * H + h)`` walks the
+    chunks with state entries ``[i * BLOCK, (i + 1) * BLOCK)`` of the flattened ``[P, N]`` state of (b, h).
+    states, out, prev ``[B, H, cdiv(T, L), P, N]`` fp32 (out may be states: each entry is read before it is written);
+    aend ``[B, H, cdiv(T, L)]``; init, final ``[B, H, P, N]``.
+    Forward: ``out[c] = h`` (the start state of chunk c), then ``h = exp(aend[c]) h + states[c]``, chunks in order;
+    final = the final state. Backward (``REVERSE``): the same recurrence over the chunks in reverse on gradients, so
+    ``out[c]`` is the gradient of the state at the end of chunk c and final the initial state's gradient; it also
+    writes ``daend [B * H, cdiv(T, L), cdiv(P * N, BLOCK)] = exp(aend[c]) <out[c], prev[c]>`` over its entries
+    (prev: the forward's start states)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_blocks = tl.num_programs(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    h = tl.zeros([BLOCK], tl.float32)
+    if HAS_INIT:
+        h = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
+    for i in range(n_chunks):
+        c = i
+        if REVERSE:
+            c = n_chunks - 1 - i
+        base = (bh * n_chunks + c) * PN
+        s = tl.load(states_ptr + base + offs, mask=mask, other=0.0)
+        e = tl.exp(tl.load(aend_ptr + bh * n_chunks + c))
+        tl.store(out_ptr + base + offs, h, mask=mask)
+        if REVERSE:
+            start = tl.load(prev_ptr + base + offs, mask=mask, other=0.0)
+            tl.store(daend_ptr + (bh * n_chunks + c) * n_blocks + pid, e * tl.sum(h * start, axis=0))
+        h = e * h + s
+    tl.store(final_ptr + bh * PN + offs, h, mask=mask)
+
+
+@triton.jit
+def _ssd_chunk_scan_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, y_ptr,
+    T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Chunk outputs. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
+    ``y[b, cL:(c+1)L, h, i * BLOCK_P:(i + 1) * BLOCK_P] = ((C B^T) * exp(segsum)) @ (dt x) + exp(a_cum) * (C @ h_c^T)
+    + D x`` with ``h_c`` = starts ``[B, H, cdiv(T, L), P, N]``; x, y ``[B, T, H, P]``, B, C ``[B, T, G, N]``."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
+    pid_b = bh // H
+    head = (bh % H).to(tl.int32)
+    group = head // (H // G)
+    offs_l = tl.arange(0, L)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]: step i sees step j <= i
-    state_offs = offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
-    bh = pid_b * H + head
+    mask_t = c * L + offs_l < T
+    mask_lp = mask_t[:, None] & mask_p[None, :]
+    row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
@@ -50,62 +156,59 @@ def _ssd_chunk_fwd_kernel(
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + head).to(tl.float32)
-    # element offsets inside one chunk (int32; the chunk's first row goes into the scalar base pointer)
+    dt = tl.load(dt_ptr + (row0 + offs_l) * H + head, mask=mask_t, other=0.0).to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))  # softplus
+    dt = tl.where(mask_t, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)
+    a_cum = tl.sum(tl.where(causal, (dt * A)[None, :], 0.0), axis=1)  # [L]
     offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P] of x / y
-    offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
-    h = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + bh * P * N + state_offs, mask=mask_pn, other=0.0).to(tl.float32)
-    for c in range(n_chunks):
-        tl.store(ckpt_ptr + (bh * n_chunks + c) * P * N + state_offs, h, mask=mask_pn)
-        t = c * L + offs_l
-        mask_t = t < T
-        row0 = pid_b * T + c * L  # the chunk's first row of [B * T]
-        dt = tl.load(dt_ptr + (row0 + offs_l) * H + head, mask=mask_t, other=0.0).to(tl.float32) + bias
-        if SOFTPLUS:
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))  # softplus
-        dt = tl.where(mask_t, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)  # steps past T leave the state alone
-        a = dt * A  # [L] log-decays
-        a_cum = tl.sum(tl.where(causal, a[None, :], 0.0), axis=1)  # [L] inclusive cumulative sum
-        a_end = tl.sum(a, axis=0)
-        X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        xd = X * dt[:, None]  # [L, BLOCK_P]
-        seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))  # [L, L] decay j -> i
-        scores = tl.dot(Cc, tl.trans(Bc), input_precision="ieee") * seg  # [L, L]
-        y = tl.dot(scores, xd, input_precision="ieee")
-        y += tl.exp(a_cum)[:, None] * tl.dot(Cc, tl.trans(h), input_precision="ieee") + Dv * X  # [L, BLOCK_P]
-        tl.store(y_ptr + (row0 * H + head) * P + offs_lp, y.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
-        decay_to_end = tl.exp(a_end - a_cum)  # [L]
-        h = tl.exp(a_end) * h + tl.dot(tl.trans(xd * decay_to_end[:, None]), Bc, input_precision="ieee")
-    tl.store(hT_ptr + bh * P * N + state_offs, h, mask=mask_pn)
+    X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+    CB = tl.zeros([L, L], tl.float32)
+    Ch = tl.zeros([L, BLOCK_P], tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # blocks of d_state: C B^T and C h^T accumulate over them
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_ln = mask_t[:, None] & mask_n[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
+        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        h = tl.load(starts_ptr + (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
+        Ch += tl.dot(Cc, tl.trans(h), input_precision=PRECISION)
+    seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))  # [L, L] decay j -> i
+    y = tl.dot(CB * seg, X * dt[:, None], input_precision=PRECISION)
+    y += tl.exp(a_cum)[:, None] * Ch + Dv * X  # [L, BLOCK_P]
+    tl.store(y_ptr + (row0 * H + head) * P + offs_lp, y.to(y_ptr.dtype.element_ty), mask=mask_lp)
 
 
 @triton.jit
 def _ssd_chunk_bwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
-    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dh0_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, dh_ptr, daend_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid ``(B, H, cdiv(P, BLOCK_P))``, the forward's: program ``(b, h, i)`` walks the chunks in reverse."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    """Every gradient of one chunk. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``, the chunk kernels': program
+    ``(c, b * H + h, i)`` reads the chunk's start state (starts) and the gradient of its end state (dh), both
+    ``[B, H, cdiv(T, L), P, N]``, and daend ``[B * H, cdiv(T, L)]`` (the end-decay gradient through the start state,
+    added by the ``i = 0`` program). It writes dx ``[B, T, H, P]``; adds (atomically, fp32) to ddt ``[B, T, H]`` and
+    dB, dC ``[B, T, G, N]``; writes its partial sums of dA and dD to ``[B * H, cdiv(T, L), cdiv(P, BLOCK_P)]``."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
     pid_p = tl.program_id(2)
-    n_pblocks = tl.num_programs(2)
+    pid_b = bh // H
+    head = (bh % H).to(tl.int32)
     group = head // (H // G)
     offs_l = tl.arange(0, L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    mask_pn = mask_p[:, None] & mask_n[None, :]
     causal = offs_l[:, None] >= offs_l[None, :]
-    state_offs = offs_p[:, None] * N + offs_n[None, :]
-    bh = pid_b * H + head
-    part = bh * n_pblocks + pid_p  # index of this program's partial sums
+    t = c * L + offs_l
+    mask_t = t < T
+    mask_lp = mask_t[:, None] & mask_p[None, :]
+    row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
@@ -113,172 +216,193 @@ def _ssd_chunk_bwd_kernel(
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + head).to(tl.float32)
-    # element offsets inside one chunk (int32; the chunk's first row goes into the scalar base pointer)
+    dt_in = tl.load(dt_ptr + (row0 + offs_l) * H + head, mask=mask_t, other=0.0).to(tl.float32) + bias
+    dt_pos = dt_in
+    if SOFTPLUS:
+        dt_pos = tl.where(dt_in > 20.0, dt_in, tl.log(1.0 + tl.exp(tl.minimum(dt_in, 20.0))))  # softplus
+    dt = tl.where(mask_t, tl.minimum(tl.maximum(dt_pos, dt_min), dt_max), 0.0)
+    a_cum = tl.sum(tl.where(causal, (dt * A)[None, :], 0.0), axis=1)
+    a_end = tl.sum(dt * A, axis=0)
     offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P] of x / dy / dx
-    offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
-    offs_part = offs_l[:, None] * N + offs_n[None, :]  # [L, BLOCK_N] of this program's dB / dC partial sums
-    dh = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)  # gradient of the state at the end of the current chunk
-    if HAS_DHT:
-        dh = tl.load(dhT_ptr + bh * P * N + state_offs, mask=mask_pn, other=0.0).to(tl.float32)
-    dA = tl.sum(tl.zeros([L], tl.float32), axis=0)  # fp32 scalars carried through the loop
-    dD = dA
-    for ci in range(n_chunks):
-        c = n_chunks - 1 - ci
-        # recompute the chunk's forward quantities
-        h = tl.load(ckpt_ptr + (bh * n_chunks + c) * P * N + state_offs, mask=mask_pn, other=0.0)  # state at chunk start
-        t = c * L + offs_l
-        mask_t = t < T
-        mask_lp = mask_t[:, None] & mask_p[None, :]
-        mask_ln = mask_t[:, None] & mask_n[None, :]
-        row0 = pid_b * T + c * L  # the chunk's first row of [B * T]
-        dt_in = tl.load(dt_ptr + (row0 + offs_l) * H + head, mask=mask_t, other=0.0).to(tl.float32) + bias
-        dt_pos = dt_in
-        if SOFTPLUS:
-            dt_pos = tl.where(dt_in > 20.0, dt_in, tl.log(1.0 + tl.exp(tl.minimum(dt_in, 20.0))))  # softplus
-        dt = tl.where(mask_t, tl.minimum(tl.maximum(dt_pos, dt_min), dt_max), 0.0)
-        a = dt * A
-        a_cum = tl.sum(tl.where(causal, a[None, :], 0.0), axis=1)
-        a_end = tl.sum(a, axis=0)
-        X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+    dY = tl.load(dy_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+    xd = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32) * dt[:, None]
+    seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
+    e_cum = tl.exp(a_cum)
+    decay_to_end = tl.exp(a_end - a_cum)
+    # y_diag = (CB * seg) @ xd; C B^T first (one pass over the d_state blocks), so that it is dead in the second
+    dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L, L]
+    CB = tl.zeros([L, L], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
         Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
         Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        dY = tl.load(dy_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
-        xd = X * dt[:, None]
-        seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
-        CB = tl.dot(Cc, tl.trans(Bc), input_precision="ieee")  # [L, L]
-        e_cum = tl.exp(a_cum)
-        e_end = tl.exp(a_end)
-        decay_to_end = tl.exp(a_end - a_cum)
-        dD += tl.sum(tl.sum(dY * X, axis=1), axis=0)
-        # dC and dB are stored as soon as they are complete and h is not needed past d_aend (fewer live registers);
-        # the reductions over head channels go through the [L, BLOCK_N] products that dC and dB need anyway:
-        # sum_p dY (C h^T) = sum_n C (dY h) and sum_p xd (B dh^T) = sum_n B (xd dh).
-        # y_off = exp(a_cum) * (C @ h_start^T)
-        dY_h = tl.dot(dY, h, input_precision="ieee")  # [L, BLOCK_N]
-        d_aend = e_end * tl.sum(tl.sum(dh * h, axis=1), axis=0)  # the last use of h
-        d_acum = e_cum * tl.sum(Cc * dY_h, axis=1)
-        dC = e_cum[:, None] * dY_h
-        # y_diag = (CB * seg) @ xd
-        dCB = tl.dot(dY, tl.trans(xd), input_precision="ieee") * seg  # [L, L]
-        dC += tl.dot(dCB, Bc, input_precision="ieee")
-        tl.store(dC_ptr + (part * T + c * L) * N + offs_part, dC, mask=mask_ln)
-        dseg = dCB * CB  # gradient of the log-decay difference a_cum[i] - a_cum[j]
-        d_acum += tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
+        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
+    dseg = dCB * CB  # gradient of the log-decay difference a_cum[i] - a_cum[j]
+    d_acum = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
+    dxd = tl.dot(tl.trans(CB * seg), dY, input_precision=PRECISION)  # [L, BLOCK_P]
+    d_decay = tl.zeros([L], tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # second pass: the state terms; dB and dC per block
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_ln = mask_t[:, None] & mask_n[None, :]
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C / dB / dC
+        state_offs = (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
+        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        # y_off = exp(a_cum) * (C @ h_start^T): the reduction over head channels goes through dY @ h, which dC needs
+        h = tl.load(starts_ptr + state_offs, mask=mask_pn, other=0.0)
+        dY_h = tl.dot(dY, h, input_precision=PRECISION)  # [L, BLOCK_N]
+        d_acum += e_cum * tl.sum(Cc * dY_h, axis=1)
+        dC = e_cum[:, None] * dY_h + tl.dot(dCB, Bc, input_precision=PRECISION)
+        tl.atomic_add(dC_ptr + (row0 * G + group) * N + offs_ln, dC, mask=mask_ln, sem="relaxed")
         # h_end = exp(a_end) h_start + (xd * decay_to_end)^T @ B
-        xd_dh = tl.dot(xd, dh, input_precision="ieee")  # [L, BLOCK_N]
-        d_decay = tl.sum(Bc * xd_dh, axis=1) * decay_to_end  # [L]
-        dB = tl.dot(tl.trans(dCB), Cc, input_precision="ieee") + decay_to_end[:, None] * xd_dh
-        tl.store(dB_ptr + (part * T + c * L) * N + offs_part, dB, mask=mask_ln)
-        dxd = tl.dot(tl.trans(CB * seg), dY, input_precision="ieee")  # [L, BLOCK_P]
-        dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision="ieee")
-        d_aend += tl.sum(d_decay, axis=0)
-        d_acum -= d_decay
-        dh = e_end * dh + tl.dot(tl.trans(dY * e_cum[:, None]), Cc, input_precision="ieee")  # at the chunk start
-        # a_cum[i] = sum_{k <= i} a[k] and a_end = sum_k a[k]
-        da = tl.sum(tl.where(causal, d_acum[:, None], 0.0), axis=0) + d_aend  # [L]
-        ddt = da * A + tl.sum(dxd * X, axis=1)
-        dA += tl.sum(da * dt, axis=0)
-        dX = dY * Dv + dxd * dt[:, None]
-        ddt = tl.where(mask_t & (dt_pos >= dt_min) & (dt_pos <= dt_max), ddt, 0.0)
-        if SOFTPLUS:
-            ddt = ddt / (1.0 + tl.exp(-dt_in))  # softplus derivative
-        tl.store(dx_ptr + (row0 * H + head) * P + offs_lp, dX.to(dx_ptr.dtype.element_ty), mask=mask_lp)
-        tl.store(ddt_ptr + part * T + t, ddt, mask=mask_t)
-    tl.store(dh0_ptr + bh * P * N + state_offs, dh, mask=mask_pn)
-    tl.store(dA_ptr + part, dA)
-    tl.store(dD_ptr + part, dD)
+        dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
+        xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
+        d_decay += tl.sum(Bc * xd_dh, axis=1)
+        dB = tl.dot(tl.trans(dCB), Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
+        tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
+        dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
+    d_decay = d_decay * decay_to_end
+    X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+    d_aend = tl.sum(d_decay, axis=0) + tl.load(daend_ptr + bh * n_chunks + c, mask=pid_p == 0, other=0.0)
+    d_acum -= d_decay
+    # a_cum[i] = sum_{k <= i} a[k] and a_end = sum_k a[k]
+    da = tl.sum(tl.where(causal, d_acum[:, None], 0.0), axis=0) + d_aend  # [L]
+    ddt = da * A + tl.sum(dxd * X, axis=1)
+    ddt = tl.where(mask_t & (dt_pos >= dt_min) & (dt_pos <= dt_max), ddt, 0.0)
+    if SOFTPLUS:
+        ddt = ddt / (1.0 + tl.exp(-dt_in))  # softplus derivative
+    tl.atomic_add(ddt_ptr + (row0 + offs_l) * H + head, ddt, mask=mask_t, sem="relaxed")
+    dX = dY * Dv + dxd * dt[:, None]
+    tl.store(dx_ptr + (row0 * H + head) * P + offs_lp, dX.to(dx_ptr.dtype.element_ty), mask=mask_lp)
+    part = (bh * n_chunks + c) * tl.num_programs(2) + pid_p
+    tl.store(dA_ptr + part, tl.sum(da * dt, axis=0))
+    tl.store(dD_ptr + part, tl.sum(tl.sum(dY * X, axis=1), axis=0))
 
 
 class Tiles(NamedTuple):
-    """Launch parameters of the SSD kernels (forward and backward)."""
+    """Launch parameters of the SSD chunk kernels (chunk states, outputs, backward) and of the state passing."""
 
+    L: int
     BLOCK_P: int
     BLOCK_N: int
-    launch: Launch
+    PRECISION: str  # of the tl.dot products
+    launch: Launch  # chunk states and outputs
+    bwd_launch: Launch  # chunk backward
+    BLOCK: int  # state entries per state-passing program
+    pass_launch: Launch
 
 
-def tiles(p: int, n: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Tiles of at least 16 (the smallest ``tl.dot`` operand), at most 1024 state entries per program (head channels
-    are split over programs), 8 warps, no software pipelining. The same on every target and input dtype: no spills
-    at d_state 64 on sm_80 / 86 / 89 / 90 (benchmarks/kernel_resources.py); at d_state 128 the kernels spill at
-    L = 32 and not at L = 16 (chunk_size 16; measured on sm_90)."""
-    block_n = max(16, triton.next_power_of_2(n))
-    block_p = max(16, min(triton.next_power_of_2(p), 1024 // block_n))
-    return Tiles(block_p, block_n, Launch(num_warps=8, num_stages=1))
+def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -> Tiles:
+    """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]; d_state in blocks of ``BLOCK_N`` = 16 (the
+    kernels loop over them, so the chunk length does not grow the register tiles with d_state); head channels in
+    blocks of ``BLOCK_P``: 32 for bf16 / fp16 inputs (tf32 tensor-core products), 16 for fp32 inputs (exact fp32
+    FMA products need more registers). 8 warps, but 4 for the fp32 chunk-state and output kernels (at 8 ptxas kept
+    them to 128 registers and the outputs kernel spilled on sm_80). The largest spill-free tiles at L = 64 found on
+    sm_90 (at ``BLOCK_P`` 64, or ``BLOCK_N`` 32 with ``BLOCK_P`` 32, the backward spilled). State passing: 64 entries
+    per program (one warp), so batch 1 with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every
+    target."""
+    L = min(64, max(16, triton.next_power_of_2(chunk_size)))
+    exact = dtype == torch.float32
+    block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 32))
+    return Tiles(L, block_p, 16, "ieee" if exact else "tf32", Launch(num_warps=4 if exact else 8, num_stages=1),
+                 Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
 
 
-def chunk_length(chunk_size: int) -> int:
-    """Kernel chunk length: ``chunk_size`` rounded up to a power of two in [16, 32] (it only changes speed and memory)."""
-    return min(32, max(16, triton.next_power_of_2(chunk_size)))
+def _widest(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 if any of the ``tl.dot`` operands' inputs is fp32 (exact products), else their half-precision dtype."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
 
 
-def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk):
+def _chunk_args(x, B, t: Tiles):
+    """Grid of the chunk kernels ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))`` and their shared shape arguments."""
     batch, T, heads, p = x.shape
-    groups, n = B.shape[2], B.shape[3]
-    t = tiles(p, n, x.dtype, launch_target(x.device))
-    block_p, block_n = t.BLOCK_P, t.BLOCK_N
-    n_chunks = -(-T // chunk)
+    n_chunks = triton.cdiv(T, t.L)
+    return (n_chunks, batch * heads, triton.cdiv(p, t.BLOCK_P)), (T, heads, B.shape[2], p, n_chunks)
+
+
+def _pass_states(states, aend, init, reverse, prev, t: Tiles):
+    """State passing over ``states [B, H, NC, P, N]`` in place; returns (final ``[B, H, P, N]``, daend or None)."""
+    batch, heads, n_chunks, p, n = states.shape
+    grid = (triton.cdiv(p * n, t.BLOCK), batch * heads)
+    final = torch.empty(batch, heads, p, n, device=states.device, dtype=torch.float32)
+    daend = torch.empty(batch * heads, n_chunks, grid[0], device=states.device, dtype=torch.float32) if reverse else None
+    _ssd_state_passing_kernel[grid](
+        states, aend, init, states, final, prev, daend, n_chunks, p * n,
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=t.BLOCK, **t.pass_launch._asdict(),
+    )
+    return final, None if daend is None else daend.sum(2)
+
+
+def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
+    batch, T, heads, p = x.shape
+    n = B.shape[3]
+    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
+    grid, dims = _chunk_args(x, B, t)
+    limits = (float(dt_limit[0]), float(dt_limit[1]))
+    states = torch.empty(batch, heads, grid[0], p, n, device=x.device, dtype=torch.float32)
+    aend = torch.empty(batch, heads, grid[0], device=x.device, dtype=torch.float32)
+    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
+                  PRECISION=t.PRECISION, **t.launch._asdict())
+    _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias, B, states, aend, *dims, *limits, GRAD=False, **common)
+    final_state, _ = _pass_states(states, aend, initial_state, False, None, t)  # states now hold the start states
     y = torch.empty_like(x)
-    final_state = torch.empty(batch, heads, p, n, device=x.device, dtype=torch.float32)
-    ckpt = torch.empty(batch, heads, n_chunks, p, n, device=x.device, dtype=torch.float32)  # state before each chunk
-    _ssd_chunk_fwd_kernel[(batch, heads, triton.cdiv(p, block_p))](
-        x, dt, A, B, C, D, dt_bias, initial_state, y, final_state, ckpt,
-        T, heads, groups, p, n_chunks, float(dt_limit[0]), float(dt_limit[1]), N=n,
-        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, HAS_H0=initial_state is not None, SOFTPLUS=dt_softplus,
-        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, **t.launch._asdict(),
-    )
-    return y, final_state, ckpt
+    _ssd_chunk_scan_kernel[grid](x, dt, A, B, C, D, dt_bias, states, y, *dims, *limits, HAS_D=D is not None, **common)
+    return y, final_state, states, aend
 
 
-def _launch_backward(x, dt, A, B, C, D, dt_bias, ckpt, dy, d_final, dt_softplus, dt_limit, chunk):
+def _launch_backward(x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    t = tiles(p, n, x.dtype, launch_target(x.device))
-    block_p, block_n = t.BLOCK_P, t.BLOCK_N
-    n_pblocks = triton.cdiv(p, block_p)
-    n_chunks = ckpt.shape[2]
+    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
+    grid, dims = _chunk_args(x, B, t)
+    limits = (float(dt_limit[0]), float(dt_limit[1]))
     f32 = dict(device=x.device, dtype=torch.float32)
+    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
+                  PRECISION=t.PRECISION)
+    dstates = torch.empty(batch, heads, grid[0], p, n, **f32)
+    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *dims, *limits, GRAD=True, **common,
+                                  **t.launch._asdict())
+    dh0, daend = _pass_states(dstates, aend, d_final, True, starts, t)  # dstates now hold the end-state gradients
     dx = torch.empty_like(x)
-    ddt = torch.empty(batch, heads, n_pblocks, T, **f32)  # partial sums per channel block
-    dB = torch.empty(batch, heads, n_pblocks, T, n, **f32)
-    dC = torch.empty(batch, heads, n_pblocks, T, n, **f32)
-    dA, dD = (torch.empty(batch, heads, n_pblocks, **f32) for _ in range(2))
-    dh0 = torch.empty(batch, heads, p, n, **f32)
-    _ssd_chunk_bwd_kernel[(batch, heads, n_pblocks)](
-        x, dt, A, B, C, D, dt_bias, ckpt, dy, d_final,
-        dx, ddt, dA, dB, dC, dD, dh0,
-        T, heads, groups, p, n_chunks, float(dt_limit[0]), float(dt_limit[1]), N=n,
-        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, HAS_DHT=d_final is not None, SOFTPLUS=dt_softplus,
-        L=chunk, BLOCK_P=block_p, BLOCK_N=block_n, **t.launch._asdict(),
+    ddt = torch.zeros(batch, T, heads, **f32)  # atomic sums over head-channel blocks
+    dB = torch.zeros(batch, T, groups, n, **f32)  # atomic sums over the heads of a group
+    dC = torch.zeros(batch, T, groups, n, **f32)
+    dA = torch.empty(batch * heads, grid[0], grid[2], **f32)  # partial sums per (chunk, channel block)
+    dD = torch.empty(batch * heads, grid[0], grid[2], **f32)
+    _ssd_chunk_bwd_kernel[grid](
+        x, dt, A, B, C, D, dt_bias, starts, dstates, daend, dy, dx, ddt, dB, dC, dA, dD, *dims, *limits,
+        HAS_D=D is not None, **common, **t.bwd_launch._asdict(),
     )
-    ddt = ddt.sum(2)  # [B, H, T]
-    dbias = ddt.sum((0, 2))  # dt + dt_bias enters the kernel as one sum
-    # heads of one group share B and C: [B, H, pblocks, T, N] -> [B, T, G, N]
-    dB = dB.sum(2).view(batch, groups, heads // groups, T, n).sum(2).transpose(1, 2)
-    dC = dC.sum(2).view(batch, groups, heads // groups, T, n).sum(2).transpose(1, 2)
-    return dx, ddt.transpose(1, 2), dA.sum((0, 2)), dB, dC, dD.sum((0, 2)), dbias, dh0
+    dA = dA.view(batch, heads, -1).sum((0, 2))
+    dD = dD.view(batch, heads, -1).sum((0, 2))
+    dbias = ddt.sum((0, 1))  # dt + dt_bias enters the kernel as one sum
+    return dx, ddt, dA, dB, dC, dD, dbias, dh0
 
 
 class SSDFn(torch.autograd.Function):
-    """Autograd wrapper: chunked Triton forward and backward; the chunk start states are saved between them."""
+    """Autograd wrapper: chunk-parallel Triton forward and backward; the chunk start states are saved between them."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk):
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
         D, dt_bias, initial_state = (None if t is None else t.contiguous() for t in (D, dt_bias, initial_state))
-        y, final_state, ckpt = _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, ckpt)
-        ctx.dt_softplus, ctx.dt_limit, ctx.chunk = dt_softplus, dt_limit, chunk
+        y, final_state, starts, aend = _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, starts, aend)
+        ctx.dt_softplus, ctx.dt_limit, ctx.chunk_size = dt_softplus, dt_limit, chunk_size
         ctx.has_initial_state = initial_state is not None
         return y, final_state
 
     @staticmethod
     def backward(ctx, dy, d_final):
-        x, dt, A, B, C, D, dt_bias, ckpt = ctx.saved_tensors
+        x, dt, A, B, C, D, dt_bias, starts, aend = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         d_final = None if d_final is None else d_final.contiguous()
         dx, ddt, dA, dB, dC, dD, dbias, dh0 = _launch_backward(
-            x, dt, A, B, C, D, dt_bias, ckpt, dy, d_final, ctx.dt_softplus, ctx.dt_limit, ctx.chunk
+            x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, ctx.dt_softplus, ctx.dt_limit, ctx.chunk_size
         )
         return (
             dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
@@ -303,13 +427,13 @@ def ssd_triton(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton SSD ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t`` with
-    ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` computed in the kernel.
+    ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` computed in the kernels.
 
     Same contract as :func:`zoo.kernels.ssd.ssd_scan`: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias ``[H]``;
     B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros); fp32, bf16 or fp16.
-    ``chunk_size`` sets the kernel's chunk length (rounded to a power of two in [16, 32]).
+    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 64]).
     Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    check_triton_inputs("ssd_triton", _ssd_chunk_fwd_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
-    return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_length(chunk_size))
+    check_triton_inputs("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
+    return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_size)

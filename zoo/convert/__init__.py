@@ -7,20 +7,44 @@ from typing import Mapping
 import torch
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], source: str) -> dict[str, torch.Tensor]:
-    """Rename every key of ``state_dict`` by the first regex of ``key_map`` that matches it in full.
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], source: str, transposed: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Rename every key of ``state_dict`` by the first regex of ``key_map`` that matches it in full; the tensors of
+    the new keys that ``transposed`` (a regex) matches in full are transposed (2-D weights stored the other way).
 
     A key no pattern matches is an error: silently dropping weights would give a model that only looks converted.
     """
     patterns = [(re.compile(pattern), replacement) for pattern, replacement in key_map.items()]
+    flip = re.compile(transposed) if transposed is not None else None
     out = {}
     for key, tensor in state_dict.items():
         for pattern, replacement in patterns:
             if pattern.fullmatch(key):
-                out[pattern.sub(replacement, key)] = tensor
+                new_key = pattern.sub(replacement, key)
+                out[new_key] = tensor.T.contiguous() if flip is not None and flip.fullmatch(new_key) else tensor
                 break
         else:
             raise KeyError(f"{source} weight '{key}' has no zoo counterpart in the key map")
+    return out
+
+
+def stack_parts(state_dict: Mapping[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
+    """Stack the tensors of keys ``pattern`` matches in full (groups: the stacked key, the row index) into one
+    tensor per stacked key, rows in index order, each flattened to 1-D; other keys pass through. Rows must be
+    ``0..n-1`` without gaps."""
+    regex = re.compile(pattern)
+    out, rows = {}, {}
+    for key, tensor in state_dict.items():
+        match = regex.fullmatch(key)
+        if match is None:
+            out[key] = tensor
+        else:
+            rows.setdefault(match.group(1), {})[int(match.group(2))] = tensor.reshape(-1)
+    for key, parts in rows.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise KeyError(f"{key}: rows {sorted(parts)} are not 0..{len(parts) - 1}")
+        out[key] = torch.stack([parts[i] for i in range(len(parts))])
     return out
 
 

@@ -1,44 +1,66 @@
 """``python -m zoo.convert HF_DIR OUT_DIR``: turn a local Hugging Face checkpoint into a zoo checkpoint.
 
-Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, mamba, mamba2. OUT_DIR gets
-config.json (model_type "zoo"), model.safetensors, generation_config.json and the tokenizer files if HF_DIR has
-them; load it with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` after ``import zoo``.
+Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, mamba, mamba2 (transformers), and
+rwkv6, rwkv7 and retnet (flash-linear-attention's ``fla-hub`` models; reading them needs fla installed); fla's gla
+is refused with the reason (``NOT_CONVERTED``). OUT_DIR gets config.json
+(model_type "zoo"), model.safetensors, generation_config.json and the tokenizer files if HF_DIR has them; load it
+with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` after ``import zoo``.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import sys
 from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_parsed
+from zoo.convert.fla import from_fla_retnet, from_fla_rwkv6, from_fla_rwkv7
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
 from zoo.errors import ZooError
 
-# config.model_type of the source checkpoint -> (the transformers class that loads it, converter of the loaded model).
+# config.model_type of the source checkpoint -> ("module.Class" that loads it, converter of the loaded model).
 # The class is named, not looked up through the Auto classes: other packages (fla) register their own "mamba".
 CONVERTERS = {
-    "llama": ("LlamaForCausalLM", from_llama),
-    "mistral": ("MistralForCausalLM", from_llama),
-    "mixtral": ("MixtralForCausalLM", from_mixtral),
-    "mamba": ("MambaForCausalLM", from_mamba),
-    "mamba2": ("Mamba2ForCausalLM", from_mamba2),
+    "llama": ("transformers.LlamaForCausalLM", from_llama),
+    "mistral": ("transformers.MistralForCausalLM", from_llama),
+    "mixtral": ("transformers.MixtralForCausalLM", from_mixtral),
+    "mamba": ("transformers.MambaForCausalLM", from_mamba),
+    "mamba2": ("transformers.Mamba2ForCausalLM", from_mamba2),
+    "retnet": ("fla.models.RetNetForCausalLM", from_fla_retnet),
+    "rwkv6": ("fla.models.RWKV6ForCausalLM", from_fla_rwkv6),
+    "rwkv7": ("fla.models.RWKV7ForCausalLM", from_fla_rwkv7),
 }
+# model_types of fla checkpoints zoo has no converter for, and why
+NOT_CONVERTED = {"gla": "zoo has no gated linear attention (GLA) block to map fla's GatedLinearAttention onto"}
+
+
+def load_class(path: str, model_type: str) -> type:
+    """The class ``module.Class`` that loads ``model_type`` checkpoints; a missing package is a ZooError naming it."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        package = module.split(".")[0]
+        raise ZooError(f"reading a {model_type} checkpoint needs the {package} package ({err}); install it (fla: pip install flash-linear-attention)") from None
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert the HF checkpoint in ``hf_dir`` and save the zoo model (and tokenizer, if any) to ``out_dir``."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
         raise ZooError(f"'{hf_dir}' is not a Hugging Face checkpoint directory (no config.json)")
-    model_type = AutoConfig.from_pretrained(hf_dir).model_type
+    # Read from the file: AutoConfig knows fla's model_types only once fla is imported.
+    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    if model_type in NOT_CONVERTED:
+        raise ZooError(f"{hf_dir}: model_type '{model_type}' is not converted: {NOT_CONVERTED[model_type]}")
     if model_type not in CONVERTERS:
         raise ZooError(f"{hf_dir}: model_type '{model_type}' has no zoo converter; supported: {', '.join(CONVERTERS)}")
     hf_class, converter = CONVERTERS[model_type]
-    hf_model = getattr(transformers, hf_class).from_pretrained(hf_dir, dtype="auto")
+    hf_model = load_class(hf_class, model_type).from_pretrained(hf_dir, dtype="auto")
     try:
         model = converter(hf_model)
     except (ValueError, KeyError) as err:
