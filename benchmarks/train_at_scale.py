@@ -131,7 +131,9 @@ class TreeMemory:
                 status = self._status(pid)
                 if not status:
                     continue
-                entry = self.peaks.setdefault(pid, {"label": self._label(pid), "RssAnon": 0.0, "VmRSS": 0.0})
+                entry = self.peaks.setdefault(pid, {"label": "worker", "RssAnon": 0.0, "VmRSS": 0.0})
+                if entry["label"] == "worker":  # a rank seen between fork and exec still looks like its parent
+                    entry["label"] = self._label(pid)
                 for key, value in status.items():
                     entry[key] = max(entry[key], value)
 
