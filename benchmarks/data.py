@@ -45,10 +45,16 @@ DOC_BYTES = 256 * 1024
 SEQ_LEN, BATCH = 256, 16
 
 
+def corpus_words(rng: np.random.Generator) -> np.ndarray:
+    """The 5,000 random lowercase words (2-9 letters, repeats possible) that :func:`generate_corpus` writes."""
+    return np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10))) for _ in range(5000)])
+
+
 def generate_corpus(directory: Path, n_bytes: int, seed: int = 0, doc_bytes: int = DOC_BYTES) -> int:
-    """Files of ``doc_bytes`` (the last one shorter) of lines of random words from a fixed 5,000-word vocabulary."""
+    """Files of ``doc_bytes`` (the last one shorter) of lines of random words from a fixed 5,000-word vocabulary
+    (:func:`corpus_words` of ``default_rng(seed)``)."""
     rng = np.random.default_rng(seed)
-    words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10))) for _ in range(5000)])
+    words = corpus_words(rng)
     directory.mkdir(parents=True, exist_ok=True)
     written, i = 0, 0
     while written < n_bytes:

@@ -1,5 +1,7 @@
 """benchmarks.throughput --smoke: every block is measured and the report is complete. No performance is asserted."""
 import json
+import os
+import time
 
 import matplotlib.image
 
@@ -77,3 +79,26 @@ def test_data_benchmark_smoke_reports_both_paths(tmp_path):
     assert phases["new/load"]["tokens"] == phases["old/load"]["tokens"] == 5 * 16 * 256
     assert all(p["tokens_per_s"] > 0 and p["peak_rss_mb"] >= p["rss_start_mb"] > 0 for p in phases.values())
     assert (tmp_path / "data-smoke.md").read_text() == data_markdown(report)
+
+
+def test_train_at_scale_corpus_and_tokenizer_need_uint32(tmp_path):
+    """benchmarks.train_at_scale's inputs: parquet files and a 70,000-id tokenizer whose corpus words lie beyond uint16."""
+    import numpy as np
+
+    from benchmarks.train_at_scale import TreeMemory, WORD_IDS_FROM, write_parquet_corpus, write_tokenizer
+    from zoo.config import DataConfig
+    from zoo.data import ZooDataModule
+
+    files, words = write_parquet_corpus(tmp_path / "corpus", 300_000, rows_per_file=8)
+    assert files == 3 and len(words) > 100 and not (tmp_path / "corpus-text").exists()
+    write_tokenizer(tmp_path / "tokenizer.json", words)
+    dm = ZooDataModule(DataConfig(source=str(tmp_path / "corpus"), tokenizer=str(tmp_path / "tokenizer.json"), seq_len=32,
+                                  val_fraction=0.1, cache_dir=str(tmp_path / "cache")))
+    dm.setup()
+    tokens = np.asarray(dm.train_tokens)
+    # every token but the rare fragment (a document's last word is cut at its byte size: unknown, id 0) is a corpus word
+    assert tokens.dtype == np.uint32 and (tokens >= WORD_IDS_FROM).mean() > 0.99 and tokens.max() > 65_535
+    memory = TreeMemory(os.getpid(), interval=0.01)
+    time.sleep(0.05)
+    peaks = memory.stop()
+    assert peaks["rank 0"]["processes"] == 1 and peaks["rank 0"]["peak_anon_mb"] > 10
