@@ -122,29 +122,35 @@ def _rwkv7_cp_chunk_state_kernel(
 def _rwkv7_cp_pass_kernel(
     states, trans, s0,
     NT,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, HAS_S0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_S0: tl.constexpr,
 ):
     """``S_{c+1} = M_c S_c + h_c`` in place on ``states [B * H, NT + 1, K, V]`` (fp32; slot c + 1 holds ``h_c`` on
     entry, ``S_{c+1}`` on exit; slot 0 <- ``s0 [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K, K]``.
     Grid ``(cdiv(V, BVP), B * H)``: program ``(i_v, i_bh)`` carries state columns ``[i_v * BVP, (i_v + 1) * BVP)``
-    through all chunks, one ``[K, K] @ [K, BVP]`` product per chunk."""
+    through all chunks. The product ``M_c S_c`` runs in ``KB``-wide slices of K, ``S_c``'s rows re-read from the slot
+    just stored (L1 / L2), so no ``[K, K]`` tile is held in registers."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    o_k = tl.arange(0, BK)
+    o_k, o_kb = tl.arange(0, BK), tl.arange(0, KB)
     o_v = i_v * BVP + tl.arange(0, BVP)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_s = states + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
-    p_m = trans + i_bh * NT * K * K + o_k[:, None] * K + o_k[None, :]  # [BK, BK], chunk 0
-    m_kk = m_k[:, None] & m_k[None, :]
+    p_sb = states + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+    p_m = trans + i_bh * NT * K * K + o_k[:, None] * K + o_kb[None, :]  # [BK, KB], chunk 0, columns 0 .. KB
     if HAS_S0:
         b_s = tl.load(s0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BVP], dtype=tl.float32)
     for c in range(NT):
         tl.store(p_s + c * K * V, b_s, mask=m_kv)
-        b_m = tl.load(p_m + c * K * K, mask=m_kk, other=0.0)
-        b_h = tl.load(p_s + (c + 1) * K * V, mask=m_kv, other=0.0)
-        b_s = tl.dot(b_m, b_s, input_precision="ieee") + b_h
+        tl.debug_barrier()
+        b_s = tl.load(p_s + (c + 1) * K * V, mask=m_kv, other=0.0)  # h_c
+        for k0 in range(0, BK, KB):
+            m_kb = (k0 + o_kb) < K
+            b_m = tl.load(p_m + c * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
+            b_sk = tl.load(p_sb + c * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
+            b_s += tl.dot(b_m, b_sk, input_precision="ieee")
+        tl.debug_barrier()
     tl.store(p_s + NT * K * V, b_s, mask=m_kv)
 
 
@@ -205,17 +211,19 @@ class RWKV7ChunkParallelTiles(NamedTuple):
     BK: int
     BV: int
     BVP: int
+    KB: int
     launch: Launch
     pass_launch: Launch
 
 
 def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkParallelTiles:
     """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; the WY terms cost ``BT * BT * K`` exps per
-    chunk); BK holds all of K; BV at most 32; BVP = 16; 4 warps, no software pipelining. The same on every target and
-    input dtype (the resource check is benchmarks/kernel_resources.py)."""
+    chunk); BK holds all of K; BV at most 32; 4 warps (8 above K = 64), no software pipelining. The state pass: BVP = 16
+    columns per program, products in KB = 16-wide slices of K, 4 warps. The same on every target and input dtype
+    (the resource check is benchmarks/kernel_resources.py)."""
     BK = max(triton.next_power_of_2(K), 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return RWKV7ChunkParallelTiles(16, BK, BV, 16, Launch(4 if BK <= 64 else 8, 1), Launch(8, 1))
+    return RWKV7ChunkParallelTiles(16, BK, BV, 16, 16, Launch(4 if BK <= 64 else 8, 1), Launch(4, 1))
 
 
 def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
@@ -235,7 +243,7 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
         states, trans, initial_state if has_s0 else states, NT,
-        K=K, V=V, BK=BK, BVP=tiles.BVP, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
+        K=K, V=V, BK=BK, BVP=tiles.BVP, KB=tiles.KB, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
     )
     _rwkv7_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
