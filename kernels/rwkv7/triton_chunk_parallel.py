@@ -81,7 +81,7 @@ def _rwkv7_cp_chunk_state_kernel(
     w, k, v, a, b, states, trans,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    KB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``h_c`` into slot c + 1 of ``states [B * H, NT + 1, K, V]``; ``M_c`` into ``trans [B * H, NT, K, K]`` (by the
     ``i_v = 0`` programs). w, k, a, b: [B, T, H, K]; v: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program
@@ -110,12 +110,19 @@ def _rwkv7_cp_chunk_state_kernel(
     b_h += tl.dot(tl.trans(b_k * b_tail), b_v, input_precision=PRECISION)  # [BK, BV]
     m_kv = m_k[:, None] & m_v[None, :]
     tl.store(states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
-    if i_v == 0:
-        b_p = tl.dot(b_X, b_a * tl.exp(b_Ae), input_precision="ieee")  # [BT, BK]
-        b_m = tl.dot(tl.trans(b_btail), b_p, input_precision=PRECISION)  # [BK, BK]
-        b_m += tl.where(o_k[:, None] == o_k[None, :], tl.exp(b_AL)[:, None], 0.0)
-        tl.store(trans + (i_bh * NT + i_t) * K * K + o_k[:, None] * K + o_k[None, :], b_m,
-                 mask=m_k[:, None] & m_k[None, :])
+    if i_v == 0:  # M_c in column slices [K, KB]: a and w re-read per slice (the decays are per channel)
+        o_kb = tl.arange(0, KB)
+        for k0 in range(0, BK, KB):
+            m_kb = (k0 + o_kb) < K
+            p_kb = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + k0 + o_kb[None, :]  # [BT, KB]
+            m_tkb = m_t[:, None] & m_kb[None, :]
+            b_wc = tl.load(w + p_kb, mask=m_tkb, other=0.0).to(tl.float32)
+            b_ac = tl.load(a + p_kb, mask=m_tkb, other=0.0).to(tl.float32)
+            b_p = tl.dot(b_X, b_ac * tl.exp(tl.cumsum(b_wc, axis=0) - b_wc), input_precision="ieee")  # [BT, KB]
+            b_m = tl.dot(tl.trans(b_btail), b_p, input_precision=PRECISION)  # [BK, KB]
+            b_m += tl.where(o_k[:, None] == k0 + o_kb[None, :], tl.exp(tl.sum(b_wc, axis=0))[None, :], 0.0)
+            tl.store(trans + (i_bh * NT + i_t) * K * K + o_k[:, None] * K + k0 + o_kb[None, :], b_m,
+                     mask=m_k[:, None] & m_kb[None, :])
 
 
 @triton.jit
@@ -219,11 +226,13 @@ class RWKV7ChunkParallelTiles(NamedTuple):
 def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkParallelTiles:
     """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; the WY terms cost ``BT * BT * K`` exps per
     chunk); BK holds all of K; BV at most 32; 4 warps (8 above K = 64), no software pipelining. The state pass: BVP = 16
-    columns per program, products in KB = 16-wide slices of K, 4 warps. The same on every target and input dtype
-    (the resource check is benchmarks/kernel_resources.py)."""
+    columns per program, products in KB = 16-wide slices of K, the same warps; the chunk-state kernel builds ``M_c`` in
+    the same KB-wide column slices. So no launch spills on sm_80 / 86 / 89 / 90 at K = 64 or 128
+    (benchmarks/kernel_resources.py). The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return RWKV7ChunkParallelTiles(16, BK, BV, 16, 16, Launch(4 if BK <= 64 else 8, 1), Launch(4, 1))
+    warps = 4 if BK <= 64 else 8
+    return RWKV7ChunkParallelTiles(16, BK, BV, 16, 16, Launch(warps, 1), Launch(warps, 1))
 
 
 def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
@@ -239,7 +248,7 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     trans = torch.empty(B * H, NT, K, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
-    _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, **dims)
+    _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
     has_s0 = initial_state is not None
     _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
         states, trans, initial_state if has_s0 else states, NT,
