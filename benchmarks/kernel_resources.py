@@ -39,7 +39,7 @@ TARGETS: dict[str, tuple[int, int]] = {  # name -> (arch, shared memory per bloc
     "sm_90": (90, 232448),  # H100, H200
 }
 DTYPES = ("bfloat16", "float32")
-TILE_NAMES = ("BT", "BK", "BV", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK", "G")
+TILE_NAMES = ("BT", "BK", "BV", "BVP", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK", "G")
 T = 2048  # sequence length of every case: a multiple of 16 like most training runs
 D_MODEL = 768
 
@@ -69,6 +69,8 @@ def cases() -> list[Case]:
         out.append(Case("retention_chunk_parallel", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
     for k in (64, 128):
         out.append(Case("rwkv6_chunk_parallel", f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
+    for k in (64, 128):
+        out.append(Case("rwkv7_chunk_parallel", f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
     return out
 
 
@@ -82,6 +84,7 @@ def run_case(case: Case, dtype) -> None:
     from zoo.kernels.retention.triton_retention import retention_triton
     from zoo.kernels.rwkv6.triton_chunk_parallel import rwkv6_chunk_parallel
     from zoo.kernels.rwkv6.triton_rwkv6 import rwkv6_triton
+    from zoo.kernels.rwkv7.triton_chunk_parallel import rwkv7_chunk_parallel
     from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_triton
     from zoo.kernels.selective_scan.triton_scan import selective_scan_triton
     from zoo.kernels.ssd.triton_ssd import ssd_triton
@@ -109,6 +112,10 @@ def run_case(case: Case, dtype) -> None:
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = rwkv7_triton(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V), act(1, T, H, K),
                             act(1, T, H, K), chunk_size=16)
+    elif case.op == "rwkv7_chunk_parallel":  # layers/rwkv7.py with backend triton_chunk
+        H, K, V = d["H"], d["K"], d["V"]
+        y, _ = rwkv7_chunk_parallel(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V),
+                                    act(1, T, H, K), act(1, T, H, K), chunk_size=16)
     elif case.op == "rwkv6_chunk_parallel":  # layers/rwkv6.py with backend triton_chunk
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = rwkv6_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K),

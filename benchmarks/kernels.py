@@ -40,7 +40,7 @@ from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_tr
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
 from zoo.kernels.retention import retention, retention_chunked, retention_triton, retention_triton_chunk  # noqa: E402
 from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_triton, rwkv6_triton_chunk  # noqa: E402
-from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton  # noqa: E402
+from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_triton, rwkv7_triton_chunk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SIZES = [(1024, 16), (4096, 4), (16384, 1)]  # (T, batch): 16k tokens per call
@@ -287,7 +287,8 @@ RWKV7 = KernelBench(
     shapes=HEADS_64,
     smoke_shapes=HEADS_SMOKE,
     make_inputs=rwkv7_inputs,
-    zoo={"zoo triton": _zoo_call(rwkv7_triton), "zoo chunked torch": _zoo_call(rwkv7_chunked)},
+    zoo={"zoo triton": _zoo_call(rwkv7_triton), "zoo triton chunk-parallel": _zoo_call(rwkv7_triton_chunk),
+         "zoo chunked torch": _zoo_call(rwkv7_chunked)},
     peers={"fla chunk_rwkv7": _fla_rwkv7, "zoo backend=fla": _zoo_fla(rwkv7)},
 )
 RETENTION = KernelBench(

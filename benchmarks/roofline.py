@@ -43,7 +43,7 @@ TRITON_MODULES: dict[str, str | tuple[str, ...]] = {
     "selective_scan": "zoo.kernels.selective_scan.triton_scan",
     "ssd": "zoo.kernels.ssd.triton_ssd",
     "rwkv6": ("zoo.kernels.rwkv6.triton_rwkv6", "zoo.kernels.rwkv6.triton_chunk_parallel"),
-    "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
+    "rwkv7": ("zoo.kernels.rwkv7.triton_rwkv7", "zoo.kernels.rwkv7.triton_chunk_parallel"),
     "retention": ("zoo.kernels.retention.triton_retention", "zoo.kernels.retention.triton_chunk_parallel"),
 }
 
@@ -73,9 +73,12 @@ WRITES = {
     "_rwkv6_cp_output_kernel": {"o"},
     "_rwkv6_cp_dstate_kernel": {"dstates"},
     "_rwkv6_cp_grad_kernel": {"dr", "dk", "dv", "dw", "du"},
+    "_rwkv7_cp_chunk_state_kernel": {"states", "trans"},
+    "_rwkv7_cp_pass_kernel": {"states"},
+    "_rwkv7_cp_output_kernel": {"o"},
 }
 # Arguments a kernel updates in place: read whole and written whole, so counted twice.
-READ_WRITES = {"_retention_cp_pass_kernel": {"states"}, "_rwkv6_cp_pass_kernel": {"states"}}
+READ_WRITES = {"_retention_cp_pass_kernel": {"states"}, "_rwkv6_cp_pass_kernel": {"states"}, "_rwkv7_cp_pass_kernel": {"states"}}
 # The chunk-parallel state passes read ``s_edge`` (the initial state, or the final state's gradient) only with HAS_EDGE.
 CHUNK_PARALLEL_GUARDS = {"s_edge": "HAS_EDGE"}
 SCRATCH = {"scratch", "scratch_ptr"}
@@ -191,6 +194,37 @@ def _rwkv6_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
     )
 
 
+def _rwkv7_state_pass(name: str, a: dict, programs: int) -> Flops:
+    """RWKV-7's state pass: per chunk one ``[BK, BK] @ [BK, BVP]`` product in fp32 (``ieee``, CUDA cores) plus ``h``."""
+    return Flops(cuda=(2 * a["BK"] * a["BK"] + 1) * a["BVP"] * a["NT"] * programs)
+
+
+def _rwkv7_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
+    """Chunk-parallel RWKV-7 forward, one chunk of BT tokens per program. The WY terms ``L_ab, L_ak`` are built one key
+    token at a time from [BT, BK] tiles (about 8 FLOPs and 1 exp per element and key token, CUDA cores), ``X`` by
+    forward substitution (``2 BT^3``); the output kernel builds ``M_rb, M_rk`` the same way. Products among the
+    [BT, BT] matrices and with ``X`` are ``ieee`` (CUDA cores); those with the state or V / K tiles use PRECISION.
+    The chunk-state kernel's ``M_c`` products run once per chunk (its ``i_v = 0`` programs)."""
+    BT, BK, BV = a["BT"], a["BK"], a["BV"]
+    per_chunk = programs // -(-a["V"] // BV)
+    wy = 8 * BT * BT * BK + 2 * BT * BT * BT
+    if "output" in name:  # (a e^A') S, (r e^A) S; L_ak V, X u, M_rb u, M_rk V
+        dots, ieee_dots = 4 * BT * BK * BV, 8 * BT * BT * BV
+        elementwise, exps = 2 * wy + 6 * BT * BK, 2 * BT * BT * BK + 2 * BT * BK
+        once = 0
+    else:  # h = (b tail)^T Q + (k tail)^T V; L_ak V, X (L_ak V); once per chunk X (a e^A'), (b tail)^T P
+        dots, ieee_dots = 4 * BT * BK * BV, 4 * BT * BT * BV
+        elementwise, exps = wy + 5 * BT * BK, BT * BT * BK + 2 * BT * BK
+        once = 2 * BT * BT * BK + 2 * BT * BK * BK
+    ieee = a["PRECISION"] == "ieee"
+    return Flops(
+        tensor=0.0 if ieee else dots * programs,
+        cuda=((dots if ieee else 0.0) + ieee_dots + elementwise) * programs + once * per_chunk,
+        exp=exps * programs,
+        tensor_precision=None if ieee else a["PRECISION"],
+    )
+
+
 def _selective_scan(name: str, a: dict, programs: int) -> Flops:
     """Per token each program updates its ``[BLOCK_D, BLOCK_N]`` state: decay ``exp(dt A)``, rank-1 input, the
     ``C`` readout (forward: 6 FLOPs + 1 exp per element; backward: recompute 4 + adjoint 18, 2 exp)."""
@@ -268,6 +302,9 @@ FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
     "_rwkv6_cp_output_kernel": _rwkv6_chunk_parallel,
     "_rwkv6_cp_dstate_kernel": _rwkv6_chunk_parallel,
     "_rwkv6_cp_grad_kernel": _rwkv6_chunk_parallel,
+    "_rwkv7_cp_chunk_state_kernel": _rwkv7_chunk_parallel,
+    "_rwkv7_cp_pass_kernel": _rwkv7_state_pass,
+    "_rwkv7_cp_output_kernel": _rwkv7_chunk_parallel,
 }
 
 NOTES = [
@@ -276,7 +313,8 @@ NOTES = [
     " its per-step round trips listed apart (they may stay in L2).",
     "Chunk-parallel retention and RWKV-6: their in-place state passes read and write the [B*H, NT+1, K, V] fp32"
     " state buffer (counted twice); the output and gradient kernels read it, counted once, though neighbouring chunks"
-    " share slots.",
+    " share slots. Chunk-parallel RWKV-7 also writes each chunk's [K, K] transition (fp32) and its backward is the"
+    " fused-recurrent kernel.",
     "FLOPs: a multiply-add is 2; reductions and rank-1 updates on [BK, BV] / [BLOCK_D, BLOCK_N] state tiles are"
     " CUDA-core FLOPs; vector-sized (per row) work is left out except exp calls.",
     "tl.dot with input_precision='ieee' runs as fp32 FMA on CUDA cores; zoo's chunked retention and SSD kernels upcast"

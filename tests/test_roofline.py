@@ -96,7 +96,9 @@ def test_chunk_parallel_grids_fill_an_h100(tmp_path, op, decay_bytes):
     assert run["fwd_bwd"]["tensor_flops"] > 0 and run["peer_fwd_bwd_ms_measured"] == PEERS[op][1][T]
 
 
-IMPL_LAUNCHES = {"zoo triton chunk-parallel": 6}  # fwd + bwd launches of an implementation where not 2
+# fwd + bwd launches of an implementation where not 2 (RWKV-7's chunk-parallel backward is the recurrent kernel)
+IMPL_LAUNCHES = {("retention", "zoo triton chunk-parallel"): 6, ("rwkv6", "zoo triton chunk-parallel"): 6,
+                 ("rwkv7", "zoo triton chunk-parallel"): 4}
 
 
 def test_every_op_and_kernel_has_a_model(tmp_path):
@@ -106,8 +108,30 @@ def test_every_op_and_kernel_has_a_model(tmp_path):
         assert (entry["peer_line"] is None) == (op == "rwkv7"), op  # PEERS.md has no rwkv7 timing
         for run in entry["runs"]:
             s = run["fwd_bwd"]
-            assert len(s["launches"]) == IMPL_LAUNCHES.get(run["impl"], LAUNCHES.get(op, 2)) and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
+            assert len(s["launches"]) == IMPL_LAUNCHES.get((op, run["impl"]), LAUNCHES.get(op, 2)) and s["bound_ms"] > 0 and s["bound_sm_limited_ms"] >= s["bound_ms"], (op, run["impl"])
             assert s["tensor_flops"] + s["cuda_core_flops"] > run["fwd"]["tensor_flops"] + run["fwd"]["cuda_core_flops"] > 0
+
+
+def test_rwkv7_chunk_parallel_grids_and_pass_bytes(tmp_path):
+    """At B = 1, T = 16k, 16 heads of 64: the per-chunk forward launches have (cdiv(T, BT), cdiv(V, BV), B * H) >= 528
+    programs; the state pass (cdiv(V, BVP), B * H) = 64 and the recurrent backward (cdiv(V, BV), B * H) = 32 have fewer
+    (kernels/rwkv7/triton_chunk_parallel.py says why); the pass reads and writes the state buffer and reads the
+    [B * H, NT, K, K] transitions."""
+    data = main(["--model", "--ops", "rwkv7", "--sizes", f"{T}:{BATCH}", "--out", str(tmp_path)])
+    run = _run(data, "rwkv7", "zoo triton chunk-parallel")
+    launches = run["fwd_bwd"]["launches"]
+    assert [m["kernel"] for m in launches] == ["_rwkv7_cp_chunk_state_kernel", "_rwkv7_cp_pass_kernel",
+                                               "_rwkv7_cp_output_kernel", "_rwkv7_bwd_kernel"]
+    for m in (launches[0], launches[2]):
+        c = m["constants"]
+        assert m["grid"] == [-(-T // c["BT"]), -(-HEAD_DIM // c["BV"]), BATCH * HEADS] and m["programs"] >= 4 * H100["sms"]
+    pass_, bwd = launches[1], launches[3]
+    assert pass_["grid"] == [-(-HEAD_DIM // pass_["constants"]["BVP"]), BATCH * HEADS] and pass_["programs"] == 64
+    assert bwd["programs"] == 32
+    NT = T // launches[0]["constants"]["BT"]
+    states = (NT + 1) * HEADS * HEAD_DIM**2 * 4
+    assert pass_["bytes_written"]["float32"] == states and pass_["bytes_read"]["float32"] == states + NT * HEADS * HEAD_DIM**2 * 4
+    assert run["fwd"]["cuda_core_flops"] > 0 and run["fwd"]["tensor_flops"] > 0
 
 
 def test_ssd_chunk_parallel_grids_bytes_and_flops_by_hand(tmp_path):

@@ -22,6 +22,8 @@ KERNELS = {
                                  "_retention_cp_dstate_kernel", "_retention_cp_pass_kernel", "_retention_cp_grad_kernel"],
     "rwkv6_chunk_parallel": ["_rwkv6_cp_chunk_state_kernel", "_rwkv6_cp_pass_kernel", "_rwkv6_cp_output_kernel",
                              "_rwkv6_cp_dstate_kernel", "_rwkv6_cp_pass_kernel", "_rwkv6_cp_grad_kernel"],
+    "rwkv7_chunk_parallel": ["_rwkv7_cp_chunk_state_kernel", "_rwkv7_cp_pass_kernel", "_rwkv7_cp_output_kernel",
+                             "_rwkv7_bwd_kernel"],
 }
 CHUNK_PARALLEL = ("retention_chunk_parallel", "rwkv6_chunk_parallel")
 
@@ -63,6 +65,10 @@ def test_launch_grids_follow_the_docstring_formulas(rows):
         # chunk-parallel retention / RWKV-6: state passes (cdiv(K * V, BLOCK), B * H), per chunk (cdiv(T, BT), cdiv(V, BV), B * H)
         if r["op"] in CHUNK_PARALLEL:
             expected = ([-(-d["K"] * d["V"] // tiles["BLOCK"]), d["H"], 1] if "BLOCK" in tiles
+                        else [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]])
+        elif r["op"] == "rwkv7_chunk_parallel":  # pass (cdiv(V, BVP), B * H); the recurrent backward (cdiv(V, BV), B * H)
+            expected = ([-(-d["V"] // tiles["BVP"]), d["H"], 1] if "BVP" in tiles
+                        else [-(-d["V"] // tiles["BV"]), d["H"], 1] if r["kernel"] == "_rwkv7_bwd_kernel"
                         else [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]])
         elif r["op"] == "selective_scan":
             expected = [1, -(-d["D"] // tiles["BLOCK_D"]), 1]

@@ -1,4 +1,4 @@
-"""The RetNet and RWKV-6 blocks with ``backend: triton_chunk`` (zoo's chunk-parallel Triton kernels; the interpreter
+"""The RetNet, RWKV-6 and RWKV-7 blocks with ``backend: triton_chunk`` (zoo's chunk-parallel Triton kernels; the interpreter
 on CPU) against the same blocks with ``backend: torch``: outputs, states and every parameter's gradient, fp32, a
 sequence of 21 tokens (two chunks of 16, the second partial), then one more call continuing from the state."""
 import pytest
@@ -10,7 +10,7 @@ from test_backends import build  # noqa: E402
 from triton_testing import assert_relative_error  # noqa: E402
 
 
-@pytest.mark.parametrize("block", ["retnet", "rwkv6"])
+@pytest.mark.parametrize("block", ["retnet", "rwkv6", "rwkv7"])
 def test_block_with_triton_chunk_matches_torch(block):
     torch.manual_seed(0)
     reference = build(block, backend="torch")

@@ -1,0 +1,308 @@
+"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward is the fused-recurrent
+Triton kernel of :mod:`.triton_rwkv7`, seeded with the chunk-start states this forward computes.
+
+The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channel, ``A_t = sum_{j<=t} w_log_j``
+(inclusive), ``A'_t = A_t - w_log_t`` (exclusive), ``A_L`` = the chunk's total (padding has ``w_log = 0`` and
+``a = b = k = v = 0``). With ``S_c`` the state entering chunk c and the pseudo values ``u_t = a_t S_{t-1}`` (as in
+``chunked.py``)::
+
+    L_ab[t, j] = sum_k a_tk b_jk exp(A'_tk - A_jk),  L_ak likewise with k   (j < t; strictly lower [BT, BT])
+    X          = (I - L_ab)^{-1}                                            (UT transform: unit lower triangular)
+    u          = X (a * exp(A')) S_c + X L_ak V_c = P S_c + Q
+    S_{c+1}    = M_c S_c + h_c,   M_c = diag(exp(A_L)) + (b * exp(A_L - A))^T P   [K, K]
+                                  h_c = (b * exp(A_L - A))^T Q + (k * exp(A_L - A))^T V_c   [K, V]
+    O_c        = (R_c * exp(A)) S_c + M_rb u + M_rk V_c,   M_rb[t, j] = sum_k r_tk b_jk exp(A_tk - A_jk) (j <= t)
+
+All exponents are per-channel differences later-minus-earlier (<= 0), built one key token at a time and masked before
+``exp``: no ``exp(-A)`` is formed. ``X`` comes from forward substitution, ``X_t = e_t + sum_{j<t} L_ab[t, j] X_j``.
+
+Forward launches: (1) :func:`_rwkv7_cp_chunk_state_kernel` writes ``h_c`` (slot c + 1 of the fp32 state buffer
+``[B * H, NT + 1, K, V]``) and ``M_c`` (``[B * H, NT, K, K]``), grid ``(NT, cdiv(V, BV), B * H)``; (2)
+:func:`_rwkv7_cp_pass_kernel` runs ``S_{c+1} = M_c S_c + h_c`` over the chunks in place, grid
+``(cdiv(V, BVP), B * H)``; (3) :func:`_rwkv7_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
+
+Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
+launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (BT = 16, BV = 32). The state pass has
+only ``cdiv(64, 16) * 16 = 64``: ``M_c`` mixes all K rows of the state, so a program must hold whole columns
+``[K, BVP]`` (BVP = 16, the smallest ``tl.dot`` width), and combining the affine maps associatively (as RWKV-6's pass
+does with diagonal decays) would cost a ``[K, K] @ [K, K]`` product per combine, K / BVP = 4 times the pass's work.
+Its work is ``NT * K * K * V`` multiply-adds, ``1 / BT`` of the per-chunk launches' per program step.
+
+Backward (where the chunked form stops): :func:`.triton_rwkv7.rwkv7_bwd`, the fused-recurrent backward, grid
+``(cdiv(V, 32), B * H)`` = 32 programs at the shape above, walking each chunk of BT tokens in reverse from the
+chunk-start states ``S_c`` of this forward (re-laid out as its checkpoints). Every gradient is exact; only its
+parallelism is the recurrent kernel's.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from zoo.kernels.checks import check_head_inputs
+from zoo.kernels.rwkv6.triton_chunk_parallel import _precision
+from zoo.kernels.rwkv7 import rwkv7_keys
+from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
+from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+
+
+@triton.jit
+def _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT: tl.constexpr):
+    """``(A, A', L_ak, X = (I - L_ab)^{-1})`` of one chunk from its ``[BT, BK]`` tiles (fp32)."""
+    o_t = tl.arange(0, BT)
+    b_A = tl.cumsum(b_w, axis=0)  # [BT, BK] inclusive
+    b_Ae = b_A - b_w  # exclusive
+    b_Lab = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Lak = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):  # key token j: column j of L_ab and L_ak
+        sel = o_t[:, None] == j
+        b_bj = tl.sum(tl.where(sel, b_b, 0.0), axis=0)  # [BK], row j
+        b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
+        b_Aj = tl.sum(tl.where(sel, b_A, 0.0), axis=0)
+        m_after = o_t > j
+        b_ae = b_a * tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))  # [BT, BK]
+        col = o_t[None, :] == j
+        b_Lab += tl.where(col, tl.where(m_after, tl.sum(b_ae * b_bj[None, :], axis=1), 0.0)[:, None], 0.0)
+        b_Lak += tl.where(col, tl.where(m_after, tl.sum(b_ae * b_kj[None, :], axis=1), 0.0)[:, None], 0.0)
+    b_X = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)  # [BT, BT], rows filled in order below
+    for t in range(1, BT):
+        sel = o_t[:, None] == t
+        b_l = tl.sum(tl.where(sel, b_Lab, 0.0), axis=0)  # [BT], L_ab[t, :], zero from j = t on
+        b_row = tl.sum(b_l[:, None] * b_X, axis=0) + tl.where(o_t == t, 1.0, 0.0)
+        b_X = tl.where(sel, b_row[None, :], b_X)
+    return b_A, b_Ae, b_Lak, b_X
+
+
+@triton.jit
+def _rwkv7_cp_chunk_state_kernel(
+    w, k, v, a, b, states, trans,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    KB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``h_c`` into slot c + 1 of ``states [B * H, NT + 1, K, V]``; ``M_c`` into ``trans [B * H, NT, K, K]`` (by the
+    ``i_v = 0`` programs). w, k, a, b: [B, T, H, K]; v: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program
+    ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)`` of ``h_c``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_AL = tl.sum(b_w, axis=0)  # [BK]
+    b_tail = tl.exp(b_AL[None, :] - b_A)  # [BT, BK]
+    b_btail = b_b * b_tail
+    b_q = tl.dot(b_X, tl.dot(b_Lak, b_v, input_precision="ieee"), input_precision="ieee")  # [BT, BV]
+    b_h = tl.dot(tl.trans(b_btail), b_q, input_precision=PRECISION)
+    b_h += tl.dot(tl.trans(b_k * b_tail), b_v, input_precision=PRECISION)  # [BK, BV]
+    m_kv = m_k[:, None] & m_v[None, :]
+    tl.store(states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
+    if i_v == 0:  # M_c in column slices [K, KB]: a and w re-read per slice (the decays are per channel)
+        o_kb = tl.arange(0, KB)
+        for k0 in range(0, BK, KB):
+            m_kb = (k0 + o_kb) < K
+            p_kb = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + k0 + o_kb[None, :]  # [BT, KB]
+            m_tkb = m_t[:, None] & m_kb[None, :]
+            b_wc = tl.load(w + p_kb, mask=m_tkb, other=0.0).to(tl.float32)
+            b_ac = tl.load(a + p_kb, mask=m_tkb, other=0.0).to(tl.float32)
+            b_p = tl.dot(b_X, b_ac * tl.exp(tl.cumsum(b_wc, axis=0) - b_wc), input_precision="ieee")  # [BT, KB]
+            b_m = tl.dot(tl.trans(b_btail), b_p, input_precision=PRECISION)  # [BK, KB]
+            b_m += tl.where(o_k[:, None] == k0 + o_kb[None, :], tl.exp(tl.sum(b_wc, axis=0))[None, :], 0.0)
+            tl.store(trans + (i_bh * NT + i_t) * K * K + o_k[:, None] * K + k0 + o_kb[None, :], b_m,
+                     mask=m_k[:, None] & m_kb[None, :])
+
+
+@triton.jit
+def _rwkv7_cp_pass_kernel(
+    states, trans, s0,
+    NT,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_S0: tl.constexpr,
+):
+    """``S_{c+1} = M_c S_c + h_c`` in place on ``states [B * H, NT + 1, K, V]`` (fp32; slot c + 1 holds ``h_c`` on
+    entry, ``S_{c+1}`` on exit; slot 0 <- ``s0 [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K, K]``.
+    Grid ``(cdiv(V, BVP), B * H)``: program ``(i_v, i_bh)`` carries state columns ``[i_v * BVP, (i_v + 1) * BVP)``
+    through all chunks. The product ``M_c S_c`` runs in ``KB``-wide slices of K, ``S_c``'s rows re-read from the slot
+    just stored (L1 / L2), so no ``[K, K]`` tile is held in registers."""
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_k, o_kb = tl.arange(0, BK), tl.arange(0, KB)
+    o_v = i_v * BVP + tl.arange(0, BVP)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = states + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
+    p_sb = states + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+    p_m = trans + i_bh * NT * K * K + o_k[:, None] * K + o_kb[None, :]  # [BK, KB], chunk 0, columns 0 .. KB
+    if HAS_S0:
+        b_s = tl.load(s0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BVP], dtype=tl.float32)
+    for c in range(NT):
+        tl.store(p_s + c * K * V, b_s, mask=m_kv)
+        tl.debug_barrier()
+        b_s = tl.load(p_s + (c + 1) * K * V, mask=m_kv, other=0.0)  # h_c
+        for k0 in range(0, BK, KB):
+            m_kb = (k0 + o_kb) < K
+            b_m = tl.load(p_m + c * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
+            b_sk = tl.load(p_sb + c * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
+            b_s += tl.dot(b_m, b_sk, input_precision="ieee")
+        tl.debug_barrier()
+    tl.store(p_s + NT * K * V, b_s, mask=m_kv)
+
+
+@triton.jit
+def _rwkv7_cp_output_kernel(
+    r, w, k, v, a, b, states, o,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``O_c = (R_c * exp(A)) S_c + M_rb u + M_rk V_c`` with ``u = X ((a * exp(A')) S_c + L_ak V_c)`` and ``S_c`` from
+    slot c of ``states``. r, w, k, a, b: [B, T, H, K]; v, o: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``:
+    program ``(c, i_v, i_bh)`` writes the chunk's columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_s = tl.load(states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
+    b_u = tl.dot(b_a * tl.exp(b_Ae), b_s, input_precision=PRECISION) + tl.dot(b_Lak, b_v, input_precision="ieee")
+    b_u = tl.dot(b_X, b_u, input_precision="ieee")  # [BT, BV]
+    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_Mrb = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Mrk = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):  # key token j: column j of M_rb and M_rk
+        sel = o_t[:, None] == j
+        b_bj = tl.sum(tl.where(sel, b_b, 0.0), axis=0)
+        b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
+        b_Aj = tl.sum(tl.where(sel, b_A, 0.0), axis=0)
+        m_from = o_t >= j
+        b_re = b_r * tl.exp(tl.where(m_from[:, None], b_A - b_Aj[None, :], 0.0))
+        col = o_t[None, :] == j
+        b_Mrb += tl.where(col, tl.where(m_from, tl.sum(b_re * b_bj[None, :], axis=1), 0.0)[:, None], 0.0)
+        b_Mrk += tl.where(col, tl.where(m_from, tl.sum(b_re * b_kj[None, :], axis=1), 0.0)[:, None], 0.0)
+    b_o = tl.dot(b_r * tl.exp(b_A), b_s, input_precision=PRECISION)
+    b_o += tl.dot(b_Mrb, b_u, input_precision="ieee") + tl.dot(b_Mrk, b_v, input_precision="ieee")
+    tl.store(o + p_tv, b_o, mask=m_tv)
+
+
+class RWKV7ChunkParallelTiles(NamedTuple):
+    """Launch parameters: per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` / ``[BK, BV]`` tiles; the state pass
+    carries ``[BK, BVP]`` state columns per program."""
+
+    BT: int
+    BK: int
+    BV: int
+    BVP: int
+    KB: int
+    launch: Launch
+    pass_launch: Launch
+
+
+def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkParallelTiles:
+    """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; the WY terms cost ``BT * BT * K`` exps per
+    chunk); BK holds all of K; BV at most 32; 4 warps (8 above K = 64), no software pipelining. The state pass: BVP = 16
+    columns per program, products in KB = 16-wide slices of K, the same warps; the chunk-state kernel builds ``M_c`` in
+    the same KB-wide column slices. So no launch spills on sm_80 / 86 / 89 / 90 at K = 64 or 128
+    (benchmarks/kernel_resources.py). The same on every target and input dtype."""
+    BK = max(triton.next_power_of_2(K), 16)
+    BV = max(min(triton.next_power_of_2(V), 32), 16)
+    warps = 4 if BK <= 64 else 8
+    return RWKV7ChunkParallelTiles(16, BK, BV, 16, 16, Launch(warps, 1), Launch(warps, 1))
+
+
+def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
+    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states)``, ``states``
+    ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
+    BT, BK, BV = tiles.BT, tiles.BK, tiles.BV
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    states = torch.empty(B * H, NT + 1, K, V, **f32)
+    trans = torch.empty(B * H, NT, K, K, **f32)
+    o = torch.empty(B, T, H, V, **f32)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
+    has_s0 = initial_state is not None
+    _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
+        states, trans, initial_state if has_s0 else states, NT,
+        K=K, V=V, BK=BK, BVP=tiles.BVP, KB=tiles.KB, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
+    )
+    _rwkv7_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
+    final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
+    return o, final, states
+
+
+def recurrent_checkpoints(states: torch.Tensor, K: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The chunk-start states ``[B * H, NT + 1, K, V]`` as :func:`.triton_rwkv7.rwkv7_bwd`'s checkpoints
+    ``[B * H * NV, NT, BK, BV]`` (its tiles; K and V zero-padded, which is what its forward would hold there)."""
+    t = recurrent_tiles(K, V, dtype, launch_target(device))
+    NV = triton.cdiv(V, t.BV)
+    BH, NT = states.shape[0], states.shape[1] - 1
+    ckpt = F.pad(states[:, :NT], (0, NV * t.BV - V, 0, t.BK - K))  # [BH, NT, BK, NV * BV]
+    ckpt = ckpt.view(BH, NT, t.BK, NV, t.BV).permute(0, 3, 1, 2, 4)  # [BH, NV, NT, BK, BV]
+    return ckpt.reshape(BH * NV, NT, t.BK, t.BV).contiguous()
+
+
+class RWKV7ChunkParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w_log, k, v, a, b, initial_state, chunk_size):
+        inputs = [t.contiguous() for t in (r, w_log, k, v, a, b)]
+        s0 = None if initial_state is None else initial_state.contiguous()
+        o, final, states = rwkv7_cp_fwd(*inputs, s0, chunk_size)
+        K, V = r.shape[-1], v.shape[-1]
+        ckpt = recurrent_checkpoints(states, K, V, r.dtype, r.device)
+        ctx.save_for_backward(*inputs, ckpt)
+        ctx.bt = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device)).BT
+        ctx.dtypes = [t.dtype for t in (r, w_log, k, v, a, b)] + [None if initial_state is None else initial_state.dtype]
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, ckpt = ctx.saved_tensors
+        ds_final = None if ds_final is None else ds_final.contiguous()
+        grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.bt)
+        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None)
+
+
+def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+    """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``:
+    the chunk-parallel forward of this module, the fused-recurrent Triton backward (every gradient, the initial
+    state's included).
+
+    Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
+    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
+    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Chunks are 16 tokens whatever ``chunk_size``
+    (checked, unused): :func:`rwkv7_chunk_parallel_tiles`.
+    """
+    K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
+    check_head_dim("rwkv7_chunk_parallel", K)
+    check_triton_inputs("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state)
+    return RWKV7ChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)
