@@ -71,3 +71,16 @@ def test_model_with_short_conv_wraps_only_that_block_and_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert not torch.equal(attention_layer.mixer.weight, before)
+
+
+def test_output_attentions_reaches_attention_inside_a_short_conv():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=3, blocks=["attention", "mamba2", "attention"], vocab_size=50,
+                      module_args={"attention": {"n_heads": 2, "n_kv_heads": 2}}, short_conv={"attention": 3})
+    model = ZooForCausalLM(ZooConfig.from_model_config(cfg)).eval()
+    assert isinstance(model.model.layers[0].mixer, ShortConv)
+    out = model(input_ids=torch.randint(0, 50, (2, 7)), output_attentions=True)
+    assert len(out.attentions) == 2 and all(a.shape == (2, 2, 7, 7) for a in out.attentions)
+    for a in out.attentions:  # causal probabilities: rows sum to 1, nothing above the diagonal
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 7))
+        assert torch.all(a.triu(1) == 0)

@@ -633,12 +633,20 @@ class ZooModel(ZooPreTrainedModel):
         return torch.cat(rows)
 
 
+def _attention_block(mixer: nn.Module) -> Attention | None:
+    """A layer's attention block, also inside a short-convolution wrapper; None for every other block."""
+    while isinstance(mixer, ShortConv):
+        mixer = mixer.inner
+    return mixer if isinstance(mixer, Attention) else None
+
+
 class _Recorder:
     """What a forward returns besides its last hidden state: every layer's input (``hidden_states``) and the
     attention layers' probabilities (``attentions``); as a context, it asks the attention blocks for them."""
 
     def __init__(self, layers: nn.ModuleList, hidden_states: bool, attentions: bool):
-        self.attention_blocks = [layer.mixer for layer in layers if isinstance(layer.mixer, Attention)] if attentions else []
+        blocks = [_attention_block(layer.mixer) for layer in layers] if attentions else []
+        self.attention_blocks = [block for block in blocks if block is not None]
         self.keep_hidden, self.keep_attentions = hidden_states, attentions
         self.hidden_states: list[torch.Tensor] = []
         self.attentions: list[torch.Tensor] = []
@@ -660,9 +668,10 @@ class _Recorder:
             self.hidden_states.append(hidden)
 
     def after_layer(self, layer: nn.Module) -> None:
-        if self.keep_attentions and isinstance(layer.mixer, Attention):
-            self.attentions.append(layer.mixer.attention_weights)
-            layer.mixer.attention_weights = None
+        block = _attention_block(layer.mixer) if self.keep_attentions else None
+        if block is not None:
+            self.attentions.append(block.attention_weights)
+            block.attention_weights = None
 
     def merge_rows(self, rows: list["_Recorder"], spans: list[tuple[int, int]], T: int) -> None:
         """The rows' records, padded with zeros to the batch's ``T`` positions and stacked on the batch."""
