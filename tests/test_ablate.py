@@ -61,7 +61,7 @@ def test_lr_sweep_row_is_the_best_run_with_the_no_recall_floor(tmp_path):
 
 def test_tiny_ablation_writes_the_table(tmp_path):
     task = {"data.seq_len": 16, "data.task.num_kv_pairs": 2, "data.task.train_samples": 64, "data.task.val_samples": 8}
-    base = load_recipe("mqar_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.val_every": 2, **task}))
+    base = load_recipe("mqar_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 4, "trainer.val_every": 2, **task}))
     rows = ablate(base, ["attention", "lstm"])
     out = tmp_path / "run"
     table = list(csv.DictReader((out / "ablation.csv").open()))
@@ -74,6 +74,9 @@ def test_tiny_ablation_writes_the_table(tmp_path):
     md = (out / "ablation.md").read_text()
     assert "| block | d_model | parameters |" in md and "| lstm |" in md
     assert (out / "lstm" / "summary.json").exists()
+    curves = (out / "ablation_curves.md").read_text()  # every validation step, not one point (val_every 2, 4 steps)
+    assert "| block | step 2 | step 4 |" in curves and "| attention | 0." in curves and "| lstm | 0." in curves
+    assert (out / "ablation_curves.png").stat().st_size > 1000
 
 
 def test_a_failing_block_is_a_row_not_a_crash(tmp_path):

@@ -5,13 +5,15 @@ each at the width whose parameter count is closest to the recipe's own (or to ``
 multiples of 8 up to 4x the recipe's, and widths the block's config rejects (head sizes) are skipped.
 ``--lrs``: each block is trained once per learning rate and its row is the best run (highest val_acc on synthetic
 tasks, else lowest val_loss), as Zoology reports; the ``lr`` column names it and ``val_by_lr`` lists every run.
-Writes ``<output_dir>/ablation.{md,csv}`` (one row per block) and each run under ``<output_dir>/<block>/`` (with
+Writes ``<output_dir>/ablation.{md,csv}`` (one row per block), ``ablation_curves.{md,png}`` (each block's validation
+metric at every validation step) and each run under ``<output_dir>/<block>/`` (with
 ``--lrs``: ``<output_dir>/<block>/lr<LR>/``). MQAR rows carry ``val_acc_floor``, the no-recall accuracy
 (:func:`zoo.synthetic.no_recall_floor`). A block whose run fails gets a row with its error; the others still run.
 """
 from __future__ import annotations
 
 import csv
+import importlib.util
 import sys
 import threading
 import time
@@ -201,7 +203,7 @@ def train_one(base: Recipe, model_cfg: ModelConfig, run_dir: Path, name: str, lr
     with PeakMemory() as memory:
         summary = train(Recipe.from_dict(tree))
     return {
-        "lr": lr, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "val_acc": summary.get("val_acc"),
+        "run_dir": str(run_dir), "lr": lr, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "val_acc": summary.get("val_acc"),
         "val_acc_floor": last_logged(run_dir / "metrics.csv", "val_acc_floor"),
         "tokens_per_s": training_tokens_per_s(run_dir / "metrics.csv") or summary["tokens_per_s"],
         "peak_memory_mb": memory.megabytes(),
@@ -275,7 +277,48 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None, lr
             "token / stay constant. val_acc_floor: the accuracy reachable without recall.\n\n"
         )
         (out / "ablation.md").write_text(header + markdown_table(rows))
+        write_curves(rows, out)
     return rows
+
+
+def validation_curve(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every validation row of a run's metrics.csv."""
+    with metrics_csv.open() as f:
+        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f) if r.get(metric)]
+
+
+def write_curves(rows: list[dict[str, Any]], out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each block's validation curve (of its best run): ``ablation_curves.md`` (a column per validation step) and,
+    with matplotlib, ``ablation_curves.png``. The metric is val_acc when every run has it, else val_loss."""
+    runs = [row for row in rows if row.get("run_dir")]
+    metric = "val_acc" if runs and all(row.get("val_acc") is not None for row in runs) else "val_loss"
+    curves = {row["block"]: validation_curve(Path(row["run_dir"]) / "metrics.csv", metric) for row in runs}
+    steps = sorted({step for curve in curves.values() for step, _ in curve})
+    lines = [
+        f"Validation {metric} of each block's run at every validation step (the table in ablation.md is the last column).",
+        "",
+        "| block | " + " | ".join(f"step {step}" for step in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for block, curve in curves.items():
+        values = dict(curve)
+        lines.append(f"| {block} | " + " | ".join(f"{values[step]:.4f}" if step in values else "" for step in steps) + " |")
+    (out / "ablation_curves.md").write_text("\n".join(lines) + "\n")
+    if importlib.util.find_spec("matplotlib") is not None and curves:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for block, curve in curves.items():
+            if curve:
+                ax.plot(*zip(*curve), marker="o", label=block)
+        ax.set(xlabel="optimizer step", ylabel=metric, title=f"zoo.ablate: {out.name}")
+        ax.legend(fontsize=8)
+        fig.savefig(out / "ablation_curves.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:
