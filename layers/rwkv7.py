@@ -165,7 +165,8 @@ class RWKV7(SequenceMixer):
         k = self.key(xk)
         v = self.value(xv)  # [B, T, D]
         if self.reads_v_first:
-            v = torch.lerp(v, self._v_first(shared, v), torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))  # Eq. 10
+            gate = torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype)  # fp32 under autocast (v0 is fp32)
+            v = torch.lerp(v, self._v_first(shared, v).to(v.dtype), gate)  # Eq. 10
         elif self.shared_tensor is not None and shared is not None:
             shared[self.shared_tensor] = v
         d = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # [B, T, D]

@@ -366,3 +366,24 @@ def test_triton_block_under_bf16_autocast_matches_fp32_torch(name):
     ref = run_module(make_module(MIXERS, name, backend="torch"), x)
     assert [s.dtype for s in flat(run[1])] == [s.dtype for s in flat(ref[1])]
     check_runs_close(run, ref, TOLERANCE[torch.bfloat16]["block"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rwkv7_value_residual_reader_under_autocast_matches_fp32(dtype):
+    """A later RWKV-7 layer mixes layer 0's v_first in through a gate computed with an fp32 parameter; under autocast
+    the lerp's three operands must agree in dtype (it failed with bf16 before)."""
+    from zoo.config import ModelConfig
+    from zoo.modeling import ZooConfig, ZooForCausalLM
+
+    torch.manual_seed(0)
+    model = ZooForCausalLM(ZooConfig.from_model_config(ModelConfig(d_model=64, n_layers=2, blocks=["rwkv7"], vocab_size=50)))
+    assert model.model.layers[1].mixer.reads_v_first
+    ids = torch.randint(0, 50, (2, 9))
+    expected = model(input_ids=ids).logits
+    with autocast(dtype):
+        out = model(input_ids=ids[:, :-1], labels=ids[:, 1:])
+        logits = model(input_ids=ids).logits
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    error = (logits.float() - expected).abs().max() / expected.abs().max()
+    assert error < TOLERANCE[dtype]["block"], error
