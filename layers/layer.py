@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .base import SequenceMixer, cat_states, map_state, replaying
 from .norm import RMSNorm
@@ -49,7 +51,24 @@ class AdaLNModulation(nn.Module):
         return f"{self.d_model}, n_outputs={self.n_outputs}"
 
 
-class ResidualLayer(nn.Module):
+def marking_replays(checkpoint: Callable) -> Callable:
+    """``checkpoint(function, *args)`` whose recomputations of ``function`` (every call after the first: the backward's
+    replays) run under :func:`~zoo.layers.base.replaying`."""
+
+    @functools.wraps(checkpoint)
+    def marked_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+        calls = itertools.count()
+
+        def run(*inner: Any, **inner_kwargs: Any) -> Any:
+            with replaying(next(calls) > 0):
+                return function(*inner, **inner_kwargs)
+
+        return checkpoint(run, *args, **kwargs)
+
+    return marked_checkpoint
+
+
+class ResidualLayer(GradientCheckpointingLayer):
     """The layer's state is the mixer's, or ``(mixer_state, ffn_state)`` when the FFN is stateful
     (``ffn.stateful``: ``forward(x, state) -> (y, state)``, e.g. RWKV channel-mix's token shift).
 
@@ -59,20 +78,19 @@ class ResidualLayer(nn.Module):
 
     ``norm``: the class of both pre-norms (``zoo.layers.norm.NORMS``), built as ``norm(d_model, norm_eps)``.
 
-    Activation checkpointing: with ``gradient_checkpointing`` set (Hugging Face's per-layer switch, set by
-    ``gradient_checkpointing_enable`` or by zoo's ``trainer.activation_checkpointing``), a training forward without a
-    state keeps only the layer's input and recomputes the layer in the backward through ``_gradient_checkpointing_func``
-    (torch's non-reentrant checkpoint unless Hugging Face's switch passed another); the recomputation runs under
-    :func:`~zoo.layers.base.replaying`, so MoE routing statistics are recorded once.
+    Activation checkpointing: a Hugging Face ``GradientCheckpointingLayer``. With ``gradient_checkpointing`` set (by
+    ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``, or by zoo's
+    ``trainer.activation_checkpointing``), a training forward keeps only the layer's inputs and recomputes the layer
+    in the backward through ``_gradient_checkpointing_func`` (torch's non-reentrant checkpoint by default), whose
+    recomputations run under :func:`~zoo.layers.base.replaying` (:func:`marking_replays`), so MoE routing statistics
+    are recorded once.
     """
-
-    gradient_checkpointing = False
 
     def __init__(self, mixer: SequenceMixer, ffn: nn.Module | None, d_model: int, norm_eps: float, conditioned: bool = False,
                  norm: type[nn.Module] = RMSNorm, block: str = ""):
         super().__init__()
         self.block = block  # the registry name of the mixer's block (activation checkpointing selects layers by it)
-        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        self._gradient_checkpointing_func = marking_replays(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
         self.mixer_norm = norm(d_model, norm_eps)
         self.mixer = mixer
         self.ffn_norm = norm(d_model, norm_eps) if ffn is not None else None
@@ -108,18 +126,6 @@ class ResidualLayer(nn.Module):
         ``shared``: the forward's cross-layer tensors, one dict for all layers (see ``SequenceMixer.shared_tensor``).
         Under activation checkpointing a producer's replay writes its tensor again after every reader has replayed
         (the backward runs the layers in reverse), so readers replay with the tensor of the forward."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
-            calls = itertools.count()
-
-            def run(x: torch.Tensor, conditioning: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-                with replaying(next(calls) > 0):  # the first call is the forward, later ones the backward's replays
-                    return self._forward(x, None, conditioning, shared)
-
-            return self._gradient_checkpointing_func(run, x, conditioning)
-        return self._forward(x, state, conditioning, shared)
-
-    def _forward(self, x: torch.Tensor, state: Any, conditioning: torch.Tensor | None,
-                 shared: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any]:
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
         h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared)

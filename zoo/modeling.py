@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -19,7 +21,7 @@ from zoo.config import ModelConfig
 from zoo.layers import FFNS, MIXERS, NORMS, MoE, ResidualLayer, map_state
 from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
-from zoo.layers.layer import AdaLNModulation
+from zoo.layers.layer import AdaLNModulation, marking_replays
 from zoo.layers.short_conv import ShortConv
 
 logger = logging.getLogger("zoo")
@@ -375,6 +377,10 @@ class ZooPreTrainedModel(PreTrainedModel):
         init_parameters = getattr(module, "init_parameters", None)
         if callable(init_parameters):
             init_parameters()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint, **kwargs: Any) -> None:
+        """Hugging Face's switch, with the checkpoint function's replays marked (:func:`~zoo.layers.layer.marking_replays`)."""
+        super()._set_gradient_checkpointing(enable, marking_replays(gradient_checkpointing_func), **kwargs)
 
     @property
     def _is_stateful(self) -> bool:
