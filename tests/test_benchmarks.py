@@ -102,3 +102,17 @@ def test_train_at_scale_corpus_and_tokenizer_need_uint32(tmp_path):
     time.sleep(0.05)
     peaks = memory.stop()
     assert peaks["rank 0"]["processes"] == 1 and peaks["rank 0"]["peak_anon_mb"] > 10
+
+
+def test_zoology_table_marks_cells_not_run_and_partial_sweeps():
+    from benchmarks.zoology import markdown as zoology_markdown, parse_variant
+
+    assert parse_variant("attention+conv3") == ("attention", 3) and parse_variant("mamba2") == ("mamba2", 0)
+    meta = {"machine": "m", "load_start": "0", "load_end": "0", "torch": "t", "lightning": "l", "date": "d", "command": "c",
+            "lrs": [1e-3, 3e-3], "seeds": [0], "wall_min": 1.0, "budget_min": 1.0, "pairs": [(4, 64)], "widths": [64, 128],
+            "variants": ["attention+conv3", "conv"]}
+    runs = {"attention+conv3|4|64|64|0.001|0": {"val_acc": 0.5}, "attention+conv3|4|64|64|0.003|0": {"val_acc": 0.9},
+            "attention+conv3|4|64|128|0.001|0": {"val_acc": 0.7}, "conv|4|64|64|0.001|0": {"error": "ValueError: x"}}
+    table = zoology_markdown({"meta": meta, "runs": runs})
+    assert "| attention+conv3 | 0.900 | 0.700* |" in table  # best of the two rates; one rate run of the second cell
+    assert "| conv | error | not run |" in table
