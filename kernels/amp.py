@@ -29,3 +29,13 @@ def autocast_off(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def input_dtypes(*tensors: torch.Tensor | None) -> list[torch.dtype | None]:
+    """Each input's dtype (None for an absent one), for :func:`grads_in_input_dtypes` in an autograd ``backward``."""
+    return [None if t is None else t.dtype for t in tensors]
+
+
+def grads_in_input_dtypes(grads, dtypes: list[torch.dtype | None]) -> list[torch.Tensor | None]:
+    """A kernel's fp32 gradients cast to their inputs' dtypes (None where the input was absent)."""
+    return [None if dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]

@@ -74,3 +74,13 @@ def recurrent_tiles(K: int, V: int, dtype: torch.dtype, target: Target) -> Recur
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), 32)
     return RecurrentTiles(BK, BV, Launch(num_warps=4 if BK * BV <= 2048 else 8, num_stages=3))
+
+
+def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The widest input dtype: it sets the ``tl.dot`` precision (:func:`dot_precision`) and with it the tiles."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
+    return "ieee" if dtype == torch.float32 else "tf32"

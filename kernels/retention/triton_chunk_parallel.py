@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.retention import check_retention_inputs
-from zoo.kernels.retention.triton_retention import _dtype, _precision
-from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
+from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target
 
 
 @triton.jit
@@ -281,11 +281,11 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     [B * H, NT + 1, K, V]`` holding ``S_0 .. S_NT``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _dtype(q, k, v)
+    dtype = dot_dtype(q, k, v)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
     BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
     NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
-    precision = _precision(dtype)
+    precision = dot_precision(dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     o = torch.empty(B, T, H, V, **f32)
@@ -305,11 +305,11 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     """Launch the three backward kernels. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _dtype(q, k, v)
+    dtype = dot_dtype(q, k, v)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
     BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
     NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
-    precision = _precision(dtype)
+    precision = dot_precision(dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
@@ -338,7 +338,7 @@ class RetentionChunkParallelFunction(torch.autograd.Function):
         o, final, states = retention_cp_fwd(*inputs, s0, chunk_size)
         ctx.save_for_backward(*inputs, states)
         ctx.chunk_size = chunk_size
-        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(q, k, v, log_decay, initial_state)
         return o, final
 
     @staticmethod
@@ -346,7 +346,7 @@ class RetentionChunkParallelFunction(torch.autograd.Function):
         *inputs, states = ctx.saved_tensors
         ds_final = None if ds_final is None else ds_final.contiguous()
         grads = retention_cp_bwd(*inputs, do.contiguous(), ds_final, states, ctx.chunk_size)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None)
 
 

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.retention import FORMS, check_retention_inputs
-from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
+from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
 @triton.jit
@@ -315,21 +316,11 @@ def chunk_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Tar
     return ChunkTiles(BT, BK, BV, Launch(num_warps=warps, num_stages=1))
 
 
-def _dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The widest input dtype: it sets the ``tl.dot`` precision and with it the tiles."""
-    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     """Launch the chunked forward kernel. Returns ``(o, final_state, chunk_start_states)`` in fp32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _dtype(q, k, v)
+    dtype = dot_dtype(q, k, v)
     tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
     BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = triton.cdiv(T, BT)
@@ -339,7 +330,7 @@ def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_chunk_fwd_kernel[(NV, B * H)](
         q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=_precision(dtype), **tiles.launch._asdict(),
+        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=dot_precision(dtype), **tiles.launch._asdict(),
     )
     return o, s_final, ckpt
 
@@ -348,7 +339,7 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     """Launch the chunked backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _dtype(q, k, v)
+    dtype = dot_dtype(q, k, v)
     tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
     BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = ckpt.shape[1]
@@ -361,7 +352,7 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     _retention_chunk_bwd_kernel[(NV, B * H)](
         q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt,
         dq, dk, dv, dg, ds0,
-        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=_precision(dtype),
+        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=dot_precision(dtype),
         **tiles.launch._asdict(),
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
@@ -376,7 +367,7 @@ class RetentionFunction(torch.autograd.Function):
         o, s_final, ckpt = fwd(*inputs, s0, chunk_size)
         ctx.save_for_backward(*inputs, ckpt)
         ctx.chunk_size, ctx.chunked = chunk_size, chunked
-        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(q, k, v, log_decay, initial_state)
         return o, s_final
 
     @staticmethod
@@ -385,7 +376,7 @@ class RetentionFunction(torch.autograd.Function):
         ds_final = None if ds_final is None else ds_final.contiguous()
         bwd = retention_chunk_bwd if ctx.chunked else retention_bwd
         grads = bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None, None)
 
 

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from zoo.kernels.retention.triton_chunk_parallel import _affine_combine
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
+from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target
 
 
 @triton.jit
@@ -306,11 +307,6 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1))
 
 
-def _precision(*tensors: torch.Tensor) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 ones lose nothing to tf32 tensor-core products."""
-    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
-
-
 def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl)``."""
     B, T, H, K = r.shape
@@ -322,7 +318,7 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     gl = torch.empty(B * H, NT, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv6_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, w, states, gl, T, NT, **dims)
     has_s0 = initial_state is not None
     _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
@@ -346,7 +342,7 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, H, V, **f32)
     du = torch.empty(NV, B * H, NT, K, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv6_cp_dstate_kernel[(NT, NV, B * H)](r, w, do, dstates, T, NT, **dims)
     has_ds = ds_final is not None
     _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
@@ -369,7 +365,7 @@ class RWKV6ChunkParallelFunction(torch.autograd.Function):
         o, final, states, gl = rwkv6_cp_fwd(*inputs, s0, chunk_size)
         ctx.save_for_backward(*inputs, states, gl)
         ctx.chunk_size = chunk_size
-        ctx.dtypes = [t.dtype for t in (r, k, v, w_log, u)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(r, k, v, w_log, u, initial_state)
         return o, final
 
     @staticmethod
@@ -377,7 +373,7 @@ class RWKV6ChunkParallelFunction(torch.autograd.Function):
         *inputs, states, gl = ctx.saved_tensors
         ds_final = None if ds_final is None else ds_final.contiguous()
         grads = rwkv6_cp_bwd(*inputs, do.contiguous(), ds_final, states, gl, ctx.chunk_size)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None)
 
 

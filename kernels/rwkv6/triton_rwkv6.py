@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
 from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
@@ -181,7 +182,7 @@ class RWKV6Function(torch.autograd.Function):
         o, s_final, ckpt = rwkv6_fwd(*inputs, s0, chunk_size)
         ctx.save_for_backward(*inputs, ckpt)
         ctx.chunk_size = chunk_size
-        ctx.dtypes = [t.dtype for t in (r, k, v, w_log, u)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(r, k, v, w_log, u, initial_state)
         return o, s_final
 
     @staticmethod
@@ -189,7 +190,7 @@ class RWKV6Function(torch.autograd.Function):
         r, k, v, w_log, u, ckpt = ctx.saved_tensors
         ds_final = None if ds_final is None else ds_final.contiguous()
         grads = rwkv6_bwd(r, k, v, w_log, u, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None)
 
 

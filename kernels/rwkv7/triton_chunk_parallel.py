@@ -43,10 +43,10 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
-from zoo.kernels.rwkv6.triton_chunk_parallel import _precision
 from zoo.kernels.rwkv7 import rwkv7_keys
 from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
-from zoo.kernels.triton_checks import Launch, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
+from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
 @triton.jit
@@ -247,7 +247,7 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     trans = torch.empty(B * H, NT, K, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=_precision(r, k, v), **tiles.launch._asdict())
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
     has_s0 = initial_state is not None
     _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
@@ -280,7 +280,7 @@ class RWKV7ChunkParallelFunction(torch.autograd.Function):
         ckpt = recurrent_checkpoints(states, K, V, r.dtype, r.device)
         ctx.save_for_backward(*inputs, ckpt)
         ctx.bt = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device)).BT
-        ctx.dtypes = [t.dtype for t in (r, w_log, k, v, a, b)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(r, w_log, k, v, a, b, initial_state)
         return o, final
 
     @staticmethod
@@ -288,7 +288,7 @@ class RWKV7ChunkParallelFunction(torch.autograd.Function):
         *inputs, ckpt = ctx.saved_tensors
         ds_final = None if ds_final is None else ds_final.contiguous()
         grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.bt)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None)
 
 

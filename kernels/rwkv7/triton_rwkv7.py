@@ -22,6 +22,7 @@ import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.rwkv7 import rwkv7_keys
+from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
 from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
 
 
@@ -182,7 +183,7 @@ class RWKV7Function(torch.autograd.Function):
         o, s_final, ckpt = rwkv7_fwd(*inputs, s0, chunk_size)
         ctx.save_for_backward(*inputs, ckpt)
         ctx.chunk_size = chunk_size
-        ctx.dtypes = [t.dtype for t in (r, w_log, k, v, a, b)] + [None if initial_state is None else initial_state.dtype]
+        ctx.dtypes = input_dtypes(r, w_log, k, v, a, b, initial_state)
         return o, s_final
 
     @staticmethod
@@ -190,7 +191,7 @@ class RWKV7Function(torch.autograd.Function):
         *inputs, ckpt = ctx.saved_tensors
         ds_final = None if ds_final is None else ds_final.contiguous()
         grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = [g.to(dt) if dt is not None else None for g, dt in zip(grads, ctx.dtypes)]
+        grads = grads_in_input_dtypes(grads, ctx.dtypes)
         return (*grads, None)
 
 
