@@ -49,10 +49,20 @@ class LSTM(SequenceMixer):
     def mix(self, x: torch.Tensor, state: LSTMState | None):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        # cuDNN wants h/c in the dtype the LSTM computes in (autocast's, when active).
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has a bf16/fp16 LSTM primitive on some CPUs only: on CPU the LSTM computes in its weights' dtype
+            # (fp32 under autocast), like the torch forms of kernels/amp.py.
+            with torch.autocast("cpu", enabled=False):
+                y, state_out = self._run(x, state, self.lstm.weight_ih_l0.dtype)
+        else:
+            # cuDNN wants h/c in the dtype the LSTM computes in (autocast's, when active).
+            compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y, state_out = self._run(x, state, compute_dtype)
+        return self.out_proj(y), state_out
+
+    def _run(self, x: torch.Tensor, state: LSTMState, compute_dtype: torch.dtype) -> tuple[torch.Tensor, LSTMState]:
+        """nn.LSTM over ``x [B, T, D]`` from ``state`` in ``compute_dtype``; the state keeps its dtype (the model's)."""
         h0 = state.h.to(compute_dtype).unsqueeze(0).contiguous()  # [1, B, H], as nn.LSTM wants
         c0 = state.c.to(compute_dtype).unsqueeze(0).contiguous()
-        y, (h, c) = self.lstm(x, (h0, c0))  # y: [B, T, H]
-        # The state keeps its dtype (the model's), not autocast's.
-        return self.out_proj(y), LSTMState(h.squeeze(0).to(state.h.dtype), c.squeeze(0).to(state.c.dtype))
+        y, (h, c) = self.lstm(x.to(compute_dtype), (h0, c0))  # y: [B, T, H]
+        return y, LSTMState(h.squeeze(0).to(state.h.dtype), c.squeeze(0).to(state.c.dtype))

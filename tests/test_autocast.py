@@ -267,25 +267,11 @@ def check_runs_close(run, ref, tol: float) -> None:
 
 
 @functools.cache
-def cpu_lstm_trains_in_fp16() -> bool:
-    """Whether oneDNN here has an fp16 LSTM training primitive (it needs AVX512-FP16 or AMX-FP16; cuDNN always has one)."""
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.LSTM(4, 4, batch_first=True)(torch.randn(1, 2, 4))
-    except RuntimeError as error:
-        if "primitive descriptor" not in str(error):
-            raise
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("registry,name", MODULES, ids=MODULE_IDS)
 def test_block_under_autocast_matches_fp32(registry, name, dtype):
     """Forward and backward under autocast: finite, close to fp32; gradients in the parameters' dtype (fp32)."""
     module = make_module(registry, name)
-    if dtype == torch.float16 and any(isinstance(m, torch.nn.LSTM) for m in module.modules()) and not cpu_lstm_trains_in_fp16():
-        pytest.skip("this CPU's oneDNN has no fp16 LSTM training primitive (Lightning runs 16-mixed as bf16-mixed on CPU)")
     x = torch.randn(2, SEQ, D_MODEL)
     check_runs_close(run_module(module, x, dtype), run_module(module, x), TOLERANCE[dtype]["block"])
 
