@@ -11,6 +11,11 @@ a prompt of ``--prompt`` tokens is prefilled, then ``--new-tokens`` tokens are d
 
 Decode tokens/s = batch / median step time. The three modes run in the same process, so their ratios compare.
 Writes ``benchmarks/results/decode[_smoke]-<device>.{json,md}`` with the device, versions and shapes.
+
+``--prompt-lookup DIR [DIR ...]``: trained zoo checkpoints (Hugging Face directories) continue code from the
+built-in corpus's validation files, greedily and with prompt-lookup decoding (``prompt_lookup_num_tokens``), batch 1,
+in the same process; tokens/s of each (median of ``--repeats``), their ratio, the mean tokens per model forward, and
+whether both gave the same tokens. Writes ``benchmarks/results/prompt-lookup-<device>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -164,6 +169,85 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+    """``count`` prompts of ``length`` tokens: the openings of the built-in corpus's validation files (stdlib Python)."""
+    from zoo.data import _in_validation, stdlib_files
+
+    prompts = []
+    for path in stdlib_files():
+        if len(prompts) == count:
+            break
+        if not _in_validation(path.name, 0.05):
+            continue
+        ids = tokenizer(path.read_text(errors="replace"), return_tensors="pt").input_ids[:, :length]  # [1, <= length]
+        if ids.shape[1] == length:
+            prompts.append(ids)
+    return prompts
+
+
+def prompt_lookup(checkpoints: list[Path], prompts: int, prompt_len: int, new_tokens: int, draft: int, repeats: int,
+                  log: Callable[[str], None]) -> dict:
+    """Greedy vs prompt-lookup decoding of each checkpoint on CPU, batch 1, fp32 (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    results = {}
+    for directory in checkpoints:
+        model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        forwards = [0]
+        model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+        def generate(ids: torch.Tensor, **kw) -> tuple[torch.Tensor, float, int]:
+            forwards[0] = 0
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+            return out, time.perf_counter() - start, forwards[0]
+
+        greedy_s, lookup_s, same, lookup_forwards = [], [], True, 0
+        for ids in code_prompts(tokenizer, prompts, prompt_len):
+            runs = [(generate(ids), generate(ids, prompt_lookup_num_tokens=draft)) for _ in range(repeats)]
+            greedy_s.append(median([g[1] for g, _ in runs]))
+            lookup_s.append(median([p[1] for _, p in runs]))
+            same &= all(torch.equal(g[0], p[0]) for g, p in runs)
+            lookup_forwards += runs[0][1][2]
+        n = len(greedy_s) * new_tokens
+        entry = {
+            "blocks": sorted(set(model.config.model_config().layer_blocks())),
+            "greedy_tokens_per_s": round(n / sum(greedy_s), 1), "lookup_tokens_per_s": round(n / sum(lookup_s), 1),
+            "ratio": round(sum(greedy_s) / sum(lookup_s), 3), "tokens_per_forward": round(n / lookup_forwards, 2), "same_tokens": same,
+        }
+        log(f"{directory.name}: {entry}")
+        results[directory.name] = entry
+    return {
+        "meta": {
+            "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "dtype": "float32",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": {"prompts": prompts, "prompt": prompt_len, "new_tokens": new_tokens, "draft": draft, "repeats": repeats, "batch": 1},
+        },
+        "models": results,
+    }
+
+
+def prompt_lookup_markdown(report: dict) -> str:
+    meta, shapes = report["meta"], report["meta"]["shapes"]
+    lines = [
+        f"Prompt-lookup vs greedy decoding, code continuation from the built-in corpus: {shapes['prompts']} prompts of "
+        f"{shapes['prompt']} tokens, {shapes['new_tokens']} new tokens, draft {shapes['draft']}, batch 1, median of "
+        f"{shapes['repeats']}; {meta['device']} ({meta['threads']} threads), {meta['dtype']}, torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, {meta['date']}",
+        "",
+        "| checkpoint | blocks | greedy tok/s | prompt lookup tok/s | ratio | tokens per forward | same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in report["models"].items():
+        lines.append(f"| {name} | {'+'.join(e['blocks'])} | {e['greedy_tokens_per_s']:,.1f} | {e['lookup_tokens_per_s']:,.1f} | "
+                     f"{e['ratio']:.2f}x | {e['tokens_per_forward']:.2f} | {'yes' if e['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="recipes shrunk to d_model 64, 4 layers, on CPU")
@@ -173,7 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--dry-run", action="store_true", help="resolve the recipes, print the plan as JSON, time nothing")
+    parser.add_argument("--prompt-lookup", type=Path, nargs="+", metavar="DIR", help="trained checkpoints: greedy vs prompt lookup")
+    parser.add_argument("--draft", type=int, default=10, help="prompt_lookup_num_tokens (with --prompt-lookup)")
+    parser.add_argument("--prompts", type=int, default=3, help="code prompts (with --prompt-lookup)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and mode (with --prompt-lookup)")
     args = parser.parse_args(argv)
+    if args.prompt_lookup:
+        report = prompt_lookup(args.prompt_lookup, args.prompts, args.prompt, args.new_tokens, args.draft, args.repeats,
+                               lambda line: print(line, flush=True))
+        slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
+        write_report(args.out / f"prompt-lookup-{slug}", report, prompt_lookup_markdown(report))
+        return 0
     recipes = args.recipes.split(",") if args.recipes else RECIPES
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     batches = [int(b) for b in args.batches.split(",") if b]

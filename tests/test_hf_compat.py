@@ -8,8 +8,10 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
+from test_blocks import TEST_ARGS
 from test_generate import IDS, MODELS, PAD, VOCAB, greedy, tiny
-from zoo.modeling import CACHE_FIELD, ZooCache, output_cache
+from zoo.config import ModelConfig
+from zoo.modeling import CACHE_FIELD, RECURRENT_ROLLBACK, ZooCache, ZooCacheLayer, ZooConfig, ZooForCausalLM, output_cache
 
 
 def test_cache_field_follows_the_installed_transformers():
@@ -59,34 +61,91 @@ def test_generate_continues_from_the_returned_cache(blocks, ffn):
     assert not [m for m in messages if "deprecated" in m], messages
 
 
-def test_assisted_and_prompt_lookup_decoding_for_attention_models():
-    model = tiny(["attention"])
-    torch.manual_seed(1)
-    assistant = tiny(["attention"])  # same architecture, other weights: drafts get rejected and the cache rolls back
-    assistant.model.embed.weight.data.normal_()
-    prompt = torch.randint(1, VOCAB, (1, 6))
+# Every block alone and the hybrids of test_generate, plus short convolutions before a recurrent and an attention block.
+ROLLBACK_MODELS = MODELS + [(["mamba2", "attention"], "swiglu", {"mamba2": 4, "attention": 3})]
+ROLLBACK_IDS = IDS + ["mamba2+attention/short_conv"]
+
+
+def build(blocks, ffn, short_conv=None):
+    """test_generate's tiny model, with ``short_conv`` kernels ({block: K}) when given."""
+    if not short_conv:
+        return tiny(blocks, ffn)
+    args = {name: {**TEST_ARGS.get(name, {}), "short_conv": k} for name, k in short_conv.items()}
+    spec = ModelConfig.from_dict({"d_model": 48, "n_layers": max(2, len(blocks)), "blocks": list(blocks), "ffn": ffn, "vocab_size": VOCAB, **args})
+    torch.manual_seed(0)
+    return ZooForCausalLM(ZooConfig.from_model_config(spec)).eval()
+
+
+def run_greedy(model, ids, **kw):
     # An eos id (transformers 5.0's assisted decoding needs one); the prompts never hold it and the references stop alike.
-    run = lambda ids, **kw: model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=PAD, pad_token_id=PAD, **kw)  # noqa: E731
-    assert not model._is_stateful
-    assert torch.equal(run(prompt, assistant_model=assistant), run(prompt))
+    return model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=PAD, pad_token_id=PAD, **kw)
+
+
+@pytest.mark.parametrize("model_args", ROLLBACK_MODELS, ids=ROLLBACK_IDS)
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(model_args, monkeypatch):
+    """Drafts from an assistant with other weights, and prompt look-up drafts from a repeated prompt, get rejected
+    and the cache rolls back: KV caches are cut, recurrent states (transformers >= 5.25) return to recorded ones.
+    The tokens equal plain greedy decoding. Before 5.25 a model with a recurrent state is refused."""
+    blocks, ffn, *short_conv = model_args
+    model = build(blocks, ffn, *short_conv)
+    assistant = build(blocks, ffn, *short_conv)
+    assistant.model.embed.weight.data.normal_()  # same architecture, other weights
+    prompt = torch.randint(1, VOCAB, (1, 6))
     repeated = torch.cat([prompt, prompt], 1)  # n-grams to look up
-    assert torch.equal(run(repeated, prompt_lookup_num_tokens=3), run(repeated))
+    recurrent = not all(layer.state_can_roll_back for layer in model.model.layers)
+    if recurrent and not RECURRENT_ROLLBACK:
+        assert model._is_stateful
+        with pytest.raises(ValueError, match="stateful"):
+            run_greedy(model, repeated, prompt_lookup_num_tokens=3)
+        return
+    assert not model._is_stateful
+    restored = []
+    roll_back = ZooCacheLayer.roll_back
+
+    def counting_roll_back(layer, remove, keep):
+        if remove and not layer.state_can_crop:
+            restored.append(remove)
+        roll_back(layer, remove, keep)
+
+    monkeypatch.setattr(ZooCacheLayer, "roll_back", counting_roll_back)
+    assert torch.equal(run_greedy(model, prompt, assistant_model=assistant), run_greedy(model, prompt))
+    assert torch.equal(run_greedy(model, repeated, prompt_lookup_num_tokens=3), run_greedy(model, repeated))
+    assert bool(restored) == recurrent  # recorded states were restored exactly when a layer's state cannot be cut
 
 
-@pytest.mark.parametrize("blocks, ffn", [(["mamba", "attention"], "swiglu"), (["attention"], "rwkv_cmix")])
-def test_assisted_decoding_refuses_states_that_cannot_roll_back(blocks, ffn):
-    model = tiny(blocks, ffn)
-    assert model._is_stateful
-    with pytest.raises(ValueError, match="stateful"):
-        greedy(model, torch.randint(1, VOCAB, (1, 4)), 3, prompt_lookup_num_tokens=2)
-
-
-def test_crop_of_a_recurrent_cache_names_the_state():
+def test_crop_of_a_recurrent_cache_names_the_state_and_changes_nothing():
     model = tiny(["mamba", "attention"])
     cache = output_cache(model(torch.randint(1, VOCAB, (1, 4)), use_cache=True))
     assert not cache.is_croppable
-    with pytest.raises(ValueError, match="cannot roll back"):
+    states = cache.states
+    with pytest.raises(ValueError, match="layer 0 cannot drop its last 1 tokens: its MambaState .* cannot roll back"):
         cache.crop(-1)
+    assert cache.get_seq_length() == 4 and all(a is b for a, b in zip(cache.states, states))
+
+
+def test_recorded_states_roll_back_a_verify_step_exactly():
+    """With recording on, a step over 5 tokens keeps the recurrent states before its last 3: crop(-n) for n <= 3
+    equals a cache that never saw those tokens (same next logits); more is refused, naming the layer."""
+    model = tiny(["rwkv7", "attention"], "rwkv_cmix")
+    ids = torch.randint(1, VOCAB, (1, 9))
+    with torch.no_grad():
+        for remove in (0, 1, 3):
+            cache = output_cache(model(ids[:, :4], use_cache=True))
+            cache.activate_past_recording(recurrent_states_to_keep=3)
+            assert cache.is_croppable and cache.get_recurrent_states_to_keep() == 3
+            model(ids[:, 4:], use_cache=True, **{CACHE_FIELD: cache})
+            cache.crop(-remove)
+            assert cache.get_seq_length() == 9 - remove
+            nxt = ids[:, 9 - remove : 10 - remove] if remove else torch.randint(1, VOCAB, (1, 1))
+            got = model(nxt, use_cache=True, **{CACHE_FIELD: cache}).logits
+            want = model(torch.cat([ids[:, : 9 - remove], nxt], 1), use_cache=False).logits[:, -1:]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        cache = output_cache(model(ids[:, :4], use_cache=True))
+        cache.activate_past_recording(recurrent_states_to_keep=2)
+        model(ids[:, 4:], use_cache=True, **{CACHE_FIELD: cache})
+        with pytest.raises(ValueError, match=r"layer 0 cannot drop its last 3 tokens: it recorded the states of the last 2 tokens only"):
+            cache.crop(-3)
+        assert cache.get_seq_length() == 9
 
 
 def test_crop_keeps_a_prefix_of_the_kv_cache():

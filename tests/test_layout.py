@@ -36,3 +36,53 @@ def test_wheel_holds_only_the_zoo_namespace_and_every_package_folder(tmp_path):
             installed = "/".join([*name.split("."), *init.parent.relative_to(ROOT / folder).parts, "__init__.py"])
             assert installed in names, f"{init} is not in the wheel as {installed}"
 
+
+
+def run_from_root(*args: str, **kw) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process whose working directory is the repository root (on ``sys.path``, as
+    ``python -m`` and pytest put it)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def top_level_package_folders() -> list[str]:
+    return sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+
+
+def test_no_top_level_package_folder_shadows_an_installed_distribution():
+    """Each top-level folder that is a package, imported by its bare name from the repository root, gives an
+    installed distribution's module when one provides that name (Hugging Face's ``kernels``, required by
+    transformers >= 5.25, beside zoo's ``kernels/``), and the folder otherwise."""
+    import importlib.metadata
+
+    provided = importlib.metadata.packages_distributions()
+    folders = top_level_package_folders()
+    assert {"kernels", "layers", "zoo", "benchmarks"} <= set(folders)
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    print(name, importlib.import_module(name).__file__)"
+    result = run_from_root("-c", code, *folders)
+    assert result.returncode == 0, result.stderr
+    files = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    for name in folders:
+        owners = [dist for dist in provided.get(name, []) if dist != "zoo"]
+        inside = Path(files[name]).resolve().is_relative_to(ROOT / name)
+        assert inside != bool(owners), f"{name}: {files[name]} (installed distributions with that top-level name: {owners})"
+
+
+def test_readme_commands_run_from_the_repository_root():
+    """``import zoo`` imports transformers, which imports Hugging Face's ``kernels`` when it is installed (5.25):
+    the README's commands work from the root, where zoo's own ``kernels/`` folder is on ``sys.path``."""
+    result = run_from_root("-m", "zoo.train", "recipe=transformer_small", "trainer.max_steps=3", "--print")
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 3" in result.stdout
+    result = run_from_root("-c", "import benchmarks.kernels, zoo.kernels, kernels; print(kernels.__file__)")
+    assert result.returncode == 0, result.stderr
+    assert not Path(result.stdout.strip()).resolve().is_relative_to(ROOT / "kernels")
+
+
+def test_kernels_name_without_the_distribution_is_refused_like_a_missing_module(tmp_path):
+    """Where Hugging Face's ``kernels`` is not installed, the bare name is a missing module (what transformers and
+    any ``try: import kernels`` expect), and the message says where zoo's folder is importable."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r})\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print(e.name, '|', e)"
+    result = run_from_root("-S", "-c", code)  # -S: no site-packages, so no installed `kernels`
+    assert result.returncode == 0, result.stderr
+    name, message = result.stdout.strip().split(" | ")
+    assert name == "kernels" and "importable as zoo.kernels" in message

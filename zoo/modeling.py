@@ -29,6 +29,10 @@ logger = logging.getLogger("zoo")
 # transformers >= 5.24 names the decoding cache ``cache`` (forward argument and output field); 5.0-5.23 name it
 # ``past_key_values``. zoo's forwards accept both and return the cache under the installed version's name.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers >= 5.25 rolls recurrent states back for assisted and prompt-lookup decoding: the cache records the states
+# of the last tokens (``activate_past_recording(recurrent_states_to_keep=N)``) and ``crop(-n)`` restores one. Earlier
+# versions refuse assisted decoding for models whose state cannot roll back (``_is_stateful``).
+RECURRENT_ROLLBACK = hasattr(Cache, "get_recurrent_states_to_keep")
 
 
 def resolve_cache(cache: "ZooCache | None", past_key_values: "ZooCache | None") -> "ZooCache | None":
@@ -146,6 +150,45 @@ class ZooCacheLayer(CacheLayerMixin):
         self.state: Any = None
         self.seen_tokens = 0
         self.max_length = max_length
+        # Rollback of a state that cannot be cut (see ZooCache.activate_past_recording): ``history[-n]`` is the state
+        # before the n-th last token fed since the last crop.
+        self.record_past = False
+        self.recurrent_states_to_keep = 0
+        self.history: list[Any] = []
+
+    @property
+    def state_can_crop(self) -> bool:
+        """Whether the state itself can be cut back to an earlier token (a KV cache can; a recurrent state cannot)."""
+        return self.state is None or callable(getattr(self.state, "crop", None))
+
+    def remember(self, tokens: int) -> None:
+        """Called before this layer's block consumes ``tokens`` more tokens from ``state`` while recording: one token's
+        state is kept (at most ``recurrent_states_to_keep + 1``); a longer step leaves no state of its inner tokens, so
+        the earlier ones are no longer adjacent and are dropped."""
+        if not self.record_past:
+            return
+        if tokens != 1:
+            self.history = []
+            return
+        self.history = [*self.history, self.state][-(max(self.recurrent_states_to_keep, 1) + 1):]
+
+    def rollback_problem(self, remove: int) -> str | None:
+        """Why this layer cannot drop its last ``remove`` tokens (None when it can)."""
+        if remove == 0 or self.state_can_crop or remove <= len(self.history):
+            return None
+        if not self.record_past:
+            return (f"its {type(self.state).__name__} (a recurrent state) cannot roll back; only KV caches can, unless the "
+                    "cache records states (activate_past_recording, transformers >= 5.25)")
+        return (f"it recorded the states of the last {len(self.history)} tokens only, not {remove} "
+                f"(activate_past_recording(recurrent_states_to_keep={self.recurrent_states_to_keep}))")
+
+    def roll_back(self, remove: int, keep: int) -> None:
+        """Drop the last ``remove`` tokens (``keep`` remain): cut a KV cache, or restore a recorded state."""
+        if self.state is not None and self.state_can_crop:
+            self.state = self.state.crop(keep)
+        elif remove:
+            self.state = self.history[-remove]
+        self.history = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.state).__name__})"
@@ -209,15 +252,20 @@ class ZooCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.state = None
         self.seen_tokens = 0
+        self.history = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.state = _map_rows(self.state, fn)
+        self.history = [_map_rows(state, fn) for state in self.history]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.state = _map_rows(self.state, lambda t: t.index_select(0, indices.to(t.device)))
+        self._map_batch(lambda t: t.index_select(0, indices.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.state = _map_rows(self.state, lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def offload(self) -> None:
         raise NotImplementedError("ZooCache keeps every state on the model's device (no offloading)")
@@ -232,8 +280,8 @@ class ZooCache(Cache):
     Each of ``layers`` is a :class:`ZooCacheLayer`; ``states`` lists their states. ``seen_tokens`` counts the tokens
     every layer has consumed, recurrent layers included, so transformers may slice the inputs of a continued
     ``generate`` by :meth:`get_seq_length` for every layer: ``is_linear`` (which tells transformers not to) is False
-    for each layer. A cache whose states are all KV caches can roll back (:meth:`crop`, used by assisted decoding);
-    a recurrent state cannot. With ``max_length`` (``cache_implementation="static"``) the first forward's KV caches
+    for each layer. A KV cache rolls back by cutting it (:meth:`crop`, used by assisted and prompt-lookup decoding);
+    a recurrent state rolls back to a state recorded while :meth:`activate_past_recording` is on. With ``max_length`` (``cache_implementation="static"``) the first forward's KV caches
     become preallocated buffers of ``max_length`` slots that later steps fill in place (as :mod:`zoo.decoding`).
     """
 
@@ -291,22 +339,42 @@ class ZooCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return all(callable(getattr(state, "crop", None)) for state in self.states)
+        return all(layer.state_can_crop or layer.record_past for layer in self.layers)
 
     def crop(self, length: int) -> None:
         """Drop the last ``-length`` tokens (``length <= 0``, transformers >= 5.24) or keep the first ``length``
-        (``length > 0``, earlier transformers); only a cache of KV caches can roll back."""
-        if not self.is_croppable:
-            kinds = sorted({type(state).__name__ for state in self.states if not callable(getattr(state, "crop", None))})
-            raise ValueError(f"ZooCache.crop: states of type {', '.join(kinds)} cannot roll back (recurrent state); only KV caches can")
+        (``length > 0``, earlier transformers). KV caches are cut; a recurrent state returns to the one recorded
+        before the first dropped token (see :meth:`activate_past_recording`). Nothing changes if a layer cannot."""
         keep = self.seen_tokens + length if length <= 0 else min(length, self.seen_tokens)
         if keep < 0:
             raise ValueError(f"ZooCache.crop({length}): the cache holds only {self.seen_tokens} tokens")
-        self.states = [state.crop(keep) for state in self.states]
+        remove = self.seen_tokens - keep
+        for i, layer in enumerate(self.layers):
+            problem = layer.rollback_problem(remove)
+            if problem is not None:
+                raise ValueError(f"ZooCache.crop({length}): layer {i} cannot drop its last {remove} tokens: {problem}")
+        for layer in self.layers:
+            layer.roll_back(remove, keep)
         self.seen_tokens = keep
 
-    def activate_past_recording(self) -> None:
-        """Nothing to record: a KV cache keeps every token (so it can be cropped), a recurrent state cannot roll back."""
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs: Any) -> None:
+        """Record what a rollback needs (transformers' contract, used by assisted and prompt-lookup decoding): each
+        layer whose state cannot be cut keeps its state before each of the last ``recurrent_states_to_keep`` tokens
+        of a step (at least the last one), so :meth:`crop` can drop up to that many. A step over more tokens runs
+        its last ones through the blocks one at a time (:meth:`ZooModel._steps`). KV caches need no record."""
+        for layer in self.layers:
+            layer.record_past = True
+            layer.recurrent_states_to_keep = int(recurrent_states_to_keep or 0)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return self.layers[layer_idx].record_past
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """How many of a step's last tokens get a recorded state (0 when not recording); the most over layers for None."""
+        keep = 0
+        for layer in self.layers if layer_idx is None else [self.layers[layer_idx]]:
+            keep = max(keep, layer.recurrent_states_to_keep if layer.record_past else 0)
+        return keep
 
     def reset(self) -> None:
         super().reset()
@@ -384,9 +452,9 @@ class ZooPreTrainedModel(PreTrainedModel):
 
     @property
     def _is_stateful(self) -> bool:
-        """True when a layer keeps a state that cannot roll back (a recurrent block, a stateful FFN): transformers then
-        refuses assisted and prompt-lookup decoding, which an attention-only model supports."""
-        return not all(layer.state_can_roll_back for layer in self.base_model.layers)
+        """True when a layer keeps a state that cannot roll back (a recurrent block, a stateful FFN) and the installed
+        transformers (< 5.25) cannot record states to roll back to: it then refuses assisted and prompt-lookup decoding."""
+        return not RECURRENT_ROLLBACK and not all(layer.state_can_roll_back for layer in self.base_model.layers)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -566,19 +634,45 @@ class ZooModel(ZooPreTrainedModel):
         self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None, record: "_Recorder | None" = None
     ) -> torch.Tensor:
         """Every layer over ``hidden [B, T, D]``, updating ``cache``; ``record`` keeps each layer's input and attention map.
-        The layers share one fresh ``shared`` dict (cross-layer tensors of these tokens, see ``assign_shared_roles``)."""
-        shared: dict[str, torch.Tensor] = {}
+        Each step of :meth:`_steps` has its own fresh ``shared`` dict, which the layers share (cross-layer tensors of
+        these tokens, see ``assign_shared_roles``)."""
+        steps = self._steps(hidden.shape[1], cache)
+        shared: list[dict[str, torch.Tensor]] = [{} for _ in steps]
         for i, layer in enumerate(self.layers):
             if record is not None:
                 record.before_layer(hidden)
-            hidden, new_state = layer(hidden, cache.states[i] if cache is not None else None, conditioning, shared)
+                maps_before = len(record.attentions)
+            state = cache.states[i] if cache is not None else None
+            outputs = []
+            for (start, end), step_shared in zip(steps, shared):
+                if cache is not None:
+                    cache.layers[i].state = state
+                    cache.layers[i].remember(end - start)
+                out, state = layer(hidden[:, start:end], state, conditioning, step_shared)
+                outputs.append(out)
+                if record is not None:
+                    record.after_layer(layer)
             if record is not None:
-                record.after_layer(layer)
+                record.join_steps(maps_before)
+            hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, D]
             if cache is not None:
-                cache.layers[i].state = new_state
+                cache.layers[i].state = state
         if record is not None:
             record.before_layer(hidden)
         return hidden
+
+    def _steps(self, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]]:
+        """The ``(start, end)`` token ranges the layers take one after another: the whole call, except while ``cache``
+        records states for a rollback (assisted decoding's verify step) and a layer's state cannot be cut: then the
+        last ``recurrent_states_to_keep`` tokens run one at a time through each block's own decode step, so that
+        layer's state before each of them is kept. (The blocks' chunked forms return final states only.)"""
+        if seq_len == 1 or cache is None:
+            return [(0, seq_len)]
+        keep = cache.get_recurrent_states_to_keep()
+        if not keep or all(layer.state_can_roll_back for layer in self.layers):
+            return [(0, seq_len)]
+        split = max(seq_len - keep, 0)
+        return ([(0, split)] if split else []) + [(t, t + 1) for t in range(split, seq_len)]
 
     def _token_spans(self, attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]] | None:
         """Each row's ``(start, end)``: its tokens are ``[start, end)``, padding before (left) or after (right) them.
@@ -678,6 +772,15 @@ class _Recorder:
         if block is not None:
             self.attentions.append(block.attention_weights)
             block.attention_weights = None
+
+    def join_steps(self, first: int) -> None:
+        """One attention map ``[B, H, T, S]`` from the maps a layer's calls recorded from index ``first`` on (one per
+        step of ``ZooModel._steps``): each call's rows padded with zeros to the last call's keys, as the causal map
+        of the whole call."""
+        maps = self.attentions[first:]
+        if len(maps) > 1:
+            keys = maps[-1].shape[-1]
+            self.attentions[first:] = [torch.cat([F.pad(m, (0, keys - m.shape[-1])) for m in maps], dim=2)]
 
     def merge_rows(self, rows: list["_Recorder"], spans: list[tuple[int, int]], T: int) -> None:
         """The rows' records, padded with zeros to the batch's ``T`` positions and stacked on the batch."""
