@@ -86,3 +86,34 @@ def test_kernels_name_without_the_distribution_is_refused_like_a_missing_module(
     assert result.returncode == 0, result.stderr
     name, message = result.stdout.strip().split(" | ")
     assert name == "kernels" and "importable as zoo.kernels" in message
+
+
+CAPPED = ["transformers", "lightning", "peft"]  # dependencies whose internals zoo subclasses (README: version policy)
+
+
+def test_dependencies_zoo_subclasses_are_capped_at_a_tested_minor():
+    """Each of ``CAPPED`` has a floor and a cap ``<X.Y`` in pyproject.toml (dependencies or an extra). In CI, which
+    installs the newest releases the bounds allow, the installed version is the cap's previous minor: the cap admits
+    nothing newer than what this run tests."""
+    import importlib.metadata
+    import os
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]]
+    for name in CAPPED:
+        (req,) = [r for r in requirements if r.name == name]
+        caps = [s for s in req.specifier if s.operator == "<"]
+        assert [s.operator for s in req.specifier if s.operator == ">="] and len(caps) == 1, f"{name}: {req} needs a floor and one cap"
+        assert re.fullmatch(r"\d+\.\d+", caps[0].version), f"{name}: cap {caps[0]} is not a minor version"
+        cap = Version(caps[0].version)
+        installed = Version(importlib.metadata.version(name))
+        assert installed < cap, f"{name} {installed} is outside {req}"
+        if os.environ.get("CI"):
+            assert (installed.major, installed.minor + 1) == (cap.major, cap.minor), (
+                f"{name}: CI installed {installed}, so the cap {caps[0]} admits an untested minor; lower it"
+            )
