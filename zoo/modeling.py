@@ -20,6 +20,7 @@ from transformers.modeling_outputs import (
 )
 
 from zoo.config import ModelConfig
+from zoo.errors import ConfigError
 from zoo.layers import FFNS, MIXERS, NORMS, MoE, ResidualLayer, map_state
 from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
@@ -232,8 +233,14 @@ class ZooConfig(PreTrainedConfig):
 
     @property
     def is_heterogeneous(self) -> bool:
-        """True when a standard attribute differs across layers (the FFN pattern mixes hidden sizes)."""
-        return "_zoo_layer_idx" not in self.__dict__ and len(set(self._layer_values("intermediate_size"))) > 1
+        """True when a standard attribute differs across layers (the FFN pattern mixes hidden sizes). False for a spec
+        that does not validate: transformers asks while saving or listing keys, and building the model names the error."""
+        if "_zoo_layer_idx" in self.__dict__:
+            return False
+        try:
+            return len(set(self._layer_values("intermediate_size"))) > 1
+        except (ConfigError, AttributeError):
+            return False
 
     @property
     def per_layer_attributes(self) -> set[str] | None:
@@ -764,27 +771,34 @@ class ZooModel(ZooPreTrainedModel):
         """A padded batch without changing the block contract ``forward(x, state)``.
 
         Each row's tokens (``hidden[b, start:end]``) run alone from an empty state, so no block ever sees a padding
-        token and every row starts at position 0 (RoPE included). The rows' outputs (hidden states and attention maps
-        alike) are padded with zeros back to ``[B, T, D]``; each layer merges the rows' states with
-        ``stack_row_states``: constant-size recurrent states concatenate on the batch, attention left-pads its KV
-        cache and keeps a per-row key mask, so later decode steps of the whole batch skip the padding slots and
-        continue every row's own positions. Costs one prefill per row; decode steps then run batched as usual.
+        token and every row starts at position 0 (RoPE included). Layer by layer, the rows' outputs are padded with
+        zeros back to one ``[B, T, D]`` tensor, which the next layer's rows read (and ``record`` returns: gradients
+        reach it); each layer merges the rows' states with ``stack_row_states``: constant-size recurrent states
+        concatenate on the batch, attention left-pads its KV cache and keeps a per-row key mask, so later decode steps
+        of the whole batch skip the padding slots and continue every row's own positions. Costs one prefill per row;
+        decode steps then run batched as usual.
         """
         T = hidden.shape[1]
-        rows, row_caches, row_records = [], [], []
-        for b, (start, end) in enumerate(spans):
-            row_cache = ZooCache(len(self.layers)) if cache is not None else None
-            row_record = record.for_row() if record is not None else None
-            row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
-            row = self._run_layers(hidden[b : b + 1, start:end], row_cache, row_conditioning, row_record)  # [1, end - start, D]
-            rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
-            row_caches.append(row_cache)
-            row_records.append(row_record)
-        if cache is not None:
-            cache.states = [layer.stack_row_states([c.states[i] for c in row_caches]) for i, layer in enumerate(self.layers)]
+        shared: list[dict[str, torch.Tensor]] = [{} for _ in spans]  # each row's cross-layer tensors
+        for i, layer in enumerate(self.layers):
+            if record is not None:
+                record.before_layer(hidden)
+            rows, states = [], []
+            for b, (start, end) in enumerate(spans):
+                row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
+                row, state = layer(hidden[b : b + 1, start:end], None, row_conditioning, shared[b])  # [1, end - start, D]
+                rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
+                states.append(state)
+                if record is not None:
+                    record.after_row(layer, start, end, T)
+            if record is not None:
+                record.after_rows()
+            if cache is not None:
+                cache.layers[i].state = layer.stack_row_states(states)
+            hidden = torch.cat(rows)
         if record is not None:
-            record.merge_rows(row_records, spans, T)
-        return torch.cat(rows)
+            record.before_layer(hidden)
+        return hidden
 
 
 def _attention_block(mixer: nn.Module) -> Attention | None:
@@ -804,6 +818,7 @@ class _Recorder:
         self.keep_hidden, self.keep_attentions = hidden_states, attentions
         self.hidden_states: list[torch.Tensor] = []
         self.attentions: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []  # the current layer's attention maps of a padded batch's rows
 
     def __enter__(self) -> "_Recorder":
         for block in self.attention_blocks:
@@ -813,9 +828,6 @@ class _Recorder:
     def __exit__(self, *exc: Any) -> None:
         for block in self.attention_blocks:
             block.record_weights, block.attention_weights = False, None
-
-    def for_row(self) -> "_Recorder":
-        return _Recorder(nn.ModuleList(), self.keep_hidden, self.keep_attentions)
 
     def before_layer(self, hidden: torch.Tensor) -> None:
         if self.keep_hidden:
@@ -827,16 +839,20 @@ class _Recorder:
             self.attentions.append(block.attention_weights)
             block.attention_weights = None
 
-    def merge_rows(self, rows: list["_Recorder"], spans: list[tuple[int, int]], T: int) -> None:
-        """The rows' records, padded with zeros to the batch's ``T`` positions and stacked on the batch."""
-        self.hidden_states = [
-            torch.cat([F.pad(r.hidden_states[i], (0, 0, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, T, D]
-            for i in range(len(rows[0].hidden_states))
-        ]
-        self.attentions = [
-            torch.cat([F.pad(r.attentions[i], (start, T - end, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, H, T, T]
-            for i in range(len(rows[0].attentions))
-        ]
+    def after_row(self, layer: nn.Module, start: int, end: int, T: int) -> None:
+        """A row of a padded batch ran ``layer`` over its positions ``[start, end)``: keep its attention map padded
+        with zeros to the batch's ``T`` positions (``[1, H, T, T]``)."""
+        block = _attention_block(layer.mixer) if self.keep_attentions else None
+        if block is not None:
+            self._rows.append(F.pad(block.attention_weights, (start, T - end, start, T - end)))
+            block.attention_weights = None
+
+    def after_rows(self) -> None:
+        """Every row ran the layer: its attention map is the rows' maps stacked on the batch (``[B, H, T, T]``), a
+        copy (no batch-wide map exists: each row attends alone), so gradients reach the rows' maps, not this one."""
+        if self._rows:
+            self.attentions.append(torch.cat(self._rows))
+            self._rows = []
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
