@@ -125,6 +125,7 @@ class Attention(SequenceMixer):
     """Self-attention, causal unless ``causal: false``: RoPE, GQA, SDPA / flash-attn / eager backends, KV-cache state."""
 
     state_can_roll_back = True
+    layer_type = "full_attention"
     # Set by the model for calls that return attention maps (``output_attentions``): such a call attends through the
     # eager path and leaves its softmax probabilities ``[B, H, T, S]`` in ``attention_weights``.
     record_weights = False

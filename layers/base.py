@@ -45,6 +45,10 @@ class SequenceMixer(nn.Module, abc.ABC):
     """
 
     registry_name: str = ""
+    # What transformers' ``config.layer_types`` calls a layer of this block: ``linear_attention`` for a recurrent
+    # state (transformers' name for Mamba, GDN, ... layers), ``full_attention`` for a growing KV cache, ``conv`` for a
+    # short convolution's state (LFM2's).
+    layer_type: str = "linear_attention"
     # Whether this block's state can be cut back to an earlier token (its state type then has ``crop(keep)``), as
     # assisted decoding needs after rejected draft tokens; a recurrent state cannot.
     state_can_roll_back: bool = False

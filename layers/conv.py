@@ -29,6 +29,8 @@ class Conv(SequenceMixer):
     The state is the last ``kernel_size - 1`` inputs ``[B, D, K-1]``. No recall beyond the kernel: in Zoology it is
     the convolution half of the attention baseline (``blocks: [conv, attention]``)."""
 
+    layer_type = "conv"
+
     def __init__(self, config: ConvConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
         self.weight = nn.Parameter(torch.empty(d_model, 1, config.kernel_size))  # [D, 1, K], as a depthwise Conv1d's

@@ -52,6 +52,10 @@ class MoEConfig:
     def resolved_expert_hidden(self, d_model: int) -> int:
         return SwiGLUConfig(self.expert_hidden, self.multiple_of).resolved_hidden_size(d_model)
 
+    def resolved_hidden_size(self, d_model: int) -> int:
+        """The FFN hidden size every FFN config states: here each expert's (Mixtral's ``intermediate_size``)."""
+        return self.resolved_expert_hidden(d_model)
+
 
 class RouterStats(NamedTuple):
     """One MoE forward's router statistics over its counted (non-padding) tokens."""

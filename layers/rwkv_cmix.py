@@ -69,6 +69,9 @@ class RWKV7ChannelMixConfig:
     def validate(self, d_model: int) -> None:
         """Bounds only (declared on the fields)."""
 
+    def resolved_hidden_size(self, d_model: int) -> int:
+        return self.hidden_size if self.hidden_size is not None else 4 * d_model
+
 
 @FFNS.register("rwkv7_cmix", RWKV7ChannelMixConfig)
 class RWKV7ChannelMix(nn.Module):
@@ -79,7 +82,7 @@ class RWKV7ChannelMix(nn.Module):
 
     def __init__(self, config: RWKV7ChannelMixConfig, d_model: int, layer_idx: int):
         super().__init__()
-        hidden = config.hidden_size if config.hidden_size is not None else 4 * d_model
+        hidden = config.resolved_hidden_size(d_model)
         self.d_model = d_model
         self.x_k = nn.Parameter(torch.empty(d_model))
         self.key = nn.Linear(d_model, hidden, bias=False)

@@ -113,7 +113,7 @@ class ZooModelTester:
         self.hidden_size = 32
         self.n_layers = self.num_hidden_layers = 2  # the tests compare num_hidden_layers with the outputs' counts
         self.num_attention_heads = 4
-        self.num_attention_layers = sum(block == "attention" for block in self.get_config().model_config().layer_blocks())
+        self.num_attention_layers = self.get_config().layer_types.count("full_attention")
         self.is_training = True
 
     def get_config(self) -> ZooConfig:
@@ -146,8 +146,8 @@ def make_test_class(name, blocks, ffn, module_args):
             self.model_tester = ZooModelTester(self, blocks, ffn, module_args)
 
         def test_attention_outputs(self):
-            """The common test, counting the attention layers only: a recurrent layer computes no attention map (as
-            transformers' JambaModelTest.test_attention_outputs counts Jamba's attention layers)."""
+            """The common test, counting the attention layers only (``config.layer_types``): a recurrent layer computes
+            no attention map (as transformers' JambaModelTest.test_attention_outputs counts Jamba's attention layers)."""
             self.model_tester.num_hidden_layers = self.model_tester.num_attention_layers
             super().test_attention_outputs()
 

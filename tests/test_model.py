@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -35,10 +37,16 @@ def test_save_load_with_auto_classes(tmp_path):
 
 def test_bad_config_json_names_the_key(tmp_path):
     m = tiny()
-    m.config.module_args["attention"]["n_headz"] = 3
     m.config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["module_args"]["attention"]["n_headz"] = 3  # a hand-edited file
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(zoo.ConfigError, match=r"config\.attention\.n_headz: unknown key"):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    # Saving checks the spec (transformers validates a config before writing it), naming the key too.
+    m.config.module_args["attention"]["n_headz"] = 3
+    with pytest.raises(Exception, match=r"config\.attention\.n_headz: unknown key"):  # huggingface_hub's validation error
+        m.config.save_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("blocks", [("attention",), ("lstm",), ("lstm", "attention")])

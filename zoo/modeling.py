@@ -1,6 +1,7 @@
 """The one generic model for every block: a Hugging Face ``PreTrainedModel`` stacking zoo layers."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -12,12 +13,14 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput, MoeCausalLMOutputWithPast,
 )
 
 from zoo.config import ModelConfig
+from zoo.errors import ConfigError
 from zoo.layers import FFNS, MIXERS, NORMS, MoE, ResidualLayer, map_state
 from zoo.layers.attention import Attention, AttentionState, StaticAttentionState, flash_attn_available
 from zoo.layers.base import describe_backends
@@ -115,6 +118,158 @@ class ZooConfig(PreTrainedConfig):
             },
             "config",
         )
+
+    # transformers' standard attributes, derived from the validated spec on every read (``model_config()``), so they
+    # always describe the model the config builds and are never saved: the spec is. Setting one to another value
+    # raises (change the spec key named in the message instead).
+
+    def _spec(self) -> ModelConfig:
+        if not self.__dict__.get("_post_init_done"):
+            raise AttributeError("ZooConfig: the standard attributes are derived once the config is built")
+        return self.model_config()
+
+    def _layer_values(self, name: str) -> list[Any]:
+        """Each layer's value of the standard attribute ``name`` (``intermediate_size``: its FFN's hidden size)."""
+        spec = self._spec()
+        if name == "layer_types":
+            return [_layer_type(spec, block) for block in spec.layer_blocks()]
+        if name == "intermediate_size":
+            return [0 if ffn == "none" else spec.args_for(ffn).resolved_hidden_size(spec.d_model) for ffn in spec.layer_ffns()]
+        raise KeyError(name)
+
+    def _attention_values(self) -> dict[str, Any]:
+        """The attention layers' heads, KV heads, head size and RoPE base (one section serves every attention
+        layer; ``layer_types`` says which layers they are): zero heads and None for a model without attention."""
+        spec = self._spec()
+        sections = {block for block in spec.layer_blocks() if issubclass(MIXERS.get(block).cls, Attention)}
+        if not sections:
+            return {"num_attention_heads": 0, "num_key_value_heads": 0, "head_dim": None, "rope_theta": None}
+        values = [
+            {"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads,
+             "head_dim": a.head_dim or spec.d_model // a.n_heads, "rope_theta": a.rope_theta}
+            for a in (spec.args_for(block) for block in sorted(sections))
+        ]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"ZooConfig: the attention blocks {sorted(sections)} differ in heads or RoPE; transformers' attributes describe one kind")
+        return values[0]
+
+    def _per_layer(self, name: str) -> Any:
+        """The layer's own value in a per-layer view, else the one value every layer has; layers that differ make
+        the global read ambiguous, as transformers' heterogeneous configs do."""
+        values = self._layer_values(name)
+        layer = self.__dict__.get("_zoo_layer_idx")
+        if layer is not None:
+            return values[layer]
+        if any(v != values[0] for v in values):
+            raise AmbiguousGlobalPerLayerAttributeError(
+                f"'{name}' differs across layers ({values}): read config.per_layer_config[i].{name} instead"
+            )
+        return values[0]
+
+    def _refuse_change(self, name: str, value: Any, spec_key: str) -> None:
+        if value != getattr(self, name):
+            raise ValueError(f"ZooConfig.{name} is derived from the model spec ({spec_key}); change that key instead of setting {name}={value!r}")
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Each layer's kind in transformers' names (``full_attention``, ``linear_attention`` for a recurrent state,
+        ``conv``, ``hybrid`` for attention behind a short convolution): the block pattern tiled to ``n_layers``."""
+        return self._layer_values("layer_types")
+
+    @layer_types.setter
+    def layer_types(self, value: list[str]) -> None:
+        self._refuse_change("layer_types", value, "blocks")
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Query heads of every attention layer (``attention.n_heads``); 0: the model has no attention."""
+        return self._attention_values()["num_attention_heads"]
+
+    @num_attention_heads.setter
+    def num_attention_heads(self, value: int) -> None:
+        self._refuse_change("num_attention_heads", value, "attention.n_heads")
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """Key/value heads of every attention layer (``attention.n_kv_heads``, GQA); 0 without attention."""
+        return self._attention_values()["num_key_value_heads"]
+
+    @num_key_value_heads.setter
+    def num_key_value_heads(self, value: int) -> None:
+        self._refuse_change("num_key_value_heads", value, "attention.n_kv_heads")
+
+    @property
+    def head_dim(self) -> int | None:
+        """Size of one attention head (``attention.head_dim``, else ``d_model / n_heads``); None without attention."""
+        return self._attention_values()["head_dim"]
+
+    @head_dim.setter
+    def head_dim(self, value: int | None) -> None:
+        self._refuse_change("head_dim", value, "attention.head_dim")
+
+    @property
+    def rope_theta(self) -> float | None:
+        """RoPE base of the attention layers (``attention.rope_theta``); None without attention."""
+        return self._attention_values()["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float | None) -> None:
+        self._refuse_change("rope_theta", value, "attention.rope_theta")
+
+    @property
+    def intermediate_size(self) -> int:
+        """Hidden size of the layers' FFN (an MoE's: each expert's; 0: no FFN); per layer when the FFN pattern
+        mixes sizes (``per_layer_config[i].intermediate_size``)."""
+        return self._per_layer("intermediate_size")
+
+    @intermediate_size.setter
+    def intermediate_size(self, value: int) -> None:
+        self._refuse_change("intermediate_size", value, "the FFN section's hidden_size")
+
+    @property
+    def max_position_embeddings(self) -> None:
+        """None: no block has a position limit (RoPE and recurrent states extend to any length)."""
+        return None
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int | None) -> None:
+        self._refuse_change("max_position_embeddings", value, "none: zoo models have no position limit")
+
+    @property
+    def is_heterogeneous(self) -> bool:
+        """True when a standard attribute differs across layers (the FFN pattern mixes hidden sizes). False for a spec
+        that does not validate: transformers asks while saving or listing keys, and building the model names the error."""
+        if "_zoo_layer_idx" in self.__dict__:
+            return False
+        try:
+            return len(set(self._layer_values("intermediate_size"))) > 1
+        except (ConfigError, AttributeError):
+            return False
+
+    @property
+    def per_layer_attributes(self) -> set[str] | None:
+        return {"intermediate_size"} if self.is_heterogeneous else None
+
+    @property
+    def per_layer_config(self) -> list["ZooConfig"]:
+        """Each layer's view of this config, whose attributes are that layer's (transformers' per-layer form)."""
+        views = []
+        for i in range(self.n_layers):
+            view = copy.copy(self)
+            view.__dict__["_zoo_layer_idx"] = i
+            views.append(view)
+        return views
+
+    def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
+        """Nothing per layer is saved: the spec (``blocks``, ``ffn``, module sections) says it."""
+        d.pop("_zoo_layer_idx", None)
+
+
+def _layer_type(spec: ModelConfig, block: str) -> str:
+    """transformers' ``layer_types`` name of a layer of ``block``: its class's, ``hybrid`` for attention behind a
+    short convolution (a KV cache and a convolution state)."""
+    layer_type = MIXERS.get(block).cls.layer_type
+    return "hybrid" if layer_type == "full_attention" and spec.short_conv.get(block, 0) else layer_type
 
 
 def _attention_state(state: Any) -> AttentionState | StaticAttentionState | None:
@@ -710,27 +865,34 @@ class ZooModel(ZooPreTrainedModel):
         """A padded batch without changing the block contract ``forward(x, state)``.
 
         Each row's tokens (``hidden[b, start:end]``) run alone from an empty state, so no block ever sees a padding
-        token and every row starts at position 0 (RoPE included). The rows' outputs (hidden states and attention maps
-        alike) are padded with zeros back to ``[B, T, D]``; each layer merges the rows' states with
-        ``stack_row_states``: constant-size recurrent states concatenate on the batch, attention left-pads its KV
-        cache and keeps a per-row key mask, so later decode steps of the whole batch skip the padding slots and
-        continue every row's own positions. Costs one prefill per row; decode steps then run batched as usual.
+        token and every row starts at position 0 (RoPE included). Layer by layer, the rows' outputs are padded with
+        zeros back to one ``[B, T, D]`` tensor, which the next layer's rows read (and ``record`` returns: gradients
+        reach it); each layer merges the rows' states with ``stack_row_states``: constant-size recurrent states
+        concatenate on the batch, attention left-pads its KV cache and keeps a per-row key mask, so later decode steps
+        of the whole batch skip the padding slots and continue every row's own positions. Costs one prefill per row;
+        decode steps then run batched as usual.
         """
         T = hidden.shape[1]
-        rows, row_caches, row_records = [], [], []
-        for b, (start, end) in enumerate(spans):
-            row_cache = ZooCache(len(self.layers)) if cache is not None else None
-            row_record = record.for_row() if record is not None else None
-            row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
-            row = self._run_layers(hidden[b : b + 1, start:end], row_cache, row_conditioning, row_record)  # [1, end - start, D]
-            rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
-            row_caches.append(row_cache)
-            row_records.append(row_record)
-        if cache is not None:
-            cache.states = [layer.stack_row_states([c.states[i] for c in row_caches]) for i, layer in enumerate(self.layers)]
+        shared: list[dict[str, torch.Tensor]] = [{} for _ in spans]  # each row's cross-layer tensors
+        for i, layer in enumerate(self.layers):
+            if record is not None:
+                record.before_layer(hidden)
+            rows, states = [], []
+            for b, (start, end) in enumerate(spans):
+                row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
+                row, state = layer(hidden[b : b + 1, start:end], None, row_conditioning, shared[b])  # [1, end - start, D]
+                rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
+                states.append(state)
+                if record is not None:
+                    record.after_row(layer, start, end, T)
+            if record is not None:
+                record.after_rows()
+            if cache is not None:
+                cache.layers[i].state = layer.stack_row_states(states)
+            hidden = torch.cat(rows)
         if record is not None:
-            record.merge_rows(row_records, spans, T)
-        return torch.cat(rows)
+            record.before_layer(hidden)
+        return hidden
 
 
 def _attention_block(mixer: nn.Module) -> Attention | None:
@@ -750,6 +912,7 @@ class _Recorder:
         self.keep_hidden, self.keep_attentions = hidden_states, attentions
         self.hidden_states: list[torch.Tensor] = []
         self.attentions: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []  # the current layer's attention maps of a padded batch's rows
 
     def __enter__(self) -> "_Recorder":
         for block in self.attention_blocks:
@@ -759,9 +922,6 @@ class _Recorder:
     def __exit__(self, *exc: Any) -> None:
         for block in self.attention_blocks:
             block.record_weights, block.attention_weights = False, None
-
-    def for_row(self) -> "_Recorder":
-        return _Recorder(nn.ModuleList(), self.keep_hidden, self.keep_attentions)
 
     def before_layer(self, hidden: torch.Tensor) -> None:
         if self.keep_hidden:
@@ -782,16 +942,20 @@ class _Recorder:
             keys = maps[-1].shape[-1]
             self.attentions[first:] = [torch.cat([F.pad(m, (0, keys - m.shape[-1])) for m in maps], dim=2)]
 
-    def merge_rows(self, rows: list["_Recorder"], spans: list[tuple[int, int]], T: int) -> None:
-        """The rows' records, padded with zeros to the batch's ``T`` positions and stacked on the batch."""
-        self.hidden_states = [
-            torch.cat([F.pad(r.hidden_states[i], (0, 0, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, T, D]
-            for i in range(len(rows[0].hidden_states))
-        ]
-        self.attentions = [
-            torch.cat([F.pad(r.attentions[i], (start, T - end, start, T - end)) for r, (start, end) in zip(rows, spans)])  # [B, H, T, T]
-            for i in range(len(rows[0].attentions))
-        ]
+    def after_row(self, layer: nn.Module, start: int, end: int, T: int) -> None:
+        """A row of a padded batch ran ``layer`` over its positions ``[start, end)``: keep its attention map padded
+        with zeros to the batch's ``T`` positions (``[1, H, T, T]``)."""
+        block = _attention_block(layer.mixer) if self.keep_attentions else None
+        if block is not None:
+            self._rows.append(F.pad(block.attention_weights, (start, T - end, start, T - end)))
+            block.attention_weights = None
+
+    def after_rows(self) -> None:
+        """Every row ran the layer: its attention map is the rows' maps stacked on the batch (``[B, H, T, T]``), a
+        copy (no batch-wide map exists: each row attends alone), so gradients reach the rows' maps, not this one."""
+        if self._rows:
+            self.attentions.append(torch.cat(self._rows))
+            self._rows = []
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
