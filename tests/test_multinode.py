@@ -183,3 +183,14 @@ def test_several_nodes_need_a_launcher(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.num_nodes: 2 machines need a launcher"):
         train(recipe)
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_memory_estimate_on_meta_tensors():
+    """The README's per-GPU table: checkpointing keeps less, FSDP divides the model states, nothing is allocated."""
+    from benchmarks.memory_estimate import estimate, markdown
+
+    result = estimate(["model.d_model=64", "model.n_layers=4", "model.vocab_size=512", "data.seq_len=128"], 2, [8])
+    rows = {(r["strategy"], r["checkpointing"]): r for r in result["rows"]}
+    assert rows["DDP", "all"]["activations_gib"] < rows["DDP", "none"]["activations_gib"]
+    assert rows["FSDP x8", "none"]["model_states_gib"] < rows["DDP", "none"]["model_states_gib"] / 4
+    assert result["parameters"] > 4 * 64 * 64 * 3 and "meta tensors (not a measurement)" in markdown(result)
