@@ -106,7 +106,8 @@ def estimate(overrides: list[str], batch: int, gpus: list[int], recipe: str = "t
 def markdown(result: dict) -> str:
     lines = [
         f"Estimate computed on meta tensors (not a measurement): {result['parameters'] / 1e9:.2f}B parameters, "
-        f"{result['batch']} x {result['seq_len']} tokens per GPU, bf16 activations, fp32 weights + AdamW.",
+        f"{result['batch']} x {result['seq_len']} tokens per GPU, bf16 activations, fp32 weights + AdamW; "
+        "FSDP xN: fully sharded over N GPUs in all.",
         "",
         "| strategy | activation checkpointing | weights + grads + AdamW | activations | total per GPU |",
         "|---|---|---:|---:|---:|",
