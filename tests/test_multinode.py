@@ -106,6 +106,7 @@ def two_nodes(workdir) -> tuple[list[Path], list[str]]:
 def test_two_torchrun_nodes_train_in_lockstep_with_one_writer(workdir, single, two_nodes):
     nodes, outputs = two_nodes
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1] and "Starting with 2 processes" in outputs[0]
+    assert "output_dir node-local (written by global rank 0), data.cache_dir node-local (prepared once per machine)" in outputs[0]
     run0, run1 = (n / "run" for n in nodes)
     rows, reference = _rows(run0), _rows(single)
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
@@ -149,8 +150,9 @@ def test_resumed_two_node_run_continues_exactly(workdir, two_nodes):
 
 @pytest.mark.slow
 def test_slurm_variables_start_the_same_two_nodes(workdir, two_nodes):
-    """``srun --nodes 2 --ntasks-per-node 1 python -m zoo.train ...`` as Lightning's SLURMEnvironment sees it: the
-    same training as under torchrun."""
+    """``srun --nodes 2 --ntasks-per-node 1 python -m zoo.train ...`` as Lightning's SLURMEnvironment sees it, here
+    with one ``data.cache_dir`` both machines share (prepared by global rank 0 alone): the same training as under
+    torchrun."""
     (run0, _), _ = two_nodes
     nodes = [workdir / "slurm" / f"node{i}" for i in range(2)]
     port = str(_free_port())
@@ -163,9 +165,12 @@ def test_slurm_variables_start_the_same_two_nodes(workdir, two_nodes):
             "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port,
         })
         envs.append(env)
-    command = [sys.executable, "-m", "zoo.train", "recipe=transformer_small", *_overrides(workdir / "data")]
+    cache = workdir / "slurm" / "shared-cache"
+    command = [sys.executable, "-m", "zoo.train", "recipe=transformer_small", *_overrides(workdir / "data", **{"data.cache_dir": str(cache)})]
     outputs = _run_nodes([command, command], nodes, envs)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert "output_dir node-local (written by global rank 0), data.cache_dir shared (prepared once)" in outputs[0]
+    assert len(list((cache / "tokens").glob("*/index.json"))) == 2 and not list(workdir.rglob(".zoo-shared-probe-*"))
     assert _rows(nodes[0] / "run") == _rows(run0 / "run")
     assert (nodes[0] / "run" / "hf" / "model.safetensors").exists() and not (nodes[1] / "run" / "hf").exists()
 

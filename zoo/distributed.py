@@ -15,12 +15,13 @@ before the model is built (Lightning's own ``setup_environment`` call in ``fit``
 from __future__ import annotations
 
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, ZooError
 
 PROBE_PREFIX = ".zoo-shared-probe-"
 
@@ -76,9 +77,21 @@ def coordinate(trainer: L.Trainer, data, output_dir: Path, num_nodes: int) -> La
     data.cache_dir.mkdir(parents=True, exist_ok=True)
     layout = Layout(True, is_shared(strategy, output_dir), is_shared(strategy, data.cache_dir))
     data.prepare_data_per_node = not layout.cache_shared
+    if strategy.is_global_zero:
+        output = "shared" if layout.output_shared else "node-local"
+        cache = "shared (prepared once)" if layout.cache_shared else "node-local (prepared once per machine)"
+        print(
+            f"zoo.train: {trainer.world_size} processes on {num_nodes} machine(s); output_dir {output} (written by "
+            f"global rank 0), data.cache_dir {cache}", file=sys.stderr,
+        )
+    failure = None
     if strategy.is_global_zero if layout.cache_shared else trainer.local_rank == 0:
-        data.load_tokenizer()
-    strategy.barrier()
+        try:
+            data.load_tokenizer()
+        except Exception as err:  # re-raised below, after telling the waiting ranks
+            failure = err
+    if strategy.reduce_boolean_decision(failure is not None, all=False):  # also the barrier the others wait at
+        raise failure or ZooError("the rank preparing the tokenizer failed; its error says why")
     return layout
 
 
