@@ -149,12 +149,16 @@ def test_resumed_two_node_run_continues_exactly(workdir, two_nodes):
 
 
 @pytest.mark.slow
-def test_slurm_variables_start_the_same_two_nodes(workdir, two_nodes):
-    """``srun --nodes 2 --ntasks-per-node 1 python -m zoo.train ...`` as Lightning's SLURMEnvironment sees it, here
-    with one ``data.cache_dir`` both machines share (prepared by global rank 0 alone): the same training as under
-    torchrun."""
+def test_slurm_variables_resume_two_nodes_on_shared_storage(workdir, two_nodes):
+    """``srun --nodes 2 --ntasks-per-node 1 python -m zoo.train ...`` as Lightning's SLURMEnvironment sees it, with
+    ``output_dir`` and ``data.cache_dir`` both machines share: the cache is prepared by global rank 0 alone, every rank
+    reads the step-3 checkpoint itself, and ``resume=auto`` trains steps 4-6 exactly as the torchrun run did."""
     (run0, _), _ = two_nodes
-    nodes = [workdir / "slurm" / f"node{i}" for i in range(2)]
+    run0 = run0 / "run"
+    shared = workdir / "slurm" / "shared"
+    (shared / "run" / "ckpt").mkdir(parents=True)
+    shutil.copy(run0 / "ckpt" / "step-0000003.ckpt", shared / "run" / "ckpt")
+    shutil.copy(run0 / "metrics.csv", shared / "run")
     port = str(_free_port())
     envs = []
     for rank in range(2):
@@ -165,14 +169,17 @@ def test_slurm_variables_start_the_same_two_nodes(workdir, two_nodes):
             "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port,
         })
         envs.append(env)
-    cache = workdir / "slurm" / "shared-cache"
-    command = [sys.executable, "-m", "zoo.train", "recipe=transformer_small", *_overrides(workdir / "data", **{"data.cache_dir": str(cache)})]
-    outputs = _run_nodes([command, command], nodes, envs)
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
-    assert "output_dir node-local (written by global rank 0), data.cache_dir shared (prepared once)" in outputs[0]
-    assert len(list((cache / "tokens").glob("*/index.json"))) == 2 and not list(workdir.rglob(".zoo-shared-probe-*"))
-    assert _rows(nodes[0] / "run") == _rows(run0 / "run")
-    assert (nodes[0] / "run" / "hf" / "model.safetensors").exists() and not (nodes[1] / "run" / "hf").exists()
+    paths = {"output_dir": str(shared / "run"), "data.cache_dir": str(shared / "cache")}
+    command = [sys.executable, "-m", "zoo.train", "recipe=transformer_small", *_overrides(workdir / "data", **paths), "resume=auto"]
+    outputs = _run_nodes([command, command], [workdir / "slurm" / f"node{i}" for i in range(2)], envs)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1] and "(step 3)" in outputs[0]
+    assert "output_dir shared (written by global rank 0), data.cache_dir shared (prepared once)" in outputs[0]
+    assert len(list((shared / "cache" / "tokens").glob("*/index.json"))) == 2 and not list(workdir.rglob(".zoo-shared-probe-*"))
+    assert _rows(shared / "run") == _rows(run0)
+    resumed, uninterrupted = load_file(shared / "run" / "hf" / "model.safetensors"), load_file(run0 / "hf" / "model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0, msg=name)
+    assert [p.parent.name for p in (workdir / "slurm").rglob("model.safetensors")] == ["hf"]
 
 
 def test_num_nodes_is_validated_with_its_key(tmp_path):
