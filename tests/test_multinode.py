@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,21 +49,24 @@ def _torchrun(node: int, port: int, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "zoo.train", "recipe=transformer_small", *_overrides(data), *extra]
 
 
-def _run_nodes(commands: list[list[str]], nodes: list[Path], envs: list[dict[str, str]]) -> list[str]:
-    """Start one process per node (each in its node's directory), wait for all; returns their stderr."""
-    for node in nodes:
+def _run_nodes(commands: list[list[str]], nodes: list[Path], envs: list[dict[str, str]], timeout: float = 600) -> list[str]:
+    """Start one process per node (each in its node's directory, output to ``<node>/log.txt``) and wait for all; when
+    one fails the others are stopped (they would wait for it until the process group's timeout). Returns the logs."""
+    procs = []
+    for command, node, env in zip(commands, nodes, envs):
         node.mkdir(parents=True, exist_ok=True)
-    procs = [subprocess.Popen(c, cwd=n, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c, n, e in zip(commands, nodes, envs)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
+        with open(node / "log.txt", "w") as log:
+            procs.append(subprocess.Popen(command, cwd=node, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
             for p in procs:
                 p.kill()
-            raise
-    for i, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"node {i} exited {proc.returncode}:\n{out[-4000:]}"
+            break
+        time.sleep(0.2)
+    outputs = [(node / "log.txt").read_text() for node in nodes]
+    codes = [p.wait() for p in procs]
+    assert codes == [0] * len(procs), "\n".join(f"node {i} exited {c}:\n{out[-3000:]}" for i, (c, out) in enumerate(zip(codes, outputs)))
     return outputs
 
 
