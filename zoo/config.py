@@ -198,7 +198,8 @@ class TrainerConfig:
     grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true elsewhere; or any Lightning precision string
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    devices: int | str = "auto"  # per machine
+    num_nodes: int = bounded(1, ge=1)  # machines; Lightning runs devices x num_nodes processes (launch: torchrun or srun)
     strategy: str = "auto"  # e.g. ddp, fsdp
     accumulate_grad_batches: int = bounded(1, ge=1)
     progress_bar: bool = True

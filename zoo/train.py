@@ -83,36 +83,19 @@ def train(recipe: Recipe) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zoo.checkpoints import (
-        AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
-        find_resume_point, trim_metrics,
+        AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir, trim_metrics,
     )
     from zoo.data import ZooDataModule
+    from zoo.distributed import agree_on_resume, coordinate
     from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
     check_strategy(recipe)
     out = ensure_writable_dir(recipe.output_dir)
-    resume = find_resume_point(out, recipe.resume) if recipe.resume else None
-    for reason in resume.skipped if resume else []:
-        print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     data = ZooDataModule(recipe.data, seed=recipe.seed)
-    tokenizer = data.load_tokenizer()
-    recipe = recipe.with_vocab_size(len(tokenizer))
-    special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if recipe.objective == "diffusion":
-        from zoo.diffusion import DiffusionLightningModule
-
-        module = DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
-    elif recipe.finetune is not None:
-        from zoo.finetune import lora_module
-
-        module = lora_module(recipe, tokenizer, special)
-    else:
-        module = ZooLightningModule(recipe, special)
-
     trainer_cfg = recipe.trainer
     metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every, ["nonfinite_skips"] if trainer_cfg.nonfinite == "skip" else [])
     # After every validation (so its metrics row is in the checkpoint); the 2 latest are kept, so resume=auto can fall
@@ -129,6 +112,7 @@ def train(recipe: Recipe) -> dict:
         max_steps=trainer_cfg.max_steps,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
         strategy=trainer_cfg.strategy,
         precision=None if amp else precision,
         gradient_clip_val=trainer_cfg.grad_clip or None,
@@ -144,6 +128,24 @@ def train(recipe: Recipe) -> dict:
         enable_progress_bar=trainer_cfg.progress_bar,
         default_root_dir=str(out),
     )
+    layout = coordinate(trainer, data, out, trainer_cfg.num_nodes)  # ranks on several machines agree first
+    resume = agree_on_resume(trainer, layout, out, recipe.resume)
+    for reason in resume.skipped if resume and trainer.is_global_zero else []:
+        print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
+    tokenizer = data.load_tokenizer()
+    recipe = recipe.with_vocab_size(len(tokenizer))
+    special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if recipe.objective == "diffusion":
+        from zoo.diffusion import DiffusionLightningModule
+
+        module = DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
+    elif recipe.finetune is not None:
+        from zoo.finetune import lora_module
+
+        module = lora_module(recipe, tokenizer, special)
+    else:
+        module = ZooLightningModule(recipe, special)
+
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())

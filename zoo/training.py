@@ -150,7 +150,8 @@ class MetricsCSV(L.Callback):
     """Writes ``metrics.csv``: one row per logged optimizer step (step, train_loss, lr, tokens_per_s, val_loss, val_ppl,
     then the module's ``metric_columns()``, e.g. MoE router metrics, at their value on the logged step).
 
-    ``train_loss`` is the mean LM loss over the steps since the previous row. Rows are flushed as they are written.
+    ``train_loss`` is the mean LM loss over the steps since the previous row, averaged over the ranks of a distributed
+    run. Only global rank 0 writes; rows are flushed as they are written.
     """
 
     COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl"]
@@ -199,8 +200,10 @@ class MetricsCSV(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += split_batch(batch)[0].numel() * trainer.world_size
-        loss = outputs.get("lm_loss", outputs["loss"]) if isinstance(outputs, dict) else outputs
-        self._losses.append(float(loss.detach()))
+        loss = (outputs.get("lm_loss", outputs["loss"]) if isinstance(outputs, dict) else outputs).detach()
+        if trainer.world_size > 1:  # the loss of the whole batch (every rank's part), as one process would log it
+            loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+        self._losses.append(float(loss))
         step = trainer.global_step
         if step == self._last_step or step % self.log_every:
             return

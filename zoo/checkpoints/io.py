@@ -127,7 +127,14 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O: atomic, fsynced saves; weights-only loads with errors that name the file."""
+    """Lightning checkpoint I/O: atomic, fsynced saves; weights-only loads with errors that name the file.
+
+    ``broadcast_loads`` (set by :func:`zoo.distributed.agree_on_resume` when ``output_dir`` is not shared between
+    machines): global rank 0 reads the file and broadcasts it to the other ranks, which may not have it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broadcast_loads = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -135,7 +142,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
+        map_location = map_location if map_location is not None else "cpu"
+        if not self.broadcast_loads:
+            return load_checkpoint_file(path, map_location)
+        import torch.distributed as dist
+
+        loaded: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                loaded = [load_checkpoint_file(path)]
+            except CheckpointError as err:
+                loaded = [str(err)]
+        dist.broadcast_object_list(loaded, src=0)
+        if isinstance(loaded[0], str):
+            raise CheckpointError(loaded[0])
+        return loaded[0]  # on the CPU: Lightning moves the states where they belong when it loads them
 
 
 def ensure_writable_dir(path: str | Path, key: str = "output_dir") -> Path:
