@@ -134,6 +134,34 @@ def _module_entry(name: str, path: str):
     return FFNS.get(name, path)
 
 
+TOKENIZER_KINDS = "byte, bpe, a tokenizer.json file, a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json) or a hub name"
+
+
+def check_tokenizer_spec(spec: str) -> None:
+    """``data.tokenizer`` other than byte/bpe: a file must parse as a ``tokenizer.json``, a directory must hold
+    Hugging Face tokenizer files (a ``tokenizer.json`` there must parse), anything else must look like a hub name."""
+    from tokenizers import Tokenizer
+    from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in (FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)):
+            raise ConfigError("tokenizer", f"the directory '{spec}' holds no tokenizer ({FULL_TOKENIZER_FILE} or {TOKENIZER_CONFIG_FILE}); expected {TOKENIZER_KINDS}")
+        path = path / FULL_TOKENIZER_FILE
+        if not path.is_file():
+            return
+    if path.is_file():
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for every kind of bad file
+            raise ConfigError("tokenizer", f"'{path}' is not a valid {FULL_TOKENIZER_FILE} ({err}); expected {TOKENIZER_KINDS}") from None
+        return
+    if spec.endswith(".json"):
+        raise ConfigError("tokenizer", f"no such tokenizer file: {spec!r}")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
+        raise ConfigError("tokenizer", f"{spec!r} is no existing file or directory; expected {TOKENIZER_KINDS}")
+
+
 @dataclass
 @checked
 class DataConfig:
@@ -158,11 +186,8 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
-        if self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).expanduser().exists():
-            if self.tokenizer.endswith(".json"):
-                raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
-            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", self.tokenizer):
-                raise ConfigError("tokenizer", f"expected 'byte', 'bpe', a tokenizer.json file, a tokenizer directory or a hub name, got {self.tokenizer!r}")
+        if self.tokenizer not in ("byte", "bpe"):
+            check_tokenizer_spec(self.tokenizer)
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
@@ -189,6 +214,15 @@ class SchedulerConfig:
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
 
 
+def lightning_precisions() -> tuple[str, ...]:
+    """``auto`` and the precision strings Lightning's Trainer accepts (read from Lightning's own type)."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return ("auto", *get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
 @dataclass
 @checked
 class TrainerConfig:
@@ -210,6 +244,9 @@ class TrainerConfig:
     activation_checkpointing: Literal["none", "all"] | list[str] = "none"
 
     def __post_init__(self) -> None:
+        valid = lightning_precisions()
+        if self.precision not in valid:
+            raise ConfigError("precision", f"expected auto or one of Lightning's precisions {', '.join(valid[1:])}, got {self.precision!r}")
         if isinstance(self.activation_checkpointing, list):
             for i, name in enumerate(self.activation_checkpointing):
                 if name not in MIXERS:
