@@ -46,7 +46,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # a name in zoo.layers.NORMS: the pre-norms, the final norm and embed_norm
     embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = bounded(0.02, ge=0)
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
     time_conditioning: bool = False  # adaLN-Zero conditioning of every layer on a diffusion time (DiT / MDLM)
     module_args: dict[str, Any] = field(default_factory=dict)  # block/FFN name -> its config dataclass
@@ -134,7 +134,7 @@ def _module_entry(name: str, path: str):
     return FFNS.get(name, path)
 
 
-TOKENIZER_KINDS = "byte, bpe, a tokenizer.json file, a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json) or a hub name"
+TOKENIZER_KINDS = "'byte', 'bpe', a tokenizer.json file, a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json) or a hub name"
 
 
 def check_tokenizer_spec(spec: str) -> None:
@@ -174,7 +174,7 @@ class DataConfig:
     val_fraction: float = bounded(0.05, gt=0, lt=1)
     val_batches: int = bounded(20, ge=1)
     text_field: str = "text"  # column holding the text, for hub datasets
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)  # DataLoader worker processes; 0: load in the main process
     cache_dir: str | None = None  # tokenizers and token arrays; None: ~/.cache/zoo
     task: None | TaskConfig = None  # synthetic sources only; None there: the defaults
 
@@ -188,6 +188,8 @@ class DataConfig:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
         if self.tokenizer not in ("byte", "bpe"):
             check_tokenizer_spec(self.tokenizer)
+        if self.cache_dir is not None and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
+            raise ConfigError("cache_dir", f"'{self.cache_dir}' is a file; expected a directory (made if missing) for tokenizers and token arrays")
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
@@ -196,9 +198,9 @@ class DataConfig:
 @checked
 class OptimizerConfig:
     lr: float = bounded(1e-3, gt=0)
-    weight_decay: float = 0.1
+    weight_decay: float = bounded(0.1, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, gt=0)
     fused: bool | None = None  # None: fused AdamW where the device supports it
 
     def __post_init__(self) -> None:
@@ -244,9 +246,20 @@ class TrainerConfig:
     activation_checkpointing: Literal["none", "all"] | list[str] = "none"
 
     def __post_init__(self) -> None:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
         valid = lightning_precisions()
         if self.precision not in valid:
             raise ConfigError("precision", f"expected auto or one of Lightning's precisions {', '.join(valid[1:])}, got {self.precision!r}")
+        accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+        if self.accelerator not in accelerators:
+            raise ConfigError("accelerator", f"expected one of Lightning's accelerators {', '.join(accelerators)}, got {self.accelerator!r}")
+        if isinstance(self.devices, int) and self.devices < 1 and self.devices != -1 or isinstance(self.devices, str) and not re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices):
+            raise ConfigError("devices", f"expected auto, a count >= 1, -1 (all) or device indices such as '0,1', got {self.devices!r}")
+        strategies = ("auto", *StrategyRegistry.available_strategies())
+        if self.strategy not in strategies:
+            raise ConfigError("strategy", f"expected one of Lightning's registered strategies {', '.join(strategies)}, got {self.strategy!r}")
         if isinstance(self.activation_checkpointing, list):
             for i, name in enumerate(self.activation_checkpointing):
                 if name not in MIXERS:

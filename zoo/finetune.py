@@ -49,15 +49,30 @@ def checkpoint_model_config(init_from: str | Path) -> ModelConfig:
     return config.model_config()
 
 
+def check_lora_targets(lora: LoRAConfig, base: ModelConfig, init_from: str | Path) -> None:
+    """``finetune.lora`` must target something in the base: PEFT wraps the base built on the meta device (no weights)."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    with torch.device("meta"):
+        model = ZooForCausalLM(ZooConfig.from_model_config(base))
+        try:
+            get_peft_model(model, peft_lora_config(lora, model))
+        except NoMatchingPeftModuleError as err:
+            key = "target_parameters" if lora.target_parameters and "target_parameters" in str(err) else "target_modules"
+            raise ConfigError(f"finetune.lora.{key}", f"{err} (the base {init_from}: blocks {base.blocks}, ffn {base.ffn})") from None
+
+
 def check_compatible(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
     """The recipe's model section and tokenizer must match the checkpoint's (an error names every differing key)."""
     init_from = recipe.finetune.init_from
-    found = differences(recipe.model.to_dict(), checkpoint_model_config(init_from).to_dict(), "model")
+    base = checkpoint_model_config(init_from)
+    found = differences(recipe.model.to_dict(), base.to_dict(), "model")
     if found:
         raise ConfigError(
             found[0][0], f"the recipe's model differs from the checkpoint {init_from}: "
             f"{describe_differences(found, 'in the recipe', 'in the checkpoint')}; fine-tuning keeps the base architecture",
         )
+    check_lora_targets(recipe.finetune.lora, base, init_from)
     path = Path(init_from)
     if (path / "tokenizer.json").is_file() and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
         raise ConfigError("data.tokenizer", f"the data tokenizer differs from the checkpoint's ({init_from}); use the tokenizer the base was trained with")

@@ -441,11 +441,11 @@ def check_config_file(directory: Path) -> dict[str, Any]:
         raise ConfigError("config.json", f"{file} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError("config.json", f"{file} must hold a JSON object, got {type(data).__name__}")
+    if data.get("model_type", ZooConfig.model_type) != ZooConfig.model_type:
+        raise ConfigError("config.model_type", f"{file} describes a {data['model_type']!r} model, not a zoo model; convert it: python -m zoo.convert {directory} OUT_DIR")
     for key in REQUIRED_CONFIG_KEYS:
         if key not in data:
             raise ConfigError(f"config.{key}", f"missing from {file}; every zoo checkpoint's config.json has it")
-    if data["model_type"] != ZooConfig.model_type:
-        raise ConfigError("config.model_type", f"{file} describes a {data['model_type']!r} model, not a zoo model; convert it: python -m zoo.convert {directory} OUT_DIR")
     return data
 
 

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_main, split_recipe_args
 from zoo.config import Recipe
@@ -103,15 +104,21 @@ def train(recipe: Recipe) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zoo.checkpoints import (
-        AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
+        AtomicCheckpointIO, CheckpointError, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
         find_resume_point, trim_metrics,
     )
     from zoo.data import ZooDataModule
+    from zoo.errors import ConfigError
     from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
     check_strategy(recipe)
-    resume = find_resume_point(recipe.output_dir, recipe.resume) if recipe.resume else None
+    if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
+        raise ConfigError("output_dir", f"'{recipe.output_dir}' is a file; expected a directory (made if missing)")
+    try:
+        resume = find_resume_point(recipe.output_dir, recipe.resume) if recipe.resume else None
+    except CheckpointError as err:
+        raise ConfigError("resume", str(err)) from None
     data = ZooDataModule(recipe.data, seed=recipe.seed)
     tokenizer = data.load_tokenizer()
     recipe = recipe.with_vocab_size(len(tokenizer))
