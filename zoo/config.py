@@ -46,7 +46,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # a name in zoo.layers.NORMS: the pre-norms, the final norm and embed_norm
     embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = bounded(0.02, ge=0)
     bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
     time_conditioning: bool = False  # adaLN-Zero conditioning of every layer on a diffusion time (DiT / MDLM)
     module_args: dict[str, Any] = field(default_factory=dict)  # block/FFN name -> its config dataclass
@@ -134,6 +134,34 @@ def _module_entry(name: str, path: str):
     return FFNS.get(name, path)
 
 
+TOKENIZER_KINDS = "'byte', 'bpe', a tokenizer.json file, a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json) or a hub name"
+
+
+def check_tokenizer_spec(spec: str) -> None:
+    """``data.tokenizer`` other than byte/bpe: a file must parse as a ``tokenizer.json``, a directory must hold
+    Hugging Face tokenizer files (a ``tokenizer.json`` there must parse), anything else must look like a hub name."""
+    from tokenizers import Tokenizer
+    from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in (FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)):
+            raise ConfigError("tokenizer", f"the directory '{spec}' holds no tokenizer ({FULL_TOKENIZER_FILE} or {TOKENIZER_CONFIG_FILE}); expected {TOKENIZER_KINDS}")
+        path = path / FULL_TOKENIZER_FILE
+        if not path.is_file():
+            return
+    if path.is_file():
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for every kind of bad file
+            raise ConfigError("tokenizer", f"'{path}' is not a valid {FULL_TOKENIZER_FILE} ({err}); expected {TOKENIZER_KINDS}") from None
+        return
+    if spec.endswith(".json"):
+        raise ConfigError("tokenizer", f"no such tokenizer file: {spec!r}")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
+        raise ConfigError("tokenizer", f"{spec!r} is no existing file or directory; expected {TOKENIZER_KINDS}")
+
+
 @dataclass
 @checked
 class DataConfig:
@@ -146,7 +174,7 @@ class DataConfig:
     val_fraction: float = bounded(0.05, gt=0, lt=1)
     val_batches: int = bounded(20, ge=1)
     text_field: str = "text"  # column holding the text, for hub datasets
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)  # DataLoader worker processes; 0: load in the main process
     cache_dir: str | None = None  # tokenizers and token arrays; None: ~/.cache/zoo
     task: None | TaskConfig = None  # synthetic sources only; None there: the defaults
 
@@ -158,11 +186,10 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
-        if self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).expanduser().exists():
-            if self.tokenizer.endswith(".json"):
-                raise ConfigError("tokenizer", f"no such tokenizer file: {self.tokenizer!r}")
-            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", self.tokenizer):
-                raise ConfigError("tokenizer", f"expected 'byte', 'bpe', a tokenizer.json file, a tokenizer directory or a hub name, got {self.tokenizer!r}")
+        if self.tokenizer not in ("byte", "bpe"):
+            check_tokenizer_spec(self.tokenizer)
+        if self.cache_dir is not None and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
+            raise ConfigError("cache_dir", f"'{self.cache_dir}' is a file; expected a directory (made if missing) for tokenizers and token arrays")
         if self.tokenizer == "bpe" and self.vocab_size < 300:
             raise ConfigError("vocab_size", f"bpe needs vocab_size >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
@@ -171,9 +198,9 @@ class DataConfig:
 @checked
 class OptimizerConfig:
     lr: float = bounded(1e-3, gt=0)
-    weight_decay: float = 0.1
+    weight_decay: float = bounded(0.1, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, gt=0)
     fused: bool | None = None  # None: fused AdamW where the device supports it
 
     def __post_init__(self) -> None:
@@ -187,6 +214,15 @@ class SchedulerConfig:
     name: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = bounded(100, ge=0)
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+
+
+def lightning_precisions() -> tuple[str, ...]:
+    """``auto`` and the precision strings Lightning's Trainer accepts (read from Lightning's own type)."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return ("auto", *get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))
 
 
 @dataclass
@@ -211,6 +247,20 @@ class TrainerConfig:
     activation_checkpointing: Literal["none", "all"] | list[str] = "none"
 
     def __post_init__(self) -> None:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        valid = lightning_precisions()
+        if self.precision not in valid:
+            raise ConfigError("precision", f"expected auto or one of Lightning's precisions {', '.join(valid[1:])}, got {self.precision!r}")
+        accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+        if self.accelerator not in accelerators:
+            raise ConfigError("accelerator", f"expected one of Lightning's accelerators {', '.join(accelerators)}, got {self.accelerator!r}")
+        if isinstance(self.devices, int) and self.devices < 1 and self.devices != -1 or isinstance(self.devices, str) and not re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices):
+            raise ConfigError("devices", f"expected auto, a count >= 1, -1 (all) or device indices such as '0,1', got {self.devices!r}")
+        strategies = ("auto", *StrategyRegistry.available_strategies())
+        if self.strategy not in strategies:
+            raise ConfigError("strategy", f"expected one of Lightning's registered strategies {', '.join(strategies)}, got {self.strategy!r}")
         if isinstance(self.activation_checkpointing, list):
             for i, name in enumerate(self.activation_checkpointing):
                 if name not in MIXERS:

@@ -461,6 +461,12 @@ class ZooDataModule(L.LightningDataModule):
                 self.tokenizer = load_pretrained_tokenizer(self.cfg.tokenizer)
         return self.tokenizer
 
+    def check_source(self) -> None:
+        """Refuse a bad ``data.source`` or ``data.text_field`` before a run starts: loads the documents (which
+        :meth:`prepare_data` reuses) unless both splits are already tokenized in the cache."""
+        if self.cfg.task is None and not all((self._token_dir(s) / "index.json").exists() for s in ("train", "validation")):
+            self.documents()
+
     def _token_dir(self, split: str) -> Path:
         return self.cache_dir / "tokens" / f"{self._key()}-{split}"
 

@@ -10,7 +10,6 @@ adapter_dir)`` loads them, and ``python -m zoo.merge`` folds them into a plain c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,6 +19,7 @@ from zoo.config import LoRAConfig, ModelConfig, Recipe
 from zoo.errors import ConfigError
 from zoo.modeling import ZooConfig, ZooForCausalLM
 from zoo.training import ZooLightningModule
+from zoo.typed import describe_differences, differences
 
 
 def peft_lora_config(lora: LoRAConfig, model: torch.nn.Module) -> LoraConfig:
@@ -32,16 +32,6 @@ def peft_lora_config(lora: LoRAConfig, model: torch.nn.Module) -> LoraConfig:
         target_modules=lora.target_modules if lora.target_modules else [],
         target_parameters=list(lora.target_parameters) or None, exclude_modules=exclude or None,
     )
-
-
-def _first_difference(recipe: Any, checkpoint: Any, path: str) -> tuple[str, Any, Any] | None:
-    if isinstance(recipe, dict) and isinstance(checkpoint, dict):
-        for key in dict.fromkeys([*recipe, *checkpoint]):
-            found = _first_difference(recipe.get(key), checkpoint.get(key), f"{path}.{key}")
-            if found:
-                return found
-        return None
-    return None if recipe == checkpoint else (path, recipe, checkpoint)
 
 
 def checkpoint_model_config(init_from: str | Path) -> ModelConfig:
@@ -59,13 +49,30 @@ def checkpoint_model_config(init_from: str | Path) -> ModelConfig:
     return config.model_config()
 
 
+def check_lora_targets(lora: LoRAConfig, base: ModelConfig, init_from: str | Path) -> None:
+    """``finetune.lora`` must target something in the base: PEFT wraps the base built on the meta device (no weights)."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    with torch.device("meta"):
+        model = ZooForCausalLM(ZooConfig.from_model_config(base))
+        try:
+            get_peft_model(model, peft_lora_config(lora, model))
+        except NoMatchingPeftModuleError as err:
+            key = "target_parameters" if lora.target_parameters and "target_parameters" in str(err) else "target_modules"
+            raise ConfigError(f"finetune.lora.{key}", f"{err} (the base {init_from}: blocks {base.blocks}, ffn {base.ffn})") from None
+
+
 def check_compatible(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The recipe's model section and tokenizer must match the checkpoint's (an error names the first mismatch)."""
+    """The recipe's model section and tokenizer must match the checkpoint's (an error names every differing key)."""
     init_from = recipe.finetune.init_from
-    found = _first_difference(recipe.model.to_dict(), checkpoint_model_config(init_from).to_dict(), "model")
+    base = checkpoint_model_config(init_from)
+    found = differences(recipe.model.to_dict(), base.to_dict(), "model")
     if found:
-        key, ours, theirs = found
-        raise ConfigError(key, f"is {ours!r} in the recipe but {theirs!r} in the checkpoint {init_from}; fine-tuning keeps the base architecture")
+        raise ConfigError(
+            found[0][0], f"the recipe's model differs from the checkpoint {init_from}: "
+            f"{describe_differences(found, 'in the recipe', 'in the checkpoint')}; fine-tuning keeps the base architecture",
+        )
+    check_lora_targets(recipe.finetune.lora, base, init_from)
     path = Path(init_from)
     if (path / "tokenizer.json").is_file() and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
         raise ConfigError("data.tokenizer", f"the data tokenizer differs from the checkpoint's ({init_from}); use the tokenizer the base was trained with")
@@ -80,12 +87,6 @@ class LoRALightningModule(ZooLightningModule):
 
     def build_model(self, config: ZooConfig) -> PreTrainedModel:
         return ZooForCausalLM.from_pretrained(self.recipe.finetune.init_from)
-
-
-def lora_module(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, special_tokens: dict[str, int]) -> LoRALightningModule:
-    """Check the recipe against its ``finetune.init_from`` checkpoint, then build the LoRA training module."""
-    check_compatible(recipe, tokenizer)
-    return LoRALightningModule(recipe, special_tokens)
 
 
 def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:

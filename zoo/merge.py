@@ -30,6 +30,50 @@ def merge_leftover_adapters(model):
     return model
 
 
+def check_adapter_fits(base_dir: Path, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on another base, before loading any weights: the model section of the adapter run's
+    ``recipe.yaml`` (beside ``adapter/``) against the base's config, every differing key named; without that recipe,
+    each LoRA matrix's shape against the base's module it adapts (built on the meta device)."""
+    import torch
+    import yaml
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.modeling import ZooConfig
+    from zoo.typed import describe_differences, differences
+
+    config = AutoConfig.from_pretrained(base_dir)
+    recipe = adapter_dir.parent / "recipe.yaml"
+    if isinstance(config, ZooConfig) and recipe.is_file():
+        trained = (yaml.safe_load(recipe.read_text()) or {}).get("model")
+        found = differences(trained, config.model_config().to_dict(), "model")
+        if found:
+            raise ZooError(
+                f"--adapter '{adapter_dir}' does not fit --base '{base_dir}': "
+                f"{describe_differences(found, 'in the adapter recipe ' + str(recipe), 'in the base')}; merge it into the base it was trained on"
+            )
+        return
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with torch.device("meta"):
+        modules = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    for key, shape in shapes.items():
+        name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        module = modules.get(name)
+        if module is None:
+            raise ZooError(f"--adapter '{adapter_dir}' does not fit --base '{base_dir}': it adapts {name}, which the base does not have")
+        want = {"A.weight": getattr(module, "in_features", None), "B.weight": getattr(module, "out_features", None)}.get(kind)
+        got = shape[1] if kind == "A.weight" else shape[0]
+        if want is not None and got != want:
+            raise ZooError(
+                f"--adapter '{adapter_dir}' does not fit --base '{base_dir}': {key} has {got} features where the base's "
+                f"{name} has {want}; merge it into the base it was trained on"
+            )
+
+
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Load base + adapter, merge the LoRA weights into the base weights and save the plain model to ``out_dir``."""
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
@@ -41,6 +85,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         raise ZooError(f"--base '{base_dir}' is not a Hugging Face checkpoint directory (no config.json)")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ZooError(f"--adapter '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
+    check_adapter_fits(base_dir, adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     merged = merge_leftover_adapters(model.merge_and_unload())
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -5,6 +5,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,10 @@ class ZooConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.model_config()  # a bad value is a ConfigError naming its field (config.<key>) here, not at model build
 
     @classmethod
     def from_model_config(cls, model: ModelConfig, **kwargs: Any) -> "ZooConfig":
@@ -618,15 +623,52 @@ class ZooPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
-        """Hugging Face's loader; a truncated or corrupt ``*.safetensors`` file raises a CheckpointError naming it."""
+        """Hugging Face's loader. A local directory's ``config.json`` is checked first (:func:`check_config_file`);
+        a truncated or corrupt ``*.safetensors`` file raises a CheckpointError naming it, weights whose shapes differ
+        from the config's a ConfigError at ``config.json``."""
         from safetensors import SafetensorError
 
+        local = Path(str(pretrained_model_name_or_path))
+        if local.is_dir() and kwargs.get("config") is None:
+            check_config_file(local)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as err:
             from zoo.checkpoints.io import explain_safetensors_error
 
             raise explain_safetensors_error(pretrained_model_name_or_path, err) from None
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ConfigError(
+                "config.json", f"in {pretrained_model_name_or_path}: the weights' shapes differ from what the config "
+                "describes (was config.json edited? transformers' load report above lists the tensors); restore the config written with the weights",
+            ) from None
+
+
+REQUIRED_CONFIG_KEYS = ("model_type", "d_model", "n_layers", "vocab_size")  # saved by every zoo checkpoint
+
+
+def check_config_file(directory: Path) -> dict[str, Any]:
+    """The ``config.json`` of a zoo checkpoint directory as a dict; a ConfigError names a missing file, invalid
+    JSON, a missing :data:`REQUIRED_CONFIG_KEYS` key or a bad value (``config.<key>``)."""
+    import json
+
+    file = directory / "config.json"
+    if not file.is_file():
+        raise ConfigError("config.json", f"{directory} holds no config.json; a zoo checkpoint directory is written by zoo.train (<output_dir>/hf) or zoo.convert")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("config.json", f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config.json", f"{file} must hold a JSON object, got {type(data).__name__}")
+    if data.get("model_type", ZooConfig.model_type) != ZooConfig.model_type:
+        raise ConfigError("config.model_type", f"{file} describes a {data['model_type']!r} model, not a zoo model; convert it: python -m zoo.convert {directory} OUT_DIR")
+    for key in REQUIRED_CONFIG_KEYS:
+        if key not in data:
+            raise ConfigError(f"config.{key}", f"missing from {file}; every zoo checkpoint's config.json has it")
+    return data
 
 
 def set_activation_checkpointing(model: nn.Module, blocks: str | list[str]) -> int:

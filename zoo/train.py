@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from zoo.cli import ArgumentParser, run_main, split_recipe_args
 from zoo.config import Recipe
@@ -76,6 +77,26 @@ def check_strategy(recipe: Recipe) -> None:
         )
 
 
+RESUME_SECTIONS = ("model", "objective", "finetune")  # what a checkpoint's weights depend on
+
+
+def check_resume_fits(recipe: Recipe, resume) -> None:
+    """Refuse to resume from a checkpoint trained with another model: a ConfigError at ``resume`` naming every
+    differing key of :data:`RESUME_SECTIONS` (the checkpoint keeps its resolved recipe; see ``saved_recipe``)."""
+    from zoo.errors import ConfigError
+    from zoo.typed import describe_differences, differences
+
+    if resume.recipe is None:
+        return
+    ours = recipe.to_dict()
+    found = [d for key in RESUME_SECTIONS for d in differences(ours.get(key), resume.recipe.get(key), key)]
+    if found:
+        raise ConfigError(
+            "resume", f"{resume.path} was trained with a different model: {describe_differences(found, 'here', 'in the checkpoint')}; "
+            "resume with the recipe it was trained with, or start a fresh run (drop resume, or use another output_dir)",
+        )
+
+
 def train(recipe: Recipe) -> dict:
     """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     import lightning as L
@@ -83,18 +104,19 @@ def train(recipe: Recipe) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zoo.checkpoints import (
-        AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir, trim_metrics,
+        AtomicCheckpointIO, CheckpointError, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
+        trim_metrics,
     )
     from zoo.data import ZooDataModule
     from zoo.distributed import agree_on_resume, coordinate
+    from zoo.errors import ConfigError
     from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
 
     check_strategy(recipe)
-    out = ensure_writable_dir(recipe.output_dir)
-    L.seed_everything(recipe.seed, workers=True, verbose=False)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
+    if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
+        raise ConfigError("output_dir", f"'{recipe.output_dir}' is a file; expected a directory (made if missing)")
+    out = Path(recipe.output_dir)
     data = ZooDataModule(recipe.data, seed=recipe.seed)
     trainer_cfg = recipe.trainer
     metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every, ["nonfinite_skips"] if trainer_cfg.nonfinite == "skip" else [])
@@ -129,20 +151,35 @@ def train(recipe: Recipe) -> dict:
         default_root_dir=str(out),
     )
     layout = coordinate(trainer, data, out, trainer_cfg.num_nodes)  # ranks on several machines agree first
-    resume = agree_on_resume(trainer, layout, out, recipe.resume)
-    for reason in resume.skipped if resume and trainer.is_global_zero else []:
-        print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
+    try:
+        resume = agree_on_resume(trainer, layout, out, recipe.resume)
+    except CheckpointError as err:
+        raise ConfigError("resume", str(err)) from None
     tokenizer = data.load_tokenizer()
     recipe = recipe.with_vocab_size(len(tokenizer))
+    if resume is not None:
+        check_resume_fits(recipe, resume)
+    if recipe.finetune is not None:
+        from zoo.finetune import check_compatible
+
+        check_compatible(recipe, tokenizer)
+    data.check_source()
+    # Every input is checked: only now is the run directory made.
+    out = ensure_writable_dir(recipe.output_dir)
+    for reason in resume.skipped if resume and trainer.is_global_zero else []:
+        print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
     special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if recipe.objective == "diffusion":
         from zoo.diffusion import DiffusionLightningModule
 
         module = DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
     elif recipe.finetune is not None:
-        from zoo.finetune import lora_module
+        from zoo.finetune import LoRALightningModule
 
-        module = lora_module(recipe, tokenizer, special)
+        module = LoRALightningModule(recipe, special)
     else:
         module = ZooLightningModule(recipe, special)
 

@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from zoo.checkpoints.io import atomic_directory
+from zoo.checkpoints.resume import RECIPE_KEY
 from zoo.config import Recipe
 from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
@@ -48,6 +49,10 @@ class ZooLightningModule(L.LightningModule):
         set_activation_checkpointing(self.model, recipe.trainer.activation_checkpointing)
         self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
         self._val_acc_floor: float | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the resolved recipe (a plain dict) in every checkpoint: a resume checks its model against it."""
+        checkpoint[RECIPE_KEY] = self.recipe.to_dict()
 
     def build_model(self, config: ZooConfig) -> PreTrainedModel:
         """The model this module trains (subclasses with another objective build another head)."""

@@ -144,6 +144,23 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raise err.under(path) if path else err
 
 
+def differences(ours: Any, theirs: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """``(key path, ours, theirs)`` for every leaf where two plain config trees (dicts, lists, scalars) differ; a
+    section present on one side only is one entry."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for key in dict.fromkeys([*ours, *theirs]) for d in differences(ours.get(key), theirs.get(key), f"{path}.{key}")]
+    return [] if ours == theirs else [(path, ours, theirs)]
+
+
+def describe_differences(found: list[tuple[str, Any, Any]], ours: str, theirs: str, limit: int = 80) -> str:
+    """``key (A ours, B theirs); ...`` with long values shortened."""
+    def show(value: Any) -> str:
+        text = "absent" if value is None else repr(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    return "; ".join(f"{key} ({show(a)} {ours}, {show(b)} {theirs})" for key, a, b in found)
+
+
 def to_dict(obj: Any) -> Any:
     """Plain dict/list form of a config dataclass tree (for YAML and JSON)."""
     if hasattr(obj, "to_dict"):

@@ -1,6 +1,7 @@
 """Finding the checkpoint to resume from, and trimming ``metrics.csv`` to it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -19,6 +20,25 @@ class ResumePoint:
     path: Path
     step: int
     skipped: list[str]  # "file: reason" for each newer checkpoint that was unusable
+    recipe: dict | None = None  # the resolved recipe the checkpoint was trained with (see saved_recipe)
+
+
+RECIPE_KEY = "zoo_recipe"  # the checkpoint entry holding the run's resolved recipe (a plain dict)
+
+
+def saved_recipe(path: Path, checkpoint: dict) -> dict | None:
+    """The resolved recipe a checkpoint was trained with: its own copy, or (checkpoints written before it kept one)
+    the ``recipe.yaml`` of the run directory holding its ``ckpt/``; None when neither exists."""
+    if isinstance(checkpoint.get(RECIPE_KEY), dict):
+        return checkpoint[RECIPE_KEY]
+    beside = Path(path).parent.parent / "recipe.yaml"
+    if beside.is_file():
+        import yaml
+
+        with contextlib.suppress(yaml.YAMLError):
+            loaded = yaml.safe_load(beside.read_text())
+            return loaded if isinstance(loaded, dict) else None
+    return None
 
 
 def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
@@ -41,7 +61,7 @@ def find_resume_point(output_dir: str | Path, resume: str) -> ResumePoint | None
     which must load."""
     if resume != "auto":
         checkpoint = load_checkpoint_file(resume)
-        return ResumePoint(Path(resume), int(checkpoint["global_step"]), [])
+        return ResumePoint(Path(resume), int(checkpoint["global_step"]), [], saved_recipe(Path(resume), checkpoint))
     skipped = []
     for path in checkpoint_files(Path(output_dir) / "ckpt"):
         try:
@@ -50,7 +70,7 @@ def find_resume_point(output_dir: str | Path, resume: str) -> ResumePoint | None
             skipped.append(str(err))
             logger.warning("resume=auto: skipping %s", err)
             continue
-        return ResumePoint(path, int(checkpoint["global_step"]), skipped)
+        return ResumePoint(path, int(checkpoint["global_step"]), skipped, saved_recipe(path, checkpoint))
     if skipped:
         raise CheckpointError(f"resume=auto: no usable checkpoint in {Path(output_dir) / 'ckpt'}; " + "; ".join(skipped))
     return None

@@ -54,7 +54,12 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not (hf_dir / "config.json").is_file():
         raise ZooError(f"'{hf_dir}' is not a Hugging Face checkpoint directory (no config.json)")
     # Read from the file: AutoConfig knows fla's model_types only once fla is imported.
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ZooError(f"{hf_dir / 'config.json'} is not a JSON object: {err}") from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ZooError(f"out_dir '{out_dir}' is a file; expected a directory (made if missing)")
     if model_type in NOT_CONVERTED:
         raise ZooError(f"{hf_dir}: model_type '{model_type}' is not converted: {NOT_CONVERTED[model_type]}")
     if model_type not in CONVERTERS:
