@@ -36,6 +36,14 @@ class Layout:
     cache_shared: bool = True
 
 
+def launched_by_cluster() -> bool:
+    """Whether a launcher that starts every process itself (torchrun, srun, LSF) started this one, by Lightning's own
+    detection of those cluster environments (Kubeflow's cannot be detected; its runs build the trainer later)."""
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    return any(environment.detect() for environment in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment))
+
+
 def launched_externally(trainer: L.Trainer) -> bool:
     """More than one process, each started by a launcher and running the whole script from its start."""
     from lightning.fabric.plugins.environments import LightningEnvironment
@@ -50,6 +58,7 @@ def is_shared(strategy, directory: Path) -> bool:
     token = strategy.broadcast(secrets.token_hex(8))
     probe = Path(directory) / f"{PROBE_PREFIX}{token}"
     if strategy.is_global_zero:
+        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text(token)
     strategy.barrier()
     try:
@@ -62,10 +71,11 @@ def is_shared(strategy, directory: Path) -> bool:
     return shared
 
 
-def coordinate(trainer: L.Trainer, data, output_dir: Path, num_nodes: int) -> Layout:
+def coordinate(trainer: L.Trainer | None, data, output_dir: Path, num_nodes: int) -> Layout:
     """Bring the process group up early under an external launcher and settle the run's :class:`Layout`; make the
-    tokenizer (``data.load_tokenizer()``) on the rank that prepares data, the others after a barrier."""
-    if not launched_externally(trainer):
+    tokenizer (``data.load_tokenizer()``) on the rank that prepares data, the others after a barrier. ``trainer``
+    is None where no cluster launcher started this process (:func:`launched_by_cluster`)."""
+    if trainer is None or not launched_externally(trainer):
         if num_nodes > 1:
             raise ConfigError(
                 "trainer.num_nodes", f"{num_nodes} machines need a launcher that starts every process (torchrun "

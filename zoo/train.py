@@ -108,7 +108,7 @@ def train(recipe: Recipe) -> dict:
         trim_metrics,
     )
     from zoo.data import ZooDataModule
-    from zoo.distributed import agree_on_resume, coordinate
+    from zoo.distributed import agree_on_resume, coordinate, launched_by_cluster
     from zoo.errors import ConfigError
     from zoo.precision import precision_plugin, resolve_precision
     from zoo.training import MetricsCSV, ZooLightningModule, export_hf
@@ -130,27 +130,33 @@ def train(recipe: Recipe) -> dict:
     loggers = make_loggers(recipe, out)
     precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
     amp = precision_plugin(precision, trainer_cfg.accelerator, trainer_cfg.strategy)
-    trainer = L.Trainer(
-        max_steps=trainer_cfg.max_steps,
-        accelerator=trainer_cfg.accelerator,
-        devices=trainer_cfg.devices,
-        num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
-        precision=None if amp else precision,
-        gradient_clip_val=trainer_cfg.grad_clip or None,
-        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
-        val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=loggers or False,
-        log_every_n_steps=trainer_cfg.log_every,
-        callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
-        plugins=[AtomicCheckpointIO(), *([amp] if amp else [])],
-        use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
-        enable_progress_bar=trainer_cfg.progress_bar,
-        default_root_dir=str(out),
-    )
-    layout = coordinate(trainer, data, out, trainer_cfg.num_nodes)  # ranks on several machines agree first
+
+    def make_trainer() -> L.Trainer:
+        return L.Trainer(
+            max_steps=trainer_cfg.max_steps,
+            accelerator=trainer_cfg.accelerator,
+            devices=trainer_cfg.devices,
+            num_nodes=trainer_cfg.num_nodes,
+            strategy=trainer_cfg.strategy,
+            precision=None if amp else precision,
+            gradient_clip_val=trainer_cfg.grad_clip or None,
+            accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+            val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=loggers or False,
+            log_every_n_steps=trainer_cfg.log_every,
+            callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
+            plugins=[AtomicCheckpointIO(), *([amp] if amp else [])],
+            use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
+            enable_progress_bar=trainer_cfg.progress_bar,
+            default_root_dir=str(out),
+        )
+
+    # Under a launcher that starts every process (torchrun, srun) the ranks agree on directories, tokenizer and resume
+    # point before the checks below; one process checks first, so a refused run prints nothing of Lightning's.
+    trainer = make_trainer() if launched_by_cluster() else None
+    layout = coordinate(trainer, data, out, trainer_cfg.num_nodes)
     try:
         resume = agree_on_resume(trainer, layout, out, recipe.resume)
     except CheckpointError as err:
@@ -166,6 +172,7 @@ def train(recipe: Recipe) -> dict:
     data.check_source()
     # Every input is checked: only now is the run directory made.
     out = ensure_writable_dir(recipe.output_dir)
+    trainer = trainer or make_trainer()
     for reason in resume.skipped if resume and trainer.is_global_zero else []:
         print(f"zoo.train: resume=auto: skipped unusable checkpoint {reason}", file=sys.stderr)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
