@@ -850,8 +850,10 @@ class ZooWithLMHead(ZooPreTrainedModel):
         """The last forward's MoE router statistics, taken off the MoE FFNs (so no graph stays alive on them), as
         ``router_loss``, ``aux_loss``, ``z_loss`` (per-layer losses averaged over the MoE layers), ``expert_load
         [n_moe_layers, E]`` and ``router_logits`` (per layer); ``None`` for a model without MoE FFNs."""
-        # modules(), not layer.ffn: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
-        popped = [module.pop_stats() for module in self.model.layers.modules() if isinstance(module, MoE)]
+        # modules() of each layer's FFN, not the FFN itself: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
+        # Only the FFNs are walked: the whole tree, every decode step, costs more than some small models' step.
+        ffns = [getattr(layer, "ffn", layer) for layer in self.model.layers]
+        popped = [module.pop_stats() for ffn in ffns if ffn is not None for module in ffn.modules() if isinstance(module, MoE)]
         stats = [s for s in popped if s is not None]
         if not stats:
             return None
