@@ -16,12 +16,18 @@ Writes ``benchmarks/results/decode[_smoke]-<device>.{json,md}`` with the device,
 built-in corpus's validation files, greedily and with prompt-lookup decoding (``prompt_lookup_num_tokens``), batch 1,
 in the same process; tokens/s of each (median of ``--repeats``), their ratio, the mean tokens per model forward, and
 whether both gave the same tokens. Writes ``benchmarks/results/prompt-lookup-<device>.{json,md}``.
+
+``--vs-hf``: zoo against the Hugging Face implementation of the same model (Llama, Mixtral, Mamba, Mamba-2; random
+weights, d_model 256, 4 layers, converted to zoo by :mod:`zoo.convert`), CPU fp32, greedy ``generate`` at each batch
+size: the two alternate ``--repeats`` times in one process (the median of each run's median step time), so their
+ratio holds under the machine's load (the load average is recorded). Writes ``benchmarks/results/decode-vs-hf-<device>.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -248,6 +254,126 @@ def prompt_lookup_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _hf_peers() -> dict[str, Callable[[], Any]]:
+    """model_type -> a random Hugging Face model of that type at the ``--vs-hf`` shapes (each type has a converter)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM,
+                              MixtralConfig, MixtralForCausalLM)
+
+    attention = dict(vocab_size=259, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4)
+    ssm = dict(vocab_size=259, hidden_size=256, num_hidden_layers=4, expand=2, conv_kernel=4)
+    return {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**attention)),
+        "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**{**attention, "intermediate_size": 512}, num_local_experts=8,
+                                                            num_experts_per_tok=2)),
+        "mamba": lambda: MambaForCausalLM(MambaConfig(**ssm, state_size=16)),
+        "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**ssm, state_size=64, num_heads=8, head_dim=64, n_groups=1,
+                                                         chunk_size=64)),
+    }
+
+
+class CPUStepClock(StepClock):
+    """:class:`StepClock` on CPU that also marks the process's CPU time (less sensitive to other processes' load)."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.cpu_marks: list[float] = []
+
+    def mark(self) -> None:
+        super().mark()
+        self.cpu_marks.append(time.process_time())
+
+    def cpu_intervals_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.cpu_marks, self.cpu_marks[1:])]
+
+
+def generate_ids(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float], list[float]]:
+    """Greedy ``generate`` on CPU: the tokens and the wall and CPU milliseconds of each decode step (the prefill
+    interval dropped)."""
+    clock = CPUStepClock()
+    with torch.inference_mode():
+        clock.mark()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=0, logits_processor=[clock],
+        )
+    return out, clock.intervals_ms()[1:], clock.cpu_intervals_ms()[1:]
+
+
+def vs_hf(model_types: list[str], batches: list[int], prompt: int, new_tokens: int, repeats: int,
+          log: Callable[[str], None]) -> dict:
+    """Decode tokens/s of each Hugging Face model and its zoo conversion, alternating in this process (CPU, fp32)."""
+    from zoo.convert.__main__ import CONVERTERS
+
+    peers = _hf_peers()
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {}
+    for model_type in model_types:
+        torch.manual_seed(0)
+        hf = peers[model_type]().eval()
+        hf.generation_config.eos_token_id = None
+        zoo_model = CONVERTERS[model_type][1](hf).eval()
+        zoo_model.generation_config.eos_token_id = None
+        entry: dict[str, Any] = {"parameters": sum(p.numel() for p in hf.parameters())}
+        for batch in batches:
+            ids = torch.randint(1, hf.config.vocab_size, (batch, prompt))
+            for model in (hf, zoo_model):  # warm-up
+                generate_ids(model, ids, min(new_tokens, 8))
+            wall: dict[str, list[float]] = {"hf": [], "zoo": []}
+            cpu: dict[str, list[float]] = {"hf": [], "zoo": []}
+            outputs = {}
+            same = True
+            for _ in range(repeats):
+                for name, model in (("hf", hf), ("zoo", zoo_model)):
+                    outputs[name], ms, cpu_ms = generate_ids(model, ids, new_tokens)
+                    wall[name].append(median(ms))
+                    cpu[name].append(median(cpu_ms))
+                same &= torch.equal(outputs["hf"], outputs["zoo"])
+            hf_ms, zoo_ms = median(wall["hf"]), median(wall["zoo"])
+            entry[f"batch{batch}"] = {
+                "hf_tokens_per_s": round(batch * 1e3 / hf_ms, 1), "zoo_tokens_per_s": round(batch * 1e3 / zoo_ms, 1),
+                "ratio": round(hf_ms / zoo_ms, 3), "cpu_ratio": round(median(cpu["hf"]) / median(cpu["zoo"]), 3),
+                "hf_ms_runs": [round(t, 3) for t in wall["hf"]], "zoo_ms_runs": [round(t, 3) for t in wall["zoo"]],
+                "hf_cpu_ms_runs": [round(t, 3) for t in cpu["hf"]], "zoo_cpu_ms_runs": [round(t, 3) for t in cpu["zoo"]],
+                "same_tokens": same,
+            }
+            log(f"{model_type} batch={batch}: {entry[f'batch{batch}']}")
+        results[model_type] = entry
+        del hf, zoo_model
+    return {
+        "meta": {
+            "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "dtype": "float32",
+            "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "repeats": repeats, "d_model": 256, "n_layers": 4},
+        },
+        "models": results,
+    }
+
+
+def vs_hf_markdown(report: dict) -> str:
+    meta, shapes = report["meta"], report["meta"]["shapes"]
+    load = meta["load_average"]
+    lines = [
+        f"Decode tokens/s, zoo vs Hugging Face on the same weights (converted by zoo.convert), d_model {shapes['d_model']}, "
+        f"{shapes['n_layers']} layers, greedy generate, prompt {shapes['prompt']}, {shapes['new_tokens']} new tokens, "
+        f"median of {shapes['repeats']} alternating runs in one process; {meta['device']}, "
+        f"1-min load average {load[0]} before, {load[3]} after; {meta['dtype']}, torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, {meta['date']}. Ratio: zoo tokens/s over HF tokens/s, from the median wall "
+        "time of a step and (CPU ratio) from the median CPU time of a step.",
+        "",
+        "| model | params | batch | Hugging Face tok/s | zoo tok/s | ratio | CPU ratio | same tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["models"].items():
+        for batch in shapes["batches"]:
+            e = entry[f"batch{batch}"]
+            lines.append(f"| {name} | {entry['parameters'] / 1e6:.2f}M | {batch} | {e['hf_tokens_per_s']:,.0f} | "
+                         f"{e['zoo_tokens_per_s']:,.0f} | {e['ratio']:.2f}x | {e['cpu_ratio']:.2f}x | {'yes' if e['same_tokens'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="recipes shrunk to d_model 64, 4 layers, on CPU")
@@ -260,8 +386,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-lookup", type=Path, nargs="+", metavar="DIR", help="trained checkpoints: greedy vs prompt lookup")
     parser.add_argument("--draft", type=int, default=10, help="prompt_lookup_num_tokens (with --prompt-lookup)")
     parser.add_argument("--prompts", type=int, default=3, help="code prompts (with --prompt-lookup)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and mode (with --prompt-lookup)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and mode (with --prompt-lookup or --vs-hf)")
+    parser.add_argument("--vs-hf", action="store_true", help="zoo vs the Hugging Face model it was converted from (CPU)")
+    parser.add_argument("--models", default="llama,mixtral,mamba,mamba2", help="model_types compared with --vs-hf")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.vs_hf:
+        model_types = [m for m in args.models.split(",") if m]
+        unknown = sorted(set(model_types) - set(_hf_peers()))
+        if unknown:
+            parser.error(f"--models: no Hugging Face peer for {', '.join(unknown)}; choose from {', '.join(_hf_peers())}")
+        batches = [int(b) for b in args.batches.split(",") if b]
+        report = vs_hf(model_types, batches, args.prompt, args.new_tokens, args.repeats, lambda line: print(line, flush=True))
+        slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
+        write_report(args.out / f"decode-vs-hf-{slug}", report, vs_hf_markdown(report))
+        return 0
     if args.prompt_lookup:
         report = prompt_lookup(args.prompt_lookup, args.prompts, args.prompt, args.new_tokens, args.draft, args.repeats,
                                lambda line: print(line, flush=True))

@@ -59,6 +59,9 @@ def cases() -> list[Case]:
     for p in (64, 128):
         for n in (64, 128):
             out.append(Case("ssd", f"H={2 * D_MODEL // p} P={p} N={n}", {"H": 2 * D_MODEL // p, "P": p, "N": n}))
+    for p in (64, 128):  # the one-token decode step (forward only)
+        for n in (64, 128):
+            out.append(Case("ssd_step", f"H={2 * D_MODEL // p} P={p} N={n}", {"H": 2 * D_MODEL // p, "P": p, "N": n}))
     for op in ("rwkv6", "rwkv7"):
         for k in (64, 128):
             out.append(Case(op, f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
@@ -105,6 +108,12 @@ def run_case(case: Case, dtype) -> None:
         H, P, N = d["H"], d["P"], d["N"]
         y, _ = ssd_triton(act(1, T, H, P), act(1, T, H), param(H), act(1, T, 1, N), act(1, T, 1, N), D=param(H),
                           dt_bias=param(H), dt_softplus=True, initial_state=param(1, H, P, N), chunk_size=64)
+    elif case.op == "ssd_step":  # layers/mamba2.py decoding one token (no gradients: the step kernel)
+        H, P, N = d["H"], d["P"], d["N"]
+        with torch.no_grad():
+            ssd_triton(act(1, 1, H, P), act(1, 1, H), param(H), act(1, 1, 1, N), act(1, 1, 1, N), D=param(H),
+                       dt_bias=param(H), dt_softplus=True, initial_state=param(1, H, P, N), chunk_size=64)
+        return
     elif case.op == "rwkv6":  # layers/rwkv6.py
         H, K, V = d["H"], d["K"], d["V"]
         y, _ = rwkv6_triton(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K), chunk_size=16)

@@ -194,15 +194,19 @@ class MoE(nn.Module):
         xs = h[order // k]  # [N*k, D], grouped by expert
         w_gate, w_up, w_down = self.w_gate, self.w_up, self.w_down
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        if grouped_mm_supported(dtype, h.device, self.d_model, self.expert_hidden):
+        # Without gradients, torch's CPU grouped matmul also runs fp32 (its CPU backward does not: training keeps the
+        # per-expert matmuls); one call instead of one per expert, as Hugging Face's Mixtral decodes.
+        forward_only_fp32 = dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled()
+        if grouped_mm_supported(torch.bfloat16 if forward_only_fp32 else dtype, h.device, self.d_model, self.expert_hidden):
             xs, w_gate, w_up, w_down = (t.to(dtype) for t in (xs, w_gate, w_up, w_down))
             offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end of each expert's rows
             a = F.silu(torch._grouped_mm(xs, w_gate, offs=offs)) * torch._grouped_mm(xs, w_up, offs=offs)  # [N*k, H]
             ys = torch._grouped_mm(a, w_down, offs=offs)  # [N*k, D]
         else:
-            segments = xs.split(counts.tolist())  # one [n_e, D] block per expert
+            sizes = counts.tolist()
+            segments = xs.split(sizes)  # one [n_e, D] block per expert
             experts = zip(segments, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))  # unbind: one stacked grad
-            ys = torch.cat([_expert_ffn(*args) for args in experts])
+            ys = torch.cat([_expert_ffn(*args) for args, size in zip(experts, sizes) if size])  # experts with tokens only
         ys = ys[torch.argsort(order)].reshape(n, k, -1)  # back to [N, k, D] in (token, slot) order
         return (ys * top_w.unsqueeze(-1).to(ys.dtype)).sum(1).to(h.dtype)
 

@@ -12,6 +12,8 @@ from torch import nn
 def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """The previous token of each position of ``x [B, T, D]``; ``last [B, D]`` (or zeros) precedes x[:, 0]."""
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
+    if x.shape[1] == 1:  # decode: the carried token itself
+        return first
     return torch.cat((first, x[:, :-1]), dim=1)
 
 
@@ -21,9 +23,19 @@ def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[t
     Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs in ``prev``'s dtype (under
     autocast ``x`` is in the compute dtype; the state keeps its own)."""
     full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
-    out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
+    if x.shape[-1] == 1:
+        out = conv_window_step(full, conv.weight, conv.bias)
+    else:
+        out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
     keep = conv.kernel_size[0] - 1
     return out, full[:, :, full.shape[-1] - keep :].to(prev.dtype)
+
+
+def conv_window_step(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One output of a depthwise causal conv, the decode form: each channel's window ``[B, C, K]`` (its last K inputs)
+    dotted with its taps ``weight [C, 1, K]``, plus ``bias [C]``; ``[B, C, 1]``. No convolution call for one token."""
+    out = (window * weight[:, 0].to(window.dtype)).sum(-1, keepdim=True)
+    return out if bias is None else out + bias.to(window.dtype)[:, None]
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SequenceMixer, cat_states, map_state
+from .ops import conv_window_step
 
 
 def depthwise_causal_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +19,10 @@ def depthwise_causal_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Ten
     The weights are parameters of the module itself, not of a child ``nn.Conv1d``: Hugging Face's initialization only
     calls ``init_parameters`` on modules that hold parameters themselves."""
     full = torch.cat((prev.to(x.dtype), x.transpose(1, 2)), dim=-1)  # [B, D, K-1+T]
-    y = F.conv1d(full, weight.to(x.dtype), bias.to(x.dtype), groups=weight.shape[0])  # [B, D, T]
+    if x.shape[1] == 1:
+        y = conv_window_step(full, weight, bias)  # decode: a dot over the window
+    else:
+        y = F.conv1d(full, weight.to(x.dtype), bias.to(x.dtype), groups=weight.shape[0])  # [B, D, T]
     keep = weight.shape[-1] - 1
     return y.transpose(1, 2), full[:, :, full.shape[-1] - keep :].to(prev.dtype)
 

@@ -4,6 +4,7 @@ import os
 import time
 
 import matplotlib.image
+import pytest
 
 from benchmarks.throughput import SMOKE, is_oom, main, markdown, zoo_models
 from zoo.layers import MIXERS
@@ -116,3 +117,23 @@ def test_zoology_table_marks_cells_not_run_and_partial_sweeps():
     table = zoology_markdown({"meta": meta, "runs": runs})
     assert "| attention+conv3 | 0.900 | 0.700* |" in table  # best of the two rates; one rate run of the second cell
     assert "| conv | error | not run |" in table
+
+
+def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path, capsys):
+    from benchmarks.decode import _hf_peers, main as decode_main, vs_hf_markdown
+
+    argv = ["--vs-hf", "--batches", "1,2", "--prompt", "5", "--new-tokens", "3", "--repeats", "1", "--out", str(tmp_path)]
+    assert decode_main(argv) == 0
+    (json_path,) = tmp_path.glob("decode-vs-hf-*.json")
+    report = json.loads(json_path.read_text())
+    assert list(report["models"]) == list(_hf_peers()) == ["llama", "mixtral", "mamba", "mamba2"]
+    assert len(report["meta"]["load_average"]) == 6
+    for name, entry in report["models"].items():
+        for batch in (1, 2):
+            cell = entry[f"batch{batch}"]
+            assert cell["hf_tokens_per_s"] > 0 and cell["zoo_tokens_per_s"] > 0 and cell["ratio"] > 0, (name, cell)
+            assert cell["same_tokens"], (name, batch)  # greedy on the converted weights: the same tokens
+    assert json_path.with_suffix(".md").read_text() == vs_hf_markdown(report)
+    with pytest.raises(SystemExit) as exit_info:
+        decode_main(["--vs-hf", "--models", "llama,gpt2"])
+    assert exit_info.value.code == 2 and "--models: no Hugging Face peer for gpt2" in capsys.readouterr().err

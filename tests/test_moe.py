@@ -224,6 +224,28 @@ def test_decode_with_cache_matches_full_forward():
         torch.testing.assert_close(prefill_then_decode_logits(model, x, 8), model(x).logits[:, 8:], atol=1e-5, rtol=0)
 
 
+def test_decode_steps_compute_router_statistics_only_on_request():
+    """Prefill: the router fields; a decode step: none (and no statistics left pending), unless the router logits or
+    a loss are asked for."""
+    model = tiny_zoo_moe()
+    x = torch.randint(1, 50, (2, 7))
+    with torch.no_grad():
+        prefill = model(x[:, :6], use_cache=True)
+        assert prefill.aux_loss is not None and prefill.expert_load.shape == (1, 4)
+        step = model(x[:, 6:], cache=prefill.past_key_values, use_cache=True)
+        assert step.aux_loss is None and step.router_loss is None and step.expert_load is None
+        assert all(not m.pending_routes for m in model.modules() if isinstance(m, MoE))
+        full = model(x)
+    torch.testing.assert_close(step.logits, full.logits[:, 6:], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        cache = model(x[:, :6], use_cache=True).past_key_values
+        asked = model(x[:, 6:], cache=cache, use_cache=True, output_router_logits=True)
+        cache = model(x[:, :6], use_cache=True).past_key_values
+        labelled = model(x[:, 6:], cache=cache, use_cache=True, labels=x[:, 6:])
+    assert asked.aux_loss is not None and asked.router_logits[0].shape == (2, 4)
+    assert labelled.aux_loss is not None and labelled.router_loss is not None
+
+
 def tiny_zoo_moe(**moe):
     spec = ModelConfig.from_dict(
         {

@@ -14,6 +14,7 @@ KERNELS = {
     "selective_scan": ["_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel"],
     "ssd": ["_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel",
             "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_bwd_kernel"],
+    "ssd_step": ["_ssd_step_kernel"],
     "rwkv6": ["_rwkv6_fwd_kernel", "_rwkv6_bwd_kernel"],
     "rwkv7": ["_rwkv7_fwd_kernel", "_rwkv7_bwd_kernel"],
     "retention_chunk": ["_retention_chunk_fwd_kernel", "_retention_chunk_bwd_kernel"],
@@ -54,7 +55,7 @@ def test_no_spills_but_the_known_ones(rows):
     at_64 = [c for c in kr.cases() if c.dims.get("K", c.dims.get("P")) == 64]  # SSD at N = 64 and 128
     assert len(head_dim_64) == sum(len(KERNELS[c.op]) for c in at_64) * 2  # every launch, 2 dtypes
     assert all(r["stack"] == 0 for r in head_dim_64)
-    assert all(r["stack"] == 0 for r in rows if r["op"] in ("ssd", "selective_scan"))
+    assert all(r["stack"] == 0 for r in rows if r["op"] in ("ssd", "ssd_step", "selective_scan"))
 
 
 def test_launch_grids_follow_the_docstring_formulas(rows):
@@ -72,6 +73,8 @@ def test_launch_grids_follow_the_docstring_formulas(rows):
                         else [-(-kr.T // tiles["BT"]), -(-d["V"] // tiles["BV"]), d["H"]])
         elif r["op"] == "selective_scan":
             expected = [1, -(-d["D"] // tiles["BLOCK_D"]), 1]
+        elif r["op"] == "ssd_step":  # (B * H, cdiv(P, BLOCK_P))
+            expected = [d["H"], -(-d["P"] // tiles["BLOCK_P"]), 1]
         elif r["kernel"] == "_ssd_state_passing_kernel":
             expected = [-(-d["P"] * d["N"] // tiles["BLOCK"]), d["H"], 1]
         elif r["op"] == "ssd":

@@ -13,7 +13,8 @@ triton = pytest.importorskip("triton")
 
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_naive, selective_scan_triton  # noqa: E402
 from zoo.kernels.selective_scan.triton_scan import _selective_scan_fwd_kernel  # noqa: E402
-from zoo.kernels.ssd import ssd_chunked, ssd_naive, ssd_triton  # noqa: E402
+from zoo.kernels.ssd import ssd_chunked, ssd_naive, ssd_scan, ssd_step, ssd_triton  # noqa: E402
+from zoo.kernels.ssd.triton_step import ssd_step_triton  # noqa: E402
 from triton_testing import DEVICE, assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 
 require_interpreter(_selective_scan_fwd_kernel)
@@ -194,6 +195,63 @@ def test_ssd_triton_output_gradient_only_and_state_carries_across_calls():
     y2, h2 = ssd_triton(**{**second, "initial_state": h1})
     torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h2, h_full, rtol=1e-5, atol=1e-5)
+
+
+def ssd_step_reference(inputs):
+    """The torch step (fp64) on the dt that ``ssd_scan`` computes."""
+    dt = F.softplus(inputs["dt"].double() + inputs["dt_bias"].double()).clamp(*inputs["dt_limit"])
+    state = inputs.get("initial_state")
+    return ssd_step(inputs["x"].double(), dt, inputs["A"].double(), inputs["B"].double(), inputs["C"].double(),
+                    inputs["D"].double(), None if state is None else state.double())
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "zeros"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [12, 200], ids=["N12-one-channel-block", "N200-two-channel-blocks"])
+def test_ssd_step_kernel_matches_the_torch_step(n, dtype, with_state):
+    """Batch 3, 6 heads in 3 groups, head dim 24 (N 200 pads to 256: blocks of 16 + 8 head channels), dt_limit clamps."""
+    inputs = ssd_inputs(3, 1, 6, 3, 24, n) | {"dt_limit": (0.05, 0.6)}
+    if not with_state:
+        inputs["initial_state"] = None
+    cast = {k: v.to(dtype) if k in ("x", "B", "C") else v for k, v in inputs.items()}
+    y, state = ssd_step_triton(**cast)
+    y_ref, state_ref = ssd_step_reference({k: v.to(dtype).float() if k in ("x", "B", "C") else v for k, v in inputs.items()})
+    assert y.dtype == dtype and state.dtype == torch.float32 and state.shape == state_ref.shape
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(state, state_ref, torch.float32, "state")
+
+
+def test_ssd_step_kernel_updates_the_state_in_place_token_by_token():
+    inputs = ssd_inputs(2, 5, 4, 2, 24, 12) | {"dt_limit": (0.0, float("inf"))}
+    state = inputs["initial_state"].clone()
+    ys = []
+    for t in range(5):
+        token = {k: v[:, t : t + 1] if k in ("x", "dt", "B", "C") else v for k, v in inputs.items()}
+        y, out = ssd_step_triton(**{**token, "initial_state": state, "out_state": state})
+        assert out is state
+        ys.append(y)
+    y_ref, state_ref = ssd_reference(**{k: v.double() for k, v in inputs.items() if torch.is_tensor(v)})
+    assert_close(torch.cat(ys, 1), y_ref, torch.float32, "y")
+    assert_close(state, state_ref, torch.float32, "state")
+    with pytest.raises(ValueError, match="ssd_step_triton: one token at a time, got T=5"):
+        ssd_step_triton(**inputs)
+
+
+def test_ssd_triton_backend_decodes_through_the_step_kernel(monkeypatch):
+    """One token without gradients: the step kernel (one launch); with gradients: the chunk kernels."""
+    import zoo.kernels.ssd.triton_step as triton_step
+
+    calls = []
+    monkeypatch.setattr(triton_step, "ssd_step_triton", lambda *a: calls.append(1) or ssd_step_triton(*a))
+    inputs = ssd_inputs(2, 1, 4, 2, 24, 12)
+    with torch.no_grad():
+        y, state = ssd_scan(**inputs, backend="triton")
+    assert calls == [1]
+    y_ref, state_ref = ssd_reference(**{k: v.double() for k, v in inputs.items()})
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(state, state_ref, torch.float32, "state")
+    ssd_scan(**{**inputs, "x": inputs["x"].clone().requires_grad_()}, backend="triton")[0].sum().backward()
+    assert calls == [1]
 
 
 def test_ssd_triton_checks_inputs():

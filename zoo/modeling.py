@@ -1037,11 +1037,13 @@ class ZooWithLMHead(ZooPreTrainedModel):
         self.lm_head = value
 
     def _head_output(self, output_classes: tuple[type, type], loss, logits, fields: dict[str, Any],
-                     output_router_logits: bool | None, return_dict: bool) -> Any:
+                     output_router_logits: bool | None, return_dict: bool, decoding: bool = False) -> Any:
         """The head's output: ``output_classes[0]``, or for a model with MoE FFNs ``output_classes[1]`` with the router
         statistics (``loss`` then includes the router loss; router logits only on request); a tuple unless
         ``return_dict``."""
-        router = self._pop_router_losses()
+        # A decode step (``decoding``: continuing a filled cache) computes no router statistics unless there is a
+        # loss or the router logits are asked for (Hugging Face's MoE models compute them only on request).
+        router = self._pop_router_losses(compute=not decoding or loss is not None or bool(output_router_logits))
         if router is None:
             result = output_classes[0](loss=loss, logits=logits, **fields)
         else:
@@ -1052,13 +1054,19 @@ class ZooWithLMHead(ZooPreTrainedModel):
             result = output_classes[1](loss=loss, logits=logits, **fields, **router)
         return result if return_dict else result.to_tuple()
 
-    def _pop_router_losses(self) -> dict[str, Any] | None:
+    def _pop_router_losses(self, compute: bool = True) -> dict[str, Any] | None:
         """The last forward's MoE router statistics, taken off the MoE FFNs (so no graph stays alive on them), as
         ``router_loss``, ``aux_loss``, ``z_loss`` (per-layer losses averaged over the MoE layers), ``expert_load
         [n_moe_layers, E]`` and ``router_logits`` (per layer); ``None`` for a model without MoE FFNs."""
-        # modules(), not layer.ffn: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
-        popped = [module.pop_stats() for module in self.model.layers.modules() if isinstance(module, MoE)]
-        stats = [s for s in popped if s is not None]
+        # modules() of each layer's FFN, not the FFN itself: PEFT's target_parameters wraps an MoE FFN in ParamWrappers.
+        # Only the FFNs are walked: the whole tree, every decode step, costs more than some small models' step.
+        ffns = [getattr(layer, "ffn", layer) for layer in self.model.layers]
+        moes = [module for ffn in ffns if ffn is not None for module in ffn.modules() if isinstance(module, MoE)]
+        if not compute:  # ``compute`` False: the statistics are dropped, the router fields left None
+            for module in moes:
+                module.discard_stats()
+            return {} if moes else None
+        stats = [s for s in (module.pop_stats() for module in moes) if s is not None]
         if not stats:
             return None
         # With one MoE layer, aux_loss equals HF Mixtral's aux_loss.
@@ -1120,11 +1128,14 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         positions' logits (0: all), or a tensor of the positions to keep.
 
         Models with ``moe`` FFNs return a :class:`ZooMoeCausalLMOutputWithPast` whose ``loss`` includes the router
-        losses; ``output_router_logits=True`` also returns each MoE layer's router logits.
+        losses; ``output_router_logits=True`` also returns each MoE layer's router logits. A decode step (a cache
+        that already holds tokens) without labels leaves the router fields None unless ``output_router_logits``.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        cache = resolve_cache(cache, past_key_values)
+        decoding = cache is not None and cache.get_seq_length() > 0
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, cache=resolve_cache(cache, past_key_values),
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
@@ -1137,7 +1148,7 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
                 logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
             )
         output_classes = (CausalLMOutputWithPast, ZooMoeCausalLMOutputWithPast)
-        return self._head_output(output_classes, loss, logits, fields, output_router_logits, return_dict)
+        return self._head_output(output_classes, loss, logits, fields, output_router_logits, return_dict, decoding)
 
 
 class TimestepEmbedding(nn.Module):

@@ -13,6 +13,7 @@ from .chunked import retention_chunked
 from .fla_backend import retention_fla
 from .naive import retention_recurrent
 from .parallel import retention_parallel
+from .step import retention_step
 
 
 def retention_triton(*args, **kwargs):
@@ -50,7 +51,7 @@ def retention(
     q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
     initial_state: [B, H, K, V] or None (zeros). Computes in fp32 (fp64 for fp64 inputs).
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
-    ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given) or ``triton`` (zoo's kernels:
+    ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given; one token: the step form) or ``triton`` (zoo's kernels:
     ``form`` ``recurrent`` runs the fused recurrent one, the others the chunked one) or ``triton_chunk`` (zoo's
     chunk-parallel kernels, any ``form``).
     """
@@ -62,7 +63,9 @@ def retention(
 
 
 def retention_torch(q, k, v, log_decay, initial_state, form: str, chunk_size: int):
-    """The torch backend: the ``form`` asked for."""
+    """The torch backend: the one-token step for ``T = 1`` (decode, any ``form``), else the ``form`` asked for."""
+    if q.shape[1] == 1:
+        return retention_step(q, k, v, log_decay, initial_state)
     if form == "chunk":
         return retention_chunked(q, k, v, log_decay, initial_state, chunk_size)
     if form == "parallel":
@@ -78,7 +81,7 @@ def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_siz
     return K
 
 
-__all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_triton",
+__all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_step", "retention_triton",
            "retention_triton_chunk"]
 
 

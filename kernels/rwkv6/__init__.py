@@ -8,6 +8,7 @@ from zoo.kernels.checks import check_head_inputs
 from .chunked import rwkv6_chunked
 from .fla_backend import rwkv6_fla
 from .naive import rwkv6_naive
+from .step import rwkv6_step
 
 
 def rwkv6_triton(*args, **kwargs):
@@ -35,11 +36,11 @@ def check_rwkv6_inputs(op: str, r, k, v, w_log, u, initial_state, chunk_size: in
     return B, T, H, K
 
 
-__all__ = ["BACKENDS", "check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_triton", "rwkv6_triton_chunk"]
+__all__ = ["BACKENDS", "check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_step", "rwkv6_triton", "rwkv6_triton_chunk"]
 
 
 def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
-    """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked),
+    """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked; one token: the step form),
     ``triton`` (fused recurrent) or ``triton_chunk`` (chunk-parallel).
 
     Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
@@ -51,9 +52,9 @@ def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: 
 
 
 def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
-    """The torch backend: one token sequential, else chunked."""
+    """The torch backend: the one-token step for ``T = 1`` (decode), else chunked."""
     if r.shape[1] == 1:
-        return rwkv6_naive(r, k, v, w_log, u, initial_state)
+        return rwkv6_step(r, k, v, w_log, u, initial_state)
     return rwkv6_chunked(r, k, v, w_log, u, initial_state, chunk_size)
 
 

@@ -8,6 +8,7 @@ from .chunked import rwkv7_chunked
 from .fla_backend import rwkv7_fla
 from .naive import rwkv7_naive
 from .recurrent import rwkv7_recurrent
+from .step import rwkv7_step
 
 
 def rwkv7_triton(*args, **kwargs):
@@ -31,7 +32,7 @@ def rwkv7_keys(r, w_log, k, a, b) -> dict:
     return {"r": r, "w_log": w_log, "k": k, "a": a, "b": b}
 
 
-__all__ = ["BACKENDS", "rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_triton", "rwkv7_triton_chunk"]
+__all__ = ["BACKENDS", "rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_step", "rwkv7_triton", "rwkv7_triton_chunk"]
 
 
 def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
@@ -41,16 +42,17 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
     in fp32, or fp64 for fp64 inputs. ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``triton`` (fused recurrent), ``triton_chunk``
     (chunk-parallel forward, recurrent backward) or ``torch``: on CPU the recurrent form with a
-    hand-written backward, elsewhere the chunked form (one token: the sequential form).
+    hand-written backward, elsewhere the chunked form (one token: the step form).
     """
     check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)
     return BACKENDS(backend, r, w_log, k, v, a, b, initial_state, chunk_size)
 
 
 def rwkv7_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
-    """The torch backend: one token sequential; else on CPU the recurrent form, elsewhere the chunked one."""
+    """The torch backend: the one-token step for ``T = 1`` (decode); else on CPU the recurrent form, elsewhere the
+    chunked one."""
     if r.shape[1] == 1:
-        return rwkv7_naive(r, w_log, k, v, a, b, initial_state)
+        return rwkv7_step(r, w_log, k, v, a, b, initial_state)
     form = rwkv7_recurrent if r.device.type == "cpu" else rwkv7_chunked
     return form(r, w_log, k, v, a, b, initial_state, chunk_size)
 

@@ -10,6 +10,7 @@ from .chunked import selective_scan_chunked
 from .mamba_ssm_backend import selective_scan_mamba_ssm
 from .naive import selective_scan_naive
 from .recurrent import selective_scan_recurrent
+from .step import selective_scan_step
 
 
 def selective_scan_triton(*args, **kwargs):
@@ -40,7 +41,7 @@ def selective_scan(
     B, C ``[B, T, N]``; D, delta_bias ``[D]``; initial_state ``[B, D, N]`` (None: zeros).
     Returns ``(y [B, T, D], final_state [B, D, N])``; the state is fp32 (fp64 for fp64 inputs).
     Torch forms: on CPU the recurrent one with a hand-written backward (cache-sized working set), elsewhere the
-    chunked one (few large operations); ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
+    chunked one (few large operations); one token: the step form; ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
     ``triton`` (zoo's kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
     """
     check_scan_shapes("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -48,7 +49,10 @@ def selective_scan(
 
 
 def selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
-    """The torch backend: the recurrent form on CPU, the chunked one elsewhere."""
+    """The torch backend: the one-token step for ``T = 1`` (decode); else the recurrent form on CPU, the chunked one
+    elsewhere."""
+    if u.shape[1] == 1:
+        return selective_scan_step(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     form = selective_scan_recurrent if u.device.type == "cpu" else selective_scan_chunked
     return form(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
 
@@ -64,4 +68,5 @@ BACKENDS = BackendTable("selective_scan", {
 })
 
 
-__all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_triton"]
+__all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_step",
+           "selective_scan_triton"]

@@ -10,6 +10,7 @@ from .checks import check_ssd_shapes
 from .chunked import ssd_chunked
 from .mamba_ssm_backend import ssd_mamba_ssm
 from .naive import ssd_naive
+from .step import ssd_step
 
 
 def ssd_triton(*args, **kwargs):
@@ -39,7 +40,7 @@ def ssd_scan(
     ``dt = clamp(softplus(dt + dt_bias), *dt_limit)``. Shapes: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias
     ``[H]``; B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros).
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
-    ``backend`` (:data:`BACKENDS`): ``torch`` (chunked), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its
+    ``backend`` (:data:`BACKENDS`): ``torch`` (chunked; one token: the step form), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its
     ``mamba_chunk_scan_combined``); ``auto`` is torch.
     """
     check_ssd_shapes("ssd_scan", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
@@ -47,7 +48,8 @@ def ssd_scan(
 
 
 def ssd_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size):
-    """The torch backend of :func:`ssd_scan`: the dt transform, then the chunked form."""
+    """The torch backend of :func:`ssd_scan`: the dt transform, then the one-token step for ``T = 1`` (decode), else
+    the chunked form."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     dt = dt.to(dtype)
     if dt_bias is not None:
@@ -55,6 +57,8 @@ def ssd_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, 
     if dt_softplus:
         dt = F.softplus(dt)
     dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    if x.shape[1] == 1:
+        return ssd_step(x, dt, A, B, C, D, initial_state)
     return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
@@ -64,4 +68,4 @@ BACKENDS = BackendTable("ssd_scan", {
     "mamba_ssm": Backend(ssd_mamba_ssm, "mamba_ssm"),
 })
 
-__all__ = ["BACKENDS", "ssd_scan", "ssd_chunked", "ssd_naive", "ssd_triton"]
+__all__ = ["BACKENDS", "ssd_scan", "ssd_chunked", "ssd_naive", "ssd_step", "ssd_triton"]

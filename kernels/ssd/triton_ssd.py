@@ -433,7 +433,13 @@ def ssd_triton(
     B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros); fp32, bf16 or fp16.
     ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 64]).
     Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
+    One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
     check_triton_inputs("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
+    inputs = (x, dt, A, B, C, D, dt_bias, initial_state)
+    if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        from .triton_step import ssd_step_triton
+
+        return ssd_step_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state)
     return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_size)
