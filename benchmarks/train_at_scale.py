@@ -126,20 +126,24 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            for pid in self._tree():
-                status = self._status(pid)
-                if not status:
-                    continue
-                entry = self.peaks.setdefault(pid, {"label": "worker", "RssAnon": 0.0, "VmRSS": 0.0})
-                if entry["label"] == "worker":  # a rank seen between fork and exec still looks like its parent
-                    entry["label"] = self._label(pid)
-                for key, value in status.items():
-                    entry[key] = max(entry[key], value)
+            self._sample()
+
+    def _sample(self) -> None:
+        for pid in self._tree():
+            status = self._status(pid)
+            if not status:
+                continue
+            entry = self.peaks.setdefault(pid, {"label": "worker", "RssAnon": 0.0, "VmRSS": 0.0})
+            if entry["label"] == "worker":  # a rank seen between fork and exec still looks like its parent
+                entry["label"] = self._label(pid)
+            for key, value in status.items():
+                entry[key] = max(entry[key], value)
 
     def stop(self) -> dict[str, dict]:
         """Peaks per label: ranks by rank, workers merged (the largest of them, and how many there were)."""
         self._stop.set()
         self._thread.join()
+        self._sample()  # the processes still running, however few samples the thread got to take
         out: dict[str, dict] = {}
         for entry in self.peaks.values():
             label = entry["label"]

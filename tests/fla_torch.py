@@ -52,7 +52,7 @@ def fla_rwkv6_on_torch():
     """fla's RWKV-6 with its torch references: the token shift, ``naive_recurrent_rwkv6`` for ``chunk_rwkv6`` and
     ``fused_recurrent_rwkv6``, ``GroupNormRef`` for the Triton GroupNorm and torch activations (models must be built
     inside: layers keep their norm and activation from construction)."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     import fla.layers.rwkv6 as layer
     import fla.models.rwkv6.modeling_rwkv6 as modeling
     from fla.modules.norm.layernorm import GroupNormRef
@@ -70,7 +70,7 @@ def fla_rwkv6_on_torch():
 
 @contextlib.contextmanager
 def fla_rwkv7_on_torch():
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     import fla.layers.rwkv7 as layer
     import fla.models.rwkv7.modeling_rwkv7 as modeling
     from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
@@ -123,7 +123,7 @@ def fla_retnet_on_torch():
     """fla's RetNet with its torch references: ``naive_retention`` for the retention kernels (full forwards, no
     cache), ``rotary_embedding_ref`` for the rotary kernel and a torch RMSNorm for the per-head output norm. Build
     models inside with ``fuse_norm=False, fuse_swiglu=False`` and run them with ``use_cache=False``."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     import fla.layers.multiscale_retention as layer
     import fla.modules.mlp as mlp
     import fla.modules.rotary.ops as rotary

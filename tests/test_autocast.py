@@ -1,6 +1,6 @@
 """Mixed precision: every torch form of every kernel op and every registered block and FFN under CPU autocast (bf16
 and fp16, as Lightning's ``bf16-mixed`` / ``16-mixed`` use on a GPU) against fp32: forward, backward and decode;
-decays and exponentials in fp32; the Triton kernels (interpreter) under bf16 autocast.
+decays and exponentials in fp32; every other backend (Triton, fla: the interpreter) under bf16 autocast.
 
 CPU autocast really computes matmuls in bf16/fp16, so it stands in for the GPU here. An error is
 ``max |x - x_fp32| / max |x_fp32|`` per tensor (output, final state, each gradient).
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo.kernels
+from zoo.errors import BackendUnavailableError
 from zoo.kernels.backends import BackendTable
 from zoo.layers import FFNS, MIXERS, SequenceMixer, map_state
 
@@ -299,7 +300,7 @@ def test_decode_under_autocast_matches_full_forward(registry, name, dtype):
             outs.append(y)
     tol = TOLERANCE[dtype]["decode"]
     check_close(torch.cat(outs, dim=1), y_full, tol, "decoded output")
-    for i, (s, s_full) in enumerate(zip(flat(state), flat(state_full))):
+    for i, (s, s_full) in enumerate(zip(flat(state), flat(state_full), strict=True)):
         assert s.dtype == s_full.dtype, f"state[{i}]"
         check_close(s, s_full, tol, f"state[{i}]")
     if not getattr(module, "state_size_per_token", lambda: 0)():
@@ -335,22 +336,52 @@ def kernel_ops(name: str) -> set[str]:
             if inspect.isfunction(f) and f.__module__.startswith("zoo.kernels.")}
 
 
-TRITON_BLOCKS = [n for n in MIXERS.names() if isinstance(getattr(block_module(n), "BACKENDS", None), BackendTable) and "triton" in block_module(n).BACKENDS.names()]
+KERNEL_BLOCKS = [n for n in MIXERS.names() if isinstance(getattr(block_module(n), "BACKENDS", None), BackendTable)]
 
 
-def test_triton_blocks_cover_every_op():
-    assert set().union(*map(kernel_ops, TRITON_BLOCKS)) == set(OPS)
+def backend_names(name: str) -> tuple[str, ...]:
+    """The backends a block can be asked for by name: its module's BACKENDS (a kernel table, or attention's names)."""
+    table = getattr(block_module(name), "BACKENDS", ())
+    return table.names() if isinstance(table, BackendTable) else table
 
 
-@pytest.mark.parametrize("name", TRITON_BLOCKS)
-def test_triton_block_under_bf16_autocast_matches_fp32_torch(name):
-    """``backend: triton`` (the interpreter on CPU) under bf16 autocast against the same block's torch backend in fp32;
-    the state keeps its fp32 dtypes."""
-    pytest.importorskip("triton")
-    x = torch.randn(2, SEQ, D_MODEL)
-    run = run_module(make_module(MIXERS, name, backend="triton"), x, torch.bfloat16)
-    ref = run_module(make_module(MIXERS, name, backend="torch"), x)
-    assert [s.dtype for s in flat(run[1])] == [s.dtype for s in flat(ref[1])]
+# auto, and torch that auto runs, are what test_block_under_autocast_matches_fp32 runs.
+BLOCK_BACKENDS = [(n, b) for n in MIXERS.names() for b in backend_names(n) if b not in ("auto", "torch")]
+# Measured here: fla's rwkv6/rwkv7 kernels given bf16 r, k, v return outputs ~1e9 off in the Triton interpreter (fp32
+# inputs agree to 5e-7), so under bf16 autocast these two fail on CPU; not yet checked on a GPU.
+KNOWN_FAILURES = {("rwkv6", "fla"): "fla rwkv6 with bf16 r/k/v is wrong in the Triton interpreter",
+                  ("rwkv7", "fla"): "fla rwkv7 with bf16 r/k/v is wrong in the Triton interpreter"}
+BACKEND_CASES = [pytest.param(n, b, id=f"{n}-{b}", marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[n, b], strict=True)]
+                              if (n, b) in KNOWN_FAILURES else []) for n, b in BLOCK_BACKENDS]
+
+
+def test_kernel_backends_cover_every_op():
+    assert set().union(*map(kernel_ops, KERNEL_BLOCKS)) == set(OPS)
+    assert {n for n, b in BLOCK_BACKENDS if b == "triton"} == set(KERNEL_BLOCKS)
+
+
+@pytest.mark.parametrize("name,backend", BACKEND_CASES)
+def test_block_backend_under_bf16_autocast_matches_fp32_auto(name, backend):
+    """Every backend (Triton and fla kernels run in the Triton interpreter on CPU) under bf16 autocast against the same
+    block's ``auto`` backend in fp32; a constant-size state keeps its fp32 dtypes. A backend that cannot run on CPU
+    says why and skips. One row and 12 steps (a full chunk of 8 and a partial one) keep the interpreter quick."""
+    x = torch.randn(1, 12, D_MODEL)
+    sizes = {"head_dim": 16}  # tl.dot needs dims >= 16
+    context = contextlib.nullcontext()
+    if backend in ("triton", "triton_chunk", "fla"):
+        pytest.importorskip("triton")
+        from triton_testing import fla_on_cpu
+
+        context = fla_on_cpu() if backend == "fla" else context
+    try:
+        with context:
+            run = run_module(make_module(MIXERS, name, backend=backend, **sizes), x, torch.bfloat16)
+    except BackendUnavailableError as error:
+        pytest.skip(f"{name} backend {backend} cannot run here: {error}")
+    reference = make_module(MIXERS, name, backend="auto", **sizes)
+    ref = run_module(reference, x)
+    if not getattr(reference, "state_size_per_token", lambda: 0)():  # a KV cache holds what autocast computed
+        assert [s.dtype for s in flat(run[1])] == [s.dtype for s in flat(ref[1])]
     check_runs_close(run, ref, TOLERANCE[torch.bfloat16]["block"])
 
 

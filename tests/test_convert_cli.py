@@ -33,7 +33,7 @@ RUN_SOURCE = {"retnet": fla_retnet_on_torch, "rwkv6": fla_rwkv6_on_torch, "rwkv7
 
 def tiny_fla_retnet(**overrides):
     """A 2-layer fla RetNetForCausalLM: 2 heads of 16, value width 2 x 16, per-head RMSNorm with a weight, SwiGLU."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     from fla.models import RetNetConfig, RetNetForCausalLM
 
     config = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=1, expand_v=2, hidden_ratio=2,
@@ -43,7 +43,7 @@ def tiny_fla_retnet(**overrides):
 
 def tiny_fla_rwkv6(**overrides):
     """A 2-layer fla RWKV6ForCausalLM with zoo's widths (expand_k = expand_v = 1); GroupNorm eps 1e-5."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     from fla.models import RWKV6Config, RWKV6ForCausalLM
 
     config = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=1, expand_v=1,
@@ -54,7 +54,7 @@ def tiny_fla_rwkv6(**overrides):
 def tiny_fla_rwkv7(**overrides):
     """A 3-layer fla RWKV7ForCausalLM (layers 1 and 2 read layer 0's values); head_dim 16, norm_eps 1e-5: GroupNorm
     eps 1.6e-4, not zoo's default 6.4e-4."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
     ranks = dict(decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=4)
@@ -128,7 +128,7 @@ def test_fla_settings_zoo_cannot_reproduce_are_refused(tmp_path, capsys, overrid
 
 def test_fla_configs_zoo_cannot_reproduce_are_refused():
     """Settings whose fla models do not build at tiny sizes: checked on the configs."""
-    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    pytest.importorskip("fla")
     from fla.models import RetNetConfig, RWKV6Config, RWKV7Config
 
     from zoo.convert.fla import retnet_config_to_zoo, rwkv6_config_to_zoo, rwkv7_config_to_zoo
@@ -156,10 +156,18 @@ def test_fla_gla_is_refused_with_the_reason(tmp_path, capsys):
 @pytest.mark.parametrize("model_type", sorted(RUN_SOURCE))
 def test_fla_checkpoints_with_fused_norms_convert(model_type):
     """fla's default fuse_norm=True (the hub checkpoints') names some norms differently (RetNet's
-    g_norm_swish_gate); the key maps take both. Weights only: fla's fused norms need a GPU to run."""
+    g_norm_swish_gate); the key maps take both. The fused model gets the unfused one's (perturbed) weights, parameter
+    for parameter, and converts to the same zoo weights. Weights only: fla's fused norms need a GPU to run."""
     with RUN_SOURCE[model_type]():
-        hf = TINY[model_type]()
+        hf = perturb(TINY[model_type]())
     fused_config = type(hf.config)(**{**hf.config.to_dict(), "fuse_norm": True})
     fused = type(hf)(fused_config)
-    model = CONVERTERS[model_type][1](fused)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in fused.parameters())
+    with torch.no_grad():
+        for (fused_name, p), (name, q) in zip(fused.state_dict().items(), hf.state_dict().items(), strict=True):
+            assert p.shape == q.shape, (fused_name, name)
+            p.copy_(q)
+    expected = CONVERTERS[model_type][1](hf).state_dict()
+    converted = CONVERTERS[model_type][1](fused).state_dict()
+    assert converted.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(converted[key], value), key

@@ -2,23 +2,17 @@
 the Triton interpreter on CPU, against zoo's sequential fp32 references (outputs, final state and every gradient,
 from a non-zero initial state, at odd lengths that cross fla's chunk boundaries), and through the blocks.
 
-On CPU, fla's kernels need three interpreter shims (installed by the ``fla_interpreter`` fixture): the autotuner
-keeps its first config instead of timing them (there is no device to time on); ``for i in range(n)`` loop indices
-inside fla's kernels are Python ints in the interpreter, so fla modules get a ``range`` whose ints also have
-``.to(dtype)``; and fla's module-level alias ``gather = tl.gather`` is re-pointed at the interpreter's ``tl.gather``.
+On CPU, fla's kernels need interpreter shims (``triton_testing.fla_on_cpu``, installed by the ``fla_interpreter``
+fixture).
 """
-import builtins
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("fla", reason="flash-linear-attention is not installed (it is in the cuda extra; CI does not install it)")
+pytest.importorskip("fla")
 pytest.importorskip("triton")
 
-import triton.language as tl  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton_testing import fla_on_cpu  # noqa: E402
 
 from zoo.kernels import retention as retention_pkg  # noqa: E402
 from zoo.kernels import rwkv6 as rwkv6_pkg  # noqa: E402
@@ -30,38 +24,10 @@ B, H, K = 2, 2, 16  # tl.dot needs dims >= 16
 ATOL = RTOL = 1e-4  # fp32 in the interpreter; measured errors are below 6e-5
 
 
-class _LoopInt(int):
-    """A loop index that also answers ``.to(dtype)``, as a compiled kernel's loop variable does."""
-
-    def to(self, dtype, **kwargs):
-        return tl.cast(int(self), dtype)
-
-
-def _range(*args):
-    return (_LoopInt(i) for i in builtins.range(*args))
-
-
-def _gather(src, index, axis):
-    return tl.gather(src, index, axis)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fla_interpreter():
     """fla's kernels imported, with the interpreter shims of the module docstring on CPU."""
-    import fla.ops.rwkv6  # noqa: F401
-    import fla.ops.rwkv7  # noqa: F401
-    import fla.ops.simple_gla  # noqa: F401
-
-    if torch.cuda.is_available():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
-        for name, module in list(sys.modules.items()):
-            if name.startswith("fla.") and module is not None:
-                mp.setattr(module, "range", _range, raising=False)
-                if getattr(module, "gather", None) is tl.gather:
-                    mp.setattr(module, "gather", _gather)
+    with fla_on_cpu():
         yield
 
 

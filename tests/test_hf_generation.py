@@ -8,15 +8,14 @@ import torch
 from transformers.cache_utils import Cache
 
 from test_generate import PAD, VOCAB, greedy, tiny
+from zoo.layers import FFNS, MIXERS
 from zoo.layers.attention import AttentionState, StaticAttentionState
 from zoo.modeling import CACHE_FIELD, ZooCache, output_cache
 
-# An attention model, a recurrent one, RWKV-7 with its stateful channel mix, an MoE and a hybrid.
+# Every block alone (SwiGLU FFN), every other FFN after attention (MoE, the stateful RWKV channel mixes), a hybrid.
 CONFIGS = {
-    "attention": (["attention"], "swiglu"),
-    "mamba2": (["mamba2"], "swiglu"),
-    "rwkv7": (["rwkv7"], "rwkv_cmix"),
-    "moe": (["attention"], "moe"),
+    **{name: ([name], "swiglu") for name in MIXERS.names()},
+    **{ffn: (["attention"], ffn) for ffn in FFNS.names() if ffn != "swiglu"},
     "hybrid": (["mamba2", "attention"], "swiglu"),
 }
 MODES = {
@@ -84,7 +83,7 @@ def test_generate_from_inputs_embeds_and_continue_from_its_cache(config):
     assert torch.equal(second, whole[:, 7:])
 
 
-@pytest.mark.parametrize("config", ["hybrid", "rwkv7"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_beam_scores_are_the_log_probabilities_of_the_beams(config):
     """Every returned beam's score (length_penalty 0: the sum of its tokens' log-probabilities) equals a forward's:
     the cache's rows followed their beams through every reorder."""
@@ -124,7 +123,7 @@ def test_the_cache_is_a_transformers_cache_with_dynamic_cache_apis():
     assert cache.get_seq_length() == 0 and cache.states == [None, None]
 
 
-@pytest.mark.parametrize("config", ["attention", "hybrid", "rwkv7"])
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_static_cache_implementation_equals_the_dynamic_cache(config, num_beams):
     model = tiny(*CONFIGS[config])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from test_blocks import D_MODEL, TEST_ARGS, flat, run_chunks
+from test_blocks import D_MODEL, TEST_ARGS, TOL, check_states, run_chunks
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
@@ -10,26 +10,26 @@ from zoo.layers.short_conv import ShortConv
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 
-@pytest.mark.parametrize("name", ["attention", "lstm"])
+@pytest.mark.parametrize("name", MIXERS.names())
 def test_wrapped_block_full_equals_prefill_then_decode(name):
-    spec = ModelConfig.from_dict({"d_model": D_MODEL, "blocks": [name], "n_layers": 1, name: {**TEST_ARGS[name], "short_conv": 4}})
+    spec = ModelConfig.from_dict({"d_model": D_MODEL, "blocks": [name], "n_layers": 1, name: {**TEST_ARGS.get(name, {}), "short_conv": 4}})
     block = ShortConv.wrap(MIXERS.get(name).cls(spec.args_for(name), D_MODEL, 0), spec.short_conv[name]).double().eval()
     torch.nn.init.normal_(block.weight)  # not the identity it starts as
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     full, full_state = block(x)
     for sizes in ([19], [1] * 19, [7] + [1] * 12, [2, 5, 12]):
         y, state = run_chunks(block, x, sizes)
-        torch.testing.assert_close(y, full, atol=1e-6, rtol=1e-6)
-        for a, b in zip(flat(state), flat(full_state)):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, full, atol=TOL, rtol=TOL)
+        check_states(state, full_state, torch.float64)
     assert full_state.conv.shape == (2, D_MODEL, 3)
-    torch.testing.assert_close(full_state.conv, x[:, -3:].transpose(1, 2))
+    torch.testing.assert_close(full_state.conv, x[:, -3:].transpose(1, 2), atol=0, rtol=0)
     assert block.state_size() == D_MODEL * 3 + block.inner.state_size()
     # The identity start: the wrapped block computes what the block alone does.
     torch.nn.init.zeros_(block.weight)
     with torch.no_grad():
         block.weight[:, :, -1] = 1
-    torch.testing.assert_close(block(x)[0], block.inner(x)[0])
+    torch.testing.assert_close(block(x)[0], block.inner(x)[0], atol=TOL, rtol=TOL)
 
 
 def test_short_conv_config_round_trips_and_is_checked():

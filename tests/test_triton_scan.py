@@ -21,26 +21,29 @@ require_interpreter(_selective_scan_fwd_kernel)
 
 # max |error| / max |reference| per input dtype (outputs and gradients are rounded to the input dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+# The -m gpu tests at real shapes and long sequences: bf16 as the retention and RWKV GPU tests; fp32 with room for
+# T = 4097 of fp32 atomics. Not yet measured on a GPU: a failure prints the measured error.
+GPU_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
 
 
-def assert_close(actual, expected, dtype, what, tol_scale=1.0):
-    assert_relative_error(actual, expected, TOLERANCE[dtype] * tol_scale, f"{what} ({dtype})")
+def assert_close(actual, expected, dtype, what, tolerance=TOLERANCE):
+    assert_relative_error(actual, expected, tolerance[dtype], f"{what} ({dtype})")
 
 
-def check_against_reference(fn, ref_fn, inputs, dtype, tol_scale=1.0):
+def check_against_reference(fn, ref_fn, inputs, dtype, tolerance=TOLERANCE):
     """Kernel on ``inputs`` in ``dtype`` vs the reference in fp64 on the same (rounded) values."""
     low = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in inputs.items()}
     ref_inputs = {k: v.to(dtype).double() if torch.is_tensor(v) else v for k, v in inputs.items()}
     y, h, grads = run_with_grads(fn, low)
     y_ref, h_ref, grads_ref = run_with_grads(ref_fn, ref_inputs)
     assert y.dtype == dtype and h.dtype == torch.float32
-    assert_close(y, y_ref, dtype, "y", tol_scale)
-    assert_close(h, h_ref, dtype, "final state", tol_scale)
+    assert_close(y, y_ref, dtype, "y", tolerance)
+    assert_close(h, h_ref, dtype, "final state", tolerance)
     assert grads.keys() == grads_ref.keys()
     for name, grad in grads.items():
         assert grad is not None, f"no gradient for {name}"
         assert grad.dtype == dtype and grad.shape == inputs[name].shape, name
-        assert_close(grad, grads_ref[name], dtype, f"d{name}", tol_scale)
+        assert_close(grad, grads_ref[name], dtype, f"d{name}", tolerance)
 
 
 # ---------------------------------------------------------------- Mamba-1 selective scan
@@ -270,7 +273,7 @@ def test_ssd_triton_checks_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
 def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
     inputs = mamba_inputs(2, T, 512, 16, device="cuda")
-    check_against_reference(selective_scan_triton, lambda chunk_size=None, **kw: selective_scan_chunked(**kw), inputs, dtype, tol_scale=10.0)
+    check_against_reference(selective_scan_triton, lambda chunk_size=None, **kw: selective_scan_chunked(**kw), inputs, dtype, tolerance=GPU_TOLERANCE)
 
 
 @pytest.mark.parametrize("n", [64, 128])
@@ -285,7 +288,7 @@ def test_ssd_triton_gpu_matches_chunked(T, dtype, n):
     def chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), initial_state=None):
         return ssd_chunked(x, F.softplus(dt + dt_bias).clamp(*dt_limit), A, B, C, D, initial_state)
 
-    check_against_reference(ssd_triton, chunked, inputs, dtype, tol_scale=10.0)
+    check_against_reference(ssd_triton, chunked, inputs, dtype, tolerance=GPU_TOLERANCE)
 
 
 @pytest.mark.gpu
@@ -298,7 +301,7 @@ def test_ssd_triton_gpu_long_context_batch_1():
     def chunked(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, chunk_size=64):
         return ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, D, initial_state, chunk_size)
 
-    check_against_reference(ssd_triton, chunked, inputs, torch.bfloat16, tol_scale=10.0)
+    check_against_reference(ssd_triton, chunked, inputs, torch.bfloat16, tolerance=GPU_TOLERANCE)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,13 @@
-"""Shared by the Triton kernel tests: the interpreter check, gradients through fixed cotangents, relative errors."""
+"""Shared by the Triton kernel tests: the interpreter check, fla's interpreter shims, gradients through fixed
+cotangents, relative errors."""
+import builtins
+import contextlib
+import sys
+
+import pytest
 import torch
+import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -9,6 +17,44 @@ def require_interpreter(kernel) -> None:
     """On CPU the kernels run only in the Triton interpreter, chosen before triton is imported (tests/conftest.py)."""
     if DEVICE == "cpu" and not isinstance(kernel, InterpretedFunction):
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it): the CPU kernel tests cannot run")
+
+
+class _LoopInt(int):
+    """A loop index that also answers ``.to(dtype)``, as a compiled kernel's loop variable does."""
+
+    def to(self, dtype, **kwargs):
+        return tl.cast(int(self), dtype)
+
+
+def _range(*args):
+    return (_LoopInt(i) for i in builtins.range(*args))
+
+
+def _gather(src, index, axis):
+    return tl.gather(src, index, axis)
+
+
+@contextlib.contextmanager
+def fla_on_cpu():
+    """fla's kernels imported and, on CPU, runnable in the Triton interpreter: the autotuner keeps its first config
+    (there is no device to time on); ``for i in range(n)`` indices inside fla's kernels are Python ints there, so fla
+    modules get a ``range`` whose ints also have ``.to(dtype)``; fla's alias ``gather = tl.gather`` is re-pointed at
+    the interpreter's ``tl.gather``."""
+    import fla.ops.rwkv6  # noqa: F401
+    import fla.ops.rwkv7  # noqa: F401
+    import fla.ops.simple_gla  # noqa: F401
+
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fla.") and module is not None:
+                mp.setattr(module, "range", _range, raising=False)
+                if getattr(module, "gather", None) is tl.gather:
+                    mp.setattr(module, "gather", _gather)
+        yield
 
 
 def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
