@@ -14,7 +14,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
 from .base import SequenceMixer
-from .ops import causal_conv, inverse_softplus_dt
+from .ops import at_least_fp32, causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -102,7 +102,7 @@ class Mamba(SequenceMixer):
         u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt)  # [B, T, Di], bias included (a module call, so a LoRA adapter on dt_proj applies)
-        A = -torch.exp(self.A_log.float())  # [Di, N]
+        A = -torch.exp(at_least_fp32(self.A_log))  # [Di, N]
         y, ssm = selective_scan(
             u, delta, A, B, C, self.D, z=z, delta_softplus=True,
             initial_state=None if fresh else state.ssm,

@@ -13,7 +13,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
 from .base import SequenceMixer
-from .ops import causal_conv, inverse_softplus_dt
+from .ops import at_least_fp32, causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -65,7 +65,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
-        h = y.float() * F.silu(z.float())
+        h = at_least_fp32(y) * F.silu(at_least_fp32(z))
         g = h.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.flatten(-2).to(dtype)
@@ -131,7 +131,7 @@ class Mamba2(SequenceMixer):
         y, ssm = ssd_scan(
             xs.reshape(batch, T, self.n_heads, self.head_dim),  # [B, T, H, P]
             dt,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(at_least_fp32(self.A_log)),
             B.reshape(batch, T, self.n_groups, self.d_state),  # [B, T, G, N]
             C.reshape(batch, T, self.n_groups, self.d_state),
             D=self.D,

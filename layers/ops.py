@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or in its own dtype when that is wider (an fp64 block stays fp64 throughout)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """The previous token of each position of ``x [B, T, D]``; ``last [B, D]`` (or zeros) precedes x[:, 0]."""
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
