@@ -224,8 +224,9 @@ def prompt_lookup(checkpoints: list[Path], prompts: int, prompt_len: int, new_to
             "greedy_tokens_per_s": round(n / sum(greedy_s), 1), "lookup_tokens_per_s": round(n / sum(lookup_s), 1),
             "ratio": round(sum(greedy_s) / sum(lookup_s), 3), "tokens_per_forward": round(n / lookup_forwards, 2), "same_tokens": same,
         }
-        log(f"{directory.name}: {entry}")
-        results[directory.name] = entry
+        name = directory.parent.name if directory.name == "hf" else directory.name  # a run's export: the run's name
+        log(f"{name}: {entry}")
+        results[name] = entry
     return {
         "meta": {
             "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "dtype": "float32",

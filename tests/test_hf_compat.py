@@ -124,28 +124,31 @@ def test_crop_of_a_recurrent_cache_names_the_state_and_changes_nothing():
 
 
 def test_recorded_states_roll_back_a_verify_step_exactly():
-    """With recording on, a step over 5 tokens keeps the recurrent states before its last 3: crop(-n) for n <= 3
-    equals a cache that never saw those tokens (same next logits); more is refused, naming the layer."""
+    """With recording on, a call over 5 tokens then one more token: crop(-n) for every n up to 6 equals a cache that
+    never saw those tokens (same next logits: the state before the dropped token, replayed where inside a call);
+    dropping more than was recorded since recording began is refused, naming the layer, and changes nothing."""
     model = tiny(["rwkv7", "attention"], "rwkv_cmix")
-    ids = torch.randint(1, VOCAB, (1, 9))
+    ids = torch.randint(1, VOCAB, (1, 10))
     with torch.no_grad():
-        for remove in (0, 1, 3):
+        for remove in range(7):
             cache = output_cache(model(ids[:, :4], use_cache=True))
             cache.activate_past_recording(recurrent_states_to_keep=3)
             assert cache.is_croppable and cache.get_recurrent_states_to_keep() == 3
-            model(ids[:, 4:], use_cache=True, **{CACHE_FIELD: cache})
+            model(ids[:, 4:9], use_cache=True, **{CACHE_FIELD: cache})
+            model(ids[:, 9:10], use_cache=True, **{CACHE_FIELD: cache})
             cache.crop(-remove)
-            assert cache.get_seq_length() == 9 - remove
-            nxt = ids[:, 9 - remove : 10 - remove] if remove else torch.randint(1, VOCAB, (1, 1))
+            assert cache.get_seq_length() == 10 - remove
+            nxt = torch.randint(1, VOCAB, (1, 1))
             got = model(nxt, use_cache=True, **{CACHE_FIELD: cache}).logits
-            want = model(torch.cat([ids[:, : 9 - remove], nxt], 1), use_cache=False).logits[:, -1:]
+            want = model(torch.cat([ids[:, : 10 - remove], nxt], 1), use_cache=False).logits[:, -1:]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         cache = output_cache(model(ids[:, :4], use_cache=True))
         cache.activate_past_recording(recurrent_states_to_keep=2)
         model(ids[:, 4:], use_cache=True, **{CACHE_FIELD: cache})
-        with pytest.raises(ValueError, match=r"layer 0 cannot drop its last 3 tokens: it recorded the states of the last 2 tokens only"):
-            cache.crop(-3)
-        assert cache.get_seq_length() == 9
+        states = cache.states
+        with pytest.raises(ValueError, match=r"layer 0 cannot drop its last 7 tokens: it recorded 6 tokens since recording began"):
+            cache.crop(-7)
+        assert cache.get_seq_length() == 10 and all(a is b for a, b in zip(cache.states, states))
 
 
 def test_crop_keeps_a_prefix_of_the_kv_cache():

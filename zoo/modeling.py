@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +295,14 @@ def _map_rows(state: Any, fn) -> Any:
     return map_state(state, fn)
 
 
+class Recorded(NamedTuple):
+    """A layer's state before one recorded call of ``tokens`` tokens; ``replay(k)`` gives the state after its first k."""
+
+    state: Any
+    tokens: int
+    replay: Callable[[int], Any] | None
+
+
 class ZooCacheLayer(CacheLayerMixin):
     """One layer's block state in a :class:`ZooCache`: a KV cache, a recurrent state, an LSTM's (h, c), ...
 
@@ -310,44 +318,46 @@ class ZooCacheLayer(CacheLayerMixin):
         self.state: Any = None
         self.seen_tokens = 0
         self.max_length = max_length
-        # Rollback of a state that cannot be cut (see ZooCache.activate_past_recording): ``history[-n]`` is the state
-        # before the n-th last token fed since the last crop.
+        # Rollback of a state that cannot be cut (see ZooCache.activate_past_recording): the calls since the last crop.
         self.record_past = False
         self.recurrent_states_to_keep = 0
-        self.history: list[Any] = []
+        self.history: list[Recorded] = []
 
     @property
     def state_can_crop(self) -> bool:
         """Whether the state itself can be cut back to an earlier token (a KV cache can; a recurrent state cannot)."""
         return self.state is None or callable(getattr(self.state, "crop", None))
 
-    def remember(self, tokens: int) -> None:
-        """Called before this layer's block consumes ``tokens`` more tokens from ``state`` while recording: one token's
-        state is kept (at most ``recurrent_states_to_keep + 1``); a longer step leaves no state of its inner tokens, so
-        the earlier ones are no longer adjacent and are dropped."""
-        if not self.record_past:
-            return
-        if tokens != 1:
-            self.history = []
-            return
-        self.history = [*self.history, self.state][-(max(self.recurrent_states_to_keep, 1) + 1):]
+    def remember(self, tokens: int, replay: Callable[[int], Any] | None) -> None:
+        """Called while recording, before this layer's block consumes ``tokens`` more tokens from ``state``: keeps
+        that state, and ``replay(k)``, which recomputes the state after the first ``k`` of those tokens."""
+        if self.record_past:
+            self.history.append(Recorded(self.state, tokens, replay))
 
     def rollback_problem(self, remove: int) -> str | None:
         """Why this layer cannot drop its last ``remove`` tokens (None when it can)."""
-        if remove == 0 or self.state_can_crop or remove <= len(self.history):
+        recorded = sum(entry.tokens for entry in self.history)
+        if remove == 0 or self.state_can_crop or remove <= recorded:
             return None
         if not self.record_past:
             return (f"its {type(self.state).__name__} (a recurrent state) cannot roll back; only KV caches can, unless the "
                     "cache records states (activate_past_recording, transformers >= 5.25)")
-        return (f"it recorded the states of the last {len(self.history)} tokens only, not {remove} "
-                f"(activate_past_recording(recurrent_states_to_keep={self.recurrent_states_to_keep}))")
+        return f"it recorded {recorded} tokens since recording began or the last crop, not {remove}"
 
     def roll_back(self, remove: int, keep: int) -> None:
-        """Drop the last ``remove`` tokens (``keep`` remain): cut a KV cache, or restore a recorded state."""
+        """Drop the last ``remove`` tokens (``keep`` remain): cut a KV cache, or go back through the recorded calls to
+        the one holding the first dropped token and restore the state before it (replaying its kept tokens)."""
         if self.state is not None and self.state_can_crop:
             self.state = self.state.crop(keep)
-        elif remove:
-            self.state = self.history[-remove]
+        for entry in reversed(self.history if remove else []):
+            if remove >= entry.tokens:
+                self.state, remove = entry.state, remove - entry.tokens
+            else:
+                if entry.replay is None:
+                    raise ValueError("ZooCache: a recorded call's rows were reordered (beam search); it cannot be replayed")
+                self.state, remove = entry.replay(entry.tokens - remove), 0
+            if not remove:
+                break
         self.history = []
 
     def __repr__(self) -> str:
@@ -419,7 +429,7 @@ class ZooCacheLayer(CacheLayerMixin):
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.state = _map_rows(self.state, fn)
-        self.history = [_map_rows(state, fn) for state in self.history]
+        self.history = [Recorded(_map_rows(e.state, fn), e.tokens, e.replay if e.tokens == 1 else None) for e in self.history]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t.index_select(0, indices.to(t.device)))
@@ -519,9 +529,10 @@ class ZooCache(Cache):
 
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs: Any) -> None:
         """Record what a rollback needs (transformers' contract, used by assisted and prompt-lookup decoding): each
-        layer whose state cannot be cut keeps its state before each of the last ``recurrent_states_to_keep`` tokens
-        of a step (at least the last one), so :meth:`crop` can drop up to that many. A step over more tokens runs
-        its last ones through the blocks one at a time (:meth:`ZooModel._steps`). KV caches need no record."""
+        layer whose state cannot be cut keeps, for every call since the last :meth:`crop`, its state before the call
+        and its input, so a crop restores that state and replays the kept tokens of the call (one chunked block
+        call, only where drafts were rejected). ``recurrent_states_to_keep`` is reported back to transformers; zoo
+        needs no bound (it keeps every call since the last crop). KV caches need no record."""
         for layer in self.layers:
             layer.record_past = True
             layer.recurrent_states_to_keep = int(recurrent_states_to_keep or 0)
@@ -831,45 +842,23 @@ class ZooModel(ZooPreTrainedModel):
         self, hidden: torch.Tensor, cache: ZooCache | None, conditioning: torch.Tensor | None = None, record: "_Recorder | None" = None
     ) -> torch.Tensor:
         """Every layer over ``hidden [B, T, D]``, updating ``cache``; ``record`` keeps each layer's input and attention map.
-        Each step of :meth:`_steps` has its own fresh ``shared`` dict, which the layers share (cross-layer tensors of
-        these tokens, see ``assign_shared_roles``)."""
-        steps = self._steps(hidden.shape[1], cache)
-        shared: list[dict[str, torch.Tensor]] = [{} for _ in steps]
+        The layers share one fresh ``shared`` dict (cross-layer tensors of these tokens, see ``assign_shared_roles``).
+        While ``cache`` records for a rollback, each layer whose state cannot be cut leaves it a replay of this call."""
+        shared: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if record is not None:
                 record.before_layer(hidden)
-                maps_before = len(record.attentions)
             state = cache.states[i] if cache is not None else None
-            outputs = []
-            for (start, end), step_shared in zip(steps, shared):
-                if cache is not None:
-                    cache.layers[i].state = state
-                    cache.layers[i].remember(end - start)
-                out, state = layer(hidden[:, start:end], state, conditioning, step_shared)
-                outputs.append(out)
-                if record is not None:
-                    record.after_layer(layer)
+            if cache is not None and cache.layers[i].record_past and not layer.state_can_roll_back:
+                cache.layers[i].remember(hidden.shape[1], _replay(layer, hidden, state, conditioning, shared))
+            hidden, new_state = layer(hidden, state, conditioning, shared)
             if record is not None:
-                record.join_steps(maps_before)
-            hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, D]
+                record.after_layer(layer)
             if cache is not None:
-                cache.layers[i].state = state
+                cache.layers[i].state = new_state
         if record is not None:
             record.before_layer(hidden)
         return hidden
-
-    def _steps(self, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]]:
-        """The ``(start, end)`` token ranges the layers take one after another: the whole call, except while ``cache``
-        records states for a rollback (assisted decoding's verify step) and a layer's state cannot be cut: then the
-        last ``recurrent_states_to_keep`` tokens run one at a time through each block's own decode step, so that
-        layer's state before each of them is kept. (The blocks' chunked forms return final states only.)"""
-        if seq_len == 1 or cache is None:
-            return [(0, seq_len)]
-        keep = cache.get_recurrent_states_to_keep()
-        if not keep or all(layer.state_can_roll_back for layer in self.layers):
-            return [(0, seq_len)]
-        split = max(seq_len - keep, 0)
-        return ([(0, split)] if split else []) + [(t, t + 1) for t in range(split, seq_len)]
 
     def _token_spans(self, attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]] | None:
         """Each row's ``(start, end)``: its tokens are ``[start, end)``, padding before (left) or after (right) them.
@@ -937,6 +926,21 @@ class ZooModel(ZooPreTrainedModel):
         return hidden
 
 
+def _replay(layer: ResidualLayer, hidden: torch.Tensor, state: Any, conditioning: torch.Tensor | None,
+            shared: dict[str, torch.Tensor]) -> Callable[[int], Any]:
+    """``replay(k)``: ``layer``'s state after the first ``k`` tokens of ``hidden [B, T, D]``, from ``state`` (the
+    layer's state before them), reading the first ``k`` positions of this call's cross-layer tensors."""
+
+    @torch.no_grad()
+    def replay(k: int) -> Any:
+        if k == 0:
+            return state
+        prefix = {name: t[:, :k] for name, t in shared.items()}  # [B, k, ...]
+        return layer(hidden[:, :k], state, conditioning, prefix)[1]
+
+    return replay
+
+
 def _attention_block(mixer: nn.Module) -> Attention | None:
     """A layer's attention block, also inside a short-convolution wrapper; None for every other block."""
     while isinstance(mixer, ShortConv):
@@ -974,15 +978,6 @@ class _Recorder:
         if block is not None:
             self.attentions.append(block.attention_weights)
             block.attention_weights = None
-
-    def join_steps(self, first: int) -> None:
-        """One attention map ``[B, H, T, S]`` from the maps a layer's calls recorded from index ``first`` on (one per
-        step of ``ZooModel._steps``): each call's rows padded with zeros to the last call's keys, as the causal map
-        of the whole call."""
-        maps = self.attentions[first:]
-        if len(maps) > 1:
-            keys = maps[-1].shape[-1]
-            self.attentions[first:] = [torch.cat([F.pad(m, (0, keys - m.shape[-1])) for m in maps], dim=2)]
 
     def after_row(self, layer: nn.Module, start: int, end: int, T: int) -> None:
         """A row of a padded batch ran ``layer`` over its positions ``[start, end)``: keep its attention map padded
