@@ -177,8 +177,8 @@ def make_test_class(name, blocks, ffn, module_args):
             tokens routed to each expert is a statistic of the whole batch, which no row has on its own."""
             pop = ZooForCausalLM._pop_router_losses
 
-            def without_expert_load(model):
-                stats = pop(model)
+            def without_expert_load(model, *args, **kwargs):
+                stats = pop(model, *args, **kwargs)
                 return stats if stats is None else {**stats, "expert_load": None}
 
             with unittest.mock.patch.object(ZooForCausalLM, "_pop_router_losses", without_expert_load):

@@ -38,11 +38,12 @@ class ToyEMA(SequenceMixer):
 
     def mix(self, x: torch.Tensor, state: torch.Tensor | None):
         u = self.in_proj(x)  # [B, T, W]
-        a = torch.sigmoid(self.decay.float())  # [W]
-        h = self.init_state(x.shape[0], x.device, torch.float32) if state is None else state.float()
+        compute = torch.promote_types(u.dtype, torch.float32)  # fp32, fp64 for an fp64 block
+        a = torch.sigmoid(self.decay.to(compute))  # [W]
+        h = self.init_state(x.shape[0], x.device, compute) if state is None else state.to(compute)
         outs = []
         for t in range(x.shape[1]):
-            h = a * h + (1 - a) * u[:, t].float()
+            h = a * h + (1 - a) * u[:, t].to(compute)
             outs.append(h)
-        y = torch.stack(outs, dim=1) if outs else u.float()  # [B, T, W]
+        y = torch.stack(outs, dim=1) if outs else u.to(compute)  # [B, T, W]
         return self.out_proj(y.to(u.dtype)), h.to(state.dtype if state is not None else u.dtype)
