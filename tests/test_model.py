@@ -2,6 +2,8 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import zoo
@@ -43,10 +45,11 @@ def test_bad_config_json_names_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(zoo.ConfigError, match=r"config\.attention\.n_headz: unknown key"):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
-    # Saving checks the spec (transformers validates a config before writing it), naming the key too.
+    # Saving checks the spec where transformers validates a config before writing it (5.25: tested), naming the key.
     m.config.module_args["attention"]["n_headz"] = 3
-    with pytest.raises(Exception, match=r"config\.attention\.n_headz: unknown key"):  # huggingface_hub's validation error
-        m.config.save_pretrained(tmp_path)
+    if Version(transformers.__version__) >= Version("5.25"):
+        with pytest.raises(Exception, match=r"config\.attention\.n_headz: unknown key"):  # huggingface_hub's validation error
+            m.config.save_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("blocks", [("attention",), ("lstm",), ("lstm", "attention")])

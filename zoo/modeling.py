@@ -14,7 +14,11 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+try:  # transformers' per-layer config support; versions without it (< 5.24) get an AttributeError of the same meaning
+    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+except ImportError:
+    class AmbiguousGlobalPerLayerAttributeError(AttributeError):
+        """A config attribute that differs across layers, read as one value."""
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput, MoeCausalLMOutputWithPast,
