@@ -54,11 +54,7 @@ def test_full_equals_prefill_then_decode(name, T):
 
 # Measured here: layers/mamba2.py builds A from ``self.A_log.float()``, so an fp64 block rounds A to fp32 and sums dA
 # in fp32; chunked and full dA_log then differ by 3e-9 (relative 2e-8).
-FP32_IN_FP64: dict[str, str] = {}  # block -> why it computes in fp32 inside an fp64 block (a strict xfail)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=FP32_IN_FP64[n], strict=True)] if n in FP32_IN_FP64 else [])
-                                  for n in MIXERS.names()])
+@pytest.mark.parametrize("name", MIXERS.names())
 def test_chunked_equals_full_with_gradients(name):
     block = make_block(name)
     x = torch.randn(2, 65, D_MODEL, dtype=torch.float64, requires_grad=True)
