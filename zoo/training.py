@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from zoo.checkpoints.io import atomic_directory
 from zoo.checkpoints.resume import RECIPE_KEY
 from zoo.config import Recipe
-from zoo.layers import MoE
+from zoo.layers.moe import moe_modules
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
 from zoo.precision import resolve_fused
 from zoo.synthetic import answer_accuracy, no_recall_floor
@@ -47,7 +47,7 @@ class ZooLightningModule(L.LightningModule):
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
         self.model = self.build_model(config)
         set_activation_checkpointing(self.model, recipe.trainer.activation_checkpointing)
-        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
+        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if moe_modules([layer])]
         self._val_acc_floor: float | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
