@@ -368,13 +368,18 @@ class Recipe:
                 raise ConfigError(f"trainer.activation_checkpointing[{i}]", f"block {name!r} is not in model.blocks {self.model.blocks}")
 
     def with_vocab_size(self, n_tokens: int) -> "Recipe":
-        """This recipe, validated again, with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the
-        tokenizer is made, before anything is built); a vocab_size given in the recipe must hold them all."""
+        """This recipe with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the tokenizer is made,
+        before anything is built); a vocab_size given in the recipe must hold them all. Only the new value is checked:
+        the rest of the validated spec is kept."""
         if self.model.vocab_size is not None:
             if self.model.vocab_size < n_tokens:
                 raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
             return self
-        return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=n_tokens))
+        if n_tokens < 2:
+            raise ConfigError("model.vocab_size", f"must be >= 2, got {n_tokens} (the tokenizer's tokens)")
+        model = copy.copy(self.model)
+        model.vocab_size = n_tokens
+        return dataclasses.replace(self, model=model)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
@@ -574,8 +579,7 @@ class ZooConfig(PreTrainedConfig):
         return views
 
     def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
-        """Nothing per layer is saved: the spec (``blocks``, ``ffn``, module sections) says it."""
-        d.pop("_zoo_layer_idx", None)
+        d.pop("_zoo_layer_idx", None)  # nothing per layer is saved: the spec (blocks, ffn, module sections) says it
 
 
 def _derived(name: str, spec_key: str, read: Any, doc: str) -> property:
