@@ -474,7 +474,7 @@ class ZooConfig(PreTrainedConfig):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in SPEC_FIELDS or name == "module_args":
+        if self.attribute_map.get(name, name) in (*SPEC_FIELDS, "module_args"):
             self.__dict__.pop("_validated_spec", None)
 
     def to_dict(self) -> dict[str, Any]:
