@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.checkpoints import (
-    PREEMPTED_EXIT_CODE, AtomicCheckpointIO, CheckpointError, NonFiniteError, ResumableBatchSampler, atomic_directory,
+from zoo.reliability import (
+    PREEMPTED_EXIT_CODE, AtomicCheckpointIO, CheckpointError, NonFiniteError, atomic_directory,
     checkpoint_files, ensure_writable_dir, find_resume_point, load_checkpoint_file, trim_metrics,
 )
 from zoo.config import ModelConfig
+from zoo.data import ResumableBatchSampler
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
@@ -99,7 +100,7 @@ def test_sigterm_then_sigkill_then_resume_auto_matches_uninterrupted_run(workdir
 def test_sigterm_keeps_the_validation_of_its_step(workdir, reference, monkeypatch, signal_step):
     """SIGTERM during step N saves after N's validation when one follows, so the resumed run's metrics.csv (val rows
     included) equals the uninterrupted run's."""
-    from zoo.checkpoints import PreemptedError
+    from zoo.reliability import PreemptedError
 
     run = workdir / f"sigterm-at-{signal_step}"
     original = ZooLightningModule.training_step

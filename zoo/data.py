@@ -28,6 +28,7 @@ import sysconfig
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import datasets
@@ -35,10 +36,9 @@ import lightning as L
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
 from zoo.errors import ConfigError
 from zoo.synthetic import generate as generate_task
@@ -406,6 +406,44 @@ class TaskSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[i], self.targets[i]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices into ``range(n)``; epoch ``e`` uses a permutation seeded by ``(seed, e)``.
+
+    The last incomplete batch is dropped. With ``num_replicas > 1``, rank ``r`` takes every ``num_replicas``-th batch
+    starting at ``r``. :meth:`resume` makes the next pass over epoch ``e`` start after ``batches_done`` batches, so a
+    run restored from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size) // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self.epoch = epoch
+        self._skip = batches_done
+
+    def __iter__(self) -> Iterator[list[int]]:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+        skip, self._skip = self._skip, 0
+        for i in range(skip, len(self)):
+            start = (i * self.num_replicas + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size]
 
 
 @dataclass

@@ -103,7 +103,7 @@ def train(recipe: Recipe) -> dict:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from zoo.checkpoints import (
+    from zoo.reliability import (
         AtomicCheckpointIO, CheckpointError, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
         trim_metrics,
     )
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(recipe.to_yaml(), end="")
             return 0
-        from zoo.checkpoints import PREEMPTED_EXIT_CODE, PreemptedError
+        from zoo.reliability import PREEMPTED_EXIT_CODE, PreemptedError
 
         try:
             train(recipe)

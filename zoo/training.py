@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from zoo.checkpoints.io import atomic_directory
-from zoo.checkpoints.resume import RECIPE_KEY
+from zoo.reliability.io import atomic_directory
+from zoo.reliability.resume import RECIPE_KEY
 from zoo.config import Recipe
 from zoo.layers import MoE
 from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
