@@ -231,10 +231,10 @@ def test_sampler_resumes_mid_epoch_and_shards_ranks():
 
 def _inject_nan(monkeypatch, bad_steps: set[int], seen: list):
     """Make the LM loss NaN on the given (1-based) optimizer steps; record (step, params, Adam moments) per call."""
-    original = ZooLightningModule._lm_loss_and_output
+    original = ZooLightningModule.loss_and_output
 
-    def patched(self, batch):
-        loss, out = original(self, batch)
+    def patched(self, batch, batch_idx=None):
+        loss, out = original(self, batch, batch_idx)
         if not self.training:
             return loss, out
         step = self.trainer.global_step + 1
@@ -243,7 +243,7 @@ def _inject_nan(monkeypatch, bad_steps: set[int], seen: list):
         seen.append((step, [p.detach().clone() for p in self.parameters()], moments, self))
         return (loss * float("nan") if step in bad_steps else loss), out
 
-    monkeypatch.setattr(ZooLightningModule, "_lm_loss_and_output", patched)
+    monkeypatch.setattr(ZooLightningModule, "loss_and_output", patched)
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

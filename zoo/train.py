@@ -172,7 +172,7 @@ def build_module(recipe: Recipe, tokenizer):
     """The LightningModule of the recipe's objective: diffusion, LoRA fine-tuning or causal LM."""
     special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if recipe.objective == "diffusion":
-        from zoo.diffusion import DiffusionLightningModule
+        from zoo.training import DiffusionLightningModule
 
         return DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
     if recipe.finetune is not None:
