@@ -20,12 +20,11 @@ Equations of the paper (v1 numbering) and where they are in :meth:`RWKV7.mix`; t
   ``zoo.modeling.assign_shared_roles``); every later RWKV-7 layer mixes them into its own,
   ``v_t = lerp(x^v_t W_v, v_first_t, sigmoid(v0 + (x^v_t v1) v2))`` (``v0``, ``v1``, ``v2``). ``v_first`` is per
   token: at decode it is the current token's first-layer value, as in RWKV-LM and fla's ``RWKV7Model``. With
-  ``value_residual: false`` every layer uses its own values (what zoo's RWKV-7 did before the key existed; saved
-  configs without the key load that way, see :attr:`RWKV7Config.SAVED_DEFAULTS`).
+  ``value_residual: false`` every layer uses its own values (saved configs without the key load that way, see
+  :attr:`RWKV7Config.SAVED_DEFAULTS`).
 
-Where the numbers come from: the paper's text was not reachable from our machines; the numbering is the one annotated
-in public implementations written from the paper (two of them agree on Eq. 17), and each formula above was checked
-against the RWKV-LM x070 code, which this block matches.
+The equation numbers are the ones annotated in public implementations written from the paper (two of them agree on
+Eq. 17); each formula above is checked against the RWKV-LM x070 code, which this block matches.
 """
 from __future__ import annotations
 
