@@ -36,9 +36,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.report import write_report
-from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
-from zoo.data import EOS_TOKEN, ShardedTokens, TokenWindows, ZooDataModule, _atomic_write_bytes, _split, byte_tokenizer, local_files
+from zoo.corpus import _split
+from zoo.data import (
+    EOS_TOKEN, ResumableBatchSampler, ShardedTokens, TokenWindows, ZooDataModule, _atomic_write_bytes, byte_tokenizer, local_files,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOC_BYTES = 256 * 1024

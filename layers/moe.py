@@ -26,7 +26,7 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
-from .base import is_replaying
+from .layer import is_replaying
 from .ffn import SwiGLU, SwiGLUConfig
 from .registry import FFNS
 

@@ -114,7 +114,7 @@ class ZooPreTrainedModel(PreTrainedModel):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as err:
-            from zoo.checkpoints.io import explain_safetensors_error
+            from zoo.reliability.io import explain_safetensors_error
 
             raise explain_safetensors_error(pretrained_model_name_or_path, err) from None
         except RuntimeError as err:
