@@ -9,8 +9,7 @@ words as 256 KiB text files, then runs two phases, each in a forked child so its
 Each reports tokens/s, peak RSS (``ru_maxrss``, which counts pages of memory-mapped files the process touched, page
 cache the kernel can drop) and peak anonymous RSS (``RssAnon``, sampled every 5 ms: the memory the process itself
 holds); ``rss_start_mb`` / ``anon_start_mb`` are the child's at its start (the parent's imports). Byte tokenizer,
-``seq_len`` 256, batch 16. Writes ``benchmarks/results/data-<size>.{json,md}`` with the machine and versions (the
-results of 2026-12-01 also hold the in-RAM path zoo had before the token cache).
+``seq_len`` 256, batch 16. Writes ``benchmarks/results/data-<size>.{json,md}`` with the machine and versions.
 """
 from __future__ import annotations
 

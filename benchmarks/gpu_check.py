@@ -37,10 +37,14 @@ DECODE_ARGS = ["--batches", "1", "--prompt", "64", "--new-tokens", "16"]
 SHARES = {"env": 0.1, "pytest": 0.3, "recipes": 0.3, "kernels": 0.15, "decode": 0.2}  # of the budget, per step
 TAIL = 25
 PROBE = """import json, torch
-from benchmarks.kernels import BENCHES
 cuda = torch.cuda.is_available()
-print(json.dumps({"torch": torch.__version__, "cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None,
-                  "kernel_ops": sorted(BENCHES)}))"""
+out = {"torch": torch.__version__, "cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None}
+try:
+    from benchmarks.kernels import BENCHES
+    out["kernel_ops"] = sorted(BENCHES)
+except Exception as err:
+    out["kernel_ops_error"] = f"benchmarks.kernels does not import: {type(err).__name__}: {err}".splitlines()[0]
+print(json.dumps(out))"""
 _GROUPS: set[int] = set()  # process groups of the commands running now
 
 
@@ -198,12 +202,14 @@ def environment(budget: Budget, workdir: Path, budget_s: float) -> tuple[Result,
         env[key] = (workdir / f"{key}.log").read_text(errors="replace").strip()
         if key == "probe" and rc == 0:
             env.update(json.loads(env.pop("probe").splitlines()[-1]))
-    seconds = round(time.monotonic() - start, 1)
+    result = Result("environment", "nvidia-smi; pip list; probe", "ok", round(time.monotonic() - start, 1))
     if "torch" not in env:
-        return Result("environment", "nvidia-smi; pip list; probe", "failed", seconds, "the probe failed",
-                      env.get("probe", "").splitlines()[-TAIL:]), env
-    detail = f"{env['gpu'] or 'no CUDA'}, torch {env['torch']}"
-    return Result("environment", "nvidia-smi; pip list; probe", "ok", seconds, detail), env
+        result.status, result.detail, result.tail = "failed", "the probe failed", env.get("probe", "").splitlines()[-TAIL:]
+        return result, env
+    result.detail = f"{env['gpu'] or 'no CUDA'}, torch {env['torch']}"
+    if "kernel_ops_error" in env:
+        result.status, result.detail = "failed", f"{result.detail}; {env['kernel_ops_error']}"
+    return result, env
 
 
 def markdown(report: dict) -> str:
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env_result, env = environment(budget, workdir, args.budget_s)
         dry = args.dry_run or not env.get("cuda")
-        why = "--dry-run given" if args.dry_run else "no CUDA device seen" if dry else ""
+        why = "--dry-run given" if args.dry_run else "" if not dry else "no CUDA device seen" if "cuda" in env else "the probe failed"
         if dry:
             print(f"gpu_check: dry run: {why}", flush=True)
         results = [env_result]
