@@ -36,7 +36,7 @@ def test_dry_run_runs_the_gpu_tests_collects_the_recipes_and_plans_the_benchmark
     assert g.markdown(report) == md
 
 
-def test_the_real_run_times_each_kernel_op_and_runs_the_recipe_tests(tmp_path):
+def test_the_real_run_times_each_op_and_runs_the_recipe_tests(tmp_path):
     steps = {s.name: s for s in g.plan(False, True, ["ssd", "rwkv6"], tmp_path)}
     assert list(steps) == ["pytest -m gpu", "recipes on GPU settings", "kernels ssd", "kernels rwkv6", "decode"]
     assert "--collect-only" not in steps["pytest -m gpu"].cmd + steps["recipes on GPU settings"].cmd
