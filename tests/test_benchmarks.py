@@ -164,3 +164,23 @@ def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         decode_main(["--vs-hf", "--models", "llama,gpt2"])
     assert exit_info.value.code == 2 and "--models: no Hugging Face peer for gpt2" in capsys.readouterr().err
+
+
+def test_decode_prompt_lookup_compares_a_checkpoint_with_itself_greedy(tmp_path):
+    from benchmarks.decode import main as decode_main, prompt_lookup_markdown
+    from zoo.data import byte_tokenizer
+    from zoo.modeling import ZooConfig, ZooForCausalLM
+    from zoo.recipe_loader import load_recipe
+
+    export = tmp_path / "tiny" / "hf"  # a run's export: reported under the run's name
+    cfg = load_recipe("transformer_small", ["model.d_model=64", "model.n_layers=2", "model.vocab_size=259"]).model
+    ZooForCausalLM(ZooConfig.from_model_config(cfg)).save_pretrained(export)
+    byte_tokenizer().save_pretrained(export)
+    argv = ["--prompt-lookup", str(export), "--prompts", "1", "--prompt", "32", "--new-tokens", "8", "--repeats", "1"]
+    assert decode_main([*argv, "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("prompt-lookup-*.json")
+    report = json.loads(json_path.read_text())
+    entry = report["models"]["tiny"]
+    assert entry["same_tokens"] and entry["blocks"] == ["attention"] and entry["tokens_per_forward"] >= 1
+    assert entry["greedy_tokens_per_s"] > 0 and entry["lookup_tokens_per_s"] > 0
+    assert json_path.with_suffix(".md").read_text() == prompt_lookup_markdown(report)
