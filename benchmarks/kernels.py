@@ -35,7 +35,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-from benchmarks.report import write_report
+from benchmarks.common import write_report
 from zoo.kernels.selective_scan import selective_scan_chunked, selective_scan_triton  # noqa: E402
 from zoo.kernels.ssd import ssd_scan, ssd_triton  # noqa: E402
 from zoo.kernels.retention import retention, retention_chunked, retention_triton, retention_triton_chunk  # noqa: E402
