@@ -77,8 +77,7 @@ def diffusion_config(model: PreTrainedModel) -> DiffusionConfig:
     """The typed diffusion settings a :class:`ZooForMaskedLM` was trained with."""
     if getattr(model.config, "diffusion", None) is None:
         raise ZooError(f"{type(model).__name__} has no diffusion settings in its config (config.diffusion); not a ZooForMaskedLM?")
-    settings = {k: v for k, v in model.config.diffusion.items() if k != "time_conditioning"}  # a model field, saved here by old configs
-    return build(DiffusionConfig, settings, "config.diffusion")
+    return build(DiffusionConfig, dict(model.config.diffusion), "config.diffusion")
 
 
 @torch.no_grad()
