@@ -42,9 +42,9 @@ H100 = {
 TRITON_MODULES: dict[str, str | tuple[str, ...]] = {
     "selective_scan": "zoo.kernels.selective_scan.triton_scan",
     "ssd": "zoo.kernels.ssd.triton_ssd",
-    "rwkv6": ("zoo.kernels.rwkv6.triton_rwkv6", "zoo.kernels.rwkv6.triton_chunk_parallel"),
+    "rwkv6": ("zoo.kernels.rwkv6.triton_rwkv6", "zoo.kernels.rwkv6.triton_chunk_parallel", "zoo.kernels.chunk_pass"),
     "rwkv7": ("zoo.kernels.rwkv7.triton_rwkv7", "zoo.kernels.rwkv7.triton_chunk_parallel"),
-    "retention": ("zoo.kernels.retention.triton_retention", "zoo.kernels.retention.triton_chunk_parallel"),
+    "retention": ("zoo.kernels.retention.triton_retention", "zoo.kernels.retention.triton_chunk_parallel", "zoo.kernels.chunk_pass"),
 }
 
 # Arguments each kernel writes (everything else that is a tensor is read). Scratch is written and read back.
@@ -64,12 +64,11 @@ WRITES = {
     "_retention_chunk_fwd_kernel": {"o", "ckpt", "s_final"},
     "_retention_chunk_bwd_kernel": {"dq", "dk", "dv", "dg", "ds0"},
     "_retention_cp_chunk_state_kernel": {"states"},
-    "_retention_cp_pass_kernel": {"states"},
+    "_chunk_pass_kernel": {"states"},
     "_retention_cp_output_kernel": {"o"},
     "_retention_cp_dstate_kernel": {"dstates"},
     "_retention_cp_grad_kernel": {"dq", "dk", "dv", "dg"},
     "_rwkv6_cp_chunk_state_kernel": {"states", "gl"},
-    "_rwkv6_cp_pass_kernel": {"states"},
     "_rwkv6_cp_output_kernel": {"o"},
     "_rwkv6_cp_dstate_kernel": {"dstates"},
     "_rwkv6_cp_grad_kernel": {"dr", "dk", "dv", "dw", "du"},
@@ -78,7 +77,7 @@ WRITES = {
     "_rwkv7_cp_output_kernel": {"o"},
 }
 # Arguments a kernel updates in place: read whole and written whole, so counted twice.
-READ_WRITES = {"_retention_cp_pass_kernel": {"states"}, "_rwkv6_cp_pass_kernel": {"states"}, "_rwkv7_cp_pass_kernel": {"states"}}
+READ_WRITES = {"_chunk_pass_kernel": {"states"}, "_rwkv7_cp_pass_kernel": {"states"}}
 # The chunk-parallel state passes read ``s_edge`` (the initial state, or the final state's gradient) only with HAS_EDGE.
 CHUNK_PARALLEL_GUARDS = {"s_edge": "HAS_EDGE"}
 SCRATCH = {"scratch", "scratch_ptr"}
@@ -157,14 +156,10 @@ def _retention_chunk_parallel(name: str, a: dict, programs: int) -> Flops:
     )
 
 
-def _retention_state_pass(name: str, a: dict, programs: int) -> Flops:
-    """The state passes: per chunk and state entry about 8 FLOPs (a work-efficient scan of the affine maps over G chunks,
-    two combines of 3 FLOPs, then applying the map); one exp per chunk."""
-    return Flops(cuda=8 * a["BLOCK"] * a["NT"] * programs, exp=a["NT"] * programs)
-
-
-def _rwkv6_state_pass(name: str, a: dict, programs: int) -> Flops:
-    """RWKV-6's state passes: as retention's, with one exp (its row's decay) per state entry and chunk."""
+def _chunk_pass(name: str, a: dict, programs: int) -> Flops:
+    """The state passes of retention and RWKV-6 (kernels/chunk_pass.py): per chunk and state entry about 8 FLOPs (a
+    work-efficient scan of the affine maps over G chunks, two combines of 3 FLOPs, then applying the map) and one exp
+    (its row's decay)."""
     return Flops(cuda=8 * a["BLOCK"] * a["NT"] * programs, exp=a["BLOCK"] * a["NT"] * programs)
 
 
@@ -293,12 +288,11 @@ FLOPS: dict[str, Callable[[str, dict, int], Flops]] = {
     "_retention_chunk_fwd_kernel": _retention_chunk,
     "_retention_chunk_bwd_kernel": _retention_chunk,
     "_retention_cp_chunk_state_kernel": _retention_chunk_parallel,
-    "_retention_cp_pass_kernel": _retention_state_pass,
+    "_chunk_pass_kernel": _chunk_pass,
     "_retention_cp_output_kernel": _retention_chunk_parallel,
     "_retention_cp_dstate_kernel": _retention_chunk_parallel,
     "_retention_cp_grad_kernel": _retention_chunk_parallel,
     "_rwkv6_cp_chunk_state_kernel": _rwkv6_chunk_parallel,
-    "_rwkv6_cp_pass_kernel": _rwkv6_state_pass,
     "_rwkv6_cp_output_kernel": _rwkv6_chunk_parallel,
     "_rwkv6_cp_dstate_kernel": _rwkv6_chunk_parallel,
     "_rwkv6_cp_grad_kernel": _rwkv6_chunk_parallel,
