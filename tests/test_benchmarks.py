@@ -134,3 +134,25 @@ def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         decode_main(["--vs-hf", "--models", "llama,gpt2"])
     assert exit_info.value.code == 2 and "--models: no Hugging Face peer for gpt2" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
+    """benchmarks.kernels reads its implementations from zoo.kernels.registry: every non-peer call of the op is
+    timed (the Triton ones in the interpreter), peers are left out on CPU, and the removed --model names its replacement."""
+    from benchmarks.kernels import BENCHES, main as kernels_main
+    from zoo.kernels.registry import CALLS
+
+    report = kernels_main(["--smoke", "--ops", "selective_scan", "--sizes", "8:1", "--out", str(tmp_path)])
+    runs = report["ops"]["selective_scan"]["runs"]
+    expected = [c.label for c in CALLS if c.op.name == "selective_scan" and not c.peer and not c.step]
+    assert [r["impl"] for r in runs] == expected == ["zoo triton", "zoo chunked torch"]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
+    assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm selective_scan_fn"]
+    assert (tmp_path / "kernels-smoke.md").read_text().count("| zoo ") == 2
+    assert sorted(BENCHES) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    assert "ssd/triton/step" not in [c.name for calls in BENCHES.values() for c in calls]
+    with pytest.raises(SystemExit):
+        kernels_main(["--model"])
+    assert "python -m benchmarks.kernel_resources" in capsys.readouterr().err
+    plan = kernels_main(["--quick", "--dry-run", "--ops", "rwkv6"])
+    assert plan["sizes"] == [{"T": 1024, "batch": 4}, {"T": 4096, "batch": 1}] and plan["iters"] == 3
