@@ -29,12 +29,11 @@ class MambaConfig:
     bias: bool = False  # in_proj / out_proj bias
     dt_min: float = 0.001
     dt_max: float = 0.1
-    backend: str = "auto"  # a name in zoo.kernels.selective_scan.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.selective_scan.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
-        BACKENDS.check(self.backend, "mamba")
 
     def resolved_dt_rank(self, d_model: int) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)

@@ -33,7 +33,7 @@ class Mamba2Config:
     dt_max: float = 0.1
     dt_limit_min: float = 0.0  # dt is clamped to [dt_limit_min, dt_limit_max] after the softplus
     dt_limit_max: float | None = None  # None: no upper limit
-    backend: str = "auto"  # a name in zoo.kernels.ssd.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.ssd.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         d_inner = self.expand * d_model
@@ -46,7 +46,6 @@ class Mamba2Config:
             raise ConfigError("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if self.dt_limit_max is not None and self.dt_limit_max <= self.dt_limit_min:
             raise ConfigError("dt_limit_max", f"must be > dt_limit_min={self.dt_limit_min}, got {self.dt_limit_max}")
-        BACKENDS.check(self.backend, "mamba2")
 
 
 class Mamba2State(NamedTuple):

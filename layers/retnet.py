@@ -43,14 +43,13 @@ class RetNetConfig:
     norm_eps: float = bounded(1e-6, gt=0)
     rotary: Literal["torchscale", "neox"] = "torchscale"  # pairing and frequencies of the q/k rotation (ROTARY)
     output_norm: Literal["groupnorm", "rmsnorm"] = "groupnorm"  # per-head norm of the retention output
-    backend: str = "auto"  # a name in zoo.kernels.retention.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.retention.BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if d_model % self.n_heads:
             raise ConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={self.n_heads}")
         if (d_model // self.n_heads) % 2:
             raise ConfigError("n_heads", f"key head dim d_model/n_heads = {d_model // self.n_heads} must be even for the rotation")
-        BACKENDS.check(self.backend, "retnet")
 
 
 class RetNetState(NamedTuple):

@@ -35,13 +35,12 @@ class RWKV6Config:
     decay_lora_rank: int = bounded(64, ge=1)
     mix_lora_rank: int = bounded(32, ge=1)
     chunk_size: int = bounded(16, ge=1)
-    backend: str = "auto"  # a name in zoo.kernels.rwkv6.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.rwkv6.BACKENDS; auto runs torch
     group_norm_eps: float = bounded(64e-5, gt=0)  # eps of the readout's GroupNorm (ln_x); fla uses its norm_eps
 
     def validate(self, d_model: int) -> None:
         if d_model % self.head_dim:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
-        BACKENDS.check(self.backend, "rwkv6")
 
 
 class RWKV6State(NamedTuple):

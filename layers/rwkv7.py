@@ -55,7 +55,7 @@ class RWKV7Config:
     a_lora_rank: int = bounded(64, ge=1)
     gate_lora_rank: int = bounded(128, ge=1)
     chunk_size: int = bounded(16, ge=1)
-    backend: str = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
     value_residual: bool = True  # Eqs. 8-10: later RWKV-7 layers mix the first one's values into theirs
     value_lora_rank: int = bounded(32, ge=1)  # rank of the value-residual gate's LoRA (v1, v2)
     group_norm_eps: float = bounded(64e-5, gt=0)  # eps of the readout's GroupNorm (ln_x); RWKV-LM: head_dim * 1e-5
@@ -66,7 +66,6 @@ class RWKV7Config:
     def validate(self, d_model: int) -> None:
         if d_model % self.head_dim:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
-        BACKENDS.check(self.backend, "rwkv7")
 
 
 class RWKV7State(NamedTuple):

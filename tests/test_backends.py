@@ -3,6 +3,7 @@ and the mamba-ssm adapters' layout conversions (checked on CPU against a stand-i
 import dataclasses
 import importlib.machinery
 import logging
+import subprocess
 import sys
 import types
 
@@ -34,20 +35,63 @@ def build(block, **args):
     return MIXERS.get(block).cls(spec.args_for(block), 48, 0)
 
 
+# The names backends had before each name meant one algorithm on every op, and the kernel each ran.
+RENAMED = {"mamba": {"triton": "triton_recurrent"}, "mamba2": {"triton": "triton_chunk"}, "retnet": {"triton": "triton_chunk_serial"},
+           "rwkv6": {"triton": "triton_recurrent"}, "rwkv7": {"triton": "triton_recurrent"}}
+
+
 @pytest.mark.parametrize("block", sorted(OPS))
 def test_auto_stays_on_torch_until_the_triton_kernels_pass_on_a_gpu(block):
-    table = OPS[block]
-    assert table.resolve("auto") == "torch" and table.resolve("triton") == "triton"
-    assert build(block, backend="triton").backend == "triton"
+    assert OPS[block].resolve("auto") == "torch"
     assert build(block).backend == "auto"
 
 
+@pytest.mark.parametrize("block", sorted(OPS))
+def test_an_old_backend_name_runs_the_same_kernel_and_warns(block):
+    """Old recipes and saved configs keep working: the old name is accepted, warns once at the block's construction
+    with the name to use, and the block runs the kernel that name ran before (bit for bit the new name's output)."""
+    pytest.importorskip("triton")
+    table = OPS[block]
+    assert table.aliases == RENAMED[block]
+    ((old, new),) = RENAMED[block].items()
+    with pytest.warns(FutureWarning, match=rf"{table.op} backend '{old}' \({block} block\) is a deprecated name; use '{new}'"):
+        renamed = build(block, backend=old)
+    assert renamed.backend == new
+    current = build(block, backend=new)
+    current.load_state_dict(renamed.state_dict())
+    x = torch.randn(1, 16, 48)
+    torch.testing.assert_close(renamed(x)[0], current(x)[0], rtol=0, atol=0)
+
+
+def test_retention_triton_with_the_recurrent_form_keeps_its_kernel():
+    """The old ``triton`` name of retention ran the fused-recurrent kernels for ``form="recurrent"``."""
+    pytest.importorskip("triton")
+    q, v = torch.randn(1, 16, 2, 16), torch.randn(1, 16, 2, 16)
+    log_decay = torch.tensor([-0.1, -0.5])
+    with pytest.warns(FutureWarning, match="use 'triton_recurrent'"):
+        old = retention_pkg.retention(q, q, v, log_decay, form="recurrent", backend="triton")
+    new = retention_pkg.retention(q, q, v, log_decay, form="chunk", backend="triton_recurrent")
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+
+
 def test_every_recurrent_block_uses_its_ops_backend_table():
-    """The blocks keep no backend tuples: a config's choices are its op's table (derived, not listed)."""
+    """The blocks keep no backend tuples: a config's choices are its op's table (derived, not listed), and a recipe's
+    unknown name is refused with its key path and every choice."""
     assert set(OPS) == {"mamba", "mamba2", "retnet", "rwkv6", "rwkv7"}  # the five recurrent blocks shipped today
     for block, op in OPS.items():
-        with pytest.raises(ConfigError, match=f"unknown {block} backend 'nope'; choose one of {', '.join(op.names())}"):
+        choices = ", ".join(map(repr, op.choices()))
+        with pytest.raises(ConfigError, match=f"model.{block}.backend: expected one of {choices}, got 'nope'"):
             build(block, backend="nope")
+        with pytest.raises(ConfigError, match=f"unknown {block} backend 'nope'; choose one of {', '.join(op.choices())}"):
+            op.require("nope", block)
+
+
+def test_import_zoo_leaves_zoos_triton_modules_unloaded():
+    """The Triton backends are import paths, loaded on the first call: ``import zoo`` imports none of zoo's Triton
+    modules (transformers itself may import triton)."""
+    code = "import sys, zoo, zoo.layers; print([m for m in sys.modules if m.startswith('zoo.kernels') and '.triton' in m])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("block", [b for b, table in OPS.items() if "mamba_ssm" in table.names()])
@@ -60,13 +104,13 @@ def test_missing_mamba_ssm_is_an_error_not_a_fallback(block, monkeypatch):
 
 @pytest.mark.parametrize("block", [b for b, table in OPS.items() if "mamba_ssm" not in table.names()])
 def test_blocks_without_mamba_ssm_reject_it_by_key(block):
-    with pytest.raises(ConfigError, match=f"model.{block}.backend: unknown {block} backend 'mamba_ssm'"):
+    with pytest.raises(ConfigError, match=f"model.{block}.backend: expected one of .*, got 'mamba_ssm'"):
         build(block, backend="mamba_ssm")
 
 
 def test_an_op_called_with_an_unknown_backend_names_it():
     q = torch.zeros(1, 2, 1, 4)
-    with pytest.raises(ValueError, match="retention: unknown backend 'cuda'; choose one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="retention: unknown backend 'cuda'; choose one of auto, torch, triton_recurrent"):
         retention_pkg.retention(q, q, q, torch.zeros(1), backend="cuda")
 
 

@@ -248,12 +248,12 @@ def test_ssd_triton_backend_decodes_through_the_step_kernel(monkeypatch):
     monkeypatch.setattr(triton_step, "ssd_step_triton", lambda *a: calls.append(1) or ssd_step_triton(*a))
     inputs = ssd_inputs(2, 1, 4, 2, 24, 12)
     with torch.no_grad():
-        y, state = ssd_scan(**inputs, backend="triton")
+        y, state = ssd_scan(**inputs, backend="triton_chunk")
     assert calls == [1]
     y_ref, state_ref = ssd_reference(**{k: v.double() for k, v in inputs.items()})
     assert_close(y, y_ref, torch.float32, "y")
     assert_close(state, state_ref, torch.float32, "state")
-    ssd_scan(**{**inputs, "x": inputs["x"].clone().requires_grad_()}, backend="triton")[0].sum().backward()
+    ssd_scan(**{**inputs, "x": inputs["x"].clone().requires_grad_()}, backend="triton_chunk")[0].sum().backward()
     assert calls == [1]
 
 

@@ -4,6 +4,8 @@ Three equivalent forms: ``recurrent`` (Eq. 6, :mod:`.naive`), ``parallel`` (Eq. 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from zoo.kernels.backends import Backend, BackendTable
@@ -14,23 +16,6 @@ from .fla_backend import retention_fla
 from .naive import retention_recurrent
 from .parallel import retention_parallel
 from .step import retention_step
-
-
-def retention_triton(*args, **kwargs):
-    """zoo's Triton kernel (:mod:`.triton_retention`, same arguments as :func:`retention`); Triton is imported on first use,
-    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
-    from .triton_retention import retention_triton as kernel
-
-    return kernel(*args, **kwargs)
-
-
-def retention_triton_chunk(*args, **kwargs):
-    """zoo's chunk-parallel Triton kernels (:mod:`.triton_chunk_parallel`, same arguments as :func:`retention`; ``form``
-    is not used): parallel over (chunks x batch x heads), states passed between chunks by a small sequential kernel.
-    Triton is imported on first use."""
-    from .triton_chunk_parallel import retention_chunk_parallel as kernel
-
-    return kernel(*args, **kwargs)
 
 
 FORMS = ("chunk", "parallel", "recurrent")
@@ -51,13 +36,17 @@ def retention(
     q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
     initial_state: [B, H, K, V] or None (zeros). Computes in fp32 (fp64 for fp64 inputs).
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
-    ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given; one token: the step form) or ``triton`` (zoo's kernels:
-    ``form`` ``recurrent`` runs the fused recurrent one, the others the chunked one) or ``triton_chunk`` (zoo's
-    chunk-parallel kernels, any ``form``).
+    ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given; one token: the step form);
+    zoo's Triton kernels, any ``form``: ``triton_recurrent`` (fused recurrent), ``triton_chunk_serial`` (one program
+    walks the chunks) or ``triton_chunk`` (chunk-parallel); ``fla`` (fla's chunked kernel).
     """
     check_retention_inputs("retention", q, k, v, log_decay, initial_state, chunk_size)
     if form not in FORMS:
         raise ValueError(f"retention: unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if backend == "triton" and form == "recurrent":  # what the deprecated name ran for this form
+        warnings.warn("retention backend 'triton' with form='recurrent' is a deprecated name; use 'triton_recurrent', the same kernel",
+                      FutureWarning, stacklevel=2)
+        backend = "triton_recurrent"
     o, final = BACKENDS(backend, q, k, v, log_decay, initial_state, form, chunk_size)
     return o.to(v.dtype), final
 
@@ -84,6 +73,12 @@ def check_retention_inputs(op: str, q, k, v, log_decay, initial_state, chunk_siz
 __all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retention_chunked", "retention_parallel", "retention_recurrent", "retention_step", "retention_triton",
            "retention_triton_chunk"]
 
-
-BACKENDS = BackendTable("retention", {"torch": Backend(retention_torch), "triton": Backend(retention_triton, "triton"), "fla": Backend(retention_fla, "fla"),
-                                   "triton_chunk": Backend(retention_triton_chunk, "triton")})
+TRITON = "zoo.kernels.retention.triton_retention"
+BACKENDS = BackendTable("retention", {
+    "torch": Backend(retention_torch),
+    "triton_recurrent": Backend(f"{TRITON}:retention_triton_recurrent", "triton"),
+    "triton_chunk_serial": Backend(f"{TRITON}:retention_triton_chunk_serial", "triton"),
+    "triton_chunk": Backend("zoo.kernels.retention.triton_chunk_parallel:retention_chunk_parallel", "triton"),
+    "fla": Backend(retention_fla, "fla"),
+}, aliases={"triton": "triton_chunk_serial"})
+__getattr__ = BACKENDS.exports(__name__, retention_triton=f"{TRITON}:retention_triton", retention_triton_chunk="triton_chunk")

@@ -406,3 +406,13 @@ def retention_triton(
     check_triton_inputs("retention_triton", _retention_fwd_kernel, q, k, v, log_decay, initial_state)
     o, final = RetentionFunction.apply(q, k, v, log_decay, initial_state, chunk_size, form != "recurrent")
     return o.to(v.dtype), final
+
+
+def retention_triton_recurrent(q, k, v, log_decay, initial_state=None, form: str = "recurrent", chunk_size: int = 64):
+    """Backend ``triton_recurrent``: the fused-recurrent kernels, whatever ``form``."""
+    return retention_triton(q, k, v, log_decay, initial_state, "recurrent", chunk_size)
+
+
+def retention_triton_chunk_serial(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
+    """Backend ``triton_chunk_serial``: the chunked kernels (one program walks the chunks), whatever ``form``."""
+    return retention_triton(q, k, v, log_decay, initial_state, "chunk", chunk_size)

@@ -11,23 +11,6 @@ from .naive import rwkv6_naive
 from .step import rwkv6_step
 
 
-def rwkv6_triton(*args, **kwargs):
-    """zoo's Triton kernel (:mod:`.triton_rwkv6`, same arguments as :func:`rwkv6`); Triton is imported on first use,
-    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
-    from .triton_rwkv6 import rwkv6_triton as kernel
-
-    return kernel(*args, **kwargs)
-
-
-def rwkv6_triton_chunk(*args, **kwargs):
-    """zoo's chunk-parallel Triton kernels (:mod:`.triton_chunk_parallel`, same arguments as :func:`rwkv6`): parallel
-    over (chunks x batch x heads), states passed between chunks by a small sequential kernel. Triton is imported on
-    first use."""
-    from .triton_chunk_parallel import rwkv6_chunk_parallel as kernel
-
-    return kernel(*args, **kwargs)
-
-
 def check_rwkv6_inputs(op: str, r, k, v, w_log, u, initial_state, chunk_size: int) -> tuple[int, int, int, int]:
     """The shapes of :func:`rwkv6`'s contract (shared with the Triton kernel); returns ``(B, T, H, K)``."""
     B, T, H, K = check_head_inputs(op, {"r": r, "k": k, "w_log": w_log}, v, initial_state, chunk_size)
@@ -40,8 +23,8 @@ __all__ = ["BACKENDS", "check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_na
 
 
 def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
-    """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked; one token: the step form),
-    ``triton`` (fused recurrent) or ``triton_chunk`` (chunk-parallel).
+    """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked;
+    one token: the step form), ``triton_recurrent`` (fused recurrent), ``triton_chunk`` (chunk-parallel) or ``fla``.
 
     Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``;
@@ -58,5 +41,10 @@ def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
     return rwkv6_chunked(r, k, v, w_log, u, initial_state, chunk_size)
 
 
-BACKENDS = BackendTable("rwkv6", {"torch": Backend(rwkv6_torch), "triton": Backend(rwkv6_triton, "triton"), "fla": Backend(rwkv6_fla, "fla"),
-                                        "triton_chunk": Backend(rwkv6_triton_chunk, "triton")})
+BACKENDS = BackendTable("rwkv6", {
+    "torch": Backend(rwkv6_torch),
+    "triton_recurrent": Backend("zoo.kernels.rwkv6.triton_rwkv6:rwkv6_triton", "triton"),
+    "triton_chunk": Backend("zoo.kernels.rwkv6.triton_chunk_parallel:rwkv6_chunk_parallel", "triton"),
+    "fla": Backend(rwkv6_fla, "fla"),
+}, aliases={"triton": "triton_recurrent"})
+__getattr__ = BACKENDS.exports(__name__, rwkv6_triton="triton_recurrent", rwkv6_triton_chunk="triton_chunk")

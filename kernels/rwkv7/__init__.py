@@ -11,22 +11,6 @@ from .recurrent import rwkv7_recurrent
 from .step import rwkv7_step
 
 
-def rwkv7_triton(*args, **kwargs):
-    """zoo's Triton kernel (:mod:`.triton_rwkv7`, same arguments as :func:`rwkv7`); Triton is imported on first use,
-    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
-    from .triton_rwkv7 import rwkv7_triton as kernel
-
-    return kernel(*args, **kwargs)
-
-
-def rwkv7_triton_chunk(*args, **kwargs):
-    """zoo's chunk-parallel Triton forward (:mod:`.triton_chunk_parallel`, same arguments as :func:`rwkv7`; WY/UT form,
-    parallel over chunks x batch x heads) with the fused-recurrent Triton backward. Triton is imported on first use."""
-    from .triton_chunk_parallel import rwkv7_chunk_parallel as kernel
-
-    return kernel(*args, **kwargs)
-
-
 def rwkv7_keys(r, w_log, k, a, b) -> dict:
     """The ``[B, T, H, K]`` inputs of :func:`rwkv7` by name, for :func:`zoo.kernels.checks.check_head_inputs`."""
     return {"r": r, "w_log": w_log, "k": k, "a": a, "b": b}
@@ -40,9 +24,9 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
 
     Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
-    in fp32, or fp64 for fp64 inputs. ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``triton`` (fused recurrent), ``triton_chunk``
-    (chunk-parallel forward, recurrent backward) or ``torch``: on CPU the recurrent form with a
-    hand-written backward, elsewhere the chunked form (one token: the step form).
+    in fp32, or fp64 for fp64 inputs. ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``triton_recurrent`` (fused
+    recurrent), ``triton_chunk`` (chunk-parallel forward, recurrent backward), ``fla`` or ``torch``: on CPU the
+    recurrent form with a hand-written backward, elsewhere the chunked form (one token: the step form).
     """
     check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)
     return BACKENDS(backend, r, w_log, k, v, a, b, initial_state, chunk_size)
@@ -57,5 +41,10 @@ def rwkv7_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
     return form(r, w_log, k, v, a, b, initial_state, chunk_size)
 
 
-BACKENDS = BackendTable("rwkv7", {"torch": Backend(rwkv7_torch), "triton": Backend(rwkv7_triton, "triton"), "fla": Backend(rwkv7_fla, "fla"),
-                                        "triton_chunk": Backend(rwkv7_triton_chunk, "triton")})
+BACKENDS = BackendTable("rwkv7", {
+    "torch": Backend(rwkv7_torch),
+    "triton_recurrent": Backend("zoo.kernels.rwkv7.triton_rwkv7:rwkv7_triton", "triton"),
+    "triton_chunk": Backend("zoo.kernels.rwkv7.triton_chunk_parallel:rwkv7_chunk_parallel", "triton"),
+    "fla": Backend(rwkv7_fla, "fla"),
+}, aliases={"triton": "triton_recurrent"})
+__getattr__ = BACKENDS.exports(__name__, rwkv7_triton="triton_recurrent", rwkv7_triton_chunk="triton_chunk")

@@ -13,14 +13,6 @@ from .recurrent import selective_scan_recurrent
 from .step import selective_scan_step
 
 
-def selective_scan_triton(*args, **kwargs):
-    """zoo's Triton kernel (:mod:`.triton_scan`, same arguments as :func:`selective_scan`); Triton is imported on first use,
-    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
-    from .triton_scan import selective_scan_triton as kernel
-
-    return kernel(*args, **kwargs)
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -42,7 +34,7 @@ def selective_scan(
     Returns ``(y [B, T, D], final_state [B, D, N])``; the state is fp32 (fp64 for fp64 inputs).
     Torch forms: on CPU the recurrent one with a hand-written backward (cache-sized working set), elsewhere the
     chunked one (few large operations); one token: the step form; ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
-    ``triton`` (zoo's kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
+    ``triton_recurrent`` (zoo's fused recurrent kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
     """
     check_scan_shapes("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     return BACKENDS(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
@@ -63,9 +55,10 @@ def _mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_stat
 
 BACKENDS = BackendTable("selective_scan", {
     "torch": Backend(selective_scan_torch),
-    "triton": Backend(selective_scan_triton, "triton"),
+    "triton_recurrent": Backend("zoo.kernels.selective_scan.triton_scan:selective_scan_triton", "triton"),
     "mamba_ssm": Backend(_mamba_ssm, "mamba_ssm"),
-})
+}, aliases={"triton": "triton_recurrent"})
+__getattr__ = BACKENDS.exports(__name__, selective_scan_triton="triton_recurrent")
 
 
 __all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked", "selective_scan_naive", "selective_scan_recurrent", "selective_scan_step",

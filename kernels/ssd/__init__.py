@@ -13,14 +13,6 @@ from .naive import ssd_naive
 from .step import ssd_step
 
 
-def ssd_triton(*args, **kwargs):
-    """zoo's Triton kernel (:mod:`.triton_ssd`, same arguments as :func:`ssd_scan`); Triton is imported on first use,
-    so ``import zoo`` never loads it. CPU tensors need ``TRITON_INTERPRET=1`` set before that first use."""
-    from .triton_ssd import ssd_triton as kernel
-
-    return kernel(*args, **kwargs)
-
-
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -40,8 +32,8 @@ def ssd_scan(
     ``dt = clamp(softplus(dt + dt_bias), *dt_limit)``. Shapes: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias
     ``[H]``; B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros).
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
-    ``backend`` (:data:`BACKENDS`): ``torch`` (chunked; one token: the step form), ``triton`` (zoo's kernel) or ``mamba_ssm`` (its
-    ``mamba_chunk_scan_combined``); ``auto`` is torch.
+    ``backend`` (:data:`BACKENDS`): ``torch`` (chunked; one token: the step form), ``triton_chunk`` (zoo's
+    chunk-parallel kernels) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``); ``auto`` is torch.
     """
     check_ssd_shapes("ssd_scan", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
     return BACKENDS(backend, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
@@ -64,8 +56,9 @@ def ssd_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, 
 
 BACKENDS = BackendTable("ssd_scan", {
     "torch": Backend(ssd_torch),
-    "triton": Backend(ssd_triton, "triton"),
+    "triton_chunk": Backend("zoo.kernels.ssd.triton_ssd:ssd_triton", "triton"),
     "mamba_ssm": Backend(ssd_mamba_ssm, "mamba_ssm"),
-})
+}, aliases={"triton": "triton_chunk"})
+__getattr__ = BACKENDS.exports(__name__, ssd_triton="triton_chunk")
 
 __all__ = ["BACKENDS", "ssd_scan", "ssd_chunked", "ssd_naive", "ssd_step", "ssd_triton"]
