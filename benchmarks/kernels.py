@@ -63,7 +63,7 @@ def measure(call: KernelCall, inputs: dict, device: torch.device, warmup: int, i
 def implementations(op: str, device: torch.device) -> tuple[list[KernelCall], list[str]]:
     """The calls of ``op`` to time on ``device`` and the peers left out (not installed, or not on CUDA)."""
     runs = [c for c in BENCHES[op] if not c.peer or (device.type == "cuda" and c.available())]
-    return runs, [c.label for c in BENCHES[op] if c not in runs]
+    return runs, [c.backend for c in BENCHES[op] if c not in runs]
 
 
 def run_bench(op: str, sizes, dims: dict, device, dtype, warmup: int, iters: int) -> dict:
@@ -73,16 +73,17 @@ def run_bench(op: str, sizes, dims: dict, device, dtype, warmup: int, iters: int
         inputs = OPS[op].example(dims, batch, T, device, dtype)
         for call in calls:
             result = measure(call, inputs, device, warmup, iters)
-            runs.append({"T": T, "batch": batch, "impl": call.label, **result})
-            print(f"{op} T={T} B={batch} {call.label}: {result}", file=sys.stderr)
-    # ratio other / zoo triton at the same size: > 1 means the Triton kernel is faster
-    base = {(r["T"], r["batch"]): r for r in runs if r["impl"] == "zoo triton"}
+            runs.append({"T": T, "batch": batch, "impl": call.backend, **result})
+            print(f"{op} T={T} B={batch} {call.backend}: {result}", file=sys.stderr)
+    # ratio other / the op's first Triton call at the same size: > 1 means that kernel is faster
+    baseline = BENCHES[op][0].backend
+    base = {(r["T"], r["batch"]): r for r in runs if r["impl"] == baseline}
     for r in runs:
         b = base.get((r["T"], r["batch"]))
         for key in ("fwd_ms", "fwd_bwd_ms"):
             ratio = r[key] / b[key] if b and r[key] and b[key] else None
-            r[key.replace("_ms", "_ratio_vs_triton")] = None if ratio is None else round(ratio, 3)
-    return {"shapes": dims, "peers_missing": missing, "runs": runs}
+            r[key.replace("_ms", "_ratio")] = None if ratio is None else round(ratio, 3)
+    return {"shapes": dims, "baseline": baseline, "peers_missing": missing, "runs": runs}
 
 
 def markdown(report: dict) -> str:
@@ -90,20 +91,21 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Scan kernels ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']})",
         "",
-        "Median ms per call; ratio = time / zoo triton time at the same size (> 1: the Triton kernel is faster).",
+        "Median ms per call of each backend (peers through zoo's adapters); ratio = time / the time of the op's first "
+        "Triton backend at the same size (> 1: that kernel is faster).",
     ]
     for op, result in report["ops"].items():
         lines += [
             "",
-            f"## {op}: {', '.join(f'{k} {v}' for k, v in result['shapes'].items())}",
+            f"## {op}: {', '.join(f'{k} {v}' for k, v in result['shapes'].items())}; ratio vs {result['baseline']}",
             "",
-            "| T | B | implementation | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio |",
+            "| T | B | backend | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio |",
             "|---:|---:|---|---:|---:|---:|---:|",
         ]
         for r in result["runs"]:
             lines.append(
-                f"| {r['T']} | {r['batch']} | {r['impl']} | {r['fwd_ms']} | {r['fwd_ratio_vs_triton']} | "
-                f"{r['fwd_bwd_ms']} | {r['fwd_bwd_ratio_vs_triton']} |" + (f" {r['error']}" if "error" in r else "")
+                f"| {r['T']} | {r['batch']} | {r['impl']} | {r['fwd_ms']} | {r['fwd_ratio']} | "
+                f"{r['fwd_bwd_ms']} | {r['fwd_bwd_ratio']} |" + (f" {r['error']}" if "error" in r else "")
             )
         if result["peers_missing"]:
             lines += ["", f"Not timed (not installed, or not on CUDA): {', '.join(result['peers_missing'])}."]
@@ -127,7 +129,7 @@ def plan(ops: list[str], smoke: bool, device: torch.device, sizes, dtype, warmup
     for op in ops:
         calls, missing = implementations(op, device)
         planned[op] = {"shapes": OPS[op].smoke if smoke else OPS[op].bench,
-                       "implementations": [c.label for c in calls], "peers_missing": missing}
+                       "implementations": [c.backend for c in calls], "peers_missing": missing}
     return {
         "device": machine(device)["device"], "cuda": device.type == "cuda", "dtype": str(dtype).removeprefix("torch."),
         "sizes": [{"T": T, "batch": b} for T, b in sizes], "warmup": warmup, "iters": iters, "ops": planned,

@@ -170,21 +170,20 @@ class KernelCall:
     """``op.fn(**inputs, **op.options, **options, backend=backend)``. ``launches``: its Triton kernels in launch order, forward then
     backward; ``step``: a one-token decode call (T = 1, forward only); ``frozen``: inputs that get no gradient;
     ``peer``: another project's kernel behind zoo's adapter (timed when its package imports, on CUDA). Its
-    :attr:`name` is ``op/backend`` (``/variant`` or ``/step`` where one backend has two calls)."""
+    :attr:`name` is ``op/backend`` (``op/backend/step`` for the decode step)."""
 
     op: Op
     backend: str
-    label: str
     launches: tuple[Kernel, ...] = ()
     options: dict = field(default_factory=dict)
     step: bool = False
     frozen: tuple[str, ...] = ()
     peer: bool = False
-    variant: str = ""  # tells apart two calls of one backend
 
     @property
     def name(self) -> str:
-        return "/".join(filter(None, (self.op.name, self.backend, self.variant or ("step" if self.step else ""))))
+        return f"{self.op.name}/{self.backend}" + ("/step" if self.step else "")
+
 
     @property
     def package(self) -> str | None:
@@ -221,34 +220,33 @@ def _chunk_parallel(prefix: str) -> tuple[Kernel, ...]:
 
 _SSD_FWD = (("_ssd_chunk_state_kernel", ssd_chunks), ("_ssd_state_passing_kernel", ssd_state_passing))
 
-# Every call, in the order of benchmarks/results/kernels-resources.md; peers and torch forms last.
+# Every call, in the order of benchmarks/results/kernels-resources.md; torch forms and peers last.
 CALLS: tuple[KernelCall, ...] = (
-    KernelCall(OPS["selective_scan"], "triton", "zoo triton", _kernels(
+    KernelCall(OPS["selective_scan"], "triton_recurrent", _kernels(
         ("_selective_scan_fwd_kernel", selective_scan_grid), ("_selective_scan_bwd_kernel", selective_scan_grid))),
-    KernelCall(OPS["ssd"], "triton", "zoo triton", _kernels(
+    KernelCall(OPS["ssd"], "triton_chunk", _kernels(
         *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunks))),
-    KernelCall(OPS["ssd"], "triton", "zoo triton decode step", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),
-    KernelCall(OPS["rwkv6"], "triton", "zoo triton", _recurrent("_rwkv6")),
-    KernelCall(OPS["rwkv7"], "triton", "zoo triton", _recurrent("_rwkv7")),
-    KernelCall(OPS["retention"], "triton", "zoo triton", _kernels(
+    KernelCall(OPS["ssd"], "triton_chunk", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),
+    KernelCall(OPS["rwkv6"], "triton_recurrent", _recurrent("_rwkv6")),
+    KernelCall(OPS["rwkv7"], "triton_recurrent", _recurrent("_rwkv7")),
+    KernelCall(OPS["retention"], "triton_chunk_serial", _kernels(
         ("_retention_chunk_fwd_kernel", heads_by_v, False), ("_retention_chunk_bwd_kernel", heads_by_v, False))),
-    KernelCall(OPS["retention"], "triton", "zoo triton recurrent", _recurrent("_retention"), {"form": "recurrent"},
-               variant="recurrent"),
-    KernelCall(OPS["retention"], "triton_chunk", "zoo triton chunk-parallel", _chunk_parallel("_retention_cp")),
-    KernelCall(OPS["rwkv6"], "triton_chunk", "zoo triton chunk-parallel", _chunk_parallel("_rwkv6_cp")),
+    KernelCall(OPS["retention"], "triton_recurrent", _recurrent("_retention")),
+    KernelCall(OPS["retention"], "triton_chunk", _chunk_parallel("_retention_cp")),
+    KernelCall(OPS["rwkv6"], "triton_chunk", _chunk_parallel("_rwkv6_cp")),
     # the state pass (cdiv(V, BVP), B * H) and the fused-recurrent backward run fewer programs:
     # kernels/rwkv7/triton_chunk_parallel.py says why
-    KernelCall(OPS["rwkv7"], "triton_chunk", "zoo triton chunk-parallel", _kernels(
+    KernelCall(OPS["rwkv7"], "triton_chunk", _kernels(
         ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
         ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_bwd_kernel", heads_by_v, False))),
-    *(KernelCall(op, "torch", "zoo chunked torch") for op in OPS.values()),
-    KernelCall(OPS["selective_scan"], "mamba_ssm", "mamba_ssm selective_scan_fn", peer=True),
-    KernelCall(OPS["ssd"], "mamba_ssm", "mamba_ssm mamba_chunk_scan_combined", peer=True),
-    KernelCall(OPS["rwkv6"], "fla", "fla chunk_rwkv6", peer=True),
-    KernelCall(OPS["rwkv7"], "fla", "fla chunk_rwkv7", peer=True),
-    KernelCall(OPS["retention"], "fla", "fla chunk_simple_gla", frozen=("log_decay",), peer=True),  # fla: constant decays
+    *(KernelCall(op, "torch") for op in OPS.values()),
+    KernelCall(OPS["selective_scan"], "mamba_ssm", peer=True),  # selective_scan_fn
+    KernelCall(OPS["ssd"], "mamba_ssm", peer=True),  # mamba_chunk_scan_combined
+    KernelCall(OPS["rwkv6"], "fla", peer=True),  # chunk_rwkv6
+    KernelCall(OPS["rwkv7"], "fla", peer=True),  # chunk_rwkv7
+    KernelCall(OPS["retention"], "fla", frozen=("log_decay",), peer=True),  # chunk_simple_gla: constant decays
 )
-CALLS_BY_NAME = {call.name: call for call in CALLS if not call.peer and call.backend != "torch"}
+CALLS_BY_NAME = {call.name: call for call in CALLS}
 TRITON_CALLS = tuple(call for call in CALLS if call.launches)
 
 

@@ -144,11 +144,12 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
 
     report = kernels_main(["--smoke", "--ops", "selective_scan", "--sizes", "8:1", "--out", str(tmp_path)])
     runs = report["ops"]["selective_scan"]["runs"]
-    expected = [c.label for c in CALLS if c.op.name == "selective_scan" and not c.peer and not c.step]
-    assert [r["impl"] for r in runs] == expected == ["zoo triton", "zoo chunked torch"]
+    expected = [c.backend for c in CALLS if c.op.name == "selective_scan" and not c.peer and not c.step]
+    assert [r["impl"] for r in runs] == expected == ["triton_recurrent", "torch"]
+    assert [(r["fwd_ratio"], r["fwd_bwd_ratio"]) for r in runs][0] == (1.0, 1.0)
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
-    assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm selective_scan_fn"]
-    assert (tmp_path / "kernels-smoke.md").read_text().count("| zoo ") == 2
+    assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm"]
+    assert "| 8 | 1 | triton_recurrent |" in (tmp_path / "kernels-smoke.md").read_text()
     assert sorted(BENCHES) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
     assert "ssd/triton/step" not in [c.name for calls in BENCHES.values() for c in calls]
     with pytest.raises(SystemExit):

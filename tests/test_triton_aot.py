@@ -68,7 +68,7 @@ def test_a_wrong_declaration_is_caught():
     call = CALLS_BY_NAME["rwkv6/triton_chunk"]
     off_by_one = tuple(k._replace(grid=lambda d, t, f=k.grid: (f(d, t)[0] + 1, *f(d, t)[1:])) for k in call.launches)
     assert len(underfilled(dataclasses.replace(call, launches=off_by_one))) == len(call.launches)
-    recurrent = CALLS_BY_NAME["rwkv6/triton"]
+    recurrent = CALLS_BY_NAME["rwkv6/triton_recurrent"]
     (problem,) = underfilled(dataclasses.replace(recurrent, launches=(recurrent.launches[0]._replace(fills=True), recurrent.launches[1])))
     assert "_rwkv6_fwd_kernel: 32 programs < 528" in problem
     assert "declared" in underfilled(dataclasses.replace(call, launches=call.launches[:-1]))[0]
