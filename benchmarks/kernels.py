@@ -6,7 +6,8 @@ behind zoo's adapters, in one process.
 ``python -m benchmarks.kernels`` (CUDA GPU, bf16, 16k tokens per call: T = 1k / 4k / 16k with B = 16 / 4 / 1),
 ``--quick`` (the GPU check's sizes: T = 1k / 4k with B = 4 / 1, 3 timed calls) or ``--smoke`` (tiny fp32 shapes; on
 CPU the Triton kernels run in the interpreter); ``--sizes 1024:4`` times other (T, batch) sizes, ``--dry-run`` prints
-the plan (device, dtype, sizes, implementations, peers found) and times nothing. Inputs are the arguments zoo's layers
+the plan (device, dtype, sizes, implementations, peers found) and times nothing; ``--model`` runs no kernel: it
+writes ``kernels-roofline.{json,md}``, the paper roofline of :mod:`benchmarks.roofline`. Inputs are the arguments zoo's layers
 pass; the backward starts from the output's gradient only, as in training. Times are medians after warm-up (CUDA
 events on GPU). Peers (mamba_ssm, fla) are timed on CUDA when they import. Writes
 ``benchmarks/results/kernels-<gpu>.{json,md}`` (``kernels-smoke`` for --smoke).
@@ -147,11 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=parse_sizes, help="T:batch pairs, e.g. 1024:4,4096:1 (default: 16k tokens per call)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and time nothing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md results")
-    parser.add_argument("--model", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", action="store_true", help="paper roofline (H100 HBM lower bounds, grids); runs no kernel")
     args = parser.parse_args(argv)
     if args.model:
-        parser.error("--model (the paper roofline) is gone: `python -m benchmarks.kernel_resources` gives every launch's "
-                     "grid and tiles, and zoo.kernels.registry.launches() records them at any size")
+        from benchmarks.roofline import model_markdown, model_report
+
+        report = model_report(args.ops, args.sizes or GPU_SIZES)
+        write_report(args.out / "kernels-roofline", report, model_markdown(report))
+        return report
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke and not args.dry_run:
         parser.error("the benchmark shapes need a CUDA GPU; pass --smoke for a tiny run on CPU")

@@ -257,10 +257,10 @@ def shape_label(dims: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in dims.items())
 
 
-def run_call(call: KernelCall, inputs: dict) -> None:
+def run_call(call: KernelCall, inputs: dict, backward: bool = True) -> None:
     """The call forward and, unless it is a decode step, backward from the output's gradient only (as in training)."""
     run, _ = call.prepare(inputs)
-    if call.step:
+    if call.step or not backward:
         with torch.no_grad():
             run()
         return
@@ -272,11 +272,13 @@ def run_call(call: KernelCall, inputs: dict) -> None:
 
 
 class Launch(NamedTuple):
-    """One recorded launch: the kernel, its grid (three axes) and its upper-case integer / string arguments (tiles)."""
+    """One recorded launch: the kernel, its grid (three axes), its upper-case integer / string arguments (tiles) and
+    the bytes of the distinct buffers it gets (a buffer passed twice, or as a placeholder, counts once)."""
 
     kernel: str
     grid: tuple[int, int, int]
     constants: dict
+    bytes: int
 
     @property
     def programs(self) -> int:
@@ -310,7 +312,11 @@ def _recording(arch: int):
                 g = grid(named) if callable(grid) else grid
                 g = tuple(int(n) for n in (g if isinstance(g, tuple) else (g,)))
                 constants = {k: v for k, v in named.items() if k.isupper() and isinstance(v, (int, str))}
-                launches.append(Launch(self.name, (*g, 1, 1)[:3], constants))
+                buffers: dict[int, int] = {}  # storage (its C pointer: meta tensors have no data pointer) -> bytes
+                for t in (v for v in named.values() if torch.is_tensor(v)):
+                    key = t.untyped_storage()._cdata
+                    buffers[key] = max(buffers.get(key, 0), t.numel() * t.element_size())
+                launches.append(Launch(self.name, (*g, 1, 1)[:3], constants, sum(buffers.values())))
 
             return launch
 
@@ -330,12 +336,13 @@ def _recording(arch: int):
             setattr(torch.cuda, name, query)
 
 
-def launches(call: KernelCall, dims: dict, T: int, batch: int = 1, dtype=torch.bfloat16, arch: int = 90) -> list[Launch]:
+def launches(call: KernelCall, dims: dict, T: int, batch: int = 1, dtype=torch.bfloat16, arch: int = 90,
+             backward: bool = True) -> list[Launch]:
     """The Triton launches of ``call`` (forward, then backward) at these sizes on a GPU of capability ``arch``, from the
     launchers' own code run on ``meta`` tensors: nothing is compiled or computed (needs triton, not a GPU)."""
     inputs = call.op.example(dims, batch, 1 if call.step else T, "meta", dtype)
     with _recording(arch) as recorded:
-        run_call(call, inputs)
+        run_call(call, inputs, backward)
     return recorded
 
 

@@ -1,0 +1,49 @@
+"""benchmarks.kernels --model: the paper roofline reads the registry's launches; bytes checked by hand."""
+import pytest
+
+pytest.importorskip("triton")
+
+from benchmarks.kernels import main  # noqa: E402
+from benchmarks.roofline import H100, peer_ms  # noqa: E402
+from zoo.kernels.registry import CALLS  # noqa: E402
+
+T, BATCH, H, K = 16384, 1, 16, 64
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("roofline")
+    data = main(["--model", "--ops", "rwkv6", "retention", "--sizes", f"{T}:{BATCH}", "--out", str(out)])
+    return data, (out / "kernels-roofline.md").read_text()
+
+
+def test_every_triton_call_of_the_registry_is_modelled_with_its_declared_launches(report):
+    data, md = report
+    assert "lower bounds, NOT measurements" in md and "not measured" in data["kind"]
+    for op, entry in data["ops"].items():
+        declared = {c.backend: [k.name for k in c.launches] for c in CALLS if c.op.name == op and c.launches}
+        assert [r["backend"] for r in entry["runs"]] == list(declared)
+        for r in entry["runs"]:
+            assert [x["kernel"] for x in r["launches"]] == declared[r["backend"]]
+            assert 0 < r["fwd"]["bytes"] < r["fwd_bwd"]["bytes"] == sum(x["bytes"] for x in r["launches"])
+            assert r["fwd_bwd"]["hbm_ms"] == pytest.approx(r["fwd_bwd"]["bytes"] / H100["hbm_bytes_per_s"] * 1e3)
+            assert r["fwd_bwd"]["hbm_ms"] < r["peer_fwd_bwd_ms_measured"] == peer_ms(op)[1][T]
+
+
+def test_rwkv6_recurrent_forward_bytes_by_hand(report):
+    (run,) = [r for r in report[0]["ops"]["rwkv6"]["runs"] if r["backend"] == "triton_recurrent"]
+    fwd = run["launches"][0]
+    c = fwd["constants"]
+    tokens = BATCH * T * H * K
+    # r, k, v bf16; w_log fp32; u [H, K] fp32; o fp32; final state [B, H, K, V] fp32 (also the s0 placeholder: once);
+    # checkpoints [programs, NC, BK, BV] fp32
+    inputs = 3 * tokens * 2 + tokens * 4 + H * K * 4
+    outputs = tokens * 4 + BATCH * H * K * K * 4 + fwd["programs"] * c["NC"] * c["BK"] * c["BV"] * 4
+    assert fwd["bytes"] == run["fwd"]["bytes"] == inputs + outputs
+    assert fwd["grid"] == [-(-K // c["BV"]), BATCH * H, 1]
+
+
+def test_peer_numbers_come_from_the_results_folder():
+    line, ms = peer_ms("selective_scan")
+    assert line.startswith("| mamba-ssm selective_scan_fn") and ms == {1024: 3.08, 4096: 3.24, 16384: 3.78}
+    assert peer_ms("rwkv7") == (None, {})
