@@ -190,7 +190,7 @@ def test_kernel_benchmark_sizes_option(capsys):
 
     plan = kernels.main(["--smoke", "--sizes", "8:2,16:1", "--ops", "ssd", "--dry-run"])
     assert plan["sizes"] == [{"T": 8, "batch": 2}, {"T": 16, "batch": 1}] and plan["dtype"] == "float32"
-    assert json.loads(capsys.readouterr().out)["ops"]["ssd"]["implementations"][:2] == ["zoo triton", "zoo chunked torch"]
+    assert json.loads(capsys.readouterr().out)["ops"]["ssd"]["implementations"][:2] == ["triton_chunk", "torch"]
     with pytest.raises(SystemExit) as exit_:
         kernels.main(["--sizes", "1024:x", "--dry-run"])
     assert exit_.value.code == 2
@@ -201,7 +201,7 @@ def test_benchmark_outputs_are_read_back(tmp_path):
 
     kernels.main(["--smoke", "--ops", "selective_scan", "--out", str(tmp_path / "k")])
     ok, details = g.bench_parser(tmp_path / "k", "kernels")("", 0)
-    assert ok and details["report"]["ops"]["selective_scan"]["runs"] and "| zoo triton |" in details["markdown"]
+    assert ok and details["report"]["ops"]["selective_scan"]["runs"] and "| triton_recurrent |" in details["markdown"]
     assert g.bench_parser(tmp_path / "k", "kernels")("", 1)[0] is False  # a failed run does not pass on old files
 
     (tmp_path / "d").mkdir()
