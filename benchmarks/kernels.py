@@ -7,9 +7,9 @@ behind zoo's adapters, in one process.
 ``--quick`` (the GPU check's sizes: T = 1k / 4k with B = 4 / 1, 3 timed calls) or ``--smoke`` (tiny fp32 shapes; on
 CPU the Triton kernels run in the interpreter); ``--sizes 1024:4`` times other (T, batch) sizes, ``--dry-run`` prints
 the plan (device, dtype, sizes, implementations, peers found) and times nothing; ``--model`` runs no kernel: it
-writes ``kernels-roofline.{json,md}``, the paper roofline of :mod:`benchmarks.roofline`. Inputs are the arguments zoo's layers
-pass; the backward starts from the output's gradient only, as in training. Times are medians after warm-up (CUDA
-events on GPU). Peers (mamba_ssm, fla) are timed on CUDA when they import. Writes
+writes ``kernels-roofline.{json,md}``, the paper roofline of :mod:`benchmarks.roofline`. Inputs are the arguments
+zoo's layers pass; the backward starts from the output's gradient only, as in training. Times are medians after
+warm-up (CUDA events on GPU). Peers (mamba_ssm, fla) are timed on CUDA when they import. Writes
 ``benchmarks/results/kernels-<gpu>.{json,md}`` (``kernels-smoke`` for --smoke).
 """
 from __future__ import annotations

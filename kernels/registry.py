@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.backends import BackendTable
 from zoo.kernels.retention import BACKENDS as RETENTION, retention
 from zoo.kernels.rwkv6 import BACKENDS as RWKV6, rwkv6
 from zoo.kernels.rwkv7 import BACKENDS as RWKV7, rwkv7
@@ -89,7 +90,7 @@ class Op:
 
     name: str
     fn: Callable
-    backends: object
+    backends: BackendTable
     inputs: Callable[[dict, int, int, object, torch.dtype], dict]
     bench: dict
     smoke: dict
@@ -167,15 +168,14 @@ class Kernel(NamedTuple):
 
 @dataclass(frozen=True)
 class KernelCall:
-    """``op.fn(**inputs, **op.options, **options, backend=backend)``. ``launches``: its Triton kernels in launch order, forward then
-    backward; ``step``: a one-token decode call (T = 1, forward only); ``frozen``: inputs that get no gradient;
+    """``op.fn(**inputs, **op.options, backend=backend)``. ``launches``: its Triton kernels in launch order, forward
+    then backward; ``step``: a one-token decode call (T = 1, forward only); ``frozen``: inputs that get no gradient;
     ``peer``: another project's kernel behind zoo's adapter (timed when its package imports, on CUDA). Its
     :attr:`name` is ``op/backend`` (``op/backend/step`` for the decode step)."""
 
     op: Op
     backend: str
     launches: tuple[Kernel, ...] = ()
-    options: dict = field(default_factory=dict)
     step: bool = False
     frozen: tuple[str, ...] = ()
     peer: bool = False
@@ -184,18 +184,13 @@ class KernelCall:
     def name(self) -> str:
         return f"{self.op.name}/{self.backend}" + ("/step" if self.step else "")
 
-
-    @property
-    def package(self) -> str | None:
-        return self.op.backends.backends[self.op.backends.resolve(self.backend)].package
-
     def available(self) -> bool:
         return self.op.backends.backends[self.op.backends.resolve(self.backend)].available()
 
     def prepare(self, inputs: dict) -> tuple[Callable[[], tuple], list[torch.Tensor]]:
         """``(run, leaves)``: ``run()`` calls the op on fresh leaf copies of ``inputs``; ``leaves`` get gradients."""
         leaves = {k: v.detach().clone().requires_grad_(k not in self.frozen) for k, v in inputs.items()}
-        fn, options = self.op.fn, {**self.op.options, **self.options, "backend": self.backend}
+        fn, options = self.op.fn, {**self.op.options, "backend": self.backend}
         return (lambda: fn(**leaves, **options)), [v for k, v in leaves.items() if k not in self.frozen]
 
     def grid(self, kernel: str, dims: dict, tiles: dict) -> tuple[int, int, int]:

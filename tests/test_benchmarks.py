@@ -138,7 +138,7 @@ def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path
 
 def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     """benchmarks.kernels reads its implementations from zoo.kernels.registry: every non-peer call of the op is
-    timed (the Triton ones in the interpreter), peers are left out on CPU, and the removed --model names its replacement."""
+    timed (the Triton ones in the interpreter), peers are left out on CPU; --quick plans the GPU check's sizes."""
     from benchmarks.kernels import BENCHES, main as kernels_main
     from zoo.kernels.registry import CALLS
 
@@ -151,9 +151,9 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm"]
     assert "| 8 | 1 | triton_recurrent |" in (tmp_path / "kernels-smoke.md").read_text()
     assert sorted(BENCHES) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
-    assert "ssd/triton/step" not in [c.name for calls in BENCHES.values() for c in calls]
+    assert "ssd/triton_chunk/step" not in [c.name for calls in BENCHES.values() for c in calls]
     with pytest.raises(SystemExit):
-        kernels_main(["--model"])
-    assert "python -m benchmarks.kernel_resources" in capsys.readouterr().err
+        kernels_main(["--smoke", "--quick"])
+    assert "not allowed with argument --smoke" in capsys.readouterr().err
     plan = kernels_main(["--quick", "--dry-run", "--ops", "rwkv6"])
     assert plan["sizes"] == [{"T": 1024, "batch": 4}, {"T": 4096, "batch": 1}] and plan["iters"] == 3
