@@ -3,8 +3,8 @@ sm_86, sm_89 and sm_90 at the ~125M models' shapes (bf16 and fp32) with the laun
 for that target, launches the kernels its registry entry declares with the grids its formulas give, and fits the
 target's shared memory per block. No GPU needed: benchmarks/kernel_resources.py compiles in worker processes without
 the interpreter. The committed benchmarks/results/kernels-resources.md must equal the table they give (deterministic:
-a difference is a change in the kernels; nothing here writes it). Cost on 2 busy CPU cores: about 4 minutes with an
-empty Triton cache, under a minute with a warm one.
+a difference is a change in the kernels; nothing here writes it). Compiled kernels stay in Triton's cache, so a
+second run only re-reads them.
 """
 import dataclasses
 
