@@ -72,3 +72,15 @@ def test_a_wrong_declaration_is_caught():
     (problem,) = underfilled(dataclasses.replace(recurrent, launches=(recurrent.launches[0]._replace(fills=True), recurrent.launches[1])))
     assert "_rwkv6_fwd_kernel: 32 programs < 528" in problem
     assert "declared" in underfilled(dataclasses.replace(call, launches=call.launches[:-1]))[0]
+
+
+def test_the_registry_has_a_call_for_every_backend_and_kernels_for_every_triton_one():
+    """A backend added to an op's BACKENDS without its registry entry (inputs, launches, grids) fails here."""
+    from zoo.kernels.registry import CALLS, OPS
+
+    for op in OPS.values():
+        calls = [c for c in CALLS if c.op is op and not c.step]
+        assert sorted(c.backend for c in calls) == sorted(op.backends.backends), op.name
+        for c in calls:
+            assert bool(c.launches) == (op.backends.backends[c.backend].package == "triton"), c.name
+            assert c.peer == (op.backends.backends[c.backend].package not in (None, "triton")), c.name
