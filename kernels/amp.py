@@ -1,4 +1,4 @@
-"""Autocast and the torch forms of the kernels.
+"""What the torch forms of the kernels share: autocast kept off, and the chunking of the chunked forms.
 
 A torch form casts its inputs to its compute dtype (fp32, fp64 for fp64 inputs) and keeps its states and scans in
 it. Under autocast (Lightning's ``bf16-mixed`` / ``16-mixed``) its matmuls and einsums would silently run in
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 
 def autocast_off(fn):
@@ -31,11 +32,23 @@ def autocast_off(fn):
     return run
 
 
-def input_dtypes(*tensors: torch.Tensor | None) -> list[torch.dtype | None]:
-    """Each input's dtype (None for an absent one), for :func:`grads_in_input_dtypes` in an autograd ``backward``."""
-    return [None if t is None else t.dtype for t in tensors]
+def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """The state a scan starts from, in ``dtype``: ``initial_state``, or zeros of ``shape``."""
+    return torch.zeros(shape, dtype=dtype, device=device) if initial_state is None else initial_state.to(dtype)
 
 
-def grads_in_input_dtypes(grads, dtypes: list[torch.dtype | None]) -> list[torch.Tensor | None]:
-    """A kernel's fp32 gradients cast to their inputs' dtypes (None where the input was absent)."""
-    return [None if dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+def to_chunks(chunk_size: int, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each ``[B, T, H, X]`` tensor in ``dtype``, zero-padded to whole chunks and split: ``[B, H, N, C, X]`` with
+    ``C = chunk_size``, ``N = ceil(T / C)``. The torch chunked forms pad with zeros on purpose: zero inputs and zero
+    log decays neither write nor decay the state."""
+    B, T, H = tensors[0].shape[:3]
+    N = -(-T // chunk_size)
+    pad = N * chunk_size - T
+    return [F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)).view(B, N, chunk_size, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+            for t in tensors]
+
+
+def from_chunks(o: torch.Tensor, T: int) -> torch.Tensor:
+    """``[B, H, N, C, V]`` -> ``[B, T, H, V]``, the padding dropped."""
+    B, H, N, C, V = o.shape
+    return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]

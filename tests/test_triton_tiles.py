@@ -11,7 +11,7 @@ from zoo.kernels.retention import triton_retention  # noqa: E402
 from zoo.kernels.retention.triton_retention import ChunkTiles, chunk_tiles  # noqa: E402
 from zoo.kernels.selective_scan import triton_scan  # noqa: E402
 from zoo.kernels.ssd import triton_ssd  # noqa: E402
-from zoo.kernels.triton_checks import DEFAULT_TARGET, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
+from zoo.kernels.triton_common import DEFAULT_TARGET, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
 
 GPUS = {"A100": (8, 0), "RTX 3090": (8, 6), "RTX 4090": (8, 9), "H100": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0)}
 CUDA = torch.device("cuda", 0)

@@ -10,9 +10,8 @@ A last partial chunk is padded with zero k, v and zero log decay, so padding nei
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from zoo.kernels.amp import autocast_off
+from zoo.kernels.amp import autocast_off, from_chunks, start_state, to_chunks
 
 
 @autocast_off
@@ -29,12 +28,8 @@ def retention_chunked(
     V = v.shape[-1]
     dtype = torch.promote_types(q.dtype, torch.float32)
     C = max(1, min(chunk_size, T))
-    N = -(-T // C)
-    pad = N * C - T
-    q, k, v = (F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-    q = q.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)  # [B, H, N, C, K]
-    k = k.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)  # [B, H, N, C, K]
-    v = v.view(B, N, C, H, V).permute(0, 3, 1, 2, 4)  # [B, H, N, C, V]
+    q, k, v = to_chunks(C, dtype, q, k, v)  # [B, H, N, C, K], [B, H, N, C, K], [B, H, N, C, V]
+    N = q.shape[2]
     real = (torch.arange(N * C, device=q.device) < T).view(N, C)
     g = torch.where(real[None], log_decay.to(dtype)[:, None, None], torch.zeros((), dtype=dtype, device=q.device))  # [H, N, C]
     b = g.cumsum(-1)  # [H, N, C], log of the decay from the chunk start to (and including) position j
@@ -47,12 +42,11 @@ def retention_chunked(
     k_to_end = k * (b_last - b).exp()[..., None]  # [B, H, N, C, K], zeta folded into K
     chunk_kv = k_to_end.transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = b_last.exp()[..., None]  # [H, N, 1, 1], gamma^C (gamma^(real length) for the last chunk)
-    state = torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
+    state = start_state(initial_state, (B, H, K, V), dtype, q.device)
     starts = []
     for n in range(N):
         starts.append(state)
         state = chunk_decay[:, n] * state + chunk_kv[:, :, n]
     prev = torch.stack(starts, dim=2)  # [B, H, N, K, V], state entering each chunk
     o = o + (q * b.exp()[..., None]) @ prev  # xi folded into Q
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
-    return o, state
+    return from_chunks(o, T), state

@@ -8,10 +8,9 @@ The sequence is cut into ``NT = cdiv(T, BT)`` chunks; with ``n_c`` real tokens i
     O_c     = (Q_c K_c^T * D) V_c + (Q_c * xi) S_c,   D_ij = gamma^(i-j) [i >= j]
 
 Forward: three launches, the mamba-ssm / fla split. (1) :func:`_retention_cp_chunk_state_kernel` computes every
-``h_c`` at once, grid ``(NT, cdiv(V, BV), B * H)``; (2) :func:`_retention_cp_pass_kernel` runs the recurrence over
-chunks, sequential in c (G chunks per step: one load, an associative scan, one store) but parallel over the ``K * V``
-state entries, grid ``(cdiv(K * V, BLOCK), B * H)``;
-(3) :func:`_retention_cp_output_kernel` computes every ``O_c``, grid ``(NT, cdiv(V, BV), B * H)``. The states
+``h_c`` at once, grid ``(NT, cdiv(V, BV), B * H)``; (2) the state pass shared with RWKV-6
+(:mod:`zoo.kernels.chunk_pass`, the decay ``gamma^(n_c)`` given as ``n_c log gamma`` on every row) runs the
+recurrence over chunks, sequential in c but parallel over the ``K * V`` state entries; (3) :func:`_retention_cp_output_kernel` computes every ``O_c``, grid ``(NT, cdiv(V, BV), B * H)``. The states
 ``S_0 .. S_NT`` live in one fp32 buffer ``[B * H, NT + 1, K, V]`` (h_c is written to slot c + 1 and replaced in place
 by ``S_{c+1}``), kept for the backward pass. Backward: the mirror. ``dh_c = (Q_c * xi)^T dO_c`` for every chunk,
 then ``dS_c = gamma^(n_c) dS_{c+1} + dh_c`` from ``dS_NT`` (the final state's gradient) down to ``dS_0`` (the initial
@@ -28,15 +27,13 @@ BT elsewhere, so more); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.retention import check_retention_inputs
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -66,62 +63,6 @@ def _retention_cp_chunk_state_kernel(
     b_h = tl.dot(tl.trans(b_k * b_zeta[:, None]), b_v, input_precision=PRECISION)  # [BK, BV]
     p_h = states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
-
-
-@triton.jit
-def _affine_combine(a1, b1, a2, b2):
-    """Composition of ``x -> a1 x + b1`` then ``x -> a2 x + b2`` (the combine of the chunk recurrence's scan)."""
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _retention_cp_pass_kernel(
-    states, g, s_edge,
-    T, NT,
-    H: tl.constexpr, KV: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
-    HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32); ``s_edge [B * H, K * V]``.
-    Forward (``REVERSE=False``): slot 0 <- ``s_edge`` (the initial state, or zeros); for c = 0 .. NT - 1, slot c + 1 <-
-    ``gamma^(n_c) * slot c + slot c + 1`` (``h_c`` becomes ``S_{c+1}``). Backward (``REVERSE=True``): slot NT <-
-    ``s_edge`` (the final state's gradient, or zeros); for c = NT - 1 .. 0, slot c <- ``gamma^(n_c) * slot c + 1 +
-    slot c`` (``dh_c`` becomes ``dS_c``). Grid ``(cdiv(K * V, BLOCK), B * H)``: program ``(i_s, i_bh)`` carries state
-    entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` of batch-head ``i_bh`` through all chunks, ``G`` chunks per step:
-    one ``[G, BLOCK]`` load (G loads in flight, not one), an associative scan of the affine maps over the G chunks,
-    one ``[G, BLOCK]`` store."""
-    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_bh % H
-    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
-    o_g = tl.arange(0, G)
-    m_s = o_s < KV
-    b_g = tl.load(g + i_h).to(tl.float32)
-    p_base = states + i_bh * (NT + 1) * KV + o_s
-    if HAS_EDGE:
-        b_s = tl.load(s_edge + i_bh * KV + o_s, mask=m_s, other=0.0).to(tl.float32)
-    else:
-        b_s = tl.zeros([BLOCK], dtype=tl.float32)
-    if REVERSE:
-        tl.store(p_base + NT * KV, b_s, mask=m_s)
-    else:
-        tl.store(p_base, b_s, mask=m_s)
-    for i0 in range(0, NT, G):
-        i = i0 + o_g  # [G], the order the chunks are passed in
-        m_g = i < NT
-        if REVERSE:
-            c = NT - 1 - i
-            slot = c
-        else:
-            c = i
-            slot = c + 1
-        n = tl.where(m_g, tl.minimum(BT, T - c * BT), 0)  # [G] tokens per chunk; 0 past the last chunk: the identity
-        m = m_g[:, None] & m_s[None, :]
-        p = p_base[None, :] + slot.to(tl.int64)[:, None] * KV  # [G, BLOCK]
-        b_h = tl.load(p, mask=m, other=0.0)
-        b_d = tl.broadcast_to(tl.exp(n.to(tl.float32) * b_g)[:, None], [G, BLOCK])
-        b_a, b_b = tl.associative_scan((b_d, b_h), 0, _affine_combine)
-        b_out = b_a * b_s[None, :] + b_b  # [G, BLOCK], the state after each of the G chunks
-        tl.store(p, b_out, mask=m)
-        b_s = tl.sum(tl.where(o_g[:, None] == G - 1, b_out, 0.0), axis=0)
 
 
 @triton.jit
@@ -242,19 +183,6 @@ def _retention_cp_grad_kernel(
     tl.store(dg + (i_v * B * H + i_bh) * NT + i_t, b_dg)
 
 
-class ChunkParallelTiles(NamedTuple):
-    """Launch parameters of the chunk-parallel kernels: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` /
-    ``[BK, BV]`` tiles; the state passes carry ``BLOCK`` state entries per program."""
-
-    BT: int
-    BK: int
-    BV: int
-    BLOCK: int
-    G: int
-    launch: Launch
-    pass_launch: Launch
-
-
 # The largest chunk BT whose backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
 # (sm_90, fp32 inputs, K <= 64): fp32 products are FMA ones (more registers); on sm_80 / 86 / 89 the tf32 mma.sync
 # operands of the bf16 / fp16 backward spill at BT = 64 as well.
@@ -273,7 +201,16 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(num_warps=8, num_stages=1), Launch(num_warps=2, num_stages=1))
+    launch = Launch(num_warps=8, num_stages=1)
+    return ChunkParallelTiles(BT, BK, BV, 64, 16, launch, launch, Launch(num_warps=2, num_stages=1))
+
+
+def chunk_log_decays(log_decay, B: int, T: int, K: int, BT: int) -> torch.Tensor:
+    """The log decay of every chunk and state row for :func:`~zoo.kernels.chunk_pass.chunk_pass`: ``n_c log gamma_h``
+    (``n_c`` tokens in chunk c) broadcast over the K rows, fp32 ``[B * H, NT, K]``."""
+    n = (T - BT * torch.arange(triton.cdiv(T, BT), device=log_decay.device)).clamp(max=BT).float()  # [NT]
+    gl = n[None, :] * log_decay.float()[:, None]  # [H, NT]
+    return gl[None, :, :, None].expand(B, -1, -1, K).contiguous().view(B * log_decay.shape[0], -1, K)  # [B * H, NT, K]
 
 
 def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
@@ -283,19 +220,12 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
-    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
-    precision = dot_precision(dtype)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype))
     f32 = dict(dtype=torch.float32, device=q.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, **tiles.launch._asdict())
     _retention_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, log_decay, states, T, NT, **dims)
-    has_s0 = initial_state is not None
-    _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
-        states, log_decay, initial_state if has_s0 else states, T, NT,
-        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
-    )
+    chunk_pass(states, chunk_log_decays(log_decay, B, T, K, tiles.BT), initial_state, False, tiles)
     _retention_cp_output_kernel[(NT, NV, B * H)](q, k, v, log_decay, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
     return o, final, states
@@ -307,21 +237,14 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
-    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
-    precision = dot_precision(dtype)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype))
     f32 = dict(dtype=torch.float32, device=q.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
     dv = torch.empty(B, T, H, V, **f32)
     dg = torch.empty(NV, B * H, NT, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, **tiles.launch._asdict())
     _retention_cp_dstate_kernel[(NT, NV, B * H)](q, do, log_decay, dstates, T, NT, **dims)
-    has_ds = ds_final is not None
-    _retention_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
-        dstates, log_decay, ds_final if has_ds else dstates, T, NT,
-        H=H, KV=K * V, BT=BT, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
-    )
+    chunk_pass(dstates, chunk_log_decays(log_decay, B, T, K, tiles.BT), ds_final, True, tiles)
     _retention_cp_grad_kernel[(NT, NV, B * H)](
         q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B, **dims,
     )
@@ -330,45 +253,14 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     return dq.sum(0), dk.sum(0), dv, d_log_decay, ds0
 
 
-class RetentionChunkParallelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size):
-        inputs = [t.contiguous() for t in (q, k, v, log_decay)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        o, final, states = retention_cp_fwd(*inputs, s0, chunk_size)
-        ctx.save_for_backward(*inputs, states)
-        ctx.chunk_size = chunk_size
-        ctx.dtypes = input_dtypes(q, k, v, log_decay, initial_state)
-        return o, final
-
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        *inputs, states = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        grads = retention_cp_bwd(*inputs, do.contiguous(), ds_final, states, ctx.chunk_size)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None)
+RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd)
 
 
-def retention_chunk_parallel(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    form: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n``: the chunk-parallel Triton kernels
-    of this module, forward and backward (every gradient, ``log_decay``'s included).
-
-    q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
-    initial_state: [B, H, K, V] or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns o
-    [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32. ``form`` is not used (always chunked);
-    ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at K > 64): :func:`chunk_parallel_tiles`.
-    """
+def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
+    """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the chunk-parallel
+    kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at
+    K > 64): :func:`chunk_parallel_tiles`."""
     K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
-    check_head_dim("retention_chunk_parallel", K)
-    check_triton_inputs("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state)
+    check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K)
     o, final = RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final

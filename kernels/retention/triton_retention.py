@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.retention import FORMS, check_retention_inputs
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_bwd, recurrent_fwd, scan_function
 
 
 @triton.jit
@@ -241,43 +240,13 @@ def _retention_chunk_bwd_kernel(
 
 
 def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
-    """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    tiles = recurrent_tiles(K, V, q.dtype, launch_target(q.device))
-    BK, BV, NV = tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
-    NC = triton.cdiv(T, chunk_size)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
-    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=q.device)
-    has_s0 = initial_state is not None
-    _retention_fwd_kernel[(NV, B * H)](
-        q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0, **tiles.launch._asdict(),
-    )
-    return o, s_final, ckpt
+    """Launch the fused-recurrent forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
+    return recurrent_fwd(_retention_fwd_kernel, [q, k, v, log_decay], v.shape[-1], initial_state, chunk_size)
 
 
 def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
-    """Launch the backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    tiles = recurrent_tiles(K, V, q.dtype, launch_target(q.device))
-    BK, BV, NV = tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
-    NC = ckpt.shape[1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
-    dv = torch.empty(B, T, H, V, **f32)
-    dg = torch.empty(NV, B, H, **f32)
-    ds0 = torch.empty(B, H, K, V, **f32)
-    scratch = torch.empty(B * H * NV, chunk_size, BK, BV, **f32)
-    has_ds = ds_final is not None
-    _retention_bwd_kernel[(NV, B * H)](
-        q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt, scratch,
-        dq, dk, dv, dg, ds0,
-        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **tiles.launch._asdict(),
-    )
-    return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
+    """Launch the fused-recurrent backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    return recurrent_bwd(_retention_bwd_kernel, [q, k, v, log_decay], do, ds_final, ckpt, chunk_size, "kkvg")
 
 
 class ChunkTiles(NamedTuple):
@@ -358,61 +327,33 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
 
-class RetentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size, chunked):
-        inputs = [t.contiguous() for t in (q, k, v, log_decay)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        fwd = retention_chunk_fwd if chunked else retention_fwd
-        o, s_final, ckpt = fwd(*inputs, s0, chunk_size)
-        ctx.save_for_backward(*inputs, ckpt)
-        ctx.chunk_size, ctx.chunked = chunk_size, chunked
-        ctx.dtypes = input_dtypes(q, k, v, log_decay, initial_state)
-        return o, s_final
-
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        *inputs, ckpt = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        bwd = retention_chunk_bwd if ctx.chunked else retention_bwd
-        grads = bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None, None)
+RecurrentFunction = scan_function(retention_fwd, retention_bwd)
+ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd)
 
 
-def retention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    form: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n`` (Triton kernels, fwd and bwd).
-
-    q, k: [B, T, H, K] (rotated and scaled by the caller); v: [B, T, H, V]; log_decay: [H], ``log gamma_h`` (<= 0);
-    initial_state: [B, H, K, V] or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation.
-    Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in fp32.
-    ``form="recurrent"`` runs the fused-recurrent kernels (``chunk_size`` = tokens between the states saved for
-    the backward pass); ``"chunk"`` and ``"parallel"`` (the same function) run the chunked kernels, with chunks of
-    ``chunk_size`` rounded to a power of two >= 16, at most 32 (16 for some dtypes, head dims and GPUs:
-    :func:`chunk_tiles`).
-    """
-    K = check_retention_inputs("retention_triton", q, k, v, log_decay, initial_state, chunk_size)
-    if form not in FORMS:
-        raise ValueError(f"retention_triton: unknown form '{form}'; choose one of {', '.join(FORMS)}")
-    check_head_dim("retention_triton", K)
-    check_triton_inputs("retention_triton", _retention_fwd_kernel, q, k, v, log_decay, initial_state)
-    o, final = RetentionFunction.apply(q, k, v, log_decay, initial_state, chunk_size, form != "recurrent")
+def _run(op: str, function, q, k, v, log_decay, initial_state, chunk_size: int):
+    K = check_retention_inputs(op, q, k, v, log_decay, initial_state, chunk_size)
+    check_triton_call(op, _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K)
+    o, final = function.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final
 
 
 def retention_triton_recurrent(q, k, v, log_decay, initial_state=None, form: str = "recurrent", chunk_size: int = 64):
-    """Backend ``triton_recurrent``: the fused-recurrent kernels, whatever ``form``."""
-    return retention_triton(q, k, v, log_decay, initial_state, "recurrent", chunk_size)
+    """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the fused-recurrent
+    kernels whatever ``form``; ``chunk_size`` = tokens between the states saved for the backward pass."""
+    return _run("retention_triton", RecurrentFunction, q, k, v, log_decay, initial_state, chunk_size)
 
 
 def retention_triton_chunk_serial(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
-    """Backend ``triton_chunk_serial``: the chunked kernels (one program walks the chunks), whatever ``form``."""
-    return retention_triton(q, k, v, log_decay, initial_state, "chunk", chunk_size)
+    """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the chunked kernels
+    whatever ``form``, chunks of ``chunk_size`` rounded to a power of two >= 16, at most 32 (16 for some dtypes, head
+    dims and GPUs: :func:`chunk_tiles`)."""
+    return _run("retention_triton", ChunkFunction, q, k, v, log_decay, initial_state, chunk_size)
+
+
+def retention_triton(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
+    """:func:`retention_triton_recurrent` for ``form="recurrent"``, else :func:`retention_triton_chunk_serial`."""
+    if form not in FORMS:
+        raise ValueError(f"retention_triton: unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    run = retention_triton_recurrent if form == "recurrent" else retention_triton_chunk_serial
+    return run(q, k, v, log_decay, initial_state, form, chunk_size)

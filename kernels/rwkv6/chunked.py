@@ -12,9 +12,8 @@ cumulative products, no overflow for decays near 0. Pairwise decays are a ``[C, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from zoo.kernels.amp import autocast_off
+from zoo.kernels.amp import autocast_off, from_chunks, start_state, to_chunks
 
 
 @autocast_off
@@ -27,15 +26,11 @@ def rwkv6_chunked(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     B, T, H, K = r.shape
     V = v.shape[-1]
     C = chunk_size
-    S = torch.zeros(B, H, K, V, dtype=dtype, device=r.device) if initial_state is None else initial_state.to(dtype)
+    S = start_state(initial_state, (B, H, K, V), dtype, r.device)
     if T == 0:
         return torch.zeros(B, 0, H, V, dtype=dtype, device=r.device), S
-    N = -(-T // C)
-    pad = N * C - T
-    # Padding with r = k = v = 0 and log decay 0 leaves outputs and the final state unchanged.
-    r, k, v, w_log = (F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) for t in (r, k, v, w_log))
-    r, k, w_log = (t.view(B, N, C, H, K).permute(0, 3, 1, 2, 4) for t in (r, k, w_log))  # [B, H, N, C, K]
-    v = v.view(B, N, C, H, V).permute(0, 3, 1, 2, 4)  # [B, H, N, C, V]
+    r, k, w_log, v = to_chunks(C, dtype, r, k, w_log, v)  # [B, H, N, C, K] (v: [B, H, N, C, V])
+    N = r.shape[2]
     u = u.to(dtype)[None, :, None, None, :]  # [1, H, 1, 1, K]
 
     A = w_log.cumsum(dim=-2)  # [B, H, N, C, K] inclusive
@@ -59,5 +54,4 @@ def rwkv6_chunked(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
         S = chunk_decay[:, :, n] * S + kv_chunk[:, :, n]
     S_start = torch.stack(starts, dim=2)  # [B, H, N, K, V]
     o = o + r_dec @ S_start
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
-    return o, S
+    return from_chunks(o, T), S

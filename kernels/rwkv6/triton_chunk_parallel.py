@@ -14,9 +14,8 @@ factor ``exp(-A)`` is ever formed and decays near 0 (``w_log`` -> -inf) or bf16 
 
 Forward: (1) :func:`_rwkv6_cp_chunk_state_kernel` writes every ``h_c`` (slot c + 1 of the fp32 state buffer
 ``[B * H, NT + 1, K, V]``) and ``A_L`` (``[B * H, NT, K]``), grid ``(NT, cdiv(V, BV), B * H)``; (2)
-:func:`_rwkv6_cp_pass_kernel` runs the recurrence over chunks in place (G chunks per step: one load, an associative
-scan, one store), parallel over the ``K * V`` state entries,
-grid ``(cdiv(K * V, BLOCK), B * H)``; (3) :func:`_rwkv6_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
+the state pass (:mod:`zoo.kernels.chunk_pass`, shared with retention) runs the recurrence over chunks in place,
+parallel over the ``K * V`` state entries; (3) :func:`_rwkv6_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
 Backward: ``dh_c = (R_c * exp(A'))^T dO_c`` (:func:`_rwkv6_cp_dstate_kernel`), the reverse pass
 ``dS_c = exp(A_L) * dS_{c+1} + dh_c``, then per chunk (:func:`_rwkv6_cp_grad_kernel`), with ``da = dO V^T``
 (i < t) and ``db_t = dO_t . v_t``::
@@ -33,16 +32,13 @@ up in PyTorch.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.retention.triton_chunk_parallel import _affine_combine
+from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -75,53 +71,6 @@ def _rwkv6_cp_chunk_state_kernel(
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
         tl.store(gl + (i_bh * NT + i_t) * K + o_k, b_AL, mask=m_k)
-
-
-@triton.jit
-def _rwkv6_cp_pass_kernel(
-    states, gl, s_edge,
-    NT,
-    V: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
-    HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """The recurrence over chunks, in place on ``states [B * H, NT + 1, K * V]`` (fp32), row k of chunk c decayed by
-    ``exp(gl[i_bh, c, k])``; ``s_edge [B * H, K * V]``. Forward: slot 0 <- ``s_edge`` (or zeros), then for c = 0 ..
-    NT - 1 slot c + 1 <- ``exp(A_L) * slot c + slot c + 1``. Backward (``REVERSE``): slot NT <- ``s_edge`` (or zeros),
-    then for c = NT - 1 .. 0 slot c <- ``exp(A_L) * slot c + 1 + slot c``. Grid ``(cdiv(K * V, BLOCK), B * H)``:
-    program ``(i_s, i_bh)`` carries state entries ``[i_s * BLOCK, (i_s + 1) * BLOCK)`` through all chunks, ``G``
-    chunks per step (one ``[G, BLOCK]`` load, an associative scan of the affine maps, one store)."""
-    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
-    o_g = tl.arange(0, G)
-    m_s = o_s < KV
-    K = KV // V
-    p_base = states + i_bh * (NT + 1) * KV + o_s
-    p_gl = gl + i_bh * NT * K + o_s // V
-    if HAS_EDGE:
-        b_s = tl.load(s_edge + i_bh * KV + o_s, mask=m_s, other=0.0).to(tl.float32)
-    else:
-        b_s = tl.zeros([BLOCK], dtype=tl.float32)
-    if REVERSE:
-        tl.store(p_base + NT * KV, b_s, mask=m_s)
-    else:
-        tl.store(p_base, b_s, mask=m_s)
-    for i0 in range(0, NT, G):
-        i = i0 + o_g  # [G], the order the chunks are passed in
-        if REVERSE:
-            c = NT - 1 - i
-            slot = c
-        else:
-            c = i
-            slot = c + 1
-        m = (i < NT)[:, None] & m_s[None, :]
-        # past the last chunk: log decay 0 and h = 0, the identity map
-        b_d = tl.exp(tl.load(p_gl[None, :] + c.to(tl.int64)[:, None] * K, mask=m, other=0.0))  # [G, BLOCK]
-        p = p_base[None, :] + slot.to(tl.int64)[:, None] * KV  # [G, BLOCK]
-        b_h = tl.load(p, mask=m, other=0.0)
-        b_a, b_b = tl.associative_scan((b_d, b_h), 0, _affine_combine)
-        b_out = b_a * b_s[None, :] + b_b  # [G, BLOCK], the state after each of the G chunks
-        tl.store(p, b_out, mask=m)
-        b_s = tl.sum(tl.where(o_g[:, None] == G - 1, b_out, 0.0), axis=0)
 
 
 @triton.jit
@@ -281,20 +230,6 @@ def _rwkv6_cp_grad_kernel(
     tl.store(du + ((i_v * B * H + i_bh) * NT + i_t) * K + o_k, tl.sum(b_db[:, None] * b_r * b_k, axis=0), mask=m_k)
 
 
-class ChunkParallelTiles(NamedTuple):
-    """Launch parameters of the chunk-parallel kernels: per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` /
-    ``[BK, BV]`` tiles; the state passes carry ``BLOCK`` state entries per program."""
-
-    BT: int
-    BK: int
-    BV: int
-    BLOCK: int
-    G: int
-    launch: Launch
-    grad_launch: Launch
-    pass_launch: Launch
-
-
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; at BT = 32 the gradient kernel spills 48 to
     496 bytes per thread on sm_80 / 86 / 90 at K = 64, and the intra-chunk weights cost ``BT * BT * K`` exps per
@@ -312,19 +247,13 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     B, T, H, K = r.shape
     V = v.shape[-1]
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     gl = torch.empty(B * H, NT, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv6_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, w, states, gl, T, NT, **dims)
-    has_s0 = initial_state is not None
-    _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
-        states, gl, initial_state if has_s0 else states, NT,
-        V=V, KV=K * V, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_s0, REVERSE=False, **tiles.pass_launch._asdict(),
-    )
+    chunk_pass(states, gl, initial_state, False, tiles)
     _rwkv6_cp_output_kernel[(NT, NV, B * H)](r, k, v, w, u, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
     return o, final, states, gl
@@ -335,20 +264,14 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     B, T, H, K = r.shape
     V = v.shape[-1]
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    BT, BK, BV, BLOCK = tiles.BT, tiles.BK, tiles.BV, tiles.BLOCK
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
     f32 = dict(dtype=torch.float32, device=r.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, H, V, **f32)
     du = torch.empty(NV, B * H, NT, K, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv6_cp_dstate_kernel[(NT, NV, B * H)](r, w, do, dstates, T, NT, **dims)
-    has_ds = ds_final is not None
-    _rwkv6_cp_pass_kernel[(triton.cdiv(K * V, BLOCK), B * H)](
-        dstates, gl, ds_final if has_ds else dstates, NT,
-        V=V, KV=K * V, BLOCK=BLOCK, G=tiles.G, HAS_EDGE=has_ds, REVERSE=True, **tiles.pass_launch._asdict(),
-    )
+    chunk_pass(dstates, gl, ds_final, True, tiles)
     _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
         r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **{**dims, **tiles.grad_launch._asdict()},
     )
@@ -357,36 +280,12 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     return dr.sum(0), dk.sum(0), dv, dw.sum(0), du, ds0
 
 
-class RWKV6ChunkParallelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, w_log, u, initial_state, chunk_size):
-        inputs = [t.contiguous() for t in (r, k, v, w_log, u)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        o, final, states, gl = rwkv6_cp_fwd(*inputs, s0, chunk_size)
-        ctx.save_for_backward(*inputs, states, gl)
-        ctx.chunk_size = chunk_size
-        ctx.dtypes = input_dtypes(r, k, v, w_log, u, initial_state)
-        return o, final
-
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        *inputs, states, gl = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        grads = rwkv6_cp_bwd(*inputs, do.contiguous(), ds_final, states, gl, ctx.chunk_size)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None)
+RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd)
 
 
 def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
-    """Multi-head WKV with data-dependent decay: the chunk-parallel Triton kernels of this module, forward and
-    backward (every gradient, ``w_log``'s, ``u``'s and the initial state's included).
-
-    Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
-    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
-    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Chunks are 16 tokens whatever ``chunk_size``
-    (checked, unused): :func:`chunk_parallel_tiles`.
-    """
+    """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
+    kernels of this module. Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`chunk_parallel_tiles`."""
     K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
-    check_head_dim("rwkv6_chunk_parallel", K)
-    check_triton_inputs("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state)
+    check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K)
     return RWKV6ChunkParallelFunction.apply(r, k, v, w_log, u, initial_state, chunk_size)

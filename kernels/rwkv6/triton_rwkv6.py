@@ -17,13 +17,11 @@ per-V-block partial sums added up in PyTorch.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.triton_common import check_triton_call, recurrent_bwd, recurrent_fwd, scan_function
 
 
 @triton.jit
@@ -136,73 +134,21 @@ def _rwkv6_bwd_kernel(
 
 def rwkv6_fwd(r, k, v, w_log, u, initial_state, chunk_size: int):
     """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
-    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
-    NC = triton.cdiv(T, chunk_size)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=r.device)
-    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
-    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=r.device)
-    has_s0 = initial_state is not None
-    _rwkv6_fwd_kernel[(NV, B * H)](
-        r, k, v, w_log, u, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0, **t.launch._asdict(),
-    )
-    return o, s_final, ckpt
+    return recurrent_fwd(_rwkv6_fwd_kernel, [r, k, v, w_log, u], v.shape[-1], initial_state, chunk_size)
 
 
 def rwkv6_bwd(r, k, v, w_log, u, do, ds_final, ckpt, chunk_size: int):
     """Launch the backward kernel. Returns fp32 ``(dr, dk, dv, dw_log, du, d_initial_state)``."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
-    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
-    NC = ckpt.shape[1]
-    f32 = dict(dtype=torch.float32, device=r.device)
-    dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
-    dv = torch.empty(B, T, H, V, **f32)
-    du = torch.empty(NV, B, H, K, **f32)
-    ds0 = torch.empty(B, H, K, V, **f32)
-    scratch = torch.empty(B * H * NV, chunk_size, BK, BV, **f32)
-    has_ds = ds_final is not None
-    _rwkv6_bwd_kernel[(NV, B * H)](
-        r, k, v, w_log, u, do, ds_final if has_ds else ds0, ckpt, scratch,
-        dr, dk, dv, dw, du, ds0,
-        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
-    )
-    return dr.sum(0), dk.sum(0), dv, dw.sum(0), du.sum((0, 1)), ds0
+    return recurrent_bwd(_rwkv6_bwd_kernel, [r, k, v, w_log, u], do, ds_final, ckpt, chunk_size, "kkvku")
 
 
-class RWKV6Function(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, w_log, u, initial_state, chunk_size):
-        inputs = [t.contiguous() for t in (r, k, v, w_log, u)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        o, s_final, ckpt = rwkv6_fwd(*inputs, s0, chunk_size)
-        ctx.save_for_backward(*inputs, ckpt)
-        ctx.chunk_size = chunk_size
-        ctx.dtypes = input_dtypes(r, k, v, w_log, u, initial_state)
-        return o, s_final
-
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        r, k, v, w_log, u, ckpt = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        grads = rwkv6_bwd(r, k, v, w_log, u, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None)
+RWKV6Function = scan_function(rwkv6_fwd, rwkv6_bwd)
 
 
 def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
-    """Multi-head WKV with data-dependent decay (Triton fused-recurrent kernels, forward and backward).
-
-    Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
-    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
-    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. ``chunk_size`` is the number of tokens between
-    the states saved for the backward pass (memory ``T / chunk_size`` states vs. recompute).
-    """
+    """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
+    the number of tokens between the states saved for the backward pass (memory ``T / chunk_size`` states vs.
+    recompute)."""
     K = check_rwkv6_inputs("rwkv6_triton", r, k, v, w_log, u, initial_state, chunk_size)[3]
-    check_head_dim("rwkv6_triton", K)
-    check_triton_inputs("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state)
+    check_triton_call("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state, head_dim=K)
     return RWKV6Function.apply(r, k, v, w_log, u, initial_state, chunk_size)

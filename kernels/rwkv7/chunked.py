@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.amp import autocast_off
+from zoo.kernels.amp import autocast_off, from_chunks, start_state, to_chunks
 
 
 def _pair_decay(A_to: torch.Tensor, A_from: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,15 +41,11 @@ def rwkv7_chunked(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16
     B, T, H, K = r.shape
     V = v.shape[-1]
     C = chunk_size
-    S = torch.zeros(B, H, K, V, dtype=dtype, device=r.device) if initial_state is None else initial_state.to(dtype)
+    S = start_state(initial_state, (B, H, K, V), dtype, r.device)
     if T == 0:
         return torch.zeros(B, 0, H, V, dtype=dtype, device=r.device), S
-    N = -(-T // C)
-    pad = N * C - T
-    # Padding with zeros (log decay 0 = no decay, a = b = k = v = 0) leaves outputs and the final state unchanged.
-    r, w_log, k, a, b = (F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K).permute(0, 3, 1, 2, 4)
-                         for t in (r, w_log, k, a, b))  # [B, H, N, C, K]
-    v = F.pad(v.to(dtype), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, V).permute(0, 3, 1, 2, 4)  # [B, H, N, C, V]
+    r, w_log, k, a, b, v = to_chunks(C, dtype, r, w_log, k, a, b, v)  # [B, H, N, C, K] (v: [B, H, N, C, V])
+    N = r.shape[2]
 
     A = w_log.cumsum(dim=-2)  # [B, H, N, C, K] inclusive
     A_excl = F.pad(A[..., :-1, :], (0, 0, 1, 0))  # exclusive
@@ -80,5 +76,4 @@ def rwkv7_chunked(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16
         S = chunk_decay[:, :, n] * S + b_tail[:, :, n] @ u + kv_chunk[:, :, n]
     S_start, U = torch.stack(starts, dim=2), torch.stack(us, dim=2)  # [B, H, N, K, V], [B, H, N, C, V]
     o = (r * A.exp()) @ S_start + M_rb @ U + M_rk @ v  # [B, H, N, C, V]
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
-    return o, S
+    return from_chunks(o, T), S

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels.amp import autocast_off
+from zoo.kernels.amp import autocast_off, start_state
 
 
 def _time_major(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ def rwkv7_recurrent(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 
     dtype = torch.promote_types(r.dtype, torch.float32)
     B, T, H, K = r.shape
     V = v.shape[-1]
-    S0 = torch.zeros(B, H, K, V, dtype=dtype, device=r.device) if initial_state is None else initial_state.to(dtype)
+    S0 = start_state(initial_state, (B, H, K, V), dtype, r.device)
     if T == 0:
         return torch.zeros(B, 0, H, V, dtype=dtype, device=r.device), S0
     o, S = _DeltaRuleRecurrence.apply(

@@ -43,10 +43,10 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
+from zoo.kernels.chunk_pass import chunk_dims
 from zoo.kernels.rwkv7 import rwkv7_keys
 from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import Launch, dot_dtype, dot_precision, Target, check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_tiles, scan_function
 
 
 @triton.jit
@@ -241,18 +241,16 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     B, T, H, K = r.shape
     V = v.shape[-1]
     tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    BT, BK, BV = tiles.BT, tiles.BK, tiles.BV
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     trans = torch.empty(B * H, NT, K, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(dot_dtype(r, k, v)), **tiles.launch._asdict())
     _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
     has_s0 = initial_state is not None
     _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
         states, trans, initial_state if has_s0 else states, NT,
-        K=K, V=V, BK=BK, BVP=tiles.BVP, KB=tiles.KB, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
+        K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
     )
     _rwkv7_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
@@ -270,39 +268,25 @@ def recurrent_checkpoints(states: torch.Tensor, K: int, V: int, dtype: torch.dty
     return ckpt.reshape(BH * NV, NT, t.BK, t.BV).contiguous()
 
 
-class RWKV7ChunkParallelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w_log, k, v, a, b, initial_state, chunk_size):
-        inputs = [t.contiguous() for t in (r, w_log, k, v, a, b)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        o, final, states = rwkv7_cp_fwd(*inputs, s0, chunk_size)
-        K, V = r.shape[-1], v.shape[-1]
-        ckpt = recurrent_checkpoints(states, K, V, r.dtype, r.device)
-        ctx.save_for_backward(*inputs, ckpt)
-        ctx.bt = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device)).BT
-        ctx.dtypes = input_dtypes(r, w_log, k, v, a, b, initial_state)
-        return o, final
+def _rwkv7_cp_fwd_checkpoints(r, w, k, v, a, b, initial_state, chunk_size: int):
+    """:func:`rwkv7_cp_fwd`, with the chunk-start states as the recurrent backward's checkpoints."""
+    o, final, states = rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size)
+    return o, final, recurrent_checkpoints(states, r.shape[-1], v.shape[-1], r.dtype, r.device)
 
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        *inputs, ckpt = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.bt)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None)
+
+def _rwkv7_recurrent_bwd(r, w, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
+    """:func:`.triton_rwkv7.rwkv7_bwd` from this forward's checkpoints, one per chunk of BT tokens."""
+    bt = rwkv7_chunk_parallel_tiles(r.shape[-1], v.shape[-1], chunk_size, r.dtype, launch_target(r.device)).BT
+    return rwkv7_bwd(r, w, k, v, a, b, do, ds_final, ckpt, bt)
+
+
+RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd)
 
 
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
-    """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``:
-    the chunk-parallel forward of this module, the fused-recurrent Triton backward (every gradient, the initial
-    state's included).
-
-    Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
-    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
-    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Chunks are 16 tokens whatever ``chunk_size``
-    (checked, unused): :func:`rwkv7_chunk_parallel_tiles`.
-    """
+    """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
+    forward of this module, the fused-recurrent Triton backward (every gradient, the initial state's included).
+    Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`rwkv7_chunk_parallel_tiles`."""
     K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_head_dim("rwkv7_chunk_parallel", K)
-    check_triton_inputs("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state)
+    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K)
     return RWKV7ChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

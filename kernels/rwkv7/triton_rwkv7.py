@@ -16,14 +16,12 @@ Everything accumulates in fp32; K-sized gradients are per-V-block partial sums a
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.rwkv7 import rwkv7_keys
-from zoo.kernels.amp import grads_in_input_dtypes, input_dtypes
-from zoo.kernels.triton_checks import check_head_dim, check_triton_inputs, launch_target, recurrent_tiles
+from zoo.kernels.triton_common import check_triton_call, recurrent_bwd, recurrent_fwd, scan_function
 
 
 @triton.jit
@@ -138,72 +136,20 @@ def _rwkv7_bwd_kernel(
 
 def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int):
     """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
-    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
-    NC = triton.cdiv(T, chunk_size)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=r.device)
-    s_final = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
-    ckpt = torch.empty(B * H * NV, NC, BK, BV, dtype=torch.float32, device=r.device)
-    has_s0 = initial_state is not None
-    _rwkv7_fwd_kernel[(NV, B * H)](
-        r, w_log, k, v, a, b, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_S0=has_s0, **t.launch._asdict(),
-    )
-    return o, s_final, ckpt
+    return recurrent_fwd(_rwkv7_fwd_kernel, [r, w_log, k, v, a, b], v.shape[-1], initial_state, chunk_size)
 
 
 def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     """Launch the backward kernel. Returns fp32 ``(dr, dw_log, dk, dv, da, db, d_initial_state)``."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    t = recurrent_tiles(K, V, r.dtype, launch_target(r.device))
-    BK, BV, NV = t.BK, t.BV, triton.cdiv(V, t.BV)
-    NC = ckpt.shape[1]
-    f32 = dict(dtype=torch.float32, device=r.device)
-    dr, dw, dk, da, db = (torch.empty(NV, B, T, H, K, **f32) for _ in range(5))
-    dv = torch.empty(B, T, H, V, **f32)
-    ds0 = torch.empty(B, H, K, V, **f32)
-    scratch = torch.empty(B * H * NV, chunk_size, BK, BV, **f32)
-    has_ds = ds_final is not None
-    _rwkv7_bwd_kernel[(NV, B * H)](
-        r, w_log, k, v, a, b, do, ds_final if has_ds else ds0, ckpt, scratch,
-        dr, dw, dk, dv, da, db, ds0,
-        T, NC, B, H=H, K=K, V=V, BK=BK, BV=BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
-    )
-    return dr.sum(0), dw.sum(0), dk.sum(0), dv, da.sum(0), db.sum(0), ds0
+    return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk")
 
 
-class RWKV7Function(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w_log, k, v, a, b, initial_state, chunk_size):
-        inputs = [t.contiguous() for t in (r, w_log, k, v, a, b)]
-        s0 = None if initial_state is None else initial_state.contiguous()
-        o, s_final, ckpt = rwkv7_fwd(*inputs, s0, chunk_size)
-        ctx.save_for_backward(*inputs, ckpt)
-        ctx.chunk_size = chunk_size
-        ctx.dtypes = input_dtypes(r, w_log, k, v, a, b, initial_state)
-        return o, s_final
-
-    @staticmethod
-    def backward(ctx, do, ds_final):
-        *inputs, ckpt = ctx.saved_tensors
-        ds_final = None if ds_final is None else ds_final.contiguous()
-        grads = rwkv7_bwd(*inputs, do.contiguous(), ds_final, ckpt, ctx.chunk_size)
-        grads = grads_in_input_dtypes(grads, ctx.dtypes)
-        return (*grads, None)
+RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd)
 
 
 def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
-    """Generalized delta rule ``S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``, ``o_t = r_t S_t``.
-
-    Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
-    ``initial_state [B, H, K, V]`` or None (zeros). fp32 / bf16 / fp16 inputs, fp32 accumulation. Returns
-    ``(o [B, T, H, V], final_state [B, H, K, V])``, both fp32. Triton fused-recurrent kernels, forward and
-    backward; ``chunk_size`` is the number of tokens between the states saved for the backward pass.
-    """
+    """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
+    the number of tokens between the states saved for the backward pass."""
     K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_head_dim("rwkv7_triton", K)
-    check_triton_inputs("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state)
+    check_triton_call("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K)
     return RWKV7Function.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

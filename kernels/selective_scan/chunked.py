@@ -13,20 +13,8 @@ from .inputs import prepare_inputs, skip_and_gate
 
 
 @autocast_off
-def selective_scan_chunked(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`selective_scan_naive`; ``chunk_size`` None picks ``ceil(sqrt(T))``.
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None, chunk_size: int | None = None):
+    """Same contract as :func:`zoo.kernels.selective_scan.selective_scan`; ``chunk_size`` None picks ``ceil(sqrt(T))``.
 
     With ``S_t`` the cumulative log-decay ``sum_{s<=t} dt_s A`` inside a chunk that starts from state ``h_0``:
     ``h_t = h_t^local + exp(S_t) * h_0``, where ``h^local`` is the scan of the chunk from a zero state.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels.amp import start_state
+
 
 def prepare_inputs(u, delta, A, delta_bias, delta_softplus: bool, initial_state):
     """``(dtype, dt [B, T, D], u [B, T, D], h0 [B, D, N])`` in the compute dtype (fp32, fp64 for fp64 inputs), with
@@ -16,7 +18,7 @@ def prepare_inputs(u, delta, A, delta_bias, delta_softplus: bool, initial_state)
         dt = dt + delta_bias.to(dtype)
     if delta_softplus:
         dt = F.softplus(dt)
-    h0 = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device) if initial_state is None else initial_state.to(dtype)
+    h0 = start_state(initial_state, (batch, dim, A.shape[1]), dtype, u.device)
     return dtype, dt, u.to(dtype), h0
 
 

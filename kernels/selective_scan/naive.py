@@ -8,25 +8,12 @@ from zoo.kernels.amp import autocast_off
 
 
 @autocast_off
-def selective_scan_naive(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None):
     """One step at a time: with ``dt = softplus(delta + delta_bias)``,
 
     ``h_t = exp(dt_t A) * h_{t-1} + dt_t B_t u_t``  (Eq. 2a with the ZOH ``A_bar = exp(dt A)`` of Eq. 4 and the
     Euler ``B_bar = dt B`` of the reference code), ``y_t = C_t h_t + D u_t``  (Eq. 2b), then ``y_t * silu(z_t)``.
-
-    Shapes: u, delta, z ``[B, T, D]``; A ``[D, N]``; B, C ``[B, T, N]``; D, delta_bias ``[D]``;
-    initial_state ``[B, D, N]``. Returns ``y [B, T, D]`` (dtype of u) and the final state ``[B, D, N]``.
+    Shapes and results: :func:`zoo.kernels.selective_scan.selective_scan`.
     """
     dtype = torch.promote_types(u.dtype, torch.float32)
     batch, T, dim = u.shape

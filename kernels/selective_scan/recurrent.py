@@ -84,20 +84,9 @@ class _SelectiveScanRecurrent(torch.autograd.Function):
 
 
 @autocast_off
-def selective_scan_recurrent(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`selective_scan_naive`; ``chunk_size`` (default 32) is the checkpoint interval."""
+def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None, chunk_size: int | None = None):
+    """Same contract as :func:`zoo.kernels.selective_scan.selective_scan`; ``chunk_size`` (default 32) is the checkpoint
+    interval."""
     dtype, dt, uf, h0 = prepare_inputs(u, delta, A, delta_bias, delta_softplus, initial_state)
     batch, T, dim = u.shape
     if T == 0:

@@ -10,21 +10,9 @@ from .inputs import prepare_inputs, skip_and_gate
 
 
 @autocast_off
-def selective_scan_step(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`~zoo.kernels.selective_scan.naive.selective_scan_naive` for ``T = 1``: u, delta, z
-    ``[B, 1, D]``, B, C ``[B, 1, N]``; returns ``y [B, 1, D]`` (dtype of u) and the new state ``[B, D, N]`` (a new
-    tensor; ``initial_state`` is not modified)."""
+def selective_scan_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None):
+    """Same contract as :func:`zoo.kernels.selective_scan.selective_scan` for ``T = 1``; the new state is a new tensor
+    (``initial_state`` is not modified)."""
     dtype, dt, uf, h0 = prepare_inputs(u, delta, A, delta_bias, delta_softplus, initial_state)
     dt0 = dt[:, 0, :, None]  # [B, D, 1]
     Bt, Ct = B[:, 0].to(dtype), C[:, 0].to(dtype)  # [B, N]

@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton_checks import Launch, Target, check_triton_inputs, launch_target
-
-from .checks import check_scan_shapes
+from zoo.kernels.selective_scan import check_scan_shapes
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, launch_target, scan_function
 
 
 @triton.jit
@@ -206,7 +205,7 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_so
     return y, final_state, ckpt
 
 
-def _launch_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dy, d_final, delta_softplus, chunk):
+def _launch_backward(u, delta, A, B, C, D, z, delta_bias, dy, d_final, ckpt, delta_softplus, chunk):
     batch, T, dim = u.shape
     n = A.shape[1]
     t = tiles(dim, n, u.dtype, launch_target(u.device))
@@ -229,66 +228,18 @@ def _launch_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dy, d_final, del
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=d_final is not None,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, **t.launch._asdict(),
     )
-    return du, ddelta, dz, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0), dh0
+    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0
 
 
-class SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper: Triton forward, Triton backward recomputing states from the chunk checkpoints."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
-        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-        D, z, delta_bias, initial_state = (None if t is None else t.contiguous() for t in (D, z, delta_bias, initial_state))
-        y, final_state, ckpt = _launch_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
-        ctx.has_initial_state = initial_state is not None
-        return y, final_state
-
-    @staticmethod
-    def backward(ctx, dy, d_final):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-        d_final = None if d_final is None else d_final.contiguous()
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = _launch_backward(
-            u, delta, A, B, C, D, z, delta_bias, ckpt, dy, d_final, ctx.delta_softplus, ctx.chunk
-        )
-        return (
-            du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD.to(D.dtype),
-            dz,
-            None if delta_bias is None else dbias.to(delta_bias.dtype),
-            dh0 if ctx.has_initial_state else None,
-            None, None,
-        )
+SelectiveScanFn = scan_function(_launch_forward, _launch_backward, n_config=2)
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None, chunk_size: int | None = None):
+    """Same contract as :func:`zoo.kernels.selective_scan.selective_scan` (fp32, bf16 or fp16 inputs; y in u's dtype,
+    the state fp32); ``chunk_size`` is the checkpoint interval of the backward (None: ``sqrt(T)`` rounded up to a
+    power of 2)."""
     check_scan_shapes("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    check_triton_inputs("selective_scan_triton", _selective_scan_fwd_kernel, u, delta, A, B, C, D, z, delta_bias, initial_state)
-
-
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = (C_t h_t + D u_t) * silu(z_t)``.
-
-    Same contract as :func:`zoo.kernels.selective_scan.selective_scan`: u, delta, z ``[B, T, D]``; A ``[D, N]``;
-    B, C ``[B, T, N]``; D, delta_bias ``[D]``; initial_state ``[B, D, N]`` (None: zeros); fp32, bf16 or fp16.
-    ``chunk_size`` is the checkpoint interval of the backward (None: ``sqrt(T)`` rounded up to a power of 2).
-    Returns ``(y [B, T, D] in u's dtype, final_state [B, D, N] fp32)``; every input gets a gradient.
-    """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_triton_call("selective_scan_triton", _selective_scan_fwd_kernel, u, delta, A, B, C, D, z, delta_bias, initial_state)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"selective_scan_triton: chunk_size must be >= 1, got {chunk_size}")
     chunk = _checkpoint_interval(u.shape[1], chunk_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.amp import autocast_off
+from zoo.kernels.amp import autocast_off, start_state
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -18,22 +18,13 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 
 @autocast_off
-def ssd_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`ssd_naive`."""
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64):
+    """Same contract as :func:`~zoo.kernels.ssd.naive.ssd_naive`."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     batch, T, heads, p = x.shape
     n = B.shape[-1]
     rep = heads // B.shape[2]
-    h0 = torch.zeros(batch, heads, p, n, dtype=dtype, device=x.device) if initial_state is None else initial_state.to(dtype)
+    h0 = start_state(initial_state, (batch, heads, p, n), dtype, x.device)
     if T == 0:
         return x.new_zeros(batch, 0, heads, p), h0
     L = min(chunk_size, T)

@@ -8,20 +8,11 @@ from zoo.kernels.amp import autocast_off
 
 
 @autocast_off
-def ssd_naive(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
     """``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``, one step at a time.
 
-    ``dt`` is the final (already softplus'd and clamped) time step. Shapes: x ``[B, T, H, P]``; dt ``[B, T, H]``;
-    A, D ``[H]``; B, C ``[B, T, G, N]`` with G dividing H (head h uses group ``h // (H/G)``);
-    initial_state ``[B, H, P, N]``. Returns ``y [B, T, H, P]`` (dtype of x) and the final state ``[B, H, P, N]``.
+    ``dt`` is the final (already softplus'd and clamped) time step; head h uses group ``h // (H/G)``. Shapes and
+    results: :func:`zoo.kernels.ssd.ssd_scan`.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     batch, T, heads, p = x.shape

@@ -8,18 +8,9 @@ from zoo.kernels.amp import autocast_off
 
 
 @autocast_off
-def ssd_step(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`~zoo.kernels.ssd.naive.ssd_naive` for ``T = 1``: x ``[B, 1, H, P]``, dt ``[B, 1, H]``
-    (final time step), B, C ``[B, 1, G, N]``; returns ``y [B, 1, H, P]`` (dtype of x) and the new state
-    ``[B, H, P, N]`` (a new tensor; ``initial_state`` is not modified)."""
+def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
+    """Same contract as :func:`~zoo.kernels.ssd.naive.ssd_naive` for ``T = 1``; the new state is a new tensor
+    (``initial_state`` is not modified)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     batch, _, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]

@@ -29,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton_checks import Launch, Target, check_triton_inputs, launch_target
-
-from .checks import check_ssd_shapes
+from zoo.kernels.ssd import check_ssd_shapes
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, launch_target, scan_function
 
 
 @triton.jit
@@ -312,11 +311,6 @@ def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -
                  Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
 
 
-def _widest(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 if any of the ``tl.dot`` operands' inputs is fp32 (exact products), else their half-precision dtype."""
-    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
-
-
 def _chunk_args(x, B, t: Tiles):
     """Grid of the chunk kernels ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))`` and their shared shape arguments."""
     batch, T, heads, p = x.shape
@@ -340,7 +334,7 @@ def _pass_states(states, aend, init, reverse, prev, t: Tiles):
 def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     n = B.shape[3]
-    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
+    t = tiles(p, n, chunk_size, dot_dtype(x, B, C), launch_target(x.device))
     grid, dims = _chunk_args(x, B, t)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     states = torch.empty(batch, heads, grid[0], p, n, device=x.device, dtype=torch.float32)
@@ -354,10 +348,10 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
     return y, final_state, states, aend
 
 
-def _launch_backward(x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, dt_softplus, dt_limit, chunk_size):
+def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    t = tiles(p, n, chunk_size, _widest(x, B, C), launch_target(x.device))
+    t = tiles(p, n, chunk_size, dot_dtype(x, B, C), launch_target(x.device))
     grid, dims = _chunk_args(x, B, t)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -383,60 +377,17 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, dt_s
     return dx, ddt, dA, dB, dC, dD, dbias, dh0
 
 
-class SSDFn(torch.autograd.Function):
-    """Autograd wrapper: chunk-parallel Triton forward and backward; the chunk start states are saved between them."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
-        x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-        D, dt_bias, initial_state = (None if t is None else t.contiguous() for t in (D, dt_bias, initial_state))
-        y, final_state, starts, aend = _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, starts, aend)
-        ctx.dt_softplus, ctx.dt_limit, ctx.chunk_size = dt_softplus, dt_limit, chunk_size
-        ctx.has_initial_state = initial_state is not None
-        return y, final_state
-
-    @staticmethod
-    def backward(ctx, dy, d_final):
-        x, dt, A, B, C, D, dt_bias, starts, aend = ctx.saved_tensors
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        d_final = None if d_final is None else d_final.contiguous()
-        dx, ddt, dA, dB, dC, dD, dbias, dh0 = _launch_backward(
-            x, dt, A, B, C, D, dt_bias, starts, aend, dy, d_final, ctx.dt_softplus, ctx.dt_limit, ctx.chunk_size
-        )
-        return (
-            dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD.to(D.dtype),
-            None if dt_bias is None else dbias.to(dt_bias.dtype),
-            dh0 if ctx.has_initial_state else None,
-            None, None, None,
-        )
+SSDFn = scan_function(_launch_forward, _launch_backward, n_config=3)
 
 
-def ssd_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = True,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton SSD ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t`` with
-    ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` computed in the kernels.
-
-    Same contract as :func:`zoo.kernels.ssd.ssd_scan`: x ``[B, T, H, P]``; dt ``[B, T, H]``; A, D, dt_bias ``[H]``;
-    B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros); fp32, bf16 or fp16.
-    ``chunk_size`` sets the kernels' chunk length (rounded to a power of two in [16, 64]).
-    Returns ``(y [B, T, H, P] in x's dtype, final_state [B, H, P, N] fp32)``; every input gets a gradient.
-    One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
+def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, dt_limit=(0.0, float("inf")), initial_state=None,
+               chunk_size: int = 64):
+    """Same contract as :func:`zoo.kernels.ssd.ssd_scan` (fp32, bf16 or fp16 inputs; y in x's dtype, the state fp32),
+    with the dt transform computed in the kernels; ``chunk_size`` sets the kernels' chunk length (rounded to a power
+    of two in [16, 64]). One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    check_triton_inputs("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
+    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
     inputs = (x, dt, A, B, C, D, dt_bias, initial_state)
     if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         from .triton_step import ssd_step_triton

@@ -10,9 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton_checks import check_triton_inputs
-
-from .checks import check_ssd_shapes
+from zoo.kernels.ssd import check_ssd_shapes
+from zoo.kernels.triton_common import check_triton_call
 
 
 @triton.jit
@@ -64,25 +63,14 @@ def step_blocks(p: int, n: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(p), max(1, 4096 // block_n)), block_n
 
 
-def ssd_step_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = True,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-    initial_state: torch.Tensor | None = None,
-    out_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_step_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, dt_limit=(0.0, float("inf")),
+                    initial_state=None, out_state: torch.Tensor | None = None):
     """One token of :func:`zoo.kernels.ssd.ssd_scan` (x ``[B, 1, H, P]``, dt ``[B, 1, H]``, B, C ``[B, 1, G, N]``,
     initial_state ``[B, H, P, N]`` or None) in one launch. ``out_state`` (contiguous fp32 ``[B, H, P, N]``; None: a new
     tensor) receives the new state and may be ``initial_state`` itself to update it in place.
     Returns ``(y [B, 1, H, P] in x's dtype, out_state)``. No gradients (decode)."""
     check_ssd_shapes("ssd_step_triton", x, dt, A, B, C, D, dt_bias, initial_state, 1)
-    check_triton_inputs("ssd_step_triton", _ssd_step_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
+    check_triton_call("ssd_step_triton", _ssd_step_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     if T != 1:

@@ -1,0 +1,156 @@
+"""What every zoo Triton entry point shares: the check before launching (supported dtypes, one device, the head dim,
+and, for CPU tensors, the Triton interpreter), the target its launcher picks tiles for, the recurrent tiles, the
+``tl.dot`` precision, and the autograd ``Function`` around a forward and a backward launcher. Imported by the Triton
+kernel files only (``import zoo`` never loads Triton)."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 256  # kernels that hold a [K, BV] state in registers refuse larger head dims
+
+
+def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: int | None = None) -> None:
+    """Raise a ValueError prefixed with ``op`` unless every given tensor is fp32/bf16/fp16 on the first one's device,
+    ``head_dim`` (when given) is at most :data:`MAX_HEAD_DIM`, and CPU tensors run where ``kernel`` (any of the op's
+    ``@triton.jit`` kernels) is interpreted."""
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim K={head_dim} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: inputs must be float32, bfloat16 or float16, got {t.dtype}; use the torch backend")
+        if t.device != device:
+            raise ValueError(f"{op}: all inputs must be on {device}, got one on {t.device}")
+    if device.type == "cpu" and not isinstance(kernel, InterpretedFunction):
+        raise ValueError(f"{op}: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported")
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch.autograd.Function]:
+    """The autograd ``Function`` of a scan whose ``apply`` takes its tensors (the last one the initial state, each
+    may be None) then ``n_config`` non-tensor arguments. ``fwd(*tensors, *config)`` returns ``(out, final_state,
+    *saved)``; ``bwd(*tensors_but_the_state, d_out, d_final, *saved, *config)`` returns the fp32 gradients of every
+    tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous."""
+
+    class ScanFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            tensors, config = [_contiguous(t) for t in args[:-n_config]], args[-n_config:]
+            out, final, *saved = fwd(*tensors, *config)
+            ctx.save_for_backward(*tensors[:-1], *saved)
+            ctx.n_inputs, ctx.config = len(tensors) - 1, config
+            ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+            return out, final
+
+        @staticmethod
+        def backward(ctx, d_out, d_final):
+            saved = ctx.saved_tensors
+            grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
+            return (*(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), *[None] * n_config)
+
+    return ScanFunction
+
+
+class Target(NamedTuple):
+    """What a launcher's tile choice depends on besides shape and dtype."""
+
+    arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
+
+
+# The safe tiles (those of the GPUs without a table of their own): CPU tensors (the interpreter) and ROCm, whose
+# capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's.
+DEFAULT_TARGET = Target(0)
+
+
+def launch_target(device: torch.device) -> Target:
+    """The target of a launch on ``device``: its CUDA capability (what fla and mamba-ssm key their tiles on), or
+    :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
+    if device.type == "cpu" or torch.version.hip:
+        return DEFAULT_TARGET
+    major, minor = torch.cuda.get_device_capability(device)
+    return Target(10 * major + minor)
+
+
+class Launch(NamedTuple):
+    """The compile options of one kernel launch."""
+
+    num_warps: int
+    num_stages: int
+
+
+class RecurrentTiles(NamedTuple):
+    """Launch parameters of a fused-recurrent kernel pair (RWKV-6, RWKV-7, retention): each program holds a
+    ``[BK, BV]`` state slice; forward and backward share BK and BV (the checkpoints are ``[BK, BV]`` blocks)."""
+
+    BK: int
+    BV: int
+    launch: Launch
+
+
+def recurrent_tiles(K: int, V: int, dtype: torch.dtype, target: Target) -> RecurrentTiles:
+    """V blocks of at most 32 (more programs when B * H is small); 4 warps up to 2048 state entries per program (16 per
+    thread), 8 above (at 4, RWKV-6's forward at head dim 128 spilled on sm_86 / sm_89). The same on every target and
+    input dtype."""
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), 32)
+    return RecurrentTiles(BK, BV, Launch(num_warps=4 if BK * BV <= 2048 else 8, num_stages=3))
+
+
+def recurrent_fwd(kernel, inputs: list[torch.Tensor], V: int, initial_state: torch.Tensor | None, chunk_size: int):
+    """Launch a fused-recurrent forward ``kernel(*inputs, s0, o, ckpt, s_final, T, NC, **shapes)`` (the first input
+    ``[B, T, H, K]``, contiguous), grid ``(cdiv(V, BV), B * H)``, a checkpoint every ``chunk_size`` tokens. Returns fp32
+    ``(o [B, T, H, V], final_state [B, H, K, V], checkpoints [B * H * NV, NC, BK, BV])``."""
+    B, T, H, K = inputs[0].shape
+    t = recurrent_tiles(K, V, inputs[0].dtype, launch_target(inputs[0].device))
+    NV, NC = triton.cdiv(V, t.BV), triton.cdiv(T, chunk_size)
+    f32 = dict(dtype=torch.float32, device=inputs[0].device)
+    o, s_final = torch.empty(B, T, H, V, **f32), torch.empty(B, H, K, V, **f32)
+    ckpt = torch.empty(B * H * NV, NC, t.BK, t.BV, **f32)
+    has_s0 = initial_state is not None
+    kernel[(NV, B * H)](
+        *inputs, initial_state if has_s0 else s_final, o, ckpt, s_final,
+        T, NC, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_S0=has_s0, **t.launch._asdict(),
+    )
+    return o, s_final, ckpt
+
+
+def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_size: int, grads: str) -> list[torch.Tensor]:
+    """Launch a fused-recurrent backward ``kernel(*inputs, do, ds_final, ckpt, scratch, *grads, ds0, T, NC, B,
+    **shapes)``; ``grads`` names the kernel's gradient buffers in order, one letter each: ``k`` ``[NV, B, T, H, K]`` and
+    ``u`` ``[NV, B, H, K]`` / ``g`` ``[NV, B, H]`` (per-V-block partial sums, added up here), ``v`` ``[B, T, H, V]``.
+    Returns fp32 ``[*grads, d_initial_state]``."""
+    B, T, H, K = inputs[0].shape
+    V = do.shape[-1]
+    t = recurrent_tiles(K, V, inputs[0].dtype, launch_target(inputs[0].device))
+    NV = triton.cdiv(V, t.BV)
+    f32 = dict(dtype=torch.float32, device=inputs[0].device)
+    shapes = {"k": (NV, B, T, H, K), "v": (B, T, H, V), "u": (NV, B, H, K), "g": (NV, B, H)}
+    buffers = [torch.empty(shapes[g], **f32) for g in grads]
+    ds0 = torch.empty(B, H, K, V, **f32)
+    scratch = torch.empty(B * H * NV, chunk_size, t.BK, t.BV, **f32)
+    has_ds = ds_final is not None
+    kernel[(NV, B * H)](
+        *inputs, do, ds_final if has_ds else ds0, ckpt, scratch, *buffers, ds0,
+        T, ckpt.shape[1], B, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
+    )
+    sums = {"k": (0,), "v": (), "u": (0, 1), "g": (0, 1)}
+    return [b.sum(sums[g]) if sums[g] else b for b, g in zip(buffers, grads)] + [ds0]
+
+
+def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The widest input dtype: it sets the ``tl.dot`` precision (:func:`dot_precision`) and with it the tiles."""
+    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
+    return "ieee" if dtype == torch.float32 else "tf32"
