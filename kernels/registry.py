@@ -133,7 +133,7 @@ def chunks_by_v(d, t):  # one program per (chunk, V block, batch * head): the ch
     return (cdiv(d["T"], t["BT"]), cdiv(d["V"], t["BV"]), d["B"] * d["H"])
 
 
-def state_blocks(d, t):  # the chunk-parallel state passes: one program per block of the [K, V] state and batch * head
+def state_blocks(d, t):  # the shared chunk pass (retention, RWKV-6): one program per block of the [K, V] state and batch * head
     return (cdiv(d["K"] * d["V"], t["BLOCK"]), d["B"] * d["H"])
 
 
@@ -208,7 +208,7 @@ def _recurrent(prefix: str) -> tuple[Kernel, ...]:
 
 
 def _chunk_parallel(prefix: str) -> tuple[Kernel, ...]:
-    state, pass_ = (f"{prefix}_chunk_state_kernel", chunks_by_v), (f"{prefix}_pass_kernel", state_blocks)
+    state, pass_ = (f"{prefix}_chunk_state_kernel", chunks_by_v), ("_chunk_pass_kernel", state_blocks)  # kernels/chunk_pass.py
     return _kernels(state, pass_, (f"{prefix}_output_kernel", chunks_by_v), (f"{prefix}_dstate_kernel", chunks_by_v),
                     pass_, (f"{prefix}_grad_kernel", chunks_by_v))
 
