@@ -198,3 +198,56 @@ class MemorySampler:
         self._thread.join()
         self._sample()
         return self.peaks
+
+
+def peer_models(d_model: int, n_layers: int, vocab_size: int, ssm_layers: int | None = None
+                ) -> tuple[dict[str, Callable[[], torch.nn.Module]], dict[str, str]]:
+    """Constructors of the peers zoo is measured against, ``"<source> <model_type>"`` (zoo.convert converts every
+    type): Hugging Face Llama (SDPA; zoo's SwiGLU width), Mixtral, Mamba, Mamba-2 (``ssm_layers``, default twice the
+    layers, no FFN) and, when fla imports, fla RetNet / RWKV-6 / RWKV-7; and the reason each missing peer is skipped."""
+    import transformers as hf
+
+    from zoo.layers import SwiGLUConfig
+
+    d, n, v, heads = d_model, n_layers, vocab_size, max(1, d_model // 64)
+    attention = dict(vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=heads)
+    ssm = dict(vocab_size=v, hidden_size=d, num_hidden_layers=ssm_layers or 2 * n, expand=2, conv_kernel=4)
+    ssd_heads = max(1, 2 * d // 64)
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "hf llama": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(
+            **attention, intermediate_size=SwiGLUConfig().resolved_hidden_size(d), attn_implementation="sdpa")),
+        "hf mixtral": lambda: hf.MixtralForCausalLM(hf.MixtralConfig(
+            **attention, intermediate_size=2 * d, num_local_experts=8, num_experts_per_tok=2)),
+        "hf mamba": lambda: hf.MambaForCausalLM(hf.MambaConfig(**ssm, state_size=16)),
+        "hf mamba2": lambda: hf.Mamba2ForCausalLM(hf.Mamba2Config(
+            **ssm, state_size=64, num_heads=ssd_heads, head_dim=2 * d // ssd_heads, n_groups=1, chunk_size=64)),
+    }
+    fla_names = ("fla retnet", "fla rwkv6", "fla rwkv7")
+    try:
+        from fla.models import RetNetConfig, RetNetForCausalLM, RWKV6Config, RWKV6ForCausalLM, RWKV7Config, RWKV7ForCausalLM
+    except Exception as err:  # noqa: BLE001 - fla missing or of another version: its peers are skipped
+        return builders, {name: f"fla does not import: {type(err).__name__}: {err}".splitlines()[0] for name in fla_names}
+    common = {"vocab_size": v, "hidden_size": d, "num_hidden_layers": n}
+    builders["fla retnet"] = lambda: RetNetForCausalLM(RetNetConfig(num_heads=heads, **common))
+    builders["fla rwkv6"] = lambda: RWKV6ForCausalLM(RWKV6Config(**common))
+    builders["fla rwkv7"] = lambda: RWKV7ForCausalLM(RWKV7Config(**common))
+    return builders, {}
+
+
+def write_corpus(directory: Path, n_bytes: int, doc_bytes: int = 256 * 1024, seed: int = 0) -> tuple[int, list[str]]:
+    """Text files of ``doc_bytes`` (the last one shorter) of lines of random words from a fixed vocabulary of 5,000
+    random lowercase words (2-9 letters); returns the bytes written and the sorted distinct words."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10))) for _ in range(5000)])
+    directory.mkdir(parents=True, exist_ok=True)
+    written, i = 0, 0
+    while written < n_bytes:
+        size = min(doc_bytes, n_bytes - written)
+        idx = rng.integers(0, len(words), size // 4 + 16)
+        text = " ".join(words[idx]).replace(words[0], words[0] + "\n")[:size]
+        (directory / f"doc{i:06d}.txt").write_text(text)
+        written += len(text.encode())
+        i += 1
+    return written, sorted(set(words.tolist()))

@@ -1,138 +1,37 @@
-"""Tokenization and loading of a generated corpus: the sharded, memory-mapped cache against the previous in-RAM path.
+"""Tokenization and loading of a generated corpus through zoo's sharded, memory-mapped token cache.
 
 ``python -m benchmarks.data [--bytes N] [--smoke] [--out DIR]`` writes a corpus of N bytes (default 200M) of random
-words as 256 KiB text files, then runs four phases, each in a forked child so its peak RSS is its own:
+words as 256 KiB text files, then runs two phases, each in a forked child so its peak RSS is its own:
 
-- ``new/tokenize``: ``ZooDataModule.prepare_data`` (``datasets.map``, shards streamed to disk);
-- ``new/load``: the training DataLoader over ``np.memmap`` shards;
-- ``old/tokenize``: the previous path (documents held in RAM, per-document arrays, one ``np.concatenate``, an
-  in-memory ``.npy`` then an atomic write);
-- ``old/load``: ``np.load`` of the whole array, then the same DataLoader.
+- ``tokenize``: ``ZooDataModule.prepare_data`` (``datasets.map``, shards streamed to disk);
+- ``load``: the training DataLoader over ``np.memmap`` shards (``--loader-batches`` shuffled batches).
 
 Each reports tokens/s, peak RSS (``ru_maxrss``, which counts pages of memory-mapped files the process touched, page
 cache the kernel can drop) and peak anonymous RSS (``RssAnon``, sampled every 5 ms: the memory the process itself
-holds); ``rss_start_mb`` / ``anon_start_mb`` are the child's at its start (the parent's imports). The loaders read ``--loader-batches`` shuffled batches. Byte tokenizer, ``seq_len`` 256, batch 16.
-Writes ``benchmarks/results/data-<size>.{json,md}`` with the machine, load average and versions.
+holds); ``rss_start_mb`` / ``anon_start_mb`` are the child's at its start (the parent's imports). Byte tokenizer,
+``seq_len`` 256, batch 16. Writes ``benchmarks/results/data-<size>.{json,md}`` with the machine and versions.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import io
 import multiprocessing as mp
 import os
-import platform
-import resource
 import shutil
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.report import write_report
+from benchmarks.common import RESULTS, MemorySampler, load_average, machine, peak_rss_mb, process_memory_mb, write_corpus, write_report
 from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
-from zoo.data import EOS_TOKEN, ShardedTokens, TokenWindows, ZooDataModule, _atomic_write_bytes, _split, byte_tokenizer, local_files
+from zoo.data import ShardedTokens, TokenWindows, ZooDataModule
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DOC_BYTES = 256 * 1024
 SEQ_LEN, BATCH = 256, 16
-
-
-def corpus_words(rng: np.random.Generator) -> np.ndarray:
-    """The 5,000 random lowercase words (2-9 letters, repeats possible) that :func:`generate_corpus` writes."""
-    return np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10))) for _ in range(5000)])
-
-
-def generate_corpus(directory: Path, n_bytes: int, seed: int = 0, doc_bytes: int = DOC_BYTES) -> int:
-    """Files of ``doc_bytes`` (the last one shorter) of lines of random words from a fixed 5,000-word vocabulary
-    (:func:`corpus_words` of ``default_rng(seed)``)."""
-    rng = np.random.default_rng(seed)
-    words = corpus_words(rng)
-    directory.mkdir(parents=True, exist_ok=True)
-    written, i = 0, 0
-    while written < n_bytes:
-        size = min(doc_bytes, n_bytes - written)
-        idx = rng.integers(0, len(words), size // 4 + 16)
-        text = " ".join(words[idx]).replace(words[0], words[0] + "\n")[:size]
-        (directory / f"doc{i:06d}.txt").write_text(text)
-        written += len(text.encode())
-        i += 1
-    return written
-
-
-class AnonPeak:
-    """Samples ``RssAnon`` of this process every ``interval`` seconds in a thread; ``peak`` in MiB."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, self.now(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def now() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.now())
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-        return self.peak
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _config(corpus: Path, cache: Path, num_proc: int) -> DataConfig:
-    return DataConfig(source=str(corpus), tokenizer="byte", seq_len=SEQ_LEN, batch_size=BATCH, cache_dir=str(cache), num_proc=num_proc)
-
-
-def _old_path(cache: Path, split: str) -> Path:
-    return cache / "old" / f"{split}.npy"
-
-
-def old_tokenize(cfg: DataConfig, cache: Path) -> int:
-    """The previous path: all documents in RAM, per-document uint16 arrays, one concatenate, an in-memory .npy."""
-    files = local_files(cfg.source)
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    keys = [str(f.relative_to(root)) for f in files]
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    docs = _split(datasets.Dataset.from_dict({"key": keys, "text": texts}), cfg.val_fraction)
-    del keys, texts
-    eos = byte_tokenizer().convert_tokens_to_ids(EOS_TOKEN)
-    total = 0
-    for split in ("train", "validation"):
-        out = []
-        for text in docs[split]["text"]:
-            out.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16))
-            out.append(np.array([eos], dtype=np.uint16))
-        tokens = np.concatenate(out)
-        del out
-        buf = io.BytesIO()
-        np.save(buf, tokens, allow_pickle=False)
-        _atomic_write_bytes(_old_path(cache, split), buf.getvalue())
-        total += len(tokens)
-    return total
+PHASES = ("tokenize", "load")
 
 
 def _read(tokens, batches: int, seed: int = 0) -> int:
@@ -148,26 +47,21 @@ def _read(tokens, batches: int, seed: int = 0) -> int:
 
 
 def _phase(name: str, corpus: Path, cache: Path, num_proc: int, batches: int) -> dict:
-    start_rss = _rss_mb()
-    anon = AnonPeak()
-    anon_start = anon.peak
-    cfg = _config(corpus, cache, num_proc)
+    start = process_memory_mb()
+    memory = MemorySampler(interval=0.005)
+    cfg = DataConfig(source=str(corpus), tokenizer="byte", seq_len=SEQ_LEN, batch_size=BATCH, cache_dir=str(cache), num_proc=num_proc)
     t0 = time.perf_counter()
-    if name == "new/tokenize":
-        dm = ZooDataModule(cfg)
+    dm = ZooDataModule(cfg)
+    if name == "tokenize":
         dm.prepare_data()
         tokens = sum(len(ShardedTokens(dm._token_dir(s))) for s in ("train", "validation"))
-    elif name == "new/load":
-        dm = ZooDataModule(cfg)
+    else:
         dm.setup()
         tokens = _read(dm.train_tokens, batches)
-    elif name == "old/tokenize":
-        tokens = old_tokenize(cfg, cache)
-    else:
-        tokens = _read(np.load(_old_path(cache, "train"), allow_pickle=False), batches)
     seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "rss_start_mb": round(start_rss, 1), "peak_anon_mb": round(anon.stop(), 1), "anon_start_mb": round(anon_start, 1)}
+    (peak,) = memory.stop().values()
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_start_mb": round(start["rss"], 1), "peak_anon_mb": round(peak["anon"], 1), "anon_start_mb": round(start["anon"], 1)}
 
 
 def _child(conn, *args) -> None:
@@ -195,22 +89,19 @@ def _label(n: int) -> str:
 
 def markdown(report: dict) -> str:
     m = report["meta"]
+    t, r = report["phases"]["tokenize"], report["phases"]["load"]
     lines = [
         f"# Data pipeline, {m['corpus_bytes']:,} bytes ({m['date']})",
         "",
-        f"{m['machine']}; load average {m['loadavg_start']} at start, {m['loadavg_end']} at end; python {m['python']}, torch "
-        f"{m['torch']}, datasets {m['datasets']}, numpy {m['numpy']}; byte tokenizer, num_proc {m['num_proc']}, "
-        f"loader: {m['loader_batches']} batches of {BATCH} x {SEQ_LEN}.",
+        f"{m['device']}, {m['cpus']} CPUs, {m['memory_gib']} GiB RAM, {m['platform']}; load average {m['loadavg_start']} at "
+        f"start, {m['load_average']} at end; python {m['python']}, torch {m['torch']}, datasets {m['datasets']}, numpy "
+        f"{m['numpy']}; byte tokenizer, num_proc {m['num_proc']}, loader: {m['loader_batches']} batches of {BATCH} x {SEQ_LEN}.",
         "",
-        "| path | tokenize tok/s | tokenize peak RSS / anon MiB | loader tok/s | loader peak RSS / anon MiB | at start RSS / anon MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| tokenize tok/s | tokenize peak RSS / anon MiB | loader tok/s | loader peak RSS / anon MiB | at start RSS / anon MiB |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {t['tokens_per_s']:,} | {t['peak_rss_mb']:,} / {t['peak_anon_mb']:,} | {r['tokens_per_s']:,} | "
+        f"{r['peak_rss_mb']:,} / {r['peak_anon_mb']:,} | {r['rss_start_mb']:,} / {r['anon_start_mb']:,} |",
     ]
-    for path in ("new", "old"):
-        t, r = report["phases"][f"{path}/tokenize"], report["phases"][f"{path}/load"]
-        lines.append(
-            f"| {path} | {t['tokens_per_s']:,} | {t['peak_rss_mb']:,} / {t['peak_anon_mb']:,} | {r['tokens_per_s']:,} | "
-            f"{r['peak_rss_mb']:,} / {r['peak_anon_mb']:,} | {r['rss_start_mb']:,} / {r['anon_start_mb']:,} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -229,28 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="zoo-data-bench-", dir=args.workdir))
     try:
         corpus = work / "corpus"
-        written = generate_corpus(corpus, n_bytes, doc_bytes=4096 if args.smoke else DOC_BYTES)
-        load_start = os.getloadavg()
+        written, _ = write_corpus(corpus, n_bytes, doc_bytes=4096 if args.smoke else 256 * 1024)
+        load_start = load_average()
         phases = {}
-        for name in ("new/tokenize", "new/load", "old/tokenize", "old/load"):
+        for name in PHASES:
             phases[name] = run_phase(name, corpus, work / "cache", args.num_proc, batches)
             print(f"{name}: {phases[name]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__, "datasets": datasets.__version__, "numpy": np.__version__,
-            "corpus_bytes": written, "num_proc": args.num_proc, "loader_batches": batches,
-            "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        },
-        "phases": phases,
-    }
+    meta = {**machine(packages=("datasets", "numpy")), "corpus_bytes": written, "num_proc": args.num_proc,
+            "loader_batches": batches, "loadavg_start": load_start}
+    report = {"meta": meta, "phases": phases}
     write_report(args.out / f"data-{'smoke' if args.smoke else _label(written)}", report, markdown(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,177 +1,183 @@
-"""Decode speed of every ``_small`` recipe's model: Hugging Face ``generate`` vs zoo's static decoding vs CUDA graphs.
+"""Inference speed: prefill and decode of every text recipe's model, by ``generate``, static decoding and CUDA graphs.
 
-``python -m benchmarks.decode`` (CUDA: bf16 weights; CPU: fp32) or ``--smoke`` (the same recipes shrunk to d_model 64
-and 4 layers, CPU); ``--dry-run`` prints the plan (recipes resolved, device, modes, shapes) and times nothing.
-For each recipe's model (random weights; the speed does not depend on them) and each batch size:
-a prompt of ``--prompt`` tokens is prefilled, then ``--new-tokens`` tokens are decoded greedily by
+``python -m benchmarks.decode`` (CUDA: bf16 weights; CPU: fp32) or ``--smoke`` (the recipes shrunk to d_model 64 and
+4 layers, CPU); ``--dry-run`` prints the plan (recipes resolved, device, modes, shapes) and times nothing. The recipes
+are the registry's causal text recipes (no fine-tune, no synthetic task). For each model (random weights; the speed
+does not depend on them), prompt length and batch size, a prompt is prefilled and ``--new-tokens`` are decoded greedily:
 
-- ``generate``: ``model.generate`` over a growing :class:`~zoo.modeling.ZooCache` (per-token times marked inside it);
+- ``generate``: ``model.generate`` over a growing :class:`~zoo.modeling.ZooCache` (every step marked inside it);
 - ``static``: :class:`~zoo.decoding.StaticDecoder` steps (preallocated states, no host synchronization);
 - ``cuda_graph``: the same steps replayed as one CUDA graph (CUDA only).
 
-Decode tokens/s = batch / median step time. The three modes run in the same process, so their ratios compare.
-Writes ``benchmarks/results/decode[_smoke]-<device>.{json,md}`` with the device, versions and shapes.
+Prefill: milliseconds to the first token; decode tokens/s = batch / median step time. ``--peers`` adds the Hugging Face
+/ fla models of :func:`benchmarks.common.peer_models` (``generate`` only) at transformer_small's width. All modes run
+in one process, so their ratios compare. Writes ``benchmarks/results/decode[_smoke]-<device>.{json,md}``.
 
-``--prompt-lookup DIR [DIR ...]``: trained zoo checkpoints (Hugging Face directories) continue code from the
-built-in corpus's validation files, greedily and with prompt-lookup decoding (``prompt_lookup_num_tokens``), batch 1,
-in the same process; tokens/s of each (median of ``--repeats``), their ratio, the mean tokens per model forward, and
-whether both gave the same tokens. Writes ``benchmarks/results/prompt-lookup-<device>.{json,md}``.
+``--prompt-lookup DIR [DIR ...]``: trained zoo checkpoints continue code from the built-in corpus's validation files,
+greedily and with prompt-lookup decoding, batch 1, CPU: tokens/s of each (median of ``--repeats``), their ratio, the
+mean tokens per forward and whether both gave the same tokens. Writes ``results/prompt-lookup-<device>.{json,md}``.
 
-``--vs-hf``: zoo against the Hugging Face implementation of the same model (Llama, Mixtral, Mamba, Mamba-2; random
-weights, d_model 256, 4 layers, converted to zoo by :mod:`zoo.convert`), CPU fp32, greedy ``generate`` at each batch
-size: the two alternate ``--repeats`` times in one process (the median of each run's median step time), so their
-ratio holds under the machine's load (the load average is recorded). Writes ``benchmarks/results/decode-vs-hf-<device>.{json,md}``.
+``--vs-hf``: zoo against the Hugging Face model it was converted from (zoo.convert; random weights, d_model 256, 4
+layers), CPU fp32, greedy ``generate``: the two alternate ``--repeats`` times in one process (the median of each
+run's median step, wall and CPU time) so their ratio holds under load. Writes ``results/decode-vs-hf-<device>.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import transformers
+from transformers import LogitsProcessor
 
-from benchmarks.report import write_report
-from benchmarks.moe import device_name
-from benchmarks.throughput import StepClock, guarded, version_of
+from benchmarks.common import (RESULTS, Clock, device_name, guarded, load_average, machine, median, peer_models, slug,
+                               write_report)
 from zoo.decoding import StaticDecoder
 from zoo.modeling import ZooConfig, ZooForCausalLM
-from zoo.recipe_loader import load_recipe
+from zoo.recipe_loader import builtin_recipe_names, load_recipe
+from zoo.synthetic import GENERATORS
 
-RECIPES = [
-    "transformer_small", "moe_small", "mamba_small", "mamba2_small", "rwkv6_small", "rwkv7_small", "retnet_small",
-    "lstm_small", "hybrid_small", "mamba_moe_small",
-]
-RESULTS = Path(__file__).parent / "results"
 SMOKE_OVERRIDES = ["model.d_model=64", "model.n_layers=4"]  # 64: RWKV head size; 4: tiles every block pattern
+VOCAB = ["model.vocab_size=259"]  # the byte tokenizer's vocabulary
+VS_HF_SIZE = {"d_model": 256, "n_layers": 4}
 
 
-def build_model(recipe: str, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ZooForCausalLM:
-    config = load_recipe(recipe, [*overrides, "model.vocab_size=259"]).model  # the byte tokenizer's vocabulary
-    model = ZooForCausalLM(ZooConfig.from_model_config(config)).to(device=device, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None
-    return model
+def text_recipes() -> list[str]:
+    """The registry's recipes whose model decodes text: causal objective, trained from scratch on a corpus."""
+    recipes = {name: load_recipe(name) for name in builtin_recipe_names()}
+    return [name for name, r in recipes.items()
+            if r.objective == "causal" and r.finetune is None and r.data.source not in GENERATORS]
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+class StepClock(Clock, LogitsProcessor):
+    """A :class:`Clock` that ``generate`` marks once per new token (after that step's forward)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.mark()
+        return scores
 
 
-def time_generate(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    """Milliseconds of each decode step inside ``model.generate`` (the prefill interval dropped)."""
-    clock = StepClock(ids.device)
+def generate(model, ids: torch.Tensor, new_tokens: int, cpu_time: bool = False) -> tuple[torch.Tensor, StepClock]:
+    """Greedy ``generate`` of exactly ``new_tokens``; the clock's intervals are [prefill, step, step, ...]."""
+    clock = StepClock(ids.device, cpu_time=cpu_time)
     with torch.inference_mode():
         clock.mark()
-        model.generate(
+        out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, eos_token_id=None, pad_token_id=0, logits_processor=[clock],
         )
-    return clock.intervals_ms()[1:]
+    return out, clock
 
 
-def time_static(model, ids: torch.Tensor, new_tokens: int, cuda_graph: bool) -> list[float]:
-    """Milliseconds of each :meth:`StaticDecoder.step` after the prefill (and the graph capture)."""
+def static_intervals(model, ids: torch.Tensor, new_tokens: int, cuda_graph: bool) -> list[float]:
+    """Milliseconds of the prefill (with any graph capture), then of each :meth:`StaticDecoder.step`."""
     decoder = StaticDecoder(model, ids.shape[1] + new_tokens, cuda_graph=cuda_graph)
-    cuda = ids.device.type == "cuda"
+    clock = Clock(ids.device)
     with torch.inference_mode():
+        clock.mark()
         token = decoder.prefill(ids).argmax(-1)
-        times = []
+        clock.mark()
         for _ in range(new_tokens - 1):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                token = decoder.step(token).argmax(-1)
-                end.record()
-                times.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                token = decoder.step(token).argmax(-1)
-                times.append((time.perf_counter() - t0) * 1e3)
-        if cuda:
-            torch.cuda.synchronize()
-            times = [a.elapsed_time(b) for a, b in times]
-    return times
+            token = decoder.step(token).argmax(-1)
+            clock.mark()
+    return clock.intervals_ms()
 
 
 def measure(model, batch: int, prompt: int, new_tokens: int, mode: str, warmup: int) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=model.device)
     run: Callable[[], list[float]] = {
-        "generate": lambda: time_generate(model, ids, new_tokens),
-        "static": lambda: time_static(model, ids, new_tokens, cuda_graph=False),
-        "cuda_graph": lambda: time_static(model, ids, new_tokens, cuda_graph=True),
+        "generate": lambda: generate(model, ids, new_tokens)[1].intervals_ms(),
+        "static": lambda: static_intervals(model, ids, new_tokens, cuda_graph=False),
+        "cuda_graph": lambda: static_intervals(model, ids, new_tokens, cuda_graph=True),
     }[mode]
     for _ in range(warmup):
         run()
-    per_token = median(run())
-    return {"ms_per_step": round(per_token, 4), "tokens_per_s": round(batch * 1e3 / per_token, 1)}
+    prefill, *steps = run()
+    per_token = median(steps)
+    return {"prefill_ms": round(prefill, 3), "ms_per_step": round(per_token, 4), "tokens_per_s": round(batch * 1e3 / per_token, 1)}
 
 
-def run(recipes: list[str], batches: list[int], prompt: int, new_tokens: int, device: torch.device, smoke: bool,
-        log: Callable[[str], None]) -> dict:
+def models(recipes: list[str], smoke: bool, peers: bool) -> tuple[dict[str, tuple[str, Callable[[], Any]]], dict[str, str]]:
+    """name -> (kind, constructor) of every model to time; and the peers skipped, with why."""
+    overrides = [*(SMOKE_OVERRIDES if smoke else []), *VOCAB]
+    built = {r: ("zoo", lambda r=r: ZooForCausalLM(ZooConfig.from_model_config(load_recipe(r, overrides).model)))
+             for r in recipes}
+    if not peers:
+        return built, {}
+    size = load_recipe("transformer_small", overrides).model
+    peer_builders, skipped = peer_models(size.d_model, size.n_layers, size.vocab_size)
+    return {**built, **{name: ("peer", build) for name, build in peer_builders.items()}}, skipped
+
+
+def run(recipes: list[str], batches: list[int], prompts: list[int], new_tokens: int, device: torch.device, smoke: bool,
+        peers: bool, log: Callable[[str], None]) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     modes = ["generate", "static"] + (["cuda_graph"] if device.type == "cuda" else [])
+    builders, skipped = models(recipes, smoke, peers)
     results: dict[str, Any] = {}
-    for recipe in recipes:
+    for name, (kind, build) in builders.items():
         torch.manual_seed(0)
-        model = build_model(recipe, SMOKE_OVERRIDES if smoke else [], device, dtype)
-        entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
-        for batch in batches:
-            for mode in modes:
-                cell = guarded(lambda: measure(model, batch, prompt, new_tokens, mode, warmup=0 if smoke else 1), device)
-                entry[f"{mode}@{batch}"] = cell
-                log(f"{recipe} batch={batch} {mode}: {cell}")
-        results[recipe] = entry
-        del model
-    return {
-        "meta": {
-            "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "transformers": transformers.__version__, "triton": version_of("triton"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "smoke": smoke},
-            "modes": modes,
-        },
-        "models": results,
-    }
+        built = guarded(lambda: build().to(device=device, dtype=dtype).eval(), device)
+        if not isinstance(built, torch.nn.Module):
+            results[name] = {"kind": kind, "error": built if isinstance(built, str) else built["error"]}
+            continue
+        built.generation_config.eos_token_id = None
+        entry: dict[str, Any] = {"kind": kind, "parameters": sum(p.numel() for p in built.parameters())}
+        for prompt in prompts:
+            for batch in batches:
+                for mode in modes if kind == "zoo" else ["generate"]:
+                    cell = guarded(lambda: measure(built, batch, prompt, new_tokens, mode, warmup=0 if smoke else 1), device)
+                    entry[f"{mode}@{batch}@{prompt}"] = cell
+                    log(f"{name} prompt={prompt} batch={batch} {mode}: {cell}")
+        results[name] = entry
+        del built
+    shapes = {"prompts": prompts, "new_tokens": new_tokens, "batches": batches, "smoke": smoke}
+    meta = {**machine(device), "dtype": str(dtype).removeprefix("torch."), "shapes": shapes, "modes": modes}
+    return {"meta": meta, "models": results, "skipped": skipped}
 
 
-def plan(recipes: list[str], batches: list[int], prompt: int, new_tokens: int, device: torch.device, smoke: bool,
+def plan(recipes: list[str], batches: list[int], prompts: list[int], new_tokens: int, device: torch.device, smoke: bool,
          out: Path) -> dict:
     """What :func:`run` would measure (``--dry-run``): every recipe's model config is resolved, no model is built."""
-    configs = {recipe: load_recipe(recipe, [*(SMOKE_OVERRIDES if smoke else []), "model.vocab_size=259"]).model for recipe in recipes}
+    overrides = [*(SMOKE_OVERRIDES if smoke else []), *VOCAB]
+    configs = {recipe: load_recipe(recipe, overrides).model for recipe in recipes}
     return {
         "device": device_name(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "modes": ["generate", "static"] + (["cuda_graph"] if device.type == "cuda" else []),
-        "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "smoke": smoke},
+        "shapes": {"prompts": prompts, "new_tokens": new_tokens, "batches": batches, "smoke": smoke},
         "recipes": {name: {"blocks": list(cfg.blocks), "n_layers": cfg.n_layers, "d_model": cfg.d_model} for name, cfg in configs.items()},
         "out": str(out),
     }
 
 
 def _cell(cell: Any) -> str:
+    if cell is None:
+        return ""
     if isinstance(cell, dict) and "tokens_per_s" in cell:
-        return f"{cell['tokens_per_s']:,.0f}"
+        return f"{cell['tokens_per_s']:,.0f} ({cell['prefill_ms']:,.1f} ms)"
     return cell if isinstance(cell, str) else f"error: {cell.get('error', cell)}"[:80]
 
 
 def markdown(report: dict) -> str:
-    meta = report["meta"]
-    batches, modes = meta["shapes"]["batches"], meta["modes"]
-    columns = [f"{mode} b{b}" for b in batches for mode in modes]
+    meta, shapes = report["meta"], report["meta"]["shapes"]
+    columns = [(mode, b) for b in shapes["batches"] for mode in meta["modes"]]
     lines = [
-        f"Decode tokens/s, greedy, prompt {meta['shapes']['prompt']}, {meta['shapes']['new_tokens']} new tokens; "
-        f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}",
+        f"Decode tokens/s (prefill ms), greedy, {shapes['new_tokens']} new tokens; {meta['device']}, {meta['dtype']}, "
+        f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}",
         "",
-        "| recipe | params | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        "| model | params | prompt | " + " | ".join(f"{mode} b{b}" for mode, b in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
-    for recipe, entry in report["models"].items():
-        cells = [_cell(entry[f"{mode}@{b}"]) for b in batches for mode in modes]
-        lines.append(f"| {recipe} | {entry['parameters'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    for name, entry in report["models"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | error: {entry['error']} |")
+            continue
+        for prompt in shapes["prompts"]:
+            cells = [_cell(entry.get(f"{mode}@{b}@{prompt}")) for mode, b in columns]
+            lines.append(f"| {name} | {entry['parameters'] / 1e6:.2f}M | {prompt} | " + " | ".join(cells) + " |")
+    lines += [f"- skipped {name}: {why}" for name, why in report.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +209,7 @@ def prompt_lookup(checkpoints: list[Path], prompts: int, prompt_len: int, new_to
         forwards = [0]
         model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
 
-        def generate(ids: torch.Tensor, **kw) -> tuple[torch.Tensor, float, int]:
+        def timed(ids: torch.Tensor, **kw) -> tuple[torch.Tensor, float, int]:
             forwards[0] = 0
             start = time.perf_counter()
             with torch.inference_mode():
@@ -213,7 +219,7 @@ def prompt_lookup(checkpoints: list[Path], prompts: int, prompt_len: int, new_to
 
         greedy_s, lookup_s, same, lookup_forwards = [], [], True, 0
         for ids in code_prompts(tokenizer, prompts, prompt_len):
-            runs = [(generate(ids), generate(ids, prompt_lookup_num_tokens=draft)) for _ in range(repeats)]
+            runs = [(timed(ids), timed(ids, prompt_lookup_num_tokens=draft)) for _ in range(repeats)]
             greedy_s.append(median([g[1] for g, _ in runs]))
             lookup_s.append(median([p[1] for _, p in runs]))
             same &= all(torch.equal(g[0], p[0]) for g, p in runs)
@@ -227,15 +233,8 @@ def prompt_lookup(checkpoints: list[Path], prompts: int, prompt_len: int, new_to
         name = directory.parent.name if directory.name == "hf" else directory.name  # a run's export: the run's name
         log(f"{name}: {entry}")
         results[name] = entry
-    return {
-        "meta": {
-            "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "dtype": "float32",
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": {"prompts": prompts, "prompt": prompt_len, "new_tokens": new_tokens, "draft": draft, "repeats": repeats, "batch": 1},
-        },
-        "models": results,
-    }
+    shapes = {"prompts": prompts, "prompt": prompt_len, "new_tokens": new_tokens, "draft": draft, "repeats": repeats, "batch": 1}
+    return {"meta": {**machine(), "threads": torch.get_num_threads(), "dtype": "float32", "shapes": shapes}, "models": results}
 
 
 def prompt_lookup_markdown(report: dict) -> str:
@@ -243,7 +242,7 @@ def prompt_lookup_markdown(report: dict) -> str:
     lines = [
         f"Prompt-lookup vs greedy decoding, code continuation from the built-in corpus: {shapes['prompts']} prompts of "
         f"{shapes['prompt']} tokens, {shapes['new_tokens']} new tokens, draft {shapes['draft']}, batch 1, median of "
-        f"{shapes['repeats']}; {meta['device']} ({meta['threads']} threads), {meta['dtype']}, torch {meta['torch']}, "
+        f"{shapes['repeats']}; {meta['device']}, {meta['dtype']}, torch {meta['torch']}, "
         f"transformers {meta['transformers']}, {meta['date']}",
         "",
         "| checkpoint | blocks | greedy tok/s | prompt lookup tok/s | ratio | tokens per forward | same tokens |",
@@ -255,50 +254,34 @@ def prompt_lookup_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _hf_peers() -> dict[str, Callable[[], Any]]:
-    """model_type -> a random Hugging Face model of that type at the ``--vs-hf`` shapes (each type has a converter)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM,
-                              MixtralConfig, MixtralForCausalLM)
+def hf_peers() -> dict[str, Callable[[], Any]]:
+    """model_type -> a random peer at the ``--vs-hf`` size, for every peer that imports (each has a converter)."""
+    builders, _ = peer_models(VS_HF_SIZE["d_model"], VS_HF_SIZE["n_layers"], 259, ssm_layers=VS_HF_SIZE["n_layers"])
+    return {name.split(" ", 1)[1]: build for name, build in builders.items()}
 
-    attention = dict(vocab_size=259, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4)
-    ssm = dict(vocab_size=259, hidden_size=256, num_hidden_layers=4, expand=2, conv_kernel=4)
+
+def compare(hf, zoo_model, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
+    """One batch size of :func:`vs_hf`: the two models alternate ``repeats`` times after a short warm-up."""
+    ids = torch.randint(1, hf.config.vocab_size, (batch, prompt))
+    for model in (hf, zoo_model):
+        generate(model, ids, min(new_tokens, 8))
+    wall: dict[str, list[float]] = {"hf": [], "zoo": []}
+    cpu: dict[str, list[float]] = {"hf": [], "zoo": []}
+    same = True
+    for _ in range(repeats):
+        outputs = {}
+        for name, model in (("hf", hf), ("zoo", zoo_model)):
+            outputs[name], clock = generate(model, ids, new_tokens, cpu_time=True)
+            wall[name].append(median(clock.intervals_ms()[1:]))
+            cpu[name].append(median(clock.cpu_intervals_ms()[1:]))
+        same &= torch.equal(outputs["hf"], outputs["zoo"])
+    hf_ms, zoo_ms = median(wall["hf"]), median(wall["zoo"])
     return {
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(**attention)),
-        "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**{**attention, "intermediate_size": 512}, num_local_experts=8,
-                                                            num_experts_per_tok=2)),
-        "mamba": lambda: MambaForCausalLM(MambaConfig(**ssm, state_size=16)),
-        "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**ssm, state_size=64, num_heads=8, head_dim=64, n_groups=1,
-                                                         chunk_size=64)),
+        "hf_tokens_per_s": round(batch * 1e3 / hf_ms, 1), "zoo_tokens_per_s": round(batch * 1e3 / zoo_ms, 1),
+        "ratio": round(hf_ms / zoo_ms, 3), "cpu_ratio": round(median(cpu["hf"]) / median(cpu["zoo"]), 3),
+        **{f"{who}_{kind}ms_runs": [round(t, 3) for t in runs[who]] for kind, runs in (("", wall), ("cpu_", cpu)) for who in ("hf", "zoo")},
+        "same_tokens": same,
     }
-
-
-class CPUStepClock(StepClock):
-    """:class:`StepClock` on CPU that also marks the process's CPU time (less sensitive to other processes' load)."""
-
-    def __init__(self):
-        super().__init__(torch.device("cpu"))
-        self.cpu_marks: list[float] = []
-
-    def mark(self) -> None:
-        super().mark()
-        self.cpu_marks.append(time.process_time())
-
-    def cpu_intervals_ms(self) -> list[float]:
-        return [(b - a) * 1e3 for a, b in zip(self.cpu_marks, self.cpu_marks[1:])]
-
-
-def generate_ids(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float], list[float]]:
-    """Greedy ``generate`` on CPU: the tokens and the wall and CPU milliseconds of each decode step (the prefill
-    interval dropped)."""
-    clock = CPUStepClock()
-    with torch.inference_mode():
-        clock.mark()
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, eos_token_id=None, pad_token_id=0, logits_processor=[clock],
-        )
-    return out, clock.intervals_ms()[1:], clock.cpu_intervals_ms()[1:]
 
 
 def vs_hf(model_types: list[str], batches: list[int], prompt: int, new_tokens: int, repeats: int,
@@ -306,51 +289,25 @@ def vs_hf(model_types: list[str], batches: list[int], prompt: int, new_tokens: i
     """Decode tokens/s of each Hugging Face model and its zoo conversion, alternating in this process (CPU, fp32)."""
     from zoo.convert.__main__ import CONVERTERS
 
-    peers = _hf_peers()
-    load_before = os.getloadavg()
+    peers = hf_peers()
+    load_before = load_average()
     results: dict[str, Any] = {}
     for model_type in model_types:
         torch.manual_seed(0)
         hf = peers[model_type]().eval()
-        hf.generation_config.eos_token_id = None
         zoo_model = CONVERTERS[model_type][1](hf).eval()
-        zoo_model.generation_config.eos_token_id = None
+        for model in (hf, zoo_model):
+            model.generation_config.eos_token_id = None
         entry: dict[str, Any] = {"parameters": sum(p.numel() for p in hf.parameters())}
         for batch in batches:
-            ids = torch.randint(1, hf.config.vocab_size, (batch, prompt))
-            for model in (hf, zoo_model):  # warm-up
-                generate_ids(model, ids, min(new_tokens, 8))
-            wall: dict[str, list[float]] = {"hf": [], "zoo": []}
-            cpu: dict[str, list[float]] = {"hf": [], "zoo": []}
-            outputs = {}
-            same = True
-            for _ in range(repeats):
-                for name, model in (("hf", hf), ("zoo", zoo_model)):
-                    outputs[name], ms, cpu_ms = generate_ids(model, ids, new_tokens)
-                    wall[name].append(median(ms))
-                    cpu[name].append(median(cpu_ms))
-                same &= torch.equal(outputs["hf"], outputs["zoo"])
-            hf_ms, zoo_ms = median(wall["hf"]), median(wall["zoo"])
-            entry[f"batch{batch}"] = {
-                "hf_tokens_per_s": round(batch * 1e3 / hf_ms, 1), "zoo_tokens_per_s": round(batch * 1e3 / zoo_ms, 1),
-                "ratio": round(hf_ms / zoo_ms, 3), "cpu_ratio": round(median(cpu["hf"]) / median(cpu["zoo"]), 3),
-                "hf_ms_runs": [round(t, 3) for t in wall["hf"]], "zoo_ms_runs": [round(t, 3) for t in wall["zoo"]],
-                "hf_cpu_ms_runs": [round(t, 3) for t in cpu["hf"]], "zoo_cpu_ms_runs": [round(t, 3) for t in cpu["zoo"]],
-                "same_tokens": same,
-            }
+            entry[f"batch{batch}"] = compare(hf, zoo_model, batch, prompt, new_tokens, repeats)
             log(f"{model_type} batch={batch}: {entry[f'batch{batch}']}")
         results[model_type] = entry
         del hf, zoo_model
-    return {
-        "meta": {
-            "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "dtype": "float32",
-            "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "repeats": repeats, "d_model": 256, "n_layers": 4},
-        },
-        "models": results,
-    }
+    shapes = {"prompt": prompt, "new_tokens": new_tokens, "batches": batches, "repeats": repeats, **VS_HF_SIZE}
+    meta = {**machine(), "threads": torch.get_num_threads(), "dtype": "float32", "shapes": shapes}
+    meta["load_average"] = [*load_before, *meta["load_average"]]
+    return {"meta": meta, "models": results}
 
 
 def vs_hf_markdown(report: dict) -> str:
@@ -375,13 +332,18 @@ def vs_hf_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="recipes shrunk to d_model 64, 4 layers, on CPU")
-    parser.add_argument("--recipes", help="comma-separated recipe names (default: every _small recipe)")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--recipes", help="comma-separated recipe names (default: every causal text recipe)")
+    parser.add_argument("--batches", type=_ints, default=[1, 8], help="comma-separated batch sizes")
+    parser.add_argument("--prompt", type=_ints, default=[128], help="prompt length(s), comma-separated")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--peers", action="store_true", help="also the Hugging Face / fla peers (generate only)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--dry-run", action="store_true", help="resolve the recipes, print the plan as JSON, time nothing")
     parser.add_argument("--prompt-lookup", type=Path, nargs="+", metavar="DIR", help="trained checkpoints: greedy vs prompt lookup")
@@ -392,33 +354,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="llama,mixtral,mamba,mamba2", help="model_types compared with --vs-hf")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if (args.vs_hf or args.prompt_lookup) and len(args.prompt) != 1:
+        parser.error("--prompt: --vs-hf and --prompt-lookup take one prompt length")
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    log = lambda line: print(line, flush=True)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.vs_hf:
         model_types = [m for m in args.models.split(",") if m]
-        unknown = sorted(set(model_types) - set(_hf_peers()))
+        unknown = sorted(set(model_types) - set(hf_peers()))
         if unknown:
-            parser.error(f"--models: no Hugging Face peer for {', '.join(unknown)}; choose from {', '.join(_hf_peers())}")
-        batches = [int(b) for b in args.batches.split(",") if b]
-        report = vs_hf(model_types, batches, args.prompt, args.new_tokens, args.repeats, lambda line: print(line, flush=True))
-        slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
-        write_report(args.out / f"decode-vs-hf-{slug}", report, vs_hf_markdown(report))
+            parser.error(f"--models: no Hugging Face peer for {', '.join(unknown)}; choose from {', '.join(hf_peers())}")
+        report = vs_hf(model_types, args.batches, args.prompt[0], args.new_tokens, args.repeats, log)
+        write_report(args.out / f"decode-vs-hf-{slug(report['meta']['device'])}", report, vs_hf_markdown(report))
         return 0
     if args.prompt_lookup:
-        report = prompt_lookup(args.prompt_lookup, args.prompts, args.prompt, args.new_tokens, args.draft, args.repeats,
-                               lambda line: print(line, flush=True))
-        slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
-        write_report(args.out / f"prompt-lookup-{slug}", report, prompt_lookup_markdown(report))
+        report = prompt_lookup(args.prompt_lookup, args.prompts, args.prompt[0], args.new_tokens, args.draft, args.repeats, log)
+        write_report(args.out / f"prompt-lookup-{slug(report['meta']['device'])}", report, prompt_lookup_markdown(report))
         return 0
-    recipes = args.recipes.split(",") if args.recipes else RECIPES
+    recipes = args.recipes.split(",") if args.recipes else text_recipes()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    batches = [int(b) for b in args.batches.split(",") if b]
     if args.dry_run:
-        print(json.dumps(plan(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, args.out), indent=2))
+        print(json.dumps(plan(recipes, args.batches, args.prompt, args.new_tokens, device, args.smoke, args.out), indent=2))
         return 0
-    report = run(recipes, batches, args.prompt, args.new_tokens, device, args.smoke, lambda line: print(line, flush=True))
-    slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["device"].lower()).strip("-")
-    write_report(args.out / f"decode{'_smoke' if args.smoke else ''}-{slug}", report, markdown(report))
+    report = run(recipes, args.batches, args.prompt, args.new_tokens, device, args.smoke, args.peers, log)
+    write_report(args.out / f"decode{'_smoke' if args.smoke else ''}-{slug(report['meta']['device'])}", report, markdown(report))
     return 0
 
 

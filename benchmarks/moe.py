@@ -8,44 +8,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.report import write_report
+from benchmarks.common import RESULTS, machine, time_ms, write_report
 from zoo.layers import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from zoo.layers.moe import grouped_mm_supported
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 GPU_SHAPES = {"tokens": 16384, "d_model": 1024, "num_experts": 64, "top_k": 8, "expert_hidden": 512, "dtype": "bfloat16"}
 SMOKE_SHAPES = {"tokens": 2048, "d_model": 128, "num_experts": 8, "top_k": 2, "expert_hidden": 128, "dtype": "float32"}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
     """Median milliseconds of one forward + backward (input and parameter gradients)."""
     grad = torch.randn_like(x)
-    times = []
-    for i in range(warmup + iters):
-        xi = x.detach().requires_grad_()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        module(xi).backward(grad)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+
+    def step() -> None:
+        module(x.detach().requires_grad_()).backward(grad)
         module.zero_grad(set_to_none=True)
-    return sorted(times)[len(times) // 2]
+
+    return time_ms(step, x.device, warmup, iters)
 
 
 def run(shapes: dict, device: torch.device, warmup: int, iters: int) -> dict:
@@ -68,8 +51,7 @@ def run(shapes: dict, device: torch.device, warmup: int, iters: int) -> dict:
         flops = 3 * 2 * 3 * shapes["tokens"] * d * hidden * k  # fwd + bwd (x3) of three matmuls per active expert
         rows[name] = {"ms": round(ms, 3), "gflops": round(flops / ms / 1e6, 1)}
     return {
-        "device": device_name(device),
-        "torch": torch.__version__,
+        **machine(device),
         "grouped_uses_torch_grouped_mm": grouped_mm_supported(dtype, device, d, hidden),
         "shapes": shapes,
         "results": rows,
@@ -96,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small fp32 shapes on CPU")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     if args.smoke:
         device, shapes, iters = torch.device("cpu"), SMOKE_SHAPES, args.iters or 5
@@ -104,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("the default shapes need a CUDA GPU; use --smoke on CPU")
         device, shapes, iters = torch.device("cuda"), GPU_SHAPES, args.iters or 20
     report = run(shapes, device, warmup=2, iters=iters)
-    write_report(RESULTS / ("moe_smoke" if args.smoke else "moe"), report, markdown(report))
+    write_report(args.out / ("moe_smoke" if args.smoke else "moe"), report, markdown(report))
     return report
 
 

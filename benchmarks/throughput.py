@@ -1,43 +1,32 @@
-"""Training and inference throughput of every block type at one size, with Hugging Face / fla peers where installed.
+"""Training throughput of every block type at one size, with Hugging Face / fla peers where installed.
 
 ``python -m benchmarks.throughput`` (GPU: d_model 768, 12 layers ~ 125M parameters, bf16 autocast) or ``--smoke``
-(tiny shapes, fp32, CPU). For each model:
+(tiny shapes, fp32, CPU). For each model: tokens/s and peak memory of forward + backward + AdamW step at each length
+T, with a fixed number of tokens per step (batch = tokens_per_step // T), and for zoo models the activations kept
+for the backward with and without activation checkpointing. Inference (prefill, decode) is ``benchmarks.decode``.
 
-- training: tokens/s and peak memory of forward + backward + AdamW step at each length T, with a fixed number of
-  tokens per step (batch = tokens_per_step // T);
-- inference, at each context length and batch size, timed inside ``generate`` (a logits processor marks every step):
-  prefill time (start to first token) and decode tokens/s with per-token latency (median step after the first).
-
-A size that runs out of memory is recorded as ``"oom"``; another failure as ``{"error": ...}``. Peers (HF Llama with
-SDPA, HF Mamba / Mamba-2, fla RetNet / RWKV-6 / RWKV-7) run when their packages import and are listed under
-``skipped`` with the reason otherwise. GPU timings use CUDA events after warm-up, CPU timings ``perf_counter``.
-Writes ``benchmarks/results/throughput[_smoke].{json,md}`` and, with matplotlib installed, PNG plots.
+A size that runs out of memory is recorded as ``"oom"``; another failure as ``{"error": ...}``. Peers
+(:func:`benchmarks.common.peer_models`) run when their packages import and are listed under ``skipped`` otherwise.
+Writes ``benchmarks/results/throughput[_smoke].{json,md}`` and, with matplotlib installed, a PNG plot.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
 import importlib.util
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import transformers
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from benchmarks.moe import device_name
+from benchmarks.common import RESULTS, Clock, cuda_peak_mb, guarded, machine, peer_models, write_report
 from zoo.config import ModelConfig
-from zoo.layers import MIXERS
-from zoo.layers import ResidualLayer
+from zoo.layers import MIXERS, ResidualLayer
 from zoo.modeling import ZooConfig, ZooForCausalLM, set_activation_checkpointing
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 32000
+INFERENCE_FLAGS = {"contexts": "--prompt", "batches": "--batches", "decode_tokens": "--new-tokens"}
 
 
 @dataclass
@@ -47,17 +36,13 @@ class Shapes:
     vocab_size: int = VOCAB
     train_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 32768, 65536, 131072])
     tokens_per_step: int = 131072
-    contexts: list[int] = field(default_factory=lambda: [1024, 8192, 32768, 131072])
-    batches: list[int] = field(default_factory=lambda: [1, 16])
-    decode_tokens: int = 32
     warmup: int = 2
     iters: int = 3
     dtype: str = "bfloat16"
 
 
 SMOKE = Shapes(
-    d_model=32, n_layers=1, vocab_size=128, train_lengths=[16, 32], tokens_per_step=64, contexts=[8],
-    batches=[1, 2], decode_tokens=2, warmup=0, iters=1, dtype="float32",
+    d_model=32, n_layers=1, vocab_size=128, train_lengths=[16, 32], tokens_per_step=64, warmup=0, iters=1, dtype="float32",
 )
 
 
@@ -88,86 +73,6 @@ def zoo_models(shapes: Shapes) -> dict[str, ModelConfig]:
     }
 
 
-def peer_models(shapes: Shapes) -> tuple[dict[str, Callable[[], torch.nn.Module]], dict[str, str]]:
-    """Constructors of the peers that import here, and the reason each other peer is skipped."""
-    d, n, v = shapes.d_model, shapes.n_layers, shapes.vocab_size
-    heads = max(1, d // 64)
-    builders: dict[str, Callable[[], torch.nn.Module]] = {}
-    skipped: dict[str, str] = {}
-    hidden = zoo_models(shapes)["attention"].args_for("swiglu").resolved_hidden_size(d)  # zoo's attention model's FFN
-    from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
-
-    builders["hf llama (sdpa)"] = lambda: LlamaForCausalLM(LlamaConfig(
-        vocab_size=v, hidden_size=d, intermediate_size=hidden, num_hidden_layers=n,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1 << 20, attn_implementation="sdpa",
-    ))
-    fast_mamba = importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available()
-    note = "" if fast_mamba else " (torch path: mamba-ssm kernels not available)"
-    builders[f"hf mamba{note}"] = lambda: MambaForCausalLM(MambaConfig(vocab_size=v, hidden_size=d, num_hidden_layers=2 * n))
-    mamba2_heads = 2 * d // 64 if d % 32 == 0 else 2
-    builders[f"hf mamba2{note}"] = lambda: Mamba2ForCausalLM(Mamba2Config(
-        vocab_size=v, hidden_size=d, num_hidden_layers=2 * n, num_heads=mamba2_heads, head_dim=2 * d // mamba2_heads, n_groups=1,
-    ))
-    if importlib.util.find_spec("fla") is None:
-        for name in ("fla retnet", "fla rwkv6", "fla rwkv7"):
-            skipped[name] = "flash-linear-attention (fla) is not installed"
-    else:
-        try:
-            from fla.models import RetNetConfig, RetNetForCausalLM, RWKV6Config, RWKV6ForCausalLM, RWKV7Config, RWKV7ForCausalLM
-
-            common = {"vocab_size": v, "hidden_size": d, "num_hidden_layers": n}
-            builders["fla retnet"] = lambda: RetNetForCausalLM(RetNetConfig(num_heads=heads, **common))
-            builders["fla rwkv6"] = lambda: RWKV6ForCausalLM(RWKV6Config(**common))
-            builders["fla rwkv7"] = lambda: RWKV7ForCausalLM(RWKV7Config(**common))
-        except Exception as err:  # noqa: BLE001 - an fla version mismatch skips the peers, it does not stop the run
-            for name in ("fla retnet", "fla rwkv6", "fla rwkv7"):
-                skipped[name] = f"fla import failed: {type(err).__name__}: {err}"
-    return builders, skipped
-
-
-class Timer:
-    """Milliseconds of a region: CUDA events on GPU (synchronized at the end), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @contextlib.contextmanager
-    def region(self):
-        result = {}
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield result
-            end.record()
-            end.synchronize()
-            result["ms"] = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            yield result
-            result["ms"] = (time.perf_counter() - t0) * 1e3
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def guarded(fn: Callable[[], dict], device: torch.device) -> dict | str:
-    """``fn()``, ``"oom"`` when it runs out of memory, ``{"error": ...}`` on another failure."""
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 - one size failing must not stop the benchmark
-        if is_oom(err):
-            return "oom"
-        return {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def peak_mb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-
-
 def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
@@ -178,7 +83,7 @@ def measure_training(model: torch.nn.Module, shapes: Shapes, T: int, device: tor
     batch = max(1, shapes.tokens_per_step // T)
     ids = torch.randint(0, shapes.vocab_size, (batch, T + 1), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    timer = Timer(device)
+    clock = Clock(device)
 
     def step():
         with autocast(device, dtype):
@@ -193,13 +98,15 @@ def measure_training(model: torch.nn.Module, shapes: Shapes, T: int, device: tor
             step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with timer.region() as t:
-            for _ in range(shapes.iters):
-                step()
+        clock.mark()
+        for _ in range(shapes.iters):
+            step()
+        clock.mark()
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer
-    result = {"batch": batch, "tokens_per_s": round(batch * T * shapes.iters / (t["ms"] / 1e3), 1), "peak_memory_mb": peak_mb(device)}
+    result = {"batch": batch, "tokens_per_s": round(batch * T * shapes.iters / (clock.intervals_ms()[0] / 1e3), 1),
+              "peak_memory_mb": cuda_peak_mb(device)}
     if any(isinstance(m, ResidualLayer) for m in model.modules()):
         result["saved_activation_mib"] = saved_activation_mib(model, ids, device, dtype)
     return result
@@ -237,91 +144,17 @@ def saved_activation_mib(model: torch.nn.Module, ids: torch.Tensor, device: torc
     return result
 
 
-class StepClock(LogitsProcessor):
-    """Marks the time of every generation step (``generate`` calls it once per new token, after that step's forward):
-    CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[Any] = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.mark()
-        return scores
-
-    def intervals_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks: [prefill (start -> first token), decode step, decode step, ...]."""
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
-def measure_inference(model: torch.nn.Module, shapes: Shapes, context: int, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Prefill: start of ``generate`` to its first token; decode: median time of the following steps."""
-    ids = torch.randint(0, shapes.vocab_size, (batch, context), device=device)
-
-    def generate(new_tokens: int) -> list[float]:
-        clock = StepClock(device)
-        with torch.inference_mode(), autocast(device, dtype):
-            clock.mark()
-            model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
-            )
-        return clock.intervals_ms()
-
-    for _ in range(shapes.warmup):
-        generate(2)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = [generate(1 + shapes.decode_tokens) for _ in range(shapes.iters)]
-    prefill = min(r[0] for r in runs)
-    steps = sorted(ms for r in runs for ms in r[1:])
-    per_token = steps[len(steps) // 2]
-    return {
-        "prefill_ms": round(prefill, 3), "decode_ms_per_token": round(per_token, 4),
-        "decode_tokens_per_s": round(batch * 1e3 / per_token, 1), "peak_memory_mb": peak_mb(device),
-    }
-
-
 def benchmark_model(build: Callable[[], torch.nn.Module], shapes: Shapes, device: torch.device, log: Callable[[str], None]) -> dict:
     dtype = getattr(torch, shapes.dtype)
-    built = guarded(lambda: {"model": build().to(device)}, device)
-    if not isinstance(built, dict) or "model" not in built:
-        return {"error": built if isinstance(built, str) else built["error"]}
-    model = built["model"]
-    model.generation_config.eos_token_id = None
-    entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "train": {}, "inference": {}}
-    model.train()
+    model = guarded(lambda: build().to(device).train(), device)
+    if not isinstance(model, torch.nn.Module):
+        return {"error": model if isinstance(model, str) else model["error"]}
+    entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "train": {}}
     for T in shapes.train_lengths:
         entry["train"][str(T)] = guarded(lambda: measure_training(model, shapes, T, device, dtype), device)
         log(f"  train T={T}: {entry['train'][str(T)]}")
-    model.eval()
-    for context in shapes.contexts:
-        for batch in shapes.batches:
-            key = f"{context}x{batch}"
-            entry["inference"][key] = guarded(lambda: measure_inference(model, shapes, context, batch, device, dtype), device)
-            log(f"  inference context={context} batch={batch}: {entry['inference'][key]}")
     del model
     return entry
-
-
-def version_of(distribution: str) -> str | None:
-    """The installed version, read from the package metadata: importing a package (fla) can register models with
-    transformers' Auto classes."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: bool, log: Callable[[str], None]) -> dict:
@@ -331,7 +164,7 @@ def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: b
     }
     skipped: dict[str, str] = {}
     if peers:
-        peer_builders, skipped = peer_models(shapes)
+        peer_builders, skipped = peer_models(shapes.d_model, shapes.n_layers, shapes.vocab_size)
         builders.update({name: ("peer", build) for name, build in peer_builders.items()})
     models = {}
     for name, (kind, build) in builders.items():
@@ -339,16 +172,8 @@ def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: b
             continue
         log(f"{name} ({kind})")
         models[name] = {"kind": kind, **benchmark_model(build, shapes, device, log)}
-    return {
-        "meta": {
-            "device": device_name(device), "torch": torch.__version__, "triton": version_of("triton"),
-            "transformers": transformers.__version__, "fla": version_of("flash-linear-attention"), "mamba_ssm": version_of("mamba-ssm"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": shapes.__dict__,
-        },
-        "models": models,
-        "skipped": skipped,
-    }
+    meta = {**machine(device, ("flash-linear-attention", "mamba-ssm")), "shapes": shapes.__dict__}
+    return {"meta": meta, "models": models, "skipped": skipped}
 
 
 def _fmt_train(cell: Any) -> str:
@@ -362,24 +187,15 @@ def _fmt_train(cell: Any) -> str:
     return f"{cell['tokens_per_s']:,.0f}{mem}{kept}"
 
 
-def _fmt_inference(cell: Any) -> str:
-    if isinstance(cell, str):
-        return cell
-    if "error" in cell:
-        return "error"
-    return f"{cell['prefill_ms']:.0f} ms / {cell['decode_tokens_per_s']:,.0f} tok/s ({cell['decode_ms_per_token']:.2f} ms)"
-
-
 def markdown(report: dict) -> str:
     meta, shapes = report["meta"], report["meta"]["shapes"]
     lines = [
-        f"# Throughput: {meta['device']}",
+        f"# Training throughput: {meta['device']}",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, fla {meta['fla']}, "
-        f"mamba_ssm {meta['mamba_ssm']}; {meta['date']}. d_model {shapes['d_model']}, {shapes['n_layers']} layers "
-        f"(Mamba/Mamba-2: twice the layers, no FFN), vocabulary {shapes['vocab_size']}, {shapes['dtype']}.",
-        "",
-        f"## Training: tokens/s (peak memory), {shapes['tokens_per_step']:,} tokens per step",
+        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
+        f"fla {meta['flash-linear-attention']}, mamba_ssm {meta['mamba-ssm']}; {meta['date']}. d_model {shapes['d_model']}, "
+        f"{shapes['n_layers']} layers (Mamba/Mamba-2: twice the layers, no FFN), vocabulary {shapes['vocab_size']}, "
+        f"{shapes['dtype']}. Tokens/s (peak memory), {shapes['tokens_per_step']:,} tokens per step.",
         "",
         "For zoo models, \"activations A -> B MiB\": what a training forward keeps for the backward without and with "
         "`trainer.activation_checkpointing: all` (tensors autograd saves, counted once per storage, plus the layer "
@@ -394,59 +210,32 @@ def markdown(report: dict) -> str:
             continue
         cells = [_fmt_train(entry["train"][str(T)]) for T in shapes["train_lengths"]]
         lines.append(f"| {name} | {entry['parameters'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"## Inference: prefill time / decode tokens/s (ms per decode step), {shapes['decode_tokens']} decoded tokens",
-        "",
-        "| model | batch | " + " | ".join(f"context {c}" for c in shapes["contexts"]) + " |",
-        "|---|---|" + "---|" * len(shapes["contexts"]),
-    ]
-    for name, entry in report["models"].items():
-        if "error" in entry:
-            continue
-        for batch in shapes["batches"]:
-            cells = [_fmt_inference(entry["inference"][f"{c}x{batch}"]) for c in shapes["contexts"]]
-            lines.append(f"| {name} | {batch} | " + " | ".join(cells) + " |")
     if report["skipped"]:
         lines += ["", "Skipped peers:", ""] + [f"- {name}: {reason}" for name, reason in report["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, stem: Path) -> list[Path]:
-    """tokens/s vs T and decode latency vs context (one line per model); nothing without matplotlib."""
+def plot(report: dict, stem: Path) -> Path | None:
+    """Training tokens/s vs T, one line per model; nothing without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
-        return []
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = report["meta"]["shapes"]
-    paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, entry in report["models"].items():
-        points = [(T, entry["train"][str(T)]["tokens_per_s"]) for T in shapes["train_lengths"]
-                  if isinstance(entry.get("train", {}).get(str(T)), dict) and "tokens_per_s" in entry["train"][str(T)]]
+        cells = [(T, entry.get("train", {}).get(str(T))) for T in report["meta"]["shapes"]["train_lengths"]]
+        points = [(T, cell["tokens_per_s"]) for T, cell in cells if isinstance(cell, dict) and "tokens_per_s" in cell]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
     ax.set(xscale="log", xlabel="sequence length T", ylabel="training tokens/s", title=report["meta"]["device"])
     ax.legend(fontsize=7)
-    paths.append(stem.with_name(stem.name + "_train.png"))
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    path = stem.with_name(stem.name + "_train.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    for batch in shapes["batches"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, entry in report["models"].items():
-            cells = [(c, entry.get("inference", {}).get(f"{c}x{batch}")) for c in shapes["contexts"]]
-            points = [(c, cell["decode_ms_per_token"]) for c, cell in cells if isinstance(cell, dict) and "decode_ms_per_token" in cell]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="context", ylabel="ms per decoded token", title=f"decode latency, batch {batch}")
-        ax.legend(fontsize=7)
-        paths.append(stem.with_name(f"{stem.name}_decode_b{batch}.png"))
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return paths
+    return path
 
 
 def _ints(text: str) -> list[int]:
@@ -460,29 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-layers", type=int)
     parser.add_argument("--train-lengths", type=_ints, help="comma-separated T values")
     parser.add_argument("--tokens-per-step", type=int)
-    parser.add_argument("--contexts", type=_ints, help="comma-separated context lengths")
-    parser.add_argument("--batches", type=_ints, help="comma-separated decode batch sizes")
-    parser.add_argument("--decode-tokens", type=int)
+    for flag, replacement in INFERENCE_FLAGS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", help=f"moved: python -m benchmarks.decode {replacement}")
     parser.add_argument("--models", help="comma-separated model names to run (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip the Hugging Face / fla peers")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
+    for flag, replacement in INFERENCE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')}: inference is timed by `python -m benchmarks.decode {replacement} ...` "
+                         "(--peers for the Hugging Face / fla models)")
     shapes = Shapes(**SMOKE.__dict__) if args.smoke else Shapes()
-    for key in ("d_model", "n_layers", "train_lengths", "tokens_per_step", "contexts", "batches", "decode_tokens"):
+    for key in ("d_model", "n_layers", "train_lengths", "tokens_per_step"):
         if getattr(args, key) is not None:
             setattr(shapes, key, getattr(args, key))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     include = set(args.models.split(",")) if args.models else None
     report = run(shapes, device, include, not args.no_peers, lambda line: print(line, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("throughput_smoke" if args.smoke else "throughput")
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    plots = plot(report, stem)
-    print(f"plots: {', '.join(map(str, plots))}" if plots else "plots skipped: matplotlib is not installed")
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    write_report(stem, report, markdown(report))
+    path = plot(report, stem)
+    print(f"plot: {path}" if path else "plot skipped: matplotlib is not installed")
     return 0
 
 

@@ -3,7 +3,7 @@ ranks on CPU, TensorBoard and CSV logging, an exact resume; memory per rank at t
 
 ``python -m benchmarks.train_at_scale [--sizes 50M,200M] [--steps 40] [--smoke] [--out DIR]``. For each size:
 
-1. writes the corpus as parquet files (a ``text`` column; random words, ``benchmarks.data.generate_corpus``) and a
+1. writes the corpus as parquet files (a ``text`` column; random words, ``benchmarks.common.write_corpus``) and a
    WordLevel ``tokenizer.json`` of 70,000 ids whose corpus words have ids 65,000-69,999 (so uint16 storage would wrap);
 2. ``first``: ``python -m zoo.train`` tokenizes (``data.num_proc=2``) and trains ``--steps`` steps on 2 ranks
    (``trainer.strategy=ddp``, gloo) with ``trainer.logger=[csv,tensorboard]``;
@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.data import corpus_words, generate_corpus
-from benchmarks.report import write_report
+from benchmarks.common import RESULTS, MemorySampler, load_average, machine, write_corpus, write_report
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 70_000
 WORD_IDS_FROM = 65_000  # the corpus words' ids: 65,000 .. 69,999, most of them beyond uint16
 SIZES = {"50M": 50_000_000, "200M": 200_000_000}
@@ -44,19 +38,18 @@ SIZES = {"50M": 50_000_000, "200M": 200_000_000}
 def write_parquet_corpus(directory: Path, n_bytes: int, rows_per_file: int = 1024, doc_bytes: int = 16 * 1024) -> tuple[int, list[str]]:
     """``n_bytes`` of text as parquet files of ``rows_per_file`` documents of ``doc_bytes``; returns (files, every word
     the corpus can contain)."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     text_dir = directory.with_name(directory.name + "-text")
-    generate_corpus(text_dir, n_bytes, doc_bytes=doc_bytes)
+    _, words = write_corpus(text_dir, n_bytes, doc_bytes=doc_bytes)
     docs = sorted(text_dir.glob("*.txt"))
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(docs), rows_per_file):
         texts = [p.read_text() for p in docs[i : i + rows_per_file]]
         pq.write_table(pa.table({"text": texts}), directory / f"part-{i // rows_per_file:05d}.parquet")
     shutil.rmtree(text_dir)
-    return len(list(directory.glob("*.parquet"))), sorted(set(corpus_words(np.random.default_rng(0)).tolist()))
+    return len(list(directory.glob("*.parquet"))), words
 
 
 def write_tokenizer(path: Path, words: list[str]) -> None:
@@ -74,84 +67,36 @@ def write_tokenizer(path: Path, words: list[str]) -> None:
     tokenizer.save(str(path))
 
 
-class TreeMemory:
-    """Peak ``RssAnon`` / ``VmRSS`` (MiB) of a process and all its descendants, sampled every ``interval`` s."""
+def process_label(root: int):
+    """Names the processes of a run: ``rank 0`` (the root), ``rank 1`` (``LOCAL_RANK=1`` in a zoo.train process's
+    environment), else ``worker`` (tokenizer pool, data workers)."""
 
-    def __init__(self, root: int, interval: float = 0.05):
-        self.root, self.interval = root, interval
-        self.peaks: dict[int, dict] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _children(self, pid: int) -> list[int]:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                return [int(c) for c in f.read().split()]
-        except OSError:
-            return []
-
-    def _tree(self) -> list[int]:
-        pids, todo = [], [self.root]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            todo.extend(self._children(pid))
-        return pids
-
-    @staticmethod
-    def _status(pid: int) -> dict[str, float]:
-        values = {}
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    key = line.split(":")[0]
-                    if key in ("RssAnon", "VmRSS"):
-                        values[key] = int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return values
-
-    def _label(self, pid: int) -> str:
-        if pid == self.root:
+    def label(pid: int) -> str:
+        if pid == root:
             return "rank 0"
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return "worker"
-        if b"LOCAL_RANK=1" in env and b"zoo.train" in cmdline:
-            return "rank 1"
-        return "worker"
+        return "rank 1" if b"LOCAL_RANK=1" in env and b"zoo.train" in cmdline else "worker"
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
+    return label
 
-    def _sample(self) -> None:
-        for pid in self._tree():
-            status = self._status(pid)
-            if not status:
-                continue
-            entry = self.peaks.setdefault(pid, {"label": "worker", "RssAnon": 0.0, "VmRSS": 0.0})
-            if entry["label"] == "worker":  # a rank seen between fork and exec still looks like its parent
-                entry["label"] = self._label(pid)
-            for key, value in status.items():
-                entry[key] = max(entry[key], value)
 
-    def stop(self) -> dict[str, dict]:
-        """Peaks per label: ranks by rank, workers merged (the largest of them, and how many there were)."""
-        self._stop.set()
-        self._thread.join()
-        self._sample()  # the processes still running, however few samples the thread got to take
-        out: dict[str, dict] = {}
-        for entry in self.peaks.values():
-            label = entry["label"]
-            slot = out.setdefault(label, {"processes": 0, "peak_anon_mb": 0.0, "peak_rss_mb": 0.0})
-            slot["processes"] += 1
-            slot["peak_anon_mb"] = round(max(slot["peak_anon_mb"], entry["RssAnon"]), 1)
-            slot["peak_rss_mb"] = round(max(slot["peak_rss_mb"], entry["VmRSS"]), 1)
-        return out
+def tree_memory(root: int, interval: float = 0.05) -> MemorySampler:
+    return MemorySampler(root, interval, tree=True, label=process_label(root))
+
+
+def peaks_by_label(peaks: dict[int, dict]) -> dict[str, dict]:
+    """:meth:`MemorySampler.stop`'s peaks per label: ranks by rank, workers merged (the largest, and how many)."""
+    out: dict[str, dict] = {}
+    for entry in peaks.values():
+        slot = out.setdefault(entry["label"], {"processes": 0, "peak_anon_mb": 0.0, "peak_rss_mb": 0.0})
+        slot["processes"] += 1
+        slot["peak_anon_mb"] = round(max(slot["peak_anon_mb"], entry["anon"]), 1)
+        slot["peak_rss_mb"] = round(max(slot["peak_rss_mb"], entry["rss"]), 1)
+    return out
 
 
 def run_train(overrides: list[str], cwd: Path, log: Path) -> dict:
@@ -160,9 +105,9 @@ def run_train(overrides: list[str], cwd: Path, log: Path) -> dict:
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "zoo.train", *overrides], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        memory = TreeMemory(proc.pid)
+        memory = tree_memory(proc.pid)
         code = proc.wait()
-    peaks = memory.stop()
+    peaks = peaks_by_label(memory.stop())
     if code != 0:
         raise RuntimeError(f"zoo.train exited with {code}; see {log}:\n" + log.read_text()[-3000:])
     return {"seconds": round(time.perf_counter() - start, 1), "memory": peaks}
@@ -219,7 +164,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Training at scale on CPU: parquet corpus, 70,000-id tokenizer, 2 DDP ranks",
         "",
-        f"Machine: {meta['machine']}; load average at start {meta['load_start']}, at end {meta['load_end']}. "
+        f"Machine: {meta['device']}, {meta['cpus']} cores, {meta['memory_gib']} GiB; load average at start "
+        f"{meta['load_start']}, at end {meta['load_average']}. "
         f"torch {meta['torch']}, lightning {meta['lightning']}, datasets {meta['datasets']}; {meta['date']}. "
         f"Model: {' '.join(meta['model'])}; {meta['steps']} steps. Command: `{meta['command']}`.",
         "",
@@ -250,14 +196,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _version(name: str) -> str:
-    return importlib.metadata.version(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_at_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50M,200M", help=f"comma-separated corpus sizes from {list(SIZES)}, or byte counts")
@@ -270,18 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = 4 if args.smoke else args.steps
     model = ["model.d_model=64", "model.n_layers=2", "data.seq_len=128", "data.batch_size=4", "data.val_batches=2"]
     work = args.work or Path(tempfile.mkdtemp(prefix="zoo-scale-"))
-    meta = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-        "load_start": _load(), "torch": _version("torch"), "lightning": _version("lightning"), "datasets": _version("datasets"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "model": model, "steps": steps,
-        "command": "python -m benchmarks.train_at_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    load_start = load_average()
+    command = "python -m benchmarks.train_at_scale " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        report = {"meta": meta, "sizes": {label: run_size(label, n, steps, work, model) for label, n in sizes.items()}}
+        results = {label: run_size(label, n, steps, work, model) for label, n in sizes.items()}
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    meta["load_end"] = _load()
+    meta = {**machine(packages=("lightning", "datasets")), "load_start": load_start, "model": model, "steps": steps, "command": command}
+    report = {"meta": meta, "sizes": results}
     write_report(args.out / ("train-at-scale-smoke" if args.smoke else "train-at-scale"), report, markdown(report))
     return 0
 

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
 import io
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import write_report
+from benchmarks.common import RESULTS, load_average, machine, write_report
 from zoo.ablate import train_one, with_block
 from zoo.config import ModelConfig
 from zoo.recipe_loader import load_recipe
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["attention+conv3", "attention", "conv", "mamba2", "rwkv7", "retnet", "mamba", "rwkv6", "lstm"]
 
 
@@ -60,7 +55,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# MQAR, Zoology-style: best validation accuracy over learning rates",
         "",
-        f"Machine: {meta['machine']}; load average at start {meta['load_start']}, at end {meta['load_end']}; torch "
+        f"Machine: {meta['device']}, {meta['cpus']} cores; load average at start {meta['load_start']}, at end {meta['load_end']}; torch "
         f"{meta['torch']}, lightning {meta['lightning']}; {meta['date']}. Command: `{meta['command']}`. Learning rates "
         f"{meta['lrs']}, seeds {meta['seeds']}; each cell: best over learning rates, then the seeds' accuracies. Every "
         f"run: 2 layers, 400 steps x 64 sequences. No-recall floor (most frequent context value): 1/pairs. Wall time "
@@ -107,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         parse_variant(variant)
     meta = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "torch": importlib.metadata.version("torch"), "lightning": importlib.metadata.version("lightning"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **machine(packages=("lightning",)), "load_start": load_average(),
         "command": "python -m benchmarks.zoology " + " ".join(argv if argv is not None else sys.argv[1:]),
         "widths": widths, "pairs": pairs, "variants": variants, "lrs": lrs, "seeds": seeds, "budget_min": args.budget_min,
     }
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                             report["runs"][key] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
                         print(f"{key}: {report['runs'][key]}", file=sys.stderr, flush=True)
     meta["wall_min"] = round((time.perf_counter() - started) / 60, 1)
-    meta["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["load_end"] = load_average()
     write_report(args.out / args.name, report, markdown(report))
     return 0
 

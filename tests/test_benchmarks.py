@@ -1,11 +1,12 @@
-"""benchmarks.throughput --smoke: every block is measured and the report is complete. No performance is asserted."""
+"""The benchmarks' CPU smoke modes: every model is measured and every report is complete. No performance is asserted."""
 import json
 import os
 
 import matplotlib.image
 import pytest
 
-from benchmarks.throughput import SMOKE, is_oom, main, markdown, zoo_models
+from benchmarks.common import is_oom
+from benchmarks.throughput import SMOKE, main, markdown, zoo_models
 from zoo.layers import MIXERS
 
 # Every registered block, plus the MoE FFN and a hybrid.
@@ -16,7 +17,7 @@ def test_smoke_report_has_every_block_with_positive_numbers(tmp_path, capsys):
     assert main(["--smoke", "--no-peers", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "throughput_smoke.json").read_text())
     meta = report["meta"]
-    assert meta["device"] and meta["torch"] and meta["transformers"] and meta["date"]
+    assert meta["device"] and meta["torch"] and meta["transformers"] and meta["date"] and meta["cpus"] >= 1
     assert meta["shapes"]["train_lengths"] == SMOKE.train_lengths
     assert sorted(report["models"]) == sorted(BLOCKS)
     for name, entry in report["models"].items():
@@ -26,18 +27,19 @@ def test_smoke_report_has_every_block_with_positive_numbers(tmp_path, capsys):
             assert cell["tokens_per_s"] > 0 and cell["batch"] >= 1, (name, cell)
             saved = cell["saved_activation_mib"]  # activation checkpointing keeps less for the backward
             assert 0 < saved["all"] < saved["none"], (name, saved)
-        assert len(entry["inference"]) == len(SMOKE.contexts) * len(SMOKE.batches)
-        for cell in entry["inference"].values():
-            assert cell["prefill_ms"] > 0 and cell["decode_ms_per_token"] > 0 and cell["decode_tokens_per_s"] > 0, (name, cell)
     table = (tmp_path / "throughput_smoke.md").read_text()
     assert table == markdown(report) and all(f"| {name} |" in table for name in BLOCKS)
-    assert "plots" in capsys.readouterr().out
-    plots = sorted(tmp_path.glob("throughput_smoke_*.png"))
-    assert [p.name for p in plots] == ["throughput_smoke_decode_b1.png", "throughput_smoke_decode_b2.png", "throughput_smoke_train.png"]
-    for path in plots:  # matplotlib is in the dev extra: the plots are drawn, with lines (not a blank canvas)
-        image = matplotlib.image.imread(path)  # [H, W, RGBA]
-        colored = (image[..., :3].max(-1) - image[..., :3].min(-1)) > 0.2  # line colours, not the black/grey axes
-        assert image.shape[0] > 300 and image.shape[1] > 400 and colored.sum() > 500, (path.name, image.shape, colored.sum())
+    assert "plot: " in capsys.readouterr().out
+    (plot,) = tmp_path.glob("throughput_smoke_*.png")
+    image = matplotlib.image.imread(plot)  # [H, W, RGBA]; matplotlib is in the dev extra
+    colored = (image[..., :3].max(-1) - image[..., :3].min(-1)) > 0.2  # line colours, not the black/grey axes
+    assert plot.name == "throughput_smoke_train.png" and image.shape[0] > 300 and colored.sum() > 500, colored.sum()
+
+
+def test_throughput_inference_flags_name_their_replacement(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--smoke", "--contexts", "8"])
+    assert exit_info.value.code == 2 and "python -m benchmarks.decode --prompt" in capsys.readouterr().err
 
 
 def test_every_model_config_is_valid_at_the_default_size():
@@ -55,28 +57,56 @@ def test_out_of_memory_is_recognized():
 
 
 def test_decode_benchmark_smoke_reports_every_recipe_and_mode(tmp_path):
-    from benchmarks.decode import RECIPES, main as decode_main
+    from benchmarks.decode import main as decode_main, markdown as decode_markdown, text_recipes
 
-    assert decode_main(["--smoke", "--batches", "2", "--prompt", "6", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    recipes = text_recipes()  # from the registry: the causal text recipes, not diffusion, fine-tuning or synthetic tasks
+    assert {"transformer_small", "mamba_small", "hybrid_small"} <= set(recipes)
+    assert not {"diffusion_small", "lora_small", "mqar_small"} & set(recipes)
+    assert decode_main(["--smoke", "--batches", "2", "--prompt", "6,9", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("decode_smoke-*.json")
     report = json.loads(json_path.read_text())
-    assert report["meta"]["modes"] == ["generate", "static"] and report["meta"]["device"]
-    assert list(report["models"]) == RECIPES
+    assert report["meta"]["modes"] == ["generate", "static"] and report["meta"]["device"] and report["meta"]["zoo"]
+    assert list(report["models"]) == recipes
     for recipe, entry in report["models"].items():
-        for key in ("generate@2", "static@2"):
-            assert entry[key]["tokens_per_s"] > 0, (recipe, key, entry[key])
+        for key in ("generate@2@6", "static@2@6", "generate@2@9", "static@2@9"):
+            assert entry[key]["tokens_per_s"] > 0 and entry[key]["prefill_ms"] > 0, (recipe, key, entry[key])
+    assert json_path.with_suffix(".md").read_text() == decode_markdown(report)
 
 
-def test_data_benchmark_smoke_reports_both_paths(tmp_path):
+def test_decode_dry_run_plans_without_timing(capsys):
+    from benchmarks.decode import main as decode_main
+
+    assert decode_main(["--dry-run", "--smoke", "--recipes", "mamba_small", "--prompt", "4,8"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["recipes"] == {"mamba_small": {"blocks": ["mamba"], "n_layers": 4, "d_model": 64}}
+    assert plan["shapes"]["prompts"] == [4, 8] and plan["modes"] == ["generate", "static"]
+
+
+def test_timing_memory_and_guard_helpers():
+    from benchmarks.common import MemorySampler, guarded, machine, time_ms
+
+    calls = []
+    assert time_ms(lambda: calls.append(1), warmup=2, iters=3) >= 0 and len(calls) == 5
+    assert guarded(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+    assert guarded(lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))) == "oom"
+    sampler = MemorySampler(interval=3600)
+    block = bytearray(64 * 2**20)  # held while the sampler's last sample is taken
+    (peak,) = sampler.stop().values()
+    assert peak["anon"] > 64 and peak["rss"] >= peak["anon"] and len(block) > 0
+    meta = machine(packages=("numpy",))
+    assert meta["cpus"] >= 1 and meta["torch"] and meta["numpy"] and len(meta["load_average"]) == 3
+
+
+def test_data_benchmark_smoke_reports_both_phases(tmp_path):
     from benchmarks.data import main as data_main, markdown as data_markdown
 
     assert data_main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "data-smoke.json").read_text())
-    assert report["meta"]["corpus_bytes"] >= 300_000 and report["meta"]["datasets"] and report["meta"]["machine"]
+    assert report["meta"]["corpus_bytes"] >= 300_000 and report["meta"]["datasets"] and report["meta"]["device"]
     phases = report["phases"]
-    assert set(phases) == {"new/tokenize", "new/load", "old/tokenize", "old/load"}
-    assert phases["new/tokenize"]["tokens"] == phases["old/tokenize"]["tokens"] > report["meta"]["corpus_bytes"]  # bytes + one EOS a document
-    assert phases["new/load"]["tokens"] == phases["old/load"]["tokens"] == 5 * 16 * 256
+    assert set(phases) == {"tokenize", "load"}
+    assert phases["tokenize"]["tokens"] > report["meta"]["corpus_bytes"]  # bytes + one EOS a document
+    assert phases["load"]["tokens"] == 5 * 16 * 256
     assert all(p["tokens_per_s"] > 0 and p["peak_rss_mb"] >= p["rss_start_mb"] > 0 for p in phases.values())
     assert (tmp_path / "data-smoke.md").read_text() == data_markdown(report)
 
@@ -85,7 +115,7 @@ def test_train_at_scale_corpus_and_tokenizer_need_uint32(tmp_path):
     """benchmarks.train_at_scale's inputs: parquet files and a 70,000-id tokenizer whose corpus words lie beyond uint16."""
     import numpy as np
 
-    from benchmarks.train_at_scale import TreeMemory, WORD_IDS_FROM, write_parquet_corpus, write_tokenizer
+    from benchmarks.train_at_scale import WORD_IDS_FROM, peaks_by_label, tree_memory, write_parquet_corpus, write_tokenizer
     from zoo.config import DataConfig
     from zoo.data import ZooDataModule
 
@@ -98,7 +128,7 @@ def test_train_at_scale_corpus_and_tokenizer_need_uint32(tmp_path):
     tokens = np.asarray(dm.train_tokens)
     # every token but the rare fragment (a document's last word is cut at its byte size: unknown, id 0) is a corpus word
     assert tokens.dtype == np.uint32 and (tokens >= WORD_IDS_FROM).mean() > 0.99 and tokens.max() > 65_535
-    peaks = TreeMemory(os.getpid(), interval=3600).stop()  # stop() samples once more: no race with the thread
+    peaks = peaks_by_label(tree_memory(os.getpid(), interval=3600).stop())  # stop() samples once more: no race
     assert peaks["rank 0"]["processes"] == 1 and peaks["rank 0"]["peak_anon_mb"] > 10
 
 
@@ -106,7 +136,7 @@ def test_zoology_table_marks_cells_not_run_and_partial_sweeps():
     from benchmarks.zoology import markdown as zoology_markdown, parse_variant
 
     assert parse_variant("attention+conv3") == ("attention", 3) and parse_variant("mamba2") == ("mamba2", 0)
-    meta = {"machine": "m", "load_start": "0", "load_end": "0", "torch": "t", "lightning": "l", "date": "d", "command": "c",
+    meta = {"device": "m", "cpus": 2, "load_start": "0", "load_end": "0", "torch": "t", "lightning": "l", "date": "d", "command": "c",
             "lrs": [1e-3, 3e-3], "seeds": [0], "wall_min": 1.0, "budget_min": 1.0, "pairs": [(4, 64)], "widths": [64, 128],
             "variants": ["attention+conv3", "conv"]}
     runs = {"attention+conv3|4|64|64|0.001|0": {"val_acc": 0.5}, "attention+conv3|4|64|64|0.003|0": {"val_acc": 0.9},
@@ -117,13 +147,13 @@ def test_zoology_table_marks_cells_not_run_and_partial_sweeps():
 
 
 def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path, capsys):
-    from benchmarks.decode import _hf_peers, main as decode_main, vs_hf_markdown
+    from benchmarks.decode import hf_peers, main as decode_main, vs_hf_markdown
 
     argv = ["--vs-hf", "--batches", "1,2", "--prompt", "5", "--new-tokens", "3", "--repeats", "1", "--out", str(tmp_path)]
     assert decode_main(argv) == 0
     (json_path,) = tmp_path.glob("decode-vs-hf-*.json")
     report = json.loads(json_path.read_text())
-    assert list(report["models"]) == list(_hf_peers()) == ["llama", "mixtral", "mamba", "mamba2"]
+    assert list(report["models"]) == ["llama", "mixtral", "mamba", "mamba2"] and {"llama", "mamba2"} <= set(hf_peers())
     assert len(report["meta"]["load_average"]) == 6
     for name, entry in report["models"].items():
         for batch in (1, 2):
@@ -134,6 +164,26 @@ def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         decode_main(["--vs-hf", "--models", "llama,gpt2"])
     assert exit_info.value.code == 2 and "--models: no Hugging Face peer for gpt2" in capsys.readouterr().err
+
+
+def test_decode_prompt_lookup_compares_a_checkpoint_with_itself_greedy(tmp_path):
+    from benchmarks.decode import main as decode_main, prompt_lookup_markdown
+    from zoo.data import byte_tokenizer
+    from zoo.modeling import ZooConfig, ZooForCausalLM
+    from zoo.recipe_loader import load_recipe
+
+    export = tmp_path / "tiny" / "hf"  # a run's export: reported under the run's name
+    cfg = load_recipe("transformer_small", ["model.d_model=64", "model.n_layers=2", "model.vocab_size=259"]).model
+    ZooForCausalLM(ZooConfig.from_model_config(cfg)).save_pretrained(export)
+    byte_tokenizer().save_pretrained(export)
+    argv = ["--prompt-lookup", str(export), "--prompts", "1", "--prompt", "32", "--new-tokens", "8", "--repeats", "1"]
+    assert decode_main([*argv, "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("prompt-lookup-*.json")
+    report = json.loads(json_path.read_text())
+    entry = report["models"]["tiny"]
+    assert entry["same_tokens"] and entry["blocks"] == ["attention"] and entry["tokens_per_forward"] >= 1
+    assert entry["greedy_tokens_per_s"] > 0 and entry["lookup_tokens_per_s"] > 0
+    assert json_path.with_suffix(".md").read_text() == prompt_lookup_markdown(report)
 
 
 def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
