@@ -51,13 +51,12 @@ def model_report(ops, sizes) -> dict:
 
 
 def model_markdown(report: dict) -> str:
-    gpu = report["gpu"]
     lines = [
-        f"# Paper roofline of zoo's Triton kernels on an {gpu['name']} (lower bounds, NOT measurements)",
+        f"# Paper roofline of zoo's Triton kernels on an {H100['name']} (lower bounds, NOT measurements)",
         "",
         f"Computed by `python -m benchmarks.kernels --model` at the benchmark shapes, {report['dtype']} inputs: every "
-        f"distinct buffer a launch gets counts once (re-reads and in-place updates not again), at {gpu['hbm_bytes_per_s'] / 1e12} "
-        f"TB/s; no FLOPs. Programs per SM: of {gpu['sms']} SMs. Peer column: measured fwd+bwd ms (not a bound), "
+        f"distinct buffer a launch gets counts once (re-reads and in-place updates not again), at {H100['hbm_bytes_per_s'] / 1e12} "
+        f"TB/s; no FLOPs. Programs per SM: of {H100['sms']} SMs. Peer column: measured fwd+bwd ms (not a bound), "
         f"from `{report['peers_source']}`.",
     ]
     for op, entry in report["ops"].items():
@@ -74,6 +73,6 @@ def model_markdown(report: dict) -> str:
             for x in r["launches"]:
                 tiles = ", ".join(f"{k}={v}" for k, v in x["constants"].items())
                 lines.append(f"| {r['backend']} | {r['T']} | {r['batch']} | {x['kernel']} | {tuple(x['grid'])} | "
-                             f"{x['programs'] / gpu['sms']:.2f} | {x['bytes'] / 1e6:.1f} | {tiles} |")
+                             f"{x['programs'] / H100['sms']:.2f} | {x['bytes'] / 1e6:.1f} | {tiles} |")
         lines += ["", f"Peer row: `{entry['peer_line']}`" if entry["peer_line"] else "No peer timing for this op."]
     return "\n".join(lines) + "\n"
