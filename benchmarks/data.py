@@ -26,9 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.common import RESULTS, MemorySampler, load_average, machine, peak_rss_mb, process_memory_mb, write_corpus, write_report
-from zoo.checkpoints.sampler import ResumableBatchSampler
 from zoo.config import DataConfig
-from zoo.data import ShardedTokens, TokenWindows, ZooDataModule
+from zoo.data import ResumableBatchSampler, ShardedTokens, TokenWindows, ZooDataModule
 
 SEQ_LEN, BATCH = 256, 16
 PHASES = ("tokenize", "load")

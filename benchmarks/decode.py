@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
 
 def code_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
     """``count`` prompts of ``length`` tokens: the openings of the built-in corpus's validation files (stdlib Python)."""
-    from zoo.data import _in_validation, stdlib_files
+    from zoo.corpus import _in_validation, stdlib_files
 
     prompts = []
     for path in stdlib_files():

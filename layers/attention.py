@@ -50,20 +50,68 @@ class AttentionConfig:
     @property
     def _attn_implementation(self) -> str:
         """transformers' name of this backend (its tests read ``module.config._attn_implementation``)."""
-        backend = "flash_attn" if self.backend == "auto" and flash_attn_available() else self.backend
-        return {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}[backend]
+        return hf_name(self.backend)
+
+
+# transformers' ``attn_implementation`` name of each backend; ``auto`` reports the one it runs (see :func:`hf_name`).
+HF_NAMES = {"sdpa": "sdpa", "flash_attn": "flash_attention_2", "eager": "eager"}
+
+
+def hf_name(backend: str) -> str:
+    """transformers' name of what ``backend`` runs (``auto``: flash-attn where it is installed, else SDPA)."""
+    if backend == "auto":
+        backend = "flash_attn" if flash_attn_available() else "sdpa"
+    return HF_NAMES[backend]
+
+
+def backend_for(hf_implementation: str) -> str:
+    """The backend transformers' ``attn_implementation`` name stands for."""
+    for backend, name in HF_NAMES.items():
+        if name == hf_implementation:
+            return backend
+    raise ValueError(
+        f"attn_implementation={hf_implementation!r}: zoo's attention runs {', '.join(map(repr, HF_NAMES.values()))} "
+        f"(model.attention.backend {', '.join(HF_NAMES)})"
+    )
 
 
 class AttentionState(NamedTuple):
-    """KV cache: keys and values of every token seen so far.
+    """KV cache: keys and values of every token seen so far, grown by :meth:`append` (a new state each call).
 
     ``key_mask`` is set only for a batch of left-padded rows (see :meth:`Attention.stack_row_states`): False at the
-    padding slots, which no query attends to and which do not count as RoPE positions.
+    padding slots, which no query attends to and which do not count as RoPE positions. ``AttentionState(None, None)``
+    is the empty cache of a first call.
     """
 
-    k: torch.Tensor  # [B, H_kv, S, Dh]
-    v: torch.Tensor  # [B, H_kv, S, Dh]
+    k: torch.Tensor | None  # [B, H_kv, S, Dh]
+    v: torch.Tensor | None  # [B, H_kv, S, Dh]
     key_mask: torch.Tensor | None = None  # [B, S] bool; None: every slot is a real token
+    is_kv_cache = True
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """RoPE positions of the next ``T`` tokens: ``[T]``, or ``[B, T]`` per row when padding slots are skipped."""
+        steps = torch.arange(T, device=device)
+        if self.k is None:
+            return steps
+        if self.key_mask is None:
+            return steps + self.k.shape[2]
+        return self.key_mask.sum(-1, keepdim=True) + steps  # [B, T]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, causal: bool = True):
+        """``(state, k_all, v_all, mask)``: this cache with ``k, v [B, Hkv, T, Dh]`` concatenated, every key and value
+        so far, and the keys each query may see (``[B, 1, T, S]`` bool; None: all, or causal by position)."""
+        if self.k is None:
+            return AttentionState(k, v), k, v, None
+        k_all = torch.cat((self.k.to(k.dtype), k), dim=2)  # [B, Hkv, S, Dh]
+        v_all = torch.cat((self.v.to(v.dtype), v), dim=2)
+        if self.key_mask is None:
+            return AttentionState(k_all, v_all), k_all, v_all, None
+        B, _, T, _ = k.shape
+        key_mask = torch.cat((self.key_mask, self.key_mask.new_ones(B, T)), dim=1)  # [B, S]
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
+        if causal:
+            mask = mask & causal_mask(T, k_all.shape[2], k.device)  # [B, 1, T, S]
+        return AttentionState(k_all, v_all, key_mask), k_all, v_all, mask
 
     def crop(self, keep: int) -> "AttentionState":
         """The cache of the first ``keep`` slots (a rollback, e.g. of rejected draft tokens in assisted decoding)."""
@@ -83,7 +131,30 @@ class StaticAttentionState(NamedTuple):
     v: torch.Tensor  # [B, H_kv, L, Dh]
     key_mask: torch.Tensor  # [B, L] bool: True at slots holding a real token
     length: torch.Tensor  # [] int64: the next free slot (shared by all rows)
-    positions: torch.Tensor  # [B] int64: each row's RoPE position of its next token (left padding skipped)
+    next_positions: torch.Tensor  # [B] int64: each row's RoPE position of its next token (left padding skipped)
+    is_kv_cache = True
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.next_positions[:, None] + torch.arange(T, device=device)  # [B, T]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, causal: bool = True):
+        """Write ``k, v [B, Hkv, T, Dh]`` at slot ``length`` in place and advance the counters; returns the same state,
+        the whole buffers and the slots each query may see (``[B, 1, T, L]``)."""
+        T, L = k.shape[2], self.k.shape[2]
+        slots = self.length + torch.arange(T, device=k.device)  # [T]
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        self.key_mask.index_fill_(1, slots, True)
+        mask = self.key_mask[:, None, None, :]  # [B, 1, 1, L]
+        if causal:
+            mask = mask & (torch.arange(L, device=k.device)[None, :] <= slots[:, None])  # [B, 1, T, L]
+        self.length.add_(T)
+        self.next_positions.add_(T)
+        return self, self.k.to(k.dtype), self.v.to(v.dtype), mask
+
+    def map_rows(self, fn) -> "StaticAttentionState":
+        """``fn`` applied to every batch-first tensor (the shared slot counter ``length`` has no batch)."""
+        return self._replace(k=fn(self.k), v=fn(self.v), key_mask=fn(self.key_mask), next_positions=fn(self.next_positions))
 
 
 def flash_attn_available() -> bool:
@@ -147,10 +218,15 @@ class Attention(SequenceMixer):
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=config.bias)
 
+    @classmethod
+    def hf_attributes(cls, config: AttentionConfig, d_model: int) -> dict:
+        """transformers' standard config attributes this block's section gives (heads, KV heads, head size, RoPE base)."""
+        return {"num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
+                "head_dim": config.head_dim or d_model // config.n_heads, "rope_theta": config.rope_theta}
+
     def set_backend(self, backend: str) -> None:
-        """Use ``backend`` (one of ``BACKENDS``) from now on; flash_attn must be installed."""
-        if backend not in BACKENDS:
-            raise ConfigError("backend", f"unknown attention backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        """Use ``backend`` (one of ``BACKENDS``, checked by :meth:`AttentionConfig.validate`) from now on; flash_attn
+        must be installed."""
         if backend == "flash_attn" and not flash_attn_available():
             raise BackendUnavailableError(
                 "attention backend 'flash_attn' was asked for but the flash-attn package is not installed "
@@ -183,60 +259,20 @@ class Attention(SequenceMixer):
         return StaticAttentionState(k, v, key_mask, length, real.sum(-1).long())
 
     def mix(self, x: torch.Tensor, state: AttentionState | StaticAttentionState | None):
-        if isinstance(state, StaticAttentionState):
-            return self._mix_static(x, state)
+        """Project -> rotate (RoPE at the state's next positions) -> append to the state -> attend."""
         B, T, _ = x.shape
-        q, k, v = self._project(x)
-        offset = 0
-        key_mask = None
-        positions = torch.arange(T, device=x.device)  # [T]
-        if state is not None:
-            offset = state.k.shape[2]
-            positions = positions + offset
-            if state.key_mask is not None:
-                key_mask = torch.cat((state.key_mask, state.key_mask.new_ones(B, T)), dim=1)  # [B, S]
-                positions = state.key_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)  # [B, T], pads skipped
-        q, k = self._rotate(q, k, positions)
-        if state is not None and offset:
-            k = torch.cat((state.k.to(k.dtype), k), dim=2)  # [B, Hkv, S, Dh]
-            v = torch.cat((state.v.to(v.dtype), v), dim=2)
-        y = self._attend(q, k, v, key_mask)  # [B, H, T, Dh]
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y), AttentionState(k, v, key_mask)
-
-    def _mix_static(self, x: torch.Tensor, state: StaticAttentionState):
-        """Write this call's keys/values into the static cache at ``state.length`` (in place) and attend over it."""
-        B, T, _ = x.shape
-        L = state.k.shape[2]
-        q, k, v = self._project(x)
-        steps = torch.arange(T, device=x.device)
-        slots = state.length + steps  # [T]
-        q, k = self._rotate(q, k, state.positions[:, None] + steps)  # positions [B, T]
-        state.k.index_copy_(2, slots, k.to(state.k.dtype))
-        state.v.index_copy_(2, slots, v.to(state.v.dtype))
-        state.key_mask.index_fill_(1, slots, True)
-        visible = torch.arange(L, device=x.device)[None, :] <= slots[:, None]  # [T, L]
-        allowed = state.key_mask[:, None, None, :] & visible  # [B, 1, T, L]
-        y = self._attend_masked(q, state.k.to(q.dtype), state.v.to(q.dtype), allowed)  # [B, H, T, Dh]
-        state.length.add_(T)
-        state.positions.add_(T)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y), state
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [B, T, D]`` -> q ``[B, H, T, Dh]``, k and v ``[B, Hkv, T, Dh]``."""
-        B, T, _ = x.shape
+        state = AttentionState(None, None) if state is None else state
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        return q, k, v
-
-    def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE at ``positions [T]`` (shared by the rows) or ``[B, T]`` (per row)."""
+        positions = state.positions(T, x.device)  # [T] shared by the rows, or [B, T]
         cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        state, k, v, mask = state.append(k, v, self.config.causal)
+        y = self._attend(q, k, v, mask)  # [B, H, T, Dh]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), state
 
     def stack_row_states(self, states: list[AttentionState]) -> AttentionState:
         """Left-pad single-row KV caches of different lengths to the longest; ``key_mask`` marks the real slots."""
@@ -250,20 +286,27 @@ class Attention(SequenceMixer):
             masks.append(F.pad(real, (pad, 0), value=False))  # [1, length]
         return AttentionState(torch.cat(ks), torch.cat(vs), torch.cat(masks))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]`` (queries are the last T of S); causal
-        unless ``config.causal`` is False. ``key_mask [B, S]`` (False: a padding slot) hides keys per row."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]``. ``mask`` (broadcast to ``[B, H, T, S]``,
+        True: visible) as the state gave it; None: every key, causal (queries are the last T of S) unless
+        ``config.causal`` is False. Eager (the reference, which keeps the probabilities when ``record_weights``),
+        flash-attn (no explicit mask) or SDPA."""
         T, S = q.shape[2], k.shape[2]
         causal = self.config.causal
-        backend = self.backend
-        if key_mask is not None or self.record_weights:
-            # flash_attn_func takes no per-row key mask: a padded batch goes through SDPA with an explicit mask.
-            allowed = q.new_ones(1, 1, 1, S, dtype=torch.bool) if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
-            if causal:
-                allowed = allowed & causal_mask(T, S, q.device)  # [B, 1, T, S]
-            return self._attend_masked(q, k, v, allowed)
-        if backend == "auto":
-            backend = auto_attention_backend(q.device.type, q.dtype)
+        backend = auto_attention_backend(q.device.type, q.dtype) if self.backend == "auto" else self.backend
+        if mask is None and (backend == "eager" or self.record_weights):
+            mask = causal_mask(T, S, q.device) if causal else q.new_ones(T, S, dtype=torch.bool)  # [T, S]
+        if backend == "eager" or self.record_weights:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
+            scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            if self.record_weights:
+                self.attention_weights = probs.to(q.dtype)
+            return (probs @ v.float()).to(q.dtype)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None:  # flash_attn_func takes no per-row key mask: SDPA with the explicit mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         if backend == "flash_attn":
             if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
                 raise BackendUnavailableError(
@@ -274,10 +317,6 @@ class Attention(SequenceMixer):
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs.
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # [B, T, H, Dh]
             return y.transpose(1, 2)
-        if backend == "eager":
-            allowed = causal_mask(T, S, q.device) if causal else q.new_ones(T, S, dtype=torch.bool)  # [T, S]
-            return self._attend_masked(q, k, v, allowed)
-        gqa = self.n_heads != self.n_kv_heads
         if not causal:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         if T == S:
@@ -285,17 +324,3 @@ class Attention(SequenceMixer):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = None if T == 1 else causal_mask(T, S, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Attention with an explicit boolean mask ``allowed`` (broadcast to ``[B, H, T, S]``; True = visible), through
-        SDPA (flash_attn_func takes no such mask) or the eager reference (which keeps the probabilities when
-        ``record_weights`` is set)."""
-        if self.backend == "eager" or self.record_weights:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
-            scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, S]
-            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-            if self.record_weights:
-                self.attention_weights = probs.to(q.dtype)
-            return (probs @ v.float()).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads)

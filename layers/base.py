@@ -2,34 +2,13 @@
 from __future__ import annotations
 
 import abc
-import contextlib
-import contextvars
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 logger = logging.getLogger("zoo")
-
-_REPLAYING = contextvars.ContextVar("zoo_replaying", default=False)
-
-
-@contextlib.contextmanager
-def replaying(on: bool = True) -> Iterator[None]:
-    """Marks a forward as activation checkpointing's recomputation in the backward (see :func:`is_replaying`)."""
-    token = _REPLAYING.set(on)
-    try:
-        yield
-    finally:
-        _REPLAYING.reset(token)
-
-
-def is_replaying() -> bool:
-    """True while activation checkpointing recomputes a layer: modules that record side statistics of a forward (MoE
-    routing) skip the replay, which the forward already recorded."""
-    return _REPLAYING.get()
 
 
 class SequenceMixer(nn.Module, abc.ABC):

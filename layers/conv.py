@@ -9,8 +9,8 @@ from torch import nn
 from zoo.typed import bounded, checked
 
 from .base import SequenceMixer
+from .ops import causal_conv, init_causal_conv
 from .registry import MIXERS
-from .short_conv import depthwise_causal_conv
 
 
 @dataclass
@@ -40,11 +40,7 @@ class Conv(SequenceMixer):
             self.init_parameters()
 
     def init_parameters(self) -> None:
-        from transformers import initialization as init
-
-        bound = self.config.kernel_size**-0.5  # PyTorch's default conv init, as Zoology keeps it
-        init.uniform_(self.weight, -bound, bound)
-        init.zeros_(self.bias)
+        init_causal_conv(self.weight, self.bias)
 
     def init_state(self, batch_size, device=None, dtype=None) -> torch.Tensor:
         dtype = dtype or self.proj.weight.dtype
@@ -57,5 +53,5 @@ class Conv(SequenceMixer):
     def mix(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        conv_out, state = depthwise_causal_conv(x, state, self.weight, self.bias)  # [B, T, D], state [B, D, K-1]
-        return conv_out * self.proj(x), state
+        conv_out, state = causal_conv(x.transpose(1, 2), state, self.weight, self.bias)  # [B, D, T], state [B, D, K-1]
+        return conv_out.transpose(1, 2) * self.proj(x), state

@@ -1,9 +1,11 @@
 """One residual layer: pre-norm mixer + residual, then pre-norm FFN + residual; optionally adaLN-Zero conditioned (DiT)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .base import SequenceMixer, cat_states, map_state, replaying
+from .base import SequenceMixer, cat_states, map_state
 from .norm import RMSNorm
 
 
@@ -51,9 +53,28 @@ class AdaLNModulation(nn.Module):
         return f"{self.d_model}, n_outputs={self.n_outputs}"
 
 
+_REPLAYING = contextvars.ContextVar("zoo_replaying", default=False)
+
+
+@contextlib.contextmanager
+def replaying(on: bool = True) -> Iterator[None]:
+    """Marks a forward as activation checkpointing's recomputation in the backward (see :func:`is_replaying`)."""
+    token = _REPLAYING.set(on)
+    try:
+        yield
+    finally:
+        _REPLAYING.reset(token)
+
+
+def is_replaying() -> bool:
+    """True while activation checkpointing recomputes a layer: modules that record side statistics of a forward (MoE
+    routing) skip the replay, which the forward already recorded."""
+    return _REPLAYING.get()
+
+
 def marking_replays(checkpoint: Callable) -> Callable:
     """``checkpoint(function, *args)`` whose recomputations of ``function`` (every call after the first: the backward's
-    replays) run under :func:`~zoo.layers.base.replaying`."""
+    replays) run under :func:`replaying`."""
 
     @functools.wraps(checkpoint)
     def marked_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -82,7 +103,7 @@ class ResidualLayer(GradientCheckpointingLayer):
     ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``, or by zoo's
     ``trainer.activation_checkpointing``), a training forward keeps only the layer's inputs and recomputes the layer
     in the backward through ``_gradient_checkpointing_func`` (torch's non-reentrant checkpoint by default), whose
-    recomputations run under :func:`~zoo.layers.base.replaying` (:func:`marking_replays`), so MoE routing statistics
+    recomputations run under :func:`replaying` (:func:`marking_replays`), so MoE routing statistics
     are recorded once.
     """
 

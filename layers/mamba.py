@@ -14,7 +14,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
 from .base import SequenceMixer
-from .ops import at_least_fp32, causal_conv, inverse_softplus_dt
+from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -75,10 +75,7 @@ class Mamba(SequenceMixer):
         dt_std = self.dt_rank**-0.5
         init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
         init.copy_(self.dt_proj.bias, inverse_softplus_dt(self.d_inner, self.config.dt_min, self.config.dt_max, self.dt_proj.bias.device))
-        bound = self.config.d_conv**-0.5  # PyTorch's default conv init, as the reference Mamba keeps it
-        init.uniform_(self.conv1d.weight, -bound, bound)
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        init_causal_conv(self.conv1d.weight, self.conv1d.bias)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MambaState:
         dtype = dtype or self.in_proj.weight.dtype
@@ -97,7 +94,7 @@ class Mamba(SequenceMixer):
         if fresh:
             state = self.init_state(batch, x.device, x.dtype)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, Di] each
-        conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d)  # [B, Di, T]
+        conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias)  # [B, Di, T]
         u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt)  # [B, T, Di], bias included (a module call, so a LoRA adapter on dt_proj applies)

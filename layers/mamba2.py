@@ -13,7 +13,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
 from .base import SequenceMixer
-from .ops import at_least_fp32, causal_conv, inverse_softplus_dt
+from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
 
@@ -101,10 +101,7 @@ class Mamba2(SequenceMixer):
         init.copy_(self.A_log, torch.log(1 + 15 * self.A_log.detach()))  # A = -U(1, 16), as the reference Mamba-2
         init.ones_(self.D)
         init.copy_(self.dt_bias, inverse_softplus_dt(self.n_heads, self.config.dt_min, self.config.dt_max, self.dt_bias.device))
-        bound = self.config.d_conv**-0.5
-        init.uniform_(self.conv1d.weight, -bound, bound)
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        init_causal_conv(self.conv1d.weight, self.conv1d.bias)
 
     def init_state(self, batch_size, device=None, dtype=None) -> Mamba2State:
         dtype = dtype or self.in_proj.weight.dtype
@@ -122,7 +119,7 @@ class Mamba2(SequenceMixer):
         if state is None:
             state = self.init_state(batch, x.device, x.dtype)
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        conv_out, conv_state = causal_conv(xbc.transpose(1, 2), state.conv, self.conv1d)  # [B, conv_dim, T]
+        conv_out, conv_state = causal_conv(xbc.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias)  # [B, conv_dim, T]
         xbc = F.silu(conv_out).transpose(1, 2)  # [B, T, conv_dim]
         gn = self.n_groups * self.d_state
         xs, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)

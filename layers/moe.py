@@ -16,7 +16,7 @@ batch with a ``token_mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from transformers import initialization as init
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
-from .base import is_replaying
+from .layer import is_replaying
 from .ffn import SwiGLU, SwiGLUConfig
 from .registry import FFNS
 
@@ -218,3 +218,36 @@ class MoE(nn.Module):
             out = _expert_ffn(h[token], w_gate, w_up, w_down)  # [n_e, D]
             y = y.index_add(0, token, out * top_w[token, slot, None].to(out.dtype))
         return y
+
+
+def moe_modules(layers: Any) -> list[MoE]:
+    """The MoE FFNs of a model's residual ``layers``, also inside wrappers (PEFT's ``target_parameters`` wraps an MoE
+    FFN in ParamWrappers). Only the FFNs are walked: the whole tree, every decode step, costs more than some small
+    models' step."""
+    ffns = [getattr(layer, "ffn", layer) for layer in layers]
+    return [module for ffn in ffns if ffn is not None for module in ffn.modules() if isinstance(module, MoE)]
+
+
+def discard_router_stats(layers: Any) -> bool:
+    """Forget the pending routing decisions of every MoE FFN in ``layers`` (decoding); False when there is none."""
+    moes = moe_modules(layers)
+    for module in moes:
+        module.discard_stats()
+    return bool(moes)
+
+
+def router_stats(layers: Any) -> dict[str, Any] | None:
+    """The last forward's router statistics, taken off the MoE FFNs of ``layers`` (so no graph stays alive on them):
+    ``router_loss``, ``aux_loss``, ``z_loss`` (per-layer losses averaged over the MoE layers; with one MoE layer,
+    ``aux_loss`` equals Mixtral's), ``expert_load [n_moe_layers, E]`` and ``router_logits`` (per layer); None when
+    no MoE FFN routed since the last call."""
+    stats = [s for s in (module.pop_stats() for module in moe_modules(layers)) if s is not None]
+    if not stats:
+        return None
+    return {
+        "router_loss": torch.stack([s.weighted_loss for s in stats]).mean(),
+        "aux_loss": torch.stack([s.load_balancing_loss for s in stats]).mean(),
+        "z_loss": torch.stack([s.z_loss for s in stats]).mean(),
+        "expert_load": torch.stack([s.expert_load for s in stats]),
+        "router_logits": tuple(s.router_logits for s in stats),
+    }

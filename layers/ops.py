@@ -1,12 +1,12 @@
-"""Pieces several blocks share: the token shift (RWKV), a depthwise causal convolution with a carried state and
-Mamba's time-step bias initialization."""
+"""Pieces several blocks share: the token shift and the WKV state (RWKV-6/7), a depthwise causal convolution with a
+carried state (short conv, conv, Mamba, Mamba-2) and Mamba's time-step bias initialization."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -22,17 +22,36 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return torch.cat((first, x[:, :-1]), dim=1)
 
 
-def causal_conv(x: torch.Tensor, prev: torch.Tensor, conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv of ``x [B, C, T]`` continuing from the last ``K-1`` inputs ``prev [B, C, K-1]``.
+class WKVState(NamedTuple):
+    """The state of RWKV-6 and RWKV-7 time mixing."""
+
+    shift: torch.Tensor  # [B, D] the last token's (normalized) input
+    wkv: torch.Tensor  # [B, H, K, V]
+
+    @classmethod
+    def zeros(cls, batch_size: int, d_model: int, n_heads: int, head_dim: int, device, dtype) -> "WKVState":
+        shift = torch.zeros(batch_size, d_model, device=device, dtype=dtype)
+        return cls(shift, torch.zeros(batch_size, n_heads, head_dim, head_dim, device=device, dtype=dtype))
+
+    @staticmethod
+    def size(d_model: int, n_heads: int, head_dim: int) -> int:
+        """Numbers per sequence."""
+        return d_model + n_heads * head_dim * head_dim
+
+
+def causal_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv of ``x [B, C, T]`` (taps ``weight [C, 1, K]``, ``bias [C]`` or None) continuing from the
+    last ``K-1`` inputs ``prev [B, C, K-1]``.
 
     Returns the conv output ``[B, C, T]`` (no activation) and the new last ``K-1`` inputs in ``prev``'s dtype (under
-    autocast ``x`` is in the compute dtype; the state keeps its own)."""
+    autocast ``x`` is in the compute dtype; the state keeps its own). Blocks pass their own parameters or a
+    ``nn.Conv1d``'s ``weight`` and ``bias``."""
     full = torch.cat((prev.to(x.dtype), x), dim=-1)  # [B, C, K-1+T]
     if x.shape[-1] == 1:
-        out = conv_window_step(full, conv.weight, conv.bias)
+        out = conv_window_step(full, weight, bias)  # decode: a dot over the window
     else:
-        out = F.conv1d(full, conv.weight, conv.bias, groups=conv.in_channels)  # [B, C, T]
-    keep = conv.kernel_size[0] - 1
+        out = F.conv1d(full, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=weight.shape[0])  # [B, C, T]
+    keep = weight.shape[-1] - 1
     return out, full[:, :, full.shape[-1] - keep :].to(prev.dtype)
 
 
@@ -41,6 +60,17 @@ def conv_window_step(window: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     dotted with its taps ``weight [C, 1, K]``, plus ``bias [C]``; ``[B, C, 1]``. No convolution call for one token."""
     out = (window * weight[:, 0].to(window.dtype)).sum(-1, keepdim=True)
     return out if bias is None else out + bias.to(window.dtype)[:, None]
+
+
+def init_causal_conv(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """PyTorch's default init of a depthwise conv's taps ``weight [C, 1, K]`` (uniform in ``+-K^-1/2``, as the reference
+    Mamba and Zoology keep it) and a zero ``bias``."""
+    from transformers import initialization as init
+
+    bound = weight.shape[-1] ** -0.5
+    init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        init.zeros_(bias)
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, device, floor: float = 1e-4) -> torch.Tensor:

@@ -7,7 +7,6 @@ state ``S [B, H, K, V]``, per-head GroupNorm on the output, SiLU gate and output
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
 from .base import SequenceMixer
-from .ops import token_shift
+from .ops import WKVState, token_shift
 from .registry import MIXERS
 
 
@@ -43,9 +42,7 @@ class RWKV6Config:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
 
 
-class RWKV6State(NamedTuple):
-    shift: torch.Tensor  # [B, D] the last token's (normalized) input
-    wkv: torch.Tensor  # [B, H, K, V]
+RWKV6State = WKVState  # exported as zoo.layers.RWKV6State
 
 
 @MIXERS.register("rwkv6", RWKV6Config)
@@ -93,18 +90,14 @@ class RWKV6(SequenceMixer):
         zigzag = (torch.arange(D, device=dev) + 1) % 3 - 1
         init.copy_(self.time_faaaa, (ratio * (1 - n) + 0.1 * zigzag).view(self.n_heads, self.head_dim))
 
-    def init_state(self, batch_size, device=None, dtype=None) -> RWKV6State:
-        dtype = dtype or self.key.weight.dtype
-        device = device or self.key.weight.device
-        return RWKV6State(
-            torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
-            torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),
-        )
+    def init_state(self, batch_size, device=None, dtype=None) -> WKVState:
+        device, dtype = device or self.key.weight.device, dtype or self.key.weight.dtype
+        return WKVState.zeros(batch_size, self.d_model, self.n_heads, self.head_dim, device, dtype)
 
     def state_size(self) -> int:
-        return self.d_model + self.n_heads * self.head_dim * self.head_dim
+        return WKVState.size(self.d_model, self.n_heads, self.head_dim)
 
-    def mix(self, x: torch.Tensor, state: RWKV6State | None):
+    def mix(self, x: torch.Tensor, state: WKVState | None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
@@ -126,4 +119,4 @@ class RWKV6(SequenceMixer):
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         y = self.output(o * g)
         wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise
-        return y, RWKV6State(x[:, -1], wkv)
+        return y, WKVState(x[:, -1], wkv)

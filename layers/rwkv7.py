@@ -20,18 +20,17 @@ Equations of the paper (v1 numbering) and where they are in :meth:`RWKV7.mix`; t
   ``zoo.modeling.assign_shared_roles``); every later RWKV-7 layer mixes them into its own,
   ``v_t = lerp(x^v_t W_v, v_first_t, sigmoid(v0 + (x^v_t v1) v2))`` (``v0``, ``v1``, ``v2``). ``v_first`` is per
   token: at decode it is the current token's first-layer value, as in RWKV-LM and fla's ``RWKV7Model``. With
-  ``value_residual: false`` every layer uses its own values (what zoo's RWKV-7 did before the key existed; saved
-  configs without the key load that way, see :attr:`RWKV7Config.SAVED_DEFAULTS`).
+  ``value_residual: false`` every layer uses its own values (saved configs without the key load that way, see
+  :attr:`RWKV7Config.SAVED_DEFAULTS`).
 
-Where the numbers come from: the paper's text was not reachable from our machines; the numbering is the one annotated
-in public implementations written from the paper (two of them agree on Eq. 17), and each formula above was checked
-against the RWKV-LM x070 code, which this block matches.
+The equation numbers are the ones annotated in public implementations written from the paper (two of them agree on
+Eq. 17); each formula above is checked against the RWKV-LM x070 code, which this block matches.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
 from .base import SequenceMixer
-from .ops import token_shift
+from .ops import WKVState, token_shift
 
 
 @dataclass
@@ -68,9 +67,7 @@ class RWKV7Config:
             raise ConfigError("head_dim", f"d_model={d_model} must be a positive multiple of head_dim={self.head_dim}")
 
 
-class RWKV7State(NamedTuple):
-    shift: torch.Tensor  # [B, D] the last token's (normalized) input
-    wkv: torch.Tensor  # [B, H, K, V]
+RWKV7State = WKVState  # exported as zoo.layers.RWKV7State
 
 
 @MIXERS.register("rwkv7", RWKV7Config)
@@ -144,18 +141,14 @@ class RWKV7(SequenceMixer):
         if getattr(self, "reads_v_first", False):
             self.init_value_gate()
 
-    def init_state(self, batch_size, device=None, dtype=None) -> RWKV7State:
-        dtype = dtype or self.key.weight.dtype
-        device = device or self.key.weight.device
-        return RWKV7State(
-            torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
-            torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),
-        )
+    def init_state(self, batch_size, device=None, dtype=None) -> WKVState:
+        device, dtype = device or self.key.weight.device, dtype or self.key.weight.dtype
+        return WKVState.zeros(batch_size, self.d_model, self.n_heads, self.head_dim, device, dtype)
 
     def state_size(self) -> int:
-        return self.d_model + self.n_heads * self.head_dim * self.head_dim
+        return WKVState.size(self.d_model, self.n_heads, self.head_dim)
 
-    def mix(self, x: torch.Tensor, state: RWKV7State | None, shared: dict[str, torch.Tensor] | None = None):
+    def mix(self, x: torch.Tensor, state: WKVState | None, shared: dict[str, torch.Tensor] | None = None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
@@ -184,7 +177,7 @@ class RWKV7(SequenceMixer):
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, K]
         y = self.output((o + bonus.reshape(B, T, D)) * g)
         wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise
-        return y, RWKV7State(x[:, -1], wkv)
+        return y, WKVState(x[:, -1], wkv)
 
     def _v_first(self, shared: dict[str, torch.Tensor] | None, v: torch.Tensor) -> torch.Tensor:
         """The first RWKV-7 layer's values ``[B, T, D]`` for these tokens, from the forward's ``shared`` dict."""

@@ -30,11 +30,18 @@ class RWKVChannelMixConfig:
         return self.hidden_size if self.hidden_size is not None else -(-int(3.5 * d_model) // 32) * 32
 
 
-@FFNS.register("rwkv_cmix", RWKVChannelMixConfig)
-class RWKVChannelMix(nn.Module):
-    """``sigmoid(receptance(x_r)) * value(relu(key(x_k))^2)`` with ``x_* = lerp(x_t, x_{t-1}, mu_*)``."""
+class _TokenShiftFFN(nn.Module):
+    """A channel mix whose state is the last input ``[B, D]`` (its token shift's), carried by the residual layer."""
 
     stateful = True
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.d_model, device=device or self.key.weight.device, dtype=dtype or self.key.weight.dtype)
+
+
+@FFNS.register("rwkv_cmix", RWKVChannelMixConfig)
+class RWKVChannelMix(_TokenShiftFFN):
+    """``sigmoid(receptance(x_r)) * value(relu(key(x_k))^2)`` with ``x_* = lerp(x_t, x_{t-1}, mu_*)``."""
 
     def __init__(self, config: RWKVChannelMixConfig, d_model: int, layer_idx: int):
         super().__init__()
@@ -51,9 +58,6 @@ class RWKVChannelMix(nn.Module):
         ddd = torch.arange(self.d_model, device=self.time_maa_k.device, dtype=torch.float32) / self.d_model
         init.copy_(self.time_maa_k, 1 - ddd.pow(0.5))
         init.copy_(self.time_maa_r, 1 - ddd.pow(0.5))
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        return torch.zeros(batch_size, self.d_model, device=device or self.key.weight.device, dtype=dtype or self.key.weight.dtype)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xx = token_shift(x, state) - x  # [B, T, D]
@@ -74,11 +78,9 @@ class RWKV7ChannelMixConfig:
 
 
 @FFNS.register("rwkv7_cmix", RWKV7ChannelMixConfig)
-class RWKV7ChannelMix(nn.Module):
+class RWKV7ChannelMix(_TokenShiftFFN):
     """RWKV-7's channel mixing (RWKV-LM ``CMix_x070``, fla's ``RWKV7FeedForward``): ``value(relu(key(x_k))^2)`` with
     ``x_k = lerp(x_t, x_{t-1}, x_k)``; no receptance gate. Stateful like :class:`RWKVChannelMix` (state: last x ``[B, D]``)."""
-
-    stateful = True
 
     def __init__(self, config: RWKV7ChannelMixConfig, d_model: int, layer_idx: int):
         super().__init__()
@@ -93,9 +95,6 @@ class RWKV7ChannelMix(nn.Module):
         """x070's ``x_k = 1 - (i / D)^(ratio^4)`` with the layer-depth ratio fixed at 0.5, as in :class:`zoo.layers.RWKV7`."""
         ddd = torch.arange(self.d_model, device=self.x_k.device, dtype=torch.float32) / self.d_model
         init.copy_(self.x_k, 1 - ddd.pow(0.5**4))
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        return torch.zeros(batch_size, self.d_model, device=device or self.key.weight.device, dtype=dtype or self.key.weight.dtype)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xx = token_shift(x, state) - x  # [B, T, D]

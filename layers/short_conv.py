@@ -5,26 +5,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import SequenceMixer, cat_states, map_state
-from .ops import conv_window_step
-
-
-def depthwise_causal_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv of ``x [B, T, D]`` (``weight [D, 1, K]``, ``bias [D]``) continuing from the last ``K-1``
-    inputs ``prev [B, D, K-1]``; returns ``y [B, T, D]`` and the new last ``K-1`` inputs in ``prev``'s dtype.
-
-    The weights are parameters of the module itself, not of a child ``nn.Conv1d``: Hugging Face's initialization only
-    calls ``init_parameters`` on modules that hold parameters themselves."""
-    full = torch.cat((prev.to(x.dtype), x.transpose(1, 2)), dim=-1)  # [B, D, K-1+T]
-    if x.shape[1] == 1:
-        y = conv_window_step(full, weight, bias)  # decode: a dot over the window
-    else:
-        y = F.conv1d(full, weight.to(x.dtype), bias.to(x.dtype), groups=weight.shape[0])  # [B, D, T]
-    keep = weight.shape[-1] - 1
-    return y.transpose(1, 2), full[:, :, full.shape[-1] - keep :].to(prev.dtype)
+from .ops import causal_conv
 
 
 class ShortConvState(NamedTuple):
@@ -43,7 +27,9 @@ class ShortConv(SequenceMixer):
         super().__init__(inner.config, inner.d_model, inner.layer_idx)
         self.registry_name = f"{inner.registry_name} (short_conv {kernel_size})"
         self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(inner.d_model, 1, kernel_size))  # [D, 1, K], as a depthwise Conv1d's
+        # [D, 1, K], as a depthwise Conv1d's: parameters of this module itself, not of a child nn.Conv1d (Hugging Face's
+        # initialization only calls init_parameters on modules that hold parameters themselves)
+        self.weight = nn.Parameter(torch.empty(inner.d_model, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(inner.d_model))
         self.inner = inner
         if self.weight.device.type != "meta":
@@ -82,8 +68,8 @@ class ShortConv(SequenceMixer):
     def mix(self, x: torch.Tensor, state: ShortConvState | None, shared: dict | None = None) -> tuple[torch.Tensor, ShortConvState]:
         # A fresh start passes the inner block no state (a Bidirectional block takes none).
         prev = torch.zeros(x.shape[0], self.d_model, self.kernel_size - 1, device=x.device, dtype=x.dtype) if state is None else state.conv
-        conv_out, conv = depthwise_causal_conv(x, prev, self.weight, self.bias)  # [B, T, D], conv [B, D, K-1]
-        y, inner = self.inner(conv_out, None if state is None else state.inner, shared)
+        conv_out, conv = causal_conv(x.transpose(1, 2), prev, self.weight, self.bias)  # [B, D, T], conv [B, D, K-1]
+        y, inner = self.inner(conv_out.transpose(1, 2), None if state is None else state.inner, shared)
         return y, ShortConvState(conv, inner)
 
     def stack_row_states(self, states: list[ShortConvState]) -> ShortConvState:

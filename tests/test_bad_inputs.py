@@ -340,7 +340,7 @@ def test_resume_auto_of_another_model_deletes_nothing(capsys, tmp_path, files):
 
 
 def test_checkpoints_keep_their_resolved_recipe(tmp_path, files):
-    from zoo.checkpoints.resume import RECIPE_KEY
+    from zoo.reliability.resume import RECIPE_KEY
     from zoo.training import ZooLightningModule
 
     recipe = load_recipe("transformer_small", [f"{k}={v}" for k, v in TINY.items()]).with_vocab_size(259)

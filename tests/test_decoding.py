@@ -63,7 +63,7 @@ def test_steps_write_into_the_same_buffers():
         logits = decoder.step(logits.argmax(-1))
     assert [t.data_ptr() for t in _tensors(decoder.states)] == pointers
     assert int(attn.length) == 7 and attn.key_mask[:, :7].all() and not attn.key_mask[:, 7:].any()
-    assert attn.positions.tolist() == [7, 7]
+    assert attn.next_positions.tolist() == [7, 7]
 
 
 def _tensors(state):

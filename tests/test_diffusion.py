@@ -295,7 +295,7 @@ def test_conditioning_errors_name_the_layer_and_the_expected_shape():
 def test_moe_denoiser_training_step_adds_router_loss_and_takes_the_stats():
     import lightning as L
 
-    from zoo.diffusion import DiffusionLightningModule, diffusion_nelbo
+    from zoo.training import DiffusionLightningModule
     from zoo.layers import MoE
     from zoo.modeling import ZooMoeMaskedLMOutput
 
@@ -338,3 +338,21 @@ def test_architecture_flags_are_model_fields_checked_with_the_objective():
     causal_config = ZooConfig(d_model=16, n_layers=2, blocks=["attention"], vocab_size=259, module_args={"attention": {"n_heads": 2}})
     with pytest.raises(ValueError, match="ZooForMaskedLM is a denoiser that sees the whole sequence"):
         ZooForMaskedLM(causal_config)
+
+
+def test_sampling_a_saved_checkpoint_does_not_import_lightning(tmp_path):
+    """``python -m zoo.generate`` on a masked-diffusion checkpoint runs the sampler without importing Lightning."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    ZooForMaskedLM(tiny_config()).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    code = (
+        "import sys\nfrom zoo.generate import main\n"
+        f"assert main([{str(tmp_path)!r}, '--prompt', 'ab', '--max-new-tokens', '4', '--diffusion-steps', '2', '--seed', '0']) in (0, None)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -218,6 +218,8 @@ def test_checkpoints_written_before_the_model_spec_change_load_unchanged():
     causal = transformers.AutoModelForCausalLM.from_pretrained(data / "causal_mamba_attention").eval()
     denoiser = ZooForMaskedLM.from_pretrained(data / "diffusion_time_conditioned").eval()
     assert denoiser.model.conditioned and denoiser.time_embed is not None
+    # upgrade(): time_conditioning left config.diffusion for the model field, so saving writes today's form
+    assert denoiser.config.time_conditioning and "time_conditioning" not in denoiser.config.diffusion
     with torch.no_grad():
         torch.testing.assert_close(causal(ids).logits, torch.tensor(expected["causal_logits"]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(denoiser(input_ids=ids, timesteps=t).logits, torch.tensor(expected["denoiser_logits"]), atol=1e-5, rtol=1e-5)

@@ -117,3 +117,48 @@ def test_dependencies_zoo_subclasses_are_capped_at_a_tested_minor():
             assert (installed.major, installed.minor + 1) == (cap.major, cap.minor), (
                 f"{name}: CI installed {installed}, so the cap {caps[0]} admits an untested minor; lower it"
             )
+
+
+# What each folder may import from zoo: zoo/ stands on layers/ and kernels/, never the reverse; below them only the
+# error types and the typed-config checker, which import nothing else of zoo.
+ALLOWED_ZOO_IMPORTS = {
+    "kernels": ("zoo.errors", "zoo.typed", "zoo.kernels"),
+    "layers": ("zoo.errors", "zoo.typed", "zoo.kernels", "zoo.layers"),
+    "zoo/errors.py": (),
+    "zoo/typed.py": ("zoo.errors",),
+}
+REPO_PACKAGES = {"zoo", "layers", "kernels", "benchmarks", "tests", "recipes"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """``(line, absolute module)`` of every import in ``path`` (inside functions too), read with ``ast``; relative
+    imports stay inside their own package and are left out."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_layers_and_kernels_import_from_zoo_only_errors_typed_and_kernels():
+    violations = []
+    for where, allowed in ALLOWED_ZOO_IMPORTS.items():
+        files = [ROOT / where] if where.endswith(".py") else sorted((ROOT / where).rglob("*.py"))
+        assert files and all(f.exists() for f in files), where
+        for path in files:
+            for line, module in imported_modules(path):
+                if module.split(".")[0] not in REPO_PACKAGES:
+                    continue
+                if not any(module == a or module.startswith(a + ".") for a in allowed):
+                    violations.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not violations, "imports against the layering (zoo/ -> layers/ -> kernels/):\n" + "\n".join(violations)
+
+
+def test_the_layering_check_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "block.py"
+    source.write_text("import torch\nfrom .ops import x\n\ndef f():\n    from zoo.modeling import ZooModel\n    import zoo.kernels.ssd\n")
+    assert imported_modules(source) == [(1, "torch"), (5, "zoo.modeling"), (6, "zoo.kernels.ssd")]

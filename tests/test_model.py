@@ -16,13 +16,32 @@ def tiny(blocks=("lstm", "attention"), **kw):
         {"d_model": 32, "n_layers": 4, "blocks": list(blocks), "vocab_size": 50, "attention": {"n_heads": 4, "n_kv_heads": 2}, **kw}
     )
     torch.manual_seed(0)
-    return ZooForCausalLM(ZooConfig.from_model_config(spec, eos_token_id=0)).eval()
+    return ZooForCausalLM.from_spec(spec, eos_token_id=0).eval()
 
 
 def test_pattern_tiles_layers():
     m = tiny(["lstm", "attention"], ffn=["swiglu", "none"])
     kinds = [(type(l.mixer).__name__, type(l.ffn).__name__) for l in m.model.layers]
     assert kinds == [("LSTM", "SwiGLU"), ("Attention", "NoneType"), ("LSTM", "SwiGLU"), ("Attention", "NoneType")]
+
+
+def test_a_model_keeps_its_validated_spec_and_a_loaded_config_validates_once(tmp_path, monkeypatch):
+    """from_spec keeps the spec object (no second validation); a loaded config.json is validated once, and setting a
+    saved field validates the new fields on the next read."""
+    from zoo.layers import AttentionConfig
+
+    spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 2, "blocks": ["attention"], "vocab_size": 50})
+    calls = []
+    validate = AttentionConfig.validate
+    monkeypatch.setattr(AttentionConfig, "validate", lambda self, d_model: calls.append(d_model) or validate(self, d_model))
+    m = ZooForCausalLM.from_spec(spec, eos_token_id=0)
+    assert calls == [] and m.config.model_config() == spec and m.config.eos_token_id == 0
+    assert "_validated_spec" not in m.config.to_dict()
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(calls) == 1 and loaded.config.model_config() == spec
+    loaded.config.module_args = {"attention": {"n_heads": 2}}
+    assert loaded.config.model_config().args_for("attention").n_heads == 2 and len(calls) == 2
 
 
 def test_save_load_with_auto_classes(tmp_path):

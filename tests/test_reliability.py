@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.checkpoints import (
-    PREEMPTED_EXIT_CODE, AtomicCheckpointIO, CheckpointError, NonFiniteError, ResumableBatchSampler, atomic_directory,
+from zoo.reliability import (
+    PREEMPTED_EXIT_CODE, AtomicCheckpointIO, CheckpointError, NonFiniteError, atomic_directory,
     checkpoint_files, ensure_writable_dir, find_resume_point, load_checkpoint_file, trim_metrics,
 )
 from zoo.config import ModelConfig
+from zoo.data import ResumableBatchSampler
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
 from zoo.modeling import ZooConfig, ZooForCausalLM
@@ -99,7 +100,7 @@ def test_sigterm_then_sigkill_then_resume_auto_matches_uninterrupted_run(workdir
 def test_sigterm_keeps_the_validation_of_its_step(workdir, reference, monkeypatch, signal_step):
     """SIGTERM during step N saves after N's validation when one follows, so the resumed run's metrics.csv (val rows
     included) equals the uninterrupted run's."""
-    from zoo.checkpoints import PreemptedError
+    from zoo.reliability import PreemptedError
 
     run = workdir / f"sigterm-at-{signal_step}"
     original = ZooLightningModule.training_step
@@ -230,10 +231,10 @@ def test_sampler_resumes_mid_epoch_and_shards_ranks():
 
 def _inject_nan(monkeypatch, bad_steps: set[int], seen: list):
     """Make the LM loss NaN on the given (1-based) optimizer steps; record (step, params, Adam moments) per call."""
-    original = ZooLightningModule._lm_loss_and_output
+    original = ZooLightningModule.loss_and_output
 
-    def patched(self, batch):
-        loss, out = original(self, batch)
+    def patched(self, batch, batch_idx=None):
+        loss, out = original(self, batch, batch_idx)
         if not self.training:
             return loss, out
         step = self.trainer.global_step + 1
@@ -242,7 +243,7 @@ def _inject_nan(monkeypatch, bad_steps: set[int], seen: list):
         seen.append((step, [p.detach().clone() for p in self.parameters()], moments, self))
         return (loss * float("nan") if step in bad_steps else loss), out
 
-    monkeypatch.setattr(ZooLightningModule, "_lm_loss_and_output", patched)
+    monkeypatch.setattr(ZooLightningModule, "loss_and_output", patched)
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

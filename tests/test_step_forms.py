@@ -11,7 +11,6 @@ import zoo.kernels.rwkv7 as rwkv7_op
 import zoo.kernels.selective_scan as scan_op
 import zoo.kernels.ssd as ssd_op
 from zoo.layers.ops import conv_window_step, causal_conv
-from zoo.layers.short_conv import depthwise_causal_conv
 
 F64 = torch.float64
 BATCH, H, K, V = 3, 3, 5, 7  # odd sizes
@@ -131,23 +130,20 @@ def test_conv_window_step_equals_conv1d(bias):
     torch.testing.assert_close(conv_window_step(window, weight, b), F.conv1d(window, weight, b, groups=channels), atol=1e-12, rtol=1e-12)
 
 
-def test_causal_convs_decode_token_by_token_as_the_full_conv():
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv_decodes_token_by_token_as_the_full_conv(bias):
+    """One depthwise causal conv serves short conv, conv, Mamba and Mamba-2: the full call is Conv1d over the carried
+    inputs followed by x, and token-by-token calls give the same outputs and the same final state."""
     r = _gen(3)
     channels, taps, T = 7, 4, 6
-    conv = torch.nn.Conv1d(channels, channels, taps, groups=channels).double()
+    conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, bias=bias).double()
     x, prev = r(BATCH, channels, T), r(BATCH, channels, taps - 1)
-    full, last = causal_conv(x, prev, conv)
+    full, last = causal_conv(x, prev, conv.weight, conv.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(full, conv(torch.cat((prev, x), -1)), atol=1e-12, rtol=1e-12)
     state, outs = prev, []
     for t in range(T):
-        y, state = causal_conv(x[:, :, t : t + 1], state, conv)
+        y, state = causal_conv(x[:, :, t : t + 1], state, conv.weight, conv.bias)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, -1), full, atol=1e-12, rtol=1e-12)
-    assert torch.equal(state, last)
-    xt = x.transpose(1, 2)  # depthwise_causal_conv takes [B, T, D]
-    full, last = depthwise_causal_conv(xt, prev, conv.weight, conv.bias)
-    state, outs = prev, []
-    for t in range(T):
-        y, state = depthwise_causal_conv(xt[:, t : t + 1], state, conv.weight, conv.bias)
-        outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-12, rtol=1e-12)
-    assert torch.equal(state, last)
+    assert torch.equal(state, last) and torch.equal(last, torch.cat((prev, x), -1)[:, :, -(taps - 1):])

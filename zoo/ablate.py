@@ -79,10 +79,10 @@ def model_stats(model_cfg: ModelConfig) -> dict[str, int]:
     """Parameter count and per-sequence state sizes (summed over layers) of the model, built on the meta device."""
     import torch
 
-    from zoo.modeling import ZooConfig, ZooForCausalLM
+    from zoo.modeling import ZooForCausalLM
 
     with torch.device("meta"):
-        model = ZooForCausalLM(ZooConfig.from_model_config(model_cfg))
+        model = ZooForCausalLM.from_spec(model_cfg)
     mixers = [layer.mixer for layer in model.model.layers]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),

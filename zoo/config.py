@@ -6,6 +6,7 @@ bounds raise :class:`~zoo.errors.ConfigError` with the full key path); cross-fie
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transformers import PreTrainedConfig
 
+from zoo.compat import AmbiguousGlobalPerLayerAttributeError
 from zoo.errors import ConfigError
 from zoo.layers import FFNS, MIXERS, NORMS
 from zoo.noise import ScheduleName
@@ -365,13 +368,18 @@ class Recipe:
                 raise ConfigError(f"trainer.activation_checkpointing[{i}]", f"block {name!r} is not in model.blocks {self.model.blocks}")
 
     def with_vocab_size(self, n_tokens: int) -> "Recipe":
-        """This recipe, validated again, with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the
-        tokenizer is made, before anything is built); a vocab_size given in the recipe must hold them all."""
+        """This recipe with ``model.vocab_size`` from a tokenizer of ``n_tokens`` ids (set where the tokenizer is made,
+        before anything is built); a vocab_size given in the recipe must hold them all. Only the new value is checked:
+        the rest of the validated spec is kept."""
         if self.model.vocab_size is not None:
             if self.model.vocab_size < n_tokens:
                 raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
             return self
-        return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=n_tokens))
+        if n_tokens < 2:
+            raise ConfigError("model.vocab_size", f"must be >= 2, got {n_tokens} (the tokenizer's tokens)")
+        model = copy.copy(self.model)
+        model.vocab_size = n_tokens
+        return dataclasses.replace(self, model=model)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
@@ -386,3 +394,253 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The spec's Hugging Face form: config.json
+# ------------------------------------------------------------------------------------------------------------------
+
+# ZooConfig field -> ModelConfig key, for the plain keys (the module sections are ``module_args``)
+SPEC_FIELDS = {
+    "d_model": "d_model", "n_layers": "n_layers", "blocks": "blocks", "ffn": "ffn", "vocab_size": "vocab_size",
+    "norm_eps": "norm_eps", "norm": "norm", "embed_norm": "embed_norm", "init_std": "init_std",
+    "tie_word_embeddings": "tie_embeddings", "bidirectional": "bidirectional", "time_conditioning": "time_conditioning",
+}
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A zoo ``config.json``'s fields in today's form, for configs saved by older zoo versions: ``time_conditioning``
+    moves out of ``diffusion`` (where checkpoints before it was a model field kept it), and a module section lacking
+    a key gets its config class's ``SAVED_DEFAULTS`` value (what the config meant before the key existed) instead of
+    the new default; sections of unknown modules are left for validation to name."""
+    out = dict(saved)
+    diffusion = out.get("diffusion")
+    if isinstance(diffusion, dict) and "time_conditioning" in diffusion:
+        diffusion = dict(diffusion)
+        out["time_conditioning"] = bool(out.get("time_conditioning")) or bool(diffusion.pop("time_conditioning"))
+        out["diffusion"] = diffusion
+    module_args = {}
+    for name, args in (out.get("module_args") or {}).items():
+        registry = MIXERS if name in MIXERS else FFNS if name in FFNS else None
+        saved_defaults = getattr(registry.get(name).config_cls, "SAVED_DEFAULTS", {}) if registry is not None else {}
+        module_args[name] = {**saved_defaults, **args} if isinstance(args, dict) else args
+    out["module_args"] = module_args
+    return out
+
+
+def _saved_fields(spec: ModelConfig) -> dict[str, Any]:
+    """The :class:`ZooConfig` fields that save ``spec``."""
+    plain = spec.to_dict()
+    module_args = {name: plain.pop(name) for name in spec.module_args}
+    return {**{field: plain[key] for field, key in SPEC_FIELDS.items()}, "module_args": module_args}
+
+
+class ZooConfig(PreTrainedConfig):
+    """Hugging Face face of :class:`ModelConfig` (``model_type = "zoo"``): the validated spec, kept as the object
+    :meth:`model_config` returns (never saved), and its saved form, the fields below (``config.json``). A config
+    built from a spec (:meth:`from_model_config`) keeps that spec; one loaded from a dict validates it once
+    (after :func:`upgrade`); setting a field drops the kept spec, so the next read validates the new fields."""
+
+    model_type = "zoo"
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers"}
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    d_model: int = 256
+    n_layers: int = 4
+    blocks: list | None = None
+    ffn: str | list = "swiglu"
+    vocab_size: int = 259
+    norm_eps: float = 1e-5
+    norm: str = "rmsnorm"  # zoo.layers.NORMS; checkpoints saved before the key existed used RMSNorm
+    embed_norm: bool = False
+    init_std: float = 0.02
+    module_args: dict | None = None
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    bidirectional: bool = False  # every layer sees the whole sequence (a denoiser): see SequenceMixer.bidirectional
+    time_conditioning: bool = False  # adaLN-Zero conditioning on a diffusion time (see ZooModel)
+    mask_token_id: int | None = None
+    diffusion: dict | None = None  # masked-diffusion objective and sampler settings (DiffusionConfig)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self, spec: ModelConfig | None = None, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if spec is None:
+            fields = ("module_args", "diffusion", "time_conditioning")
+            for key, value in upgrade({key: getattr(self, key) for key in fields}).items():
+                setattr(self, key, value)
+            spec = self.model_config()  # a bad value is a ConfigError naming its field (config.<key>) here
+        self.set_model_config(spec)  # the saved fields in their complete form
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if self.attribute_map.get(name, name) in (*SPEC_FIELDS, "module_args"):
+            self.__dict__.pop("_validated_spec", None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved form; fields edited in place (``config.module_args[...][...] = ...``) are validated here."""
+        out = super().to_dict()
+        spec = out.pop("_validated_spec", None)
+        if spec is not None and any(out.get(key) != value for key, value in _saved_fields(spec).items()):
+            self.__dict__.pop("_validated_spec")
+            self.model_config()
+        return out
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, **kwargs: Any) -> "ZooConfig":
+        """The config of the validated spec ``model`` (kept, not validated again); ``kwargs``: other fields (token ids)."""
+        if model.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building a model")
+        return cls(**_saved_fields(model), spec=copy.deepcopy(model), **kwargs)
+
+    def model_config(self) -> ModelConfig:
+        """The validated zoo model spec this config describes: what :class:`~zoo.modeling.ZooModel` builds from."""
+        spec = self.__dict__.get("_validated_spec")
+        if spec is None:
+            plain = {key: getattr(self, field) for field, key in SPEC_FIELDS.items()}
+            plain["blocks"] = list(self.blocks or ["attention"])
+            spec = self.__dict__["_validated_spec"] = ModelConfig.from_dict({**plain, **(self.module_args or {})}, "config")
+        return spec
+
+    def set_model_config(self, spec: ModelConfig) -> None:
+        """Describe the validated ``spec`` from now on (its saved fields follow)."""
+        for field, value in _saved_fields(spec).items():
+            setattr(self, field, value)
+        self.__dict__["_validated_spec"] = spec
+
+    # transformers' standard attributes (``_DERIVED`` below), derived from the validated spec on every read, so they
+    # always describe the model the config builds and are never saved: the spec is. Setting one to another value
+    # raises (change the spec key named in the message instead).
+
+    def _spec(self) -> ModelConfig:
+        if not self.__dict__.get("_post_init_done"):
+            raise AttributeError("ZooConfig: the standard attributes are derived once the config is built")
+        return self.model_config()
+
+    def _layer_values(self, name: str) -> list[Any]:
+        """Each layer's value of the standard attribute ``name`` (``intermediate_size``: its FFN's hidden size)."""
+        spec = self._spec()
+        if name == "layer_types":
+            return [_layer_type(spec, block) for block in spec.layer_blocks()]
+        return [0 if ffn == "none" else spec.args_for(ffn).resolved_hidden_size(spec.d_model) for ffn in spec.layer_ffns()]
+
+    def _attention_values(self) -> dict[str, Any]:
+        """The attention layers' heads, KV heads, head size and RoPE base, as their block class gives them
+        (``hf_attributes``): zero heads and None for a model without attention."""
+        spec = self._spec()
+        values = {}
+        for block in sorted(set(spec.layer_blocks())):
+            attributes = getattr(MIXERS.get(block).cls, "hf_attributes", None)
+            if attributes is not None:
+                values[block] = attributes(spec.args_for(block), spec.d_model)
+        if not values:
+            return {"num_attention_heads": 0, "num_key_value_heads": 0, "head_dim": None, "rope_theta": None}
+        first = next(iter(values.values()))
+        if any(v != first for v in values.values()):
+            raise ValueError(f"ZooConfig: the attention blocks {sorted(values)} differ in heads or RoPE; transformers' attributes describe one kind")
+        return first
+
+    def _per_layer(self, name: str) -> Any:
+        """The layer's own value in a per-layer view, else the one value every layer has; layers that differ make
+        the global read ambiguous, as transformers' heterogeneous configs do."""
+        values = self._layer_values(name)
+        layer = self.__dict__.get("_zoo_layer_idx")
+        if layer is not None:
+            return values[layer]
+        if any(v != values[0] for v in values):
+            raise AmbiguousGlobalPerLayerAttributeError(
+                f"'{name}' differs across layers ({values}): read config.per_layer_config[i].{name} instead"
+            )
+        return values[0]
+
+    @property
+    def is_heterogeneous(self) -> bool:
+        """True when a standard attribute differs across layers (the FFN pattern mixes hidden sizes). False for a spec
+        that does not validate: transformers asks while saving or listing keys, and building the model names the error."""
+        if "_zoo_layer_idx" in self.__dict__:
+            return False
+        try:
+            return len(set(self._layer_values("intermediate_size"))) > 1
+        except (ConfigError, AttributeError):
+            return False
+
+    @property
+    def per_layer_attributes(self) -> set[str] | None:
+        return {"intermediate_size"} if self.is_heterogeneous else None
+
+    @property
+    def per_layer_config(self) -> list["ZooConfig"]:
+        """Each layer's view of this config, whose attributes are that layer's (transformers' per-layer form)."""
+        views = []
+        for i in range(self.n_layers):
+            view = copy.copy(self)
+            view.__dict__["_zoo_layer_idx"] = i
+            views.append(view)
+        return views
+
+    def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
+        d.pop("_zoo_layer_idx", None)  # nothing per layer is saved: the spec (blocks, ffn, module sections) says it
+
+
+def _derived(name: str, spec_key: str, read: Any, doc: str) -> property:
+    """A standard attribute read from the spec; setting another value raises, naming the spec key to change."""
+
+    def refuse_change(config: ZooConfig, value: Any) -> None:
+        if value != read(config):
+            raise ValueError(f"ZooConfig.{name} is derived from the model spec ({spec_key}); change that key instead of setting {name}={value!r}")
+
+    return property(read, refuse_change, doc=doc)
+
+
+_DERIVED = {
+    "layer_types": ("blocks", lambda c: c._layer_values("layer_types"),
+                    "Each layer's kind in transformers' names (``full_attention``, ``linear_attention`` for a recurrent "
+                    "state, ``conv``, ``hybrid`` for attention behind a short convolution), tiled to ``n_layers``."),
+    "num_attention_heads": ("attention.n_heads", lambda c: c._attention_values()["num_attention_heads"],
+                            "Query heads of every attention layer; 0: the model has no attention."),
+    "num_key_value_heads": ("attention.n_kv_heads", lambda c: c._attention_values()["num_key_value_heads"],
+                            "Key/value heads of every attention layer (GQA); 0 without attention."),
+    "head_dim": ("attention.head_dim", lambda c: c._attention_values()["head_dim"],
+                 "Size of one attention head (``head_dim``, else ``d_model / n_heads``); None without attention."),
+    "rope_theta": ("attention.rope_theta", lambda c: c._attention_values()["rope_theta"],
+                   "RoPE base of the attention layers; None without attention."),
+    "intermediate_size": ("the FFN section's hidden_size", lambda c: c._per_layer("intermediate_size"),
+                          "Hidden size of the layers' FFN (an MoE's: each expert's; 0: no FFN); per layer when the FFN "
+                          "pattern mixes sizes (``per_layer_config[i].intermediate_size``)."),
+    "max_position_embeddings": ("none: zoo models have no position limit", lambda c: None,
+                                "None: no block has a position limit (RoPE and recurrent states extend to any length)."),
+}
+for _name, (_key, _read, _doc) in _DERIVED.items():
+    setattr(ZooConfig, _name, _derived(_name, _key, _read, _doc))
+
+
+def _layer_type(spec: ModelConfig, block: str) -> str:
+    """transformers' ``layer_types`` name of a layer of ``block``: its class's, ``hybrid`` for attention behind a
+    short convolution (a KV cache and a convolution state)."""
+    layer_type = MIXERS.get(block).cls.layer_type
+    return "hybrid" if layer_type == "full_attention" and spec.short_conv.get(block, 0) else layer_type
+
+
+REQUIRED_CONFIG_KEYS = ("model_type", "d_model", "n_layers", "vocab_size")  # saved by every zoo checkpoint
+
+
+def check_config_file(directory: Path) -> dict[str, Any]:
+    """The ``config.json`` of a zoo checkpoint directory as a dict; a ConfigError names a missing file, invalid
+    JSON, a missing :data:`REQUIRED_CONFIG_KEYS` key or a bad value (``config.<key>``)."""
+    import json
+
+    file = directory / "config.json"
+    if not file.is_file():
+        raise ConfigError("config.json", f"{directory} holds no config.json; a zoo checkpoint directory is written by zoo.train (<output_dir>/hf) or zoo.convert")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("config.json", f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config.json", f"{file} must hold a JSON object, got {type(data).__name__}")
+    if data.get("model_type", ZooConfig.model_type) != ZooConfig.model_type:
+        raise ConfigError("config.model_type", f"{file} describes a {data['model_type']!r} model, not a zoo model; convert it: python -m zoo.convert {directory} OUT_DIR")
+    for key in REQUIRED_CONFIG_KEYS:
+        if key not in data:
+            raise ConfigError(f"config.{key}", f"missing from {file}; every zoo checkpoint's config.json has it")
+    return data

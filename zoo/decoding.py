@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from zoo.errors import ZooError
-from zoo.layers import MoE, map_state
+from zoo.layers import map_state
+from zoo.layers.moe import discard_router_stats
 from zoo.modeling import ZooCache
 
 
@@ -66,7 +67,6 @@ class StaticDecoder:
         self.model = model
         self.max_length = max_length
         self.cuda_graph = cuda_graph
-        self.moe_modules = [m for m in model.modules() if isinstance(m, MoE)]
         self.states: list[Any] = []
         self.input_ids: torch.Tensor | None = None  # [B, 1] the token a step reads
         self.logits: torch.Tensor | None = None  # [B, V] fp32, what a step writes
@@ -81,8 +81,7 @@ class StaticDecoder:
             raise ZooError(f"StaticDecoder: the prompt has {P} tokens, max_length is {self.max_length}: no room to generate")
         cache = ZooCache(len(self.model.model.layers))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
-        layers = self.model.model.layers
-        self.states = [layer.static_state(state, self.max_length) for layer, state in zip(layers, cache.states)]
+        self.states = self.model.model.static_states(cache.states, self.max_length)
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
         last_logits = out.logits[:, -1].float()  # [B, V]
         self.logits = last_logits.clone()
@@ -93,13 +92,10 @@ class StaticDecoder:
         """One token for every row: reads ``self.input_ids``, updates the state buffers, writes ``self.logits``."""
         model = self.model.model
         hidden = model.normed_embeddings(model.embed(self.input_ids))  # [B, 1, D]
-        shared: dict[str, torch.Tensor] = {}  # this step's cross-layer tensors (see zoo.modeling.assign_shared_roles)
-        for layer, state in zip(model.layers, self.states):
-            hidden, new_state = layer(hidden, state, shared=shared)
-            copy_state_(state, new_state)
+        hidden, states = model._run_layers(hidden, self.states)
+        copy_state_(self.states, states)  # a static KV cache was written in place; other states are copied
         self.logits.copy_(self.model.lm_head(model.norm(hidden))[:, -1].float())
-        for moe in self.moe_modules:
-            moe.discard_stats()
+        discard_router_stats(model.layers)
 
     def _capture(self) -> Any:
         """Warm up (then restore the states) and capture one step in a CUDA graph."""

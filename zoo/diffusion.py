@@ -1,5 +1,7 @@
 """Masked (absorbing-state) discrete diffusion, as in MDLM (Sahoo et al. 2024): noise schedules, the continuous-time
-NELBO (noise schedules in :mod:`zoo.noise`), the Lightning module that trains a :class:`~zoo.modeling.ZooForMaskedLM` with it, and the ancestral sampler.
+NELBO (noise schedules in :mod:`zoo.noise`) and the ancestral sampler of a :class:`~zoo.modeling.ZooForMaskedLM`. The
+Lightning module that trains with it is :class:`zoo.training.DiffusionLightningModule`; nothing here imports Lightning,
+so sampling a checkpoint does not.
 
 At time ``t`` in [0, 1] each token is kept with probability ``alpha_t`` and replaced by the mask token otherwise.
 The denoiser predicts the clean tokens (SUBS parametrization: never the mask token). The negative ELBO per sequence
@@ -15,10 +17,8 @@ from transformers.utils import ModelOutput
 
 from zoo.config import DiffusionConfig, DiffusionSamplingConfig
 from zoo.errors import ZooError
-from zoo.modeling import ZooConfig, ZooForMaskedLM
 from zoo.noise import NoiseSchedule
-from zoo.training import ZooLightningModule
-from zoo.typed import build, to_dict
+from zoo.typed import build
 
 
 def sample_times(batch_size: int, t_min: float, antithetic: bool = True, generator: torch.Generator | None = None,
@@ -68,49 +68,6 @@ def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSche
     return weighted.sum() / max(n_tokens, 1), out
 
 
-class DiffusionLightningModule(ZooLightningModule):
-    """Trains a :class:`ZooForMaskedLM` on the masked-diffusion NELBO; shares the optimizer and scheduler with the
-    causal module. ``val_loss`` is the NELBO per token on the same validation windows the causal recipes score
-    (their targets, ``window[1:]``), with times and masks drawn from a fixed seed per batch so steps compare."""
-
-    def __init__(self, recipe, special_tokens: dict[str, int] | None = None):
-        if (special_tokens or {}).get("mask_token_id") is None:
-            raise ZooError("objective: diffusion needs a tokenizer with a mask token (mask_token_id)")
-        self.diffusion = recipe.diffusion
-        super().__init__(recipe, special_tokens)
-        self.schedule = NoiseSchedule(self.diffusion.schedule, self.diffusion.eps)
-        self.mask_id = self.model.config.mask_token_id
-
-    def build_model(self, config: ZooConfig) -> ZooForMaskedLM:
-        settings = to_dict(self.diffusion)
-        settings["sampling"]["context_length"] = settings["sampling"]["context_length"] or self.recipe.data.seq_len
-        config.diffusion = settings
-        return ZooForMaskedLM(config)
-
-    def metric_columns(self) -> list[str]:
-        return self.router_columns()
-
-    def _nelbo(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
-        if not isinstance(batch, torch.Tensor):
-            raise ZooError("objective: diffusion trains on packed text windows; this data source yields (inputs, targets) pairs")
-        x = batch[:, 1:]  # [B, T]: the tokens a causal model predicts from these windows
-        t = sample_times(x.shape[0], self.diffusion.t_min, self.diffusion.antithetic, generator, x.device)
-        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        loss, out = self._nelbo(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        if not self.moe_layers:
-            return loss
-        # MoE: optimize the NELBO + router losses; train_loss stays the NELBO, comparable with val_loss.
-        self.log_router_metrics(out)
-        return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
-
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        generator = torch.Generator(device=batch.device).manual_seed(self.recipe.seed * 100003 + batch_idx)
-        self.log("val_loss", self._nelbo(batch, generator)[0], prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Sampling
 # ------------------------------------------------------------------------------------------------------------------
@@ -120,7 +77,7 @@ def diffusion_config(model: PreTrainedModel) -> DiffusionConfig:
     """The typed diffusion settings a :class:`ZooForMaskedLM` was trained with."""
     if getattr(model.config, "diffusion", None) is None:
         raise ZooError(f"{type(model).__name__} has no diffusion settings in its config (config.diffusion); not a ZooForMaskedLM?")
-    settings = {k: v for k, v in model.config.diffusion.items() if k != "time_conditioning"}  # a model field since 0.1
+    settings = {k: v for k, v in model.config.diffusion.items() if k != "time_conditioning"}  # a model field, saved here by old configs
     return build(DiffusionConfig, settings, "config.diffusion")
 
 

@@ -10,7 +10,7 @@ before the model is built (Lightning's own ``setup_environment`` call in ``fit``
 - makes the tokenizer once per shared cache, or once per node on node-local caches (the others wait at a barrier),
   and sets the data module's ``prepare_data_per_node`` the same way for Lightning's ``prepare_data`` (tokenization);
 - takes ``resume=auto``'s choice from global rank 0, so every rank resumes from the same step; on node-local output
-  directories global rank 0 reads the checkpoint and broadcasts it (:class:`zoo.checkpoints.AtomicCheckpointIO`).
+  directories global rank 0 reads the checkpoint and broadcasts it (:class:`zoo.reliability.AtomicCheckpointIO`).
 """
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def coordinate(trainer: L.Trainer | None, data, output_dir: Path, num_nodes: int
 
 
 def agree_on_resume(trainer: L.Trainer, layout: Layout, output_dir: Path, resume: str | None):
-    """The :class:`~zoo.checkpoints.ResumePoint` every rank resumes from: global rank 0's when the ranks are
+    """The :class:`~zoo.reliability.ResumePoint` every rank resumes from: global rank 0's when the ranks are
     coordinated (a node-local ``output_dir`` holds checkpoints on rank 0's machine only); on a node-local
     ``output_dir`` the checkpoint is then read by rank 0 and broadcast."""
-    from zoo.checkpoints import CheckpointError, find_resume_point
+    from zoo.reliability import CheckpointError, find_resume_point
 
     if not layout.coordinated:
         return find_resume_point(output_dir, resume) if resume else None

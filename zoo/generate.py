@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         path = resolve_checkpoint(args.checkpoint)
         import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
-        from zoo.modeling import check_config_file
+        from zoo.config import check_config_file
 
         check_config_file(path)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer

@@ -97,66 +97,61 @@ def check_resume_fits(recipe: Recipe, resume) -> None:
         )
 
 
-def train(recipe: Recipe) -> dict:
-    """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
+def build_trainer(recipe: Recipe, out: Path):
+    """``(make_trainer, metrics)``: the Trainer's callbacks, loggers and precision plugin are built (and checked) now,
+    the Trainer itself when ``make_trainer()`` is called."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from zoo.checkpoints import (
-        AtomicCheckpointIO, CheckpointError, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint, ensure_writable_dir,
-        trim_metrics,
-    )
-    from zoo.data import ZooDataModule
-    from zoo.distributed import agree_on_resume, coordinate, launched_by_cluster
-    from zoo.errors import ConfigError
     from zoo.precision import precision_plugin, resolve_precision
-    from zoo.training import MetricsCSV, ZooLightningModule, export_hf
+    from zoo.reliability import AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint
+    from zoo.training import MetricsCSV
 
-    check_strategy(recipe)
-    if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
-        raise ConfigError("output_dir", f"'{recipe.output_dir}' is a file; expected a directory (made if missing)")
-    out = Path(recipe.output_dir)
-    data = ZooDataModule(recipe.data, seed=recipe.seed)
-    trainer_cfg = recipe.trainer
-    metrics = MetricsCSV(out / "metrics.csv", trainer_cfg.log_every, ["nonfinite_skips"] if trainer_cfg.nonfinite == "skip" else [])
+    cfg = recipe.trainer
+    metrics = MetricsCSV(out / "metrics.csv", cfg.log_every, ["nonfinite_skips"] if cfg.nonfinite == "skip" else [])
     # After every validation (so its metrics row is in the checkpoint); the 2 latest are kept, so resume=auto can fall
     # back to the older one when the newer is unreadable.
     checkpoint = ModelCheckpoint(
         dirpath=out / "ckpt", filename="step-{step:07d}", auto_insert_metric_name=False,
         save_on_train_epoch_end=False, save_top_k=2, monitor="step", mode="max",
     )
-    nonfinite = NonFiniteGuard(trainer_cfg.nonfinite, trainer_cfg.max_nonfinite_skips)
+    nonfinite = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite_skips)
     loggers = make_loggers(recipe, out)
-    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
-    amp = precision_plugin(precision, trainer_cfg.accelerator, trainer_cfg.strategy)
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    amp = precision_plugin(precision, cfg.accelerator, cfg.strategy)
 
     def make_trainer() -> L.Trainer:
         return L.Trainer(
-            max_steps=trainer_cfg.max_steps,
-            accelerator=trainer_cfg.accelerator,
-            devices=trainer_cfg.devices,
-            num_nodes=trainer_cfg.num_nodes,
-            strategy=trainer_cfg.strategy,
+            max_steps=cfg.max_steps,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
             precision=None if amp else precision,
-            gradient_clip_val=trainer_cfg.grad_clip or None,
-            accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
-            val_check_interval=trainer_cfg.val_every * trainer_cfg.accumulate_grad_batches,
+            gradient_clip_val=cfg.grad_clip or None,
+            accumulate_grad_batches=cfg.accumulate_grad_batches,
+            val_check_interval=cfg.val_every * cfg.accumulate_grad_batches,
             check_val_every_n_epoch=None,
             num_sanity_val_steps=0,
             logger=loggers or False,
-            log_every_n_steps=trainer_cfg.log_every,
-            callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", trainer_cfg.val_every), checkpoint],
+            log_every_n_steps=cfg.log_every,
+            callbacks=[metrics, RNGStateCheckpoint(), nonfinite, PreemptionCheckpoint(out / "ckpt", cfg.val_every), checkpoint],
             plugins=[AtomicCheckpointIO(), *([amp] if amp else [])],
             use_distributed_sampler=False,  # ZooDataModule's resumable sampler shards batches across ranks itself
-            enable_progress_bar=trainer_cfg.progress_bar,
+            enable_progress_bar=cfg.progress_bar,
             default_root_dir=str(out),
         )
 
-    # Under a launcher that starts every process (torchrun, srun) the ranks agree on directories, tokenizer and resume
-    # point before the checks below; one process checks first, so a refused run prints nothing of Lightning's.
-    trainer = make_trainer() if launched_by_cluster() else None
-    layout = coordinate(trainer, data, out, trainer_cfg.num_nodes)
+    return make_trainer, metrics
+
+
+def check_inputs(recipe: Recipe, trainer, layout, data, out: Path):
+    """``(recipe with its vocabulary size, tokenizer, resume point or None)``, every input checked: the resume point
+    (agreed by all ranks), the checkpoint's recipe, the fine-tuning base and the data source."""
+    from zoo.distributed import agree_on_resume
+    from zoo.errors import ConfigError
+    from zoo.reliability import CheckpointError
+
     try:
         resume = agree_on_resume(trainer, layout, out, recipe.resume)
     except CheckpointError as err:
@@ -170,6 +165,118 @@ def train(recipe: Recipe) -> dict:
 
         check_compatible(recipe, tokenizer)
     data.check_source()
+    return recipe, tokenizer, resume
+
+
+def build_module(recipe: Recipe, tokenizer):
+    """The LightningModule of the recipe's objective: diffusion, LoRA fine-tuning or causal LM."""
+    special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if recipe.objective == "diffusion":
+        from zoo.training import DiffusionLightningModule
+
+        return DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
+    if recipe.finetune is not None:
+        from zoo.finetune import LoRALightningModule
+
+        return LoRALightningModule(recipe, special)
+    from zoo.training import ZooLightningModule
+
+    return ZooLightningModule(recipe, special)
+
+
+def write_run_files(recipe: Recipe, trainer, out: Path, metrics_path: Path, resume) -> None:
+    """Global rank 0's start of a run: ``recipe.yaml``, the loggers' hyperparameters, ``metrics.csv`` removed (a
+    fresh run) or trimmed to the resume step."""
+    from zoo.reliability import trim_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    for logger in trainer.loggers:
+        logger.log_hyperparams(recipe.to_dict())
+    if resume is None:
+        metrics_path.unlink(missing_ok=True)
+    else:
+        trim_metrics(metrics_path, resume.step)
+        print(f"zoo.train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
+
+
+def fit(recipe: Recipe, trainer, module, data, resume, metrics) -> float:
+    """Train (then validate once more if the last step was not a validation step); returns the seconds taken."""
+    import torch
+
+    if recipe.trainer.compile:
+        module.model = torch.compile(module.model)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # Lightning cannot see that ZooDataModule's sampler resumes mid-epoch (it is restored through the datamodule).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume.path) if resume else None)  # SIGTERM: PreemptedError
+    if trainer.global_step % recipe.trainer.val_every:
+        trainer.validate(module, datamodule=data, verbose=False)
+    metrics.close()
+    return time.perf_counter() - start
+
+
+def finish(recipe: Recipe, trainer, module, data, tokenizer, out: Path, seconds: float) -> dict:
+    """Global rank 0's end of a run: the export (``hf/``, or ``adapter/`` for LoRA) and ``summary.json``."""
+    from zoo.training import export_hf
+
+    model = module.model._orig_mod if recipe.trainer.compile else module.model
+    if recipe.finetune is not None:
+        from zoo.finetune import save_adapter
+
+        export_dir = save_adapter(model, tokenizer, out / "adapter")
+    else:
+        export_dir = export_hf(model, tokenizer, out / "hf")
+    stats = data.stats()
+    val_loss = float(trainer.callback_metrics["val_loss"])
+    train_loss = trainer.callback_metrics.get("train_loss")
+    summary = {
+        "recipe": recipe.name,
+        "steps": trainer.global_step,
+        "seconds": round(seconds, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_loss": float(train_loss) if train_loss is not None else None,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        **({"val_acc": float(trainer.callback_metrics["val_acc"])} if "val_acc" in trainer.callback_metrics else {}),
+        "unigram_entropy": stats.unigram_entropy,
+        "tokens_per_s": trainer.global_step * recipe.data.batch_size * recipe.data.seq_len * trainer.world_size
+        * recipe.trainer.accumulate_grad_batches / seconds,
+        "train_tokens_in_corpus": stats.train_tokens,
+        "hf_dir": str(export_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"zoo.train: {recipe.name}: {summary['steps']} steps in {seconds:.0f}s, val_loss {val_loss:.4f} nats "
+        f"(ppl {summary['val_ppl']:.2f}; unigram entropy {stats.unigram_entropy:.4f}), "
+        f"{summary['tokens_per_s']:.0f} tokens/s; Hugging Face export in {export_dir}"
+    )
+    return summary
+
+
+def train(recipe: Recipe) -> dict:
+    """Train ``recipe``; returns the run summary (also written to ``<output_dir>/summary.json``; ``{}`` on ranks
+    other than global rank 0)."""
+    import lightning as L
+    import torch
+
+    from zoo.data import ZooDataModule
+    from zoo.distributed import coordinate, launched_by_cluster
+    from zoo.errors import ConfigError
+    from zoo.reliability import ensure_writable_dir
+
+    check_strategy(recipe)
+    if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
+        raise ConfigError("output_dir", f"'{recipe.output_dir}' is a file; expected a directory (made if missing)")
+    out = Path(recipe.output_dir)
+    data = ZooDataModule(recipe.data, seed=recipe.seed)
+    make_trainer, metrics = build_trainer(recipe, out)
+    # Under a launcher that starts every process (torchrun, srun) the ranks agree on directories, tokenizer and resume
+    # point before the checks below; one process checks first, so a refused run prints nothing of Lightning's.
+    trainer = make_trainer() if launched_by_cluster() else None
+    layout = coordinate(trainer, data, out, recipe.trainer.num_nodes)
+    recipe, tokenizer, resume = check_inputs(recipe, trainer, layout, data, out)
     # Every input is checked: only now is the run directory made.
     out = ensure_writable_dir(recipe.output_dir)
     trainer = trainer or make_trainer()
@@ -178,73 +285,11 @@ def train(recipe: Recipe) -> dict:
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if recipe.objective == "diffusion":
-        from zoo.diffusion import DiffusionLightningModule
-
-        module = DiffusionLightningModule(recipe, {**special, "mask_token_id": tokenizer.mask_token_id})
-    elif recipe.finetune is not None:
-        from zoo.finetune import LoRALightningModule
-
-        module = LoRALightningModule(recipe, special)
-    else:
-        module = ZooLightningModule(recipe, special)
-
+    module = build_module(recipe, tokenizer)
     if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-        for logger in trainer.loggers:
-            logger.log_hyperparams(recipe.to_dict())
-        if resume is None:
-            metrics.path.unlink(missing_ok=True)
-        else:
-            trim_metrics(metrics.path, resume.step)
-            print(f"zoo.train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
-    if trainer_cfg.compile:
-        module.model = torch.compile(module.model)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        # Lightning cannot see that ZooDataModule's sampler resumes mid-epoch (it is restored through the datamodule).
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume.path) if resume else None)  # SIGTERM: PreemptedError
-    if trainer.global_step % trainer_cfg.val_every:
-        trainer.validate(module, datamodule=data, verbose=False)
-    metrics.close()
-    seconds = time.perf_counter() - start
-    summary = {}
-    if trainer.is_global_zero:
-        model = module.model._orig_mod if trainer_cfg.compile else module.model
-        if recipe.finetune is not None:
-            from zoo.finetune import save_adapter
-
-            export_dir = save_adapter(model, tokenizer, out / "adapter")
-        else:
-            export_dir = export_hf(model, tokenizer, out / "hf")
-        stats = data.stats()
-        val_loss = float(trainer.callback_metrics["val_loss"])
-        train_loss = trainer.callback_metrics.get("train_loss")
-        summary = {
-            "recipe": recipe.name,
-            "steps": trainer.global_step,
-            "seconds": round(seconds, 1),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "train_loss": float(train_loss) if train_loss is not None else None,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss),
-            **({"val_acc": float(trainer.callback_metrics["val_acc"])} if "val_acc" in trainer.callback_metrics else {}),
-            "unigram_entropy": stats.unigram_entropy,
-            "tokens_per_s": trainer.global_step * recipe.data.batch_size * recipe.data.seq_len * trainer.world_size
-            * trainer_cfg.accumulate_grad_batches / seconds,
-            "train_tokens_in_corpus": stats.train_tokens,
-            "hf_dir": str(export_dir),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            f"zoo.train: {recipe.name}: {summary['steps']} steps in {seconds:.0f}s, val_loss {val_loss:.4f} nats "
-            f"(ppl {summary['val_ppl']:.2f}; unigram entropy {stats.unigram_entropy:.4f}), "
-            f"{summary['tokens_per_s']:.0f} tokens/s; Hugging Face export in {export_dir}"
-        )
-    return summary
+        write_run_files(recipe, trainer, out, metrics.path, resume)
+    seconds = fit(recipe, trainer, module, data, resume, metrics)
+    return finish(recipe, trainer, module, data, tokenizer, out, seconds) if trainer.is_global_zero else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(recipe.to_yaml(), end="")
             return 0
-        from zoo.checkpoints import PREEMPTED_EXIT_CODE, PreemptedError
+        from zoo.reliability import PREEMPTED_EXIT_CODE, PreemptedError
 
         try:
             train(recipe)

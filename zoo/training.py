@@ -1,4 +1,4 @@
-"""Lightning pieces: the LightningModule, the metrics.csv writer, and the Hugging Face export."""
+"""Lightning pieces: the causal and masked-diffusion LightningModules, the metrics.csv writer, and the Hugging Face export."""
 from __future__ import annotations
 
 import csv
@@ -11,13 +11,17 @@ import lightning as L
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from zoo.checkpoints.io import atomic_directory
-from zoo.checkpoints.resume import RECIPE_KEY
+from zoo.reliability.io import atomic_directory
+from zoo.reliability.resume import RECIPE_KEY
 from zoo.config import Recipe
-from zoo.layers import MoE
-from zoo.modeling import ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
+from zoo.diffusion import diffusion_nelbo, sample_times
+from zoo.errors import ZooError
+from zoo.layers.moe import moe_modules
+from zoo.modeling import ZooConfig, ZooForCausalLM, ZooForMaskedLM, causal_lm_loss, set_activation_checkpointing
+from zoo.noise import NoiseSchedule
 from zoo.precision import resolve_fused
 from zoo.synthetic import answer_accuracy, no_recall_floor
+from zoo.typed import to_dict
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float, name: str) -> float:
@@ -47,7 +51,7 @@ class ZooLightningModule(L.LightningModule):
         config = ZooConfig.from_model_config(recipe.model, **(special_tokens or {}))
         self.model = self.build_model(config)
         set_activation_checkpointing(self.model, recipe.trainer.activation_checkpointing)
-        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, MoE)]
+        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers) if moe_modules([layer])]
         self._val_acc_floor: float | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -94,21 +98,20 @@ class ZooLightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def _lm_loss_and_output(self, batch: torch.Tensor):
+    def loss_and_output(self, batch, batch_idx: int | None = None) -> tuple[torch.Tensor, Any]:
+        """The objective's loss on ``batch`` and the model output it came from (a training step adds its MoE router
+        loss). ``batch_idx`` is given on validation batches (an objective that draws noise fixes it from there)."""
         inputs, targets = split_batch(batch)  # [B, T] each
         out = self.model(input_ids=inputs, use_cache=False)
         return causal_lm_loss(out.logits, targets), out
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._lm_loss_and_output(batch)[0]
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        loss, out = self._lm_loss_and_output(batch)
+        loss, out = self.loss_and_output(batch)
         self.log("train_loss", loss, prog_bar=True)
         self._log_answer_accuracy("train_acc", out.logits.detach(), batch)
         if not self.moe_layers:
             return loss
-        # MoE: optimize LM + router losses; train_loss stays the LM loss, comparable with val_loss.
+        # MoE: optimize the objective + router losses; train_loss stays the objective's, comparable with val_loss.
         self.log_router_metrics(out)
         return {"loss": loss + out.router_loss, "lm_loss": loss.detach()}
 
@@ -124,7 +127,7 @@ class ZooLightningModule(L.LightningModule):
                 self.log(f"moe/load_max_over_mean/layer{i}", r)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss, out = self._lm_loss_and_output(batch)
+        loss, out = self.loss_and_output(batch, batch_idx)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=split_batch(batch)[0].shape[0])
         self._log_answer_accuracy("val_acc", out.logits, batch, prog_bar=True, sync_dist=True)
 
@@ -149,6 +152,40 @@ class ZooLightningModule(L.LightningModule):
             optimizer, lambda step: lr_lambda(step, sched.warmup_steps, max_steps, sched.min_lr_ratio, sched.name)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DiffusionLightningModule(ZooLightningModule):
+    """Trains a :class:`ZooForMaskedLM` on the masked-diffusion NELBO (:mod:`zoo.diffusion`); shares the steps, the
+    optimizer and the scheduler with the causal module. ``val_loss`` is the NELBO per token on the same validation
+    windows the causal recipes score (their targets, ``window[1:]``), with times and masks drawn from a fixed seed per
+    batch so steps compare."""
+
+    def __init__(self, recipe: Recipe, special_tokens: dict[str, int] | None = None):
+        if (special_tokens or {}).get("mask_token_id") is None:
+            raise ZooError("objective: diffusion needs a tokenizer with a mask token (mask_token_id)")
+        self.diffusion = recipe.diffusion
+        super().__init__(recipe, special_tokens)
+        self.schedule = NoiseSchedule(self.diffusion.schedule, self.diffusion.eps)
+        self.mask_id = self.model.config.mask_token_id
+
+    def build_model(self, config: ZooConfig) -> ZooForMaskedLM:
+        settings = to_dict(self.diffusion)
+        settings["sampling"]["context_length"] = settings["sampling"]["context_length"] or self.recipe.data.seq_len
+        config.diffusion = settings
+        return ZooForMaskedLM(config)
+
+    def metric_columns(self) -> list[str]:
+        return self.router_columns()
+
+    def loss_and_output(self, batch, batch_idx: int | None = None) -> tuple[torch.Tensor, Any]:
+        if not isinstance(batch, torch.Tensor):
+            raise ZooError("objective: diffusion trains on packed text windows; this data source yields (inputs, targets) pairs")
+        generator = None
+        if batch_idx is not None:
+            generator = torch.Generator(device=batch.device).manual_seed(self.recipe.seed * 100003 + batch_idx)
+        x = batch[:, 1:]  # [B, T]: the tokens a causal model predicts from these windows
+        t = sample_times(x.shape[0], self.diffusion.t_min, self.diffusion.antithetic, generator, x.device)
+        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator)
 
 
 class MetricsCSV(L.Callback):

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+
+from zoo.config import ModelConfig
+from zoo.modeling import ZooConfig, ZooForCausalLM
 
 
 def convert_state_dict(
@@ -55,3 +58,33 @@ def load_converted(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise KeyError(f"{source} -> zoo: missing zoo weights {missing}, unexpected weights {unexpected}")
+
+
+def zoo_config(spec: dict[str, Any], hf_config, source: str) -> ZooConfig:
+    """The zoo config of a model ``spec`` (a recipe's ``model`` section; errors name ``source``), its width, depth,
+    vocabulary and embedding tying taken from ``hf_config`` unless ``spec`` sets them, and the special-token ids."""
+    common = {
+        "d_model": hf_config.hidden_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "vocab_size": hf_config.vocab_size,
+        "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+    }
+    model = ModelConfig.from_dict({**common, **spec}, source)
+    return ZooConfig.from_model_config(
+        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
+    )
+
+
+def converted_model(
+    hf_model, config: ZooConfig, convert_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], source: str
+) -> ZooForCausalLM:
+    """A :class:`ZooForCausalLM` of ``config`` holding ``hf_model``'s weights renamed by ``convert_state`` (a tied
+    ``lm_head`` is left to the tying), in ``hf_model``'s dtype."""
+    model = ZooForCausalLM(config)
+    state = hf_model.state_dict()
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    load_converted(model, convert_state(state), source)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(hf_model.dtype)

@@ -14,8 +14,7 @@ from typing import Mapping
 
 import torch
 
-from zoo.config import ModelConfig
-from zoo.convert import convert_state_dict, load_converted, stack_parts
+from zoo.convert import convert_state_dict, converted_model, stack_parts, zoo_config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 _LAYER = r"model\.layers\.(\d+)"
@@ -64,33 +63,24 @@ def rwkv7_config_to_zoo(hf_config) -> ZooConfig:
     intermediate = hf_config.intermediate_size
     if intermediate is None:
         intermediate = 32 * -(-int(D * (hf_config.hidden_ratio or 4)) // 32)  # fla's RWKV7FeedForward rounding
-    model = ModelConfig.from_dict(
-        {
-            "d_model": D,
-            "n_layers": hf_config.num_hidden_layers,
-            "blocks": ["rwkv7"],
-            "ffn": "rwkv7_cmix",
-            "vocab_size": hf_config.vocab_size,
-            "norm": "layernorm",
-            "norm_eps": hf_config.norm_eps,
-            "embed_norm": bool(hf_config.norm_first),
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "rwkv7": {
-                "head_dim": hf_config.head_dim,
-                "decay_lora_rank": hf_config.decay_low_rank_dim,
-                "a_lora_rank": hf_config.a_low_rank_dim,
-                "gate_lora_rank": hf_config.gate_low_rank_dim,
-                "value_lora_rank": hf_config.v_low_rank_dim,
-                "value_residual": True,
-                "group_norm_eps": hf_config.head_dim * hf_config.norm_eps,
-            },
-            "rwkv7_cmix": {"hidden_size": intermediate},
+    spec = {
+        "blocks": ["rwkv7"],
+        "ffn": "rwkv7_cmix",
+        "norm": "layernorm",
+        "norm_eps": hf_config.norm_eps,
+        "embed_norm": bool(hf_config.norm_first),
+        "rwkv7": {
+            "head_dim": hf_config.head_dim,
+            "decay_lora_rank": hf_config.decay_low_rank_dim,
+            "a_lora_rank": hf_config.a_low_rank_dim,
+            "gate_lora_rank": hf_config.gate_low_rank_dim,
+            "value_lora_rank": hf_config.v_low_rank_dim,
+            "value_residual": True,
+            "group_norm_eps": hf_config.head_dim * hf_config.norm_eps,
         },
-        "rwkv7",
-    )
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+        "rwkv7_cmix": {"hidden_size": intermediate},
+    }
+    return zoo_config(spec, hf_config, "rwkv7")
 
 
 def convert_rwkv7_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,7 +91,7 @@ def convert_rwkv7_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def from_fla_rwkv7(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an fla ``RWKV7ForCausalLM``."""
-    return _from_fla(hf_model, rwkv7_config_to_zoo(hf_model.config), convert_rwkv7_state_dict, "fla RWKV-7")
+    return converted_model(hf_model, rwkv7_config_to_zoo(hf_model.config), convert_rwkv7_state_dict, "fla RWKV-7")
 
 
 # fla's RWKV-6 keeps its five ddlerp mixes in the order r, w, k, v, g; zoo's (RWKV-LM's) order is w, k, v, r, g.
@@ -168,30 +158,21 @@ def rwkv6_config_to_zoo(hf_config) -> ZooConfig:
     intermediate = hf_config.intermediate_size
     if intermediate is None:
         intermediate = 32 * -(-int(D * (hf_config.hidden_ratio or 3.5)) // 32)  # fla's RWKV6FeedForward rounding
-    model = ModelConfig.from_dict(
-        {
-            "d_model": D,
-            "n_layers": hf_config.num_hidden_layers,
-            "blocks": ["rwkv6"],
-            "ffn": "rwkv_cmix",
-            "vocab_size": hf_config.vocab_size,
-            "norm": "layernorm",
-            "norm_eps": hf_config.norm_eps,
-            "embed_norm": bool(hf_config.norm_first),
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "rwkv6": {
-                "head_dim": D // hf_config.num_heads,
-                "decay_lora_rank": hf_config.gate_low_rank_dim,
-                "mix_lora_rank": hf_config.proj_low_rank_dim,
-                "group_norm_eps": hf_config.norm_eps,
-            },
-            "rwkv_cmix": {"hidden_size": intermediate},
+    spec = {
+        "blocks": ["rwkv6"],
+        "ffn": "rwkv_cmix",
+        "norm": "layernorm",
+        "norm_eps": hf_config.norm_eps,
+        "embed_norm": bool(hf_config.norm_first),
+        "rwkv6": {
+            "head_dim": D // hf_config.num_heads,
+            "decay_lora_rank": hf_config.gate_low_rank_dim,
+            "mix_lora_rank": hf_config.proj_low_rank_dim,
+            "group_norm_eps": hf_config.norm_eps,
         },
-        "rwkv6",
-    )
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+        "rwkv_cmix": {"hidden_size": intermediate},
+    }
+    return zoo_config(spec, hf_config, "rwkv6")
 
 
 def convert_rwkv6_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,21 +180,10 @@ def convert_rwkv6_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     return _rwkv6_mix_layouts(convert_state_dict(state, FLA_RWKV6_KEY_MAP, "fla RWKV-6", transposed=FLA_RWKV6_TRANSPOSED))
 
 
-def _from_fla(hf_model, config: ZooConfig, convert, source: str) -> ZooForCausalLM:
-    model = ZooForCausalLM(config)
-    state = hf_model.state_dict()
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    load_converted(model, convert(state), source)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(hf_model.dtype)
-
-
 def from_fla_rwkv6(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an fla ``RWKV6ForCausalLM``. zoo clamps the log-log decay at 3
     (``zoo.layers.rwkv6.MAX_LOG_LOG_DECAY``: decay <= 2e-9 either way); fla does not."""
-    return _from_fla(hf_model, rwkv6_config_to_zoo(hf_model.config), convert_rwkv6_state_dict, "fla RWKV-6")
+    return converted_model(hf_model, rwkv6_config_to_zoo(hf_model.config), convert_rwkv6_state_dict, "fla RWKV-6")
 
 
 FLA_RETNET_KEY_MAP = {
@@ -251,36 +221,27 @@ def retnet_config_to_zoo(hf_config) -> ZooConfig:
     intermediate = hf_config.intermediate_size
     if intermediate is None:
         intermediate = 256 * -(-int(D * (hf_config.hidden_ratio or 4) * 2 / 3) // 256)  # fla's GatedMLP rounding
-    model = ModelConfig.from_dict(
-        {
-            "d_model": D,
-            "n_layers": hf_config.num_hidden_layers,
-            "blocks": ["retnet"],
-            "ffn": "swiglu",
-            "vocab_size": hf_config.vocab_size,
+    spec = {
+        "blocks": ["retnet"],
+        "ffn": "swiglu",
+        "norm_eps": hf_config.norm_eps,
+        "retnet": {
+            "n_heads": H,
+            "value_factor": int(hf_config.expand_v),
+            "rope_theta": 10000.0,  # fla's MultiScaleRetention builds RotaryEmbedding with its default base
+            "rotary": "neox",
+            "output_norm": "rmsnorm",
+            "group_norm_affine": bool(hf_config.elementwise_affine),
             "norm_eps": hf_config.norm_eps,
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "retnet": {
-                "n_heads": H,
-                "value_factor": int(hf_config.expand_v),
-                "rope_theta": 10000.0,  # fla's MultiScaleRetention builds RotaryEmbedding with its default base
-                "rotary": "neox",
-                "output_norm": "rmsnorm",
-                "group_norm_affine": bool(hf_config.elementwise_affine),
-                "norm_eps": hf_config.norm_eps,
-            },
-            "swiglu": {"hidden_size": intermediate},
         },
-        "retnet",
-    )
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+        "swiglu": {"hidden_size": intermediate},
+    }
+    return zoo_config(spec, hf_config, "retnet")
 
 
 def from_fla_retnet(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an fla ``RetNetForCausalLM``."""
-    return _from_fla(
+    return converted_model(
         hf_model, retnet_config_to_zoo(hf_model.config),
         lambda state: convert_state_dict(state, FLA_RETNET_KEY_MAP, "fla RetNet"), "fla RetNet",
     )

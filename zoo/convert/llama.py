@@ -1,8 +1,7 @@
 """Hugging Face Llama (and Mistral without sliding windows) -> zoo ``attention`` model."""
 from __future__ import annotations
 
-from zoo.config import ModelConfig
-from zoo.convert import convert_state_dict, load_converted
+from zoo.convert import convert_state_dict, converted_model, zoo_config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 LLAMA_KEY_MAP = {
@@ -35,36 +34,24 @@ def llama_config_to_zoo(hf_config) -> ZooConfig:
     if getattr(hf_config, "sliding_window", None):
         raise ValueError("sliding-window attention is not supported by zoo's attention block")
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    model = ModelConfig.from_dict(
-        {
-            "d_model": hf_config.hidden_size,
-            "n_layers": hf_config.num_hidden_layers,
-            "blocks": ["attention"],
-            "ffn": "swiglu",
-            "vocab_size": hf_config.vocab_size,
-            "norm_eps": hf_config.rms_norm_eps,
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "attention": {
-                "n_heads": hf_config.num_attention_heads,
-                "n_kv_heads": hf_config.num_key_value_heads,
-                "head_dim": head_dim,
-                "rope_theta": _rope_theta(hf_config),
-                "bias": bool(getattr(hf_config, "attention_bias", False)),
-            },
-            "swiglu": {"hidden_size": hf_config.intermediate_size},
+    spec = {
+        "blocks": ["attention"],
+        "ffn": "swiglu",
+        "norm_eps": hf_config.rms_norm_eps,
+        "attention": {
+            "n_heads": hf_config.num_attention_heads,
+            "n_kv_heads": hf_config.num_key_value_heads,
+            "head_dim": head_dim,
+            "rope_theta": _rope_theta(hf_config),
+            "bias": bool(getattr(hf_config, "attention_bias", False)),
         },
-        "llama",
-    )
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+        "swiglu": {"hidden_size": hf_config.intermediate_size},
+    }
+    return zoo_config(spec, hf_config, "llama")
 
 
 def from_llama(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an HF ``LlamaForCausalLM``."""
-    model = ZooForCausalLM(llama_config_to_zoo(hf_model.config))
-    state = convert_state_dict(hf_model.state_dict(), LLAMA_KEY_MAP, "Llama")
-    load_converted(model, state, "Llama")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(hf_model.dtype)
+    return converted_model(
+        hf_model, llama_config_to_zoo(hf_model.config), lambda state: convert_state_dict(state, LLAMA_KEY_MAP, "Llama"), "Llama",
+    )

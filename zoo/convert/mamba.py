@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import math
 
-from zoo.config import ModelConfig
-from zoo.convert import convert_state_dict, load_converted
+from zoo.convert import convert_state_dict, converted_model, zoo_config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 _SHARED = {
@@ -33,22 +32,8 @@ def _check_common(hf_config) -> None:
 
 
 def _zoo_config(hf_config, block: str, block_args: dict) -> ZooConfig:
-    model = ModelConfig.from_dict(
-        {
-            "d_model": hf_config.hidden_size,
-            "n_layers": hf_config.num_hidden_layers,
-            "blocks": [block],
-            "ffn": "none",
-            "vocab_size": hf_config.vocab_size,
-            "norm_eps": hf_config.layer_norm_epsilon,
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            block: block_args,
-        },
-        block,
-    )
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+    spec = {"blocks": [block], "ffn": "none", "norm_eps": hf_config.layer_norm_epsilon, block: block_args}
+    return zoo_config(spec, hf_config, block)
 
 
 def mamba_config_to_zoo(hf_config) -> ZooConfig:
@@ -96,22 +81,13 @@ def mamba2_config_to_zoo(hf_config) -> ZooConfig:
     )
 
 
-def _convert(hf_model, config: ZooConfig, key_map: dict, source: str) -> ZooForCausalLM:
-    model = ZooForCausalLM(config)
-    state = hf_model.state_dict()
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    load_converted(model, convert_state_dict(state, key_map, source), source)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(hf_model.dtype)
-
-
 def from_mamba(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an HF ``MambaForCausalLM``."""
-    return _convert(hf_model, mamba_config_to_zoo(hf_model.config), MAMBA_KEY_MAP, "Mamba")
+    return converted_model(hf_model, mamba_config_to_zoo(hf_model.config), lambda state: convert_state_dict(state, MAMBA_KEY_MAP, "Mamba"), "Mamba")
 
 
 def from_mamba2(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an HF ``Mamba2ForCausalLM``."""
-    return _convert(hf_model, mamba2_config_to_zoo(hf_model.config), MAMBA2_KEY_MAP, "Mamba2")
+    return converted_model(
+        hf_model, mamba2_config_to_zoo(hf_model.config), lambda state: convert_state_dict(state, MAMBA2_KEY_MAP, "Mamba2"), "Mamba2",
+    )

@@ -11,8 +11,7 @@ import re
 
 import torch
 
-from zoo.config import ModelConfig
-from zoo.convert import convert_state_dict, load_converted
+from zoo.convert import convert_state_dict, converted_model, zoo_config
 from zoo.convert.llama import LLAMA_KEY_MAP, llama_config_to_zoo
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
@@ -47,33 +46,26 @@ def mixtral_config_to_zoo(hf_config) -> ZooConfig:
     """The zoo config of an HF MixtralConfig; unsupported features are an error, never ignored."""
     base = llama_config_to_zoo(hf_config).model_config().to_dict()
     base.pop("swiglu")
-    model = ModelConfig.from_dict(
-        {
-            **base,
-            "ffn": "moe",
-            "moe": {
-                "num_experts": hf_config.num_local_experts,
-                "top_k": hf_config.num_experts_per_tok,
-                "expert_hidden": hf_config.intermediate_size,
-                "router": "softmax_topk",
-                "aux_loss_coef": float(hf_config.router_aux_loss_coef),
-                "z_loss_coef": 0.0,  # Mixtral trains without a router z-loss
-            },
+    spec = {
+        **base,
+        "ffn": "moe",
+        "moe": {
+            "num_experts": hf_config.num_local_experts,
+            "top_k": hf_config.num_experts_per_tok,
+            "expert_hidden": hf_config.intermediate_size,
+            "router": "softmax_topk",
+            "aux_loss_coef": float(hf_config.router_aux_loss_coef),
+            "z_loss_coef": 0.0,  # Mixtral trains without a router z-loss
         },
-        "mixtral",
-    )
+    }
     if getattr(hf_config, "router_jitter_noise", 0.0):
         raise ValueError("router_jitter_noise > 0 is not supported: Mixtral jitters the expert input too, zoo only the router's")
-    return ZooConfig.from_model_config(
-        model, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
-    )
+    return zoo_config(spec, hf_config, "mixtral")
 
 
 def from_mixtral(hf_model) -> ZooForCausalLM:
     """A zoo model holding the weights of an HF ``MixtralForCausalLM``."""
-    model = ZooForCausalLM(mixtral_config_to_zoo(hf_model.config))
-    state = stack_experts(convert_state_dict(hf_model.state_dict(), MIXTRAL_KEY_MAP, "Mixtral"))
-    load_converted(model, state, "Mixtral")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(hf_model.dtype)
+    return converted_model(
+        hf_model, mixtral_config_to_zoo(hf_model.config),
+        lambda state: stack_experts(convert_state_dict(state, MIXTRAL_KEY_MAP, "Mixtral")), "Mixtral",
+    )

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.checkpoints.io import TEMP_PREFIX, CheckpointError, atomic_write, load_checkpoint_file
+from zoo.reliability.io import TEMP_PREFIX, CheckpointError, atomic_write, load_checkpoint_file
 
 logger = logging.getLogger("zoo")
 _STEP = re.compile(r"step-(\d+)")
