@@ -34,13 +34,11 @@ class Backend:
         return self.package is None or importlib.util.find_spec(self.package) is not None
 
     def load(self) -> Callable[..., Any]:
-        """The function, imported from its path on first use."""
+        """The function (a path is imported on the first call; later calls find the module in ``sys.modules``)."""
         if not isinstance(self.fn, str):
             return self.fn
         module, _, name = self.fn.partition(":")
-        fn = getattr(importlib.import_module(module), name)
-        object.__setattr__(self, "fn", fn)
-        return fn
+        return getattr(importlib.import_module(module), name)
 
 
 class BackendTable:

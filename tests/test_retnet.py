@@ -140,8 +140,8 @@ def test_config_errors_name_the_key():
         RetNetConfig(n_heads=16).validate(48)
     with pytest.raises(ConfigError, match="value_factor: must be >= 1"):
         RetNetConfig(value_factor=0)  # bounds are checked at construction
-    with pytest.raises(ConfigError, match="backend: unknown retnet backend 'cuda'"):
-        RetNetConfig(backend="cuda").validate(48)
+    with pytest.raises(ConfigError, match=r"model\.retnet\.backend: expected one of 'auto', .*, got 'cuda'"):
+        ModelConfig.from_dict({"d_model": 48, "blocks": ["retnet"], "retnet": {"backend": "cuda"}}, "model")
     with pytest.raises(ConfigError, match=r"model\.retnet\.n_heads"):
         ModelConfig.from_dict({"d_model": 48, "blocks": ["retnet"], "retnet": {"n_heads": 5}}, "model")
 
