@@ -8,9 +8,10 @@ per block than its target allows.
 
 How, without a GPU: one worker process per target (``TRITON_INTERPRET`` removed) swaps Triton's active driver for
 :class:`FakeDriver`, whose ``get_current_target()`` is the target, and answers ``torch.cuda.get_device_capability``
-for it. It then calls zoo's public Triton functions forward and backward on ``meta`` tensors,
-so zoo's own launchers pick grid, tiles, ``num_warps`` and ``num_stages``, and Triton's own JIT specializes and
-compiles exactly what a GPU would launch; the fake launcher records each launch instead of running it. ptxas and
+for it. It then makes every Triton call of :data:`zoo.kernels.registry.CALLS` (forward, and backward from the
+output's gradient) on ``meta`` tensors at its op's ``models`` sizes, with the arguments zoo's layers pass, so zoo's
+own launchers pick grid, tiles, ``num_warps`` and ``num_stages``, and Triton's own JIT specializes and compiles
+exactly what a GPU would launch; the fake launcher records each launch instead of running it. ptxas and
 cuobjdump ship in the triton wheel; cuobjdump reads registers, stack bytes and static shared memory from the cubin.
 Integer arguments are given GPU-typical values (T = 2048, a multiple of 16, which Triton specializes on).
 Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), so a second run only
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -40,103 +40,7 @@ TARGETS: dict[str, tuple[int, int]] = {  # name -> (arch, shared memory per bloc
 }
 DTYPES = ("bfloat16", "float32")
 TILE_NAMES = ("BT", "BK", "BV", "BVP", "CH", "L", "BLOCK_D", "BLOCK_P", "BLOCK_N", "BLOCK", "G")
-T = 2048  # sequence length of every case: a multiple of 16 like most training runs
-D_MODEL = 768
-
-
-@dataclass(frozen=True)
-class Case:
-    """One call of a zoo Triton function, forward and backward, at one shape."""
-
-    op: str
-    shape: str  # shown in the table
-    dims: dict
-
-
-def cases() -> list[Case]:
-    """The ~125M models' shapes (d_model 768): head dims 64 and 128, Mamba d_state 16, Mamba-2 d_state 64 and 128."""
-    out = [Case("selective_scan", "D=1536 N=16", {"D": 2 * D_MODEL, "N": 16})]
-    for p in (64, 128):
-        for n in (64, 128):
-            out.append(Case("ssd", f"H={2 * D_MODEL // p} P={p} N={n}", {"H": 2 * D_MODEL // p, "P": p, "N": n}))
-    for p in (64, 128):  # the one-token decode step (forward only)
-        for n in (64, 128):
-            out.append(Case("ssd_step", f"H={2 * D_MODEL // p} P={p} N={n}", {"H": 2 * D_MODEL // p, "P": p, "N": n}))
-    for op in ("rwkv6", "rwkv7"):
-        for k in (64, 128):
-            out.append(Case(op, f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
-    for form in ("chunk", "recurrent"):
-        for k in (64, 128):  # RetNet's value_factor 2: V = 2 K
-            out.append(Case(f"retention_{form}", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
-    for k in (64, 128):  # the chunk-parallel kernels (backend triton_chunk)
-        out.append(Case("retention_chunk_parallel", f"H={D_MODEL // k} K={k} V={2 * k}", {"H": D_MODEL // k, "K": k, "V": 2 * k}))
-    for k in (64, 128):
-        out.append(Case("rwkv6_chunk_parallel", f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
-    for k in (64, 128):
-        out.append(Case("rwkv7_chunk_parallel", f"H={D_MODEL // k} K=V={k}", {"H": D_MODEL // k, "K": k, "V": k}))
-    return out
-
-
-def run_case(case: Case, dtype) -> None:
-    """Forward and backward of ``case`` on meta tensors, with the arguments zoo's layers pass (activations in
-    ``dtype``, parameters and log decays in fp32; the Mamba-2 layer always passes a state); chunk sizes are the
-    recipes'. The backward pass gets the output's gradient only, as in training."""
-    import torch
-
-    from zoo.kernels.retention.triton_chunk_parallel import retention_chunk_parallel
-    from zoo.kernels.retention.triton_retention import retention_triton
-    from zoo.kernels.rwkv6.triton_chunk_parallel import rwkv6_chunk_parallel
-    from zoo.kernels.rwkv6.triton_rwkv6 import rwkv6_triton
-    from zoo.kernels.rwkv7.triton_chunk_parallel import rwkv7_chunk_parallel
-    from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_triton
-    from zoo.kernels.selective_scan.triton_scan import selective_scan_triton
-    from zoo.kernels.ssd.triton_ssd import ssd_triton
-
-    d = case.dims
-
-    def act(*shape):
-        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=True)
-
-    def param(*shape):
-        return torch.empty(*shape, device="meta", dtype=torch.float32, requires_grad=True)
-
-    if case.op == "selective_scan":  # layers/mamba.py
-        D, N = d["D"], d["N"]
-        y, _ = selective_scan_triton(act(1, T, D), act(1, T, D), param(D, N), act(1, T, N), act(1, T, N), param(D),
-                                     z=act(1, T, D), delta_softplus=True)
-    elif case.op == "ssd":  # layers/mamba2.py
-        H, P, N = d["H"], d["P"], d["N"]
-        y, _ = ssd_triton(act(1, T, H, P), act(1, T, H), param(H), act(1, T, 1, N), act(1, T, 1, N), D=param(H),
-                          dt_bias=param(H), dt_softplus=True, initial_state=param(1, H, P, N), chunk_size=64)
-    elif case.op == "ssd_step":  # layers/mamba2.py decoding one token (no gradients: the step kernel)
-        H, P, N = d["H"], d["P"], d["N"]
-        with torch.no_grad():
-            ssd_triton(act(1, 1, H, P), act(1, 1, H), param(H), act(1, 1, 1, N), act(1, 1, 1, N), D=param(H),
-                       dt_bias=param(H), dt_softplus=True, initial_state=param(1, H, P, N), chunk_size=64)
-        return
-    elif case.op == "rwkv6":  # layers/rwkv6.py
-        H, K, V = d["H"], d["K"], d["V"]
-        y, _ = rwkv6_triton(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K), chunk_size=16)
-    elif case.op == "rwkv7":  # layers/rwkv7.py
-        H, K, V = d["H"], d["K"], d["V"]
-        y, _ = rwkv7_triton(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V), act(1, T, H, K),
-                            act(1, T, H, K), chunk_size=16)
-    elif case.op == "rwkv7_chunk_parallel":  # layers/rwkv7.py with backend triton_chunk
-        H, K, V = d["H"], d["K"], d["V"]
-        y, _ = rwkv7_chunk_parallel(act(1, T, H, K), param(1, T, H, K), act(1, T, H, K), act(1, T, H, V),
-                                    act(1, T, H, K), act(1, T, H, K), chunk_size=16)
-    elif case.op == "rwkv6_chunk_parallel":  # layers/rwkv6.py with backend triton_chunk
-        H, K, V = d["H"], d["K"], d["V"]
-        y, _ = rwkv6_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(1, T, H, K), param(H, K),
-                                    chunk_size=16)
-    elif case.op == "retention_chunk_parallel":  # layers/retnet.py with backend triton_chunk
-        H, K, V = d["H"], d["K"], d["V"]
-        y, _ = retention_chunk_parallel(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(H), chunk_size=64)
-    else:  # layers/retnet.py (which passes fp32; the kernel benchmark passes bf16)
-        H, K, V = d["H"], d["K"], d["V"]
-        form = case.op.removeprefix("retention_")
-        y, _ = retention_triton(act(1, T, H, K), act(1, T, H, K), act(1, T, H, V), param(H), form=form, chunk_size=64)
-    y.backward(torch.empty_like(y))
+T = 2048  # sequence length of every call: a multiple of 16 like most training runs
 
 
 # ---------------------------------------------------------------- worker: one target, in its own process
@@ -158,7 +62,7 @@ class FakeDriver:
     def __init__(self, arch: int, cuobjdump: str):
         self.arch = arch
         self.launches: list[dict] = []
-        self.clock = time.perf_counter()  # compile seconds of a launch: time since the previous one (or the case start)
+        self.clock = time.perf_counter()  # compile seconds of a launch: time since the previous one (or the call start)
         driver = self
 
         class Utils:
@@ -207,7 +111,7 @@ class FakeDriver:
 
 
 def worker(target: str, dtypes: list[str], out: str) -> None:
-    """Compile every case for ``target`` in this process and write its rows to ``out`` (JSON)."""
+    """Compile every registry call for ``target`` in this process and write its rows to ``out`` (JSON)."""
     assert "TRITON_INTERPRET" not in os.environ, "the interpreter cannot compile for a GPU"
     import warnings
 
@@ -222,17 +126,19 @@ def worker(target: str, dtypes: list[str], out: str) -> None:
     # zoo's launchers read the target the way a GPU run does (torch.cuda's capability of the tensors' device)
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
     torch.version.hip = None  # an NVIDIA target, whatever this torch was built for
+    from zoo.kernels.registry import TRITON_CALLS, run_call, shape_label
+
     rows = []
-    for dtype in dtypes:
-        for case in cases():
+    for dtype, call in ((dtype, call) for dtype in dtypes for call in TRITON_CALLS):
+        for dims in call.op.models:
             start = len(fake.launches)
             fake.clock = time.perf_counter()
             try:
-                run_case(case, getattr(torch, dtype))
+                run_call(call, call.op.example(dims, 1, 1 if call.step else T, "meta", getattr(torch, dtype)))
                 error = None
             except Exception as e:  # a compile error is a result: it fails the check, not the run
                 error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            base = {"op": case.op, "shape": case.shape, "dims": case.dims, "target": target, "dtype": dtype, "limit": shared}
+            base = {"op": call.name, "shape": shape_label(dims), "dims": dims, "target": target, "dtype": dtype, "limit": shared}
             rows += [{**base, **launch} for launch in fake.launches[start:]]
             if error:
                 rows.append({**base, "kernel": "(compile)", "error": error})
@@ -294,8 +200,10 @@ def markdown(rows: list[dict], title: str = "", notes: bool = True) -> str:
     """The table, one row per (kernel, shape, dtype, target), with a summary per target and (``notes``) why the
     spills left are there. Nothing in it depends on the machine or the run: a change in the file is a change in the
     kernels."""
+    from zoo.kernels.registry import TRITON_CALLS
+
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("triton", "torch"))
-    order = {op: i for i, op in enumerate(dict.fromkeys(c.op for c in cases()))}
+    order = {call.name: i for i, call in enumerate(TRITON_CALLS)}
     ok = [r for r in rows if "error" not in r]
     ok.sort(key=lambda r: (order[r["op"]], r["kernel"], r["shape"], r["dtype"], r["target"]))
     lines = [

@@ -184,3 +184,26 @@ def test_decode_prompt_lookup_compares_a_checkpoint_with_itself_greedy(tmp_path)
     assert entry["same_tokens"] and entry["blocks"] == ["attention"] and entry["tokens_per_forward"] >= 1
     assert entry["greedy_tokens_per_s"] > 0 and entry["lookup_tokens_per_s"] > 0
     assert json_path.with_suffix(".md").read_text() == prompt_lookup_markdown(report)
+
+
+def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
+    """benchmarks.kernels reads its implementations from zoo.kernels.registry: every non-peer call of the op is
+    timed (the Triton ones in the interpreter), peers are left out on CPU; --quick plans the GPU check's sizes."""
+    from benchmarks.kernels import BENCHES, main as kernels_main
+    from zoo.kernels.registry import CALLS
+
+    report = kernels_main(["--smoke", "--ops", "selective_scan", "--sizes", "8:1", "--out", str(tmp_path)])
+    runs = report["ops"]["selective_scan"]["runs"]
+    expected = [c.backend for c in CALLS if c.op.name == "selective_scan" and not c.peer and not c.step]
+    assert [r["impl"] for r in runs] == expected == ["triton_recurrent", "torch"]
+    assert [(r["fwd_ratio"], r["fwd_bwd_ratio"]) for r in runs][0] == (1.0, 1.0)
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
+    assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm"]
+    assert "| 8 | 1 | triton_recurrent |" in (tmp_path / "kernels-smoke.md").read_text()
+    assert sorted(BENCHES) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    assert "ssd/triton_chunk/step" not in [c.name for calls in BENCHES.values() for c in calls]
+    with pytest.raises(SystemExit):
+        kernels_main(["--smoke", "--quick"])
+    assert "not allowed with argument --smoke" in capsys.readouterr().err
+    plan = kernels_main(["--quick", "--dry-run", "--ops", "rwkv6"])
+    assert plan["sizes"] == [{"T": 1024, "batch": 4}, {"T": 4096, "batch": 1}] and plan["iters"] == 3
