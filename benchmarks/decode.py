@@ -35,7 +35,7 @@ from transformers import LogitsProcessor
 from benchmarks.common import (RESULTS, Clock, device_name, guarded, load_average, machine, median, peer_models, slug,
                                write_report)
 from zoo.decoding import StaticDecoder
-from zoo.modeling import ZooConfig, ZooForCausalLM
+from zoo.modeling import ZooForCausalLM
 from zoo.recipe_loader import builtin_recipe_names, load_recipe
 from zoo.synthetic import GENERATORS
 
@@ -102,7 +102,7 @@ def measure(model, batch: int, prompt: int, new_tokens: int, mode: str, warmup: 
 def models(recipes: list[str], smoke: bool, peers: bool) -> tuple[dict[str, tuple[str, Callable[[], Any]]], dict[str, str]]:
     """name -> (kind, constructor) of every model to time; and the peers skipped, with why."""
     overrides = [*(SMOKE_OVERRIDES if smoke else []), *VOCAB]
-    built = {r: ("zoo", lambda r=r: ZooForCausalLM(ZooConfig.from_model_config(load_recipe(r, overrides).model)))
+    built = {r: ("zoo", lambda r=r: ZooForCausalLM.from_spec(load_recipe(r, overrides).model))
              for r in recipes}
     if not peers:
         return built, {}

@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from zoo.modeling import ResidualLayer, ZooConfig, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
+from zoo.modeling import ResidualLayer, ZooForCausalLM, causal_lm_loss, set_activation_checkpointing
 from zoo.recipe_loader import load_recipe
 
 ONE_B = [
@@ -87,7 +87,7 @@ def estimate(overrides: list[str], batch: int, gpus: list[int], recipe: str = "t
     """GiB per GPU for DDP and FSDP over each of ``gpus``, without and with activation checkpointing."""
     r = load_recipe(recipe, overrides)
     with torch.device("meta"):
-        model = ZooForCausalLM(ZooConfig.from_model_config(r.model)).to(torch.bfloat16)
+        model = ZooForCausalLM.from_spec(r.model).to(torch.bfloat16)
     model.train()
     set_activation_checkpointing(model, "none")
     saved = saved_bytes(model, batch, r.data.seq_len)

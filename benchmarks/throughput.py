@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import RESULTS, Clock, cuda_peak_mb, guarded, machine, peer_models, write_report
 from zoo.config import ModelConfig
 from zoo.layers import MIXERS, ResidualLayer
-from zoo.modeling import ZooConfig, ZooForCausalLM, set_activation_checkpointing
+from zoo.modeling import ZooForCausalLM, set_activation_checkpointing
 
 VOCAB = 32000
 INFERENCE_FLAGS = {"contexts": "--prompt", "batches": "--batches", "decode_tokens": "--new-tokens"}
@@ -160,7 +160,7 @@ def benchmark_model(build: Callable[[], torch.nn.Module], shapes: Shapes, device
 def run(shapes: Shapes, device: torch.device, include: set[str] | None, peers: bool, log: Callable[[str], None]) -> dict:
     torch.manual_seed(0)
     builders: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
-        name: ("zoo", lambda cfg=cfg: ZooForCausalLM(ZooConfig.from_model_config(cfg))) for name, cfg in zoo_models(shapes).items()
+        name: ("zoo", lambda cfg=cfg: ZooForCausalLM.from_spec(cfg)) for name, cfg in zoo_models(shapes).items()
     }
     skipped: dict[str, str] = {}
     if peers:

@@ -54,7 +54,7 @@ def check_lora_targets(lora: LoRAConfig, base: ModelConfig, init_from: str | Pat
     from peft.utils.error import NoMatchingPeftModuleError
 
     with torch.device("meta"):
-        model = ZooForCausalLM(ZooConfig.from_model_config(base))
+        model = ZooForCausalLM.from_spec(base)
         try:
             get_peft_model(model, peft_lora_config(lora, model))
         except NoMatchingPeftModuleError as err:
