@@ -3,7 +3,6 @@
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
 imported), so the shapes are tiny; the GPU tests at the end use real shapes.
 """
-import json
 
 import pytest
 import torch
@@ -322,17 +321,13 @@ def test_triton_scans_bf16_long_sequence_finite():
 # ---------------------------------------------------------------- benchmark script
 
 
-def test_kernel_benchmark_smoke_writes_results(tmp_path, capsys):
+def test_kernel_benchmark_refuses_the_gpu_shapes_on_cpu(tmp_path, capsys):
+    """The full benchmark sizes need a GPU; on CPU only --smoke runs (tests/test_benchmarks.py times it)."""
     from benchmarks import kernels
 
-    if DEVICE == "cpu":
-        with pytest.raises(SystemExit) as exit_info:
-            kernels.main(["--out", str(tmp_path)])
-        assert exit_info.value.code == 2
-        assert "kernels: error: the benchmark shapes need a CUDA GPU" in capsys.readouterr().err
-    report = kernels.main(["--smoke", "--ops", "selective_scan", "--out", str(tmp_path)])
-    runs = report["ops"]["selective_scan"]["runs"]
-    assert {r["impl"] for r in runs} >= {"zoo triton", "zoo chunked torch"}
-    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
-    assert json.loads((tmp_path / "kernels-smoke.json").read_text())["ops"]["selective_scan"]["runs"] == runs
-    assert "| zoo triton |" in (tmp_path / "kernels-smoke.md").read_text()
+    if DEVICE != "cpu":
+        pytest.skip("a CUDA device runs the full sizes")
+    with pytest.raises(SystemExit) as exit_info:
+        kernels.main(["--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "kernels: error: the benchmark shapes need a CUDA GPU" in capsys.readouterr().err
