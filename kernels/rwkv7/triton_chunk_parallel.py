@@ -149,16 +149,17 @@ def _rwkv7_cp_pass_kernel(
     else:
         b_s = tl.zeros([BK, BVP], dtype=tl.float32)
     for c in range(NT):
-        tl.store(p_s + c * K * V, b_s, mask=m_kv)
+        c64 = tl.cast(c, tl.int64)  # c * K * V can pass 2^31 (K = V = 64 at T >= 8.4M)
+        tl.store(p_s + c64 * K * V, b_s, mask=m_kv)
         tl.debug_barrier()
-        b_s = tl.load(p_s + (c + 1) * K * V, mask=m_kv, other=0.0)  # h_c
+        b_s = tl.load(p_s + (c64 + 1) * K * V, mask=m_kv, other=0.0)  # h_c
         for k0 in range(0, BK, KB):
             m_kb = (k0 + o_kb) < K
-            b_m = tl.load(p_m + c * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
-            b_sk = tl.load(p_sb + c * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
+            b_m = tl.load(p_m + c64 * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
+            b_sk = tl.load(p_sb + c64 * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
             b_s += tl.dot(b_m, b_sk, input_precision="ieee")
         tl.debug_barrier()
-    tl.store(p_s + NT * K * V, b_s, mask=m_kv)
+    tl.store(p_s + tl.cast(NT, tl.int64) * K * V, b_s, mask=m_kv)
 
 
 @triton.jit

