@@ -12,14 +12,20 @@ from triton.runtime.interpreter import InterpretedFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256  # kernels that hold a [K, BV] state in registers refuse larger head dims
+MAX_GRID_YZ = 65535  # CUDA's limit of grid axes y and z (x allows 2^31 - 1)
 
 
-def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: int | None = None) -> None:
+def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: int | None = None,
+                      batch_heads: int | None = None) -> None:
     """Raise a ValueError prefixed with ``op`` unless every given tensor is fp32/bf16/fp16 on the first one's device,
-    ``head_dim`` (when given) is at most :data:`MAX_HEAD_DIM`, and CPU tensors run where ``kernel`` (any of the op's
-    ``@triton.jit`` kernels) is interpreted."""
+    ``head_dim`` (when given) is at most :data:`MAX_HEAD_DIM`, ``batch_heads`` (B * H, when the op's grids put it in
+    axis y or z) is at most :data:`MAX_GRID_YZ`, and CPU tensors run where ``kernel`` (any of the op's ``@triton.jit``
+    kernels) is interpreted."""
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim K={head_dim} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
+    if batch_heads is not None and batch_heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: B * H = {batch_heads:,} exceeds {MAX_GRID_YZ:,}, CUDA's limit of the launch grid's y "
+                         f"and z axes, where these kernels put batch x heads; split the batch")
     present = [t for t in tensors if t is not None]
     device = present[0].device
     for t in present:

@@ -1,15 +1,18 @@
 """GPU hazards the Triton interpreter hides (issue 26), each checked on CPU: pointer offsets that wrap in int32 (read
-from the sm_90 TTIR, compiled without a GPU), grids over CUDA's y / z limit (meta tensors), and launches outside the
-inputs' device (a recorded ``torch.cuda.device``)."""
+from the sm_90 TTIR, compiled without a GPU) and grids over CUDA's y / z limit (meta tensors)."""
 import os
 import re
 import subprocess
 import sys
 import textwrap
+from collections import defaultdict
 
 import pytest
 
 pytest.importorskip("triton")
+
+from zoo.kernels.registry import CALLS_BY_NAME, TRITON_CALLS, launches  # noqa: E402
+from zoo.kernels.triton_common import MAX_GRID_YZ  # noqa: E402
 
 # The two chunk-state pass kernels at shapes where the products of NT or the chunk index exceed 2^31: retention /
 # RWKV-6 backward at K = 128, V = 256 (T = 2^20), RWKV-7 at K = V = 128.
@@ -73,4 +76,41 @@ def test_narrow_products_finds_an_i32_product_of_the_chunk_count():
             %14 = arith.muli %k0, %c128_i32 : i32 loc(#loc6)
     """)
     assert narrow_products(ttir) == ["%4 = arith.muli %NT, %c32768_i32 : i32", "%11 = arith.muli %c, %c16384_i32 : i32"]
+
+
+# ---------------------------------------------------------------- grid limits: B * H in grid y / z (meta tensors)
+
+def _grid_yz_over_limit(call, dims: dict) -> bool:
+    """Whether one of ``call``'s grid formulas puts more than 65,535 in axis y or z at ``dims`` (the tiles as large as
+    can be, so only the batch x heads extent is left on its axis)."""
+    huge = defaultdict(lambda: 1 << 40)
+    return any(max(call.grid(k.name, dims, huge)[1:]) > MAX_GRID_YZ for k in call.launches)
+
+
+def _batch(call, batch_heads: int) -> int:
+    return batch_heads // call.op.smoke.get("H", 1)
+
+
+@pytest.mark.parametrize("name", [c.name for c in TRITON_CALLS])
+def test_batch_times_heads_over_the_grid_limit_is_refused_before_launch(name):
+    """At B * H = 65,536 an op whose grids put B * H in y or z raises a ValueError naming the op, B * H and the limit
+    (no launch recorded); the others (selective scan and the SSD step put the batch in x) launch."""
+    call = CALLS_BY_NAME[name]
+    batch = _batch(call, MAX_GRID_YZ + 1)
+    refused = _grid_yz_over_limit(call, {**call.op.smoke, "B": batch, "T": 16})
+    assert refused == (call.op.name not in ("selective_scan",) and not call.step)
+    if refused:
+        with pytest.raises(ValueError, match=r"B \* H = 65,536 exceeds 65,535, CUDA's limit of the launch grid's y"):
+            launches(call, call.op.smoke, 16, batch=batch)
+    else:
+        assert [r.kernel for r in launches(call, call.op.smoke, 16, batch=batch)] == [k.name for k in call.launches]
+
+
+@pytest.mark.parametrize("name", [c.name for c in TRITON_CALLS])
+def test_batch_times_heads_at_the_grid_limit_launches(name):
+    call = CALLS_BY_NAME[name]
+    batch = _batch(call, MAX_GRID_YZ)
+    recorded = launches(call, call.op.smoke, 16, batch=batch)
+    assert [r.kernel for r in recorded] == [k.name for k in call.launches]
+    assert max(max(r.grid[1:]) for r in recorded) <= MAX_GRID_YZ
 

@@ -261,6 +261,7 @@ def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str =
     kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at
     K > 64): :func:`chunk_parallel_tiles`."""
     K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
-    check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K)
+    check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K,
+                      batch_heads=q.shape[0] * q.shape[2])
     o, final = RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final

@@ -333,7 +333,8 @@ ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd)
 
 def _run(op: str, function, q, k, v, log_decay, initial_state, chunk_size: int):
     K = check_retention_inputs(op, q, k, v, log_decay, initial_state, chunk_size)
-    check_triton_call(op, _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K)
+    check_triton_call(op, _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K,
+                      batch_heads=q.shape[0] * q.shape[2])
     o, final = function.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final
 

@@ -287,5 +287,6 @@ def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int 
     """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
     kernels of this module. Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`chunk_parallel_tiles`."""
     K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
-    check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K)
+    check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV6ChunkParallelFunction.apply(r, k, v, w_log, u, initial_state, chunk_size)

@@ -289,5 +289,6 @@ def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: i
     forward of this module, the fused-recurrent Triton backward (every gradient, the initial state's included).
     Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`rwkv7_chunk_parallel_tiles`."""
     K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K)
+    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV7ChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

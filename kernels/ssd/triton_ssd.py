@@ -387,9 +387,11 @@ def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, d
     of two in [16, 64]). One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
     inputs = (x, dt, A, B, C, D, dt_bias, initial_state)
-    if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    step = x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    # the chunk kernels put B * H in grid y; the step kernel in x
+    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, *inputs, batch_heads=None if step else x.shape[0] * x.shape[2])
+    if step:
         from .triton_step import ssd_step_triton
 
         return ssd_step_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state)
