@@ -4,6 +4,7 @@ and, for CPU tensors, the Triton interpreter), the target its launcher picks til
 kernel files only (``import zoo`` never loads Triton)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple
 
 import torch
@@ -37,6 +38,12 @@ def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: 
         raise ValueError(f"{op}: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported")
 
 
+def device_guard(device: torch.device):
+    """The context every launch runs in: ``device`` made the current CUDA device (Triton launches on the current
+    device and its stream, not the tensors'), nothing for CPU (the interpreter) and meta tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -45,13 +52,15 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch
     """The autograd ``Function`` of a scan whose ``apply`` takes its tensors (the last one the initial state, each
     may be None) then ``n_config`` non-tensor arguments. ``fwd(*tensors, *config)`` returns ``(out, final_state,
     *saved)``; ``bwd(*tensors_but_the_state, d_out, d_final, *saved, *config)`` returns the fp32 gradients of every
-    tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous."""
+    tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous; both
+    launchers run under :func:`device_guard` of the first tensor's device."""
 
     class ScanFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             tensors, config = [_contiguous(t) for t in args[:-n_config]], args[-n_config:]
-            out, final, *saved = fwd(*tensors, *config)
+            with device_guard(tensors[0].device):
+                out, final, *saved = fwd(*tensors, *config)
             ctx.save_for_backward(*tensors[:-1], *saved)
             ctx.n_inputs, ctx.config = len(tensors) - 1, config
             ctx.dtypes = [None if t is None else t.dtype for t in tensors]
@@ -60,7 +69,8 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch
         @staticmethod
         def backward(ctx, d_out, d_final):
             saved = ctx.saved_tensors
-            grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
+            with device_guard(saved[0].device):
+                grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
             return (*(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), *[None] * n_config)
 
     return ScanFunction

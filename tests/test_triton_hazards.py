@@ -1,5 +1,7 @@
 """GPU hazards the Triton interpreter hides (issue 26), each checked on CPU: pointer offsets that wrap in int32 (read
-from the sm_90 TTIR, compiled without a GPU) and grids over CUDA's y / z limit (meta tensors)."""
+from the sm_90 TTIR, compiled without a GPU), grids over CUDA's y / z limit (meta tensors), and launches outside the
+inputs' device (a recorded ``torch.cuda.device``)."""
+import contextlib
 import os
 import re
 import subprocess
@@ -8,9 +10,11 @@ import textwrap
 from collections import defaultdict
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
+from zoo.kernels import registry, triton_common  # noqa: E402
 from zoo.kernels.registry import CALLS_BY_NAME, TRITON_CALLS, launches  # noqa: E402
 from zoo.kernels.triton_common import MAX_GRID_YZ  # noqa: E402
 
@@ -113,4 +117,49 @@ def test_batch_times_heads_at_the_grid_limit_launches(name):
     recorded = launches(call, call.op.smoke, 16, batch=batch)
     assert [r.kernel for r in recorded] == [k.name for k in call.launches]
     assert max(max(r.grid[1:]) for r in recorded) <= MAX_GRID_YZ
+
+
+# ---------------------------------------------------------------- device guard: launches under the inputs' device
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def cuda_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", cuda_device)
+    with triton_common.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    with triton_common.device_guard(torch.device("cpu")), triton_common.device_guard(torch.device("meta")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("name", [c.name for c in TRITON_CALLS])
+def test_every_launch_runs_under_the_device_guard(name, monkeypatch):
+    """Every launch of the call, forward and backward, happens inside :func:`device_guard` of the inputs' device."""
+    call = CALLS_BY_NAME[name]
+    guard, real_launch = triton_common.device_guard, registry.Launch
+    inside: list[torch.device] = []
+    seen = []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        inside.append(device)
+        with guard(device):
+            yield
+        inside.pop()
+
+    def launch(*args):
+        seen.append((args[0], list(inside)))
+        return real_launch(*args)
+
+    for module in [m for m in list(sys.modules.values()) if getattr(m, "device_guard", None) is guard]:
+        monkeypatch.setattr(module, "device_guard", recording_guard)
+    monkeypatch.setattr(registry, "Launch", launch)
+    launches(call, call.op.smoke, 16)
+    assert [k for k, _ in seen] == [k.name for k in call.launches]
+    assert all(devices == [torch.device("meta")] for _, devices in seen), seen
 
