@@ -80,18 +80,23 @@ class Target(NamedTuple):
     """What a launcher's tile choice depends on besides shape and dtype."""
 
     arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
+    tf32: bool = True  # whether tl.dot accepts input_precision="tf32": every CUDA target, on ROCm only gfx942
 
 
 # The safe tiles (those of the GPUs without a table of their own): CPU tensors (the interpreter) and ROCm, whose
 # capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's.
 DEFAULT_TARGET = Target(0)
+TF32_HIP_ARCHS = ("gfx942",)  # the AMD targets whose Triton front end takes tf32 products
 
 
 def launch_target(device: torch.device) -> Target:
-    """The target of a launch on ``device``: its CUDA capability (what fla and mamba-ssm key their tiles on), or
-    :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
-    if device.type == "cpu" or torch.version.hip:
+    """The target of a launch on ``device`` (the current device: launches run under :func:`device_guard`): its CUDA
+    capability (what fla and mamba-ssm key their tiles on), or :data:`DEFAULT_TARGET` for CPU tensors and ROCm, there
+    without tf32 unless Triton's target is one of :data:`TF32_HIP_ARCHS`."""
+    if device.type == "cpu":
         return DEFAULT_TARGET
+    if torch.version.hip:
+        return DEFAULT_TARGET._replace(tf32=triton.runtime.driver.active.get_current_target().arch in TF32_HIP_ARCHS)
     major, minor = torch.cuda.get_device_capability(device)
     return Target(10 * major + minor)
 
@@ -167,6 +172,7 @@ def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, target: Target) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs tf32 tensor-core products (exact for the inputs, 10
+    mantissa bits for fp32 intermediates such as states) where ``target`` has them, exact fp32 products elsewhere."""
+    return "tf32" if dtype != torch.float32 and target.tf32 else "ieee"

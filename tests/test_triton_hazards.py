@@ -163,3 +163,58 @@ def test_every_launch_runs_under_the_device_guard(name, monkeypatch):
     assert [k for k, _ in seen] == [k.name for k in call.launches]
     assert all(devices == [torch.device("meta")] for _, devices in seen), seen
 
+
+# ---------------------------------------------------------------- tl.dot precision per target (ROCm)
+
+class _HipDriver:
+    """Triton's active driver for an AMD GPU that is not there: only its target."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("hip", self.arch, 64)
+
+
+@pytest.mark.parametrize("arch, precision", [("gfx90a", "ieee"), ("gfx942", "tf32")])
+def test_bf16_dots_request_tf32_only_on_targets_that_have_it(arch, precision, monkeypatch):
+    from triton.runtime import driver
+
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    monkeypatch.setattr(driver, "_active", _HipDriver(arch))  # the stand-in as Triton's active driver
+    target = triton_common.launch_target(torch.device("cuda", 0))
+    monkeypatch.undo()
+    assert target.arch == 0  # ROCm: the default tiles
+    assert triton_common.dot_precision(torch.bfloat16, target) == precision
+    assert triton_common.dot_precision(torch.float32, target) == "ieee"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert triton_common.dot_precision(torch.float16, triton_common.launch_target(torch.device("cuda", 0))) == "tf32"
+
+
+_COMPILE_HIP = textwrap.dedent("""
+    import sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_output_kernel as fn
+    from zoo.kernels.triton_common import DEFAULT_TARGET, dot_precision
+
+    precision = dot_precision(torch.bfloat16, DEFAULT_TARGET._replace(tf32=False))
+    sig = {n: "i32" if n in ("T", "NT") else "constexpr" if n.isupper() else "*bf16" for n in fn.arg_names}
+    sig.update(states="*fp32", o="*fp32")
+    tiles = dict(H=4, K=64, V=64, BT=16, BK=64, BV=32, PRECISION=precision)
+    triton.compile(ASTSource(fn, sig, constexprs=tiles), target=GPUTarget("hip", "gfx90a", 64))
+    print(precision)
+""")
+
+
+def test_a_chunk_kernel_compiles_for_gfx90a_with_bf16_inputs():
+    """The RWKV-7 chunk-parallel output kernel (its dots take PRECISION) compiles for MI250 with the precision
+    :func:`dot_precision` picks there; with tf32 Triton's AMD front end refuses it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_HIP], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ieee"]

@@ -246,8 +246,9 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl)``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     gl = torch.empty(B * H, NT, K, **f32)
@@ -263,8 +264,9 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     """Launch the three backward kernels. Returns fp32 ``(dr, dk, dv, dw, du, d_initial_state)``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))

@@ -241,8 +241,9 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     trans = torch.empty(B * H, NT, K, K, **f32)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.ssd import check_ssd_shapes
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, launch_target, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -307,7 +307,7 @@ def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -
     L = min(64, max(16, triton.next_power_of_2(chunk_size)))
     exact = dtype == torch.float32
     block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 32))
-    return Tiles(L, block_p, 16, "ieee" if exact else "tf32", Launch(num_warps=4 if exact else 8, num_stages=1),
+    return Tiles(L, block_p, 16, dot_precision(dtype, target), Launch(num_warps=4 if exact else 8, num_stages=1),
                  Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
 
 
