@@ -14,7 +14,8 @@ also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total 
 every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
 values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
 ``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
-exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC
+exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs where the target has them
+(:func:`~zoo.kernels.triton_common.dot_precision`); all accumulation is fp32. dB, dC
 and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
 their last bits depend on the order the programs run in.
 Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk kernels run
