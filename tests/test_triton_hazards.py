@@ -2,7 +2,9 @@
 from the sm_90 TTIR, compiled without a GPU), grids over CUDA's y / z limit (meta tensors), and launches outside the
 inputs' device (a recorded ``torch.cuda.device``)."""
 import contextlib
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import zoo.kernels  # noqa: E402
 from zoo.kernels import registry, triton_common  # noqa: E402
 from zoo.kernels.registry import CALLS_BY_NAME, TRITON_CALLS, launches  # noqa: E402
 from zoo.kernels.triton_common import MAX_GRID_YZ  # noqa: E402
@@ -156,6 +159,8 @@ def test_every_launch_runs_under_the_device_guard(name, monkeypatch):
         seen.append((args[0], list(inside)))
         return real_launch(*args)
 
+    for info in pkgutil.walk_packages(zoo.kernels.__path__, "zoo.kernels."):  # the lazily imported ones too
+        importlib.import_module(info.name)
     for module in [m for m in list(sys.modules.values()) if getattr(m, "device_guard", None) is guard]:
         monkeypatch.setattr(module, "device_guard", recording_guard)
     monkeypatch.setattr(registry, "Launch", launch)
