@@ -46,7 +46,7 @@ def _chunk_pass_kernel(
     else:
         b_s = tl.zeros([BLOCK], dtype=tl.float32)
     if REVERSE:
-        tl.store(p_base + NT * KV, b_s, mask=m_s)
+        tl.store(p_base + tl.cast(NT, tl.int64) * KV, b_s, mask=m_s)  # int64: NT * KV can pass 2^31
     else:
         tl.store(p_base, b_s, mask=m_s)
     for i0 in range(0, NT, G):

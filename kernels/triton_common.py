@@ -4,6 +4,7 @@ and, for CPU tensors, the Triton interpreter), the target its launcher picks til
 kernel files only (``import zoo`` never loads Triton)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple
 
 import torch
@@ -12,14 +13,20 @@ from triton.runtime.interpreter import InterpretedFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256  # kernels that hold a [K, BV] state in registers refuse larger head dims
+MAX_GRID_YZ = 65535  # CUDA's limit of grid axes y and z (x allows 2^31 - 1)
 
 
-def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: int | None = None) -> None:
+def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: int | None = None,
+                      batch_heads: int | None = None) -> None:
     """Raise a ValueError prefixed with ``op`` unless every given tensor is fp32/bf16/fp16 on the first one's device,
-    ``head_dim`` (when given) is at most :data:`MAX_HEAD_DIM`, and CPU tensors run where ``kernel`` (any of the op's
-    ``@triton.jit`` kernels) is interpreted."""
+    ``head_dim`` (when given) is at most :data:`MAX_HEAD_DIM`, ``batch_heads`` (B * H, when the op's grids put it in
+    axis y or z) is at most :data:`MAX_GRID_YZ`, and CPU tensors run where ``kernel`` (any of the op's ``@triton.jit``
+    kernels) is interpreted."""
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim K={head_dim} exceeds {MAX_HEAD_DIM} (the state is held in registers)")
+    if batch_heads is not None and batch_heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: B * H = {batch_heads:,} exceeds {MAX_GRID_YZ:,}, CUDA's limit of the launch grid's y "
+                         f"and z axes, where these kernels put batch x heads; split the batch")
     present = [t for t in tensors if t is not None]
     device = present[0].device
     for t in present:
@@ -31,6 +38,12 @@ def check_triton_call(op: str, kernel, *tensors: torch.Tensor | None, head_dim: 
         raise ValueError(f"{op}: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported")
 
 
+def device_guard(device: torch.device):
+    """The context every launch runs in: ``device`` made the current CUDA device (Triton launches on the current
+    device and its stream, not the tensors'), nothing for CPU (the interpreter) and meta tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -39,13 +52,15 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch
     """The autograd ``Function`` of a scan whose ``apply`` takes its tensors (the last one the initial state, each
     may be None) then ``n_config`` non-tensor arguments. ``fwd(*tensors, *config)`` returns ``(out, final_state,
     *saved)``; ``bwd(*tensors_but_the_state, d_out, d_final, *saved, *config)`` returns the fp32 gradients of every
-    tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous."""
+    tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous; both
+    launchers run under :func:`device_guard` of the first tensor's device."""
 
     class ScanFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             tensors, config = [_contiguous(t) for t in args[:-n_config]], args[-n_config:]
-            out, final, *saved = fwd(*tensors, *config)
+            with device_guard(tensors[0].device):
+                out, final, *saved = fwd(*tensors, *config)
             ctx.save_for_backward(*tensors[:-1], *saved)
             ctx.n_inputs, ctx.config = len(tensors) - 1, config
             ctx.dtypes = [None if t is None else t.dtype for t in tensors]
@@ -54,7 +69,8 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch
         @staticmethod
         def backward(ctx, d_out, d_final):
             saved = ctx.saved_tensors
-            grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
+            with device_guard(saved[0].device):
+                grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
             return (*(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), *[None] * n_config)
 
     return ScanFunction
@@ -64,18 +80,23 @@ class Target(NamedTuple):
     """What a launcher's tile choice depends on besides shape and dtype."""
 
     arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
+    tf32: bool = True  # whether tl.dot accepts input_precision="tf32": every CUDA target, on ROCm only gfx942
 
 
 # The safe tiles (those of the GPUs without a table of their own): CPU tensors (the interpreter) and ROCm, whose
 # capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's.
 DEFAULT_TARGET = Target(0)
+TF32_HIP_ARCHS = ("gfx942",)  # the AMD targets whose Triton front end takes tf32 products
 
 
 def launch_target(device: torch.device) -> Target:
-    """The target of a launch on ``device``: its CUDA capability (what fla and mamba-ssm key their tiles on), or
-    :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
-    if device.type == "cpu" or torch.version.hip:
+    """The target of a launch on ``device`` (the current device: launches run under :func:`device_guard`): its CUDA
+    capability (what fla and mamba-ssm key their tiles on), or :data:`DEFAULT_TARGET` for CPU tensors and ROCm, there
+    without tf32 unless Triton's target is one of :data:`TF32_HIP_ARCHS`."""
+    if device.type == "cpu":
         return DEFAULT_TARGET
+    if torch.version.hip:
+        return DEFAULT_TARGET._replace(tf32=triton.runtime.driver.active.get_current_target().arch in TF32_HIP_ARCHS)
     major, minor = torch.cuda.get_device_capability(device)
     return Target(10 * major + minor)
 
@@ -151,6 +172,7 @@ def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs lose nothing to tf32 tensor-core products."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, target: Target) -> str:
+    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs tf32 tensor-core products (exact for the inputs, 10
+    mantissa bits for fp32 intermediates such as states) where ``target`` has them, exact fp32 products elsewhere."""
+    return "tf32" if dtype != torch.float32 and target.tf32 else "ieee"

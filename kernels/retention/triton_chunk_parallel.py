@@ -219,8 +219,9 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
-    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype))
+    target = launch_target(q.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
     f32 = dict(dtype=torch.float32, device=q.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     o = torch.empty(B, T, H, V, **f32)
@@ -236,8 +237,9 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
-    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, launch_target(q.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype))
+    target = launch_target(q.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
     f32 = dict(dtype=torch.float32, device=q.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
@@ -261,6 +263,7 @@ def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str =
     kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at
     K > 64): :func:`chunk_parallel_tiles`."""
     K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
-    check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K)
+    check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K,
+                      batch_heads=q.shape[0] * q.shape[2])
     o, final = RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final

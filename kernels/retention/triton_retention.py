@@ -290,7 +290,8 @@ def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
-    tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    target = launch_target(q.device)
+    tiles = chunk_tiles(K, V, chunk_size, dtype, target)
     BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = triton.cdiv(T, BT)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
@@ -299,7 +300,7 @@ def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_chunk_fwd_kernel[(NV, B * H)](
         q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=dot_precision(dtype), **tiles.launch._asdict(),
+        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=dot_precision(dtype, target), **tiles.launch._asdict(),
     )
     return o, s_final, ckpt
 
@@ -309,7 +310,8 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
-    tiles = chunk_tiles(K, V, chunk_size, dtype, launch_target(q.device))
+    target = launch_target(q.device)
+    tiles = chunk_tiles(K, V, chunk_size, dtype, target)
     BT, BK, BV, NV = tiles.BT, tiles.BK, tiles.BV, triton.cdiv(V, tiles.BV)
     NC = ckpt.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -321,7 +323,7 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     _retention_chunk_bwd_kernel[(NV, B * H)](
         q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt,
         dq, dk, dv, dg, ds0,
-        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=dot_precision(dtype),
+        T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=dot_precision(dtype, target),
         **tiles.launch._asdict(),
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
@@ -333,7 +335,8 @@ ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd)
 
 def _run(op: str, function, q, k, v, log_decay, initial_state, chunk_size: int):
     K = check_retention_inputs(op, q, k, v, log_decay, initial_state, chunk_size)
-    check_triton_call(op, _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K)
+    check_triton_call(op, _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K,
+                      batch_heads=q.shape[0] * q.shape[2])
     o, final = function.apply(q, k, v, log_decay, initial_state, chunk_size)
     return o.to(v.dtype), final
 

@@ -246,8 +246,9 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
     """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl)``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     gl = torch.empty(B * H, NT, K, **f32)
@@ -263,8 +264,9 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     """Launch the three backward kernels. Returns fp32 ``(dr, dk, dv, dw, du, d_initial_state)``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
@@ -287,5 +289,6 @@ def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int 
     """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
     kernels of this module. Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`chunk_parallel_tiles`."""
     K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
-    check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K)
+    check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV6ChunkParallelFunction.apply(r, k, v, w_log, u, initial_state, chunk_size)

@@ -150,5 +150,6 @@ def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
     the number of tokens between the states saved for the backward pass (memory ``T / chunk_size`` states vs.
     recompute)."""
     K = check_rwkv6_inputs("rwkv6_triton", r, k, v, w_log, u, initial_state, chunk_size)[3]
-    check_triton_call("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state, head_dim=K)
+    check_triton_call("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV6Function.apply(r, k, v, w_log, u, initial_state, chunk_size)

@@ -149,16 +149,17 @@ def _rwkv7_cp_pass_kernel(
     else:
         b_s = tl.zeros([BK, BVP], dtype=tl.float32)
     for c in range(NT):
-        tl.store(p_s + c * K * V, b_s, mask=m_kv)
+        c64 = tl.cast(c, tl.int64)  # c * K * V can pass 2^31 (K = V = 64 at T >= 8.4M)
+        tl.store(p_s + c64 * K * V, b_s, mask=m_kv)
         tl.debug_barrier()
-        b_s = tl.load(p_s + (c + 1) * K * V, mask=m_kv, other=0.0)  # h_c
+        b_s = tl.load(p_s + (c64 + 1) * K * V, mask=m_kv, other=0.0)  # h_c
         for k0 in range(0, BK, KB):
             m_kb = (k0 + o_kb) < K
-            b_m = tl.load(p_m + c * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
-            b_sk = tl.load(p_sb + c * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
+            b_m = tl.load(p_m + c64 * K * K + k0, mask=m_k[:, None] & m_kb[None, :], other=0.0)  # [BK, KB]
+            b_sk = tl.load(p_sb + c64 * K * V + k0 * V, mask=m_kb[:, None] & m_v[None, :], other=0.0)  # [KB, BVP]
             b_s += tl.dot(b_m, b_sk, input_precision="ieee")
         tl.debug_barrier()
-    tl.store(p_s + NT * K * V, b_s, mask=m_kv)
+    tl.store(p_s + tl.cast(NT, tl.int64) * K * V, b_s, mask=m_kv)
 
 
 @triton.jit
@@ -240,8 +241,9 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, launch_target(r.device))
-    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v)))
+    target = launch_target(r.device)
+    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     trans = torch.empty(B * H, NT, K, K, **f32)
@@ -288,5 +290,6 @@ def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: i
     forward of this module, the fused-recurrent Triton backward (every gradient, the initial state's included).
     Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`rwkv7_chunk_parallel_tiles`."""
     K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K)
+    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV7ChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

@@ -151,5 +151,6 @@ def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16)
     """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
     the number of tokens between the states saved for the backward pass."""
     K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_triton_call("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K)
+    check_triton_call("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
+                      batch_heads=r.shape[0] * r.shape[2])
     return RWKV7Function.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

@@ -14,7 +14,8 @@ also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total 
 every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
 values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
 ``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
-exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs; all accumulation is fp32. dB, dC
+exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs where the target has them
+(:func:`~zoo.kernels.triton_common.dot_precision`); all accumulation is fp32. dB, dC
 and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
 their last bits depend on the order the programs run in.
 Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk kernels run
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.ssd import check_ssd_shapes
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, launch_target, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -307,7 +308,7 @@ def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -
     L = min(64, max(16, triton.next_power_of_2(chunk_size)))
     exact = dtype == torch.float32
     block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 32))
-    return Tiles(L, block_p, 16, "ieee" if exact else "tf32", Launch(num_warps=4 if exact else 8, num_stages=1),
+    return Tiles(L, block_p, 16, dot_precision(dtype, target), Launch(num_warps=4 if exact else 8, num_stages=1),
                  Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
 
 
@@ -387,9 +388,11 @@ def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, d
     of two in [16, 64]). One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
     """
     check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, x, dt, A, B, C, D, dt_bias, initial_state)
     inputs = (x, dt, A, B, C, D, dt_bias, initial_state)
-    if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    step = x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    # the chunk kernels put B * H in grid y; the step kernel in x
+    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, *inputs, batch_heads=None if step else x.shape[0] * x.shape[2])
+    if step:
         from .triton_step import ssd_step_triton
 
         return ssd_step_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state)

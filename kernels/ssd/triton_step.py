@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.ssd import check_ssd_shapes
-from zoo.kernels.triton_common import check_triton_call
+from zoo.kernels.triton_common import check_triton_call, device_guard
 
 
 @triton.jit
@@ -87,10 +87,11 @@ def ssd_step_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = Tr
     y = torch.empty(batch, 1, heads, p, dtype=x.dtype, device=x.device)
     block_p, block_n = step_blocks(p, n)
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    _ssd_step_kernel[(batch * heads, triton.cdiv(p, block_p))](
-        x, dt, A, dt_bias, B, C, D, state, out_state, y,
-        heads, groups, p, n, float(dt_limit[0]), float(dt_limit[1]),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_STATE=state is not None,
-        BLOCK_P=block_p, BLOCK_N=block_n,
-    )
+    with device_guard(x.device):
+        _ssd_step_kernel[(batch * heads, triton.cdiv(p, block_p))](
+            x, dt, A, dt_bias, B, C, D, state, out_state, y,
+            heads, groups, p, n, float(dt_limit[0]), float(dt_limit[1]),
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_STATE=state is not None,
+            BLOCK_P=block_p, BLOCK_N=block_n,
+        )
     return y, out_state
