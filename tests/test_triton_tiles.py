@@ -31,11 +31,24 @@ def test_launch_target_is_read_from_the_device(monkeypatch, name):
     assert launch_target(torch.device("cpu")) == DEFAULT_TARGET
 
 
+class _MI250Driver:
+    """Triton's active driver for an MI250 that is not there: only its target."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("hip", "gfx90a", 64)
+
+
 def test_rocm_gets_the_default_tiles(monkeypatch):
-    """An MI250 reports capability 9.0, like an H100: it must not get the H100's tiles."""
+    """An MI250 reports capability 9.0, like an H100: it must not get the H100's tiles (nor tf32 products)."""
+    from triton.runtime import driver
+
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert fake_gpu(monkeypatch, "H100") == DEFAULT_TARGET
-    assert chunk_tiles(64, 128, 64, BF16, DEFAULT_TARGET) == ChunkTiles(16, 64, 16, Launch(4, 1))
+    monkeypatch.setattr(driver, "_active", _MI250Driver())
+    target = fake_gpu(monkeypatch, "H100")
+    assert target == DEFAULT_TARGET._replace(tf32=False)
+    assert chunk_tiles(64, 128, 64, BF16, target) == ChunkTiles(16, 64, 16, Launch(4, 1))
 
 
 @pytest.mark.parametrize("name, dtype, K, V, expected", [
