@@ -27,7 +27,8 @@ def test_pattern_tiles_layers():
 
 def test_a_model_keeps_its_validated_spec_and_a_loaded_config_validates_once(tmp_path, monkeypatch):
     """from_spec keeps the spec object (no second validation); a loaded config.json is validated once, and setting a
-    saved field validates the new fields on the next read."""
+    saved field validates the new fields on the next read. Counted for this spec's d_model: older transformers (5.8)
+    also build default configs while saving and loading, each validated once as it is built."""
     from zoo.layers import AttentionConfig
 
     spec = ModelConfig.from_dict({"d_model": 32, "n_layers": 2, "blocks": ["attention"], "vocab_size": 50})
@@ -39,9 +40,9 @@ def test_a_model_keeps_its_validated_spec_and_a_loaded_config_validates_once(tmp
     assert "_validated_spec" not in m.config.to_dict()
     m.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert len(calls) == 1 and loaded.config.model_config() == spec
+    assert calls.count(32) == 1 and loaded.config.model_config() == spec
     loaded.config.module_args = {"attention": {"n_heads": 2}}
-    assert loaded.config.model_config().args_for("attention").n_heads == 2 and len(calls) == 2
+    assert loaded.config.model_config().args_for("attention").n_heads == 2 and calls.count(32) == 2
 
 
 def test_save_load_with_auto_classes(tmp_path):
