@@ -219,6 +219,9 @@ _SSD_FWD = (("_ssd_chunk_state_kernel", ssd_chunks), ("_ssd_state_passing_kernel
 CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["selective_scan"], "triton_recurrent", _kernels(
         ("_selective_scan_fwd_kernel", selective_scan_grid), ("_selective_scan_bwd_kernel", selective_scan_grid))),
+    # decode steps (T = 1): one program per block of the state, no time loop to fill the GPU with
+    KernelCall(OPS["selective_scan"], "triton_recurrent", _kernels(
+        ("_selective_scan_step_kernel", selective_scan_grid, False)), step=True),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(
         *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunks))),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),

@@ -237,9 +237,14 @@ SelectiveScanFn = scan_function(_launch_forward, _launch_backward, n_config=2)
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None, chunk_size: int | None = None):
     """Same contract as :func:`zoo.kernels.selective_scan.selective_scan` (fp32, bf16 or fp16 inputs; y in u's dtype,
     the state fp32); ``chunk_size`` is the checkpoint interval of the backward (None: ``sqrt(T)`` rounded up to a
-    power of 2)."""
+    power of 2). One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch."""
     check_scan_shapes("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, initial_state)
     check_triton_call("selective_scan_triton", _selective_scan_fwd_kernel, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if u.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        from .triton_step import selective_scan_step_triton
+
+        return selective_scan_step_triton(*inputs[:8], delta_softplus, initial_state)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"selective_scan_triton: chunk_size must be >= 1, got {chunk_size}")
     chunk = _checkpoint_interval(u.shape[1], chunk_size)
