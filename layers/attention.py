@@ -177,11 +177,36 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
+def signed_rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_cos_sin` in ``dtype`` with sin's first half negated, the form :func:`apply_rope` takes."""
+    cos, sin = rope_cos_sin(positions, head_dim, theta)
+    half = head_dim // 2
+    return cos.to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
+
+
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`signed_rope_tables` of positions ``0 .. L - 1`` (``L >= length``, ``[L, Dh]`` each), computed once per
+    (head_dim, theta, device, dtype) and regrown by doubling: every attention layer of every step slices or indexes
+    it instead of recomputing its tables (the same values: each entry is computed the same way). Ordinary tensors
+    even under inference mode, so training may use them after a ``generate``."""
+    key = (head_dim, float(theta), device, dtype)
+    tables = _ROPE_TABLES.get(key)
+    if tables is None or tables[0].shape[0] < length:
+        size = max(256, 1 << (length - 1).bit_length())
+        with torch.inference_mode(False), torch.no_grad():
+            tables = signed_rope_tables(torch.arange(size, device=device), head_dim, theta, dtype)
+        _ROPE_TABLES[key] = tables
+    return tables
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, H, T, Dh]`` by the tables ``[T, Dh]`` or ``[B, 1, T, Dh]`` (rotate-half convention, as HF Llama)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate ``x [B, H, T, Dh]`` by the tables ``[T, Dh]`` or ``[B, 1, T, Dh]`` of :func:`signed_rope_tables` in x's
+    dtype: ``x cos + rotate_half(x) sin`` (HF Llama's rotate-half convention, the same values) with
+    ``rotate_half(x) sin = roll(x, Dh/2) signed_sin``, one op instead of chunk, negation and concatenation."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -265,14 +290,28 @@ class Attention(SequenceMixer):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        positions = state.positions(T, x.device)  # [T] shared by the rows, or [B, T]
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
-        if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+        cos, sin = self._rope_tables(state, T, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         state, k, v, mask = state.append(k, v, self.config.causal)
         y = self._attend(q, k, v, mask)  # [B, H, T, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), state
+
+    def _rope_tables(self, state: AttentionState | StaticAttentionState, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of the next ``T`` positions of ``state`` in x's dtype: ``[T, Dh]`` shared by the rows, or
+        ``[B, 1, T, Dh]``. Eager calls slice (a cache without padding: no op at all) or index the shared
+        :func:`rope_table`; traced ones (torch.compile, export, tensor subclasses) compute them."""
+        theta = self.config.rope_theta
+        if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            positions = state.positions(T, x.device)  # [T] or [B, T]
+            cos, sin = signed_rope_tables(positions, self.head_dim, theta, x.dtype)
+        else:
+            past = 0 if state.k is None else state.k.shape[2]  # positions (and a static cache's slots) are below past + T
+            cos, sin = rope_table(past + T, self.head_dim, theta, x.device, x.dtype)
+            if isinstance(state, AttentionState) and state.key_mask is None:
+                return cos[past : past + T], sin[past : past + T]
+            positions = state.positions(T, x.device)  # [B, T]
+            cos, sin = cos[positions], sin[positions]
+        return (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos, sin)  # [B, 1, T, Dh]
 
     def stack_row_states(self, states: list[AttentionState]) -> AttentionState:
         """Left-pad single-row KV caches of different lengths to the longest; ``key_mask`` marks the real slots."""
