@@ -130,3 +130,20 @@ def test_generate_cli(tmp_path, capsys):
     assert err.startswith("zoo.generate: error:") and "nope" in err
     assert generate_main([str(tmp_path / "run"), "--prompt", "x", "--temperature", "0"]) == 2
     assert "--temperature must be > 0" in capsys.readouterr().err
+
+
+def test_a_decode_step_checks_only_its_own_mask_columns():
+    """Continuing a cache, the left padding of the prompt stays in the mask and is allowed (each step checks its own
+    columns, not all ``[B, S]``); padding in the step's own column is refused."""
+    model = tiny(["attention"])
+    ids = torch.randint(1, VOCAB, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 is left-padded
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        step = torch.randint(1, VOCAB, (2, 1))
+        full = model(torch.cat([ids, step], 1), attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1)).logits[:, -1]
+        logits = model(step, attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1), cache=out.past_key_values).logits
+        torch.testing.assert_close(logits[:, -1], full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="padded positions after the first call"):
+            model(step, attention_mask=torch.cat([mask, torch.tensor([[1], [0]])], 1), cache=out.past_key_values)

@@ -195,7 +195,7 @@ class ZooModel(ZooPreTrainedModel):
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
         if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # one reduction (each decode step runs this)
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
 
@@ -223,8 +223,12 @@ class ZooModel(ZooPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = (cache if cache is not None else ZooCache(len(self.layers))) if use_cache else None
         spans = None
-        if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
-            spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
+        if attention_mask is not None and not torch.compiler.is_compiling():
+            recent = attention_mask
+            if cache is not None and cache.seen_tokens and attention_mask.dim() == 2:
+                recent = attention_mask[:, -inputs_embeds.shape[1]:]  # a cache continues: checked are this call's columns
+            if not bool(recent.all()):
+                spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
         record = _Recorder(self.layers, output_hidden_states, output_attentions, cache if spans is None else None)
         with record:
             if spans is None:
