@@ -46,7 +46,7 @@ from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.chunk_pass import chunk_dims
 from zoo.kernels.rwkv7 import rwkv7_keys
 from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_tiles, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, heads_state, launch_target, recurrent_tiles, scan_function
 
 
 @triton.jit
@@ -282,7 +282,8 @@ def _rwkv7_recurrent_bwd(r, w, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     return rwkv7_bwd(r, w, k, v, a, b, do, ds_final, ckpt, bt)
 
 
-RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd)
+RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd, layout="tttttt",
+                                           state_elements=lambda r, w, k, v, *_: heads_state(r, v))
 
 
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
