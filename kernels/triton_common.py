@@ -266,7 +266,12 @@ def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_
         T, ckpt.shape[1], B, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
     )
     sums = {"k": (0,), "v": (), "u": (0, 1), "g": (0, 1)}
-    return [b.sum(sums[g]) if sums[g] else b for b, g in zip(buffers, grads)] + [ds0]
+    out = []
+    for g in grads:  # each partial buffer freed once added up: the peak holds one reduced gradient, not all
+        b = buffers.pop(0)
+        out.append(b.sum(sums[g]) if sums[g] else b)
+        del b
+    return out + [ds0]
 
 
 def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
