@@ -51,11 +51,13 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 # Segmented recompute (issue 26, finding 8): above S tokens a scan runs as consecutive segments of S tokens carrying
 # the state, keeps only each segment's start state (plus its inputs) for the backward, and recomputes one segment's
 # forward buffers just before that segment's backward, walking the segments in reverse. The op's own buffers then grow
-# with S, not T: at the long-context shape B = 1, H = 32, K = V = 128 (B * H * K * V = 2^19 state elements), S =
-# 2^33 / 2^19 = 16,384 tokens, so a segment's fp32 chunk states (one [K, V] state every 16 tokens) take 2 GiB and its
-# [NV, B, S, H, K] partial gradients 1 GiB each. Every shape the benchmarks and the parallelism bar use (B = 1, T =
-# 16k, H = 16, K = V = 64: S = 131,072) is one segment, today's path, so no launch loses programs; a segmented launch
-# still has at least S / 16 = 64 chunks per (V block, batch x head). The cost: one more forward per segment.
+# with S, not T. Why this S: at the long-context shape B = 1, H = 32, K = V = 128 (2^19 state elements) S = 2^33 /
+# 2^19 = 16,384 tokens, where a segment's fp32 chunk states (a [K, V] state every 16 tokens) take 2 GiB and each
+# [NV, B, S, H, K] partial gradient 1 GiB: every op's own buffers peak at 5-9 GiB, under the 16 GiB goal with room
+# (benchmarks/results/kernels-memory-128k.md). Parallelism: a segmented launch has S / BT chunks per (V block, batch x
+# head), 1,024 at that shape (131,072 programs per chunk launch) and at least 16 (S >= 1,024); the shape of the
+# parallelism bar (B = 1, T = 16k, H = 16, K = V = 64: S = 131,072) and every benchmark shape are one segment, the
+# path and launches of before. The cost: one more forward per segment.
 SEGMENT_ELEMENTS = 2**33  # token x state elements of one segment: S * (the state's numel, batch included)
 SEGMENT_MULTIPLE = 1024  # S is a multiple of it (so of every chunk length) and at least it
 _forced_segment: list[int | None] = [None]
