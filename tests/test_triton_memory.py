@@ -62,6 +62,21 @@ def test_gpu_segmented_matches_unsegmented(call):
         assert_relative_error(value, ref, 1e-3, f"{call.name} {name}")
 
 
+def test_short_sequences_take_one_segment():
+    """At the parallelism bar's shapes (B = 1, T = 16k) every call launches exactly its declared kernels once (today's
+    path); forced into 4 segments, the forward launches 4 times and the backward recomputes each segment's forward
+    before its backward (meta tensors, nothing launched)."""
+    from zoo.kernels.registry import launches
+
+    for call in TRAINED:
+        for dims in call.op.fill:
+            names = [r.kernel for r in launches(call, dims, 16384)]
+            assert names == [k.name for k in call.launches], call.name
+            fwd = [r.kernel for r in launches(call, dims, 16384, backward=False)]
+            with forced_segment(4096):
+                assert [r.kernel for r in launches(call, dims, 16384)] == fwd * 4 + names * 4, call.name
+
+
 def test_segment_length():
     """S = 2^33 / state elements, a multiple of 1024: 16,384 tokens at the long-context shape (B = 1, H = 32, K = V =
     128); one segment at the parallelism bar's B = 1, T = 16k, H = 16, K = V = 64; forced inside ``forced_segment``."""
