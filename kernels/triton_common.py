@@ -82,11 +82,6 @@ def segment_tokens(state_elements: int) -> int:
     return max(SEGMENT_MULTIPLE, SEGMENT_ELEMENTS // max(state_elements, 1) // SEGMENT_MULTIPLE * SEGMENT_MULTIPLE)
 
 
-def heads_state(x: torch.Tensor, v: torch.Tensor) -> int:
-    """The numel of the ``[B, H, K, V]`` state of a head-wise scan with ``x [B, T, H, K]`` and ``v [B, T, H, V]``."""
-    return x.shape[0] * x.shape[2] * x.shape[3] * v.shape[-1]
-
-
 def _token_slice(tensors: list, layout: str, s0: int, s1: int) -> list:
     """Tokens ``[s0, s1)`` of the per-token (``t``: ``[B, T, ...]``) tensors, contiguous; parameters (``p``) as given."""
     return [t[:, s0:s1].contiguous() if t is not None and kind == "t" else t for t, kind in zip(tensors, layout, strict=True)]

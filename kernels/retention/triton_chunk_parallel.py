@@ -33,7 +33,7 @@ import triton.language as tl
 
 from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.retention import check_retention_inputs
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, heads_state, launch_target, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
 
 
 RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd, layout="tttp",
-                                               state_elements=lambda q, k, v, *_: heads_state(q, v))
+                                               state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
 
 
 def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):

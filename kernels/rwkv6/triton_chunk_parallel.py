@@ -38,7 +38,7 @@ import triton.language as tl
 
 from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, heads_state, launch_target, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -283,7 +283,7 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
 
 
 RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd, layout="ttttp",
-                                           state_elements=lambda r, k, v, *_: heads_state(r, v))
+                                           state_elements=lambda r, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):

@@ -46,7 +46,7 @@ from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.chunk_pass import chunk_dims
 from zoo.kernels.rwkv7 import rwkv7_keys
 from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, heads_state, launch_target, recurrent_tiles, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_tiles, scan_function
 
 
 @triton.jit
@@ -283,7 +283,7 @@ def _rwkv7_recurrent_bwd(r, w, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
 
 
 RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd, layout="tttttt",
-                                           state_elements=lambda r, w, k, v, *_: heads_state(r, v))
+                                           state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):

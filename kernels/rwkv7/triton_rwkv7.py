@@ -21,7 +21,7 @@ import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.rwkv7 import rwkv7_keys
-from zoo.kernels.triton_common import check_triton_call, heads_state, recurrent_bwd, recurrent_fwd, scan_function
+from zoo.kernels.triton_common import check_triton_call, recurrent_bwd, recurrent_fwd, scan_function
 
 
 @triton.jit
@@ -144,7 +144,8 @@ def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk")
 
 
-RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, layout="tttttt", state_elements=lambda r, w, k, v, *_: heads_state(r, v))
+RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, layout="tttttt",
+                              state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.ssd import check_ssd_shapes
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, heads_state, launch_target, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -379,7 +379,7 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_s
 
 
 SSDFn = scan_function(_launch_forward, _launch_backward, n_config=3, layout="ttpttpp",
-                      state_elements=lambda x, dt, A, B, *_: heads_state(x, B))  # [B, H, P, N]
+                      state_elements=lambda x, dt, A, B, *_: x.shape[0] * x.shape[2] * x.shape[3] * B.shape[-1])  # [B, H, P, N]
 
 
 def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, dt_limit=(0.0, float("inf")), initial_state=None,
