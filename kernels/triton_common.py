@@ -48,29 +48,128 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1) -> type[torch.autograd.Function]:
+# Segmented recompute (issue 26, finding 8): above S tokens a scan runs as consecutive segments of S tokens carrying
+# the state, keeps only each segment's start state (plus its inputs) for the backward, and recomputes one segment's
+# forward buffers just before that segment's backward, walking the segments in reverse. The op's own buffers then grow
+# with S, not T. Why this S: at the long-context shape B = 1, H = 32, K = V = 128 (2^19 state elements) S = 2^33 /
+# 2^19 = 16,384 tokens, where a segment's fp32 chunk states (a [K, V] state every 16 tokens) take 2 GiB and each
+# [NV, B, S, H, K] partial gradient 1 GiB: every op's own buffers peak at 5-9 GiB, under the 16 GiB goal with room
+# (benchmarks/results/kernels-memory-128k.md). Parallelism: a segmented launch has S / BT chunks per (V block, batch x
+# head), 1,024 at that shape (131,072 programs per chunk launch) and at least 16 (S >= 1,024); the shape of the
+# parallelism bar (B = 1, T = 16k, H = 16, K = V = 64: S = 131,072) and every benchmark shape are one segment, the
+# path and launches of before. The cost: one more forward per segment.
+SEGMENT_ELEMENTS = 2**33  # token x state elements of one segment: S * (the state's numel, batch included)
+SEGMENT_MULTIPLE = 1024  # S is a multiple of it (so of every chunk length) and at least it
+_forced_segment: list[int | None] = [None]
+
+
+@contextlib.contextmanager
+def forced_segment(tokens: int | None):
+    """Run every scan in segments of ``tokens`` (None: never segment) inside the context, whatever its shape (tests,
+    and the memory table's unsegmented column)."""
+    saved, _forced_segment[0] = _forced_segment[0], tokens if tokens is not None else 2**62
+    try:
+        yield
+    finally:
+        _forced_segment[0] = saved
+
+
+def segment_tokens(state_elements: int) -> int:
+    """S, the tokens of a segment of a scan whose state (batch included) has ``state_elements`` entries:
+    ``SEGMENT_ELEMENTS / state_elements`` rounded down to a multiple of ``SEGMENT_MULTIPLE``, at least that."""
+    if _forced_segment[0] is not None:
+        return _forced_segment[0]
+    return max(SEGMENT_MULTIPLE, SEGMENT_ELEMENTS // max(state_elements, 1) // SEGMENT_MULTIPLE * SEGMENT_MULTIPLE)
+
+
+def _token_slice(tensors: list, layout: str, s0: int, s1: int) -> list:
+    """Tokens ``[s0, s1)`` of the per-token (``t``: ``[B, T, ...]``) tensors, contiguous; parameters (``p``) as given."""
+    return [t[:, s0:s1].contiguous() if t is not None and kind == "t" else t for t, kind in zip(tensors, layout, strict=True)]
+
+
+def _forward_segments(fwd: Callable, tensors: list, config: tuple, layout: str, bounds: list) -> tuple:
+    """Run ``fwd`` segment after segment, each from the last one's final state. Returns ``(out [B, T, ...], final,
+    starts)``; ``starts``: the state entering each segment (the first: the initial state, possibly None)."""
+    *inputs, state = tensors
+    out, starts = None, []
+    for s0, s1 in bounds:
+        starts.append(state)
+        res = fwd(*_token_slice(inputs, layout, s0, s1), state, *config)
+        piece, state = res[0], _contiguous(res[1])
+        del res  # this segment's saved buffers: recomputed in the backward
+        if out is None:
+            out = piece.new_empty(piece.shape[0], inputs[0].shape[1], *piece.shape[2:])  # [B, T, ...]
+        out[:, s0:s1] = piece
+        del piece
+    return out, state, starts
+
+
+def _backward_segments(fwd: Callable, bwd: Callable, inputs: list, starts: list, d_out, d_final, config: tuple,
+                       layout: str, bounds: list) -> list:
+    """The segments in reverse: recompute one segment's forward from its start state, run ``bwd`` on it with the
+    gradient of its final state (``d_final``, then the next segment's initial-state gradient), write its per-token
+    gradients into full-length buffers in the inputs' dtypes and add up the parameters' (fp32). Returns the gradients
+    of ``inputs`` then of the initial state (fp32)."""
+    grads = [None if x is None else torch.empty_like(x) if kind == "t" else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+             for x, kind in zip(inputs, layout, strict=True)]
+    d_state = d_final
+    for (s0, s1), state in zip(reversed(bounds), reversed(starts)):
+        piece = _token_slice(inputs, layout, s0, s1)
+        saved = fwd(*piece, state, *config)[2:]
+        d_piece = bwd(*piece, _contiguous(d_out[:, s0:s1]), d_state, *saved, *config)
+        del saved
+        for g, d, kind in zip(grads, d_piece, layout):
+            if g is not None and kind == "t":
+                g[:, s0:s1] = d
+            elif g is not None:
+                g += d
+        d_state = _contiguous(d_piece[-1])  # a launcher may return a view (a slot of its state gradients)
+        del d_piece
+    return [*grads, d_state]
+
+
+def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1, layout: str | None = None,
+                  state_elements: Callable[..., int] | None = None) -> type[torch.autograd.Function]:
     """The autograd ``Function`` of a scan whose ``apply`` takes its tensors (the last one the initial state, each
     may be None) then ``n_config`` non-tensor arguments. ``fwd(*tensors, *config)`` returns ``(out, final_state,
     *saved)``; ``bwd(*tensors_but_the_state, d_out, d_final, *saved, *config)`` returns the fp32 gradients of every
     tensor, which come back in their inputs' dtypes (None for an absent input). Inputs are made contiguous; both
-    launchers run under :func:`device_guard` of the first tensor's device."""
+    launchers run under :func:`device_guard` of the first tensor's device.
+
+    With ``layout`` (one letter per tensor but the state: ``t`` per-token ``[B, T, ...]``, ``p`` a parameter shared
+    by every token) and ``state_elements(*tensors)`` (the state's numel, batch included), sequences longer than
+    :func:`segment_tokens` run in segments (segmented recompute, above): the same outputs and gradients up to
+    rounding, the op's buffers those of one segment. ``T <= S`` takes the one-launch-sequence path."""
+    if (layout is None) != (state_elements is None):
+        raise ValueError("scan_function: give both layout and state_elements, or neither")
 
     class ScanFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             tensors, config = [_contiguous(t) for t in args[:-n_config]], args[-n_config:]
-            with device_guard(tensors[0].device):
-                out, final, *saved = fwd(*tensors, *config)
-            ctx.save_for_backward(*tensors[:-1], *saved)
-            ctx.n_inputs, ctx.config = len(tensors) - 1, config
+            ctx.n_inputs, ctx.config, ctx.bounds = len(tensors) - 1, config, None
             ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+            T = tensors[0].shape[1]
+            S = segment_tokens(state_elements(*tensors)) if layout is not None else T
+            with device_guard(tensors[0].device):
+                if T <= S:
+                    out, final, *saved = fwd(*tensors, *config)
+                else:
+                    ctx.bounds = [(s0, min(s0 + S, T)) for s0 in range(0, T, S)]
+                    out, final, saved = _forward_segments(fwd, tensors, config, layout, ctx.bounds)
+            ctx.save_for_backward(*tensors[:-1], *saved)
             return out, final
 
         @staticmethod
         def backward(ctx, d_out, d_final):
             saved = ctx.saved_tensors
-            with device_guard(saved[0].device):
-                grads = bwd(*saved[:ctx.n_inputs], _contiguous(d_out), _contiguous(d_final), *saved[ctx.n_inputs:], *ctx.config)
+            inputs, rest = saved[:ctx.n_inputs], saved[ctx.n_inputs:]
+            with device_guard(inputs[0].device):
+                if ctx.bounds is None:
+                    grads = bwd(*inputs, _contiguous(d_out), _contiguous(d_final), *rest, *ctx.config)
+                else:
+                    grads = _backward_segments(fwd, bwd, list(inputs), list(rest), d_out, _contiguous(d_final), ctx.config,
+                                               layout, ctx.bounds)
             return (*(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), *[None] * n_config)
 
     return ScanFunction
@@ -164,7 +263,12 @@ def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_
         T, ckpt.shape[1], B, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
     )
     sums = {"k": (0,), "v": (), "u": (0, 1), "g": (0, 1)}
-    return [b.sum(sums[g]) if sums[g] else b for b, g in zip(buffers, grads)] + [ds0]
+    out = []
+    for g in grads:  # each partial buffer freed once added up: the peak holds one reduced gradient, not all
+        b = buffers.pop(0)
+        out.append(b.sum(sums[g]) if sums[g] else b)
+        del b
+    return out + [ds0]
 
 
 def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:

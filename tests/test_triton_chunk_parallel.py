@@ -193,7 +193,7 @@ def test_input_checks(op):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", OPS)
 def test_gpu_matches_chunked(op, dtype):
     """Real shapes (16 heads x 64; retention V = 128 as RetNet's) on the GPU against the chunked torch form in fp64."""
@@ -215,3 +215,42 @@ def test_gpu_bf16_long_sequence_is_finite(op):
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     for name, t in leaves.items():
         assert torch.isfinite(t.grad).all(), f"non-finite gradient for {name}"
+
+
+def test_interpreter_tests_run_on_the_gpu_when_there_is_one(monkeypatch):
+    """Issue 26, finding 9: with ``torch.cuda.is_available()`` faked True (nothing is launched), conftest leaves the
+    interpreter off, the test device is cuda, and the input builders of every interpreter test file (odd T, K = 24 /
+    72, V = 40, non-contiguous and K < 16 cases included) send each tensor there, so a plain ``pytest`` on a GPU host
+    runs them all on the GPU instead of failing with "CPU tensors need the Triton interpreter"."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    def load(name):  # a fresh copy of tests/<name>.py, imported under the faked answer
+        spec = importlib.util.spec_from_file_location(f"_gpu_host_{name}", Path(__file__).parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    load("conftest")
+    assert "TRITON_INTERPRET" not in os.environ
+    testing = load("triton_testing")
+    assert testing.DEVICE == "cuda"
+    monkeypatch.setitem(sys.modules, "triton_testing", testing)
+    files = {name: load(name) for name in ("test_triton_retention", "test_triton_rwkv", "test_triton_scan",
+                                           "test_triton_chunk_parallel_blocks", "test_triton_memory")}
+    assert {name: m.DEVICE for name, m in files.items()} == dict.fromkeys(files, "cuda")
+    sent = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: sent.append(str(args[0] if args else kwargs["device"])) or self)
+    builders = [lambda: files["test_triton_retention"].make_inputs(B=2, T=11, K=8, V=72),
+                lambda: files["test_triton_rwkv"].rwkv6_inputs(B=2, T=9, V=40),
+                lambda: files["test_triton_rwkv"].rwkv7_inputs(T=65, K=72),
+                lambda: files["test_triton_scan"].mamba_inputs(2, 13, 24, 5),
+                lambda: files["test_triton_scan"].ssd_inputs(2, 13, 3, 1, 8, 4)]
+    for build in builders:
+        sent.clear()
+        tensors = [t for t in build().values() if torch.is_tensor(t)]
+        assert tensors and sent == ["cuda"] * len(tensors)

@@ -7,23 +7,23 @@ import torch
 pytest.importorskip("triton")
 
 from test_backends import build  # noqa: E402
-from triton_testing import assert_relative_error  # noqa: E402
+from triton_testing import DEVICE, assert_relative_error  # noqa: E402
 
 
 @pytest.mark.parametrize("block", ["retnet", "rwkv6", "rwkv7"])
 def test_block_with_triton_chunk_matches_torch(block):
     torch.manual_seed(0)
-    reference = build(block, backend="torch")
-    fast = build(block, backend="triton_chunk")
+    reference = build(block, backend="torch").to(DEVICE)  # the GPU when there is one, else the interpreter
+    fast = build(block, backend="triton_chunk").to(DEVICE)
     assert fast.backend == "triton_chunk"
     fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 21, 48)
-    step = torch.randn(2, 3, 48)
+    x = torch.randn(2, 21, 48).to(DEVICE)
+    step = torch.randn(2, 3, 48).to(DEVICE)
     runs = []
     for module in (reference, fast):
         y, state = module(x)
         y2, state2 = module(step, state)
-        ((y * torch.linspace(-1, 1, 48)).sum() + y2.square().sum()).backward()
+        ((y * torch.linspace(-1, 1, 48, device=DEVICE)).sum() + y2.square().sum()).backward()
         runs.append((y, y2, [*state, *state2], {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
     (y_ref, y2_ref, states_ref, grads_ref), (y, y2, states, grads) = runs
     assert_relative_error(y, y_ref, 1e-5, "y")

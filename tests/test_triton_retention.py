@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
+from triton_testing import DEVICE, assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.retention import retention_chunked, retention_recurrent, retention_triton  # noqa: E402
 from zoo.kernels.retention.triton_retention import _retention_fwd_kernel  # noqa: E402
 
@@ -25,7 +25,8 @@ def assert_close(actual, expected, dtype, what, tol=None):
     assert_relative_error(actual, expected, TOLERANCE[dtype] if tol is None else tol, f"{what} ({dtype})")
 
 
-def make_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", gammas=(0.97, 0.4)):
+def make_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device=DEVICE, gammas=(0.97, 0.4)):
+    """Built on CPU (the same values everywhere), then moved to ``device``: the GPU when there is one (issue 26)."""
     inputs = dict(
         q=torch.randn(B, T, H, K),
         k=torch.randn(B, T, H, K) * K**-0.5,
@@ -100,7 +101,7 @@ def test_input_checks():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_matches_chunked(form, dtype):
     """Real shapes (16 heads x 64) on the GPU against the chunked torch form in fp64."""
     inputs = make_inputs(B=2, T=1000, H=16, K=64, V=64, device="cuda")

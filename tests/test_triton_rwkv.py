@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
+from triton_testing import DEVICE, assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.rwkv6 import rwkv6_chunked, rwkv6_naive, rwkv6_triton  # noqa: E402
 from zoo.kernels.rwkv6.triton_rwkv6 import _rwkv6_fwd_kernel  # noqa: E402
 from zoo.kernels.rwkv7 import rwkv7_chunked, rwkv7_naive, rwkv7_triton  # noqa: E402
@@ -40,7 +40,7 @@ def check_against_reference(fn, ref_fn, inputs, dtype):
         assert_close(grad, grads_ref[name], dtype, f"d{name}")
 
 
-def rwkv6_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", decay_range=(-3.0, 1.0)):
+def rwkv6_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device=DEVICE, decay_range=(-3.0, 1.0)):
     lo, hi = decay_range
     inputs = dict(
         r=torch.randn(B, T, H, K),
@@ -53,7 +53,7 @@ def rwkv6_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", d
     return {n: t.to(device) if torch.is_tensor(t) else t for n, t in inputs.items()}
 
 
-def rwkv7_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device="cpu", decay_range=(-3.0, 1.0)):
+def rwkv7_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device=DEVICE, decay_range=(-3.0, 1.0)):
     lo, hi = decay_range
     kk = F.normalize(torch.randn(B, T, H, K), dim=-1)
     alpha = torch.rand(B, T, H, K)
@@ -139,7 +139,7 @@ def test_input_checks(op):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_matches_chunked(op, dtype):
     """Real shapes (16 heads x 64) on the GPU against the chunked torch form in fp64."""
     fn, _, make = OPS[op]

@@ -22,7 +22,9 @@ require_interpreter(_selective_scan_fwd_kernel)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 # The -m gpu tests at real shapes and long sequences: bf16 as the retention and RWKV GPU tests; fp32 with room for
 # T = 4097 of fp32 atomics. Not yet measured on a GPU: a failure prints the measured error.
-GPU_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
+GPU_TOLERANCE = {torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# (dtype, T) of the GPU comparisons; fp16 (issue 26: no GPU test ran it) at T = 1000 only
+GPU_CASES = [(torch.float32, 1000), (torch.float32, 4097), (torch.bfloat16, 1000), (torch.bfloat16, 4097), (torch.float16, 1000)]
 
 
 def assert_close(actual, expected, dtype, what, tolerance=TOLERANCE):
@@ -266,8 +268,7 @@ def test_ssd_triton_checks_inputs():
 
 # ---------------------------------------------------------------- GPU: real shapes, long sequences
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1000, 4097])
+@pytest.mark.parametrize("dtype,T", GPU_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
 def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
@@ -276,8 +277,7 @@ def test_selective_scan_triton_gpu_matches_chunked(T, dtype):
 
 
 @pytest.mark.parametrize("n", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1000, 4097])
+@pytest.mark.parametrize("dtype,T", GPU_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels at real shapes need a CUDA GPU")
 def test_ssd_triton_gpu_matches_chunked(T, dtype, n):

@@ -255,7 +255,8 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     return dq.sum(0), dk.sum(0), dv, d_log_decay, ds0
 
 
-RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd)
+RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd, layout="tttp",
+                                               state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
 
 
 def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):

@@ -329,8 +329,10 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
 
-RecurrentFunction = scan_function(retention_fwd, retention_bwd)
-ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd)
+RecurrentFunction = scan_function(retention_fwd, retention_bwd, layout="tttp",
+                                  state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
+ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd, layout="tttp",
+                              state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
 
 
 def _run(op: str, function, q, k, v, log_decay, initial_state, chunk_size: int):

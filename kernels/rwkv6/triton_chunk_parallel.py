@@ -282,7 +282,8 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     return dr.sum(0), dk.sum(0), dv, dw.sum(0), du, ds0
 
 
-RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd)
+RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd, layout="ttttp",
+                                           state_elements=lambda r, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):

@@ -142,7 +142,8 @@ def rwkv6_bwd(r, k, v, w_log, u, do, ds_final, ckpt, chunk_size: int):
     return recurrent_bwd(_rwkv6_bwd_kernel, [r, k, v, w_log, u], do, ds_final, ckpt, chunk_size, "kkvku")
 
 
-RWKV6Function = scan_function(rwkv6_fwd, rwkv6_bwd)
+RWKV6Function = scan_function(rwkv6_fwd, rwkv6_bwd, layout="ttttp",
+                              state_elements=lambda r, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):

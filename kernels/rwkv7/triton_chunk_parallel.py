@@ -282,7 +282,8 @@ def _rwkv7_recurrent_bwd(r, w, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     return rwkv7_bwd(r, w, k, v, a, b, do, ds_final, ckpt, bt)
 
 
-RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd)
+RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd, layout="tttttt",
+                                           state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):

@@ -144,7 +144,8 @@ def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
     return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk")
 
 
-RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd)
+RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, layout="tttttt",
+                              state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):

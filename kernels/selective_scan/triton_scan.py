@@ -231,7 +231,8 @@ def _launch_backward(u, delta, A, B, C, D, z, delta_bias, dy, d_final, ckpt, del
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0
 
 
-SelectiveScanFn = scan_function(_launch_forward, _launch_backward, n_config=2)
+SelectiveScanFn = scan_function(_launch_forward, _launch_backward, n_config=2, layout="ttpttptp",
+                                state_elements=lambda u, delta, A, *_: u.shape[0] * A.numel())  # [B, D, N]
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True, initial_state=None, chunk_size: int | None = None):

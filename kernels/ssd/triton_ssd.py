@@ -378,7 +378,8 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_s
     return dx, ddt, dA, dB, dC, dD, dbias, dh0
 
 
-SSDFn = scan_function(_launch_forward, _launch_backward, n_config=3)
+SSDFn = scan_function(_launch_forward, _launch_backward, n_config=3, layout="ttpttpp",
+                      state_elements=lambda x, dt, A, B, *_: x.shape[0] * x.shape[2] * x.shape[3] * B.shape[-1])  # [B, H, P, N]
 
 
 def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, dt_limit=(0.0, float("inf")), initial_state=None,
