@@ -1,5 +1,5 @@
-"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward is the fused-recurrent
-Triton kernel of :mod:`.triton_rwkv7`, seeded with the chunk-start states this forward computes.
+"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward, chunk-parallel too, is
+:mod:`.triton_chunk_bwd`, from the chunk-start states ``S_c`` and transitions ``M_c`` this forward keeps.
 
 The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channel, ``A_t = sum_{j<=t} w_log_j``
 (inclusive), ``A'_t = A_t - w_log_t`` (exclusive), ``A_L`` = the chunk's total (padding has ``w_log = 0`` and
@@ -28,10 +28,9 @@ only ``cdiv(64, 16) * 16 = 64``: ``M_c`` mixes all K rows of the state, so a pro
 does with diagonal decays) would cost a ``[K, K] @ [K, K]`` product per combine, K / BVP = 4 times the pass's work.
 Its work is ``NT * K * K * V`` multiply-adds, ``1 / BT`` of the per-chunk launches' per program step.
 
-Backward (where the chunked form stops): :func:`.triton_rwkv7.rwkv7_bwd`, the fused-recurrent backward, grid
-``(cdiv(V, 32), B * H)`` = 32 programs at the shape above, walking each chunk of BT tokens in reverse from the
-chunk-start states ``S_c`` of this forward (re-laid out as its checkpoints). Every gradient is exact; only its
-parallelism is the recurrent kernel's.
+Backward: :mod:`.triton_chunk_bwd`, the reverse pass ``dS_c = M_c^T dS_{c+1} + G_c`` (grid ``(cdiv(V, BVP), B *
+H)``, 64 programs at the shape above, for the same reason) between two per-chunk launches of 32768 programs. Before
+it, this op trained through the fused-recurrent backward, grid ``(cdiv(V, 32), B * H)`` = 32 programs.
 """
 from __future__ import annotations
 
