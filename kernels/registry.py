@@ -234,7 +234,8 @@ CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["rwkv7"], "triton_chunk", _kernels(
         ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
         ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_cpb_dstate_kernel", chunks_by_v),
-        ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_grad_kernel", chunks_by_v))),
+        ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_du_kernel", chunks_by_v),
+        ("_rwkv7_cpb_grad_kernel", chunks_by_v))),
     *(KernelCall(op, "torch") for op in OPS.values()),
     KernelCall(OPS["selective_scan"], "mamba_ssm", peer=True),  # selective_scan_fn
     KernelCall(OPS["ssd"], "mamba_ssm", peer=True),  # mamba_chunk_scan_combined

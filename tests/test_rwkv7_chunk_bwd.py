@@ -147,3 +147,102 @@ def test_chunked_bwd_matches_autograd(kind, T, K, V, initial_state):
         if name in ref:
             err = (g - ref[name]).abs().max() / ref[name].abs().max()
             assert err < 1e-12, f"d{name}: {err:.3g}"
+
+
+# ---------------------------------------------------------------- the Triton kernels (the interpreter on CPU)
+
+triton = pytest.importorskip("triton")
+
+from triton_testing import DEVICE, require_interpreter  # noqa: E402
+from zoo.kernels.rwkv7 import rwkv7  # noqa: E402
+from zoo.kernels.rwkv7 import triton_chunk_bwd as cpb  # noqa: E402
+from zoo.kernels.rwkv7 import triton_chunk_parallel as cp  # noqa: E402
+from zoo.kernels.triton_common import DEFAULT_TARGET, Target  # noqa: E402
+
+require_interpreter(cpb._rwkv7_cpb_grad_kernel)
+
+# max |error| / max |reference| per input dtype (gradients come back in the input dtype)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+NAMES = ("r", "w_log", "k", "v", "a", "b", "initial_state")
+
+
+def check(inputs: dict, cot: dict, dtype=torch.float32, loss: str = "both"):
+    """``backend="triton_chunk"`` in ``dtype`` vs fp64 autograd through naive.py on the same rounded values, for the
+    loss ``sum(o * do)`` (``"o"``), ``sum(S_T * ds_final)`` (``"state"``) or both."""
+    low = {n: None if x is None else x.to(DEVICE, dtype) for n, x in inputs.items()}
+    cot = {"do": cot["do"] * (loss != "state"), "ds_final": cot["ds_final"] * (loss != "o")}
+    leaves = {n: x.clone().requires_grad_() for n, x in low.items() if x is not None}
+    o, s = rwkv7(**{**low, **leaves}, backend="triton_chunk")
+    ((o.double() * cot["do"].to(o.device)).sum() + (s.double() * cot["ds_final"].to(o.device)).sum()).backward()
+    o_ref, s_ref, ref = naive_grads({n: None if x is None else x.cpu() for n, x in low.items()}, cot)
+    tol = TOLERANCE[dtype]
+    for name, got, want in [("o", o, o_ref), ("final state", s, s_ref)] + [(n, leaves[n].grad, ref[n]) for n in ref]:
+        assert got is not None and got.shape == want.shape, name
+        err = (got.cpu().double() - want).abs().max().item()
+        scale = want.abs().max().clamp_min(1e-6).item()
+        assert err <= tol * scale, f"{name} ({dtype}, loss {loss}): max error {err:.3g} vs scale {scale:.3g}"
+    for name, x in leaves.items():
+        assert x.grad.dtype == dtype, name
+
+
+# (kind, T, K, V, initial state): T = 1 / 15 / 17 / 33 end in, inside, just past and past two chunks of 16;
+# K = 24 / 40 and V = 40 / 24 are not powers of two (V = 40: two 32-wide blocks, the second partial)
+SHAPES = [("rwkv7", 1, 24, 40, True), ("gated_deltanet", 15, 24, 40, True), ("kda", 17, 40, 24, True),
+          ("rwkv7", 33, 16, 24, False)]
+
+
+@pytest.mark.parametrize("kind,T,K,V,initial_state", SHAPES)
+def test_fp32_every_gradient_matches_naive(kind, T, K, V, initial_state):
+    check(*make_inputs(kind, T=T, K=K, V=V, initial_state=initial_state))
+
+
+@pytest.mark.parametrize("loss", ["o", "state"])
+def test_gradient_from_the_outputs_or_the_final_state_alone(loss):
+    """Only ``o`` (the final state's gradient zero) or only the final state (``do`` zero: every gradient flows
+    through the reverse pass from ``dS_NT``)."""
+    check(*make_inputs("kda", T=20, K=16, V=24), loss=loss)
+
+
+@pytest.mark.parametrize("kind,dtype", [("rwkv7", torch.bfloat16), ("gated_deltanet", torch.float16), ("kda", torch.bfloat16)])
+def test_half_precision_matches_naive(kind, dtype):
+    check(*make_inputs(kind, T=17, K=24, V=40), dtype)
+
+
+@pytest.mark.parametrize("kind", ["rwkv7", "gated_deltanet", "kda"])
+def test_decays_near_zero_and_one(kind):
+    """w_log from -e^4 (decay ~1e-24) to -e^-6 (decay ~0.9975): every exponent is later-minus-earlier, masked before
+    ``exp``, so nothing overflows and every gradient still matches."""
+    check(*make_inputs(kind, T=20, K=16, V=16, decay_range=(-6.0, 4.0)))
+
+
+def test_non_contiguous_inputs():
+    """Transposed ``[B, T, H, *]`` inputs (B = 2) and a transposed initial state."""
+    inputs, cot = make_inputs("gated_deltanet", B=2, T=18, K=16, V=24)
+    for name, x in inputs.items():
+        inputs[name] = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not inputs[name].is_contiguous()
+    check(inputs, cot)
+
+
+def test_launcher_without_a_final_state_gradient_equals_the_algebra():
+    """:func:`rwkv7_cp_bwd` called with ``ds_final=None`` (its zeros branch) from the forward's saved buffers equals
+    :func:`chunked_bwd` with a zero final-state gradient."""
+    inputs, cot = make_inputs("rwkv7", T=19, K=24, V=40)
+    x = {n: t.to(DEVICE) for n, t in inputs.items()}
+    _, _, states, trans = cp.rwkv7_cp_fwd(*x.values(), 16)
+    args = [x[n] for n in NAMES[:-1]]
+    got = cpb.rwkv7_cp_bwd(*args, cot["do"].to(DEVICE), None, states, trans, 16)
+    d = {n: t.double() for n, t in inputs.items()}
+    want = chunked_bwd(**d, do=cot["do"].double(), ds_final=None)
+    for name, g, ref in zip(NAMES, got, want, strict=True):
+        err = (g.cpu().double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-5, f"d{name}: {err:.3g}"
+
+
+def test_tiles_are_the_forwards():
+    """The backward reads the forward's chunk states: its BT, BK, BV, BVP and KB are the forward's everywhere."""
+    for K, V in [(8, 8), (24, 40), (64, 64), (128, 128)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for target in (DEFAULT_TARGET, Target(80), Target(90)):
+                fwd, bwd = cp.rwkv7_chunk_parallel_tiles(K, V, 16, dtype, target), cpb.rwkv7_chunk_bwd_tiles(K, V, 16, dtype, target)
+                assert bwd[:5] == fwd[:5] and bwd.pass_launch == fwd.pass_launch

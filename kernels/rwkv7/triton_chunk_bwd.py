@@ -27,12 +27,16 @@ Launches (``NT = cdiv(T, BT)``, ``NV = cdiv(V, BV)``): (1) :func:`_rwkv7_cpb_dst
 slot c of the fp32 buffer ``dstates [B * H, NT + 1, K, V]``, grid ``(NT, NV, B * H)``; (2)
 :func:`_rwkv7_cpb_pass_kernel` runs ``dS_c = M_c^T dS_{c+1} + G_c`` in place from ``dS_NT`` = the final state's
 gradient, with the forward's ``M_c`` ``[B * H, NT, K, K]``, grid ``(cdiv(V, BVP), B * H)``; (3)
-:func:`_rwkv7_cpb_grad_kernel` writes every token gradient, grid ``(NT, NV, B * H)`` (dv exact per V block; dr, dw,
-dk, da, db as per-V-block partial sums ``[NV, B, T, H, K]``, added up here).
+:func:`_rwkv7_cpb_du_kernel` writes ``u``, ``dU`` (fp32 ``[B, T, H, V]``) and ``dV``, grid ``(NT, NV, B * H)``; (4)
+:func:`_rwkv7_cpb_grad_kernel` the K-side gradients from them, grid ``(NT, NV, B * H)``: per-V-block partial sums
+``[NV, B, T, H, K]`` of dr, dw, dk, da, db, added up here. (3) and (4) are split so that neither spills: (4) needs
+no WY terms, only ``A`` and the ``[BT, BT]`` products ``do . u``, ``do . v``, ``du . u``, ``du . v``, and walks K
+in ``KG``-wide slices (a channel's gradients involve only that channel once those products are formed).
 
-Parallelism at B = 1, T = 16k, H = 16, K = V = 64: launches (1) and (3) have ``1024 * 2 * 16 = 32768`` programs
-(>= 528). The pass has ``cdiv(64, 16) * 16 = 64``, the forward pass's count and for its reason: ``M_c^T`` mixes all
-K rows of ``dS``, so a program holds whole ``[K, BVP]`` columns; its work is ``1 / BT`` of the per-chunk launches'.
+Parallelism at B = 1, T = 16k, H = 16, K = V = 64: launches (1), (3) and (4) have ``1024 * 2 * 16 = 32768``
+programs (>= 528). The pass has ``cdiv(64, 16) * 16 = 64``, the forward pass's count and for its reason: ``M_c^T``
+mixes all K rows of ``dS``, so a program holds whole ``[K, BVP]`` columns; its work is ``1 / BT`` of the per-chunk
+launches'.
 """
 from __future__ import annotations
 
@@ -138,16 +142,16 @@ def _rwkv7_cpb_pass_kernel(
 
 
 @triton.jit
-def _rwkv7_cpb_grad_kernel(
-    r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db,
-    T, NT, B,
+def _rwkv7_cpb_du_kernel(
+    r, w, k, v, a, b, do, states, dstates, u, du, dv,
+    T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Every token gradient of chunk c from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}`` (``dstates``), both
-    ``[B * H, NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; v, do, dv: [B, T, H, V]; dr, dw, dk, da, db: [NV, B, T, H,
-    K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)`` covers columns
-    ``[i_v * BV, (i_v + 1) * BV)``."""
+    """``u``, ``dU`` and ``dV`` of chunk c from ``S_c`` (``states``) and ``dS_{c+1}`` (``dstates``), both ``[B * H,
+    NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; v, do, u, du, dv: [B, T, H, V] (u, du fp32, for the gradient
+    kernel). Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) *
+    BV)``."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -160,77 +164,124 @@ def _rwkv7_cpb_grad_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
-    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
     b_s = tl.load(states + p_kv, mask=m_kv, other=0.0)  # S_c
-    b_sn = tl.load(states + p_kv + K * V, mask=m_kv, other=0.0)  # S_{c+1}
-    b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
-    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
-    b_Mrb, b_Mrk = _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT)
-    b_tail = tl.exp(tl.sum(b_w, axis=0)[None, :] - b_A)  # [BT, BK]
     b_u = tl.dot(b_a * tl.exp(b_Ae), b_s, input_precision=PRECISION) + tl.dot(b_Lak, b_v, input_precision="ieee")
     b_u = tl.dot(b_X, b_u, input_precision="ieee")  # [BT, BV]
+    tl.store(u + p_tv, b_u, mask=m_tv)
+    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_Mrb, b_Mrk = _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT)
+    b_tail = tl.exp(tl.sum(b_w, axis=0)[None, :] - b_A)  # [BT, BK]
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
     b_du = tl.dot(b_b * b_tail, b_dsn, input_precision=PRECISION) + tl.dot(tl.trans(b_Mrb), b_do, input_precision="ieee")
     b_du = tl.dot(tl.trans(b_X), b_du, input_precision="ieee")  # [BT, BV]
+    tl.store(du + p_tv, b_du, mask=m_tv)
     b_dv = tl.dot(b_k * b_tail, b_dsn, input_precision=PRECISION) + tl.dot(tl.trans(b_Mrk), b_do, input_precision="ieee")
     b_dv += tl.dot(tl.trans(b_Lak), b_du, input_precision="ieee")
     tl.store(dv + p_tv, b_dv, mask=m_tv)
+
+
+@triton.jit
+def _rwkv7_cpb_grad_kernel(
+    r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db,
+    T, NT, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_rwkv7_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
+    (``states``) and ``dS_{c+1}`` (``dstates``). r, w, k, a, b: [B, T, H, K]; v, do, u, du: [B, T, H, V]; dr, dw,
+    dk, da, db: [NV, B, T, H, K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)``
+    contracts columns ``[i_v * BV, (i_v + 1) * BV)``, the channels in ``KG``-wide slices (each channel's gradients
+    depend on its own channel only, given the ``[BT, BT]`` products)."""
+    i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    t0 = i_t * BT
+    m_t = o_t < T - t0
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_u = tl.load(u + p_tv, mask=m_tv, other=0.0)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)
     b_Wu = tl.dot(b_do, tl.trans(b_u), input_precision="ieee")  # [BT, BT]: [t, j] = do_t . u_j
     b_Wv = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
     b_Zu = tl.dot(b_du, tl.trans(b_u), input_precision="ieee")  # du_t . u_j
     b_Zv = tl.dot(b_du, tl.trans(b_v), input_precision="ieee")
-    b_dr = tl.exp(b_A) * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)  # [BT, BK]
-    b_da = tl.exp(b_Ae) * tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
-    b_dk = b_tail * tl.dot(b_v, tl.trans(b_dsn), input_precision=PRECISION)
-    b_db = b_tail * tl.dot(b_u, tl.trans(b_dsn), input_precision=PRECISION)
-    for j in range(BT):  # token j: as the earlier token of dr_t / da_t, the later one of dk_t / db_t
-        sel = o_t[:, None] == j  # [BT, 1]
-        col = o_t[None, :] == j  # [1, BT]
-        b_rj = tl.sum(tl.where(sel, b_r, 0.0), axis=0)  # [BK], row j
-        b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
-        b_aj = tl.sum(tl.where(sel, b_a, 0.0), axis=0)
-        b_bj = tl.sum(tl.where(sel, b_b, 0.0), axis=0)
-        b_Aj = tl.sum(tl.where(sel, b_A, 0.0), axis=0)
-        b_Aej = tl.sum(tl.where(sel, b_Ae, 0.0), axis=0)
-        m_ge, m_gt = (o_t >= j)[:, None], (o_t > j)[:, None]  # t >= j, t > j
-        m_le, m_lt = (o_t <= j)[:, None], (o_t < j)[:, None]
-        b_e = tl.where(m_ge, tl.exp(tl.where(m_ge, b_A - b_Aj[None, :], 0.0)), 0.0)  # exp(A_t - A_j), [BT, BK]
-        b_dr += b_e * (tl.sum(tl.where(col, b_Wu, 0.0), axis=1)[:, None] * b_bj[None, :]
-                       + tl.sum(tl.where(col, b_Wv, 0.0), axis=1)[:, None] * b_kj[None, :])
-        b_e = tl.where(m_gt, tl.exp(tl.where(m_gt, b_Ae - b_Aj[None, :], 0.0)), 0.0)  # exp(A'_t - A_j)
-        b_da += b_e * (tl.sum(tl.where(col, b_Zu, 0.0), axis=1)[:, None] * b_bj[None, :]
-                       + tl.sum(tl.where(col, b_Zv, 0.0), axis=1)[:, None] * b_kj[None, :])
-        b_e = tl.where(m_le, tl.exp(tl.where(m_le, b_Aj[None, :] - b_A, 0.0)), 0.0) * b_rj[None, :]  # exp(A_j - A_t) r_j
-        b_f = tl.where(m_lt, tl.exp(tl.where(m_lt, b_Aej[None, :] - b_A, 0.0)), 0.0) * b_aj[None, :]  # exp(A'_j - A_t) a_j
-        b_dk += b_e * tl.sum(tl.where(sel, b_Wv, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zv, 0.0), axis=0)[:, None]
-        b_db += b_e * tl.sum(tl.where(sel, b_Wu, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zu, 0.0), axis=0)[:, None]
-    b_c = b_r * b_dr - b_b * b_db - b_k * b_dk  # [BT, BK], summed over i >= t below
-    b_ad = b_a * b_da  # summed over i > t
-    b_dw = tl.sum(b_c, axis=0)[None, :] - tl.cumsum(b_c, axis=0) + b_c + tl.sum(b_ad, axis=0)[None, :] - tl.cumsum(b_ad, axis=0)
-    b_dw += tl.sum(b_dsn * b_sn, axis=1)[None, :]
-    p_g = i_v * B * T * H * K + p_tk  # [BT, BK] in [NV, B, T, H, K]
-    tl.store(dr + p_g, b_dr, mask=m_tk)
-    tl.store(dw + p_g, b_dw, mask=m_tk)
-    tl.store(dk + p_g, b_dk, mask=m_tk)
-    tl.store(da + p_g, b_da, mask=m_tk)
-    tl.store(db + p_g, b_db, mask=m_tk)
+    for k0 in range(0, BK, KG):
+        o_k = k0 + tl.arange(0, KG)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, KG]
+        p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV], slot c
+        b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
+        b_z = tl.sum(b_dsn * tl.load(states + p_kv + K * V, mask=m_kv, other=0.0), axis=1)  # rowsum(dS_{c+1} S_{c+1})
+        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_A = tl.cumsum(b_w, axis=0)  # [BT, KG] inclusive
+        b_Ae = b_A - b_w  # exclusive
+        b_tail = tl.exp(tl.sum(b_w, axis=0)[None, :] - b_A)
+        b_dk = b_tail * tl.dot(b_v, tl.trans(b_dsn), input_precision=PRECISION)  # [BT, KG]
+        b_db = b_tail * tl.dot(b_u, tl.trans(b_dsn), input_precision=PRECISION)
+        b_s = tl.load(states + p_kv, mask=m_kv, other=0.0)  # S_c
+        b_dr = tl.exp(b_A) * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
+        b_da = tl.exp(b_Ae) * tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
+        b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        for j in range(BT):  # token j: as the earlier token of dr_t / da_t, the later one of dk_t / db_t
+            sel = o_t[:, None] == j  # [BT, 1]
+            col = o_t[None, :] == j  # [1, BT]
+            b_rj = tl.sum(tl.where(sel, b_r, 0.0), axis=0)  # [KG], row j
+            b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
+            b_aj = tl.sum(tl.where(sel, b_a, 0.0), axis=0)
+            b_bj = tl.sum(tl.where(sel, b_b, 0.0), axis=0)
+            b_Aj = tl.sum(tl.where(sel, b_A, 0.0), axis=0)
+            b_Aej = tl.sum(tl.where(sel, b_Ae, 0.0), axis=0)
+            m_ge, m_gt = (o_t >= j)[:, None], (o_t > j)[:, None]  # t >= j, t > j
+            m_le, m_lt = (o_t <= j)[:, None], (o_t < j)[:, None]
+            b_e = tl.where(m_ge, tl.exp(tl.where(m_ge, b_A - b_Aj[None, :], 0.0)), 0.0)  # exp(A_t - A_j), [BT, KG]
+            b_dr += b_e * (tl.sum(tl.where(col, b_Wu, 0.0), axis=1)[:, None] * b_bj[None, :]
+                           + tl.sum(tl.where(col, b_Wv, 0.0), axis=1)[:, None] * b_kj[None, :])
+            b_e = tl.where(m_gt, tl.exp(tl.where(m_gt, b_Ae - b_Aj[None, :], 0.0)), 0.0)  # exp(A'_t - A_j)
+            b_da += b_e * (tl.sum(tl.where(col, b_Zu, 0.0), axis=1)[:, None] * b_bj[None, :]
+                           + tl.sum(tl.where(col, b_Zv, 0.0), axis=1)[:, None] * b_kj[None, :])
+            b_e = tl.where(m_le, tl.exp(tl.where(m_le, b_Aj[None, :] - b_A, 0.0)), 0.0) * b_rj[None, :]  # exp(A_j - A_t) r_j
+            b_f = tl.where(m_lt, tl.exp(tl.where(m_lt, b_Aej[None, :] - b_A, 0.0)), 0.0) * b_aj[None, :]  # exp(A'_j - A_t) a_j
+            b_dk += b_e * tl.sum(tl.where(sel, b_Wv, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zv, 0.0), axis=0)[:, None]
+            b_db += b_e * tl.sum(tl.where(sel, b_Wu, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zu, 0.0), axis=0)[:, None]
+        b_c = b_r * b_dr - b_b * b_db - b_k * b_dk  # [BT, KG], summed over i >= t below
+        b_ad = b_a * b_da  # summed over i > t
+        b_dw = tl.sum(b_c, axis=0)[None, :] - tl.cumsum(b_c, axis=0) + b_c + tl.sum(b_ad, axis=0)[None, :] - tl.cumsum(b_ad, axis=0)
+        b_dw += b_z[None, :]
+        p_g = i_v * B * T * H * K + p_tk  # [BT, KG] in [NV, B, T, H, K]
+        tl.store(dr + p_g, b_dr, mask=m_tk)
+        tl.store(dw + p_g, b_dw, mask=m_tk)
+        tl.store(dk + p_g, b_dk, mask=m_tk)
+        tl.store(da + p_g, b_da, mask=m_tk)
+        tl.store(db + p_g, b_db, mask=m_tk)
 
 
 class RWKV7ChunkBwdTiles(NamedTuple):
-    """Launch parameters: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` / ``[BK, BV]`` tiles (``grad_launch``
-    the gradient kernel's options); the pass carries ``[BK, BVP]`` columns of ``dS`` per program."""
+    """Launch parameters: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` / ``[BK, BV]`` tiles (the gradient
+    kernel ``[BT, KG]`` slices of K, with ``grad_launch``); the pass carries ``[BK, BVP]`` columns of ``dS``."""
 
     BT: int
     BK: int
     BV: int
     BVP: int
     KB: int
+    KG: int
     launch: Launch
     grad_launch: Launch
     pass_launch: Launch
@@ -238,16 +289,17 @@ class RWKV7ChunkBwdTiles(NamedTuple):
 
 def rwkv7_chunk_bwd_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkBwdTiles:
     """The forward's tiles (:func:`.triton_chunk_parallel.rwkv7_chunk_parallel_tiles`: BT = 16 whatever
-    ``chunk_size``, BK = all of K, BV <= 32, BVP = KB = 16, 4 warps, 8 above K = 64); the gradient kernel holds
-    twice the forward's ``[BT, BK]`` tiles and runs 8 warps. The same on every target and input dtype."""
+    ``chunk_size``, BK = all of K, BV <= 32, BVP = KB = 16, 4 warps, 8 above K = 64). The gradient kernel: K in
+    KG = 32-wide slices, 8 warps (KG = 64 spilled on sm_90 at K = 128: 24 B fp32; at 4 warps 40 B bf16; KG = 32 needs
+    ~110 registers). The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
     warps = 4 if BK <= 64 else 8
-    return RWKV7ChunkBwdTiles(16, BK, BV, 16, 16, Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
+    return RWKV7ChunkBwdTiles(16, BK, BV, 16, 16, min(BK, 32), Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
 
 
 def rwkv7_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int):
-    """The three backward launches on contiguous inputs, from the forward's ``states [B * H, NT + 1, K, V]`` and
+    """The four backward launches on contiguous inputs, from the forward's ``states [B * H, NT + 1, K, V]`` and
     ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
@@ -263,10 +315,10 @@ def rwkv7_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int)
         dstates, trans, ds_final if has_ds else dstates, NT,
         K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_DS=has_ds, **tiles.pass_launch._asdict(),
     )
+    u, du, dv = (torch.empty(B, T, H, V, **f32) for _ in range(3))
+    _rwkv7_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
     partial = [torch.empty(NV, B, T, H, K, **f32) for _ in range(5)]  # dr, dw, dk, da, db per V block
-    dv = torch.empty(B, T, H, V, **f32)
-    grad_dims = {**dims, **tiles.grad_launch._asdict()}
-    _rwkv7_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, *partial[:3], dv, *partial[3:],
-                                           T, NT, B, **grad_dims)
+    _rwkv7_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
+                                           KG=tiles.KG, **{**dims, **tiles.grad_launch._asdict()})
     dr, dw, dk, da, db = (p.sum(0) for p in partial)
     return [dr, dw, dk, dv, da, db, dstates[:, 0].reshape(B, H, K, V).clone()]  # [B * H, K, V] -> [B, H, K, V]

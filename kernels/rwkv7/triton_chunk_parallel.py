@@ -29,7 +29,7 @@ does with diagonal decays) would cost a ``[K, K] @ [K, K]`` product per combine,
 Its work is ``NT * K * K * V`` multiply-adds, ``1 / BT`` of the per-chunk launches' per program step.
 
 Backward: :mod:`.triton_chunk_bwd`, the reverse pass ``dS_c = M_c^T dS_{c+1} + G_c`` (grid ``(cdiv(V, BVP), B *
-H)``, 64 programs at the shape above, for the same reason) between two per-chunk launches of 32768 programs. Before
+H)``, 64 programs at the shape above, for the same reason) between three per-chunk launches of 32768 programs. Before
 it, this op trained through the fused-recurrent backward, grid ``(cdiv(V, 32), B * H)`` = 32 programs.
 """
 from __future__ import annotations
