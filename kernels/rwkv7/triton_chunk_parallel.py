@@ -270,8 +270,8 @@ RWKV7ChunkParallelFunction = scan_function(rwkv7_cp_fwd, _rwkv7_cp_bwd)
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
     """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
     forward of this module, the chunk-parallel backward of :mod:`.triton_chunk_bwd` (every gradient, the initial
-    state's included).
-    Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`rwkv7_chunk_parallel_tiles`."""
+    state's included). Chunks are 16 tokens whatever ``chunk_size`` (checked, unused):
+    :func:`rwkv7_chunk_parallel_tiles`."""
     K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
     check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
                       batch_heads=r.shape[0] * r.shape[2])
