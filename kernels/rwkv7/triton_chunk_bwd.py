@@ -256,14 +256,16 @@ def _rwkv7_cpb_grad_kernel(
             b_e = tl.where(m_gt, tl.exp(tl.where(m_gt, b_Ae - b_Aj[None, :], 0.0)), 0.0)  # exp(A'_t - A_j)
             b_da += b_e * (tl.sum(tl.where(col, b_Zu, 0.0), axis=1)[:, None] * b_bj[None, :]
                            + tl.sum(tl.where(col, b_Zv, 0.0), axis=1)[:, None] * b_kj[None, :])
-            b_e = tl.where(m_le, tl.exp(tl.where(m_le, b_Aj[None, :] - b_A, 0.0)), 0.0) * b_rj[None, :]  # exp(A_j - A_t) r_j
-            b_f = tl.where(m_lt, tl.exp(tl.where(m_lt, b_Aej[None, :] - b_A, 0.0)), 0.0) * b_aj[None, :]  # exp(A'_j - A_t) a_j
-            b_dk += b_e * tl.sum(tl.where(sel, b_Wv, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zv, 0.0), axis=0)[:, None]
-            b_db += b_e * tl.sum(tl.where(sel, b_Wu, 0.0), axis=0)[:, None] + b_f * tl.sum(tl.where(sel, b_Zu, 0.0), axis=0)[:, None]
+            b_e = tl.where(m_le, tl.exp(tl.where(m_le, b_Aj[None, :] - b_A, 0.0)), 0.0) * b_rj[None, :]  # e^(A_j - A_t) r_j
+            b_f = tl.where(m_lt, tl.exp(tl.where(m_lt, b_Aej[None, :] - b_A, 0.0)), 0.0) * b_aj[None, :]  # e^(A'_j - A_t) a_j
+            b_dk += (b_e * tl.sum(tl.where(sel, b_Wv, 0.0), axis=0)[:, None]
+                     + b_f * tl.sum(tl.where(sel, b_Zv, 0.0), axis=0)[:, None])
+            b_db += (b_e * tl.sum(tl.where(sel, b_Wu, 0.0), axis=0)[:, None]
+                     + b_f * tl.sum(tl.where(sel, b_Zu, 0.0), axis=0)[:, None])
         b_c = b_r * b_dr - b_b * b_db - b_k * b_dk  # [BT, KG], summed over i >= t below
         b_ad = b_a * b_da  # summed over i > t
-        b_dw = tl.sum(b_c, axis=0)[None, :] - tl.cumsum(b_c, axis=0) + b_c + tl.sum(b_ad, axis=0)[None, :] - tl.cumsum(b_ad, axis=0)
-        b_dw += b_z[None, :]
+        b_dw = tl.sum(b_c, axis=0)[None, :] - tl.cumsum(b_c, axis=0) + b_c  # [BT, KG]
+        b_dw += tl.sum(b_ad, axis=0)[None, :] - tl.cumsum(b_ad, axis=0) + b_z[None, :]
         p_g = i_v * B * T * H * K + p_tk  # [BT, KG] in [NV, B, T, H, K]
         tl.store(dr + p_g, b_dr, mask=m_tk)
         tl.store(dw + p_g, b_dw, mask=m_tk)
