@@ -232,11 +232,13 @@ CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["retention"], "triton_recurrent", _recurrent("_retention")),
     KernelCall(OPS["retention"], "triton_chunk", _chunk_parallel("_retention_cp")),
     KernelCall(OPS["rwkv6"], "triton_chunk", _chunk_parallel("_rwkv6_cp")),
-    # the state pass (cdiv(V, BVP), B * H) and the fused-recurrent backward run fewer programs:
-    # kernels/rwkv7/triton_chunk_parallel.py says why
+    # the state passes (cdiv(V, BVP), B * H) run fewer programs: kernels/rwkv7/triton_chunk_parallel.py and
+    # triton_chunk_bwd.py say why
     KernelCall(OPS["rwkv7"], "triton_chunk", _kernels(
         ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
-        ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_bwd_kernel", heads_by_v, False))),
+        ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_cpb_dstate_kernel", chunks_by_v),
+        ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_du_kernel", chunks_by_v),
+        ("_rwkv7_cpb_grad_kernel", chunks_by_v))),
     *(KernelCall(op, "torch") for op in OPS.values()),
     KernelCall(OPS["selective_scan"], "mamba_ssm", peer=True),  # selective_scan_fn
     KernelCall(OPS["ssd"], "mamba_ssm", peer=True),  # mamba_chunk_scan_combined

@@ -25,7 +25,7 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
     Shapes: ``r, w_log, k, a, b [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``
     in fp32, or fp64 for fp64 inputs. ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``triton_recurrent`` (fused
-    recurrent), ``triton_chunk`` (chunk-parallel forward, recurrent backward), ``fla`` or ``torch``: on CPU the
+    recurrent), ``triton_chunk`` (chunk-parallel forward and backward), ``fla`` or ``torch``: on CPU the
     recurrent form with a hand-written backward, elsewhere the chunked form (one token: the step form).
     """
     check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)

@@ -1,5 +1,5 @@
-"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward is the fused-recurrent
-Triton kernel of :mod:`.triton_rwkv7`, seeded with the chunk-start states this forward computes.
+"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward, chunk-parallel too, is
+:mod:`.triton_chunk_bwd`, from the chunk-start states ``S_c`` and transitions ``M_c`` this forward keeps.
 
 The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channel, ``A_t = sum_{j<=t} w_log_j``
 (inclusive), ``A'_t = A_t - w_log_t`` (exclusive), ``A_L`` = the chunk's total (padding has ``w_log = 0`` and
@@ -28,25 +28,22 @@ only ``cdiv(64, 16) * 16 = 64``: ``M_c`` mixes all K rows of the state, so a pro
 does with diagonal decays) would cost a ``[K, K] @ [K, K]`` product per combine, K / BVP = 4 times the pass's work.
 Its work is ``NT * K * K * V`` multiply-adds, ``1 / BT`` of the per-chunk launches' per program step.
 
-Backward (where the chunked form stops): :func:`.triton_rwkv7.rwkv7_bwd`, the fused-recurrent backward, grid
-``(cdiv(V, 32), B * H)`` = 32 programs at the shape above, walking each chunk of BT tokens in reverse from the
-chunk-start states ``S_c`` of this forward (re-laid out as its checkpoints). Every gradient is exact; only its
-parallelism is the recurrent kernel's.
+Backward: :mod:`.triton_chunk_bwd`, the reverse pass ``dS_c = M_c^T dS_{c+1} + G_c`` (grid ``(cdiv(V, BVP), B *
+H)``, 64 programs at the shape above, for the same reason) between three per-chunk launches of 32768 programs. Before
+it, this op trained through the fused-recurrent backward, grid ``(cdiv(V, 32), B * H)`` = 32 programs.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.chunk_pass import chunk_dims
 from zoo.kernels.rwkv7 import rwkv7_keys
-from zoo.kernels.rwkv7.triton_rwkv7 import rwkv7_bwd
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_tiles, scan_function
+from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
@@ -237,8 +234,9 @@ def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dty
 
 
 def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
-    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states)``, ``states``
-    ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one."""
+    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, trans)``,
+    ``states`` ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one; ``trans`` the ``M_c``
+    (both kept for the backward)."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
@@ -256,40 +254,25 @@ def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     )
     _rwkv7_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
-    return o, final, states
+    return o, final, states, trans
 
 
-def recurrent_checkpoints(states: torch.Tensor, K: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The chunk-start states ``[B * H, NT + 1, K, V]`` as :func:`.triton_rwkv7.rwkv7_bwd`'s checkpoints
-    ``[B * H * NV, NT, BK, BV]`` (its tiles; K and V zero-padded, which is what its forward would hold there)."""
-    t = recurrent_tiles(K, V, dtype, launch_target(device))
-    NV = triton.cdiv(V, t.BV)
-    BH, NT = states.shape[0], states.shape[1] - 1
-    ckpt = F.pad(states[:, :NT], (0, NV * t.BV - V, 0, t.BK - K))  # [BH, NT, BK, NV * BV]
-    ckpt = ckpt.view(BH, NT, t.BK, NV, t.BV).permute(0, 3, 1, 2, 4)  # [BH, NV, NT, BK, BV]
-    return ckpt.reshape(BH * NV, NT, t.BK, t.BV).contiguous()
+def _rwkv7_cp_bwd(*args):
+    """:func:`.triton_chunk_bwd.rwkv7_cp_bwd` (imported here: it imports this module's WY helper)."""
+    from zoo.kernels.rwkv7.triton_chunk_bwd import rwkv7_cp_bwd
+
+    return rwkv7_cp_bwd(*args)
 
 
-def _rwkv7_cp_fwd_checkpoints(r, w, k, v, a, b, initial_state, chunk_size: int):
-    """:func:`rwkv7_cp_fwd`, with the chunk-start states as the recurrent backward's checkpoints."""
-    o, final, states = rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size)
-    return o, final, recurrent_checkpoints(states, r.shape[-1], v.shape[-1], r.dtype, r.device)
-
-
-def _rwkv7_recurrent_bwd(r, w, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
-    """:func:`.triton_rwkv7.rwkv7_bwd` from this forward's checkpoints, one per chunk of BT tokens."""
-    bt = rwkv7_chunk_parallel_tiles(r.shape[-1], v.shape[-1], chunk_size, r.dtype, launch_target(r.device)).BT
-    return rwkv7_bwd(r, w, k, v, a, b, do, ds_final, ckpt, bt)
-
-
-RWKV7ChunkParallelFunction = scan_function(_rwkv7_cp_fwd_checkpoints, _rwkv7_recurrent_bwd, layout="tttttt",
+RWKV7ChunkParallelFunction = scan_function(rwkv7_cp_fwd, _rwkv7_cp_bwd, layout="tttttt",
                                            state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
 def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
     """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
-    forward of this module, the fused-recurrent Triton backward (every gradient, the initial state's included).
-    Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`rwkv7_chunk_parallel_tiles`."""
+    forward of this module, the chunk-parallel backward of :mod:`.triton_chunk_bwd` (every gradient, the initial
+    state's included). Chunks are 16 tokens whatever ``chunk_size`` (checked, unused):
+    :func:`rwkv7_chunk_parallel_tiles`."""
     K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
     check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
                       batch_heads=r.shape[0] * r.shape[2])
