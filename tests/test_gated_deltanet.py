@@ -103,3 +103,16 @@ def test_value_heads_must_be_a_multiple_of_key_heads():
 
     with pytest.raises(ConfigError, match="n_v_heads"):
         GatedDeltaNetConfig(n_k_heads=3, n_v_heads=4).validate(48)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda"])
+def test_bidirectional_form_sees_the_whole_sequence(name):
+    """For diffusion denoisers: the first position's output changes with the last token's input."""
+    from zoo.layers import MIXERS
+
+    entry = MIXERS.get(name)
+    block = entry.cls.bidirectional(entry.config_cls(), 48, 0).double().eval()
+    x = torch.randn(1, 9, 48, dtype=torch.float64)
+    y, _ = block(x)
+    x[:, -1] += 1.0
+    assert not torch.allclose(block(x)[0][:, 0], y[:, 0])
