@@ -19,6 +19,8 @@ from .mamba2 import Mamba2, Mamba2Config, Mamba2State
 from .moe import MoE, MoEConfig, RouterStats
 from .rwkv6 import RWKV6, RWKV6Config, RWKV6State
 from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
+from .gated_deltanet import DeltaRuleState, GatedDeltaNet, GatedDeltaNetConfig
+from .kda import KDA, KDAConfig
 from .rwkv_cmix import RWKV7ChannelMix, RWKV7ChannelMixConfig, RWKVChannelMix, RWKVChannelMixConfig
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Mamba", "MambaConfig", "MambaState", "Mamba2", "Mamba2Config", "Mamba2State",
     "MoE", "MoEConfig", "RouterStats",
     "RWKV6", "RWKV6Config", "RWKV6State", "RWKV7", "RWKV7Config", "RWKV7State",
+    "DeltaRuleState", "GatedDeltaNet", "GatedDeltaNetConfig", "KDA", "KDAConfig",
     "RWKVChannelMix", "RWKVChannelMixConfig", "RWKV7ChannelMix", "RWKV7ChannelMixConfig",
 ]
 

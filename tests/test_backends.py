@@ -52,7 +52,9 @@ def test_an_old_backend_name_runs_the_same_kernel_and_warns(block):
     with the name to use, and the block runs the kernel that name ran before (bit for bit the new name's output)."""
     pytest.importorskip("triton")
     table = OPS[block]
-    assert table.aliases == RENAMED[block]
+    assert table.aliases == RENAMED.get(block, {})
+    if block not in RENAMED:
+        return  # a block added after the renaming has no old names
     ((old, new),) = RENAMED[block].items()
     with pytest.warns(FutureWarning, match=rf"{table.op} backend '{old}' \({block} block\) is a deprecated name; use '{new}'"):
         renamed = build(block, backend=old)

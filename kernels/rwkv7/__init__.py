@@ -5,6 +5,7 @@ from zoo.kernels.backends import Backend, BackendTable
 from zoo.kernels.checks import check_head_inputs
 
 from .chunked import rwkv7_chunked
+from .delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 from .fla_backend import rwkv7_fla
 from .naive import rwkv7_naive
 from .recurrent import rwkv7_recurrent
@@ -16,7 +17,7 @@ def rwkv7_keys(r, w_log, k, a, b) -> dict:
     return {"r": r, "w_log": w_log, "k": k, "a": a, "b": b}
 
 
-__all__ = ["BACKENDS", "rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_step", "rwkv7_triton", "rwkv7_triton_chunk"]
+__all__ = ["BACKENDS", "GATED_DELTA_BACKENDS", "KDA_BACKENDS", "gated_delta_rule", "kda_rule", "rwkv7", "rwkv7_chunked", "rwkv7_naive", "rwkv7_step", "rwkv7_triton", "rwkv7_triton_chunk"]
 
 
 def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backend: str = "torch"):

@@ -1,0 +1,96 @@
+"""Gated DeltaNet's and Kimi Delta Attention's rules as parametrisations of the generalized delta rule (:func:`rwkv7`).
+
+Per head, with a ``[K, V]`` state, row vectors ``q_t, k_t [K]``, ``v_t [V]``, ``beta_t`` in (0, 1) and log decays
+``g_t <= 0`` (a scalar per head for Gated DeltaNet, Yang, Kautz & Hatamizadeh, ICLR 2025; one per key channel for
+KDA, Kimi Linear 2025):
+
+- Gated DeltaNet: ``S_t = e^{g_t} (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t``;
+- KDA:            ``S_t = (I - beta_t k_t^T k_t) Diag(e^{g_t}) S_{t-1} + beta_t k_t^T v_t``;
+- both read       ``o_t = q_t S_t``.
+
+:func:`rwkv7` computes ``S_t = Diag(e^{w_log_t}) S_{t-1} + b_t^T (a_t S_{t-1}) + k'_t^T v_t``. Expanding the rules:
+Gated DeltaNet is ``w_log = g`` on every channel, ``a = k``, ``b = -beta e^{g} k``, ``k' = beta k``
+(``k (e^g S) = e^g (k S)``); KDA is ``w_log = g``, ``a = e^{g} * k``, ``b = -beta k``, ``k' = beta k``
+(``k Diag(e^g) S = (e^g * k) S``). ``tests/test_gated_deltanet.py`` checks both against a direct recurrence.
+
+``backend`` names the same algorithms as :data:`zoo.kernels.rwkv7.BACKENDS` (the parametrised inputs go through
+:func:`rwkv7`), except ``fla``: fla's own ``chunk_gated_delta_rule`` / ``chunk_kda`` (``fla_delta_rule.py``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from zoo.kernels.backends import Backend, BackendTable
+
+
+def gated_delta_inputs(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(w_log, a, b, k')`` of :func:`rwkv7` for Gated DeltaNet: ``k [B, T, H, K]``, ``g, beta [B, T, H]``."""
+    k, g, beta = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (k, g, beta))
+    w_log = g[..., None].expand_as(k).contiguous()  # [B, T, H, K]
+    return w_log, k, -(beta * g.exp())[..., None] * k, beta[..., None] * k
+
+
+def kda_inputs(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(w_log, a, b, k')`` of :func:`rwkv7` for KDA: ``k, g [B, T, H, K]``, ``beta [B, T, H]``."""
+    k, g, beta = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (k, g, beta))
+    return g, g.exp() * k, -beta[..., None] * k, beta[..., None] * k
+
+
+def _through_rwkv7(params: Callable[..., tuple[torch.Tensor, ...]], backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The rule run as :func:`rwkv7` with ``backend`` on the inputs ``params`` builds."""
+
+    def run(q, k, v, g, beta, initial_state, chunk_size):
+        from zoo.kernels.rwkv7 import rwkv7
+
+        w_log, a, b, k_write = params(k, g, beta)
+        return rwkv7(q, w_log, k_write, v, a, b, initial_state, chunk_size=chunk_size, backend=backend)
+
+    return run
+
+
+def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], fla_fn: str) -> BackendTable:
+    return BackendTable(op, {
+        "torch": Backend(_through_rwkv7(params, "torch")),
+        "triton_recurrent": Backend(_through_rwkv7(params, "triton_recurrent"), "triton"),
+        "triton_chunk": Backend(_through_rwkv7(params, "triton_chunk"), "triton"),
+        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{fla_fn}", "fla"),
+    })
+
+
+GATED_DELTA_BACKENDS = _table("gated_delta_rule", gated_delta_inputs, "gated_delta_rule_fla")
+KDA_BACKENDS = _table("kda", kda_inputs, "kda_fla")
+
+
+def _check(op: str, q, k, v, g, beta, initial_state, g_shape: tuple[int, ...]) -> None:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"{op}: q and k must be [B, T, H, K] alike, got {list(q.shape)} and {list(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"{op}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
+    if g.shape != g_shape:
+        raise ValueError(f"{op}: g must be {list(g_shape)}, got {list(g.shape)}")
+    if beta.shape != (B, T, H):
+        raise ValueError(f"{op}: beta must be [B, T, H] = {[B, T, H]}, got {list(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
+    """Gated DeltaNet: ``S_t = e^{g_t} (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t``, ``o_t = q_t S_t``.
+
+    ``q, k [B, T, H, K]`` (no scaling applied here), ``v [B, T, H, V]``, ``g`` (log decay <= 0), ``beta [B, T, H]``,
+    ``initial_state [B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 for
+    fp64 inputs). Launch grids: those of :func:`rwkv7`'s backend, or fla's."""
+    _check("gated_delta_rule", q, k, v, g, beta, initial_state, q.shape[:3])
+    return GATED_DELTA_BACKENDS(backend, q, k, v, g, beta, initial_state, chunk_size)
+
+
+def kda_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
+    """KDA: ``S_t = (I - beta_t k_t^T k_t) Diag(e^{g_t}) S_{t-1} + beta_t k_t^T v_t``, ``o_t = q_t S_t``.
+
+    ``q, k, g [B, T, H, K]`` (``g`` log decay <= 0 per channel), ``v [B, T, H, V]``, ``beta [B, T, H]``, state
+    ``[B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` as :func:`gated_delta_rule`."""
+    _check("kda", q, k, v, g, beta, initial_state, q.shape)
+    return KDA_BACKENDS(backend, q, k, v, g, beta, initial_state, chunk_size)

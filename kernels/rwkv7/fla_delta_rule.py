@@ -1,0 +1,45 @@
+"""``backend="fla"`` for :func:`zoo.kernels.rwkv7.delta_rule.gated_delta_rule` and ``kda_rule``: fla 0.6's
+``chunk_gated_delta_rule`` and ``chunk_kda``.
+
+Both take zoo's layout (``q, k [B, T, H, K]``, ``v [B, T, H, V]``, log decay ``g`` ``[B, T, H]`` / ``[B, T, H, K]``,
+``beta [B, T, H]`` after the sigmoid, state ``[B, H, K, V]``) and the same rules; the adapters pass ``scale=1.0``
+(fla's default is ``K ** -0.5``; zoo's blocks scale q themselves), no l2norm or gate inside the kernel, cast ``o`` to
+fp32, give q, k, v and beta one dtype and let fla choose its chunk length. fla is imported on first use.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels.rwkv6.fla_backend import check_fla_dtypes
+
+
+def _common_dtype(q, k, v, beta) -> tuple[torch.Tensor, ...]:
+    """fla's ``tl.dot`` needs one dtype: under autocast zoo's blocks pass fp32 q, k (L2-normalised) and bf16 v."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(t.to(dtype) for t in (q, k, v, beta))
+
+
+def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size):
+    """Gated DeltaNet through ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``; fp32 ``(o, final_state)``."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    check_fla_dtypes("gated_delta_rule", q, k, v, g, beta, initial_state)
+    q, k, v, beta = _common_dtype(q, k, v, beta)
+    o, final = chunk_gated_delta_rule(
+        q, k, v, g.float(), beta, scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+    )
+    return o.float(), final.float()
+
+
+def kda_fla(q, k, v, g, beta, initial_state, chunk_size):
+    """KDA through ``fla.ops.kda.chunk_kda``; fp32 ``(o, final_state)``."""
+    from fla.ops.kda import chunk_kda
+
+    check_fla_dtypes("kda", q, k, v, g, beta, initial_state)
+    q, k, v, beta = _common_dtype(q, k, v, beta)
+    o, final = chunk_kda(
+        q, k, v, g.float(), beta, scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+    )
+    return o.float(), final.float()
