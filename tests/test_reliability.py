@@ -2,6 +2,7 @@
 non-finite steps, bad model inputs, unwritable or full disks."""
 import csv
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def test_sigterm_then_sigkill_then_resume_auto_matches_uninterrupted_run(workdir
     assert _rows(run) == _rows(reference)  # per-step losses, lr and validation rows; no duplicated steps
 
 
-@pytest.mark.parametrize("signal_step", [3, 4])  # 4 is followed by a validation (val_every=2), 3 is not
+@pytest.mark.parametrize("signal_step", [3, 4, MAX_STEPS])  # 4 and the last are followed by a validation, 3 is not
 def test_sigterm_keeps_the_validation_of_its_step(workdir, reference, monkeypatch, signal_step):
     """SIGTERM during step N saves after N's validation when one follows, so the resumed run's metrics.csv (val rows
     included) equals the uninterrupted run's."""
@@ -115,8 +116,11 @@ def test_sigterm_keeps_the_validation_of_its_step(workdir, reference, monkeypatc
         train(load_recipe("transformer_small", _overrides(run, workdir / "data")))
     monkeypatch.setattr(ZooLightningModule, "training_step", original)
     assert load_checkpoint_file(find_resume_point(run, "auto").path)["global_step"] == signal_step
-    train(load_recipe("transformer_small", [*_overrides(run, workdir / "data"), "resume=auto"]))
+    summary = train(load_recipe("transformer_small", [*_overrides(run, workdir / "data"), "resume=auto"]))
     assert _rows(run) == _rows(reference)
+    expected = json.loads((reference / "summary.json").read_text())  # resumed at the last step: its validation kept
+    assert (summary["steps"], summary["val_loss"], summary["train_loss"]) == pytest.approx(
+        (expected["steps"], expected["val_loss"], expected["train_loss"]), rel=1e-6)
 
 
 def test_resume_auto_skips_a_truncated_checkpoint_and_says_so(workdir, reference, tmp_path):

@@ -217,6 +217,23 @@ def fit(recipe: Recipe, trainer, module, data, resume, metrics) -> float:
     return time.perf_counter() - start
 
 
+def last_logged(trainer, metrics_path: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    """The latest value of each of ``keys``: from this process's metrics, else (a run resumed at its last step, whose
+    final validation ran before the checkpoint) from the last ``metrics.csv`` row that has it."""
+    import csv
+
+    found = {k: float(trainer.callback_metrics[k]) for k in keys if k in trainer.callback_metrics}
+    missing = [k for k in keys if k not in found]
+    if missing and metrics_path.exists():
+        for row in reversed(list(csv.DictReader(metrics_path.open()))):
+            for k in [k for k in missing if row.get(k)]:
+                found[k] = float(row[k])
+                missing.remove(k)
+    if "val_loss" not in found:
+        raise RuntimeError(f"zoo.train: no validation loss for the summary, neither this run's nor in {metrics_path}")
+    return found
+
+
 def finish(recipe: Recipe, trainer, module, data, tokenizer, out: Path, seconds: float) -> dict:
     """Global rank 0's end of a run: the export (``hf/``, or ``adapter/`` for LoRA) and ``summary.json``."""
     from zoo.training import export_hf
@@ -229,17 +246,17 @@ def finish(recipe: Recipe, trainer, module, data, tokenizer, out: Path, seconds:
     else:
         export_dir = export_hf(model, tokenizer, out / "hf")
     stats = data.stats()
-    val_loss = float(trainer.callback_metrics["val_loss"])
-    train_loss = trainer.callback_metrics.get("train_loss")
+    logged = last_logged(trainer, out / "metrics.csv", ("val_loss", "val_acc", "train_loss"))
+    val_loss, train_loss = logged["val_loss"], logged.get("train_loss")
     summary = {
         "recipe": recipe.name,
         "steps": trainer.global_step,
         "seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_loss": float(train_loss) if train_loss is not None else None,
+        "train_loss": train_loss,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
-        **({"val_acc": float(trainer.callback_metrics["val_acc"])} if "val_acc" in trainer.callback_metrics else {}),
+        **({"val_acc": logged["val_acc"]} if "val_acc" in logged else {}),
         "unigram_entropy": stats.unigram_entropy,
         "tokens_per_s": trainer.global_step * recipe.data.batch_size * recipe.data.seq_len * trainer.world_size
         * recipe.trainer.accumulate_grad_batches / seconds,

@@ -297,6 +297,11 @@ class MetricsCSV(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._flush_row()
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Also a run resumed at its last step (no training batch, no ``on_train_start``) writes the row it restored."""
+        self._open(trainer, pl_module)
+        self._flush_row()
+
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.close()
 
