@@ -23,7 +23,8 @@ state's), then per chunk, with ``dA = dO_c V_c^T * D``::
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
 launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (bf16 on an H100: BT = 64, BV = 32; smaller
 BT elsewhere, so more); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
-(``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA: :func:`~zoo.kernels.triton_common.dot_precision`); every decay is ``exp`` of a non-positive number.
+(``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA: :func:`~zoo.kernels.triton_common.dot_precision`);
+every decay is ``exp`` of a non-positive number.
 """
 from __future__ import annotations
 
@@ -198,13 +199,14 @@ CP_MAX_BT = {
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_MAX_BT`] (64 only on sm_90 with bf16 /
-    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 8 warps, no
+    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32, 16 at K = 256 (at 32 the fp32 gradient kernel
+    needs 103,424 B of shared memory, over sm_86 / 89's 101,376); ``tl.dot`` needs every dimension >= 16; 8 warps, no
     software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), G = 16
     chunks per pass step, 2 warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
     BK = max(triton.next_power_of_2(K), 16)
     max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
-    BV = max(min(triton.next_power_of_2(V), 32), 16)
+    BV = max(min(triton.next_power_of_2(V), 32 if BK <= 128 else 16), 16)
     launch = Launch(num_warps=8, num_stages=1)
     return ChunkParallelTiles(BT, BK, BV, 64, 16, launch, launch, Launch(num_warps=2, num_stages=1))
 
