@@ -107,7 +107,7 @@ class Op:
 
 HEADS = {"H": 16, "K": 64, "V": 64}
 HEADS_SMOKE = {"H": 2, "K": 8, "V": 8}
-RWKV_MODELS = ({"H": 12, "K": 64, "V": 64}, {"H": 6, "K": 128, "V": 128})
+RWKV_MODELS = ({"H": 12, "K": 64, "V": 64}, {"H": 6, "K": 128, "V": 128}, {"H": 3, "K": 256, "V": 256})  # K = 256: MAX_HEAD_DIM
 OPS = {op.name: op for op in (
     Op("selective_scan", selective_scan, SELECTIVE_SCAN, _selective_scan_inputs, {"D": 2048, "N": 16}, {"D": 8, "N": 4},
        ({"D": 1536, "N": 16},), ({"D": 2048, "N": 16},), {"delta_softplus": True}),
@@ -117,7 +117,7 @@ OPS = {op.name: op for op in (
     Op("rwkv6", rwkv6, RWKV6, _rwkv6_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
     Op("rwkv7", rwkv7, RWKV7, _rwkv7_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
     Op("retention", retention, RETENTION, _retention_inputs, HEADS, HEADS_SMOKE,  # RetNet's value_factor 2: V = 2 K
-       ({"H": 12, "K": 64, "V": 128}, {"H": 6, "K": 128, "V": 256}), (HEADS,)),
+       ({"H": 12, "K": 64, "V": 128}, {"H": 6, "K": 128, "V": 256}, {"H": 3, "K": 256, "V": 512}), (HEADS,)),
 )}
 
 

@@ -176,26 +176,23 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1, layout: str |
 
 
 class Target(NamedTuple):
-    """What a launcher's tile choice depends on besides shape and dtype."""
+    """What a launcher's tile choice and ``tl.dot`` precision depend on besides shape and dtype."""
 
     arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
-    tf32: bool = True  # whether tl.dot accepts input_precision="tf32": every CUDA target, on ROCm only gfx942
+    tf32: bool = True  # NVIDIA tensor cores: tl.dot takes input_precision "tf32x3" (every CUDA target, no AMD one)
 
 
-# The safe tiles (those of the GPUs without a table of their own): CPU tensors (the interpreter) and ROCm, whose
-# capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's.
-DEFAULT_TARGET = Target(0)
-TF32_HIP_ARCHS = ("gfx942",)  # the AMD targets whose Triton front end takes tf32 products
+# The safe tiles (those of the GPUs without a table of their own) and exact fp32 products: CPU tensors (the
+# interpreter, exact whatever the precision) and ROCm, whose capabilities (9.0 for MI250, 9.4 for MI300) are not
+# NVIDIA's and whose Triton front end refuses "tf32x3" (gfx942 takes "tf32" only, too coarse for fp32 states).
+DEFAULT_TARGET = Target(0, tf32=False)
 
 
 def launch_target(device: torch.device) -> Target:
     """The target of a launch on ``device`` (the current device: launches run under :func:`device_guard`): its CUDA
-    capability (what fla and mamba-ssm key their tiles on), or :data:`DEFAULT_TARGET` for CPU tensors and ROCm, there
-    without tf32 unless Triton's target is one of :data:`TF32_HIP_ARCHS`."""
-    if device.type == "cpu":
+    capability (what fla and mamba-ssm key their tiles on), or :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
+    if device.type == "cpu" or torch.version.hip:
         return DEFAULT_TARGET
-    if torch.version.hip:
-        return DEFAULT_TARGET._replace(tf32=triton.runtime.driver.active.get_current_target().arch in TF32_HIP_ARCHS)
     major, minor = torch.cuda.get_device_capability(device)
     return Target(10 * major + minor)
 
@@ -277,6 +274,10 @@ def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype, target: Target) -> str:
-    """fp32 inputs get exact fp32 products; bf16 / fp16 inputs tf32 tensor-core products (exact for the inputs, 10
-    mantissa bits for fp32 intermediates such as states) where ``target`` has them, exact fp32 products elsewhere."""
-    return "tf32" if dtype != torch.float32 and target.tf32 else "ieee"
+    """The ``input_precision`` of the ``tl.dot`` products whose operands are fp32 (states S / dS, decayed or masked
+    tiles, score matrices, products with dt, and fp32 inputs): fp32 accuracy everywhere. fp32 inputs: "ieee" (exact
+    FMA products). bf16 / fp16 inputs: "tf32x3" (three tf32 tensor-core products, ~fp32 accurate; plain "tf32" keeps
+    10 mantissa bits of an fp32 intermediate, too few for fp16 gradients at T = 1k) on NVIDIA targets, else "ieee"
+    (ROCm; the interpreter, whose products are exact anyway). Dots of bf16 / fp16 inputs alone take
+    their operands in the input dtype, exact on tensor cores at any precision."""
+    return "tf32x3" if dtype != torch.float32 and target.tf32 else "ieee"

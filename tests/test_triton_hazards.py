@@ -183,8 +183,9 @@ class _HipDriver:
         return GPUTarget("hip", self.arch, 64)
 
 
-@pytest.mark.parametrize("arch, precision", [("gfx90a", "ieee"), ("gfx942", "tf32")])
-def test_bf16_dots_request_tf32_only_on_targets_that_have_it(arch, precision, monkeypatch):
+@pytest.mark.parametrize("arch", ["gfx90a", "gfx942"])
+def test_fp32_intermediates_get_tf32x3_on_nvidia_and_ieee_on_rocm(arch, monkeypatch):
+    """ROCm's Triton refuses "tf32x3" (gfx942 takes plain "tf32", too coarse for fp32 states): "ieee" there."""
     from triton.runtime import driver
 
     monkeypatch.setattr(torch.version, "hip", "6.4")
@@ -192,10 +193,10 @@ def test_bf16_dots_request_tf32_only_on_targets_that_have_it(arch, precision, mo
     target = triton_common.launch_target(torch.device("cuda", 0))
     monkeypatch.undo()
     assert target.arch == 0  # ROCm: the default tiles
-    assert triton_common.dot_precision(torch.bfloat16, target) == precision
+    assert triton_common.dot_precision(torch.bfloat16, target) == "ieee"
     assert triton_common.dot_precision(torch.float32, target) == "ieee"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert triton_common.dot_precision(torch.float16, triton_common.launch_target(torch.device("cuda", 0))) == "tf32"
+    assert triton_common.dot_precision(torch.float16, triton_common.launch_target(torch.device("cuda", 0))) == "tf32x3"
 
 
 _COMPILE_HIP = textwrap.dedent("""
@@ -223,3 +224,54 @@ def test_a_chunk_kernel_compiles_for_gfx90a_with_bf16_inputs():
     out = subprocess.run([sys.executable, "-c", _COMPILE_HIP], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ieee"]
+
+
+# ---------------------------------------------------------------- Hopper: no transposed wgmma accumulator into a dot
+
+# The two backward kernels with the pattern fla reports miscompiled by Triton 3.4 <= v < 3.7.1 on sm_90 (a tl.trans
+# of a dot result fed to another dot), compiled for sm_90 with bf16 inputs at BT = L = 64, the tiles sm_90 gets.
+_COMPILE_SM90 = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.kernels.retention.triton_chunk_parallel import _retention_cp_grad_kernel
+    from zoo.kernels.ssd.triton_ssd import _ssd_chunk_bwd_kernel
+
+    def ttgir(fn, bf16, ints, constexprs, warps):
+        sig = {name: "i32" if name in ints else "constexpr" if name in constexprs else "*bf16" if name in bf16
+               else "fp32" if name.startswith("dt_m") else "*fp32" for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=warps, num_stages=1))
+        return compiled.asm["ttgir"]
+
+    print(ttgir(_retention_cp_grad_kernel, {"q", "k", "v"}, {"T", "NT", "B"},
+                dict(H=12, K=64, V=64, BT=64, BK=64, BV=32, PRECISION="tf32x3"), 8))
+    print("=" * 20)
+    print(ttgir(_ssd_chunk_bwd_kernel, {"x_ptr", "dt_ptr", "B_ptr", "C_ptr"}, {"T", "H", "G", "P", "n_chunks"},
+                dict(N=64, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, L=64, BLOCK_P=32, BLOCK_N=16, PRECISION="tf32x3"), 8))
+""")
+
+
+def transposed_accumulators(ttgir: str) -> list[str]:
+    """The ``tt.trans`` lines of ``ttgir`` whose operand has an mma (accumulator) layout: a dot result transposed,
+    which in these kernels is then an operand of another dot."""
+    return [line.split(" loc(")[0].strip() for line in ttgir.splitlines()
+            if re.search(r"= tt\.trans %[\w.]+ .*: tensor<[^>]*#mma\d*> ->", line)]
+
+
+def test_no_transposed_wgmma_accumulator_feeds_a_dot_on_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for ttgir in out.stdout.split("=" * 20):
+        assert "ttng.warp_group_dot" in ttgir  # the dots are wgmma, where the miscompile is
+        assert transposed_accumulators(ttgir) == []
+
+
+def test_transposed_accumulators_finds_the_pattern():
+    ttgir = textwrap.dedent("""
+        %b_dk_199 = tt.trans %b_dA_198 {order = array<i32: 1, 0>} : tensor<64x64xf32, #mma> -> tensor<64x64xf32, #linear> loc(#loc1)
+        %dB = tt.trans %dCB_211 {order = array<i32: 1, 0>} : tensor<64x64xf32, #mma1> -> tensor<64x64xf32, #linear> loc(#loc2)
+        %k_t = tt.trans %b_k {order = array<i32: 1, 0>} : tensor<64x64xbf16, #blocked> -> tensor<64x64xbf16, #blocked1> loc(#loc3)
+    """)
+    assert len(transposed_accumulators(ttgir)) == 2

@@ -88,9 +88,9 @@ def test_other_kernels_pick_the_same_tiles_on_every_gpu(monkeypatch, name):
         assert triton_scan.tiles(1536, 16, dtype, target) == triton_scan.Tiles(2, 16, Launch(1, 3))
         assert triton_scan.tiles(1536, 64, dtype, target) == triton_scan.Tiles(1, 64, Launch(2, 3))
     passing = (64, Launch(1, 3))
-    for dtype in (BF16, torch.float16):  # tf32 products
-        assert triton_ssd.tiles(64, 128, 64, dtype, target) == triton_ssd.Tiles(64, 32, 16, "tf32", Launch(8, 1), Launch(8, 1), *passing)
-        assert triton_ssd.tiles(128, 64, 256, dtype, target)[:4] == (64, 32, 16, "tf32")
+    for dtype in (BF16, torch.float16):  # tf32x3 products (fp32 intermediates)
+        assert triton_ssd.tiles(64, 128, 64, dtype, target) == triton_ssd.Tiles(64, 32, 16, "tf32x3", Launch(8, 1), Launch(8, 1), *passing)
+        assert triton_ssd.tiles(128, 64, 256, dtype, target)[:4] == (64, 32, 16, "tf32x3")
         assert triton_ssd.tiles(24, 12, 8, dtype, target)[:3] == (16, 32, 16)
     # fp32: exact products, smaller tiles
     assert triton_ssd.tiles(64, 128, 64, FP32, target) == triton_ssd.Tiles(64, 16, 16, "ieee", Launch(4, 1), Launch(8, 1), *passing)

@@ -23,7 +23,8 @@ state's), then per chunk, with ``dA = dO_c V_c^T * D``::
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
 launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (bf16 on an H100: BT = 64, BV = 32; smaller
 BT elsewhere, so more); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
-(``ieee`` for fp32 inputs, ``tf32`` for bf16 / fp16 ones); every decay is ``exp`` of a non-positive number.
+(``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA: :func:`~zoo.kernels.triton_common.dot_precision`);
+every decay is ``exp`` of a non-positive number.
 """
 from __future__ import annotations
 
@@ -163,16 +164,20 @@ def _retention_cp_grad_kernel(
     b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
     b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # [BT(i), BT(j)]
+    b_Dt = tl.where(diff <= 0, tl.exp(tl.where(diff <= 0, -diff, 0.0) * b_g), 0.0)  # its transpose, [BT(j), BT(i)]
     b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
     b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
+    # dA^T and A^T are products of their own, not tl.trans of a dot result: a transposed wgmma accumulator fed to
+    # another dot is what Triton 3.4 <= v < 3.7.1 miscompiles on Hopper (fla-org/flash-linear-attention#640)
     b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
     b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
     b_dq += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * b_xi[:, None]
-    b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
+    b_dAt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
+    b_dk = tl.dot(b_dAt, b_q, input_precision=PRECISION)
     b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_zeta[:, None]
-    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D
-    b_dv = tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
+    b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
+    b_dv = tl.dot(b_At, b_do, input_precision=PRECISION)
     b_dv += tl.dot(b_k * b_zeta[:, None], b_ds_end, input_precision=PRECISION)
     p_part = i_v * B * T * H * K
     tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
@@ -194,13 +199,14 @@ CP_MAX_BT = {
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_MAX_BT`] (64 only on sm_90 with bf16 /
-    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32; ``tl.dot`` needs every dimension >= 16; 8 warps, no
+    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32, 16 at K = 256 (at 32 the fp32 gradient kernel
+    needs 103,424 B of shared memory, over sm_86 / 89's 101,376); ``tl.dot`` needs every dimension >= 16; 8 warps, no
     software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), G = 16
     chunks per pass step, 2 warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
     BK = max(triton.next_power_of_2(K), 16)
     max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
-    BV = max(min(triton.next_power_of_2(V), 32), 16)
+    BV = max(min(triton.next_power_of_2(V), 32 if BK <= 128 else 16), 16)
     launch = Launch(num_warps=8, num_stages=1)
     return ChunkParallelTiles(BT, BK, BV, 64, 16, launch, launch, Launch(num_warps=2, num_stages=1))
 

@@ -14,7 +14,7 @@ also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total 
 every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
 values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
 ``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
-exact fp32 (``ieee``) for fp32 inputs, tf32 tensor cores for bf16 / fp16 inputs where the target has them
+exact fp32 (``ieee``) for fp32 inputs, tf32x3 tensor-core products (fp32 accuracy) for bf16 / fp16 inputs on NVIDIA
 (:func:`~zoo.kernels.triton_common.dot_precision`); all accumulation is fp32. dB, dC
 and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
 their last bits depend on the order the programs run in.
@@ -227,21 +227,25 @@ def _ssd_chunk_bwd_kernel(
     dY = tl.load(dy_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
     xd = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32) * dt[:, None]
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
+    seg_t = tl.exp(tl.where(tl.trans(causal), a_cum[None, :] - a_cum[:, None], float("-inf")))  # seg^T
     e_cum = tl.exp(a_cum)
     decay_to_end = tl.exp(a_end - a_cum)
-    # y_diag = (CB * seg) @ xd; C B^T first (one pass over the d_state blocks), so that it is dead in the second
-    dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L, L]
-    CB = tl.zeros([L, L], tl.float32)
+    # y_diag = (CB * seg) @ xd. The transposed matrices (B C^T, dCB^T) are products of their own, not tl.trans of a
+    # dot result: a transposed wgmma accumulator fed to another dot is what Triton 3.4 <= v < 3.7.1 miscompiles on
+    # Hopper (fla-org/flash-linear-attention#640). B C^T first (one pass over the d_state blocks): dead in the second.
+    dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L(i), L(j)]
+    dCB_t = tl.dot(xd, tl.trans(dY), input_precision=PRECISION) * seg_t  # [L(j), L(i)]
+    BC = tl.zeros([L, L], tl.float32)  # (C B^T)^T, [L(j), L(i)]
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
         offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
         Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
         Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
-    dseg = dCB * CB  # gradient of the log-decay difference a_cum[i] - a_cum[j]
-    d_acum = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
-    dxd = tl.dot(tl.trans(CB * seg), dY, input_precision=PRECISION)  # [L, BLOCK_P]
+        BC += tl.dot(Bc, tl.trans(Cc), input_precision=PRECISION)
+    dseg_t = dCB_t * BC  # transposed gradient of the log-decay difference a_cum[i] - a_cum[j]
+    d_acum = tl.sum(dseg_t, axis=0) - tl.sum(dseg_t, axis=1)
+    dxd = tl.dot(BC * seg_t, dY, input_precision=PRECISION)  # [L, BLOCK_P]
     d_decay = tl.zeros([L], tl.float32)
     for n0 in range(0, N, BLOCK_N):  # second pass: the state terms; dB and dC per block
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -262,7 +266,7 @@ def _ssd_chunk_bwd_kernel(
         dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
         xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
         d_decay += tl.sum(Bc * xd_dh, axis=1)
-        dB = tl.dot(tl.trans(dCB), Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
+        dB = tl.dot(dCB_t, Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
         tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
         dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
     d_decay = d_decay * decay_to_end
@@ -299,7 +303,7 @@ class Tiles(NamedTuple):
 def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -> Tiles:
     """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]; d_state in blocks of ``BLOCK_N`` = 16 (the
     kernels loop over them, so the chunk length does not grow the register tiles with d_state); head channels in
-    blocks of ``BLOCK_P``: 32 for bf16 / fp16 inputs (tf32 tensor-core products), 16 for fp32 inputs (exact fp32
+    blocks of ``BLOCK_P``: 32 for bf16 / fp16 inputs (tf32x3 tensor-core products), 16 for fp32 inputs (exact fp32
     FMA products need more registers). 8 warps, but 4 for the fp32 chunk-state and output kernels (at 8 ptxas kept
     them to 128 registers and the outputs kernel spilled on sm_80). The largest spill-free tiles at L = 64 found on
     sm_90 (at ``BLOCK_P`` 64, or ``BLOCK_N`` 32 with ``BLOCK_P`` 32, the backward spilled). State passing: 64 entries
