@@ -1,5 +1,5 @@
 """The chunk-parallel Triton kernels (``kernels/<op>/triton_chunk_parallel.py``: retention, RWKV-6, and RWKV-7's WY/UT
-forward with its fused-recurrent backward) against the fp64 naive references: outputs, final state and every
+forward and backward) against the fp64 naive references: outputs, final state and every
 gradient (decays', bonus', the initial state's included).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are small;
