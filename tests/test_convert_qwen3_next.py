@@ -63,3 +63,12 @@ def test_convert_cli_logits_and_greedy_generation_match(tmp_path, capsys, overri
 def test_settings_zoo_cannot_reproduce_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         qwen3_next_config_to_zoo(tiny_config(**overrides))
+
+
+def test_kimi_linear_is_refused_with_the_reason(tmp_path, capsys):
+    from transformers import KimiLinearConfig
+
+    KimiLinearConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path / "kimi")
+    assert main([str(tmp_path / "kimi"), str(tmp_path / "zoo")]) != 0
+    err = capsys.readouterr().err
+    assert "kimi_linear" in err and "multi-head latent attention" in err and not (tmp_path / "zoo").exists()
