@@ -1,4 +1,12 @@
-"""Causal multi-head attention with RoPE and grouped-query heads; the KV cache is its state."""
+"""Causal multi-head attention with RoPE and grouped-query heads; the KV cache is its state.
+
+Options of the Qwen3 / Qwen3-Next attention (each off by default; ``tests/test_attention_options.py``):
+``output_gate`` (Qiu et al. 2025, "Gated Attention for LLMs": q_proj also gives a per-channel gate ``g``, and the
+heads' output is ``o * sigmoid(g)`` before o_proj; q_proj's rows are per head ``[query Dh | gate Dh]``, as
+transformers' ``Qwen3NextAttention``), ``qk_norm`` (a norm of ``zoo.layers.NORMS`` over each head's Dh channels of q
+and k before RoPE: Qwen3's ``rmsnorm``, Qwen3-Next's ``rmsnorm_zero_centred``) and ``partial_rotary_factor`` (RoPE on
+the first ``factor * Dh`` channels of each head only; the rest pass through).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +22,7 @@ from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.typed import bounded, checked
 
 from .base import SequenceMixer
+from .norm import NORMS
 from .registry import MIXERS
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "eager")
@@ -29,6 +38,10 @@ class AttentionConfig:
     backend: str = "auto"  # auto | sdpa | flash_attn | eager
     bias: bool = False
     causal: bool = True  # False: every query sees every key (bidirectional denoisers, e.g. masked diffusion)
+    output_gate: bool = False  # o * sigmoid(g) before o_proj, g from a doubled q_proj (Qwen3-Next's gated attention)
+    qk_norm: str | None = None  # a name in zoo.layers.NORMS: per-head norm of q and k before RoPE (Qwen3); None: none
+    qk_norm_eps: float = bounded(1e-6, gt=0)
+    partial_rotary_factor: float = bounded(1.0, gt=0, le=1)  # RoPE on the first factor * head_dim channels
 
     def validate(self, d_model: int) -> None:
         if self.head_dim is None and d_model % self.n_heads:
@@ -37,11 +50,23 @@ class AttentionConfig:
             raise ConfigError("head_dim", f"must be an even number >= 2 for RoPE, got {self.head_dim}")
         if self.head_dim is None and (d_model // self.n_heads) % 2:
             raise ConfigError("n_heads", f"head dim d_model/n_heads = {d_model // self.n_heads} must be even for RoPE")
+        rotary = self.rotary_dim(d_model)
+        if rotary < 2 or rotary % 2:
+            raise ConfigError(
+                "partial_rotary_factor",
+                f"{self.partial_rotary_factor} * head_dim {self.head_dim or d_model // self.n_heads} gives {rotary} rotary channels; need an even number >= 2",
+            )
+        if self.qk_norm is not None and self.qk_norm not in NORMS:
+            raise ConfigError("qk_norm", f"unknown norm {self.qk_norm!r}; norms: {', '.join(NORMS)}, or null for none")
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
             raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
         if self.backend not in BACKENDS:
             raise ConfigError("backend", f"unknown attention backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+
+    def rotary_dim(self, d_model: int) -> int:
+        """Channels of each head that RoPE rotates (transformers' ``int(head_dim * partial_rotary_factor)``)."""
+        return int((self.head_dim or d_model // self.n_heads) * self.partial_rotary_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -237,11 +262,16 @@ class Attention(SequenceMixer):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim or d_model // config.n_heads
+        self.rotary_dim = config.rotary_dim(d_model)
         self.set_backend(config.backend)
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=config.bias)
+        q_width = self.n_heads * self.head_dim * (2 if config.output_gate else 1)  # per head [query | gate]
+        self.q_proj = nn.Linear(d_model, q_width, bias=config.bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=config.bias)
+        if config.qk_norm is not None:
+            self.q_norm = NORMS[config.qk_norm](self.head_dim, config.qk_norm_eps)
+            self.k_norm = NORMS[config.qk_norm](self.head_dim, config.qk_norm_eps)
 
     @classmethod
     def hf_attributes(cls, config: AttentionConfig, d_model: int) -> dict:
@@ -284,17 +314,33 @@ class Attention(SequenceMixer):
         return StaticAttentionState(k, v, key_mask, length, real.sum(-1).long())
 
     def mix(self, x: torch.Tensor, state: AttentionState | StaticAttentionState | None):
-        """Project -> rotate (RoPE at the state's next positions) -> append to the state -> attend."""
+        """Project (-> q/k norm) -> rotate (RoPE at the state's next positions) -> append to the state -> attend
+        (-> output gate)."""
         B, T, _ = x.shape
         state = AttentionState(None, None) if state is None else state
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q = self.q_proj(x).view(B, T, self.n_heads, -1)  # [B, T, H, Dh], or [B, T, H, 2 Dh] with the output gate
+        gate = None
+        if self.config.output_gate:
+            q, gate = q.chunk(2, dim=-1)  # [B, T, H, Dh] each
+            gate = gate.reshape(B, T, self.n_heads * self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        if self.config.qk_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         cos, sin = self._rope_tables(state, T, x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         state, k, v, mask = state.append(k, v, self.config.causal)
-        y = self._attend(q, k, v, mask)  # [B, H, T, Dh]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), state
+        y = self._attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Dh]
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        return self.o_proj(y), state
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:func:`apply_rope` on the first ``rotary_dim`` channels of ``x [B, H, T, Dh]`` (all of them by default)."""
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(x, cos, sin)
+        return torch.cat((apply_rope(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]), dim=-1)
 
     def _rope_tables(self, state: AttentionState | StaticAttentionState, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables of the next ``T`` positions of ``state`` in x's dtype: ``[T, Dh]`` shared by the rows, or
@@ -303,10 +349,10 @@ class Attention(SequenceMixer):
         theta = self.config.rope_theta
         if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
             positions = state.positions(T, x.device)  # [T] or [B, T]
-            cos, sin = signed_rope_tables(positions, self.head_dim, theta, x.dtype)
+            cos, sin = signed_rope_tables(positions, self.rotary_dim, theta, x.dtype)
         else:
             past = 0 if state.k is None else state.k.shape[2]  # positions (and a static cache's slots) are below past + T
-            cos, sin = rope_table(past + T, self.head_dim, theta, x.device, x.dtype)
+            cos, sin = rope_table(past + T, self.rotary_dim, theta, x.device, x.dtype)
             if isinstance(state, AttentionState) and state.key_mask is None:
                 return cos[past : past + T], sin[past : past + T]
             positions = state.positions(T, x.device)  # [B, T]

@@ -7,6 +7,8 @@ Parameters (names matter for PEFT targeting and converters):
   applied as ``x @ w`` (expert ``e`` computes ``(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``).
 - ``shared`` (only with ``shared_experts > 0``): a :class:`~zoo.layers.ffn.SwiGLU` of hidden size
   ``shared_experts * H`` that every token goes through (the sum of that many always-on experts).
+- ``shared_gate`` (only with ``shared_expert_gate``): ``nn.Linear(D, 1, bias=False)``; the shared output is then
+  scaled per token by ``sigmoid(shared_gate(x))`` (Qwen2-MoE / Qwen3-Next's ``shared_expert_gate``).
 
 Each forward keeps its routing decisions until :meth:`MoE.pop_stats` turns everything since the last pop into one
 :class:`RouterStats` (the model does that after every forward to form the auxiliary losses). Pooling the calls makes
@@ -39,6 +41,7 @@ class MoEConfig:
     expert_hidden: int | None = bounded(None, ge=1)  # None: like swiglu, 8/3 * d_model rounded up to a multiple of `multiple_of`
     multiple_of: int = bounded(64, ge=1)
     shared_experts: int = bounded(0, ge=0)  # always-on SwiGLU experts of size expert_hidden
+    shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x @ w), w [D, 1] (Qwen3-Next)
     router: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     router_jitter: float = bounded(0.0, ge=0, lt=1)  # multiplicative uniform noise on the router input, training only
     aux_loss_coef: float = bounded(0.01, ge=0)  # load-balancing loss weight (Switch / Mixtral)
@@ -48,6 +51,8 @@ class MoEConfig:
     def validate(self, d_model: int) -> None:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ConfigError("shared_expert_gate", "gates the shared experts' output: set shared_experts >= 1")
 
     def resolved_expert_hidden(self, d_model: int) -> int:
         return SwiGLUConfig(self.expert_hidden, self.multiple_of).resolved_hidden_size(d_model)
@@ -129,6 +134,7 @@ class MoE(nn.Module):
         self.shared = None
         if config.shared_experts:
             self.shared = SwiGLU(SwiGLUConfig(hidden_size=config.shared_experts * hidden), d_model, layer_idx)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if config.shared_expert_gate else None
         self.pending_routes: list[tuple] = []  # (logits, probs, top_idx, token mask or None) per call
 
     def init_parameters(self) -> None:
@@ -164,7 +170,10 @@ class MoE(nn.Module):
         else:
             y = self._loop(h, top_w, top_idx)
         if self.shared is not None:
-            y = y + self.shared(h)
+            shared = self.shared(h)  # [N, D]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(h)) * shared  # [N, 1] gate per token
+            y = y + shared
         return y.reshape(shape)
 
     def pop_stats(self) -> RouterStats | None:

@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +21,23 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class ZeroCentredRMSNorm(RMSNorm):
+    """RMSNorm scaled by ``1 + weight`` (weight zero at init), in fp32 before the cast back: Qwen3-Next's RMSNorm
+    (weight decay pulls the scale towards 1 instead of 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def init_parameters(self) -> None:
+        init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with weight and bias (RWKV's ``ln0``/``ln1``/``ln2``/``ln_out``), computed in fp32."""
 
@@ -31,4 +49,4 @@ class LayerNorm(nn.LayerNorm):
 
 
 # model.norm: the norm before each branch of a residual layer, after the embedding (model.embed_norm) and at the end
-NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "rmsnorm_zero_centred": ZeroCentredRMSNorm, "layernorm": LayerNorm}

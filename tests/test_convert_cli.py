@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM,
-    MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+    MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3NextForCausalLM,
 )
 
 from fla_torch import fla_retnet_on_torch, fla_rwkv6_on_torch, fla_rwkv7_on_torch
+from test_convert_qwen3_next import tiny_config as tiny_qwen3_next_config
 import zoo
 from zoo.convert.__main__ import CONVERTERS, main
 from zoo.data import byte_tokenizer
@@ -21,6 +22,7 @@ TINY = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**ATTN)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**ATTN, sliding_window=None)),
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**ATTN, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_next": lambda: Qwen3NextForCausalLM(tiny_qwen3_next_config()),
     "mamba": lambda: MambaForCausalLM(MambaConfig(**SSM, time_step_rank=4)),
     "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**SSM, num_heads=4, head_dim=16, n_groups=1, chunk_size=16)),
     "retnet": lambda: tiny_fla_retnet(),

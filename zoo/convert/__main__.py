@@ -1,8 +1,8 @@
 """``python -m zoo.convert HF_DIR OUT_DIR``: turn a local Hugging Face checkpoint into a zoo checkpoint.
 
-Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, mamba, mamba2 (transformers), and
+Supported ``model_type``s: llama, mistral (without sliding windows), mixtral, qwen3_next, mamba, mamba2 (transformers), and
 rwkv6, rwkv7 and retnet (flash-linear-attention's ``fla-hub`` models; reading them needs fla installed); fla's gla
-is refused with the reason (``NOT_CONVERTED``). OUT_DIR gets config.json
+and transformers' kimi_linear are refused with the reason (``NOT_CONVERTED``). OUT_DIR gets config.json
 (model_type "zoo"), model.safetensors, generation_config.json and the tokenizer files if HF_DIR has them; load it
 with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` after ``import zoo``.
 """
@@ -18,6 +18,7 @@ from zoo.convert.fla import from_fla_retnet, from_fla_rwkv6, from_fla_rwkv7
 from zoo.convert.llama import from_llama
 from zoo.convert.mamba import from_mamba, from_mamba2
 from zoo.convert.mixtral import from_mixtral
+from zoo.convert.qwen3_next import from_qwen3_next
 from zoo.errors import ZooError
 
 # config.model_type of the source checkpoint -> ("module.Class" that loads it, converter of the loaded model).
@@ -26,14 +27,20 @@ CONVERTERS = {
     "llama": ("transformers.LlamaForCausalLM", from_llama),
     "mistral": ("transformers.MistralForCausalLM", from_llama),
     "mixtral": ("transformers.MixtralForCausalLM", from_mixtral),
+    "qwen3_next": ("transformers.Qwen3NextForCausalLM", from_qwen3_next),
     "mamba": ("transformers.MambaForCausalLM", from_mamba),
     "mamba2": ("transformers.Mamba2ForCausalLM", from_mamba2),
     "retnet": ("fla.models.RetNetForCausalLM", from_fla_retnet),
     "rwkv6": ("fla.models.RWKV6ForCausalLM", from_fla_rwkv6),
     "rwkv7": ("fla.models.RWKV7ForCausalLM", from_fla_rwkv7),
 }
-# model_types of fla checkpoints zoo has no converter for, and why
-NOT_CONVERTED = {"gla": "zoo has no gated linear attention (GLA) block to map fla's GatedLinearAttention onto"}
+# model_types zoo has no converter for, and why
+NOT_CONVERTED = {
+    "gla": "zoo has no gated linear attention (GLA) block to map fla's GatedLinearAttention onto",
+    "kimi_linear": "its full-attention layers are multi-head latent attention (MLA: keys and values through a "
+    "kv_lora_rank compression), which zoo's attention block does not express, and its MoE routes by sigmoid scores "
+    "with a learned bias (DeepSeek-V3's router), which zoo's moe does not; zoo's kda block matches its KDA layers",
+}
 
 
 def load_class(path: str, model_type: str) -> type:
