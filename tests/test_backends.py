@@ -79,7 +79,7 @@ def test_retention_triton_with_the_recurrent_form_keeps_its_kernel():
 def test_every_recurrent_block_uses_its_ops_backend_table():
     """The blocks keep no backend tuples: a config's choices are its op's table (derived, not listed), and a recipe's
     unknown name is refused with its key path and every choice."""
-    assert set(OPS) == {"mamba", "mamba2", "retnet", "rwkv6", "rwkv7"}  # the five recurrent blocks shipped today
+    assert set(OPS) == {"gated_deltanet", "kda", "mamba", "mamba2", "retnet", "rwkv6", "rwkv7"}  # the recurrent blocks with an op
     for block, op in OPS.items():
         choices = ", ".join(map(repr, op.choices()))
         with pytest.raises(ConfigError, match=f"model.{block}.backend: expected one of {choices}, got 'nope'"):
