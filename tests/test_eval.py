@@ -90,3 +90,85 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert eval_main([str(tmp_path / "run")] + argv) == 2
     err = capsys.readouterr().err
     assert "zoo.eval: error: " in err and message in err.split("zoo.eval: error: ", 1)[1]
+
+
+WORDS = ["apple", "stone", "river", "cloud", "tiger", "lemon"]
+CONTEXTS = ["the cat sat on the", "a", "once upon a time there was a big", "x = 1 +", "def f(x): return", "hello world and"]
+
+
+def write_tasks(root, gen_targets):
+    """Three local tasks over jsonl files: multiple choice (acc), a LAMBADA-style last word (log-likelihood: acc =
+    greedy, perplexity) and the last word generated greedily (exact_match against ``gen_targets``)."""
+    rows = {
+        "mc": [{"question": c, "choices": WORDS[i % 3 : i % 3 + 3], "answer": i % 3} for i, c in enumerate(CONTEXTS)],
+        "word": [{"context": c, "word": WORDS[i]} for i, c in enumerate(CONTEXTS)],
+        "gen": [{"context": c, "word": w} for c, w in zip(CONTEXTS, gen_targets)],
+    }
+    specs = {
+        "mc": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
+        "word": 'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: " {{word}}"\ntarget_delimiter: ""\nmetric_list:\n  - metric: perplexity\n  - metric: acc\n',
+        "gen": 'output_type: generate_until\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{word}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  do_sample: false\n  max_gen_toks: 4\nmetric_list:\n  - metric: exact_match\n',
+    }
+    for name, docs in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (root / f"{name}.yaml").write_text(
+            f"task: zoo_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / f'{name}.jsonl'}\ntest_split: test\n" + specs[name]
+        )
+    return rows
+
+
+def loglikelihood(model, tok, context, continuation):
+    """Sum of log p(continuation tokens | context) and whether each is the argmax, from one forward of the model."""
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole]), use_cache=False).logits[0].log_softmax(-1)  # [T, V]
+    targets = torch.tensor(whole[len(ctx):])
+    picked = logprobs[len(ctx) - 1 : len(whole) - 1]  # [continuation, V]
+    return float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all())
+
+
+def test_lm_eval_tasks_match_a_direct_computation(tmp_path):
+    """Batch size 4 over 6 documents of different lengths (padding in every batch): the harness's per-choice
+    log-likelihoods, accuracies, perplexity and greedy generations equal ones computed directly with the model."""
+    pytest.importorskip("lm_eval")
+    from zoo.eval import run_tasks
+    from zoo.generate import generate_causal
+
+    model, tok = export(tmp_path, ["mamba2", "attention"])
+    greedy = [t[len(c):].split("\n")[0] for c, t in zip(CONTEXTS, generate_causal(model, tok, CONTEXTS, max_new_tokens=4, greedy=True))]
+    rows = write_tasks(tmp_path, [g if i % 2 else "nope" for i, g in enumerate(greedy)])  # half the targets right
+    out = run_tasks(model, tok, ["zoo_mc", "zoo_word", "zoo_gen"], include_path=str(tmp_path), batch_size=4, log_samples=True)
+    results, samples = out["results"], out["samples"]
+
+    scores = [[loglikelihood(model, tok, d["question"], " " + c)[0] for c in d["choices"]] for d in rows["mc"]]
+    for sample in samples["zoo_mc"]:
+        harness = [r[0][0] for r in sample["resps"]]
+        assert harness == pytest.approx(scores[sample["doc_id"]], abs=1e-4)
+    acc = sum(max(range(3), key=s.__getitem__) == d["answer"] for s, d in zip(scores, rows["mc"])) / len(scores)
+    assert results["zoo_mc"]["acc,none"] == pytest.approx(acc)
+
+    words = [loglikelihood(model, tok, d["context"], " " + d["word"]) for d in rows["word"]]
+    for sample in samples["zoo_word"]:
+        assert sample["resps"][0][0][0] == pytest.approx(words[sample["doc_id"]][0], abs=1e-4)
+    assert results["zoo_word"]["acc,none"] == pytest.approx(sum(g for _, g in words) / len(words))
+    assert results["zoo_word"]["perplexity,none"] == pytest.approx(float(torch.tensor([-ll for ll, _ in words]).mean().exp()), rel=1e-4)
+
+    for sample in samples["zoo_gen"]:
+        assert sample["filtered_resps"][0] == greedy[sample["doc_id"]]
+    assert results["zoo_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_tasks_cli_writes_json_and_markdown(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    export(tmp_path, ["lstm"])
+    write_tasks(tmp_path, ["a"] * len(CONTEXTS))
+    argv = [str(tmp_path / "run"), "--tasks", "zoo_mc,zoo_word", "--include-path", str(tmp_path), "--batch-size", "3"]
+    assert eval_main(argv) == 0
+    result = json.loads((tmp_path / "run" / "eval" / "lm_eval.json").read_text())
+    assert set(result["results"]) == {"zoo_mc", "zoo_word"} and 0 <= result["results"]["zoo_mc"]["acc,none"] <= 1
+    table = (tmp_path / "run" / "eval" / "lm_eval.md").read_text()
+    assert table.startswith("| task | metric | value | stderr |") and "| zoo_word | perplexity |" in table
+    capsys.readouterr()
+    assert eval_main(argv[:1] + ["--tasks", "no_such_task", "--include-path", str(tmp_path)]) == 2
+    assert "unknown task(s) no_such_task" in capsys.readouterr().err

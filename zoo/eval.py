@@ -176,8 +176,9 @@ def plot_losses(result: dict[str, Any], path: Path) -> bool:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = None, batch_size: int = 8,
-              limit: float | None = None, num_fewshot: int | None = None) -> dict[str, Any]:
-    """lm-evaluation-harness's ``simple_evaluate`` of ``tasks`` on the loaded zoo ``model`` (through its ``HFLM``)."""
+              limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict[str, Any]:
+    """lm-evaluation-harness's ``simple_evaluate`` of ``tasks`` on the loaded zoo ``model`` (through its ``HFLM``);
+    ``log_samples``: keep each document's requests and responses (``results["samples"]``)."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -190,7 +191,12 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ZooError(f"--tasks: unknown task(s) {', '.join(unknown)} (a local task's YAML directory goes in --include-path)")
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False)
+    # The harness bounds generation with max_length; the checkpoint's max_new_tokens (zoo.train exports 64) would win.
+    saved, model.generation_config.max_new_tokens = model.generation_config.max_new_tokens, None
+    try:
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
+    finally:
+        model.generation_config.max_new_tokens = saved
 
 
 def task_table(results: dict[str, Any]) -> str:
@@ -202,7 +208,7 @@ def task_table(results: dict[str, Any]) -> str:
             if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{_filter}")
-            lines.append(f"| {task} | {metric} | {value:.4f} | {stderr if isinstance(stderr, str) else f'{stderr:.4f}'} |")
+            lines.append(f"| {task} | {metric} | {value:.4f} | {f'{stderr:.4f}' if isinstance(stderr, (int, float)) else 'N/A'} |")
     return "\n".join(lines) + "\n"
 
 
