@@ -62,17 +62,28 @@ def test_loss_by_position_cli_two_checkpoints(tmp_path, capsys):
 
 
 def test_loss_by_position_reads_the_runs_corpus(tmp_path):
-    """A trained run: its recipe.yaml gives the validation corpus and the training seq_len (here 32, evaluated to 64)."""
+    """A run directory (recipe.yaml beside hf/): its data section gives the validation corpus (a local text source,
+    tokenized as zoo.train does) and the training seq_len (here 32, evaluated to 64)."""
     from conftest import tiny_overrides
+    from zoo.data import ZooDataModule
     from zoo.recipe_loader import load_recipe
-    from zoo.train import train
 
-    train(load_recipe("lstm_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.val_every": 2})))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i}.txt").write_text(TEXT[i * 30 :] + TEXT[: i * 30])
+    recipe = load_recipe("lstm_small", tiny_overrides(tmp_path, **{"data.source": str(corpus), "data.cache_dir": str(tmp_path / "cache")}))
+    model, _ = export(tmp_path, ["lstm"])
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.to_yaml())
     assert eval_main([str(tmp_path / "run"), "--loss-by-position", "--max-length", "64", "--chunk", "16", "--windows", "2"]) == 0
     result = json.loads((tmp_path / "run" / "eval" / "loss_by_position.json").read_text())
     run = result["checkpoints"][0]
     assert run["seq_len"] == 32 and run["windows"] == 2 and len(run["buckets"]) == 32 and run["blocks"] == ["lstm"]
-    assert 0 < run["mean_loss"] < 10
+    module = ZooDataModule(recipe.data)
+    module.setup()
+    windows = torch.from_numpy(module.val_tokens[: 2 * 65].astype("int64")).view(2, 65)
+    losses = position_losses(model, windows)  # [64]
+    assert [b["loss"] for b in run["buckets"]] == pytest.approx(losses.view(32, 2).mean(1).tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("argv, message", [

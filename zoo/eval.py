@@ -63,14 +63,14 @@ def load_causal_lm(checkpoint: Path, device: str):
     return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
-def validation_tokens(checkpoint: Path, tokenizer, data: str | None) -> np.ndarray:
-    """1-D token ids: ``data`` (a text file) tokenized with ``tokenizer``, or the run's validation split."""
+def validation_tokens(checkpoint: Path, tokenizer, data: str | None, limit: int) -> np.ndarray:
+    """The first ``limit`` token ids (1-D): ``data`` (a text file) tokenized with ``tokenizer``, or the run's validation split."""
     if data is not None:
         path = Path(data)
         if not path.is_file():
             raise ZooError(f"--data: no such file '{path}'")
         ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-        return np.asarray(ids, dtype=np.int64)
+        return np.asarray(ids[:limit], dtype=np.int64)
     recipe = run_recipe(checkpoint)
     if recipe is None:
         raise ZooError(f"'{checkpoint}' has no recipe.yaml beside it (not a zoo.train run): give the corpus with --data FILE")
@@ -80,7 +80,7 @@ def validation_tokens(checkpoint: Path, tokenizer, data: str | None) -> np.ndarr
 
     module = ZooDataModule(recipe.data, seed=recipe.seed)
     module.setup()
-    return np.asarray(module.val_tokens[: len(module.val_tokens)], dtype=np.int64)
+    return np.asarray(module.val_tokens[: min(limit, len(module.val_tokens))], dtype=np.int64)
 
 
 def token_windows(tokens: np.ndarray, max_length: int, windows: int) -> torch.Tensor:
@@ -127,7 +127,8 @@ def loss_by_position(args: argparse.Namespace, checkpoints: list[Path], labels: 
     runs = []
     for checkpoint, label in zip(checkpoints, labels):
         model, tokenizer = load_causal_lm(checkpoint, args.device)
-        windows = token_windows(validation_tokens(checkpoint, tokenizer, args.data), args.max_length, args.windows)
+        tokens = validation_tokens(checkpoint, tokenizer, args.data, args.windows * (args.max_length + 1))
+        windows = token_windows(tokens, args.max_length, args.windows)
         losses = position_losses(model, windows, args.chunk, args.batch_size)
         recipe = run_recipe(checkpoint)
         runs.append({
