@@ -1,5 +1,5 @@
 """The one convention of zoo's command-line entry points (``zoo.train``, ``zoo.ablate``, ``zoo.generate``,
-``zoo.convert``, ``zoo.merge``): arguments parsed by :class:`ArgumentParser`; a usage error or any
+``zoo.convert``, ``zoo.merge``, ``zoo.eval``): arguments parsed by :class:`ArgumentParser`; a usage error or any
 :class:`~zoo.errors.ZooError` prints ``PROG: error: MESSAGE`` on stderr and exits with code 2; ``-h`` prints help.
 """
 from __future__ import annotations
