@@ -5,7 +5,7 @@ The recipe rows come from the schema itself (:class:`zoo.config.Recipe`, every r
 class, the synthetic task section): every ``Literal`` key gets a value outside it, every bounded number a value at
 each bound, every key a value of the wrong kind. Keys that take free text (paths, names) also need a row in
 :data:`SEMANTIC` or a reason in :data:`FREE_TEXT`; ``test_every_recipe_key_has_a_row`` fails for a new key without
-one. The commands (zoo.train, zoo.generate, zoo.convert, zoo.ablate, zoo.merge) run in-process through their
+one. The commands (zoo.train, zoo.generate, zoo.convert, zoo.ablate, zoo.merge, zoo.eval) run in-process through their
 ``main(argv)``; a few rows run as subprocesses. Fine-tuning is a recipe section (``finetune:``) of zoo.train.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from zoo import ablate, generate, merge, train
+from zoo import eval as zoo_eval
 from zoo.config import ModelConfig, Recipe, ShortConvSetting
 from zoo.convert import __main__ as convert
 from zoo.errors import ZooError
@@ -264,6 +265,7 @@ SEMANTIC: dict[str, list[list[str]]] = {
     "model.blocks": [["model.blocks=[nope]"], ["model.blocks=[]"], ["model.n_layers=3", "model.blocks=[attention,lstm]"]],
     "model.ffn": [["model.ffn=nope"], ["model.ffn=[swiglu,nope]"]],
     "model.norm": [["model.norm=nope"]],
+    "model.attention.qk_norm": [["model.attention.qk_norm=nope"]],
     "model.vocab_size": [["model.vocab_size=100"]],  # fewer ids than the byte tokenizer's 259
     "finetune.init_from": [
         ["finetune.init_from={root}/missing"],
@@ -401,8 +403,15 @@ COMMAND_ROWS: list[tuple[str, list[str], str]] = [
     ("merge", ["--base", "{wide_hf}", "--adapter", "{moved_adapter}", "--out", "{out}"], "--adapter"),
     ("merge", ["--base", "{config_bad_block}", "--adapter", "{adapter}", "--out", "{out}"], "config.blocks[0]"),
     ("merge", ["--base", "{hf}", "--adapter", "{adapter}"], "--out"),
+    ("eval", ["{root}/missing", "--loss-by-position", "--max-length", "8"], "missing"),
+    ("eval", ["{empty_dir}", "--loss-by-position", "--max-length", "8"], "config.json"),
+    ("eval", ["{hf}"], "--loss-by-position"),
+    ("eval", ["{hf}", "--loss-by-position"], "--max-length"),
+    ("eval", ["{hf}", "--loss-by-position", "--max-length", "0"], "--max-length"),
+    ("eval", ["{hf}", "--loss-by-position", "--max-length", "8", "--data", "{root}/missing.txt"], "--data"),
 ]
-MAINS = {"train": train.main, "ablate": ablate.main, "generate": generate.main, "convert": convert.main, "merge": merge.main}
+MAINS = {"train": train.main, "ablate": ablate.main, "generate": generate.main, "convert": convert.main, "merge": merge.main,
+         "eval": zoo_eval.main}
 
 
 @pytest.mark.parametrize(("command", "argv", "key"), COMMAND_ROWS, ids=lambda v: str(v))
