@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from fla_torch import fla_rwkv7_on_torch
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
-from zoo.layers import RWKV7, RWKV7Config
+from zoo.layers import NORMS, RWKV7, RWKV7Config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
 F64 = torch.float64
@@ -161,7 +161,7 @@ def test_config_keys_are_validated_with_their_path():
         ModelConfig.from_dict({"d_model": 16, "blocks": ["rwkv7"], "rwkv7": {"head_dim": 8, "value_lora_rank": 0}})
     with pytest.raises(ConfigError, match=r"model\.rwkv7\.value_residual: expected bool"):
         ModelConfig.from_dict({"d_model": 16, "blocks": ["rwkv7"], "rwkv7": {"head_dim": 8, "value_residual": "yes"}})
-    with pytest.raises(ConfigError, match=r"model\.norm: unknown norm 'batchnorm'; norms: rmsnorm, layernorm"):
+    with pytest.raises(ConfigError, match=rf"model\.norm: unknown norm 'batchnorm'; norms: {', '.join(NORMS)}"):
         ModelConfig.from_dict({"d_model": 16, "norm": "batchnorm"})
     assert ModelConfig.from_dict({"d_model": 16, "blocks": ["rwkv7"], "rwkv7": {"head_dim": 8}}).args_for("rwkv7").value_residual
 
