@@ -409,6 +409,7 @@ COMMAND_ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["{hf}", "--loss-by-position"], "--max-length"),
     ("eval", ["{hf}", "--loss-by-position", "--max-length", "0"], "--max-length"),
     ("eval", ["{hf}", "--loss-by-position", "--max-length", "8", "--data", "{root}/missing.txt"], "--data"),
+    ("eval", ["{hf}", "--tasks", "lambada_openai", "--bootstrap-iters", "-1"], "--bootstrap-iters"),
 ]
 MAINS = {"train": train.main, "ablate": ablate.main, "generate": generate.main, "convert": convert.main, "merge": merge.main,
          "eval": zoo_eval.main}

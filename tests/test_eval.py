@@ -1,6 +1,7 @@
 """``python -m zoo.eval``: loss by position (chunked == one pass, by hand, from a run's recipe) and
 lm-evaluation-harness tasks on a zoo model, checked against log-likelihoods computed directly with the model."""
 import json
+import os
 
 import pytest
 import torch
@@ -92,6 +93,7 @@ def test_loss_by_position_reads_the_runs_corpus(tmp_path):
     (["--loss-by-position", "--max-length", "8", "--chunk", "0"], "--chunk must be >= 1"),
     (["--loss-by-position", "--max-length", "8"], "no recipe.yaml beside it"),
     (["--loss-by-position", "--max-length", "100000", "--data", "VAL"], "fewer than --max-length + 1"),
+    (["--tasks", "zoo_mc", "--bootstrap-iters", "-1"], "--bootstrap-iters must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     (tmp_path / "val.txt").write_text(TEXT)
@@ -139,10 +141,18 @@ def loglikelihood(model, tok, context, continuation):
     return float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all())
 
 
-def test_lm_eval_tasks_match_a_direct_computation(tmp_path):
+def test_lm_eval_tasks_match_a_direct_computation(tmp_path, monkeypatch):
     """Batch size 4 over 6 documents of different lengths (padding in every batch): the harness's per-choice
-    log-likelihoods, accuracies, perplexity and greedy generations equal ones computed directly with the model."""
+    log-likelihoods, accuracies, perplexity and greedy generations equal ones computed directly with the model; the
+    perplexity's bootstrapped standard error is drawn without forking a pool (a forked worker hung a CI run)."""
     pytest.importorskip("lm_eval")
+    import multiprocessing
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the harness forked a multiprocessing.Pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
     from zoo.eval import run_tasks
     from zoo.generate import generate_causal
 
@@ -164,6 +174,7 @@ def test_lm_eval_tasks_match_a_direct_computation(tmp_path):
         assert sample["resps"][0][0][0] == pytest.approx(words[sample["doc_id"]][0], abs=1e-4)
     assert results["zoo_word"]["acc,none"] == pytest.approx(sum(g for _, g in words) / len(words))
     assert results["zoo_word"]["perplexity,none"] == pytest.approx(float(torch.tensor([-ll for ll, _ in words]).mean().exp()), rel=1e-4)
+    assert results["zoo_word"]["perplexity_stderr,none"] > 0 and "DISABLE_MULTIPROC" not in os.environ
 
     for sample in samples["zoo_gen"]:
         assert sample["filtered_resps"][0] == greedy[sample["doc_id"]]

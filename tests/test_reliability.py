@@ -254,6 +254,22 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("before", ["default", "custom"])
+def test_training_in_process_leaves_the_sigterm_handler_as_it_found_it(workdir, before):
+    """zoo.train installs SIGTERM handlers for the run (Lightning's and PreemptionCheckpoint's); afterwards the
+    process's own is back. A leftover one that only sets a flag made the process ignore SIGTERM, so a
+    multiprocessing.Pool forked later (lm-eval's bootstrap) hung forever in terminate()."""
+    def custom(signum, frame):
+        pass
+
+    found = signal.signal(signal.SIGTERM, custom if before == "custom" else signal.SIG_DFL)
+    try:
+        train(load_recipe("transformer_small", _overrides(workdir / f"handler-{before}", workdir / "data", **{"trainer.max_steps": 2})))
+        assert signal.getsignal(signal.SIGTERM) is (custom if before == "custom" else signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGTERM, found)
+
+
 def test_nonfinite_raise_stops_with_the_step_and_parameters_untouched(workdir, monkeypatch):
     seen = []
     _inject_nan(monkeypatch, {3}, seen)

@@ -14,13 +14,16 @@ each training ``seq_len``; needs matplotlib).
 ``--tasks``: lm-evaluation-harness tasks (the ``eval`` extra: ``pip install 'zoo[eval]'``), comma-separated; the loaded
 zoo model is handed to the harness's ``HFLM`` as a causal LM (log-likelihood requests right-padded, which a causal
 model ignores; greedy generation left-padded with an attention mask, as ``zoo.generate``). ``--include-path DIR``:
-extra task YAMLs (local tasks); ``--limit``, ``--num-fewshot``, ``--batch-size`` as the harness. Writes
-``lm_eval.json`` and ``lm_eval.md`` per checkpoint (in ``--out/<name>/`` with ``--out``).
+extra task YAMLs (local tasks); ``--limit``, ``--num-fewshot``, ``--batch-size``, ``--bootstrap-iters`` as the
+harness (bootstrapped standard errors, e.g. perplexity's, are drawn in this process: the harness would fork a pool of
+workers from a process that runs torch's threads, which can deadlock). Writes ``lm_eval.json`` and ``lm_eval.md`` per
+checkpoint (in ``--out/<name>/`` with ``--out``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -176,10 +179,17 @@ def plot_losses(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+BOOTSTRAP_ITERS = 100_000  # the harness's default
+
+
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = None, batch_size: int = 8,
-              limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict[str, Any]:
+              limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
+              bootstrap_iters: int = BOOTSTRAP_ITERS) -> dict[str, Any]:
     """lm-evaluation-harness's ``simple_evaluate`` of ``tasks`` on the loaded zoo ``model`` (through its ``HFLM``);
-    ``log_samples``: keep each document's requests and responses (``results["samples"]``)."""
+    ``log_samples``: keep each document's requests and responses (``results["samples"]``); ``bootstrap_iters``:
+    resamples per bootstrapped standard error (0: none). The bootstrap runs in this process (the harness's
+    ``DISABLE_MULTIPROC``): its default forks a ``multiprocessing.Pool`` from this process, whose torch threads and
+    locks the children inherit mid-use; a forked worker hung forever on an inherited lock in a CI run."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -194,10 +204,17 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
         raise ZooError(f"--tasks: unknown task(s) {', '.join(unknown)} (a local task's YAML directory goes in --include-path)")
     # The harness bounds generation with max_length; the checkpoint's max_new_tokens (zoo.train exports 64) would win.
     saved, model.generation_config.max_new_tokens = model.generation_config.max_new_tokens, None
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                               log_samples=log_samples, bootstrap_iters=bootstrap_iters)
     finally:
         model.generation_config.max_new_tokens = saved
+        if multiproc is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def task_table(results: dict[str, Any]) -> str:
@@ -233,6 +250,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--bootstrap-iters", type=int, default=BOOTSTRAP_ITERS,
+                        help="resamples per bootstrapped standard error (--tasks; 0: none)")
     parser.add_argument("--out", default=None, help="output directory (default: beside the first checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -244,6 +263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ZooError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.bootstrap_iters < 0:
+        raise ZooError(f"--bootstrap-iters must be >= 0, got {args.bootstrap_iters}")
     return args
 
 
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             for checkpoint, label in zip(checkpoints, labels):
                 model, tokenizer = load_causal_lm(checkpoint, args.device)
                 results = run_tasks(model, tokenizer, tasks, include_path=args.include_path, batch_size=args.batch_size,
-                                    limit=args.limit, num_fewshot=args.num_fewshot)
+                                    limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
                 where = Path(args.out) / label if args.out else eval_dir(checkpoint)
                 table = task_table(results)
                 kept = {k: results.get(k) for k in ("results", "versions", "n-shot", "n-samples", "config")}

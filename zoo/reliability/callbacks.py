@@ -106,9 +106,12 @@ class PreemptionCheckpoint(L.Callback):
         raise PreemptedError(trainer.global_step, path)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
+        """Put back the handler found at ``on_train_start``, only while ours is installed: Lightning's own teardown
+        runs first and restores the process's original handler, which re-installing Lightning's (the one found) would
+        undo, leaving a handler that ignores SIGTERM (a forked ``multiprocessing.Pool`` worker then never exits)."""
+        if self._previous_handler is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
             signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        self._previous_handler = None
 
 
 class NonFiniteGuard(L.Callback):
