@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -12,6 +13,18 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_unchanged():
+    """Every test leaves the process's SIGTERM handler as it found it: a flag-only handler left behind by an in-process
+    training made a multiprocessing.Pool forked later ignore terminate() and hang the CI run."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    after = signal.getsignal(signal.SIGTERM)
+    if after != before:
+        signal.signal(signal.SIGTERM, before)
+        pytest.fail(f"the test left SIGTERM handled by {after!r} (it was {before!r})")
 
 
 def tiny_overrides(tmp_path, **extra) -> list[str]:
