@@ -15,8 +15,8 @@ each training ``seq_len``; needs matplotlib).
 zoo model is handed to the harness's ``HFLM`` as a causal LM (log-likelihood requests right-padded, which a causal
 model ignores; greedy generation left-padded with an attention mask, as ``zoo.generate``). ``--include-path DIR``:
 extra task YAMLs (local tasks); ``--limit``, ``--num-fewshot``, ``--batch-size``, ``--bootstrap-iters`` as the
-harness (bootstrapped standard errors, e.g. perplexity's, are drawn in this process: the harness would fork a pool of
-workers from a process that runs torch's threads, which can deadlock). Writes ``lm_eval.json`` and ``lm_eval.md`` per
+harness (bootstrapped standard errors, e.g. perplexity's, are drawn in this process: the harness's forked pool of
+workers inherits this process's signal handlers and locks, and one such worker hung a CI run). Writes ``lm_eval.json`` and ``lm_eval.md`` per
 checkpoint (in ``--out/<name>/`` with ``--out``).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -188,8 +189,8 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
     """lm-evaluation-harness's ``simple_evaluate`` of ``tasks`` on the loaded zoo ``model`` (through its ``HFLM``);
     ``log_samples``: keep each document's requests and responses (``results["samples"]``); ``bootstrap_iters``:
     resamples per bootstrapped standard error (0: none). The bootstrap runs in this process (the harness's
-    ``DISABLE_MULTIPROC``): its default forks a ``multiprocessing.Pool`` from this process, whose torch threads and
-    locks the children inherit mid-use; a forked worker hung forever on an inherited lock in a CI run."""
+    ``DISABLE_MULTIPROC``, set only while it runs): its default forks a ``multiprocessing.Pool`` whose workers inherit
+    this process's signal handlers and locks; a worker that ignored ``terminate()`` hung a CI run forever."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -204,17 +205,12 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
         raise ZooError(f"--tasks: unknown task(s) {', '.join(unknown)} (a local task's YAML directory goes in --include-path)")
     # The harness bounds generation with max_length; the checkpoint's max_new_tokens (zoo.train exports 64) would win.
     saved, model.generation_config.max_new_tokens = model.generation_config.max_new_tokens, None
-    multiproc = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                               log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+        with patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
+            return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                   log_samples=log_samples, bootstrap_iters=bootstrap_iters)
     finally:
         model.generation_config.max_new_tokens = saved
-        if multiproc is None:
-            del os.environ["DISABLE_MULTIPROC"]
-        else:
-            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def task_table(results: dict[str, Any]) -> str:
