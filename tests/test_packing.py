@@ -195,3 +195,10 @@ def test_documents_packed_recipe_trains_and_resumes_exactly(tmp_path, monkeypatc
     assert rows(tmp_path / "part") == rows(tmp_path / "whole") and len(rows(tmp_path / "whole")) == 6
     train(_tiny_recipe(tmp_path, "concat", **{"output_dir": str(tmp_path / "concat")}))
     assert [r["train_loss"] for r in rows(tmp_path / "concat")] != [r["train_loss"] for r in rows(tmp_path / "whole")]
+
+
+def test_packed_inputs_under_torch_compile_are_refused_not_dropped(monkeypatch):
+    model = tiny(["attention"])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match="torch.compile cannot trace"):
+        model(torch.tensor([[1, 2, 3, 4]]), position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=False)

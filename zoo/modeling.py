@@ -236,7 +236,10 @@ class ZooModel(ZooPreTrainedModel):
                 recent = attention_mask[:, -inputs_embeds.shape[1]:]  # a cache continues: checked are this call's columns
             if not bool(recent.all()):
                 spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
-        if (position_ids is not None or cu_seq_lens is not None) and not torch.compiler.is_compiling():
+        if (position_ids is not None or cu_seq_lens is not None) and torch.compiler.is_compiling():
+            raise ValueError("position_ids / cu_seq_lens_q: packed documents run one call per document, which torch.compile "
+                             "cannot trace; run the model uncompiled (or drop them for plain 0..T-1 positions)")
+        if position_ids is not None or cu_seq_lens is not None:
             B, T = inputs_embeds.shape[:2]
             rows = spans or [(0, T)] * B
             if spans is None and attention_mask is not None and not bool(recent.all()):
