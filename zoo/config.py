@@ -180,6 +180,7 @@ class DataConfig:
     num_workers: int = bounded(0, ge=0)  # DataLoader worker processes; 0: load in the main process
     cache_dir: str | None = None  # tokenizers and token arrays; None: ~/.cache/zoo
     task: None | TaskConfig = None  # synthetic sources only; None there: the defaults
+    packing: Literal["concat", "documents"] = "concat"  # documents: each window's documents run apart (zoo.training.document_positions)
 
     def __post_init__(self) -> None:
         if self.source in GENERATORS:
@@ -189,6 +190,8 @@ class DataConfig:
                 raise ConfigError("val_batches", f"val_batches * batch_size = {self.val_batches * self.batch_size} exceeds task.val_samples={self.task.val_samples}")
         elif self.task is not None:
             raise ConfigError("task", f"only synthetic sources ({', '.join(GENERATORS)}) take a task section; source is '{self.source}'")
+        if self.packing == "documents" and self.source in GENERATORS:
+            raise ConfigError("packing", f"documents packing splits windows at end-of-text tokens; the synthetic source '{self.source}' has none (use concat)")
         if self.tokenizer not in ("byte", "bpe"):
             check_tokenizer_spec(self.tokenizer)
         if self.cache_dir is not None and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
@@ -355,6 +358,10 @@ class Recipe:
         attention = self.model.module_args.get("attention")
         if self.objective == "causal" and attention is not None and not attention.causal:
             raise ConfigError("model.attention.causal", "objective: causal needs causal attention (diffusion denoisers drop the mask themselves)")
+        if self.trainer.compile and self.data.packing == "documents":
+            raise ConfigError("data.packing", "documents packing runs one call per document, which trainer.compile (torch.compile) cannot trace; set trainer.compile: false or data.packing: concat")
+        if self.objective == "diffusion" and self.data.packing == "documents":
+            raise ConfigError("data.packing", "documents packing is not supported with objective: diffusion yet (the NELBO runs whole windows); use concat")
         if self.objective == "diffusion" and not self.model.bidirectional:
             raise ConfigError("model.bidirectional", "objective: diffusion trains a denoiser that sees the whole sequence; set model.bidirectional: true")
         if self.model.time_conditioning and self.objective != "diffusion":

@@ -213,7 +213,14 @@ class ZooModel(ZooPreTrainedModel):
         (``n_layers + 1`` tensors ``[B, T, D]``, as Llama). ``output_attentions``: the attention maps ``[B, H, T, S]``
         of the attention layers only (recurrent layers compute none; as transformers' Jamba), through the eager path.
         ``return_dict=False`` returns the output's non-None fields as a tuple.
+
+        Packed documents (transformers' padding-free inputs, ``DataCollatorWithFlattening``): ``position_ids [B, T]``
+        counting 0, 1, 2, ... in each document and restarting at 0 where the next begins, and/or ``cu_seq_lens_q``
+        (the documents' cumulative lengths over a ``[1, T]`` batch). Each document then runs alone through every layer
+        (from an empty state at position 0: no attention, recurrent state, conv or token shift crosses a boundary),
+        as :meth:`_run_rows` runs a padded batch's rows; a cache keeps each row's last document's state.
         """
+        position_ids, cu_seq_lens = kwargs.pop("position_ids", None), kwargs.pop("cu_seq_lens_q", None)
         cache = resolve_cache(cache, past_key_values)
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -229,6 +236,17 @@ class ZooModel(ZooPreTrainedModel):
                 recent = attention_mask[:, -inputs_embeds.shape[1]:]  # a cache continues: checked are this call's columns
             if not bool(recent.all()):
                 spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
+        if (position_ids is not None or cu_seq_lens is not None) and torch.compiler.is_compiling():
+            raise ValueError("position_ids / cu_seq_lens_q: packed documents run one call per document, which torch.compile "
+                             "cannot trace; run the model uncompiled (or drop them for plain 0..T-1 positions)")
+        if position_ids is not None or cu_seq_lens is not None:
+            B, T = inputs_embeds.shape[:2]
+            rows = spans or [(0, T)] * B
+            if spans is None and attention_mask is not None and not bool(recent.all()):
+                rows = self._token_spans(attention_mask, T, cache, keep_right_padding=True)  # right padding: no document
+            starts = document_starts(position_ids, cu_seq_lens, rows, T, cache is not None and cache.seen_tokens > 0)
+            if starts is not None:
+                spans = [[(a, b) for a, b in zip([s, *cuts], [*cuts, e])] for (s, e), cuts in zip(rows, starts)]
         record = _Recorder(self.layers, output_hidden_states, output_attentions, cache if spans is None else None)
         with record:
             if spans is None:
@@ -308,11 +326,13 @@ class ZooModel(ZooPreTrainedModel):
             record.keep_hidden_state(hidden)
         return hidden, new_states
 
-    def _token_spans(self, attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None) -> list[tuple[int, int]] | None:
+    def _token_spans(self, attention_mask: torch.Tensor, seq_len: int, cache: ZooCache | None,
+                     keep_right_padding: bool = False) -> list[tuple[int, int]] | None:
         """Each row's ``(start, end)``: its tokens are ``[start, end)``, padding before (left) or after (right) them.
 
         Padding is allowed in a first call only. A causal model without a cache to keep runs right padding as tokens
-        (no earlier position sees them): then None, one batched call. Otherwise the rows run one by one."""
+        (no earlier position sees them): then None, one batched call (unless ``keep_right_padding``). Otherwise the
+        rows run one by one."""
         if attention_mask.dim() != 2 or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask: expected shape [batch, >= {seq_len}], got {list(attention_mask.shape)}")
         mask = attention_mask[:, -seq_len:].bool()  # [B, T]: the positions of this call
@@ -333,13 +353,13 @@ class ZooModel(ZooPreTrainedModel):
             )
         starts = (~started).sum(dim=1).tolist()
         ends = (seq_len - (~ended).sum(dim=1)).tolist()
-        if cache is None and not self.config.bidirectional and not any(starts):
+        if cache is None and not self.config.bidirectional and not any(starts) and not keep_right_padding:
             return None
         return list(zip(starts, ends))
 
     def _run_rows(
-        self, hidden: torch.Tensor, spans: list[tuple[int, int]], conditioning: torch.Tensor | None = None,
-        record: "_Recorder | None" = None, keep_states: bool = True,
+        self, hidden: torch.Tensor, spans: list[tuple[int, int]] | list[list[tuple[int, int]]],
+        conditioning: torch.Tensor | None = None, record: "_Recorder | None" = None, keep_states: bool = True,
     ) -> tuple[torch.Tensor, list[Any]]:
         """A padded batch without changing the block contract ``forward(x, state)``: the layer loop, each layer run
         row by row.
@@ -351,22 +371,88 @@ class ZooModel(ZooPreTrainedModel):
         recurrent states concatenate on the batch, attention left-pads its KV cache and keeps a per-row key mask, so
         later decode steps of the whole batch skip the padding slots and continue every row's own positions. Costs
         one prefill per row; decode steps then run batched as usual.
+
+        A row given as a list of ``(start, end)`` segments (packed documents) runs each segment alone the same way;
+        its output is the segments' outputs side by side, its state its last segment's.
         """
         T = hidden.shape[1]
-        row_shared: list[dict[str, torch.Tensor]] = [{} for _ in spans]  # each row's cross-layer tensors
+        segments = [row if isinstance(row, list) else [row] for row in spans]  # each row: its [start, end) segments
+        shared_of = [[{} for _ in row] for row in segments]  # each segment's cross-layer tensors
 
         def run_rows(layer: ResidualLayer, hidden: torch.Tensor, state: Any, conditioning: torch.Tensor | None, shared: dict) -> tuple[torch.Tensor, Any]:
             rows, states = [], []
-            for b, (start, end) in enumerate(spans):
+            for b, row_segments in enumerate(segments):
                 row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
-                row, row_state = layer(hidden[b : b + 1, start:end], None, row_conditioning, row_shared[b])  # [1, end - start, D]
-                rows.append(F.pad(row, (0, 0, start, T - end)))  # [1, T, D], zeros at the padding
+                pieces = []
+                for (start, end), segment_shared in zip(row_segments, shared_of[b]):
+                    piece, row_state = layer(hidden[b : b + 1, start:end], None, row_conditioning, segment_shared)  # [1, end - start, D]
+                    pieces.append(piece)
+                    if record is not None:
+                        record.after_segment(layer, start, end, T)
+                first, last = row_segments[0][0], row_segments[-1][1]
+                rows.append(F.pad(torch.cat(pieces, dim=1), (0, 0, first, T - last)))  # [1, T, D], zeros at the padding
                 states.append(row_state)
                 if record is not None:
-                    record.after_row(layer, start, end, T)
+                    record.end_row()
             return torch.cat(rows), layer.stack_row_states(states) if keep_states else None
 
         return self._run_layers(hidden, [None] * len(self.layers), conditioning, record, run_rows)
+
+
+PACKING_INPUTS = ("position_ids", "cu_seq_lens_q")
+
+
+def packing_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The packed-document inputs among a head's keyword arguments, for :meth:`ZooModel.forward`."""
+    return {k: kwargs[k] for k in PACKING_INPUTS if kwargs.get(k) is not None}
+
+
+def document_starts(position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None, rows: list[tuple[int, int]],
+                    seq_len: int, continuing: bool) -> list[list[int]] | None:
+    """Where packed documents begin inside each row's tokens ``rows[b] = (start, end)``: the positions t with
+    ``start < t < end`` at which ``position_ids`` restarts at 0 or ``cu_seq_lens_q`` puts a boundary; None when no row
+    holds more than one document. Positions must count 0, 1, 2, ... from each document's first token (a call that
+    continues a cache: on from the cache, without restarting)."""
+    B, T = len(rows), seq_len
+    inside = torch.zeros(B, T, dtype=torch.bool)  # [B, T]: a row's token after its first one
+    for b, (start, end) in enumerate(rows):
+        inside[b, start + 1 : end] = True
+    boundaries = []
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.tolist() if cu_seq_lens.dim() == 1 else None
+        if cu is None or B != 1 or not cu or cu[0] != 0 or cu[-1] != T or any(y < x for x, y in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seq_lens_q: expected the cumulative document lengths 0, ..., {T} of a [1, {T}] packed "
+                             f"batch, got {cu if cu is not None else list(cu_seq_lens.shape)} for batch size {B}")
+        at = torch.zeros(B, T, dtype=torch.bool)
+        at[0, [c for c in cu[1:-1]]] = True
+        boundaries.append(at & inside)
+    if position_ids is not None:
+        pos = position_ids[None] if position_ids.dim() == 1 else position_ids
+        if list(pos.shape) not in ([B, T], [1, T]):
+            raise ValueError(f"position_ids: expected shape [{B}, {T}] (or [1, {T}]), got {list(position_ids.shape)}")
+        pos = pos.expand(B, T).cpu()
+        restart = torch.zeros(B, T, dtype=torch.bool)
+        restart[:, 1:] = pos[:, 1:] == 0
+        step = torch.ones(B, T, dtype=torch.bool)
+        step[:, 1:] = pos[:, 1:] == pos[:, :-1] + 1
+        bad = inside & ~step & (~restart if not continuing else True)
+        if bad.any():
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"position_ids: row {b} goes from {int(pos[b, t - 1])} to {int(pos[b, t])} at index {t}; expected "
+                             + ("+1 (a call that continues a cache cannot begin a new document)" if continuing
+                                else "+1 within a document or 0 where the next document begins"))
+        first = [int(pos[b, start]) for b, (start, _) in enumerate(rows)]
+        if not continuing and any(first):
+            b = next(i for i, p in enumerate(first) if p)
+            raise ValueError(f"position_ids: row {b} starts at position {first[b]}; zoo models count positions from 0 in each "
+                             "sequence (packed documents: 0, 1, 2, ... restarting at 0 where each document begins)")
+        boundaries.append(restart & inside)
+    if len(boundaries) == 2 and not torch.equal(*boundaries):
+        raise ValueError("position_ids and cu_seq_lens_q put the document boundaries in different places")
+    starts = boundaries[0] if boundaries else inside & False
+    if continuing and starts.any():
+        raise ValueError("cu_seq_lens_q: a call that continues a cache cannot begin a new document")
+    return [row.nonzero().flatten().tolist() for row in starts] if starts.any() else None
 
 
 def _weights_block(mixer: nn.Module) -> nn.Module | None:
@@ -388,6 +474,7 @@ class _Recorder:
         self.hidden_states: list[torch.Tensor] = []
         self.attentions: list[torch.Tensor] = []
         self._rows: list[torch.Tensor] = []  # the current layer's attention maps of a padded batch's rows
+        self._segments: list[torch.Tensor] = []  # the current row's documents' maps
 
     def __enter__(self) -> "_Recorder":
         for block in self.attention_blocks:
@@ -421,13 +508,19 @@ class _Recorder:
             self.attentions.append(block.attention_weights)
             block.attention_weights = None
 
-    def after_row(self, layer: nn.Module, start: int, end: int, T: int) -> None:
-        """A row of a padded batch ran ``layer`` over its positions ``[start, end)``: keep its attention map padded
-        with zeros to the batch's ``T`` positions (``[1, H, T, T]``)."""
+    def after_segment(self, layer: nn.Module, start: int, end: int, T: int) -> None:
+        """A row (or one packed document of it) ran ``layer`` over positions ``[start, end)``: keep its attention map
+        padded with zeros to the batch's ``T`` positions (``[1, H, T, T]``)."""
         block = _weights_block(layer.mixer) if self.keep_attentions else None
         if block is not None:
-            self._rows.append(F.pad(block.attention_weights, (start, T - end, start, T - end)))
+            self._segments.append(F.pad(block.attention_weights, (start, T - end, start, T - end)))
             block.attention_weights = None
+
+    def end_row(self) -> None:
+        """The row's map: its segments' maps, block-diagonal (each document attends to itself only)."""
+        if self._segments:
+            self._rows.append(sum(self._segments[1:], self._segments[0]))
+            self._segments = []
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -545,7 +638,7 @@ class ZooForCausalLM(ZooWithLMHead, GenerationMixin):
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            output_hidden_states=output_hidden_states, return_dict=True, **packing_inputs(kwargs),
         )
         fields = {CACHE_FIELD: output_cache(out), "hidden_states": out.hidden_states, "attentions": out.attentions}
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -624,7 +717,7 @@ class ZooForMaskedLM(ZooWithLMHead):
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
             conditioning=conditioning, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=True, **packing_inputs(kwargs),
         )
         fields = {"hidden_states": out.hidden_states, "attentions": out.attentions}
         logits = self.lm_head(out.last_hidden_state)

@@ -42,6 +42,19 @@ def split_batch(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tupl
     return inputs, targets
 
 
+def document_positions(inputs: torch.Tensor, targets: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data.packing: documents``: the ``position_ids [B, T]`` that make the model run each document of a
+    concatenated window apart (a document begins at the window's start and after each ``eos``; positions count from 0
+    in each) and the targets without the ones that cross a boundary (an ``eos`` input predicting the next document's
+    first token: -100). A document cut by the window's edge continues in the next window as a document of its own."""
+    ends = inputs == eos  # [B, T]
+    begins = torch.ones_like(ends)
+    begins[:, 1:] = ends[:, :-1]
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)  # [B, T]
+    first = torch.where(begins, index, 0).cummax(dim=1).values  # [B, T]: where each position's document begins
+    return index - first, targets.masked_fill(ends, -100)
+
+
 class ZooLightningModule(L.LightningModule):
     """Causal LM training of a :class:`ZooForCausalLM` built from a recipe."""
 
@@ -102,7 +115,10 @@ class ZooLightningModule(L.LightningModule):
         """The objective's loss on ``batch`` and the model output it came from (a training step adds its MoE router
         loss). ``batch_idx`` is given on validation batches (an objective that draws noise fixes it from there)."""
         inputs, targets = split_batch(batch)  # [B, T] each
-        out = self.model(input_ids=inputs, use_cache=False)
+        packing = {}
+        if self.recipe.data.packing == "documents":
+            packing["position_ids"], targets = document_positions(inputs, targets, self.model.config.eos_token_id)
+        out = self.model(input_ids=inputs, use_cache=False, **packing)
         return causal_lm_loss(out.logits, targets), out
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -1,0 +1,204 @@
+"""Packed documents (transformers' padding-free inputs): ``position_ids`` restarting per document and/or
+``cu_seq_lens_q`` make every block run each document alone, so a packed batch equals the documents run separately
+(outputs and gradients), for every registered block and the hybrids; bad packing inputs are refused by name."""
+import pytest
+import torch
+from transformers import DataCollatorWithFlattening
+
+from test_generate import IDS, MODELS, VOCAB, tiny
+from zoo.cache import ZooCache
+
+LENGTHS = [[5, 1, 7], [13]]  # row 0: three documents (one of a single token), row 1: one
+
+
+def packed_batch(lengths: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+    """``input_ids [B, T]`` of the rows' documents side by side, their ``position_ids`` and the documents."""
+    torch.manual_seed(1)
+    docs = [[torch.randint(1, VOCAB, (n,)) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])  # [B, T]: every row of LENGTHS sums to the same T
+    pos = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])  # [B, T]
+    return ids, pos, docs
+
+
+@pytest.mark.parametrize("blocks, ffn", MODELS, ids=IDS)
+def test_packed_equals_each_document_alone_outputs_and_gradients(blocks, ffn):
+    model = tiny(blocks, ffn).float()
+    ids, pos, docs = packed_batch(LENGTHS)
+    weights = torch.randn(*ids.shape, VOCAB)  # [B, T, V]: a loss that reaches every logit
+
+    model.zero_grad()
+    packed = model(ids, position_ids=pos, use_cache=False).logits  # [B, T, V]
+    (packed * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    alone = []
+    for b, row in enumerate(docs):
+        at = 0
+        for doc in row:
+            logits = model(doc[None], use_cache=False).logits  # [1, n, V]
+            (logits * weights[b : b + 1, at : at + len(doc)]).sum().backward()
+            alone.append(logits[0].detach())
+            at += len(doc)
+    separate = torch.cat(alone).view(*ids.shape, VOCAB)
+    assert (packed.detach() - separate).abs().max() <= 1e-5
+    separate_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert packed_grads.keys() == separate_grads.keys()
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, separate_grads[name], atol=1e-5, rtol=1e-4), name
+
+    without = model(ids, use_cache=False).logits  # the same tokens as one sequence per row: documents see each other
+    assert (without[0, 5:] - packed[0, 5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("blocks", [["attention"], ["mamba2"], ["rwkv7", "attention"]], ids="+".join)
+def test_hf_padding_free_collator_equals_the_padded_batch(blocks):
+    """What ``DataCollatorWithFlattening`` produces (one row, position_ids, cu_seq_lens_q, labels with -100 at each
+    document's first token) gives the padded batch's logits at every token and its loss."""
+    model = tiny(blocks).float()
+    torch.manual_seed(2)
+    docs = [torch.randint(1, VOCAB, (n,)).tolist() for n in (6, 3, 9)]
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d} for d in docs])
+    assert flat["position_ids"].shape == flat["input_ids"].shape == (1, 18)
+    out = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], cu_seq_lens_q=flat["cu_seq_lens_q"],
+                labels=flat["labels"], use_cache=False)
+
+    T = max(map(len, docs))
+    padded = torch.tensor([d + [0] * (T - len(d)) for d in docs])  # [3, T], right padding
+    mask = torch.tensor([[1] * len(d) + [0] * (T - len(d)) for d in docs])
+    labels = padded.masked_fill(mask == 0, -100)
+    reference = model(input_ids=padded, attention_mask=mask, labels=labels, use_cache=False)
+    real = torch.cat([reference.logits[i, : len(d)] for i, d in enumerate(docs)])  # [18, V]
+    assert (out.logits[0] - real).abs().max() <= 1e-5
+    assert float(out.loss) == pytest.approx(float(reference.loss), abs=1e-5)
+
+
+def test_packed_attention_maps_are_block_diagonal():
+    model = tiny(["attention"]).float()
+    ids, pos, _ = packed_batch(LENGTHS)
+    maps = model(ids, position_ids=pos, use_cache=False, output_attentions=True).attentions[0]  # [B, H, T, T]
+    doc = torch.tensor([0] * 5 + [1] + [2] * 7)  # row 0's document of each position
+    across = doc[:, None] != doc[None, :]
+    assert maps[0][:, across].abs().max() == 0 and maps[1].sum(-1).allclose(torch.ones(()))
+    assert maps[0].sum(-1).allclose(torch.ones(()))
+
+
+@pytest.mark.parametrize("blocks", [["attention"], ["mamba2"], ["lstm", "rwkv7"]], ids="+".join)
+def test_a_packed_prefill_keeps_each_rows_last_document_for_decoding(blocks):
+    model = tiny(blocks).float()
+    ids, pos, docs = packed_batch(LENGTHS)
+    cache = ZooCache(len(model.model.layers))
+    model(ids, position_ids=pos, cache=cache, use_cache=True)
+    step = torch.randint(1, VOCAB, (2, 1))
+    packed_next = model(step, cache=cache, use_cache=True).logits[:, -1]  # [B, V]
+    for b, row in enumerate(docs):
+        alone = model(torch.cat([row[-1], step[b]])[None], use_cache=False).logits[0, -1]
+        assert (packed_next[b] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"position_ids": torch.tensor([[1, 2, 3, 4]])}, "row 0 starts at position 1"),
+    ({"position_ids": torch.tensor([[0, 1, 3, 4]])}, "goes from 1 to 3 at index 2"),
+    ({"position_ids": torch.tensor([[0, 1, 2]])}, "expected shape [1, 4]"),
+    ({"cu_seq_lens_q": torch.tensor([0, 2, 3])}, "cumulative document lengths 0, ..., 4"),
+    ({"cu_seq_lens_q": torch.tensor([0, 3, 2, 4])}, "cumulative document lengths"),
+    ({"cu_seq_lens_q": torch.tensor([0, 2, 4]), "position_ids": torch.tensor([[0, 1, 2, 0]])}, "different places"),
+])
+def test_bad_packing_inputs_are_refused(kwargs, message):
+    model = tiny(["attention"])
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        model(torch.tensor([[1, 2, 3, 4]]), use_cache=False, **kwargs)
+
+
+def test_a_cache_continuation_cannot_begin_a_document():
+    model = tiny(["mamba2"])
+    cache = ZooCache(len(model.model.layers))
+    model(torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="continues a cache cannot begin a new document"):
+        model(torch.tensor([[4, 5]]), position_ids=torch.tensor([[3, 0]]), cache=cache, use_cache=True)
+    out = model(torch.tensor([[4, 5]]), position_ids=torch.tensor([[3, 4]]), cache=cache, use_cache=True)
+    assert out.logits.shape == (1, 2, VOCAB)
+
+
+def test_document_positions_restart_after_each_end_of_text():
+    from zoo.training import document_positions
+
+    E = 9
+    inputs = torch.tensor([[3, 4, E, 5, E, E, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+    targets = torch.tensor([[4, E, 5, E, E, 6, 7, 8], [2, 3, 4, 5, 6, 7, 8, 1]])
+    positions, kept = document_positions(inputs, targets, E)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+    assert kept.tolist() == [[4, E, -100, E, -100, -100, 7, 8], targets[1].tolist()]
+
+
+def _tiny_recipe(tmp_path, packing, **extra):
+    from conftest import tiny_overrides
+    from zoo.recipe_loader import load_recipe
+
+    data = tmp_path / "docs"
+    data.mkdir(exist_ok=True)
+    for i in range(12):
+        (data / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 3))
+    overrides = tiny_overrides(tmp_path, **{"data.source": str(data), "data.cache_dir": str(tmp_path / "cache"),
+                                            "data.val_fraction": 0.3, "data.packing": packing, "trainer.accelerator": "cpu",
+                                            "trainer.precision": "32-true", **extra})
+    return load_recipe("mamba2_small", overrides)
+
+
+def test_documents_packing_loss_is_each_documents_own_loss(tmp_path):
+    """The training loss of a documents-packed window is the mean over its documents' own next-token losses (each
+    run alone from an empty state), without the targets that cross a boundary."""
+    import torch.nn.functional as F
+
+    from zoo.training import ZooLightningModule
+
+    E = 2
+    module = ZooLightningModule(_tiny_recipe(tmp_path, "documents", **{"model.vocab_size": VOCAB}), {"eos_token_id": E})
+    window = torch.tensor([[5, 6, 7, E, 8, 9, E, 10, 11, 12, 13, E, 14]])  # [1, T + 1]: 3 documents and a cut one
+    loss, _ = module.loss_and_output(window)
+    losses = []
+    for doc in ([5, 6, 7, E], [8, 9, E], [10, 11, 12, 13, E], [14]):
+        if len(doc) > 1:
+            logits = module.model(torch.tensor([doc[:-1]]), use_cache=False).logits[0]  # [n - 1, V]
+            losses.append(F.cross_entropy(logits, torch.tensor(doc[1:]), reduction="none"))
+    assert float(loss) == pytest.approx(float(torch.cat(losses).mean()), abs=1e-5)
+
+
+def test_documents_packed_recipe_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    """A documents-packed run stopped by SIGTERM during step 2 and resumed writes the uninterrupted run's metrics.csv;
+    the same recipe with concat packing learns something else."""
+    import csv
+    import os
+    import signal
+
+    from zoo.reliability import PreemptedError
+    from zoo.train import train
+    from zoo.training import ZooLightningModule
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv.DictReader((run / "metrics.csv").open())]
+
+    train(_tiny_recipe(tmp_path, "documents", **{"output_dir": str(tmp_path / "whole")}))
+    original = ZooLightningModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # zoo's handler only sets a flag; the step finishes, then it saves
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ZooLightningModule, "training_step", training_step)
+    with pytest.raises(PreemptedError):
+        train(_tiny_recipe(tmp_path, "documents", **{"output_dir": str(tmp_path / "part")}))
+    monkeypatch.setattr(ZooLightningModule, "training_step", original)
+    assert len(rows(tmp_path / "part")) == 2
+    train(_tiny_recipe(tmp_path, "documents", **{"output_dir": str(tmp_path / "part"), "resume": "auto"}))
+    assert rows(tmp_path / "part") == rows(tmp_path / "whole") and len(rows(tmp_path / "whole")) == 6
+    train(_tiny_recipe(tmp_path, "concat", **{"output_dir": str(tmp_path / "concat")}))
+    assert [r["train_loss"] for r in rows(tmp_path / "concat")] != [r["train_loss"] for r in rows(tmp_path / "whole")]
+
+
+def test_packed_inputs_under_torch_compile_are_refused_not_dropped(monkeypatch):
+    model = tiny(["attention"])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match="torch.compile cannot trace"):
+        model(torch.tensor([[1, 2, 3, 4]]), position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=False)
