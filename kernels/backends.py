@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import torch
+
 from zoo.errors import BackendUnavailableError, ConfigError
 
 AUTO = "auto"
@@ -29,6 +31,7 @@ class Backend:
 
     fn: Callable[..., Any] | str
     package: str | None = None
+    varlen: bool = False  # fn takes cu_seqlens= itself (packed documents in one call)
 
     def available(self) -> bool:
         return self.package is None or importlib.util.find_spec(self.package) is not None
@@ -41,17 +44,56 @@ class Backend:
         return getattr(importlib.import_module(module), name)
 
 
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` of the packed documents of ``tokens [1, T, ...]``: a 1-D integer tensor ``0 < ... < T``
+    (every document at least one token). Returns it as a list."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) \
+            or len(cu_seqlens) < 2:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of the documents' cumulative lengths "
+                         f"[0, ..., T], got {cu_seqlens!r}")
+    if tokens.shape[0] != 1:
+        raise ValueError(f"{op}: packed documents (cu_seqlens) take a batch of one [1, T, ...], got batch {tokens.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    T = tokens.shape[1]
+    if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T = {T} (no empty document), got {bounds}")
+    return bounds
+
+
+def padded_groups(lengths: list[int]) -> list[list[int]]:
+    """Documents (by index) grouped for padded batches, longest first: a group takes the next document while its
+    padded size (members x its longest) stays within twice its tokens."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * lengths[group[0]] <= 2 * (sum(lengths[j] for j in group) + lengths[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x [n, ...]`` with ``length - n`` zero rows before it."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (length - x.shape[0], 0))
+
+
 class BackendTable:
     """The backends of op ``op``, ``torch`` first, and ``aliases`` (old name -> the name of the same kernel now).
     ``auto`` is ``torch`` on every device for now: zoo's Triton kernels passed their interpreter tests on CPU, not yet
     their GPU tests (``pytest -m gpu``; Triton 3.4-3.7.0 miscompiles some chunked backward kernels on Hopper), so they
     run only when asked for by name. ``Name`` is the ``Literal`` of every accepted name, the type of a block's
-    ``backend`` field (so a recipe's unknown name is refused with its key path and the choices)."""
+    ``backend`` field (so a recipe's unknown name is refused with its key path and the choices). ``layout`` has a
+    letter per positional argument of the backends: ``t`` a per-token ``[B, T, ...]`` tensor (or None), ``s`` the
+    initial state ``[B, ...]`` (or None), ``.`` anything else: what :meth:`per_document` cuts."""
 
-    def __init__(self, op: str, backends: dict[str, Backend], aliases: dict[str, str] | None = None):
+    def __init__(self, op: str, backends: dict[str, Backend], aliases: dict[str, str] | None = None, *, layout: str):
         if next(iter(backends)) != "torch":
             raise ValueError(f"{op}: the first backend must be torch (what auto runs)")
+        if layout.count("s") != 1 or not layout.startswith("t") or set(layout) - set("ts."):
+            raise ValueError(f"{op}: layout must start with a per-token tensor 't' and hold one state 's', got {layout!r}")
         self.op = op
+        self.layout = layout
         self.backends = backends
         self.aliases = dict(aliases or {})
         unknown = sorted(set(self.aliases.values()) - set(backends))
@@ -104,8 +146,49 @@ class BackendTable:
 
         return __getattr__
 
-    def __call__(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Run the op with backend ``name``."""
+    def one_document(self, args: tuple, cu_seqlens: torch.Tensor | None) -> tuple:
+        """``args`` as the op's shape checks expect them: as given without ``cu_seqlens``; with it (checked here, and
+        the initial state's first dimension against the number of documents) the initial state cut to the first
+        document's ``[1, ...]``."""
+        if cu_seqlens is None:
+            return args
+        n_docs = len(check_cu_seqlens(self.op, cu_seqlens, args[0])) - 1
+        i = self.layout.index("s")
+        state = args[i]
+        if state is None:
+            return args
+        if state.dim() == 0 or state.shape[0] != n_docs:
+            raise ValueError(f"{self.op}: initial_state must hold one state per document ([N = {n_docs}, ...] for "
+                             f"{n_docs} documents in cu_seqlens), got {list(state.shape)}")
+        return (*args[:i], state[:1], *args[i + 1:])
+
+    def per_document(self, fn: Callable[..., Any], args: tuple, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``fn`` on each document of ``cu_seqlens`` apart; returns the outputs concatenated over time
+        ``[1, T, ...]`` and the final states stacked ``[N, ...]``. Without an initial state the documents run as
+        padded batches (:func:`padded_groups`: each left-padded with zero inputs, which keep a zero state at zero in
+        every op here, so padding changes nothing but the rounding); with one, one call per document."""
+        bounds = check_cu_seqlens(self.op, cu_seqlens, args[0])
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        state_at = self.layout.index("s")
+        groups = padded_groups(lengths) if args[state_at] is None else [[i] for i in range(len(lengths))]
+        outs, finals = [None] * len(lengths), [None] * len(lengths)
+        for group in groups:
+            longest = lengths[group[0]]
+            batch = [x if x is None or kind == "." else x[group[0]:group[0] + 1] if kind == "s" else
+                     torch.stack([_left_pad(x[0, bounds[i]:bounds[i + 1]], longest) for i in group])  # [G, longest, ...]
+                     for x, kind in zip(args, self.layout, strict=True)]
+            out, final = fn(*batch)
+            for row, i in enumerate(group):
+                outs[i], finals[i] = out[row:row + 1, longest - lengths[i]:], final[row:row + 1]
+        return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
+
+    def __call__(self, name: str, *args: Any, cu_seqlens: torch.Tensor | None = None) -> Any:
+        """Run the op with backend ``name`` (packed documents: ``cu_seqlens``, see the module docstring)."""
         if name not in self.choices():
             raise ValueError(f"{self.op}: unknown backend '{name}'; choose one of {', '.join(self.choices())}")
-        return self.backends[self.resolve(name, f"{self.op}()")].load()(*args, **kwargs)
+        backend = self.backends[self.resolve(name, f"{self.op}()")]
+        if cu_seqlens is None:
+            return backend.load()(*args)
+        if backend.varlen:
+            return backend.load()(*args, cu_seqlens=cu_seqlens)
+        return self.per_document(backend.load(), args, cu_seqlens)

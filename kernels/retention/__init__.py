@@ -30,6 +30,7 @@ def retention(
     form: str = "chunk",
     chunk_size: int = 64,
     backend: str = "torch",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head retention ``o_n = Q_n S_n``, ``S_n = gamma_h S_{n-1} + K_n^T V_n``.
 
@@ -38,16 +39,19 @@ def retention(
     Returns o [B, T, H, V] in v's dtype and final_state [B, H, K, V] in the compute dtype.
     ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (the ``form`` given; one token: the step form);
     zoo's Triton kernels, any ``form``: ``triton_recurrent`` (fused recurrent), ``triton_chunk_serial`` (one program
-    walks the chunks) or ``triton_chunk`` (chunk-parallel); ``fla`` (fla's chunked kernel).
+    walks the chunks) or ``triton_chunk`` (chunk-parallel); ``fla`` (fla's chunked kernel). Packed documents:
+    ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`).
     """
-    check_retention_inputs("retention", q, k, v, log_decay, initial_state, chunk_size)
+    args = (q, k, v, log_decay, initial_state, form, chunk_size)
+    one = BACKENDS.one_document(args, cu_seqlens)
+    check_retention_inputs("retention", *one[:5], chunk_size)
     if form not in FORMS:
         raise ValueError(f"retention: unknown form '{form}'; choose one of {', '.join(FORMS)}")
     if backend == "triton" and form == "recurrent":  # what the deprecated name ran for this form
         warnings.warn("retention backend 'triton' with form='recurrent' is a deprecated name; use 'triton_recurrent', the same kernel",
                       FutureWarning, stacklevel=2)
         backend = "triton_recurrent"
-    o, final = BACKENDS(backend, q, k, v, log_decay, initial_state, form, chunk_size)
+    o, final = BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
     return o.to(v.dtype), final
 
 
@@ -79,6 +83,6 @@ BACKENDS = BackendTable("retention", {
     "triton_recurrent": Backend(f"{TRITON}:retention_triton_recurrent", "triton"),
     "triton_chunk_serial": Backend(f"{TRITON}:retention_triton_chunk_serial", "triton"),
     "triton_chunk": Backend("zoo.kernels.retention.triton_chunk_parallel:retention_chunk_parallel", "triton"),
-    "fla": Backend(retention_fla, "fla"),
-}, aliases={"triton": "triton_chunk_serial"})
+    "fla": Backend(retention_fla, "fla", varlen=True),
+}, aliases={"triton": "triton_chunk_serial"}, layout="ttt.s..")
 __getattr__ = BACKENDS.exports(__name__, retention_triton=f"{TRITON}:retention_triton", retention_triton_chunk="triton_chunk")

@@ -22,16 +22,18 @@ def check_rwkv6_inputs(op: str, r, k, v, w_log, u, initial_state, chunk_size: in
 __all__ = ["BACKENDS", "check_rwkv6_inputs", "rwkv6", "rwkv6_chunked", "rwkv6_naive", "rwkv6_step", "rwkv6_triton", "rwkv6_triton_chunk"]
 
 
-def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
+def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: str = "torch", cu_seqlens=None):
     """Multi-head WKV with data-dependent decay; ``backend`` (:data:`BACKENDS`; ``auto`` is torch): ``torch`` (chunked;
     one token: the step form), ``triton_recurrent`` (fused recurrent), ``triton_chunk`` (chunk-parallel) or ``fla``.
 
     Shapes: ``r, k, w_log [B, T, H, K]`` (``w_log`` = log decay, <= 0), ``v [B, T, H, V]``, ``u [H, K]``,
     ``initial_state [B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``;
-    both in fp32, or fp64 for fp64 inputs.
+    both in fp32, or fp64 for fp64 inputs. Packed documents: ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states
+    ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`).
     """
-    check_rwkv6_inputs("rwkv6", r, k, v, w_log, u, initial_state, chunk_size)
-    return BACKENDS(backend, r, k, v, w_log, u, initial_state, chunk_size)
+    args = (r, k, v, w_log, u, initial_state, chunk_size)
+    check_rwkv6_inputs("rwkv6", *BACKENDS.one_document(args, cu_seqlens))
+    return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 
 def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
@@ -45,6 +47,6 @@ BACKENDS = BackendTable("rwkv6", {
     "torch": Backend(rwkv6_torch),
     "triton_recurrent": Backend("zoo.kernels.rwkv6.triton_rwkv6:rwkv6_triton", "triton"),
     "triton_chunk": Backend("zoo.kernels.rwkv6.triton_chunk_parallel:rwkv6_chunk_parallel", "triton"),
-    "fla": Backend(rwkv6_fla, "fla"),
-}, aliases={"triton": "triton_recurrent"})
+    "fla": Backend(rwkv6_fla, "fla", varlen=True),
+}, aliases={"triton": "triton_recurrent"}, layout="tttt.s.")
 __getattr__ = BACKENDS.exports(__name__, rwkv6_triton="triton_recurrent", rwkv6_triton_chunk="triton_chunk")

@@ -3,14 +3,14 @@
 Both use the ``[B, T, H, K]`` layout, a log decay ``w`` (<= 0), the bonus ``u [H, K]`` and a ``[B, H, K, V]`` state, so
 the adapter only converts what differs: fla scales ``r`` by ``K ** -0.5`` unless told ``scale=1.0`` (zoo's RWKV-6
 has no scale), returns ``o`` in the input dtype (zoo: fp32) and chooses its own chunk length (zoo's ``chunk_size``
-is not used). fla is imported on first use.
+is not used). Packed documents go to fla as its own ``cu_seqlens``. fla is imported on first use.
 """
 from __future__ import annotations
 
 import torch
 
 
-def rwkv6_fla(r, k, v, w_log, u, initial_state, chunk_size):
+def rwkv6_fla(r, k, v, w_log, u, initial_state, chunk_size, cu_seqlens=None):
     """:func:`zoo.kernels.rwkv6.rwkv6` through ``fla.ops.rwkv6.chunk_rwkv6``; returns fp32 ``(o, final_state)``."""
     from fla.ops.rwkv6 import chunk_rwkv6
 
@@ -18,6 +18,7 @@ def rwkv6_fla(r, k, v, w_log, u, initial_state, chunk_size):
     o, final = chunk_rwkv6(
         r, k, v, w_log, u, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+        cu_seqlens=cu_seqlens,
     )
     return o.float(), final.float()
 

@@ -41,22 +41,22 @@ def kda_inputs(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> tuple[to
 def _through_rwkv7(params: Callable[..., tuple[torch.Tensor, ...]], backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The rule run as :func:`rwkv7` with ``backend`` on the inputs ``params`` builds."""
 
-    def run(q, k, v, g, beta, initial_state, chunk_size):
+    def run(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
         from zoo.kernels.rwkv7 import rwkv7
 
         w_log, a, b, k_write = params(k, g, beta)
-        return rwkv7(q, w_log, k_write, v, a, b, initial_state, chunk_size=chunk_size, backend=backend)
+        return rwkv7(q, w_log, k_write, v, a, b, initial_state, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)
 
     return run
 
 
 def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], fla_fn: str) -> BackendTable:
-    return BackendTable(op, {
-        "torch": Backend(_through_rwkv7(params, "torch")),
-        "triton_recurrent": Backend(_through_rwkv7(params, "triton_recurrent"), "triton"),
-        "triton_chunk": Backend(_through_rwkv7(params, "triton_chunk"), "triton"),
-        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{fla_fn}", "fla"),
-    })
+    return BackendTable(op, {  # packed documents: rwkv7's, or fla's own cu_seqlens
+        "torch": Backend(_through_rwkv7(params, "torch"), varlen=True),
+        "triton_recurrent": Backend(_through_rwkv7(params, "triton_recurrent"), "triton", varlen=True),
+        "triton_chunk": Backend(_through_rwkv7(params, "triton_chunk"), "triton", varlen=True),
+        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{fla_fn}", "fla", varlen=True),
+    }, layout="ttttts.")
 
 
 GATED_DELTA_BACKENDS = _table("gated_delta_rule", gated_delta_inputs, "gated_delta_rule_fla")
@@ -77,20 +77,24 @@ def _check(op: str, q, k, v, g, beta, initial_state, g_shape: tuple[int, ...]) -
         raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch", cu_seqlens=None):
     """Gated DeltaNet: ``S_t = e^{g_t} (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t``, ``o_t = q_t S_t``.
 
     ``q, k [B, T, H, K]`` (no scaling applied here), ``v [B, T, H, V]``, ``g`` (log decay <= 0), ``beta [B, T, H]``,
     ``initial_state [B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 for
-    fp64 inputs). Launch grids: those of :func:`rwkv7`'s backend, or fla's."""
-    _check("gated_delta_rule", q, k, v, g, beta, initial_state, q.shape[:3])
-    return GATED_DELTA_BACKENDS(backend, q, k, v, g, beta, initial_state, chunk_size)
+    fp64 inputs). Launch grids: those of :func:`rwkv7`'s backend, or fla's. Packed documents: ``cu_seqlens [n_docs + 1]``
+    over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`)."""
+    args = (q, k, v, g, beta, initial_state, chunk_size)
+    _check("gated_delta_rule", *GATED_DELTA_BACKENDS.one_document(args, cu_seqlens)[:6], q.shape[:3])
+    return GATED_DELTA_BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 
-def kda_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch"):
+def kda_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend: str = "torch", cu_seqlens=None):
     """KDA: ``S_t = (I - beta_t k_t^T k_t) Diag(e^{g_t}) S_{t-1} + beta_t k_t^T v_t``, ``o_t = q_t S_t``.
 
     ``q, k, g [B, T, H, K]`` (``g`` log decay <= 0 per channel), ``v [B, T, H, V]``, ``beta [B, T, H]``, state
-    ``[B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` as :func:`gated_delta_rule`."""
-    _check("kda", q, k, v, g, beta, initial_state, q.shape)
-    return KDA_BACKENDS(backend, q, k, v, g, beta, initial_state, chunk_size)
+    ``[B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` as :func:`gated_delta_rule`;
+    packed documents (``cu_seqlens``) as there."""
+    args = (q, k, v, g, beta, initial_state, chunk_size)
+    _check("kda", *KDA_BACKENDS.one_document(args, cu_seqlens)[:6], q.shape)
+    return KDA_BACKENDS(backend, *args, cu_seqlens=cu_seqlens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from zoo.kernels.rwkv6.fla_backend import check_fla_dtypes
 
 
-def rwkv7_fla(r, w_log, k, v, a, b, initial_state, chunk_size):
+def rwkv7_fla(r, w_log, k, v, a, b, initial_state, chunk_size, cu_seqlens=None):
     """:func:`zoo.kernels.rwkv7.rwkv7` through ``fla.ops.rwkv7.chunk_rwkv7``; returns fp32 ``(o, final_state)``."""
     from fla.ops.rwkv7 import chunk_rwkv7
 
@@ -21,5 +21,6 @@ def rwkv7_fla(r, w_log, k, v, a, b, initial_state, chunk_size):
     o, final = chunk_rwkv7(
         r, w_log, k, v, a, b, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+        cu_seqlens=cu_seqlens,
     )
     return o.float(), final.float()

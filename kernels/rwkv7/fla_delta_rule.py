@@ -4,7 +4,8 @@
 Both take zoo's layout (``q, k [B, T, H, K]``, ``v [B, T, H, V]``, log decay ``g`` ``[B, T, H]`` / ``[B, T, H, K]``,
 ``beta [B, T, H]`` after the sigmoid, state ``[B, H, K, V]``) and the same rules; the adapters pass ``scale=1.0``
 (fla's default is ``K ** -0.5``; zoo's blocks scale q themselves), no l2norm or gate inside the kernel, cast ``o`` to
-fp32, give q, k, v and beta one dtype and let fla choose its chunk length. fla is imported on first use.
+fp32, give q, k, v and beta one dtype, let fla choose its chunk length and pass packed documents as fla's own
+``cu_seqlens``. fla is imported on first use.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _common_dtype(q, k, v, beta) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in (q, k, v, beta))
 
 
-def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size):
+def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
     """Gated DeltaNet through ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``; fp32 ``(o, final_state)``."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -28,11 +29,12 @@ def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size):
     o, final = chunk_gated_delta_rule(
         q, k, v, g.float(), beta, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+        cu_seqlens=cu_seqlens,
     )
     return o.float(), final.float()
 
 
-def kda_fla(q, k, v, g, beta, initial_state, chunk_size):
+def kda_fla(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
     """KDA through ``fla.ops.kda.chunk_kda``; fp32 ``(o, final_state)``."""
     from fla.ops.kda import chunk_kda
 
@@ -41,5 +43,6 @@ def kda_fla(q, k, v, g, beta, initial_state, chunk_size):
     o, final = chunk_kda(
         q, k, v, g.float(), beta, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+        cu_seqlens=cu_seqlens,
     )
     return o.float(), final.float()

@@ -25,6 +25,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "torch",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = (C_t h_t + D u_t) * silu(z_t)``.
 
@@ -33,10 +34,13 @@ def selective_scan(
     Returns ``(y [B, T, D], final_state [B, D, N])``; the state is fp32 (fp64 for fp64 inputs).
     Torch forms: on CPU the recurrent one with a hand-written backward (cache-sized working set), elsewhere the
     chunked one (few large operations); one token: the step form; ``chunk_size`` is the chunk length of either. ``backend``: ``torch``,
-    ``triton_recurrent`` (zoo's fused recurrent kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels).
+    ``triton_recurrent`` (zoo's fused recurrent kernel) or ``mamba_ssm`` (mamba-ssm's CUDA kernels). Packed documents:
+    ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, D, N]`` (:mod:`zoo.kernels.backends`).
     """
-    check_scan_shapes("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return BACKENDS(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    one = BACKENDS.one_document(args, cu_seqlens)
+    check_scan_shapes("selective_scan", *one[:8], one[9])
+    return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 
 def selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
@@ -79,7 +83,7 @@ BACKENDS = BackendTable("selective_scan", {
     "torch": Backend(selective_scan_torch),
     "triton_recurrent": Backend("zoo.kernels.selective_scan.triton_scan:selective_scan_triton", "triton"),
     "mamba_ssm": Backend(_mamba_ssm, "mamba_ssm"),
-}, aliases={"triton": "triton_recurrent"})
+}, aliases={"triton": "triton_recurrent"}, layout="tt.tt.t..s.")
 __getattr__ = BACKENDS.exports(__name__, selective_scan_triton="triton_recurrent")
 
 

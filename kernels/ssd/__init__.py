@@ -25,6 +25,7 @@ def ssd_scan(
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "torch",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD with scalar decay per head: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
 
@@ -32,10 +33,13 @@ def ssd_scan(
     ``[H]``; B, C ``[B, T, G, N]`` (G divides H); initial_state ``[B, H, P, N]`` (None: zeros).
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``; the state is fp32 (fp64 for fp64 inputs).
     ``backend`` (:data:`BACKENDS`): ``torch`` (chunked; one token: the step form), ``triton_chunk`` (zoo's
-    chunk-parallel kernels) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``); ``auto`` is torch.
+    chunk-parallel kernels) or ``mamba_ssm`` (its ``mamba_chunk_scan_combined``); ``auto`` is torch. Packed
+    documents: ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, H, P, N]`` (:mod:`zoo.kernels.backends`).
     """
-    check_ssd_shapes("ssd_scan", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    return BACKENDS(backend, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+    args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+    one = BACKENDS.one_document(args, cu_seqlens)
+    check_ssd_shapes("ssd_scan", *one[:7], one[9], chunk_size)
+    return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 
 def ssd_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size):
@@ -80,7 +84,7 @@ BACKENDS = BackendTable("ssd_scan", {
     "torch": Backend(ssd_torch),
     "triton_chunk": Backend("zoo.kernels.ssd.triton_ssd:ssd_triton", "triton"),
     "mamba_ssm": Backend(ssd_mamba_ssm, "mamba_ssm"),
-}, aliases={"triton": "triton_chunk"})
+}, aliases={"triton": "triton_chunk"}, layout="tt.tt....s.")
 __getattr__ = BACKENDS.exports(__name__, ssd_triton="triton_chunk")
 
 __all__ = ["BACKENDS", "check_ssd_shapes", "ssd_scan", "ssd_chunked", "ssd_naive", "ssd_step", "ssd_triton"]
