@@ -21,7 +21,7 @@ from torch import nn
 from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.typed import bounded, checked
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .norm import NORMS
 from .registry import MIXERS
 
@@ -234,6 +234,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def check_flash_attn_inputs(q: torch.Tensor) -> None:
+    """flash-attn takes CUDA fp16 / bf16 tensors only."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise BackendUnavailableError(f"attention backend 'flash_attn' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}")
+
+
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Boolean ``[q_len, k_len]`` mask, True where query i (at position k_len - q_len + i) may see key j."""
     offset = k_len - q_len
@@ -313,9 +319,13 @@ class Attention(SequenceMixer):
         length = torch.tensor(S, dtype=torch.long, device=k.device)
         return StaticAttentionState(k, v, key_mask, length, real.sum(-1).long())
 
-    def mix(self, x: torch.Tensor, state: AttentionState | StaticAttentionState | None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: AttentionState | StaticAttentionState | None, documents: Documents | None = None):
         """Project (-> q/k norm) -> rotate (RoPE at the state's next positions) -> append to the state -> attend
-        (-> output gate)."""
+        (-> output gate). Packed ``documents``: RoPE at each token's position in its document, attention within each
+        document (block-diagonal mask; flash-attn's varlen function on that backend); the state: the last document's
+        keys and values."""
         B, T, _ = x.shape
         state = AttentionState(None, None) if state is None else state
         q = self.q_proj(x).view(B, T, self.n_heads, -1)  # [B, T, H, Dh], or [B, T, H, 2 Dh] with the output gate
@@ -328,10 +338,18 @@ class Attention(SequenceMixer):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        cos, sin = self._rope_tables(state, T, x)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        state, k, v, mask = state.append(k, v, self.config.causal)
-        y = self._attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Dh]
+        if documents is None:
+            cos, sin = self._rope_tables(state, T, x)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            state, k, v, mask = state.append(k, v, self.config.causal)
+            y = self._attend(q, k, v, mask)
+        else:
+            cos, sin = rope_table(T, self.rotary_dim, self.config.rope_theta, x.device, x.dtype)
+            cos, sin = cos[documents.positions], sin[documents.positions]  # [T, Dh]
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            state = AttentionState(k[:, :, documents.last_start :], v[:, :, documents.last_start :])
+            y = self._attend_documents(q, k, v, documents)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Dh]
         if gate is not None:
             y = y * torch.sigmoid(gate)
         return self.o_proj(y), state
@@ -371,6 +389,22 @@ class Attention(SequenceMixer):
             masks.append(F.pad(real, (pad, 0), value=False))  # [1, length]
         return AttentionState(torch.cat(ks), torch.cat(vs), torch.cat(masks))
 
+    def _attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents) -> torch.Tensor:
+        """Attention of packed documents, ``q [1, H, T, Dh]`` over ``k, v [1, Hkv, T, Dh]``: each query sees its own
+        document's keys (up to itself when causal). flash-attn: ``flash_attn_varlen_func`` on the documents'
+        ``cu_seqlens``; otherwise :meth:`_attend` with the block-diagonal mask."""
+        backend = auto_attention_backend(q.device.type, q.dtype) if self.backend == "auto" else self.backend
+        if backend != "flash_attn":
+            return self._attend(q, k, v, documents.visible(self.config.causal))
+        check_flash_attn_inputs(q)
+        from flash_attn import flash_attn_varlen_func
+
+        cu = documents.cu_seqlens.to(torch.int32)
+        longest = max(b - a for a, b in documents.spans())
+        y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest,
+                                   causal=self.config.causal)  # [T, H, Dh]
+        return y.transpose(0, 1)[None]  # [1, H, T, Dh]
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of ``q [B, H, T, Dh]`` over ``k, v [B, Hkv, S, Dh]``. ``mask`` (broadcast to ``[B, H, T, S]``,
         True: visible) as the state gave it; None: every key, causal (queries are the last T of S) unless
@@ -393,10 +427,7 @@ class Attention(SequenceMixer):
         if mask is not None:  # flash_attn_func takes no per-row key mask: SDPA with the explicit mask
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         if backend == "flash_attn":
-            if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-                raise BackendUnavailableError(
-                    f"attention backend 'flash_attn' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}"
-                )
+            check_flash_attn_inputs(q)
             from flash_attn import flash_attn_func
 
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs.

@@ -3,12 +3,47 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 logger = logging.getLogger("zoo")
+
+
+class Documents(NamedTuple):
+    """Packed documents of one row ``x [1, T, D]``: each runs as its own sequence (from an empty state, positions from
+    0); no token, state, convolution or token shift crosses a boundary."""
+
+    bounds: tuple[int, ...]  # 0 = b_0 < b_1 < ... < b_N = T: document i is tokens [b_i, b_{i+1})
+    cu_seqlens: torch.Tensor  # the bounds as int64 [N + 1] on the row's device (the ops' form, fla's convention)
+    positions: torch.Tensor  # [T] int64: each token's position in its document (0, 1, ..., restarting at each)
+
+    @classmethod
+    def from_bounds(cls, bounds: list[int] | tuple[int, ...], device: torch.device | str) -> "Documents":
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=device)
+        starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff())  # [T]: each token's document start
+        return cls(tuple(bounds), cu_seqlens, torch.arange(bounds[-1], device=device) - starts)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of each document."""
+        return list(zip(self.bounds, self.bounds[1:]))
+
+    @property
+    def last_start(self) -> int:
+        """Where the last document begins (a packed call's returned state is that document's)."""
+        return self.bounds[-2]
+
+    def ids(self) -> torch.Tensor:
+        """``[T]`` int64: each token's document index."""
+        lengths = self.cu_seqlens.diff()
+        return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+    def visible(self, causal: bool = True) -> torch.Tensor:
+        """``[T, T]`` bool, query by key: the keys of the query's own document (and not after it when ``causal``)."""
+        ids = self.ids()
+        same = ids[:, None] == ids[None, :]
+        return same.tril() if causal else same
 
 
 class SequenceMixer(nn.Module, abc.ABC):
@@ -21,6 +56,11 @@ class SequenceMixer(nn.Module, abc.ABC):
     as a CUDA graph.
     Subclasses implement :meth:`mix` and :meth:`init_state`; :meth:`forward` checks the input first.
     A state is a tensor or a (Named)tuple of tensors, each with the batch as its first dimension.
+
+    Packed documents (``documents``, :class:`Documents`, over a row ``x [1, T, D]`` and no state): each document runs
+    as its own sequence and the state returned is the last document's. A block with ``packs_documents`` takes them in
+    one call (``mix(..., documents=)``: masks, restarted positions, the ops' ``cu_seqlens``); any other block is run
+    once per document here.
     """
 
     registry_name: str = ""
@@ -38,6 +78,8 @@ class SequenceMixer(nn.Module, abc.ABC):
     # name it (:meth:`set_shared_role`); that block stores the tensor in the forward's ``shared`` dict, later ones
     # read it. Blocks that name one take ``mix(x, state, shared)``.
     shared_tensor: str | None = None
+    # Whether ``mix`` takes ``documents=`` (packed documents in one call); otherwise forward runs each document alone.
+    packs_documents: bool = False
 
     def __init__(self, config: Any, d_model: int, layer_idx: int):
         super().__init__()
@@ -45,8 +87,10 @@ class SequenceMixer(nn.Module, abc.ABC):
         self.d_model = d_model
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, state: Any = None, shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
-        """``shared``: the forward's cross-layer tensors (see :attr:`shared_tensor`); blocks that name none ignore it."""
+    def forward(self, x: torch.Tensor, state: Any = None, shared: dict[str, torch.Tensor] | None = None,
+                documents: Documents | None = None) -> tuple[torch.Tensor, Any]:
+        """``shared``: the forward's cross-layer tensors (see :attr:`shared_tensor`); blocks that name none ignore it.
+        ``documents``: packed documents of a one-row ``x`` (see the class docstring)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"{self.registry_name} block (layer {self.layer_idx}): expected x of shape [B, T, {self.d_model}], "
@@ -58,9 +102,32 @@ class SequenceMixer(nn.Module, abc.ABC):
             batch = first_tensor(state).shape[0]
             if batch != x.shape[0]:
                 raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): state batch {batch} != input batch {x.shape[0]}")
+        if documents is not None:
+            if x.shape[0] != 1 or state is not None or documents.bounds[-1] != x.shape[1]:
+                raise ValueError(f"{self.registry_name} block (layer {self.layer_idx}): packed documents take one row "
+                                 f"[1, T, D] with T = {documents.bounds[-1]} and no state, got {list(x.shape)}"
+                                 + (" and a state" if state is not None else ""))
+            if not self.packs_documents:
+                return self._each_document(x, shared, documents)
+            return self.mix(x, None, documents=documents) if self.shared_tensor is None else self.mix(x, None, shared, documents=documents)
         if self.shared_tensor is None:
             return self.mix(x, state)
         return self.mix(x, state, shared)
+
+    def _each_document(self, x: torch.Tensor, shared: dict[str, torch.Tensor] | None, documents: Documents) -> tuple[torch.Tensor, Any]:
+        """A block without :attr:`packs_documents`: each document alone; a shared tensor its producer writes comes
+        back as the documents' pieces side by side (``[1, T, ...]``), one a reader reads is cut per document."""
+        pieces, written, state = [], {}, None
+        for start, end in documents.spans():
+            own = None if shared is None else {name: t[:, start:end] for name, t in shared.items()}  # [1, end - start, ...]
+            y, state = self.forward(x[:, start:end], None, own)
+            pieces.append(y)
+            for name, t in (own or {}).items():
+                if name not in shared:
+                    written.setdefault(name, []).append(t)
+        if shared is not None:
+            shared.update({name: torch.cat(parts, dim=1) for name, parts in written.items()})
+        return torch.cat(pieces, dim=1), state
 
     def set_shared_role(self, producer: bool) -> None:
         """Called once by the model for a block with a :attr:`shared_tensor`: ``producer`` is True for the first

@@ -8,7 +8,7 @@ from torch import nn
 
 from zoo.typed import bounded, checked
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import causal_conv, init_causal_conv
 from .registry import MIXERS
 
@@ -50,8 +50,11 @@ class Conv(SequenceMixer):
     def state_size(self) -> int:
         return self.d_model * (self.config.kernel_size - 1)
 
-    def mix(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: torch.Tensor | None, documents: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed ``documents``: no tap reaches into another document."""
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        conv_out, state = causal_conv(x.transpose(1, 2), state, self.weight, self.bias)  # [B, D, T], state [B, D, K-1]
+        conv_out, state = causal_conv(x.transpose(1, 2), state, self.weight, self.bias, documents)  # [B, D, T], state [B, D, K-1]
         return conv_out.transpose(1, 2) * self.proj(x), state

@@ -24,7 +24,7 @@ from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS as BACKENDS
 from zoo.kernels.rwkv7.delta_rule import gated_delta_rule
 from zoo.typed import bounded, checked
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -79,10 +79,10 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def conv_qkv(block: nn.Module, qkv: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU of ``block.conv1d`` (depthwise, causal, no bias) over ``qkv [B, T, C]`` from the carried window ``prev``;
-    returns ``[B, T, C]`` and the new window."""
-    out, window = causal_conv(qkv.transpose(1, 2), prev, block.conv1d.weight, None)  # [B, C, T]
+def conv_qkv(block: nn.Module, qkv: torch.Tensor, prev: torch.Tensor, documents: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU of ``block.conv1d`` (depthwise, causal, no bias) over ``qkv [B, T, C]`` from the carried window ``prev``
+    (packed ``documents``: restarting at each); returns ``[B, T, C]`` and the new window."""
+    out, window = causal_conv(qkv.transpose(1, 2), prev, block.conv1d.weight, None, documents)  # [B, C, T]
     return F.silu(out).transpose(1, 2), window
 
 
@@ -134,11 +134,14 @@ class GatedDeltaNet(SequenceMixer):
         c = self.config
         return self.conv_dim * (c.d_conv - 1) + c.n_v_heads * c.head_k_dim * c.head_v_dim
 
-    def mix(self, x: torch.Tensor, state: DeltaRuleState | None) -> tuple[torch.Tensor, DeltaRuleState]:
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
+        """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""
         c = self.config
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B, x.device, x.dtype)
-        qkv, conv_state = conv_qkv(self, self.qkv_proj(x), state.conv)
+        qkv, conv_state = conv_qkv(self, self.qkv_proj(x), state.conv, documents)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         rep = c.n_v_heads // c.n_k_heads  # value heads per query/key head
         q = (l2norm(q.view(B, T, c.n_k_heads, c.head_k_dim)) * c.head_k_dim**-0.5).repeat_interleave(rep, dim=2)
@@ -146,8 +149,10 @@ class GatedDeltaNet(SequenceMixer):
         beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))  # [B, T, H_v]
         g = -at_least_fp32(self.A_log).exp() * F.softplus(at_least_fp32(self.a_proj(x)) + self.dt_bias)  # log alpha
         o, ssm = gated_delta_rule(
-            q, k, v.reshape(B, T, c.n_v_heads, c.head_v_dim), g, beta, state.ssm, chunk_size=c.chunk_size, backend=self.backend,
-        )  # o: [B, T, H_v, V]
+            q, k, v.reshape(B, T, c.n_v_heads, c.head_v_dim), g, beta, state.ssm if documents is None else None,
+            chunk_size=c.chunk_size, backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # o: [B, T, H_v, V]; ssm: [B, H_v, K, V], or [N, H_v, K, V] for N documents
+        ssm = ssm if documents is None else ssm[-1:]  # the last document's
         y = self.norm(o, self.z_proj(x).view(B, T, c.n_v_heads, c.head_v_dim))
         return self.out_proj(y.reshape(B, T, self.value_dim)), DeltaRuleState(conv_state, ssm.to(state.ssm.dtype))
 

@@ -23,7 +23,7 @@ from zoo.kernels.rwkv7.delta_rule import kda_rule
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .gated_deltanet import DeltaRuleState, HeadGatedRMSNorm, conv_qkv, init_decay, l2norm
 from .ops import at_least_fp32
 from .registry import MIXERS
@@ -87,18 +87,23 @@ class KDA(SequenceMixer):
         c = self.config
         return self.conv_dim * (c.d_conv - 1) + c.n_heads * c.head_dim * c.head_dim
 
-    def mix(self, x: torch.Tensor, state: DeltaRuleState | None) -> tuple[torch.Tensor, DeltaRuleState]:
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
+        """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""
         c = self.config
         B, T, _ = x.shape
         heads = (B, T, c.n_heads, c.head_dim)
         state = state if state is not None else self.init_state(B, x.device, x.dtype)
-        qkv, conv_state = conv_qkv(self, self.qkv_proj(x), state.conv)
+        qkv, conv_state = conv_qkv(self, self.qkv_proj(x), state.conv, documents)
         q, k, v = qkv.split([self.dim] * 3, dim=-1)
         q, k = l2norm(q.view(heads)) * c.head_dim**-0.5, l2norm(k.view(heads))  # [B, T, H, K]
         beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))  # [B, T, H]
         decay = F.softplus(at_least_fp32(self.f_b_proj(self.f_a_proj(x))) + self.dt_bias).view(heads)
         g = -at_least_fp32(self.A_log).exp()[:, None] * decay  # log alpha: [B, T, H, K]
-        o, ssm = kda_rule(q, k, v.reshape(heads), g, beta, state.ssm, chunk_size=c.chunk_size, backend=self.backend)
+        o, ssm = kda_rule(q, k, v.reshape(heads), g, beta, state.ssm if documents is None else None, chunk_size=c.chunk_size,
+                          backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens)
+        ssm = ssm if documents is None else ssm[-1:]  # the last document's
         y = self.norm(o, self.g_b_proj(self.g_a_proj(x)).view(heads))
         return self.out_proj(y.reshape(B, T, self.dim)), DeltaRuleState(conv_state, ssm.to(state.ssm.dtype))
 

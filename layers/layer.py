@@ -15,7 +15,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .base import SequenceMixer, cat_states, map_state
+from .base import Documents, SequenceMixer, cat_states, map_state
 from .norm import RMSNorm
 
 
@@ -142,20 +142,21 @@ class ResidualLayer(GradientCheckpointingLayer):
         return h if mod is None else mod.gate * h
 
     def forward(self, x: torch.Tensor, state: Any = None, conditioning: torch.Tensor | None = None,
-                shared: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+                shared: dict[str, torch.Tensor] | None = None, documents: Documents | None = None) -> tuple[torch.Tensor, Any]:
         """``conditioning [B, D]`` is required by a conditioned layer and refused by an unconditioned one.
         ``shared``: the forward's cross-layer tensors, one dict for all layers (see ``SequenceMixer.shared_tensor``).
         Under activation checkpointing a producer's replay writes its tensor again after every reader has replayed
-        (the backward runs the layers in reverse), so readers replay with the tensor of the forward."""
+        (the backward runs the layers in reverse), so readers replay with the tensor of the forward. ``documents``:
+        packed documents of a one-row ``x`` (``SequenceMixer``'s; a stateful FFN takes them too)."""
         mixer_mod, ffn_mod = self._modulations(conditioning)
         mixer_state, ffn_state = state if self.ffn_stateful and state is not None else (state, None)
-        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared)
+        h, mixer_state = self.mixer(self._branch_input(self.mixer_norm, x, mixer_mod), mixer_state, shared, documents)
         x = x + self._gated(h, mixer_mod)
         if self.ffn is None:
             return x, mixer_state
         if not self.ffn_stateful:
             return x + self._gated(self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod)), ffn_mod), mixer_state
-        h, ffn_state = self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod), ffn_state)
+        h, ffn_state = self.ffn(self._branch_input(self.ffn_norm, x, ffn_mod), ffn_state, documents)
         return x + self._gated(h, ffn_mod), (mixer_state, ffn_state)
 
     @property

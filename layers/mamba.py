@@ -13,7 +13,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -88,13 +88,16 @@ class Mamba(SequenceMixer):
     def state_size(self) -> int:
         return self.d_inner * (self.config.d_conv - 1 + self.d_state)
 
-    def mix(self, x: torch.Tensor, state: MambaState | None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: MambaState | None, documents: Documents | None = None):
+        """Packed ``documents``: the conv and the scan restart at each (``cu_seqlens``)."""
         batch = x.shape[0]
         fresh = state is None  # the scan then starts from zeros without being handed a state
         if fresh:
             state = self.init_state(batch, x.device, x.dtype)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, Di] each
-        conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias)  # [B, Di, T]
+        conv_out, conv_state = causal_conv(xs.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias, documents)  # [B, Di, T]
         u = F.silu(conv_out).transpose(1, 2)  # [B, T, Di]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt)  # [B, T, Di], bias included (a module call, so a LoRA adapter on dt_proj applies)
@@ -102,6 +105,6 @@ class Mamba(SequenceMixer):
         y, ssm = selective_scan(
             u, delta, A, B, C, self.D, z=z, delta_softplus=True,
             initial_state=None if fresh else state.ssm,
-            backend=self.backend,
-        )
-        return self.out_proj(y), MambaState(conv_state, ssm)
+            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # ssm: [B, Di, N], or [N_docs, Di, N]
+        return self.out_proj(y), MambaState(conv_state, ssm if documents is None else ssm[-1:])

@@ -12,7 +12,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -114,12 +114,15 @@ class Mamba2(SequenceMixer):
     def state_size(self) -> int:
         return self.conv_dim * (self.config.d_conv - 1) + self.n_heads * self.head_dim * self.d_state
 
-    def mix(self, x: torch.Tensor, state: Mamba2State | None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: Mamba2State | None, documents: Documents | None = None):
+        """Packed ``documents``: the conv and the scan restart at each (``cu_seqlens``)."""
         batch, T, _ = x.shape
         if state is None:
             state = self.init_state(batch, x.device, x.dtype)
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        conv_out, conv_state = causal_conv(xbc.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias)  # [B, conv_dim, T]
+        conv_out, conv_state = causal_conv(xbc.transpose(1, 2), state.conv, self.conv1d.weight, self.conv1d.bias, documents)  # [B, conv_dim, T]
         xbc = F.silu(conv_out).transpose(1, 2)  # [B, T, conv_dim]
         gn = self.n_groups * self.d_state
         xs, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
@@ -134,9 +137,9 @@ class Mamba2(SequenceMixer):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             dt_limit=(self.config.dt_limit_min, limit_max),
-            initial_state=state.ssm,
+            initial_state=state.ssm if documents is None else None,
             chunk_size=self.config.chunk_size,
-            backend=self.backend,
-        )
+            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # ssm: [B, H, P, N], or [N_docs, H, P, N]
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
-        return self.out_proj(y), Mamba2State(conv_state, ssm)
+        return self.out_proj(y), Mamba2State(conv_state, ssm if documents is None else ssm[-1:])

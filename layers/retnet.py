@@ -28,7 +28,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.retention import BACKENDS, retention
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .registry import MIXERS
 
 
@@ -131,12 +131,17 @@ class RetNet(SequenceMixer):
     def state_size(self) -> int:
         return self.n_heads * self.key_dim * self.value_dim
 
-    def mix(self, x: torch.Tensor, state: RetNetState | None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: RetNetState | None, documents: Documents | None = None):
+        """Packed ``documents``: rotations from each token's position in its document, retention restarted at each
+        (``cu_seqlens``); the state is the last document's."""
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
         dtype = torch.promote_types(x.dtype, torch.float32)
         theta = self.angles(x.device, dtype)  # [K]
-        phase = torch.arange(T, device=x.device, dtype=dtype)[:, None] * theta  # [T, K]
+        positions = torch.arange(T, device=x.device) if documents is None else documents.positions  # [T]
+        phase = positions.to(dtype)[:, None] * theta  # [T, K]
         cos, sin = phase.cos()[:, None], phase.sin()[:, None]  # [T, 1, K]
         q = self.q_proj(x).view(B, T, H, K).to(dtype)  # [B, T, H, K]
         k = self.k_proj(x).view(B, T, H, K).to(dtype)
@@ -145,10 +150,12 @@ class RetNet(SequenceMixer):
         k = (k * cos + self.rotate(k) * sin) * K**-0.5
         o, kv = retention(
             q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size,
-            backend=self.backend,
-        )
-        # Move the state to the frame of the next call's token 0: rotate its key axis by -T theta.
-        end = T * theta  # [K]
+            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # kv: [B, H, K, V], or [N, H, K, V] for N documents
+        length = T if documents is None else T - documents.last_start  # of the sequence the state ends
+        kv = kv if documents is None else kv[-1:]  # the last document's
+        # Move the state to the frame of the next call's token 0: rotate its key axis by -length theta.
+        end = length * theta  # [K]
         kv_t = kv.transpose(-1, -2)  # [B, H, V, K]
         kv = (kv_t * end.cos() - self.rotate(kv_t) * end.sin()).transpose(-1, -2)  # [B, H, K, V]
         if self.rms_norm:  # o: [B, T, H, V], one RMS per head; the weight [V] is shared by the heads

@@ -17,7 +17,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import WKVState, token_shift
 from .registry import MIXERS
 
@@ -97,10 +97,13 @@ class RWKV6(SequenceMixer):
     def state_size(self) -> int:
         return WKVState.size(self.d_model, self.n_heads, self.head_dim)
 
-    def mix(self, x: torch.Tensor, state: WKVState | None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: WKVState | None, documents: Documents | None = None):
+        """Packed ``documents``: the token shift and the WKV scan restart at each (``cu_seqlens``)."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
+        xx = token_shift(x, None if state is None else state.shift, documents) - x  # [B, T, D]
         xxx = x + xx * self.time_maa_x
         lora = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, R]
         lora = torch.einsum("btfr,frd->fbtd", lora, self.time_maa_w2)  # [5, B, T, D]
@@ -114,8 +117,9 @@ class RWKV6(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv6(
             r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size,
-            backend=self.backend,
-        )  # o: [B, T, H, K]
+            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # o: [B, T, H, K]; wkv: [B, H, K, K], or [N, H, K, K] for N documents
+        wkv = wkv if documents is None else wkv[-1:]  # the last document's
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         y = self.output(o * g)
         wkv = wkv if state is None else wkv.to(state.wkv.dtype)  # fp32 (or fp64) unless a state says otherwise

@@ -42,7 +42,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
-from .base import SequenceMixer
+from .base import Documents, SequenceMixer
 from .ops import WKVState, token_shift
 
 
@@ -148,10 +148,14 @@ class RWKV7(SequenceMixer):
     def state_size(self) -> int:
         return WKVState.size(self.d_model, self.n_heads, self.head_dim)
 
-    def mix(self, x: torch.Tensor, state: WKVState | None, shared: dict[str, torch.Tensor] | None = None):
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: WKVState | None, shared: dict[str, torch.Tensor] | None = None,
+            documents: Documents | None = None):
+        """Packed ``documents``: the token shift and the WKV scan restart at each (``cu_seqlens``)."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        xx = token_shift(x, None if state is None else state.shift) - x  # [B, T, D]
+        xx = token_shift(x, None if state is None else state.shift, documents) - x  # [B, T, D]
         xr, xw, xk, xv, xa, xg = (x + xx * self.x_mix[i] for i in range(6))
         r = self.receptance(xr)
         k = self.key(xk)
@@ -171,8 +175,9 @@ class RWKV7(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv7(
             r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size,
-            backend=self.backend,
-        )
+            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+        )  # wkv: [B, H, K, K], or [N, H, K, K] for N documents
+        wkv = wkv if documents is None else wkv[-1:]  # the last document's
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, K]
         y = self.output((o + bonus.reshape(B, T, D)) * g)

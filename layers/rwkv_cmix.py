@@ -15,6 +15,7 @@ from transformers import initialization as init
 from zoo.typed import bounded, checked
 
 from .registry import FFNS
+from .base import Documents
 from .ops import token_shift
 
 
@@ -59,8 +60,8 @@ class RWKVChannelMix(_TokenShiftFFN):
         init.copy_(self.time_maa_k, 1 - ddd.pow(0.5))
         init.copy_(self.time_maa_r, 1 - ddd.pow(0.5))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, state) - x  # [B, T, D]
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, documents: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, state, documents) - x  # [B, T, D]
         k = torch.relu(self.key(x + xx * self.time_maa_k)).square()
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
 
@@ -96,6 +97,6 @@ class RWKV7ChannelMix(_TokenShiftFFN):
         ddd = torch.arange(self.d_model, device=self.x_k.device, dtype=torch.float32) / self.d_model
         init.copy_(self.x_k, 1 - ddd.pow(0.5**4))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, state) - x  # [B, T, D]
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, documents: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, state, documents) - x  # [B, T, D]
         return self.value(torch.relu(self.key(x + xx * self.x_k)).square()), x[:, -1]

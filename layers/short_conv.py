@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .base import SequenceMixer, cat_states, map_state
+from .base import Documents, SequenceMixer, cat_states, map_state
 from .ops import causal_conv
 
 
@@ -65,11 +65,15 @@ class ShortConv(SequenceMixer):
         """``mixer`` behind a short convolution of ``kernel_size`` taps; ``mixer`` itself for 0."""
         return cls(mixer, kernel_size) if kernel_size else mixer
 
-    def mix(self, x: torch.Tensor, state: ShortConvState | None, shared: dict | None = None) -> tuple[torch.Tensor, ShortConvState]:
+    packs_documents = True
+
+    def mix(self, x: torch.Tensor, state: ShortConvState | None, shared: dict | None = None,
+            documents: Documents | None = None) -> tuple[torch.Tensor, ShortConvState]:
+        """Packed ``documents`` reach the convolution and the inner block (which runs them packed, or one by one)."""
         # A fresh start passes the inner block no state (a Bidirectional block takes none).
         prev = torch.zeros(x.shape[0], self.d_model, self.kernel_size - 1, device=x.device, dtype=x.dtype) if state is None else state.conv
-        conv_out, conv = causal_conv(x.transpose(1, 2), prev, self.weight, self.bias)  # [B, D, T], conv [B, D, K-1]
-        y, inner = self.inner(conv_out.transpose(1, 2), None if state is None else state.inner, shared)
+        conv_out, conv = causal_conv(x.transpose(1, 2), prev, self.weight, self.bias, documents)  # [B, D, T], conv [B, D, K-1]
+        y, inner = self.inner(conv_out.transpose(1, 2), None if state is None else state.inner, shared, documents)
         return y, ShortConvState(conv, inner)
 
     def stack_row_states(self, states: list[ShortConvState]) -> ShortConvState:

@@ -114,3 +114,20 @@ def test_block_with_fla_backend_equals_torch(block):
     step = torch.randn(2, 1, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(step, state)[0], reference(step, state_ref)[0], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_block_with_fla_backend_packs_documents_through_fla_cu_seqlens(block):
+    """Packed documents reach fla's kernels as its ``cu_seqlens`` (one call, boundaries inside fla's chunks): each
+    document's outputs and the last one's state as if run alone."""
+    from zoo.layers.base import Documents
+
+    torch.manual_seed(0)
+    fast = build(block, "fla")
+    x = torch.randn(1, 37, 32)
+    bounds = [0, 5, 6, 22, 37]
+    packed, state = fast(x, documents=Documents.from_bounds(bounds, x.device))
+    alone = [fast(x[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+    torch.testing.assert_close(packed, torch.cat([y for y, _ in alone], dim=1), atol=ATOL, rtol=RTOL)
+    for field, value in state._asdict().items():
+        torch.testing.assert_close(value, getattr(alone[-1][1], field), atol=ATOL, rtol=RTOL, msg=lambda m: f"{field}: {m}")

@@ -1,6 +1,7 @@
 """The one generic model for every block: a Hugging Face ``PreTrainedModel`` stacking zoo layers."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from zoo.config import REQUIRED_CONFIG_KEYS, ModelConfig, ZooConfig, check_confi
 from zoo.errors import ConfigError
 from zoo.layers import FFNS, MIXERS, NORMS, ResidualLayer
 from zoo.layers.attention import backend_for, hf_name
-from zoo.layers.base import describe_backends
+from zoo.layers.base import Documents, describe_backends
 from zoo.layers.layer import AdaLNModulation, marking_replays
 from zoo.layers.moe import discard_router_stats, router_stats
 from zoo.layers.short_conv import ShortConv
@@ -372,24 +373,33 @@ class ZooModel(ZooPreTrainedModel):
         later decode steps of the whole batch skip the padding slots and continue every row's own positions. Costs
         one prefill per row; decode steps then run batched as usual.
 
-        A row given as a list of ``(start, end)`` segments (packed documents) runs each segment alone the same way;
-        its output is the segments' outputs side by side, its state its last segment's.
+        A row given as a list of ``(start, end)`` segments (packed documents) runs as one call of each layer with its
+        :class:`~zoo.layers.base.Documents` (each block keeps the documents apart, one call per document where it
+        cannot take them packed); with attention maps asked for, each segment runs alone. Its state: the last
+        segment's. Without states to keep (no cache) and without conditioning, the whole batch runs as one call of
+        each layer: every row's segments side by side in one row of documents (:func:`_flat_runner`).
         """
         T = hidden.shape[1]
         segments = [row if isinstance(row, list) else [row] for row in spans]  # each row: its [start, end) segments
-        shared_of = [[{} for _ in row] for row in segments]  # each segment's cross-layer tensors
+        packed = record is None or not record.keep_attentions  # attention maps: one per document (Recorder)
+        if packed and not keep_states and conditioning is None:
+            return self._run_layers(hidden, [None] * len(self.layers), None, record, _flat_runner(segments, hidden.shape, hidden.device))
+        documents = [Documents.from_bounds([a - row[0][0] for a, _ in row] + [row[-1][1] - row[0][0]], hidden.device)
+                     if packed and len(row) > 1 else None for row in segments]  # a packed row's documents, from its first token
+        calls = [[(row[0][0], row[-1][1])] if docs is not None else row for row, docs in zip(segments, documents)]
+        shared_of = [[{} for _ in row] for row in calls]  # each call's cross-layer tensors
 
         def run_rows(layer: ResidualLayer, hidden: torch.Tensor, state: Any, conditioning: torch.Tensor | None, shared: dict) -> tuple[torch.Tensor, Any]:
             rows, states = [], []
-            for b, row_segments in enumerate(segments):
+            for b, row_calls in enumerate(calls):
                 row_conditioning = conditioning[b : b + 1] if conditioning is not None else None  # [1, D]
                 pieces = []
-                for (start, end), segment_shared in zip(row_segments, shared_of[b]):
-                    piece, row_state = layer(hidden[b : b + 1, start:end], None, row_conditioning, segment_shared)  # [1, end - start, D]
+                for (start, end), call_shared in zip(row_calls, shared_of[b]):
+                    piece, row_state = layer(hidden[b : b + 1, start:end], None, row_conditioning, call_shared, documents[b])  # [1, end - start, D]
                     pieces.append(piece)
                     if record is not None:
                         record.after_segment(layer, start, end, T)
-                first, last = row_segments[0][0], row_segments[-1][1]
+                first, last = row_calls[0][0], row_calls[-1][1]
                 rows.append(F.pad(torch.cat(pieces, dim=1), (0, 0, first, T - last)))  # [1, T, D], zeros at the padding
                 states.append(row_state)
                 if record is not None:
@@ -397,6 +407,23 @@ class ZooModel(ZooPreTrainedModel):
             return torch.cat(rows), layer.stack_row_states(states) if keep_states else None
 
         return self._run_layers(hidden, [None] * len(self.layers), conditioning, record, run_rows)
+
+
+def _flat_runner(segments: list[list[tuple[int, int]]], shape: torch.Size, device: torch.device) -> Callable:
+    """A ``run_layer`` for :meth:`ZooModel._run_layers` that runs a whole batch ``[B, T, D]`` as one row of documents:
+    the tokens of every row's ``(start, end)`` segments side by side (``[1, L, D]``), one layer call with their
+    :class:`~zoo.layers.base.Documents`, the outputs put back in place and zeros elsewhere (padding). No state."""
+    B, T, D = shape
+    index = torch.cat([torch.arange(b * T + s, b * T + e, device=device) for b, row in enumerate(segments) for s, e in row])  # [L]
+    lengths = [e - s for row in segments for s, e in row]
+    documents = Documents.from_bounds([0, *itertools.accumulate(lengths)], device)
+
+    def run_flat(layer: ResidualLayer, hidden: torch.Tensor, state: Any, conditioning: None, shared: dict) -> tuple[torch.Tensor, None]:
+        flat = hidden.reshape(B * T, D).index_select(0, index)[None]  # [1, L, D]
+        out, _ = layer(flat, None, None, shared, documents)
+        return hidden.new_zeros(B * T, D).index_copy(0, index, out[0]).view(B, T, D), None
+
+    return run_flat
 
 
 PACKING_INPUTS = ("position_ids", "cu_seq_lens_q")
