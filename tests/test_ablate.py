@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from zoo.ablate import ablate, best_run, main, matched_width, model_stats, parse_args, with_block
@@ -84,3 +85,44 @@ def test_a_failing_block_is_a_row_not_a_crash(tmp_path):
     (row,) = ablate(base, ["rwkv7"])  # rwkv7's 64-wide heads fit no width up to 4 * 8
     assert row["block"] == "rwkv7" and "ConfigError" in row["error"] and "no width" in row["error"]
     assert "no width" in (tmp_path / "run" / "ablation.csv").read_text()
+
+
+def test_eval_tasks_add_a_column_per_task_metric(tmp_path):
+    """``--eval-tasks``: the block's checkpoint judged by lm-evaluation-harness (local tasks of test_eval.py), one
+    column per task and metric, checked against log-likelihoods computed directly with the trained model."""
+    pytest.importorskip("lm_eval")
+    from test_eval import CONTEXTS, loglikelihood, write_tasks
+    from zoo.ablate import EvalTasks
+    from zoo.eval import load_causal_lm
+
+    rows = write_tasks(tmp_path, ["a"] * len(CONTEXTS))
+    base = load_recipe("transformer_small", tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.val_every": 2}))
+    (row,) = ablate(base, ["mamba2"], evaluation=EvalTasks(["zoo_mc", "zoo_word"], str(tmp_path), batch_size=4))
+    run = tmp_path / "run" / "mamba2"
+    model, tok = load_causal_lm(run / "hf", "cpu")
+    words = [loglikelihood(model, tok, d["context"], " " + d["word"]) for d in rows["word"]]
+    assert row["zoo_word:acc"] == pytest.approx(sum(g for _, g in words) / len(words))
+    assert row["zoo_word:perplexity"] == pytest.approx(float(torch.tensor([-ll for ll, _ in words]).mean().exp()), rel=1e-4)
+    scores = [[loglikelihood(model, tok, d["question"], " " + c)[0] for c in d["choices"]] for d in rows["mc"]]
+    assert row["zoo_mc:acc"] == pytest.approx(sum(max(range(3), key=s.__getitem__) == d["answer"] for s, d in zip(scores, rows["mc"])) / 6)
+    (table,) = csv.DictReader((tmp_path / "run" / "ablation.csv").open())
+    assert float(table["zoo_mc:acc"]) == pytest.approx(row["zoo_mc:acc"], abs=1e-4) and not table["error"]
+    md = (tmp_path / "run" / "ablation.md").read_text()
+    assert "| zoo_mc:acc |" in md and "lm-evaluation-harness on each block's checkpoint (zoo_mc, zoo_word" in md
+    assert "| zoo_word | perplexity |" in (run / "eval" / "lm_eval.md").read_text()
+
+
+def test_eval_tasks_are_checked_before_any_training(tmp_path):
+    pytest.importorskip("lm_eval")
+    from zoo.ablate import EvalTasks
+
+    base = load_recipe("transformer_small", tiny_overrides(tmp_path))
+    with pytest.raises(ZooError, match="--eval-tasks: unknown task\\(s\\) no_such_task"):
+        ablate(base, ["lstm"], evaluation=EvalTasks(["no_such_task"]))
+    assert not (tmp_path / "run").exists()
+    args = parse_args(["recipe=transformer_small", "blocks=[lstm]", "--eval-tasks", "a,b", "--eval-limit", "5"])
+    assert args.evaluation == EvalTasks(["a", "b"], None, 5.0, 8)
+    with pytest.raises(ConfigError, match="need --eval-tasks"):
+        parse_args(["recipe=transformer_small", "blocks=[lstm]", "--eval-limit", "5"])
+    with pytest.raises(ConfigError, match="--eval-tasks"):
+        parse_args(["recipe=transformer_small", "blocks=[lstm]", "--eval-tasks", ","])

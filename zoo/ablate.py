@@ -1,4 +1,4 @@
-"""``python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs 1e-3,3e-3]``
+"""``python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs 1e-3,3e-3] [--eval-tasks T1,T2]``
 
 Trains the same recipe once per block type (every layer that block; FFN, data, optimizer and schedule unchanged),
 each at the width whose parameter count is closest to the recipe's own (or to ``--params N``): ``d_model`` runs over
@@ -8,7 +8,10 @@ tasks, else lowest val_loss), as Zoology reports; the ``lr`` column names it and
 Writes ``<output_dir>/ablation.{md,csv}`` (one row per block), ``ablation_curves.{md,png}`` (each block's validation
 metric at every validation step) and each run under ``<output_dir>/<block>/`` (with
 ``--lrs``: ``<output_dir>/<block>/lr<LR>/``). MQAR rows carry ``val_acc_floor``, the no-recall accuracy
-(:func:`zoo.synthetic.no_recall_floor`). A block whose run fails gets a row with its error; the others still run.
+(:func:`zoo.synthetic.no_recall_floor`). ``--eval-tasks``: each block's (best) checkpoint is then judged on
+lm-evaluation-harness tasks as ``python -m zoo.eval --tasks`` does (``--eval-include-path``, ``--eval-limit``,
+``--eval-batch-size`` as its options; results also in the run's ``eval/lm_eval.{json,md}``), one column per task and
+metric (``task:metric``). A block whose run fails gets a row with its error; the others still run.
 """
 from __future__ import annotations
 
@@ -30,12 +33,23 @@ from zoo.errors import ConfigError, ZooError
 from zoo.layers import MIXERS
 from zoo.recipe_loader import load_recipe
 
-USAGE = "usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs LR,LR,...]"
+USAGE = ("usage: python -m zoo.ablate recipe=NAME blocks=[attention,mamba2,...] [key.path=value ...] [--params N] [--lrs LR,LR,...] "
+         "[--eval-tasks T1,T2 [--eval-include-path DIR] [--eval-limit N] [--eval-batch-size N]]")
 WIDTH_STEP = 8
 COLUMNS = [
     "block", "d_model", "parameters", "lr", "val_loss", "val_ppl", "val_acc", "val_acc_floor", "val_by_lr", "tokens_per_s",
     "peak_memory_mb", "state_per_token", "state_fixed", "error",
 ]
+
+
+@dataclass
+class EvalTasks:
+    """lm-evaluation-harness tasks each block's checkpoint is judged on (``zoo.eval --tasks``'s options)."""
+
+    tasks: list[str]
+    include_path: str | None = None
+    limit: float | None = None
+    batch_size: int = 8
 
 
 @dataclass
@@ -45,6 +59,7 @@ class AblationArgs:
     overrides: list[str]
     target_params: int | None
     lrs: list[float] | None = None
+    evaluation: EvalTasks | None = None
 
 
 def parse_args(argv: list[str]) -> AblationArgs:
@@ -52,7 +67,21 @@ def parse_args(argv: list[str]) -> AblationArgs:
     parser.add_argument("settings", nargs="*", help="recipe=NAME, blocks=[...], then key.path=value overrides")
     parser.add_argument("--params", type=int, default=None, help="target parameter count (default: the recipe's)")
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates: each block's row is its best run")
+    parser.add_argument("--eval-tasks", default=None, help="lm-evaluation-harness tasks, comma-separated: a column each")
+    parser.add_argument("--eval-include-path", default=None, help="a directory of extra task YAMLs (--eval-tasks)")
+    parser.add_argument("--eval-limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
+    evaluation = None
+    if args.eval_tasks is not None:
+        tasks = [t for t in args.eval_tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ConfigError("--eval-tasks", f"expected comma-separated task names, got {args.eval_tasks!r}")
+        if args.eval_batch_size < 1:
+            raise ConfigError("--eval-batch-size", f"must be >= 1, got {args.eval_batch_size}")
+        evaluation = EvalTasks(tasks, args.eval_include_path, args.eval_limit, args.eval_batch_size)
+    elif args.eval_include_path is not None or args.eval_limit is not None:
+        raise ConfigError("--eval-tasks", "--eval-include-path / --eval-limit need --eval-tasks")
     blocks = [s.split("=", 1)[1] for s in args.settings if s.startswith("blocks=")]
     recipe, overrides = split_recipe_args([s for s in args.settings if not s.startswith("blocks=")], USAGE)
     if not blocks:
@@ -61,7 +90,7 @@ def parse_args(argv: list[str]) -> AblationArgs:
     names = [str(b) for b in (parsed if isinstance(parsed, list) else [parsed])]
     for i, name in enumerate(names):
         MIXERS.get(name, f"blocks[{i}]")
-    return AblationArgs(recipe, names, overrides, args.params, parse_lrs(args.lrs) if args.lrs is not None else None)
+    return AblationArgs(recipe, names, overrides, args.params, parse_lrs(args.lrs) if args.lrs is not None else None, evaluation)
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -237,6 +266,26 @@ def run_block(base: Recipe, block: str, target: int, out: Path, lrs: list[float]
     return row
 
 
+def task_columns(run_dir: Path, evaluation: EvalTasks) -> dict[str, float]:
+    """``{"task:metric": value}`` of the run's checkpoint on ``evaluation``'s tasks (standard errors left out; the
+    whole result in ``<run_dir>/eval/lm_eval.{json,md}``, as ``zoo.eval`` writes it)."""
+    import torch
+
+    from zoo.eval import eval_dir, load_causal_lm, metric_values, run_tasks, write_task_results
+
+    model, tokenizer = load_causal_lm(run_dir / "hf", "cuda" if torch.cuda.is_available() else "cpu")
+    results = run_tasks(model, tokenizer, evaluation.tasks, include_path=evaluation.include_path,
+                        batch_size=evaluation.batch_size, limit=evaluation.limit)
+    write_task_results(eval_dir(run_dir / "hf"), results)
+    return {f"{task}:{metric}": value for task, metric, value, _ in metric_values(results)}
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """:data:`COLUMNS`, then the task columns (``task:metric``) in the order the rows first have them."""
+    extra = [key for row in rows for key in row if key not in COLUMNS and key != "run_dir"]
+    return COLUMNS + list(dict.fromkeys(extra))
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -248,14 +297,20 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = [c for c in COLUMNS if any(row.get(c) is not None for row in rows)]
+    columns = [c for c in columns_of(rows) if any(row.get(c) is not None for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def ablate(base: Recipe, blocks: list[str], target_params: int | None = None, lrs: list[float] | None = None) -> list[dict[str, Any]]:
-    """Run the ablation; writes ``<output_dir>/ablation.{md,csv}`` and returns the rows."""
+def ablate(base: Recipe, blocks: list[str], target_params: int | None = None, lrs: list[float] | None = None,
+           evaluation: EvalTasks | None = None) -> list[dict[str, Any]]:
+    """Run the ablation (each block's checkpoint then judged on ``evaluation``'s tasks); writes
+    ``<output_dir>/ablation.{md,csv}`` and returns the rows."""
+    if evaluation is not None:  # unknown tasks fail before any training
+        from zoo.eval import task_manager
+
+        task_manager(evaluation.tasks, evaluation.include_path, "--eval-tasks")
     out = Path(base.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = base.with_vocab_size(vocab_size(base))
@@ -263,18 +318,28 @@ def ablate(base: Recipe, blocks: list[str], target_params: int | None = None, lr
     rows = []
     for block in blocks:
         start = time.perf_counter()
-        rows.append(run_block(base, block, target, out, lrs))
+        row = run_block(base, block, target, out, lrs)
+        if evaluation is not None and row.get("run_dir") and not row.get("error"):
+            try:
+                row.update(task_columns(Path(row["run_dir"]), evaluation))
+            except Exception as err:  # noqa: BLE001 - the row keeps its training metrics
+                row["error"] = f"--eval-tasks: {type(err).__name__}: {err}".splitlines()[0]
+                print(f"zoo.ablate: {block} evaluation failed:\n{traceback.format_exc()}", file=sys.stderr)
+        rows.append(row)
         print(f"zoo.ablate: {block} done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        columns = columns_of(rows)
         with (out / "ablation.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({c: _cell(row.get(c)) for c in COLUMNS} for row in rows)
+            writer.writerows({c: _cell(row.get(c)) for c in columns} for row in rows)
         header = (
             f"Ablation of recipe `{base.name}`: every layer one block type, width matched to {target:,} parameters; "
             f"{base.trainer.max_steps} steps each"
             + (f", best of learning rates {', '.join(f'{lr:g}' for lr in lrs)} (val_by_lr: every run)" if lrs else "")
             + ". state_per_token / state_fixed: state elements per sequence (summed over layers) that grow with each "
-            "token / stay constant. val_acc_floor: the accuracy reachable without recall.\n\n"
+            "token / stay constant. val_acc_floor: the accuracy reachable without recall."
+            + (f" task:metric: lm-evaluation-harness on each block's checkpoint ({', '.join(evaluation.tasks)}; per run in "
+               "eval/lm_eval.md)." if evaluation is not None else "") + "\n\n"
         )
         (out / "ablation.md").write_text(header + markdown_table(rows))
         write_curves(rows, out)
@@ -327,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = parse_args(argv)
         base = load_recipe(args.recipe, args.overrides)
-        rows = ablate(base, args.blocks, args.target_params, args.lrs)
+        rows = ablate(base, args.blocks, args.target_params, args.lrs, args.evaluation)
         print(markdown_table(rows), end="")
         print(f"zoo.ablate: table in {Path(base.output_dir) / 'ablation.md'} and ablation.csv")
 

@@ -183,6 +183,21 @@ def plot_losses(result: dict[str, Any], path: Path) -> bool:
 BOOTSTRAP_ITERS = 100_000  # the harness's default
 
 
+def task_manager(tasks: list[str], include_path: str | None = None, option: str = "--tasks"):
+    """The harness's ``TaskManager`` (with the YAMLs of ``include_path``) once every name in ``tasks`` is known to it;
+    a ZooError naming ``option`` otherwise, or when lm-evaluation-harness is not installed."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ZooError(f"{option} needs lm-evaluation-harness: pip install 'zoo[eval]' ({err})") from err
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ZooError(f"{option}: unknown task(s) {', '.join(unknown)} (a local task's YAML directory goes in "
+                       f"{'--include-path' if option == '--tasks' else '--eval-include-path'})")
+    return manager
+
+
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = None, batch_size: int = 8,
               limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
               bootstrap_iters: int = BOOTSTRAP_ITERS) -> dict[str, Any]:
@@ -191,18 +206,12 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
     resamples per bootstrapped standard error (0: none). The bootstrap runs in this process (the harness's
     ``DISABLE_MULTIPROC``, set only while it runs): its default forks a ``multiprocessing.Pool`` whose workers inherit
     this process's signal handlers and locks; a worker that ignored ``terminate()`` hung a CI run forever."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:
-        raise ZooError(f"--tasks needs lm-evaluation-harness: pip install 'zoo[eval]' ({err})") from err
+    manager = task_manager(tasks, include_path)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     tokenizer.padding_side = "left"  # generation requests: left padding with a mask, as zoo.generate
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=str(model.device))
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ZooError(f"--tasks: unknown task(s) {', '.join(unknown)} (a local task's YAML directory goes in --include-path)")
     # The harness bounds generation with max_length; the checkpoint's max_new_tokens (zoo.train exports 64) would win.
     saved, model.generation_config.max_new_tokens = model.generation_config.max_new_tokens, None
     try:
@@ -213,17 +222,33 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
         model.generation_config.max_new_tokens = saved
 
 
-def task_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per task and metric (value and standard error)."""
-    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
+def metric_values(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
+    """``(task, metric, value, standard error or None)`` of every numeric metric of the harness's results."""
+    values = []
     for task, metrics in sorted(results["results"].items()):
         for key, value in metrics.items():
             metric, _, _filter = key.partition(",")
             if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{_filter}")
-            lines.append(f"| {task} | {metric} | {value:.4f} | {f'{stderr:.4f}' if isinstance(stderr, (int, float)) else 'N/A'} |")
+            values.append((task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
+    return values
+
+
+def task_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per task and metric (value and standard error)."""
+    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
+    for task, metric, value, stderr in metric_values(results):
+        lines.append(f"| {task} | {metric} | {value:.4f} | {'N/A' if stderr is None else f'{stderr:.4f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def write_task_results(out: Path, results: dict[str, Any]) -> str:
+    """``lm_eval.json`` (the harness's results, versions, shots, sample counts and config) and ``lm_eval.md`` in
+    ``out``; returns the table."""
+    table = task_table(results)
+    write_results(out, "lm_eval", {k: results.get(k) for k in ("results", "versions", "n-shot", "n-samples", "config")}, table)
+    return table
 
 
 def write_results(out: Path, stem: str, result: dict[str, Any], table: str) -> None:
@@ -291,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = run_tasks(model, tokenizer, tasks, include_path=args.include_path, batch_size=args.batch_size,
                                     limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
                 where = Path(args.out) / label if args.out else eval_dir(checkpoint)
-                table = task_table(results)
-                kept = {k: results.get(k) for k in ("results", "versions", "n-shot", "n-samples", "config")}
-                write_results(where, "lm_eval", kept, table)
+                table = write_task_results(where, results)
                 print(f"{label}\n{table}written: {where / 'lm_eval'}.json, .md")
 
     return run_main("zoo.eval", body)
