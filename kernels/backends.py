@@ -60,24 +60,6 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, tokens: torch.Tensor) ->
     return bounds
 
 
-def padded_groups(lengths: list[int]) -> list[list[int]]:
-    """Documents (by index) grouped for padded batches, longest first: a group takes the next document while its
-    padded size (members x its longest) stays within twice its tokens."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        group = groups[-1] if groups else None
-        if group and (len(group) + 1) * lengths[group[0]] <= 2 * (sum(lengths[j] for j in group) + lengths[i]):
-            group.append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``x [n, ...]`` with ``length - n`` zero rows before it."""
-    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (length - x.shape[0], 0))
-
-
 class BackendTable:
     """The backends of op ``op``, ``torch`` first, and ``aliases`` (old name -> the name of the same kernel now).
     ``auto`` is ``torch`` on every device for now: zoo's Triton kernels passed their interpreter tests on CPU, not yet
@@ -163,23 +145,17 @@ class BackendTable:
         return (*args[:i], state[:1], *args[i + 1:])
 
     def per_document(self, fn: Callable[..., Any], args: tuple, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``fn`` on each document of ``cu_seqlens`` apart; returns the outputs concatenated over time
-        ``[1, T, ...]`` and the final states stacked ``[N, ...]``. Without an initial state the documents run as
-        padded batches (:func:`padded_groups`: each left-padded with zero inputs, which keep a zero state at zero in
-        every op here, so padding changes nothing but the rounding); with one, one call per document."""
+        """Run ``fn`` once per document of ``cu_seqlens`` (its tokens, its initial state); returns the outputs
+        concatenated over time ``[1, T, ...]`` and the final states stacked ``[N, ...]``. (Left-padded batches of
+        the documents were measured slower on CPU: ``benchmarks/packing.py``, issue 28's note.)"""
         bounds = check_cu_seqlens(self.op, cu_seqlens, args[0])
-        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        state_at = self.layout.index("s")
-        groups = padded_groups(lengths) if args[state_at] is None else [[i] for i in range(len(lengths))]
-        outs, finals = [None] * len(lengths), [None] * len(lengths)
-        for group in groups:
-            longest = lengths[group[0]]
-            batch = [x if x is None or kind == "." else x[group[0]:group[0] + 1] if kind == "s" else
-                     torch.stack([_left_pad(x[0, bounds[i]:bounds[i + 1]], longest) for i in group])  # [G, longest, ...]
-                     for x, kind in zip(args, self.layout, strict=True)]
-            out, final = fn(*batch)
-            for row, i in enumerate(group):
-                outs[i], finals[i] = out[row:row + 1, longest - lengths[i]:], final[row:row + 1]
+        outs, finals = [], []
+        for i, (s0, s1) in enumerate(zip(bounds, bounds[1:])):
+            doc = [x[:, s0:s1] if kind == "t" and x is not None else x[i:i + 1] if kind == "s" and x is not None else x
+                   for x, kind in zip(args, self.layout, strict=True)]
+            out, final = fn(*doc)
+            outs.append(out)
+            finals.append(final)
         return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
 
     def __call__(self, name: str, *args: Any, cu_seqlens: torch.Tensor | None = None) -> Any:

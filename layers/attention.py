@@ -392,10 +392,11 @@ class Attention(SequenceMixer):
     def _attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents) -> torch.Tensor:
         """Attention of packed documents, ``q [1, H, T, Dh]`` over ``k, v [1, Hkv, T, Dh]``: each query sees its own
         document's keys (up to itself when causal). flash-attn: ``flash_attn_varlen_func`` on the documents'
-        ``cu_seqlens``; otherwise :meth:`_attend` with the block-diagonal mask."""
+        ``cu_seqlens``; otherwise :meth:`_attend` per document (a block-diagonal mask over the whole row would cost
+        ``T^2``: 2.9x the concatenated step in ``benchmarks/results/packing-*.md``)."""
         backend = auto_attention_backend(q.device.type, q.dtype) if self.backend == "auto" else self.backend
         if backend != "flash_attn":
-            return self._attend(q, k, v, documents.visible(self.config.causal))
+            return torch.cat([self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None) for a, b in documents.spans()], dim=2)
         check_flash_attn_inputs(q)
         from flash_attn import flash_attn_varlen_func
 

@@ -34,17 +34,6 @@ class Documents(NamedTuple):
         """Where the last document begins (a packed call's returned state is that document's)."""
         return self.bounds[-2]
 
-    def ids(self) -> torch.Tensor:
-        """``[T]`` int64: each token's document index."""
-        lengths = self.cu_seqlens.diff()
-        return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-
-    def visible(self, causal: bool = True) -> torch.Tensor:
-        """``[T, T]`` bool, query by key: the keys of the query's own document (and not after it when ``causal``)."""
-        ids = self.ids()
-        same = ids[:, None] == ids[None, :]
-        return same.tril() if causal else same
-
 
 class SequenceMixer(nn.Module, abc.ABC):
     """A sequence mixer: ``forward(x [B, T, D], state=None) -> (y [B, T, D], state)``.

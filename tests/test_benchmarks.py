@@ -207,3 +207,17 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     assert "not allowed with argument --smoke" in capsys.readouterr().err
     plan = kernels_main(["--quick", "--dry-run", "--ops", "rwkv6"])
     assert plan["sizes"] == [{"T": 1024, "batch": 4}, {"T": 4096, "batch": 1}] and plan["iters"] == 3
+
+
+def test_packing_benchmark_smoke_writes_its_report(tmp_path):
+    """benchmarks.packing --smoke: the three modes timed per block, after checking one call equals one per document."""
+    from benchmarks.packing import main as packing_main, markdown as packing_markdown
+
+    report = packing_main(["--smoke", "--iters", "1", "--blocks", "attention,lstm", "--out", str(tmp_path / "packing")])
+    assert set(report["results"]) == {"attention", "lstm"} and report["documents_per_row"] > 1
+    for row in report["results"].values():
+        assert row["one call ms"] > 0 and row["per document ms"] > 0 and row["concat ms"] > 0
+    saved = json.loads((tmp_path / "packing.json").read_text())
+    assert saved["results"] == report["results"] and (tmp_path / "packing.md").read_text() == packing_markdown(report)
+    with pytest.raises(SystemExit):
+        packing_main(["--smoke", "--blocks", "nope"])
