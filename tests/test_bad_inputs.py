@@ -237,8 +237,7 @@ def train_argv(recipe: str, files: dict[str, Path], out: Path, *overrides: str) 
 
 # Keys that take free text (paths, names): what a wrong value is, per key. ``{name}`` is a path from ``files``.
 SEMANTIC: dict[str, list[list[str]]] = {
-    "data.packing": [["recipe=mqar_small", "data.source=mqar", "data.packing=documents"], ["recipe=diffusion_small", "data.packing=documents"],
-                     ["data.packing=documents", "trainer.compile=true"]],
+    "data.packing": [["recipe=mqar_small", "data.source=mqar", "data.packing=documents"], ["data.packing=documents", "trainer.compile=true"]],
     "output_dir": [["output_dir={text_file}"]],
     "resume": [
         ["resume={root}/missing.ckpt"],

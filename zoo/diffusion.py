@@ -43,25 +43,28 @@ def mask_tokens(x: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, protected:
     return torch.where(masked, torch.full_like(x, mask_id), x), masked
 
 
-def denoiser_output(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, ModelOutput]:
+def denoiser_output(model: PreTrainedModel, z: torch.Tensor, t: torch.Tensor, mask_id: int,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelOutput]:
     """The denoiser's fp32 logits ``[B, T, V]`` for ``z [B, T]`` at times ``t [B]``, the mask token made impossible,
-    and its whole output (MoE router losses)."""
-    out = model(input_ids=z, timesteps=t)
+    and its whole output (MoE router losses). ``position_ids``: packed documents (each denoised apart)."""
+    out = model(input_ids=z, timesteps=t, **({} if position_ids is None else {"position_ids": position_ids}))
     logits = out.logits.float()
     logits[..., mask_id] = float("-inf")
     return logits, out
 
 
 def diffusion_nelbo(model: PreTrainedModel, x: torch.Tensor, schedule: NoiseSchedule, mask_id: int, t: torch.Tensor,
-                    protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ModelOutput]:
+                    protected: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelOutput]:
     """One-sample estimate of the NELBO per token (nats) of clean tokens ``x [B, T]`` at times ``t [B]``, and the
-    denoiser's output it came from (a training step adds its MoE router loss).
+    denoiser's output it came from (a training step adds its MoE router loss). ``position_ids``: packed documents,
+    each denoised as its own sequence (``data.packing: documents``).
 
     Only masked positions contribute, each with weight ``-alpha'_t / (1 - alpha_t)``; the sum is divided by the number
     of unprotected tokens, so it compares with a causal LM's mean cross-entropy on the same tokens.
     """
     z, masked = mask_tokens(x, schedule.alpha(t), mask_id, protected, generator)
-    logits, out = denoiser_output(model, z, t, mask_id)
+    logits, out = denoiser_output(model, z, t, mask_id, position_ids)
     nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)  # [B, T]
     weighted = schedule.loss_weight(t).float()[:, None] * torch.where(masked, nll, torch.zeros_like(nll))
     n_tokens = x.numel() if protected is None else int((~protected).sum())

@@ -201,7 +201,10 @@ class DiffusionLightningModule(ZooLightningModule):
             generator = torch.Generator(device=batch.device).manual_seed(self.recipe.seed * 100003 + batch_idx)
         x = batch[:, 1:]  # [B, T]: the tokens a causal model predicts from these windows
         t = sample_times(x.shape[0], self.diffusion.t_min, self.diffusion.antithetic, generator, x.device)
-        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator)
+        positions = None
+        if self.recipe.data.packing == "documents":  # each document of the window denoised apart
+            positions = document_positions(x, x, self.model.config.eos_token_id)[0]
+        return diffusion_nelbo(self.model, x, self.schedule, self.mask_id, t, generator=generator, position_ids=positions)
 
 
 class MetricsCSV(L.Callback):
