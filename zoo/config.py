@@ -359,7 +359,7 @@ class Recipe:
         if self.objective == "causal" and attention is not None and not attention.causal:
             raise ConfigError("model.attention.causal", "objective: causal needs causal attention (diffusion denoisers drop the mask themselves)")
         if self.trainer.compile and self.data.packing == "documents":
-            raise ConfigError("data.packing", "documents packing runs one call per document, which trainer.compile (torch.compile) cannot trace; set trainer.compile: false or data.packing: concat")
+            raise ConfigError("data.packing", "documents packing reads each window's document boundaries on the host (data-dependent shapes), which trainer.compile (torch.compile) cannot trace; set trainer.compile: false or data.packing: concat")
         if self.objective == "diffusion" and not self.model.bidirectional:
             raise ConfigError("model.bidirectional", "objective: diffusion trains a denoiser that sees the whole sequence; set model.bidirectional: true")
         if self.model.time_conditioning and self.objective != "diffusion":

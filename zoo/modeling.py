@@ -238,7 +238,7 @@ class ZooModel(ZooPreTrainedModel):
             if not bool(recent.all()):
                 spans = self._token_spans(attention_mask, inputs_embeds.shape[1], cache)
         if (position_ids is not None or cu_seq_lens is not None) and torch.compiler.is_compiling():
-            raise ValueError("position_ids / cu_seq_lens_q: packed documents run one call per document, which torch.compile "
+            raise ValueError("position_ids / cu_seq_lens_q: packed documents are split at boundaries read on the host, which torch.compile "
                              "cannot trace; run the model uncompiled (or drop them for plain 0..T-1 positions)")
         if position_ids is not None or cu_seq_lens is not None:
             B, T = inputs_embeds.shape[:2]
