@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from zoo.kernels.registry import TRITON_CALLS, KernelCall, _recording, shape_label
+from zoo.kernels.registry import TRITON_CALLS, KernelCall, recording, shape_label
 from zoo.kernels.triton_common import forced_segment, segment_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -103,7 +103,7 @@ def measure(call: KernelCall, dims: dict, T: int, batch: int = 1, dtype=torch.bf
     ``outputs``, ``grads`` and the op's own ``saved`` / ``peak`` buffers (module docstring)."""
     inputs = call.op.example(dims, batch, T, "meta", dtype)
     run, leaves = call.prepare(inputs)
-    with _recording(arch), Allocations(known=leaves) as allocations:
+    with recording(arch), Allocations(known=leaves) as allocations:
         out, final = run()
         mark = len(allocations.events)
         d_out = torch.empty_like(out)

@@ -286,7 +286,7 @@ class Launch(NamedTuple):
 
 
 @contextlib.contextmanager
-def _recording(arch: int):
+def recording(arch: int):
     """Every ``@triton.jit`` kernel of ``zoo.kernels`` replaced by a recorder, and torch.cuda answering as a GPU of
     capability ``arch`` (the launchers pick their tiles for it); yields the list the launches go to."""
     import importlib
@@ -341,7 +341,7 @@ def launches(call: KernelCall, dims: dict, T: int, batch: int = 1, dtype=torch.b
     """The Triton launches of ``call`` (forward, then backward) at these sizes on a GPU of capability ``arch``, from the
     launchers' own code run on ``meta`` tensors: nothing is compiled or computed (needs triton, not a GPU)."""
     inputs = call.op.example(dims, batch, 1 if call.step else T, "meta", dtype)
-    with _recording(arch) as recorded:
+    with recording(arch) as recorded:
         run_call(call, inputs, backward)
     return recorded
 

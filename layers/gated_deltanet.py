@@ -56,6 +56,17 @@ class DeltaRuleState(NamedTuple):
     conv: torch.Tensor  # [B, conv_dim, d_conv - 1]: the last inputs of the causal conv over (q, k, v)
     ssm: torch.Tensor  # [B, H_v, K, V]
 
+    @classmethod
+    def zeros(cls, batch_size: int, conv_dim: int, d_conv: int, heads: int, k: int, v: int, device, dtype) -> "DeltaRuleState":
+        """The state before any token; the recurrent state in fp32 or wider."""
+        conv = torch.zeros(batch_size, conv_dim, d_conv - 1, device=device, dtype=dtype)
+        return cls(conv, torch.zeros(batch_size, heads, k, v, device=device, dtype=torch.promote_types(dtype, torch.float32)))
+
+    @staticmethod
+    def size(conv_dim: int, d_conv: int, heads: int, k: int, v: int) -> int:
+        """Numbers per sequence."""
+        return conv_dim * (d_conv - 1) + heads * k * v
+
 
 class HeadGatedRMSNorm(nn.Module):
     """``RMSNorm(o) * act(gate)`` over each head's last dimension ``[..., dim]``, in fp32 (HF ``*RMSNormGated``: norm
@@ -125,14 +136,12 @@ class GatedDeltaNet(SequenceMixer):
 
     def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
         c = self.config
-        device, dtype = device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype
-        conv = torch.zeros(batch_size, self.conv_dim, c.d_conv - 1, device=device, dtype=dtype)
-        ssm_dtype = torch.promote_types(dtype, torch.float32)  # the recurrent state stays in fp32 or wider
-        return DeltaRuleState(conv, torch.zeros(batch_size, c.n_v_heads, c.head_k_dim, c.head_v_dim, device=device, dtype=ssm_dtype))
+        return DeltaRuleState.zeros(batch_size, self.conv_dim, c.d_conv, c.n_v_heads, c.head_k_dim, c.head_v_dim,
+                                    device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
 
     def state_size(self) -> int:
         c = self.config
-        return self.conv_dim * (c.d_conv - 1) + c.n_v_heads * c.head_k_dim * c.head_v_dim
+        return DeltaRuleState.size(self.conv_dim, c.d_conv, c.n_v_heads, c.head_k_dim, c.head_v_dim)
 
     packs_documents = True
 

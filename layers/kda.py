@@ -78,14 +78,12 @@ class KDA(SequenceMixer):
 
     def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
         c = self.config
-        device, dtype = device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype
-        conv = torch.zeros(batch_size, self.conv_dim, c.d_conv - 1, device=device, dtype=dtype)
-        ssm_dtype = torch.promote_types(dtype, torch.float32)  # the recurrent state stays in fp32 or wider
-        return DeltaRuleState(conv, torch.zeros(batch_size, c.n_heads, c.head_dim, c.head_dim, device=device, dtype=ssm_dtype))
+        return DeltaRuleState.zeros(batch_size, self.conv_dim, c.d_conv, c.n_heads, c.head_dim, c.head_dim,
+                                    device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
 
     def state_size(self) -> int:
         c = self.config
-        return self.conv_dim * (c.d_conv - 1) + c.n_heads * c.head_dim * c.head_dim
+        return DeltaRuleState.size(self.conv_dim, c.d_conv, c.n_heads, c.head_dim, c.head_dim)
 
     packs_documents = True
 

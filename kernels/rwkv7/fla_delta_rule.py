@@ -20,29 +20,28 @@ def _common_dtype(q, k, v, beta) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in (q, k, v, beta))
 
 
-def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
-    """Gated DeltaNet through ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``; fp32 ``(o, final_state)``."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-    check_fla_dtypes("gated_delta_rule", q, k, v, g, beta, initial_state)
+def _run_fla(op: str, fn, q, k, v, g, beta, initial_state, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's chunked rule ``fn`` on zoo's inputs: one dtype for q, k, v and beta, fp32 g and state, ``scale=1``;
+    fp32 ``(o, final_state)``."""
+    check_fla_dtypes(op, q, k, v, g, beta, initial_state)
     q, k, v, beta = _common_dtype(q, k, v, beta)
-    o, final = chunk_gated_delta_rule(
+    o, final = fn(
         q, k, v, g.float(), beta, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
         cu_seqlens=cu_seqlens,
     )
     return o.float(), final.float()
+
+
+def gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
+    """Gated DeltaNet through ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``; fp32 ``(o, final_state)``."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return _run_fla("gated_delta_rule", chunk_gated_delta_rule, q, k, v, g, beta, initial_state, cu_seqlens)
 
 
 def kda_fla(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
     """KDA through ``fla.ops.kda.chunk_kda``; fp32 ``(o, final_state)``."""
     from fla.ops.kda import chunk_kda
 
-    check_fla_dtypes("kda", q, k, v, g, beta, initial_state)
-    q, k, v, beta = _common_dtype(q, k, v, beta)
-    o, final = chunk_kda(
-        q, k, v, g.float(), beta, scale=1.0,
-        initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-        cu_seqlens=cu_seqlens,
-    )
-    return o.float(), final.float()
+    return _run_fla("kda", chunk_kda, q, k, v, g, beta, initial_state, cu_seqlens)
