@@ -414,7 +414,7 @@ def _flat_runner(segments: list[list[tuple[int, int]]], shape: torch.Size, devic
     the tokens of every row's ``(start, end)`` segments side by side (``[1, L, D]``), one layer call with their
     :class:`~zoo.layers.base.Documents`, the outputs put back in place and zeros elsewhere (padding). No state."""
     B, T, D = shape
-    index = torch.cat([torch.arange(b * T + s, b * T + e, device=device) for b, row in enumerate(segments) for s, e in row])  # [L]
+    index = torch.cat([torch.arange(b * T + s, b * T + e) for b, row in enumerate(segments) for s, e in row]).to(device)  # [L], one copy
     lengths = [e - s for row in segments for s, e in row]
     documents = Documents.from_bounds([0, *itertools.accumulate(lengths)], device)
 
