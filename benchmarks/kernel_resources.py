@@ -118,8 +118,9 @@ class FakeDriver:
         return 0
 
 
-def worker(target: str, dtypes: list[str], out: str) -> None:
-    """Compile every registry call for ``target`` in this process and write its rows to ``out`` (JSON)."""
+def worker(target: str, dtypes: list[str], out: str, ops: tuple[str, ...] = ()) -> None:
+    """Compile every registry call (those whose name starts with one of ``ops``, when given) for ``target`` in this
+    process and write its rows to ``out`` (JSON)."""
     assert "TRITON_INTERPRET" not in os.environ, "the interpreter cannot compile for a GPU"
     import warnings
 
@@ -139,7 +140,8 @@ def worker(target: str, dtypes: list[str], out: str) -> None:
     from zoo.kernels.registry import TRITON_CALLS, run_call, shape_label
 
     rows = []
-    for dtype, call in ((dtype, call) for dtype in dtypes for call in TRITON_CALLS):
+    calls = [call for call in TRITON_CALLS if not ops or call.name.startswith(tuple(ops))]
+    for dtype, call in ((dtype, call) for dtype in dtypes for call in calls):
         for dims in call.op.models:
             if hip and max(dims.get("K", 0), dims.get("P", 0)) > HIP_MAX_HEAD_DIM:
                 continue
@@ -160,8 +162,8 @@ def worker(target: str, dtypes: list[str], out: str) -> None:
 # ---------------------------------------------------------------- driver: workers in parallel, table, check
 
 
-def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None) -> list[dict]:
-    """Run one worker process per target, ``jobs`` at a time; return every launch row."""
+def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None, ops: tuple[str, ...] = ()) -> list[dict]:
+    """Run one worker process per target, ``jobs`` at a time; return every launch row (of the calls named ``ops*``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -169,7 +171,7 @@ def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None) -> l
 
     def run(target):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--worker", target, "--dtypes", *dtypes, "--json", f.name]
+            cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--worker", target, "--dtypes", *dtypes, "--json", f.name, *(("--ops", *ops) if ops else ())]
             proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"{target} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -286,23 +288,33 @@ def main(argv=None) -> int:
                         help="ROCm targets are checked (compile errors, LDS) but not written to the table")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--jobs", type=int, default=None, help="worker processes at a time (default: one per core)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernels-resources.md")
+    parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS / 'kernels-resources.md'} (without --ops)")
     parser.add_argument("--rows", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--ops", nargs="+", default=(), help="only the calls whose name (op/backend) starts with one of "
+                        "these, e.g. ssd retention/triton_chunk (the table is then written only with --out)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.dtypes, args.json)
+        worker(args.worker, args.dtypes, args.json, tuple(args.ops))
         return 0
     start = time.perf_counter()
-    rows = collect(args.targets, args.dtypes, args.jobs)
+    rows = collect(args.targets, args.dtypes, args.jobs, tuple(args.ops))
     seconds = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows))
+    if args.ops:  # a subset: one line per launch here, the table only where asked
+        for r in rows:
+            if "error" not in r:
+                tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+                print(f"{r['kernel']} {r['shape']} {r['dtype']} {r['target']} {tiles} warps={r['warps']}: "
+                      f"{r['regs']} regs, {r['stack']} B spill, {r['shared']} B smem")
+    out = args.out or (None if args.ops else RESULTS / "kernels-resources.md")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(markdown(rows))
     if args.rows:
         args.rows.write_text(json.dumps(rows, indent=1))
     bad = problems(rows)
-    print(f"{len(rows)} kernel launches compiled for {', '.join(args.targets)} in {seconds:.0f} s -> {args.out}")
+    print(f"{len(rows)} kernel launches compiled for {', '.join(args.targets)} in {seconds:.0f} s" + (f" -> {out}" if out else ""))
     for line in bad:
         print("FAIL", line)
     return 1 if bad else 0

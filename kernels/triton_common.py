@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -180,19 +181,25 @@ class Target(NamedTuple):
 
     arch: int  # 10 * major + minor of the CUDA capability (80, 86, 89, 90, ...); 0: none of them
     tf32: bool = True  # NVIDIA tensor cores: tl.dot takes input_precision "tf32x3" (every CUDA target, no AMD one)
+    tensor_cores: bool = True  # tl.dot takes bf16 / fp16 operands in their own dtype (every GPU; not the interpreter)
 
 
 # The safe tiles (those of the GPUs without a table of their own) and exact fp32 products: CPU tensors (the
-# interpreter, exact whatever the precision) and ROCm, whose capabilities (9.0 for MI250, 9.4 for MI300) are not
-# NVIDIA's and whose Triton front end refuses "tf32x3" (gfx942 takes "tf32" only, too coarse for fp32 states).
-DEFAULT_TARGET = Target(0, tf32=False)
+# interpreter, exact whatever the precision; its bf16 dots are wrong in Triton 3.9, so 16-bit inputs are multiplied
+# as fp32, the same products) and ROCm, whose capabilities (9.0 for MI250, 9.4 for MI300) are not NVIDIA's and whose
+# Triton front end refuses "tf32x3" (gfx942 takes "tf32" only, too coarse for fp32 states).
+DEFAULT_TARGET = Target(0, tf32=False, tensor_cores=False)
+ROCM_TARGET = Target(0, tf32=False)  # the default tiles, bf16 / fp16 operands on the matrix cores
 
 
 def launch_target(device: torch.device) -> Target:
     """The target of a launch on ``device`` (the current device: launches run under :func:`device_guard`): its CUDA
-    capability (what fla and mamba-ssm key their tiles on), or :data:`DEFAULT_TARGET` for CPU tensors and ROCm."""
-    if device.type == "cpu" or torch.version.hip:
+    capability (what fla and mamba-ssm key their tiles on), :data:`ROCM_TARGET` on ROCm, or :data:`DEFAULT_TARGET`
+    for CPU tensors."""
+    if device.type == "cpu":
         return DEFAULT_TARGET
+    if torch.version.hip:
+        return ROCM_TARGET
     major, minor = torch.cuda.get_device_capability(device)
     return Target(10 * major + minor)
 
@@ -269,8 +276,11 @@ def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_
 
 
 def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The widest input dtype: it sets the ``tl.dot`` precision (:func:`dot_precision`) and with it the tiles."""
-    return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+    """The input dtype the ``tl.dot`` precision (:func:`dot_precision`), the operand dtype (:func:`operand_dtype`)
+    and with them the tiles follow: fp32 when any tensor is fp32 or the 16-bit ones differ (bf16 with fp16), else
+    their one 16-bit dtype."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype, target: Target) -> str:
@@ -281,3 +291,14 @@ def dot_precision(dtype: torch.dtype, target: Target) -> str:
     (ROCm; the interpreter, whose products are exact anyway). Dots of bf16 / fp16 inputs alone take
     their operands in the input dtype, exact on tensor cores at any precision."""
     return "tf32x3" if dtype != torch.float32 and target.tf32 else "ieee"
+
+
+def operand_dtype(dtype: torch.dtype, target: Target):
+    """The ``tl`` dtype the kernels give the operands of the ``tl.dot`` products of bf16 / fp16 inputs alone (``q k^T``,
+    ``do v^T``, ``C B^T``: both operands loaded from 16-bit tensors, so casting them back is exact): the input dtype on
+    GPUs, half the registers of fp32 operands and one tensor-core product instead of tf32x3's three, with the same
+    exact products and fp32 accumulation; fp32 for fp32 inputs and in the interpreter (:data:`DEFAULT_TARGET`)."""
+    if target.tensor_cores and dtype in (torch.bfloat16, torch.float16):
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return tl.float32
+

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from triton._C.libtriton import ir  # noqa: E402
 from triton.runtime.interpreter import InterpreterBuilder, TensorHandle  # noqa: E402
 
-from triton_testing import assert_relative_error, run_with_grads  # noqa: E402
+from triton_testing import assert_relative_error, exact_float32, run_with_grads  # noqa: E402
 from zoo.kernels import triton_common  # noqa: E402
 from zoo.kernels.retention import retention  # noqa: E402
 from zoo.kernels.ssd import ssd_triton  # noqa: E402
@@ -54,7 +54,7 @@ def gpu_rounding(monkeypatch):
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.data.dtype != np.float32:  # 16-bit operands: exact products, as on tensor cores
-            return TensorHandle(np.matmul(a.data, b.data, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+            return TensorHandle(np.matmul(exact_float32(a), exact_float32(b), dtype=np.float32) + d.data, d.dtype.scalar)
         return TensorHandle(tensor_core_dot(a.data, b.data, input_precision) + d.data, d.dtype.scalar)
 
     monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)

@@ -6,12 +6,16 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from test_triton_retention import check_against_reference, make_inputs  # noqa: E402
 from zoo.kernels.retention import triton_retention  # noqa: E402
 from zoo.kernels.retention.triton_retention import ChunkTiles, chunk_tiles  # noqa: E402
 from zoo.kernels.selective_scan import triton_scan  # noqa: E402
 from zoo.kernels.ssd import triton_ssd  # noqa: E402
-from zoo.kernels.triton_common import DEFAULT_TARGET, Launch, RecurrentTiles, Target, launch_target, recurrent_tiles  # noqa: E402
+from zoo.kernels.triton_common import (  # noqa: E402
+    DEFAULT_TARGET, ROCM_TARGET, Launch, RecurrentTiles, Target, launch_target, operand_dtype, recurrent_tiles,
+)
 
 GPUS = {"A100": (8, 0), "RTX 3090": (8, 6), "RTX 4090": (8, 9), "H100": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0)}
 CUDA = torch.device("cuda", 0)
@@ -47,7 +51,8 @@ def test_rocm_gets_the_default_tiles(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2")
     monkeypatch.setattr(driver, "_active", _MI250Driver())
     target = fake_gpu(monkeypatch, "H100")
-    assert target == DEFAULT_TARGET._replace(tf32=False)
+    assert target == ROCM_TARGET == DEFAULT_TARGET._replace(tensor_cores=True)
+    assert operand_dtype(BF16, target) == tl.bfloat16 and operand_dtype(BF16, DEFAULT_TARGET) == tl.float32
     assert chunk_tiles(64, 128, 64, BF16, target) == ChunkTiles(16, 64, 16, Launch(4, 1))
 
 

@@ -4,11 +4,12 @@ import builtins
 import contextlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, TensorHandle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -55,6 +56,48 @@ def fla_on_cpu():
                 if getattr(module, "gather", None) is tl.gather:
                     mp.setattr(module, "gather", _gather)
         yield
+
+
+def exact_float32(handle: TensorHandle) -> np.ndarray:
+    """An interpreter tensor's values as fp32 (exact for bf16, stored by the interpreter as its uint16 bits, and fp16)."""
+    if handle.dtype.scalar == tl.bfloat16:
+        return (handle.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return handle.data.astype(np.float32)
+
+
+@contextlib.contextmanager
+def gpu_operands(target):
+    """Launchers choosing their ``tl.dot`` operands for ``target`` (:func:`zoo.kernels.triton_common.operand_dtype`)
+    while running in the interpreter, whose own bf16 dot multiplies the uint16 bit patterns (Triton 3.9): here a dot of
+    16-bit operands multiplies their exact fp32 values, as tensor cores do (fp32 accumulation). Yields a dict
+    ``kernel name -> set of dot operand dtypes`` it saw."""
+    from zoo.kernels import triton_common
+
+    seen: dict[str, set] = {}
+    running = []
+    create_dot = InterpreterBuilder.create_dot
+    run = InterpretedFunction.run
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        seen.setdefault(running[-1], set()).add(str(a.dtype.scalar))
+        if a.dtype.scalar in (tl.bfloat16, tl.float16):
+            product = np.matmul(exact_float32(a), exact_float32(b), dtype=np.float32)
+            return TensorHandle(product + d.data, d.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def run_named(self, *args, **kwargs):
+        running.append(self.fn.__name__)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpreterBuilder, "create_dot", dot)
+        mp.setattr(InterpretedFunction, "run", run_named)
+        for module in [m for m in list(sys.modules.values()) if getattr(m, "launch_target", None) is triton_common.launch_target]:
+            mp.setattr(module, "launch_target", lambda device: target)
+        yield seen
 
 
 def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
