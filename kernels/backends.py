@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 
@@ -44,20 +44,54 @@ class Backend:
         return getattr(importlib.import_module(module), name)
 
 
-def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> list[int]:
-    """``cu_seqlens`` of the packed documents of ``tokens [1, T, ...]``: a 1-D integer tensor ``0 < ... < T``
-    (every document at least one token). Returns it as a list."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) \
-            or len(cu_seqlens) < 2:
-        raise ValueError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of the documents' cumulative lengths "
-                         f"[0, ..., T], got {cu_seqlens!r}")
+class CuSeqlens(NamedTuple):
+    """Packed documents' boundaries ``0 = b_0 < ... < b_N = T`` both as Python ints (``bounds``: what a per-document
+    loop and a launcher read, no device sync) and as an int tensor on the tokens' device (``tensor``: what a varlen
+    kernel reads; fla's ``cu_seqlens`` beside its ``cu_seqlens_cpu``), or None until one is needed."""
+
+    bounds: tuple[int, ...]
+    tensor: torch.Tensor | None = None
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The boundaries as an int64 tensor on ``device`` (``tensor`` when it is there already)."""
+        if self.tensor is not None and self.tensor.device == device:
+            return self.tensor
+        return torch.tensor(self.bounds, dtype=torch.int64, device=device)
+
+    def host(self) -> torch.Tensor:
+        """The boundaries as a CPU int64 tensor, built from ``bounds`` (fla's ``cu_seqlens_cpu``)."""
+        return torch.tensor(self.bounds, dtype=torch.int64)
+
+
+def fla_varlen(cu_seqlens: CuSeqlens | None, device: torch.device) -> dict:
+    """fla's keyword arguments for packed documents: ``cu_seqlens`` on ``device`` and ``cu_seqlens_cpu`` built from
+    the host boundaries, so fla does not read the device tensor back (none without documents)."""
+    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.on(device), "cu_seqlens_cpu": cu_seqlens.host()}
+
+
+def check_cu_seqlens(op: str, cu_seqlens, tokens: torch.Tensor) -> CuSeqlens:
+    """``cu_seqlens`` of the packed documents of ``tokens [1, T, ...]``: the cumulative lengths ``0 < ... < T`` (every
+    document at least one token) as a 1-D int32/int64 tensor (read to the host here: one device sync), a sequence of
+    ints or a :class:`CuSeqlens` (no sync). Returns them as a :class:`CuSeqlens`."""
+    if isinstance(cu_seqlens, CuSeqlens):
+        bounds, tensor = cu_seqlens
+    elif isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 2:
+            raise ValueError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of the documents' cumulative lengths "
+                             f"[0, ..., T], got {cu_seqlens!r}")
+        bounds, tensor = cu_seqlens.tolist(), cu_seqlens
+    elif isinstance(cu_seqlens, (list, tuple)) and all(isinstance(b, int) and not isinstance(b, bool) for b in cu_seqlens):
+        bounds, tensor = cu_seqlens, None
+    else:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor, a sequence of ints or a CuSeqlens of the "
+                         f"documents' cumulative lengths [0, ..., T], got {cu_seqlens!r}")
     if tokens.shape[0] != 1:
         raise ValueError(f"{op}: packed documents (cu_seqlens) take a batch of one [1, T, ...], got batch {tokens.shape[0]}")
-    bounds = cu_seqlens.tolist()
     T = tokens.shape[1]
-    if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T = {T} (no empty document), got {bounds}")
-    return bounds
+    bounds = tuple(bounds)
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T = {T} (no empty document), got {list(bounds)}")
+    return CuSeqlens(bounds, tensor)
 
 
 class BackendTable:
@@ -128,27 +162,28 @@ class BackendTable:
 
         return __getattr__
 
-    def one_document(self, args: tuple, cu_seqlens: torch.Tensor | None) -> tuple:
-        """``args`` as the op's shape checks expect them: as given without ``cu_seqlens``; with it (checked here, and
-        the initial state's first dimension against the number of documents) the initial state cut to the first
-        document's ``[1, ...]``."""
+    def one_document(self, args: tuple, cu_seqlens) -> tuple[tuple, CuSeqlens | None]:
+        """``(args, cu_seqlens)`` for the op's shape checks and its call: ``args`` as given and None without
+        ``cu_seqlens``; with it, the boundaries read once (:func:`check_cu_seqlens`), the initial state's first
+        dimension checked against the number of documents and cut to the first document's ``[1, ...]``."""
         if cu_seqlens is None:
-            return args
-        n_docs = len(check_cu_seqlens(self.op, cu_seqlens, args[0])) - 1
+            return args, None
+        cu = check_cu_seqlens(self.op, cu_seqlens, args[0])
+        n_docs = len(cu.bounds) - 1
         i = self.layout.index("s")
         state = args[i]
         if state is None:
-            return args
+            return args, cu
         if state.dim() == 0 or state.shape[0] != n_docs:
             raise ValueError(f"{self.op}: initial_state must hold one state per document ([N = {n_docs}, ...] for "
                              f"{n_docs} documents in cu_seqlens), got {list(state.shape)}")
-        return (*args[:i], state[:1], *args[i + 1:])
+        return (*args[:i], state[:1], *args[i + 1:]), cu
 
-    def per_document(self, fn: Callable[..., Any], args: tuple, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_document(self, fn: Callable[..., Any], args: tuple, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``fn`` once per document of ``cu_seqlens`` (its tokens, its initial state); returns the outputs
         concatenated over time ``[1, T, ...]`` and the final states stacked ``[N, ...]``. (Left-padded batches of
         the documents were measured slower on CPU: ``benchmarks/packing.py``, issue 28's note.)"""
-        bounds = check_cu_seqlens(self.op, cu_seqlens, args[0])
+        bounds = check_cu_seqlens(self.op, cu_seqlens, args[0]).bounds
         outs, finals = [], []
         for i, (s0, s1) in enumerate(zip(bounds, bounds[1:])):
             doc = [x[:, s0:s1] if kind == "t" and x is not None else x[i:i + 1] if kind == "s" and x is not None else x
@@ -158,13 +193,15 @@ class BackendTable:
             finals.append(final)
         return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
 
-    def __call__(self, name: str, *args: Any, cu_seqlens: torch.Tensor | None = None) -> Any:
-        """Run the op with backend ``name`` (packed documents: ``cu_seqlens``, see the module docstring)."""
+    def __call__(self, name: str, *args: Any, cu_seqlens=None) -> Any:
+        """Run the op with backend ``name`` (packed documents: ``cu_seqlens``, see :func:`check_cu_seqlens`; a varlen
+        backend gets them as a :class:`CuSeqlens`)."""
         if name not in self.choices():
             raise ValueError(f"{self.op}: unknown backend '{name}'; choose one of {', '.join(self.choices())}")
         backend = self.backends[self.resolve(name, f"{self.op}()")]
         if cu_seqlens is None:
             return backend.load()(*args)
+        cu = check_cu_seqlens(self.op, cu_seqlens, args[0])
         if backend.varlen:
-            return backend.load()(*args, cu_seqlens=cu_seqlens)
-        return self.per_document(backend.load(), args, cu_seqlens)
+            return backend.load()(*args, cu_seqlens=cu)
+        return self.per_document(backend.load(), args, cu)

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from zoo.kernels.backends import CuSeqlens
+
 logger = logging.getLogger("zoo")
 
 
@@ -22,7 +24,7 @@ class Documents(NamedTuple):
     @classmethod
     def from_bounds(cls, bounds: list[int] | tuple[int, ...], device: torch.device | str) -> "Documents":
         cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=device)
-        starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff())  # [T]: each token's document start
+        starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff(), output_size=bounds[-1])  # [T]: document starts (no sync)
         return cls(tuple(bounds), cu_seqlens, torch.arange(bounds[-1], device=device) - starts)
 
     def spans(self) -> list[tuple[int, int]]:
@@ -33,6 +35,12 @@ class Documents(NamedTuple):
     def last_start(self) -> int:
         """Where the last document begins (a packed call's returned state is that document's)."""
         return self.bounds[-2]
+
+
+def op_seqlens(documents: Documents | None) -> CuSeqlens | None:
+    """The ops' ``cu_seqlens`` of ``documents``: host bounds beside the device tensor, so no op reads the tensor back
+    (one device sync per op call otherwise)."""
+    return None if documents is None else CuSeqlens(documents.bounds, documents.cu_seqlens)
 
 
 class SequenceMixer(nn.Module, abc.ABC):

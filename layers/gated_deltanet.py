@@ -24,7 +24,7 @@ from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS as BACKENDS
 from zoo.kernels.rwkv7.delta_rule import gated_delta_rule
 from zoo.typed import bounded, checked
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -159,7 +159,7 @@ class GatedDeltaNet(SequenceMixer):
         g = -at_least_fp32(self.A_log).exp() * F.softplus(at_least_fp32(self.a_proj(x)) + self.dt_bias)  # log alpha
         o, ssm = gated_delta_rule(
             q, k, v.reshape(B, T, c.n_v_heads, c.head_v_dim), g, beta, state.ssm if documents is None else None,
-            chunk_size=c.chunk_size, backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            chunk_size=c.chunk_size, backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # o: [B, T, H_v, V]; ssm: [B, H_v, K, V], or [N, H_v, K, V] for N documents
         ssm = ssm if documents is None else ssm[-1:]  # the last document's
         y = self.norm(o, self.z_proj(x).view(B, T, c.n_v_heads, c.head_v_dim))

@@ -23,7 +23,7 @@ from zoo.kernels.rwkv7.delta_rule import kda_rule
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .gated_deltanet import DeltaRuleState, HeadGatedRMSNorm, conv_qkv, init_decay, l2norm
 from .ops import at_least_fp32
 from .registry import MIXERS
@@ -100,7 +100,7 @@ class KDA(SequenceMixer):
         decay = F.softplus(at_least_fp32(self.f_b_proj(self.f_a_proj(x))) + self.dt_bias).view(heads)
         g = -at_least_fp32(self.A_log).exp()[:, None] * decay  # log alpha: [B, T, H, K]
         o, ssm = kda_rule(q, k, v.reshape(heads), g, beta, state.ssm if documents is None else None, chunk_size=c.chunk_size,
-                          backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens)
+                          backend=self.backend, cu_seqlens=op_seqlens(documents))
         ssm = ssm if documents is None else ssm[-1:]  # the last document's
         y = self.norm(o, self.g_b_proj(self.g_a_proj(x)).view(heads))
         return self.out_proj(y.reshape(B, T, self.dim)), DeltaRuleState(conv_state, ssm.to(state.ssm.dtype))

@@ -13,7 +13,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.selective_scan import BACKENDS, selective_scan
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -105,6 +105,6 @@ class Mamba(SequenceMixer):
         y, ssm = selective_scan(
             u, delta, A, B, C, self.D, z=z, delta_softplus=True,
             initial_state=None if fresh else state.ssm,
-            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # ssm: [B, Di, N], or [N_docs, Di, N]
         return self.out_proj(y), MambaState(conv_state, ssm if documents is None else ssm[-1:])

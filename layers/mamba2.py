@@ -12,7 +12,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .ops import at_least_fp32, causal_conv, init_causal_conv, inverse_softplus_dt
 from .registry import MIXERS
 
@@ -139,7 +139,7 @@ class Mamba2(SequenceMixer):
             dt_limit=(self.config.dt_limit_min, limit_max),
             initial_state=state.ssm if documents is None else None,
             chunk_size=self.config.chunk_size,
-            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # ssm: [B, H, P, N], or [N_docs, H, P, N]
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm if documents is None else ssm[-1:])

@@ -28,7 +28,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.retention import BACKENDS, retention
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .registry import MIXERS
 
 
@@ -150,7 +150,7 @@ class RetNet(SequenceMixer):
         k = (k * cos + self.rotate(k) * sin) * K**-0.5
         o, kv = retention(
             q, k, v, self.log_decay(x.device, dtype), None if state is None else state.kv, "chunk", self.config.chunk_size,
-            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # kv: [B, H, K, V], or [N, H, K, V] for N documents
         length = T if documents is None else T - documents.last_start  # of the sequence the state ends
         kv = kv if documents is None else kv[-1:]  # the last document's

@@ -17,7 +17,7 @@ from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 from zoo.kernels.rwkv6 import BACKENDS, rwkv6
 
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .ops import WKVState, token_shift
 from .registry import MIXERS
 
@@ -117,7 +117,7 @@ class RWKV6(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv6(
             r, k, v, w_log, self.time_faaaa, wkv0, chunk_size=self.config.chunk_size,
-            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # o: [B, T, H, K]; wkv: [B, H, K, K], or [N, H, K, K] for N documents
         wkv = wkv if documents is None else wkv[-1:]  # the last document's
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)

@@ -42,7 +42,7 @@ from zoo.typed import bounded, checked
 from zoo.kernels.rwkv7 import BACKENDS, rwkv7
 
 from .registry import MIXERS
-from .base import Documents, SequenceMixer
+from .base import Documents, SequenceMixer, op_seqlens
 from .ops import WKVState, token_shift
 
 
@@ -175,7 +175,7 @@ class RWKV7(SequenceMixer):
         wkv0 = None if state is None else state.wkv
         o, wkv = rwkv7(
             r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size,
-            backend=self.backend, cu_seqlens=None if documents is None else documents.cu_seqlens,
+            backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # wkv: [B, H, K, K], or [N, H, K, K] for N documents
         wkv = wkv if documents is None else wkv[-1:]  # the last document's
         o = self.ln_x(o.reshape(B * T, D).to(x.dtype)).view(B, T, D)

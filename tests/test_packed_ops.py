@@ -163,3 +163,58 @@ def test_every_table_layout_matches_its_functions_signature():
         for name, kind in zip(names, table.layout):
             if kind == "t":
                 assert example[name].shape[:2] == (1, sum(LENGTHS)), (op, name)
+
+
+class NoReadBack:
+    """Any tensor read back to the host (``tolist``, ``item``, ``bool``, ``int``) fails inside this context."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def refuse(self, *args, **kwargs):
+            raise AssertionError("a tensor was read back to the host (a device sync on a GPU)")
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("op,backend", [(op, b) for op, (_, table, _, _) in CASES.items() for b in _runnable(table)
+                                        if b in ("torch", "fla")])  # the Triton backends share torch's per-document loop
+def test_host_bounds_give_the_same_call_without_reading_the_tensor(op, backend, shims):
+    """``cu_seqlens`` as a tensor (read once), as ints or as a ``CuSeqlens`` (host bounds beside the tensor, what the
+    blocks pass): the same outputs and states; with host bounds no tensor is read back during the per-document
+    calls (fla gets ``cu_seqlens_cpu`` built from them)."""
+    from zoo.kernels.backends import CuSeqlens
+
+    bounds = (0, *torch.tensor(LENGTHS).cumsum(0).tolist())
+    args = _example(op)
+    if (op, backend) == ("retention", "fla"):
+        args["log_decay"] = args["log_decay"].detach()
+    with torch.no_grad():
+        expected = _run(op, backend, args, None, torch.tensor(bounds))
+        for cu in (list(bounds), CuSeqlens(bounds, torch.tensor(bounds))):
+            if backend == "torch":
+                with NoReadBack():
+                    got = _run(op, backend, args, None, cu)
+            else:
+                got = _run(op, backend, args, None, cu)
+            for a, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+def test_one_document_reads_the_tensor_once(monkeypatch):
+    """A tensor ``cu_seqlens`` is read to the host once per op call (shape checks and the per-document loop share it)."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    bounds = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    cu = torch.tensor(bounds)
+    reads.clear()
+    _run("rwkv6", "torch", _example("rwkv6"), None, cu)
+    assert reads == [cu.shape]

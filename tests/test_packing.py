@@ -9,6 +9,7 @@ from transformers import DataCollatorWithFlattening
 
 from test_blocks import make_block
 from test_generate import IDS, MODELS, VOCAB, tiny
+from test_packed_ops import NoReadBack
 from zoo.cache import ZooCache
 from zoo.layers.base import Documents, SequenceMixer, map_state
 from zoo.layers.registry import MIXERS
@@ -56,12 +57,14 @@ def _flat(state) -> list[torch.Tensor]:
 def test_a_blocks_packed_call_equals_its_documents_run_alone(name, monkeypatch):
     """One call over the packed row (never the per-document fallback): each document's outputs, and the last
     document's state, as if it ran alone (fp64). Documents of 5, 1 and 7 tokens: one shorter than the conv, boundaries
-    inside every chunk."""
+    inside every chunk. The call reads no tensor back to the host (the boundaries go to the ops as host ints)."""
     block = make_block(name)
     monkeypatch.setattr(SequenceMixer, "_each_document", lambda *a: pytest.fail(f"{name} fell back to one call per document"))
     x = torch.randn(1, 13, block.d_model, dtype=torch.float64)
     shared = {} if block.shared_tensor is None else {block.shared_tensor: torch.randn_like(x)}
-    packed, state = block(x, None, dict(shared), Documents.from_bounds([0, 5, 6, 13], x.device))
+    documents = Documents.from_bounds([0, 5, 6, 13], x.device)
+    with NoReadBack():
+        packed, state = block(x, None, dict(shared), documents)
     alone = []
     for start, end in ((0, 5), (5, 6), (6, 13)):
         y, last = block(x[:, start:end], None, {k: t[:, start:end] for k, t in shared.items()})
@@ -69,6 +72,24 @@ def test_a_blocks_packed_call_equals_its_documents_run_alone(name, monkeypatch):
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-10, rtol=1e-10)
     for got, want in zip(_flat(state), _flat(last), strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device syncs exist only there)")
+@pytest.mark.parametrize("name", MIXERS.names())
+def test_a_blocks_packed_call_makes_no_device_sync_on_gpu(name):
+    """On CUDA, torch's sync debug mode turns every device-to-host synchronisation into an error: a block's packed
+    forward with the documents built beforehand makes none (the CPU test above checks the explicit reads)."""
+    block = make_block(name).float().cuda()
+    x = torch.randn(1, 300, block.d_model, device="cuda")
+    shared = {} if block.shared_tensor is None else {block.shared_tensor: torch.randn_like(x)}
+    documents = Documents.from_bounds([0, 100, 101, 300], x.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block(x, None, shared, documents)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("blocks, ffn", MODELS, ids=IDS)

@@ -43,7 +43,7 @@ def retention(
     ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`).
     """
     args = (q, k, v, log_decay, initial_state, form, chunk_size)
-    one = BACKENDS.one_document(args, cu_seqlens)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)
     check_retention_inputs("retention", *one[:5], chunk_size)
     if form not in FORMS:
         raise ValueError(f"retention: unknown form '{form}'; choose one of {', '.join(FORMS)}")

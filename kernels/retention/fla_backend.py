@@ -10,6 +10,7 @@ by :func:`retention`. fla is imported on first use.
 """
 from __future__ import annotations
 
+from zoo.kernels.backends import fla_varlen
 from zoo.kernels.rwkv6.fla_backend import check_fla_dtypes
 
 
@@ -23,6 +24,6 @@ def retention_fla(q, k, v, log_decay, initial_state, form: str, chunk_size: int,
     o, final = chunk_simple_gla(
         q, k, v, g_gamma=log_decay.float(), scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-        cu_seqlens=cu_seqlens,
+        **fla_varlen(cu_seqlens, q.device),
     )
     return o.float(), final.float()

@@ -32,7 +32,8 @@ def rwkv6(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, backend: 
     ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`).
     """
     args = (r, k, v, w_log, u, initial_state, chunk_size)
-    check_rwkv6_inputs("rwkv6", *BACKENDS.one_document(args, cu_seqlens))
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)
+    check_rwkv6_inputs("rwkv6", *one)
     return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 

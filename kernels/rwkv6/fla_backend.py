@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.backends import fla_varlen
+
 
 def rwkv6_fla(r, k, v, w_log, u, initial_state, chunk_size, cu_seqlens=None):
     """:func:`zoo.kernels.rwkv6.rwkv6` through ``fla.ops.rwkv6.chunk_rwkv6``; returns fp32 ``(o, final_state)``."""
@@ -18,7 +20,7 @@ def rwkv6_fla(r, k, v, w_log, u, initial_state, chunk_size, cu_seqlens=None):
     o, final = chunk_rwkv6(
         r, k, v, w_log, u, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-        cu_seqlens=cu_seqlens,
+        **fla_varlen(cu_seqlens, r.device),
     )
     return o.float(), final.float()
 

@@ -31,7 +31,8 @@ def rwkv7(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, backen
     documents: ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`).
     """
     args = (r, w_log, k, v, a, b, initial_state, chunk_size)
-    check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, BACKENDS.one_document(args, cu_seqlens)[6], chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)
+    check_head_inputs("rwkv7", rwkv7_keys(r, w_log, k, a, b), v, one[6], chunk_size)
     return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 

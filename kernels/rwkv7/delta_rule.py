@@ -85,7 +85,8 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16,
     fp64 inputs). Launch grids: those of :func:`rwkv7`'s backend, or fla's. Packed documents: ``cu_seqlens [n_docs + 1]``
     over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`)."""
     args = (q, k, v, g, beta, initial_state, chunk_size)
-    _check("gated_delta_rule", *GATED_DELTA_BACKENDS.one_document(args, cu_seqlens)[:6], q.shape[:3])
+    one, cu_seqlens = GATED_DELTA_BACKENDS.one_document(args, cu_seqlens)
+    _check("gated_delta_rule", *one[:6], q.shape[:3])
     return GATED_DELTA_BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
 
@@ -96,5 +97,6 @@ def kda_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, backend
     ``[B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` as :func:`gated_delta_rule`;
     packed documents (``cu_seqlens``) as there."""
     args = (q, k, v, g, beta, initial_state, chunk_size)
-    _check("kda", *KDA_BACKENDS.one_document(args, cu_seqlens)[:6], q.shape)
+    one, cu_seqlens = KDA_BACKENDS.one_document(args, cu_seqlens)
+    _check("kda", *one[:6], q.shape)
     return KDA_BACKENDS(backend, *args, cu_seqlens=cu_seqlens)

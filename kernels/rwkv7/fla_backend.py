@@ -10,6 +10,7 @@ choose its chunk length. fla is imported on first use.
 """
 from __future__ import annotations
 
+from zoo.kernels.backends import fla_varlen
 from zoo.kernels.rwkv6.fla_backend import check_fla_dtypes
 
 
@@ -21,6 +22,6 @@ def rwkv7_fla(r, w_log, k, v, a, b, initial_state, chunk_size, cu_seqlens=None):
     o, final = chunk_rwkv7(
         r, w_log, k, v, a, b, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-        cu_seqlens=cu_seqlens,
+        **fla_varlen(cu_seqlens, r.device),
     )
     return o.float(), final.float()

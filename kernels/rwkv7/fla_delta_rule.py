@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.backends import fla_varlen
 from zoo.kernels.rwkv6.fla_backend import check_fla_dtypes
 
 
@@ -28,7 +29,7 @@ def _run_fla(op: str, fn, q, k, v, g, beta, initial_state, cu_seqlens) -> tuple[
     o, final = fn(
         q, k, v, g.float(), beta, scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-        cu_seqlens=cu_seqlens,
+        **fla_varlen(cu_seqlens, q.device),
     )
     return o.float(), final.float()
 

@@ -38,7 +38,7 @@ def selective_scan(
     ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, D, N]`` (:mod:`zoo.kernels.backends`).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
-    one = BACKENDS.one_document(args, cu_seqlens)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)
     check_scan_shapes("selective_scan", *one[:8], one[9])
     return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 

@@ -37,7 +37,7 @@ def ssd_scan(
     documents: ``cu_seqlens [n_docs + 1]`` over ``B = 1``, states ``[n_docs, H, P, N]`` (:mod:`zoo.kernels.backends`).
     """
     args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
-    one = BACKENDS.one_document(args, cu_seqlens)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)
     check_ssd_shapes("ssd_scan", *one[:7], one[9], chunk_size)
     return BACKENDS(backend, *args, cu_seqlens=cu_seqlens)
 
