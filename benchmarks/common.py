@@ -203,8 +203,9 @@ class MemorySampler:
 def peer_models(d_model: int, n_layers: int, vocab_size: int, ssm_layers: int | None = None
                 ) -> tuple[dict[str, Callable[[], torch.nn.Module]], dict[str, str]]:
     """Constructors of the peers zoo is measured against, ``"<source> <model_type>"`` (zoo.convert converts every
-    type): Hugging Face Llama (SDPA; zoo's SwiGLU width), Mixtral, Mamba, Mamba-2 (``ssm_layers``, default twice the
-    layers, no FFN) and, when fla imports, fla RetNet / RWKV-6 / RWKV-7; and the reason each missing peer is skipped."""
+    type): Hugging Face Llama (SDPA; zoo's SwiGLU width), Mixtral, Qwen3-Next (three Gated DeltaNet layers to one gated
+    attention, partial RoPE, 8 experts top-2 with a gated shared expert), Mamba, Mamba-2 (``ssm_layers``, default twice
+    the layers, no FFN) and, when fla imports, fla RetNet / RWKV-6 / RWKV-7; and the reason each missing peer is skipped."""
     import transformers as hf
 
     from zoo.layers import SwiGLUConfig
@@ -218,6 +219,12 @@ def peer_models(d_model: int, n_layers: int, vocab_size: int, ssm_layers: int | 
             **attention, intermediate_size=SwiGLUConfig().resolved_hidden_size(d), attn_implementation="sdpa")),
         "hf mixtral": lambda: hf.MixtralForCausalLM(hf.MixtralConfig(
             **attention, intermediate_size=2 * d, num_local_experts=8, num_experts_per_tok=2)),
+        "hf qwen3_next": lambda: hf.Qwen3NextForCausalLM(hf.Qwen3NextConfig(
+            vocab_size=v, hidden_size=d, num_hidden_layers=n, intermediate_size=SwiGLUConfig().resolved_hidden_size(d),
+            layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(n)],
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
+            linear_num_key_heads=heads, linear_num_value_heads=2 * heads, linear_key_head_dim=64, linear_value_head_dim=64,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=d, shared_expert_intermediate_size=d)),
         "hf mamba": lambda: hf.MambaForCausalLM(hf.MambaConfig(**ssm, state_size=16)),
         "hf mamba2": lambda: hf.Mamba2ForCausalLM(hf.Mamba2Config(
             **ssm, state_size=64, num_heads=ssd_heads, head_dim=2 * d // ssd_heads, n_groups=1, chunk_size=64)),

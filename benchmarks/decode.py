@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--prompts", type=int, default=3, help="code prompts (with --prompt-lookup)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and mode (with --prompt-lookup or --vs-hf)")
     parser.add_argument("--vs-hf", action="store_true", help="zoo vs the Hugging Face model it was converted from (CPU)")
-    parser.add_argument("--models", default="llama,mixtral,mamba,mamba2", help="model_types compared with --vs-hf")
+    parser.add_argument("--models", default="llama,mixtral,qwen3_next,mamba,mamba2", help="model_types compared with --vs-hf")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if (args.vs_hf or args.prompt_lookup) and len(args.prompt) != 1:

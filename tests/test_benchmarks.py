@@ -153,7 +153,7 @@ def test_decode_benchmark_vs_hf_compares_every_peer_on_the_same_weights(tmp_path
     assert decode_main(argv) == 0
     (json_path,) = tmp_path.glob("decode-vs-hf-*.json")
     report = json.loads(json_path.read_text())
-    assert list(report["models"]) == ["llama", "mixtral", "mamba", "mamba2"] and {"llama", "mamba2"} <= set(hf_peers())
+    assert list(report["models"]) == ["llama", "mixtral", "qwen3_next", "mamba", "mamba2"] and {"llama", "mamba2"} <= set(hf_peers())
     assert len(report["meta"]["load_average"]) == 6
     for name, entry in report["models"].items():
         for batch in (1, 2):
