@@ -25,7 +25,7 @@ from zoo.ablate import train_one, with_block
 from zoo.config import ModelConfig
 from zoo.recipe_loader import load_recipe
 
-VARIANTS = ["attention+conv3", "attention", "conv", "mamba2", "rwkv7", "retnet", "mamba", "rwkv6", "lstm"]
+VARIANTS = ["attention+conv3", "attention", "conv", "mamba2", "rwkv7", "retnet", "mamba", "rwkv6", "lstm", "gated_deltanet", "kda"]
 
 
 def parse_variant(text: str) -> tuple[str, int]:

@@ -221,3 +221,13 @@ def test_packing_benchmark_smoke_writes_its_report(tmp_path):
     assert saved["results"] == report["results"] and (tmp_path / "packing.md").read_text() == packing_markdown(report)
     with pytest.raises(SystemExit):
         packing_main(["--smoke", "--blocks", "nope"])
+
+
+def test_torch_forms_benchmark_times_both_forms_on_the_same_model(tmp_path):
+    from benchmarks.torch_forms import main as forms_main, markdown
+
+    report = forms_main(["--smoke", "--repeats", "1", "--recipes", "gated_deltanet_small", "--out", str(tmp_path / "forms")])
+    row = report["results"]["gated_deltanet_small"]
+    assert row["recurrent_tokens_per_s"] > 0 and row["chunked_tokens_per_s"] > 0
+    assert row["loss_difference"] < 1e-4  # the two forms compute the same model
+    assert (tmp_path / "forms.md").read_text() == markdown(report)
