@@ -184,20 +184,6 @@ def collect(targets=tuple(TARGETS), dtypes=DTYPES, jobs: int | None = None, ops:
 # Launches that still spill registers, and why; the notes under the table. tests/test_triton_aot.py fails on any other.
 KNOWN_SPILLS = (
     # (kernel name prefix, pattern (re.search) in the shape, targets, dtypes, why)
-    ("_retention_chunk_bwd", "K=128", ("sm_80", "sm_86", "sm_89"), ("bfloat16",),
-     "head dim 128 with bf16 inputs on sm_80 / 86 / 89: the operands of the ten tf32 `mma.sync` products of the "
-     "backward spill even at the smallest tiles (BT = BV = 16, 4 or 8 warps); fp32 inputs (FMA products) and sm_90 "
-     "(wgmma) do not."),
-    ("_ssd_chunk_bwd", "N=", tuple(TARGETS), ("bfloat16",),
-     "tf32x3 products (the fp32 accuracy the dots of fp32 intermediates need with bf16 / fp16 inputs, issue 26 "
-     "finding 7) split each fp32 operand into a tf32 high and low part, three tensor-core products where tf32 took "
-     "one: more live registers than these tiles were tuned for (with tf32 they did not spill). Not yet re-tuned."),
-    *((prefix, shape, tuple(TARGETS), dtypes, "tf32x3 operands, as `_ssd_chunk_bwd`" + extra)
-      for prefix, shape, dtypes, extra in (
-          ("_retention_chunk_", r"K=(64|128) ", ("bfloat16",), ""),
-          ("_rwkv6_cp_grad", "K=V=128", ("bfloat16",), ""),
-          ("_retention_cp_grad", r"K=(64|128) ", DTYPES, "; and the Hopper fix's transposed products hold one more "
-           "`[BT, BT]` tile (8 B in fp32 at K = 128 on sm_86 / 89)."))),
     ("_", r"K=(V=)?256", tuple(TARGETS), DTYPES,
      "head dim 256 (MAX_HEAD_DIM, RetNet-paper heads): `[BT, 256]` operand and `[256, BV]` state tiles at the "
      "smallest dot tiles (BT = 16, BV = 16 / 32) hold more than a thread's 255 registers in the chunked kernels; every "

@@ -71,7 +71,8 @@ def _chunk_pass_kernel(
 class ChunkParallelTiles(NamedTuple):
     """Launch parameters of the chunk-parallel kernels: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` /
     ``[BK, BV]`` tiles (``grad_launch``: the gradient kernel's options); the state passes carry ``BLOCK`` state
-    entries per program, ``G`` chunks per step."""
+    entries per program, ``G`` chunks per step; ``KG``: the width of the channel slices a gradient kernel walks
+    (RWKV-6's; 0 where unused)."""
 
     BT: int
     BK: int
@@ -81,6 +82,7 @@ class ChunkParallelTiles(NamedTuple):
     launch: Launch
     grad_launch: Launch
     pass_launch: Launch
+    KG: int = 0
 
 
 def chunk_pass(states: torch.Tensor, gl: torch.Tensor, edge: torch.Tensor | None, reverse: bool, tiles: ChunkParallelTiles) -> None:

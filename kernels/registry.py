@@ -149,6 +149,10 @@ def ssd_chunks(d, t):
     return (cdiv(d["T"], t["L"]), d["B"] * d["H"], cdiv(d["P"], t["BLOCK_P"]))
 
 
+def ssd_chunk_heads(d, t):
+    return (cdiv(d["T"], t["L"]), d["B"] * d["H"])
+
+
 def ssd_state_passing(d, t):
     return (cdiv(d["P"] * d["N"], t["BLOCK"]), d["B"] * d["H"])
 
@@ -223,7 +227,7 @@ CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["selective_scan"], "triton_recurrent", _kernels(
         ("_selective_scan_step_kernel", selective_scan_grid, False)), step=True),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(
-        *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunks))),
+        *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunk_heads))),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),
     KernelCall(OPS["rwkv6"], "triton_recurrent", _recurrent("_rwkv6")),
     KernelCall(OPS["rwkv7"], "triton_recurrent", _recurrent("_rwkv7")),

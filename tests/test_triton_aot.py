@@ -45,9 +45,9 @@ def test_no_spills_but_the_known_ones(rows):
     head_dim_64 = [r for r in rows if r["target"] == "sm_90" and r["dims"].get("K", r["dims"].get("P")) == 64]
     at_64 = [(c, d) for c in TRITON_CALLS for d in c.op.models if d.get("K", d.get("P")) == 64]
     assert len(head_dim_64) == sum(len(c.launches) for c, _ in at_64) * 2  # every launch, 2 dtypes
-    # bf16 inputs: the tf32x3 spills listed in KNOWN_SPILLS (issue 26 finding 7), not yet re-tuned
-    assert all(r["stack"] == 0 for r in head_dim_64 if r["dtype"] == "float32")
-    assert all(r["stack"] == 0 for r in rows if r["op"].startswith("selective_scan") or (r["op"].startswith("ssd") and r["dtype"] == "float32"))
+    # the only spills left are at head dim 256 (KNOWN_SPILLS): none at 64 or 128, bf16 or fp32, on any target
+    assert [r for r in rows if r["stack"] > 0 and r["dims"].get("K", r["dims"].get("P")) != 256] == []
+    assert all(r["stack"] == 0 for r in head_dim_64)
 
 
 def test_head_dim_256_fits_every_target(rows):

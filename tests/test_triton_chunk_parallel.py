@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from test_triton_retention import make_inputs as retention_inputs  # noqa: E402
 from test_triton_rwkv import rwkv6_inputs, rwkv7_inputs  # noqa: E402
-from triton_testing import assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
+from triton_testing import assert_relative_error, gpu_operands, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels import retention, rwkv6, rwkv7  # noqa: E402
 from zoo.kernels.retention import triton_chunk_parallel as retention_cp  # noqa: E402
 from zoo.kernels.rwkv6 import triton_chunk_parallel as rwkv6_cp  # noqa: E402
@@ -94,9 +94,9 @@ def test_half_precision_matches_naive(op, dtype):
 
 
 def test_retention_h100_tiles_match_the_reference(monkeypatch):
-    """The H100 tiles of bf16 inputs (BT = 64, which the interpreter's own tiles never use) run in the interpreter:
-    T = 70 is a full chunk and a 6-token one."""
-    monkeypatch.setattr(retention_cp, "launch_target", lambda device: Target(90))
+    """The H100 tiles of bf16 inputs (BT = 32, BV = 16, which the interpreter's own tiles never use) and its bf16
+    operands of the products of inputs alone (emulated exactly) run in the interpreter: T = 70 is two full chunks and
+    a 6-token one."""
     used = []
 
     def spy(*args):
@@ -104,8 +104,10 @@ def test_retention_h100_tiles_match_the_reference(monkeypatch):
         return used[-1]
 
     monkeypatch.setattr(retention_cp, "chunk_parallel_tiles", spy)
-    check("retention", retention_inputs(T=70, V=40), torch.bfloat16, 64)
-    assert [t.BT for t in used] == [64, 64]  # forward and backward
+    with gpu_operands(Target(90)) as seen:
+        check("retention", retention_inputs(T=70, V=40), torch.bfloat16, 64)
+    assert [t[:3:2] for t in used] == [(32, 16), (32, 16)]  # forward and backward
+    assert "bf16" in seen["_retention_cp_output_kernel"] and "bf16" in seen["_retention_cp_grad_kernel"]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -148,11 +150,11 @@ def test_backend_name_runs_these_kernels(op):
 
 
 def test_retention_tiles():
-    """BT follows chunk_size up to the spill-free maximum of the target (64 only for bf16 / fp16 on sm_90 at K <= 64),
-    BV <= 32, BLOCK = 64."""
+    """BT follows chunk_size up to the spill-free maximum of the target (32 at K <= 64 for fp32 inputs, and for bf16 /
+    fp16 ones on sm_90 with BV = 16), BV <= 32, BLOCK = 64."""
     tiles = OPS["retention"].tiles
     t = tiles(64, 64, 64, torch.bfloat16, Target(90))
-    assert t[:4] == (64, 64, 32, 64) and t.launch == t.grad_launch == Launch(8, 1) and t.pass_launch == Launch(2, 1)
+    assert t[:4] == (32, 64, 16, 64) and t.launch == t.grad_launch == Launch(8, 1) and t.pass_launch == Launch(2, 1)
     assert tiles(64, 64, 64, torch.float16, Target(90)) == t
     assert tiles(64, 128, 64, torch.float32, Target(90))[:3] == (32, 64, 32)
     assert tiles(64, 128, 64, torch.bfloat16, Target(80))[:3] == (16, 64, 32)

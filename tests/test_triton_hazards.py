@@ -229,13 +229,18 @@ def test_a_chunk_kernel_compiles_for_gfx90a_with_bf16_inputs():
 # ---------------------------------------------------------------- Hopper: no transposed wgmma accumulator into a dot
 
 # The two backward kernels with the pattern fla reports miscompiled by Triton 3.4 <= v < 3.7.1 on sm_90 (a tl.trans
-# of a dot result fed to another dot), compiled for sm_90 with bf16 inputs at BT = L = 64, the tiles sm_90 gets.
+# of a dot result fed to another dot), compiled for sm_90 with bf16 inputs at chunk length 64 and the tiles, operand
+# dtype and precision their launchers choose for sm_90 (retention's BT = 32 there is not wgmma, so also BT = 64).
 _COMPILE_SM90 = textwrap.dedent("""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from zoo.kernels.retention.triton_chunk_parallel import _retention_cp_grad_kernel
-    from zoo.kernels.ssd.triton_ssd import _ssd_chunk_bwd_kernel
+    from zoo.kernels.retention.triton_chunk_parallel import _retention_cp_grad_kernel, chunk_parallel_tiles
+    from zoo.kernels.ssd.triton_ssd import _ssd_chunk_bwd_kernel, tiles
+    from zoo.kernels.triton_common import Target, dot_precision, operand_dtype
+
+    sm90 = Target(90)
 
     def ttgir(fn, bf16, ints, constexprs, warps):
         sig = {name: "i32" if name in ints else "constexpr" if name in constexprs else "*bf16" if name in bf16
@@ -244,11 +249,16 @@ _COMPILE_SM90 = textwrap.dedent("""
                                   options=dict(num_warps=warps, num_stages=1))
         return compiled.asm["ttgir"]
 
-    print(ttgir(_retention_cp_grad_kernel, {"q", "k", "v"}, {"T", "NT", "B"},
-                dict(H=12, K=64, V=64, BT=64, BK=64, BV=32, PRECISION="tf32x3"), 8))
-    print("=" * 20)
-    print(ttgir(_ssd_chunk_bwd_kernel, {"x_ptr", "dt_ptr", "B_ptr", "C_ptr"}, {"T", "H", "G", "P", "n_chunks"},
-                dict(N=64, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, L=64, BLOCK_P=32, BLOCK_N=16, PRECISION="tf32x3"), 8))
+    cp = chunk_parallel_tiles(64, 64, 64, torch.bfloat16, sm90)
+    for bt, bv in ((cp.BT, cp.BV), (64, 32)):  # the launcher's tiles (mma.sync at BT = 32); BT = 64 makes them wgmma
+        print(ttgir(_retention_cp_grad_kernel, {"q", "k", "v", "do"}, {"T", "NT", "B"},
+                    dict(H=12, K=64, V=64, BT=bt, BK=cp.BK, BV=bv, PRECISION=dot_precision(torch.bfloat16, sm90),
+                         OPERAND=operand_dtype(torch.bfloat16, sm90)), cp.grad_launch.num_warps))
+        print("=" * 20)
+    t = tiles(64, 64, 64, torch.bfloat16, sm90)
+    print(ttgir(_ssd_chunk_bwd_kernel, {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr"}, {"T", "H", "G", "P", "n_chunks"},
+                dict(N=64, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, L=t.L, BLOCK_P=t.BWD_BLOCK_P,
+                     BLOCK_N=t.BWD_BLOCK_N, PRECISION=t.PRECISION, OPERAND=t.OPERAND), t.bwd_launch.num_warps))
 """)
 
 
@@ -263,7 +273,9 @@ def test_no_transposed_wgmma_accumulator_feeds_a_dot_on_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    for ttgir in out.stdout.split("=" * 20):
+    launcher_tiles, *wgmma = out.stdout.split("=" * 20)
+    assert "tt.dot " in launcher_tiles and transposed_accumulators(launcher_tiles) == []
+    for ttgir in wgmma:
         assert "ttng.warp_group_dot" in ttgir  # the dots are wgmma, where the miscompile is
         assert transposed_accumulators(ttgir) == []
 

@@ -24,6 +24,9 @@ from zoo.kernels.triton_common import ROCM_TARGET  # noqa: E402
 
 # The kernels with a dot of 16-bit inputs alone; every other kernel's dots take fp32 operands.
 SIXTEEN_BIT_DOTS = {
+    "_retention_chunk_fwd_kernel", "_retention_chunk_bwd_kernel",
+    "_retention_cp_output_kernel", "_retention_cp_grad_kernel",
+    "_ssd_chunk_scan_kernel", "_ssd_chunk_bwd_kernel",
 }
 T = 21  # odd: a partial last chunk
 

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from test_triton_retention import check_against_reference, make_inputs  # noqa: E402
+from triton_testing import gpu_operands  # noqa: E402
 from zoo.kernels.retention import triton_retention  # noqa: E402
 from zoo.kernels.retention.triton_retention import ChunkTiles, chunk_tiles  # noqa: E402
 from zoo.kernels.selective_scan import triton_scan  # noqa: E402
@@ -57,15 +58,14 @@ def test_rocm_gets_the_default_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("name, dtype, K, V, expected", [
-    # H100: wgmma keeps the largest spill-free tiles
-    ("H100", BF16, 64, 128, ChunkTiles(32, 64, 64, Launch(8, 1))),
-    ("H100", FP32, 64, 128, ChunkTiles(32, 64, 32, Launch(8, 1))),
-    ("H100", BF16, 128, 256, ChunkTiles(16, 128, 32, Launch(8, 1))),
+    # the largest spill-free tiles, the same on every GPU
+    ("H100", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
+    ("H100", FP32, 64, 128, ChunkTiles(16, 64, 32, Launch(8, 1))),
+    ("H100", BF16, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
     ("H100", FP32, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
-    # sm_80 / 86 / 89: tf32 mma.sync products (bf16 inputs) need the smallest tiles
     ("A100", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
     ("RTX 3090", BF16, 64, 128, ChunkTiles(16, 64, 16, Launch(4, 1))),
-    ("RTX 4090", FP32, 64, 128, ChunkTiles(32, 64, 32, Launch(8, 1))),
+    ("RTX 4090", FP32, 64, 128, ChunkTiles(16, 64, 32, Launch(8, 1))),
     ("A100", BF16, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
     ("RTX 4090", FP32, 128, 256, ChunkTiles(16, 128, 16, Launch(8, 1))),
     # targets zoo is not compiled for get the safe (sm_80 / 86 / 89) tiles
@@ -79,8 +79,8 @@ def test_chunked_retention_tiles_per_gpu(monkeypatch, name, dtype, K, V, expecte
 def test_chunked_retention_tiles_follow_chunk_size_and_small_heads(monkeypatch):
     h100 = fake_gpu(monkeypatch, "H100")
     assert chunk_tiles(64, 128, 16, BF16, h100).BT == 16  # a smaller chunk_size is kept
-    assert chunk_tiles(64, 128, 200, BF16, h100).BT == 32  # a larger one is capped
-    assert chunk_tiles(8, 8, 64, FP32, h100)[:3] == (32, 16, 16)  # tl.dot's minimum of 16
+    assert chunk_tiles(64, 128, 200, BF16, h100).BT == 16  # a larger one is capped
+    assert chunk_tiles(8, 8, 64, FP32, h100)[:3] == (16, 16, 16)  # tl.dot's minimum of 16
     assert chunk_tiles(64, 128, 64, torch.float16, h100) == chunk_tiles(64, 128, 64, BF16, h100)
 
 
@@ -93,26 +93,28 @@ def test_other_kernels_pick_the_same_tiles_on_every_gpu(monkeypatch, name):
         assert triton_scan.tiles(1536, 16, dtype, target) == triton_scan.Tiles(2, 16, Launch(1, 3))
         assert triton_scan.tiles(1536, 64, dtype, target) == triton_scan.Tiles(1, 64, Launch(2, 3))
     passing = (64, Launch(1, 3))
-    for dtype in (BF16, torch.float16):  # tf32x3 products (fp32 intermediates)
-        assert triton_ssd.tiles(64, 128, 64, dtype, target) == triton_ssd.Tiles(64, 32, 16, "tf32x3", Launch(8, 1), Launch(8, 1), *passing)
+    # SSD: the same forward tiles everywhere; the backward's (channel, d_state) blocks larger on sm_90 for 16-bit inputs
+    ssd_bwd = (32, 32) if name == "H100" else (16, 32)
+    for dtype, operand in ((BF16, tl.bfloat16), (torch.float16, tl.float16)):  # tf32x3 products of fp32 intermediates
+        assert triton_ssd.tiles(64, 128, 64, dtype, target) == triton_ssd.Tiles(
+            64, 32, 16, "tf32x3", operand, Launch(8, 1), *ssd_bwd, Launch(8, 1), *passing)
         assert triton_ssd.tiles(128, 64, 256, dtype, target)[:4] == (64, 32, 16, "tf32x3")
         assert triton_ssd.tiles(24, 12, 8, dtype, target)[:3] == (16, 32, 16)
     # fp32: exact products, smaller tiles
-    assert triton_ssd.tiles(64, 128, 64, FP32, target) == triton_ssd.Tiles(64, 16, 16, "ieee", Launch(4, 1), Launch(8, 1), *passing)
+    assert triton_ssd.tiles(64, 128, 64, FP32, target) == triton_ssd.Tiles(
+        64, 16, 16, "ieee", tl.float32, Launch(4, 1), 16, 32, Launch(8, 1), *passing)
     assert triton_ssd.tiles(64, 64, 32, FP32, target)[:4] == (32, 16, 16, "ieee")
 
 
 @pytest.mark.parametrize("dtype, K, expected", [
-    (torch.bfloat16, 24, (32, 32, 64)),  # the interpreter's own: 16, 32, 16
-    (torch.float16, 24, (32, 32, 64)),
-    (torch.bfloat16, 72, (16, 128, 32)),  # the interpreter's own: 16, 128, 16
+    (torch.bfloat16, 24, (16, 32, 16)),
+    (torch.float16, 24, (16, 32, 16)),
+    (torch.bfloat16, 72, (16, 128, 16)),  # K > 64: the products contracting K run in halves
 ])
 def test_h100_chunked_retention_tiles_match_the_reference(monkeypatch, dtype, K, expected):
-    """The interpreter runs the H100 tiles of half-precision inputs, which differ from its own: outputs, final state
-    and every gradient still match the recurrent reference; V = 72 spans two or three V blocks, T = 70 ends inside a
-    chunk. (fp32 inputs get the same tiles on H100 as in the interpreter.)"""
-    h100 = Target(90)
-    monkeypatch.setattr(triton_retention, "launch_target", lambda device: h100)
+    """The interpreter runs what an H100 runs with half-precision inputs, its tiles (the interpreter's own) and the
+    16-bit operands of the products of inputs alone (emulated exactly): outputs, final state and every gradient
+    still match the recurrent reference; V = 72 spans several V blocks, T = 70 ends inside a chunk."""
     used = []
 
     def spy(*args):
@@ -120,6 +122,8 @@ def test_h100_chunked_retention_tiles_match_the_reference(monkeypatch, dtype, K,
         return used[-1]
 
     monkeypatch.setattr(triton_retention, "chunk_tiles", spy)
-    check_against_reference(make_inputs(T=70, K=K, V=72), dtype, "chunk", 64)
+    with gpu_operands(Target(90)) as seen:
+        check_against_reference(make_inputs(T=70, K=K, V=72), dtype, "chunk", 64)
     assert len(used) == 2 and all(t[:3] == expected for t in used)  # forward and backward
-    assert chunk_tiles(K, 72, 64, dtype, DEFAULT_TARGET)[:3] != expected
+    half = "bf16" if dtype == torch.bfloat16 else "fp16"
+    assert half in seen["_retention_chunk_fwd_kernel"] and half in seen["_retention_chunk_bwd_kernel"]

@@ -21,10 +21,12 @@ state's), then per chunk, with ``dA = dO_c V_c^T * D``::
     d log gamma = sum_c [ n_c <dS_{c+1}, S_{c+1}> + sum_i (i + 1)(q_i . dq_i - k_i . dk_i) ]
 
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
-launches have ``NT * cdiv(V, BV) * B * H = 256 * 2 * 16 = 8192`` programs (bf16 on an H100: BT = 64, BV = 32; smaller
-BT elsewhere, so more); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64). Every product is a ``tl.dot`` with fp32 accumulation
-(``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA: :func:`~zoo.kernels.triton_common.dot_precision`);
-every decay is ``exp`` of a non-positive number.
+launches have ``NT * cdiv(V, BV) * B * H = 512 * 4 * 16 = 32768`` programs (bf16 on an H100: BT = 32, BV = 16;
+BT = 16, BV = 32 elsewhere, as many); the state passes have ``cdiv(64 * 64, 64) * 16 = 1024`` programs (BLOCK = 64).
+Every product is a ``tl.dot`` with fp32 accumulation: those of bf16 / fp16 inputs alone (``Q K^T``, ``dO V^T``) take
+their operands in the input dtype on GPUs (:func:`~zoo.kernels.triton_common.operand_dtype`), every other one fp32
+operands (``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA:
+:func:`~zoo.kernels.triton_common.dot_precision`); every decay is ``exp`` of a non-positive number.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ import triton.language as tl
 
 from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.retention import check_retention_inputs
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
+from zoo.kernels.triton_common import (
+    Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
+)
 
 
 @triton.jit
@@ -71,7 +75,7 @@ def _retention_cp_output_kernel(
     q, k, v, g, states, o,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """``O_c = (Q_c K_c^T * D) V_c + (Q_c * xi) S_c`` with ``S_c`` from slot c of ``states``. q, k: [B, T, H, K];
     v, o: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes the chunk's columns
@@ -95,7 +99,7 @@ def _retention_cp_output_kernel(
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
     b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # the exponent is masked before exp
     b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
-    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D  # [BT, BT]
+    b_A = tl.dot(b_q.to(OPERAND), tl.trans(b_k.to(OPERAND)), input_precision=PRECISION) * b_D  # [BT, BT]
     b_o = tl.dot(b_A, b_v, input_precision=PRECISION)
     b_o += tl.dot(b_q * b_xi[:, None], b_s, input_precision=PRECISION)
     tl.store(o + p_tv, b_o, mask=m_t[:, None] & m_v[None, :])
@@ -134,7 +138,7 @@ def _retention_cp_grad_kernel(
     dq, dk, dv, dg,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """dQ_c, dK_c, dV_c and chunk c's share of ``d log gamma`` from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
     (``dstates``). dq, dk: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; dg:
@@ -160,53 +164,58 @@ def _retention_cp_grad_kernel(
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
     p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
-    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
-    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
-    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # [BT(i), BT(j)]
-    b_Dt = tl.where(diff <= 0, tl.exp(tl.where(diff <= 0, -diff, 0.0) * b_g), 0.0)  # its transpose, [BT(j), BT(i)]
-    b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
     b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
-    # dA^T and A^T are products of their own, not tl.trans of a dot result: a transposed wgmma accumulator fed to
-    # another dot is what Triton 3.4 <= v < 3.7.1 miscompiles on Hopper (fla-org/flash-linear-attention#640)
-    b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
-    b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
-    b_dq += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * b_xi[:, None]
-    b_dAt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
-    b_dk = tl.dot(b_dAt, b_q, input_precision=PRECISION)
-    b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_zeta[:, None]
-    b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
+    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
+    p_part = i_v * B * T * H * K
+    # one gradient after the other, each stored once computed: fewer tiles live at a time. dA^T and A^T are products of
+    # their own, not tl.trans of a dot result: a transposed wgmma accumulator fed to another dot is what
+    # Triton 3.4 <= v < 3.7.1 miscompiles on Hopper (fla-org/flash-linear-attention#640)
+    b_Dt = tl.where(diff <= 0, tl.exp(tl.where(diff <= 0, -diff, 0.0) * b_g), 0.0)  # D transposed, [BT(j), BT(i)]
+    b_At = tl.dot(b_k.to(OPERAND), tl.trans(b_q.to(OPERAND)), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
     b_dv = tl.dot(b_At, b_do, input_precision=PRECISION)
     b_dv += tl.dot(b_k * b_zeta[:, None], b_ds_end, input_precision=PRECISION)
-    p_part = i_v * B * T * H * K
-    tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
-    tl.store(dk + p_part + p_tk, b_dk, mask=m_tk)
     tl.store(dv + p_tv, b_dv, mask=m_tv)
-    b_dg = tl.sum(tl.sum(b_q * b_dq - b_k * b_dk, axis=1) * (o_t + 1).to(tl.float32), axis=0)
+    b_dAt = tl.dot(b_v.to(OPERAND), tl.trans(b_do.to(OPERAND)), input_precision=PRECISION) * b_Dt  # [BT(j), BT(i)]
+    b_dk = tl.dot(b_dAt, b_q, input_precision=PRECISION)
+    b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_zeta[:, None]
+    tl.store(dk + p_part + p_tk, b_dk, mask=m_tk)
+    b_dg = -tl.sum(tl.sum(b_k * b_dk, axis=1) * (o_t + 1).to(tl.float32), axis=0)
+    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
     b_dg += n.to(tl.float32) * tl.sum(tl.sum(b_ds_end * b_s_end, axis=1), axis=0)
+    b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # [BT(i), BT(j)]
+    b_dA = tl.dot(b_do.to(OPERAND), tl.trans(b_v.to(OPERAND)), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
+    b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
+    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
+    b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
+    b_dq += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * b_xi[:, None]
+    tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
+    b_dg += tl.sum(tl.sum(b_q * b_dq, axis=1) * (o_t + 1).to(tl.float32), axis=0)
     tl.store(dg + (i_v * B * H + i_bh) * NT + i_t, b_dg)
 
 
-# The largest chunk BT whose backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
-# (sm_90, fp32 inputs, K <= 64): fp32 products are FMA ones (more registers); on sm_80 / 86 / 89 the tf32 mma.sync
-# operands of the bf16 / fp16 backward spill at BT = 64 as well.
-CP_MAX_BT = {
-    (True, False, True): 64, (True, True, True): 32, (True, False, False): 16, (True, True, False): 16,
-    (False, False, True): 16, (False, True, True): 32, (False, False, False): 16, (False, True, False): 16,
+# The largest (BT, BV) whose kernels compile without register spills (benchmarks/kernel_resources.py, K = 64 / 128),
+# keyed by (sm_90, fp32 inputs, K <= 64); BV is 16 at K = 256 whatever the key.
+CP_TILES = {
+    (True, False, True): (32, 16), (True, True, True): (32, 32), (True, False, False): (16, 32),
+    (True, True, False): (16, 32), (False, False, True): (16, 32), (False, True, True): (32, 32),
+    (False, False, False): (16, 32), (False, True, False): (16, 32),
 }
 
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
-    """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_MAX_BT`] (64 only on sm_90 with bf16 /
-    fp16 inputs at K <= 64); BK holds all of K; BV: at most 32, 16 at K = 256 (at 32 the fp32 gradient kernel
-    needs 103,424 B of shared memory, over sm_86 / 89's 101,376); ``tl.dot`` needs every dimension >= 16; 8 warps, no
-    software pipelining. BLOCK = 64 state entries per pass program (B = 1, H = 16, K = V = 64: 1024 programs), G = 16
-    chunks per pass step, 2 warps. Every target but sm_90 (and the interpreter) gets the sm_80 / 86 / 89 rows."""
+    """BT: ``chunk_size`` as a power of two in [16, largest BT of :data:`CP_TILES`]; BK holds all of K; BV: at most
+    the key's, 16 at K = 256 (at 32 the bf16 gradient kernel spills 536 B / thread instead of 208-216); ``tl.dot``
+    needs every dimension >= 16; 8 warps, no software pipelining. The gradient kernel spills first (B / thread): with
+    bf16 inputs at K = 64, BT = 32 with BV = 32 spills 8 / 24 / 24 / 48 on sm_80 / 86 / 89 / 90 and BT = 64 (BV = 32)
+    384 on sm_90, BT = 32 with BV = 16 none there (254 registers); at K = 128 BT = 32 spills 424-448 (bf16) and
+    32 / 0 / 0 / 104 (fp32); fp32 at K = 64 BT = 64 spills 296-344. BLOCK = 64 state entries per pass program (B = 1,
+    H = 16, K = V = 64: 1024 programs), G = 16 chunks per pass step, 2 warps. Every target but sm_90 (and the
+    interpreter) gets the sm_80 / 86 / 89 rows."""
     BK = max(triton.next_power_of_2(K), 16)
-    max_bt = CP_MAX_BT[target.arch == 90, dtype == torch.float32, BK <= 64]
+    max_bt, max_bv = CP_TILES[target.arch == 90, dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
-    BV = max(min(triton.next_power_of_2(V), 32 if BK <= 128 else 16), 16)
+    BV = max(min(triton.next_power_of_2(V), max_bv if BK <= 128 else 16), 16)
     launch = Launch(num_warps=8, num_stages=1)
     return ChunkParallelTiles(BT, BK, BV, 64, 16, launch, launch, Launch(num_warps=2, num_stages=1))
 
@@ -220,8 +229,8 @@ def chunk_log_decays(log_decay, B: int, T: int, K: int, BT: int) -> torch.Tensor
 
 
 def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
-    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states)``, ``states
-    [B * H, NT + 1, K, V]`` holding ``S_0 .. S_NT``."""
+    """Launch the three forward kernels on contiguous inputs. Returns ``(o, final_state, states)``: ``o`` in v's dtype
+    (so the backward gets ``do`` in it too); fp32 ``states [B * H, NT + 1, K, V]`` holding ``S_0 .. S_NT``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
@@ -233,13 +242,16 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     o = torch.empty(B, T, H, V, **f32)
     _retention_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, log_decay, states, T, NT, **dims)
     chunk_pass(states, chunk_log_decays(log_decay, B, T, K, tiles.BT), initial_state, False, tiles)
-    _retention_cp_output_kernel[(NT, NV, B * H)](q, k, v, log_decay, states, o, T, NT, **dims)
+    _retention_cp_output_kernel[(NT, NV, B * H)](
+        q, k, v, log_decay, states, o, T, NT, OPERAND=operand_dtype(dtype, target), **dims,
+    )
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
-    return o, final, states
+    return o.to(v.dtype), final, states
 
 
 def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
-    """Launch the three backward kernels. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    """Launch the three backward kernels: the forward's tiles and precision (of q, k, v); 16-bit ``tl.dot`` operands
+    only when ``do`` has their dtype too. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
@@ -254,7 +266,8 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
     _retention_cp_dstate_kernel[(NT, NV, B * H)](q, do, log_decay, dstates, T, NT, **dims)
     chunk_pass(dstates, chunk_log_decays(log_decay, B, T, K, tiles.BT), ds_final, True, tiles)
     _retention_cp_grad_kernel[(NT, NV, B * H)](
-        q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B, **dims,
+        q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B,
+        OPERAND=operand_dtype(dot_dtype(q, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()},
     )
     ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
     d_log_decay = dg.view(NV, B, H, NT).sum((0, 1, 3))  # [NV, B * H, NT] -> [H]
@@ -267,10 +280,9 @@ RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bw
 
 def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
     """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the chunk-parallel
-    kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 64] (at most 32 at
-    K > 64): :func:`chunk_parallel_tiles`."""
+    kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 32] (16 for some dtypes,
+    head dims and GPUs): :func:`chunk_parallel_tiles`."""
     K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
     check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K,
                       batch_heads=q.shape[0] * q.shape[2])
-    o, final = RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
-    return o.to(v.dtype), final
+    return RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)

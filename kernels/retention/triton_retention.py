@@ -14,7 +14,10 @@ Chunked (Eq. (7)), ``form="chunk"``: the same program walks chunks of ``BT`` tok
 ``S = gamma^n S_prev + (K * zeta)^T V``. Its backward pass is one reverse sweep over chunks carrying ``dS``; the
 gradient of ``log gamma`` uses, per chunk of n steps, ``n <dS_end, S_end> + sum_s (s + 1)(q_s . dq_s - k_s . dk_s)``.
 
-Everything accumulates in fp32; K-sized gradients are per-V-block partial sums added up in PyTorch.
+Everything accumulates in fp32; K-sized gradients are per-V-block partial sums added up in PyTorch. The products of
+bf16 / fp16 inputs alone (``Q K^T``, ``dO V^T``) take their operands in the input dtype on GPUs
+(:func:`~zoo.kernels.triton_common.operand_dtype`), every other one fp32 operands at
+:func:`~zoo.kernels.triton_common.dot_precision`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.retention import FORMS, check_retention_inputs
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, recurrent_bwd, recurrent_fwd, scan_function
+from zoo.kernels.triton_common import (
+    Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, recurrent_bwd,
+    recurrent_fwd, scan_function,
+)
 
 
 @triton.jit
@@ -131,7 +137,7 @@ def _retention_chunk_fwd_kernel(
     q, k, v, g, s0, o, ckpt, s_final,
     T, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_S0: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the ``cdiv(T, BT)`` chunks with state
     columns ``[i_v * BV, (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
@@ -166,9 +172,13 @@ def _retention_chunk_fwd_kernel(
         tl.store(p_ckpt + c * BK * BV, b_s)
         b_in = tl.exp((o_t + 1).to(tl.float32) * b_g)  # decay from the chunk start through position i
         b_out = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)  # from position j to the chunk end
-        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D
+        b_A = tl.dot(b_q.to(OPERAND), tl.trans(b_k.to(OPERAND)), input_precision=PRECISION) * b_D
         b_o = tl.dot(b_A, b_v, input_precision=PRECISION)
-        b_o += tl.dot(b_q * b_in[:, None], b_s, input_precision=PRECISION)
+        if BK > 64:  # the contraction over K in halves, a batched product: half the operand registers per warp
+            b_qi = tl.permute(tl.reshape(b_q * b_in[:, None], [BT, 2, BK // 2]), [1, 0, 2])
+            b_o += tl.sum(tl.dot(b_qi, tl.reshape(b_s, [2, BK // 2, BV]), input_precision=PRECISION), axis=0)
+        else:
+            b_o += tl.dot(b_q * b_in[:, None], b_s, input_precision=PRECISION)
         tl.store(o + p_tv, b_o, mask=m_t[:, None] & m_v[None, :])
         b_s = b_s * tl.exp(n.to(tl.float32) * b_g) + tl.dot(tl.trans(b_k * b_out[:, None]), b_v, input_precision=PRECISION)
     tl.store(s_final + p_state, b_s, mask=m_kv)
@@ -180,7 +190,7 @@ def _retention_chunk_bwd_kernel(
     dq, dk, dv, dg, ds0,
     T, NC, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DS_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks the chunks in reverse."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -219,21 +229,26 @@ def _retention_chunk_bwd_kernel(
         b_in = tl.exp((o_t + 1).to(tl.float32) * b_g)
         b_out = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
         b_chunk_decay = tl.exp(n.to(tl.float32) * b_g)
-        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
-        b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * b_D
-        b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
-        b_dq += tl.dot(b_do * b_in[:, None], tl.trans(b_s), input_precision=PRECISION)
-        b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
-        b_dk += tl.dot(b_v * b_out[:, None], tl.trans(b_ds), input_precision=PRECISION)
-        b_dv = tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
-        b_dv += tl.dot(b_k * b_out[:, None], b_ds, input_precision=PRECISION)
-        tl.store(dq + p_part + p_tk, b_dq, mask=m_tk)
-        tl.store(dk + p_part + p_tk, b_dk, mask=m_tk)
-        tl.store(dv + p_tv, b_dv, mask=m_tv)
+        b_A = tl.dot(b_q.to(OPERAND), tl.trans(b_k.to(OPERAND)), input_precision=PRECISION) * b_D  # [BT(i), BT(j)]
+        b_dA = tl.dot(b_do.to(OPERAND), tl.trans(b_v.to(OPERAND)), input_precision=PRECISION) * b_D
+        # dq and dk transposed, [BK, BT]: the M dimension of the products is then BK, split over the warps
+        b_dq = tl.dot(tl.trans(b_k), tl.trans(b_dA), input_precision=PRECISION)
+        b_dq += tl.dot(b_s, tl.trans(b_do * b_in[:, None]), input_precision=PRECISION)
+        tl.store(dq + p_part + tl.trans(p_tk), b_dq, mask=tl.trans(m_tk))
+        b_dk = tl.dot(tl.trans(b_q), b_dA, input_precision=PRECISION)
+        b_dk += tl.dot(b_ds, tl.trans(b_v * b_out[:, None]), input_precision=PRECISION)
+        tl.store(dk + p_part + tl.trans(p_tk), b_dk, mask=tl.trans(m_tk))
+        if BK > 64:  # the contraction over K in halves, a batched product: half the operand registers per warp
+            b_ko = tl.permute(tl.reshape(b_k * b_out[:, None], [BT, 2, BK // 2]), [1, 0, 2])
+            b_dv_state = tl.sum(tl.dot(b_ko, tl.reshape(b_ds, [2, BK // 2, BV]), input_precision=PRECISION), axis=0)
+        else:
+            b_dv_state = tl.dot(b_k * b_out[:, None], b_ds, input_precision=PRECISION)  # [BT, BV]
+        tl.store(dv + p_tv, tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION) + b_dv_state, mask=m_tv)
+        # <dS_end, S_end> = gamma^n <dS_end, S> + <(K * zeta) dS_end, V>: S_end without a product of its own
+        b_dot_end = b_chunk_decay * tl.sum(tl.sum(b_ds * b_s, axis=1), axis=0) + tl.sum(tl.sum(b_dv_state * b_v, axis=1), axis=0)
         # d log gamma over the chunk's steps: n <dS_end, S_end> + sum_s (s + 1)(q_s . dq_s - k_s . dk_s)
-        b_s_end = b_s * b_chunk_decay + tl.dot(tl.trans(b_k * b_out[:, None]), b_v, input_precision=PRECISION)
-        b_dg += (o_t + 1).to(tl.float32) * tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
-        b_dg += tl.where(o_t == 0, n.to(tl.float32) * tl.sum(tl.sum(b_ds * b_s_end, axis=1), axis=0), 0.0)
+        b_dg += (o_t + 1).to(tl.float32) * tl.sum(tl.trans(b_q) * b_dq - tl.trans(b_k) * b_dk, axis=0)
+        b_dg += tl.where(o_t == 0, n.to(tl.float32) * b_dot_end, 0.0)
         b_ds = b_ds * b_chunk_decay + tl.dot(tl.trans(b_q * b_in[:, None]), b_do, input_precision=PRECISION)
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
     tl.store(dg + i_v * B * H + i_bh, tl.sum(b_dg, axis=0))
@@ -259,34 +274,33 @@ class ChunkTiles(NamedTuple):
     launch: Launch
 
 
-# The largest tiles whose chunked backward compiles without register spills (benchmarks/kernel_resources.py), keyed by
-# (sm_90, fp32 inputs, K <= 64). On sm_80 / 86 / 89, tf32 mma.sync products (bf16 / fp16 inputs) hold more registers
-# than fp32 FMA ones and need the smallest tiles; at K = 128 they still spill.
+# The largest tiles whose chunked kernels compile without register spills on sm_80, sm_86, sm_89 and sm_90
+# (benchmarks/kernel_resources.py, K = 64 / 128), keyed by (fp32 inputs, K <= 64); the same on every target.
 CHUNK_TILES = {  # key: (largest BT, largest BV, warps)
-    (True, False, True): (32, 64, 8),
-    (True, True, True): (32, 32, 8),
-    (True, False, False): (16, 32, 8),
-    (True, True, False): (16, 16, 8),
-    (False, False, True): (16, 16, 4),
-    (False, True, True): (32, 32, 8),
-    (False, False, False): (16, 16, 8),
-    (False, True, False): (16, 16, 8),
+    (False, True): (16, 16, 4),
+    (True, True): (16, 32, 8),
+    (False, False): (16, 16, 8),
+    (True, False): (16, 16, 8),
 }
 
 
 def chunk_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkTiles:
-    """BT: ``chunk_size`` as a power of two in [16, largest BT]; BK holds all of K; ``tl.dot`` needs every dimension
-    >= 16; no software pipelining (a second stage spills in most cases). sm_90 has its own rows of
-    :data:`CHUNK_TILES`; every other target (and the interpreter) gets the rows measured on sm_80 / 86 / 89."""
+    """BT: ``chunk_size`` as a power of two in [16, largest BT] (16 today); BK holds all of K; ``tl.dot`` needs every
+    dimension >= 16; no software pipelining (a second stage spills in most cases). At these tiles the backward takes
+    248-255 registers with bf16 inputs and 174-255 with fp32 ones, no spills; one step larger it spills (B / thread,
+    sm_80 / 86 / 89 / 90): bf16 at K = 64 BV = 32 176 / 104 / 104 / 16, BT = 32 72 / 120 / 120 / 448; bf16 at K = 128
+    BV = 32 32 / 0 / 0 / 40; fp32 at K = 64 BT = 32 (BV = 32) 24 / 8 / 8 / 72, BV = 64 8 / 0 / 0 / 24; fp32 at K = 128
+    BV = 32 48 / 16 / 16 / 72. The same tiles on every target and in the interpreter."""
     BK = max(triton.next_power_of_2(K), 16)
-    max_bt, max_bv, warps = CHUNK_TILES[target.arch == 90, dtype == torch.float32, BK <= 64]
+    max_bt, max_bv, warps = CHUNK_TILES[dtype == torch.float32, BK <= 64]
     BT = min(max(triton.next_power_of_2(chunk_size), 16), max_bt)
     BV = max(min(triton.next_power_of_2(V), max_bv), 16)
     return ChunkTiles(BT, BK, BV, Launch(num_warps=warps, num_stages=1))
 
 
 def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
-    """Launch the chunked forward kernel. Returns ``(o, final_state, chunk_start_states)`` in fp32."""
+    """Launch the chunked forward kernel. Returns ``(o, final_state, chunk_start_states)``: ``o`` in v's dtype (so
+    the backward gets ``do`` in it too), the states in fp32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
@@ -300,13 +314,15 @@ def retention_chunk_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
     has_s0 = initial_state is not None
     _retention_chunk_fwd_kernel[(NV, B * H)](
         q, k, v, log_decay, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=dot_precision(dtype, target), **tiles.launch._asdict(),
+        T, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_S0=has_s0, PRECISION=dot_precision(dtype, target),
+        OPERAND=operand_dtype(dtype, target), **tiles.launch._asdict(),
     )
-    return o, s_final, ckpt
+    return o.to(v.dtype), s_final, ckpt
 
 
 def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
-    """Launch the chunked backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    """Launch the chunked backward kernel: the forward's tiles and precision (of q, k, v); 16-bit ``tl.dot`` operands
+    only when ``do`` has their dtype too. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
@@ -324,7 +340,7 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
         q, k, v, log_decay, do, ds_final if has_ds else ds0, ckpt,
         dq, dk, dv, dg, ds0,
         T, NC, B, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DS_FINAL=has_ds, PRECISION=dot_precision(dtype, target),
-        **tiles.launch._asdict(),
+        OPERAND=operand_dtype(dot_dtype(q, k, v, do), target), **tiles.launch._asdict(),
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
@@ -351,8 +367,8 @@ def retention_triton_recurrent(q, k, v, log_decay, initial_state=None, form: str
 
 def retention_triton_chunk_serial(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
     """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the chunked kernels
-    whatever ``form``, chunks of ``chunk_size`` rounded to a power of two >= 16, at most 32 (16 for some dtypes, head
-    dims and GPUs: :func:`chunk_tiles`)."""
+    whatever ``form``, chunks of 16 tokens whatever ``chunk_size`` (the largest that compiles without register spills:
+    :func:`chunk_tiles`)."""
     return _run("retention_triton", ChunkFunction, q, k, v, log_decay, initial_state, chunk_size)
 
 

@@ -17,8 +17,8 @@ Forward: (1) :func:`_rwkv6_cp_chunk_state_kernel` writes every ``h_c`` (slot c +
 the state pass (:mod:`zoo.kernels.chunk_pass`, shared with retention) runs the recurrence over chunks in place,
 parallel over the ``K * V`` state entries; (3) :func:`_rwkv6_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
 Backward: ``dh_c = (R_c * exp(A'))^T dO_c`` (:func:`_rwkv6_cp_dstate_kernel`), the reverse pass
-``dS_c = exp(A_L) * dS_{c+1} + dh_c``, then per chunk (:func:`_rwkv6_cp_grad_kernel`), with ``da = dO V^T``
-(i < t) and ``db_t = dO_t . v_t``::
+``dS_c = exp(A_L) * dS_{c+1} + dh_c``, then per chunk (:func:`_rwkv6_cp_grad_kernel`, the channels in slices), with
+``da = dO V^T`` (i < t) and ``db_t = dO_t . v_t``::
 
     dR  = dR~ + db * u * K,   dR~_t = sum_{i<t} da_ti k_i exp(A'_t - A_i) + exp(A'_t) * (S_c dO_t)
     dK  = dK~ + db * u * R,   dK~_i = sum_{t>i} da_ti r_t exp(A'_t - A_i) + exp(A_L - A_i) * (dS_{c+1} v_i)
@@ -38,7 +38,8 @@ import triton.language as tl
 
 from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
 from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
+from zoo.kernels.triton_common import (Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype,
+                                      scan_function)
 
 
 @triton.jit
@@ -152,94 +153,103 @@ def _rwkv6_cp_grad_kernel(
     dr, dk, dv, dw, du,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """dR_c, dK_c, dV_c, dw_log_c and chunk c's share of du from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
     (``dstates``). dr, dk, dw: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; du:
     ``[NV, B * H, NT, K]``. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` uses value columns
-    ``[i_v * BV, (i_v + 1) * BV)``."""
+    ``[i_v * BV, (i_v + 1) * BV)`` and walks the channels in ``KG``-wide slices (given ``da``, a channel's dR, dK and
+    dw_log involve only that channel; ``a``, ``b`` and dV sum over the slices). ``da = dO V^T`` takes its operands as
+    ``OPERAND`` (both loaded from the inputs: exact in their 16-bit dtype)."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
     t0 = i_t * BT
     m_t = o_t < T - t0
-    m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
-    p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
-    b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-    b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_A = tl.cumsum(b_w, axis=0)
-    b_Ae = b_A - b_w
-    b_AL = tl.sum(b_w, axis=0)
-    b_da = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BT(t), BT(i)], used where i < t
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dr = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    for j in range(BT):
-        sel_row = o_t[:, None] == j
-        p_j = ((i_b * T + t0 + j) * H + i_h) * K + o_k  # [BK], row j (re-read from cache, not extracted)
-        m_j = m_k & (t0 + j + tl.zeros_like(o_k) < T)
-        b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-        b_rj = tl.load(r + p_j, mask=m_j, other=0.0).to(tl.float32)
-        b_Aj = tl.sum(tl.where(sel_row, b_A, 0.0), axis=0)
-        b_Aej = b_Aj - tl.load(w + p_j, mask=m_j, other=0.0).to(tl.float32)
-        # pairs (t > j, i = j): column j of a, dR~ rows t
-        m_after = o_t > j
-        b_e = tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))
-        b_col = tl.where(m_after, tl.sum(b_r * b_kj[None, :] * b_e, axis=1), 0.0)
-        b_a += tl.where(o_t[None, :] == j, b_col[:, None], 0.0)
-        b_da_col = tl.where(m_after, tl.sum(tl.where(o_t[None, :] == j, b_da, 0.0), axis=1), 0.0)  # da[t, j]
-        b_dr += b_da_col[:, None] * b_kj[None, :] * b_e
-        # pairs (t = j, i < j): dK~ rows i
-        m_before = o_t < j
-        b_e = tl.exp(tl.where(m_before[:, None], b_Aej[None, :] - b_A, 0.0))
-        b_da_row = tl.where(m_before, tl.sum(tl.where(sel_row, b_da, 0.0), axis=0), 0.0)  # da[j, i]
-        b_dk += b_da_row[:, None] * b_rj[None, :] * b_e
-    # the [BK, BV] states are loaded after the loop (fewer registers live in it)
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
-    b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
-    b_s_end = tl.load(states + p_slot + K * V, mask=m_kv, other=0.0)  # S_{c+1}
-    b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
-    b_decay_end = tl.exp(b_AL[None, :] - b_A)  # [BT, BK]
-    b_dr += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * tl.exp(b_Ae)
-    b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_decay_end
+    b_da = tl.dot(b_do.to(OPERAND), tl.trans(b_v.to(OPERAND)), input_precision=PRECISION)  # [BT(t), BT(i)], i < t
     b_db = tl.sum(b_do * b_v, axis=1)  # [BT], this V block's share
-    b_b = tl.sum(b_r * b_u[None, :] * b_k, axis=1)
-    b_dv = tl.dot(tl.trans(b_a), b_do, input_precision=PRECISION) + b_b[:, None] * b_do
-    b_dv += tl.dot(b_k * b_decay_end, b_ds_end, input_precision=PRECISION)
-    # dw_log: reverse exclusive cumsum of r * dR~ minus reverse inclusive cumsum of k * dK~, plus the chunk end's term
-    b_x = b_r * b_dr
-    b_y = b_k * b_dk
-    b_dw = tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0)
-    b_dw -= tl.sum(b_y, axis=0)[None, :] - tl.cumsum(b_y, axis=0) + b_y
-    b_dw += tl.sum(b_ds_end * b_s_end, axis=1)[None, :]
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_b = tl.zeros([BT], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     p_part = i_v * B * T * H * K
-    tl.store(dr + p_part + p_tk, b_dr + b_db[:, None] * b_u[None, :] * b_k, mask=m_tk)
-    tl.store(dk + p_part + p_tk, b_dk + b_db[:, None] * b_u[None, :] * b_r, mask=m_tk)
-    tl.store(dw + p_part + p_tk, b_dw, mask=m_tk)
+    for k0 in range(0, BK, KG):
+        o_k = k0 + tl.arange(0, KG)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, KG]
+        b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_A = tl.cumsum(b_w, axis=0)
+        b_Ae = b_A - b_w
+        b_AL = tl.sum(b_w, axis=0)
+        b_dr = tl.zeros([BT, KG], dtype=tl.float32)
+        b_dk = tl.zeros([BT, KG], dtype=tl.float32)
+        for j in range(BT):
+            sel_row = o_t[:, None] == j
+            p_j = ((i_b * T + t0 + j) * H + i_h) * K + o_k  # [KG], row j (re-read from cache, not extracted)
+            m_j = m_k & (t0 + j + tl.zeros_like(o_k) < T)
+            b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+            b_rj = tl.load(r + p_j, mask=m_j, other=0.0).to(tl.float32)
+            b_Aj = tl.sum(tl.where(sel_row, b_A, 0.0), axis=0)
+            b_Aej = b_Aj - tl.load(w + p_j, mask=m_j, other=0.0).to(tl.float32)
+            # pairs (t > j, i = j): column j of a (this slice's share), dR~ rows t
+            m_after = o_t > j
+            b_e = tl.exp(tl.where(m_after[:, None], b_Ae - b_Aj[None, :], 0.0))
+            b_col = tl.where(m_after, tl.sum(b_r * b_kj[None, :] * b_e, axis=1), 0.0)
+            b_a += tl.where(o_t[None, :] == j, b_col[:, None], 0.0)
+            b_da_col = tl.where(m_after, tl.sum(tl.where(o_t[None, :] == j, b_da, 0.0), axis=1), 0.0)  # da[t, j]
+            b_dr += b_da_col[:, None] * b_kj[None, :] * b_e
+            # pairs (t = j, i < j): dK~ rows i
+            m_before = o_t < j
+            b_e = tl.exp(tl.where(m_before[:, None], b_Aej[None, :] - b_A, 0.0))
+            b_da_row = tl.where(m_before, tl.sum(tl.where(sel_row, b_da, 0.0), axis=0), 0.0)  # da[j, i]
+            b_dk += b_da_row[:, None] * b_rj[None, :] * b_e
+        # the [KG, BV] state slices are loaded after the loop (fewer registers live in it)
+        p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV]
+        b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
+        b_dr += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * tl.exp(b_Ae)
+        b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
+        b_decay_end = tl.exp(b_AL[None, :] - b_A)  # [BT, KG]
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # re-read: no operand copies live across slices
+        b_dk += tl.dot(b_v, tl.trans(b_ds_end), input_precision=PRECISION) * b_decay_end
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_dv += tl.dot(b_k * b_decay_end, b_ds_end, input_precision=PRECISION)
+        b_z = tl.sum(b_ds_end * tl.load(states + p_slot + K * V, mask=m_kv, other=0.0), axis=1)  # rowsum(dS_{c+1} S_{c+1})
+        b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_b += tl.sum(b_r * b_u[None, :] * b_k, axis=1)
+        # dw_log: reverse exclusive cumsum of r * dR~ minus reverse inclusive cumsum of k * dK~, plus b_z
+        b_x = b_r * b_dr
+        b_y = b_k * b_dk
+        b_dw = tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0)
+        b_dw -= tl.sum(b_y, axis=0)[None, :] - tl.cumsum(b_y, axis=0) + b_y
+        b_dw += b_z[None, :]
+        tl.store(dr + p_part + p_tk, b_dr + b_db[:, None] * b_u[None, :] * b_k, mask=m_tk)
+        tl.store(dk + p_part + p_tk, b_dk + b_db[:, None] * b_u[None, :] * b_r, mask=m_tk)
+        tl.store(dw + p_part + p_tk, b_dw, mask=m_tk)
+        tl.store(du + ((i_v * B * H + i_bh) * NT + i_t) * K + o_k, tl.sum(b_db[:, None] * b_r * b_k, axis=0), mask=m_k)
+    b_dv += tl.dot(tl.trans(b_a), b_do, input_precision=PRECISION) + b_b[:, None] * b_do
     tl.store(dv + p_tv, b_dv, mask=m_tv)
-    tl.store(du + ((i_v * B * H + i_bh) * NT + i_t) * K + o_k, tl.sum(b_db[:, None] * b_r * b_k, axis=0), mask=m_k)
 
 
 def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> ChunkParallelTiles:
     """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; at BT = 32 the gradient kernel spills 48 to
     496 bytes per thread on sm_80 / 86 / 90 at K = 64, and the intra-chunk weights cost ``BT * BT * K`` exps per
-    chunk); BK holds all of K; BV: at most 32; 4 warps (8 for the gradient kernel), no software pipelining: no spills
-    on sm_80 / 86 / 89 / 90 at K = 64 and 128 (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass
+    chunk); BK holds all of K; BV: at most 32; 4 warps (8 for the gradient kernel), no software pipelining. The
+    gradient kernel takes the channels in KG-wide slices: all of K up to 64, else KG = 32 (all of K = 128 at once
+    spilled 48 to 112 bytes per thread with bf16 inputs, KG = 64 still 8 to 40). No spills on sm_80 / 86 / 89 / 90 at
+    K = 64 and 128, nor in the gradient kernel at K = 256 (benchmarks/kernel_resources.py). BLOCK = 64 state entries per pass
     program, G = 16 chunks per pass step, 2 warps. The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BT = 16
     BV = max(min(triton.next_power_of_2(V), 32), 16)
-    return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1))
+    return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1), KG=BK if BK <= 64 else 32)
 
 
 def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
@@ -275,7 +285,8 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
     _rwkv6_cp_dstate_kernel[(NT, NV, B * H)](r, w, do, dstates, T, NT, **dims)
     chunk_pass(dstates, gl, ds_final, True, tiles)
     _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
-        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B, **{**dims, **tiles.grad_launch._asdict()},
+        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B,
+        KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()},
     )
     ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
     du = du.view(NV, B, H, NT, K).sum((0, 1, 3))  # [NV, B * H, NT, K] -> [H, K]

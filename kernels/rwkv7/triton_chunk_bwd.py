@@ -48,7 +48,7 @@ import triton.language as tl
 
 from zoo.kernels.chunk_pass import chunk_dims
 from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_wy
-from zoo.kernels.triton_common import Launch, Target, dot_dtype, dot_precision, launch_target
+from zoo.kernels.triton_common import Launch, Target, dot_dtype, dot_precision, launch_target, operand_dtype
 
 
 @triton.jit
@@ -193,13 +193,14 @@ def _rwkv7_cpb_grad_kernel(
     r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    KG: tl.constexpr, PRECISION: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_rwkv7_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
     (``states``) and ``dS_{c+1}`` (``dstates``). r, w, k, a, b: [B, T, H, K]; v, do, u, du: [B, T, H, V]; dr, dw,
     dk, da, db: [NV, B, T, H, K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)``
     contracts columns ``[i_v * BV, (i_v + 1) * BV)``, the channels in ``KG``-wide slices (each channel's gradients
-    depend on its own channel only, given the ``[BT, BT]`` products)."""
+    depend on its own channel only, given the ``[BT, BT]`` products). ``do . v`` takes its operands as ``OPERAND``
+    (both loaded from the inputs: exact in their 16-bit dtype)."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -214,7 +215,7 @@ def _rwkv7_cpb_grad_kernel(
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)
     b_Wu = tl.dot(b_do, tl.trans(b_u), input_precision="ieee")  # [BT, BT]: [t, j] = do_t . u_j
-    b_Wv = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+    b_Wv = tl.dot(b_do.to(OPERAND), tl.trans(b_v.to(OPERAND)), input_precision="ieee")
     b_Zu = tl.dot(b_du, tl.trans(b_u), input_precision="ieee")  # du_t . u_j
     b_Zv = tl.dot(b_du, tl.trans(b_v), input_precision="ieee")
     for k0 in range(0, BK, KG):
@@ -321,6 +322,7 @@ def rwkv7_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int)
     _rwkv7_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
     partial = [torch.empty(NV, B, T, H, K, **f32) for _ in range(5)]  # dr, dw, dk, da, db per V block
     _rwkv7_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
-                                           KG=tiles.KG, **{**dims, **tiles.grad_launch._asdict()})
+                                           KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
+                                           **{**dims, **tiles.grad_launch._asdict()})
     dr, dw, dk, da, db = (p.sum(0) for p in partial)
     return [dr, dw, dk, dv, da, db, dstates[:, 0].reshape(B, H, K, V).clone()]  # [B * H, K, V] -> [B, H, K, V]

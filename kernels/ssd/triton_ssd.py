@@ -11,15 +11,18 @@ Per head, with ``dt = clamp(softplus(dt + dt_bias), *dt_limit)`` and the chunk's
 
 The backward mirrors it: chunk-local state gradients ``(dy * exp(a_cum))^T @ C`` (1), passed in reverse (2, which
 also gives ``exp(a_end) <dh_end, h_start>``, the gradient of each chunk's total decay through its start state), then
-every gradient of a chunk in parallel (3). The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L``
-values per program) instead of a separate launch and buffer. The chunk kernels loop over d_state in blocks of
-``BLOCK_N`` (``C B^T``, ``C h^T`` and the backward's state terms accumulate over them). Products are ``tl.dot``:
-exact fp32 (``ieee``) for fp32 inputs, tf32x3 tensor-core products (fp32 accuracy) for bf16 / fp16 inputs on NVIDIA
-(:func:`~zoo.kernels.triton_common.dot_precision`); all accumulation is fp32. dB, dC
-and ddt (sums over the heads of a group and over head-channel blocks) are accumulated with fp32 atomic adds, so
-their last bits depend on the order the programs run in.
-Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk kernels run
-``256 x 16 x 2`` (bf16) or ``x 4`` (fp32) programs, the state passing ``128 x 16``: every launch >= 4 per SM.
+every gradient of a chunk in parallel (3), one program per chunk and head looping over head-channel and d_state
+blocks. The chunk cumsum of ``dt A`` is recomputed in each chunk kernel (``L`` values per program) instead of a
+separate launch and buffer. The chunk-state and output kernels take ``BLOCK_P`` head channels per program and loop
+over d_state in blocks of ``BLOCK_N`` (``C B^T`` and ``C h^T`` accumulate over them). Products are ``tl.dot``, all
+accumulated in fp32: those of 16-bit inputs alone (``C B^T``, ``x dy^T``, ``dy x^T``) take bf16 / fp16 operands on
+GPUs (:func:`~zoo.kernels.triton_common.operand_dtype`, exact products); every other one fp32 operands, exact
+(``ieee``) for fp32 inputs, tf32x3 tensor-core products (fp32 accuracy) for bf16 / fp16 inputs on NVIDIA
+(:func:`~zoo.kernels.triton_common.dot_precision`). dB and dC (sums over the heads of a group) are accumulated with
+fp32 atomic adds, so their last bits depend on the order the programs run in; ddt is written once per step.
+Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 SMs): the chunk-state and output
+kernels run ``256 x 16 x 2`` (bf16) or ``x 4`` (fp32) programs, the backward ``256 x 16``, the state passing
+``128 x 16``: every launch >= 4 per SM.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
 """
 from __future__ import annotations
@@ -31,7 +34,9 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.ssd import check_ssd_shapes
-from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
+from zoo.kernels.triton_common import (
+    Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
+)
 
 
 @triton.jit
@@ -131,7 +136,7 @@ def _ssd_chunk_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, y_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
     """Chunk outputs. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
     ``y[b, cL:(c+1)L, h, i * BLOCK_P:(i + 1) * BLOCK_P] = ((C B^T) * exp(segsum)) @ (dt x) + exp(a_cum) * (C @ h_c^T)
@@ -174,7 +179,7 @@ def _ssd_chunk_scan_kernel(
         Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
         h = tl.load(starts_ptr + (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
-        CB += tl.dot(Cc, tl.trans(Bc), input_precision=PRECISION)
+        CB += tl.dot(Cc.to(OPERAND), tl.trans(Bc.to(OPERAND)), input_precision=PRECISION)  # 16-bit inputs alone
         Ch += tl.dot(Cc, tl.trans(h), input_precision=PRECISION)
     seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))  # [L, L] decay j -> i
     y = tl.dot(CB * seg, X * dt[:, None], input_precision=PRECISION)
@@ -183,31 +188,49 @@ def _ssd_chunk_scan_kernel(
 
 
 @triton.jit
+def _rows_gram(a_base, b_base, offs_l, mask_t, stride, width, L: tl.constexpr, BLOCK: tl.constexpr,
+               PRECISION: tl.constexpr, OPERAND: tl.constexpr):
+    """``a b^T [L, L]`` of two chunks' ``[L, width]`` rows (``stride`` apart: x and dy, or B and C), summed over
+    column blocks of ``BLOCK``; 16-bit inputs alone, so the operands take ``OPERAND``."""
+    acc = tl.zeros([L, L], tl.float32)
+    for j0 in range(0, width, BLOCK):
+        offs_j = j0 + tl.arange(0, BLOCK)
+        offs = offs_l[:, None] * stride + offs_j[None, :]  # [L, BLOCK]
+        mask = mask_t[:, None] & (offs_j < width)[None, :]
+        a = tl.load(a_base + offs, mask=mask, other=0.0)
+        b = tl.load(b_base + offs, mask=mask, other=0.0)
+        acc += tl.dot(a.to(OPERAND), tl.trans(b.to(OPERAND)), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _ssd_chunk_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, dh_ptr, daend_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
-    """Every gradient of one chunk. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``, the chunk kernels': program
-    ``(c, b * H + h, i)`` reads the chunk's start state (starts) and the gradient of its end state (dh), both
-    ``[B, H, cdiv(T, L), P, N]``, and daend ``[B * H, cdiv(T, L)]`` (the end-decay gradient through the start state,
-    added by the ``i = 0`` program). It writes dx ``[B, T, H, P]``; adds (atomically, fp32) to ddt ``[B, T, H]`` and
-    dB, dC ``[B, T, G, N]``; writes its partial sums of dA and dD to ``[B * H, cdiv(T, L), cdiv(P, BLOCK_P)]``."""
+    """Every gradient of one chunk of one head. Grid ``(cdiv(T, L), B * H)``: program ``(c, b * H + h)`` loops over
+    the head channels in blocks of ``BLOCK_P`` and over d_state in blocks of ``BLOCK_N``. It reads the chunk's start
+    state (starts) and the gradient of its end state (dh), both ``[B, H, cdiv(T, L), P, N]``, and daend
+    ``[B * H, cdiv(T, L)]`` (the end-decay gradient through the start state). It writes dx ``[B, T, H, P]``, ddt
+    ``[B, T, H]`` and its dA and dD terms ``[B * H, cdiv(T, L)]``; adds (atomically, fp32: the heads of a group share
+    them) to dB, dC ``[B, T, G, N]``.
+
+    Register pressure sets the order (tf32x3 products hold a high and a low part of each fp32 operand): one [L, L]
+    matrix at a time crosses a loop of products (B C^T * seg^T in the dx pass, dCB in the dC pass, dCB^T in the dB
+    pass), the [L, L] terms of dB and dC come last, when only a few [L] vectors are still live, and their x dy^T is
+    recomputed there (a 16-bit product) rather than held. Each [L, L] matrix is a product of its own, never tl.trans
+    of a dot result: a transposed wgmma accumulator fed to another dot is what Triton 3.4 <= v < 3.7.1 miscompiles on
+    Hopper (fla-org/flash-linear-attention#640)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    pid_p = tl.program_id(2)
     pid_b = bh // H
     head = (bh % H).to(tl.int32)
     group = head // (H // G)
     offs_l = tl.arange(0, L)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    causal = offs_l[:, None] >= offs_l[None, :]
-    t = c * L + offs_l
-    mask_t = t < T
-    mask_lp = mask_t[:, None] & mask_p[None, :]
+    mask_t = c * L + offs_l < T
     row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
@@ -221,106 +244,157 @@ def _ssd_chunk_bwd_kernel(
     if SOFTPLUS:
         dt_pos = tl.where(dt_in > 20.0, dt_in, tl.log(1.0 + tl.exp(tl.minimum(dt_in, 20.0))))  # softplus
     dt = tl.where(mask_t, tl.minimum(tl.maximum(dt_pos, dt_min), dt_max), 0.0)
-    a_cum = tl.sum(tl.where(causal, (dt * A)[None, :], 0.0), axis=1)
+    a_cum = tl.cumsum(dt * A, axis=0)  # [L]; no [L, L] mask held for it
     a_end = tl.sum(dt * A, axis=0)
-    offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P] of x / dy / dx
-    dY = tl.load(dy_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
-    xd = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32) * dt[:, None]
-    seg = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
-    seg_t = tl.exp(tl.where(tl.trans(causal), a_cum[None, :] - a_cum[:, None], float("-inf")))  # seg^T
     e_cum = tl.exp(a_cum)
     decay_to_end = tl.exp(a_end - a_cum)
-    # y_diag = (CB * seg) @ xd. The transposed matrices (B C^T, dCB^T) are products of their own, not tl.trans of a
-    # dot result: a transposed wgmma accumulator fed to another dot is what Triton 3.4 <= v < 3.7.1 miscompiles on
-    # Hopper (fla-org/flash-linear-attention#640). B C^T first (one pass over the d_state blocks): dead in the second.
-    dCB = tl.dot(dY, tl.trans(xd), input_precision=PRECISION) * seg  # [L(i), L(j)]
-    dCB_t = tl.dot(xd, tl.trans(dY), input_precision=PRECISION) * seg_t  # [L(j), L(i)]
-    BC = tl.zeros([L, L], tl.float32)  # (C B^T)^T, [L(j), L(i)]
+    x_base = x_ptr + (row0 * H + head) * P  # x, dy, dx: [L, P] rows H * P apart
+    dy_base = dy_ptr + (row0 * H + head) * P
+    bc_base = (row0 * G + group) * N  # B, C, dB, dC: [L, N] rows G * N apart
+    state_base = (bh * n_chunks + c) * P * N  # starts, dh: [P, N]
+    BC = _rows_gram(B_ptr + bc_base, C_ptr + bc_base, offs_l, mask_t, G * N, N, L, BLOCK_N, PRECISION,
+                    OPERAND)  # (C B^T)^T, [L(j), L(i)]
+    XdY = _rows_gram(x_base, dy_base, offs_l, mask_t, H * P, P, L, BLOCK_P, PRECISION, OPERAND)  # x dy^T, [L(j), L(i)]
+    # y_diag = (C B^T * seg) @ xd with xd = x * dt: dCB = (dy xd^T) * seg, its transpose (xd dy^T) * seg^T
+    seg_t = tl.exp(tl.where(offs_l[:, None] <= offs_l[None, :], a_cum[None, :] - a_cum[:, None], float("-inf")))
+    BCs = BC * seg_t
+    dseg_t = XdY * dt[:, None] * BCs  # transposed gradient of the log-decay difference a_cum[i] - a_cum[j]
+    d_acum = tl.sum(dseg_t, axis=0) - tl.sum(dseg_t, axis=1)
+    # dxd = (B C^T * seg^T) @ dy + decay_to_end * (B @ dh^T), from h_end = exp(a_end) h_start + (xd * decay_to_end)^T B;
+    # dx = D dy + dt dxd
+    ddt_x = tl.zeros([L], tl.float32)  # sum over the head channels of dxd * x
+    dD = 0.0
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P]
+        mask_lp = mask_t[:, None] & (offs_p < P)[None, :]
+        dxd = tl.dot(BCs, tl.load(dy_base + offs_lp, mask=mask_lp, other=0.0).to(tl.float32), input_precision=PRECISION)
+        dxd_h = tl.zeros([L, BLOCK_P], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            Bc = tl.load(B_ptr + bc_base + offs_l[:, None] * (G * N) + offs_n[None, :],
+                         mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + state_base + offs_p[:, None] * N + offs_n[None, :],
+                         mask=(offs_p < P)[:, None] & (offs_n < N)[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+            dxd_h += tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
+        dxd += decay_to_end[:, None] * dxd_h
+        Xp = tl.load(x_base + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+        dYp = tl.load(dy_base + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+        ddt_x += tl.sum(dxd * Xp, axis=1)
+        dD += tl.sum(tl.sum(dYp * Xp, axis=1), axis=0)
+        tl.store(dx_ptr + (row0 * H + head) * P + offs_lp, (dYp * Dv + dxd * dt[:, None]).to(dx_ptr.dtype.element_ty),
+                 mask=mask_lp)
+    # the state terms of dB and dC: decay_to_end * (xd @ dh) and, from y_off = exp(a_cum) * (C @ h_start^T),
+    # exp(a_cum) * (dy @ h_start)
+    d_decay = tl.zeros([L], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N]
         mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
-        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C
-        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        BC += tl.dot(Bc, tl.trans(Cc), input_precision=PRECISION)
-    dseg_t = dCB_t * BC  # transposed gradient of the log-decay difference a_cum[i] - a_cum[j]
-    d_acum = tl.sum(dseg_t, axis=0) - tl.sum(dseg_t, axis=1)
-    dxd = tl.dot(BC * seg_t, dY, input_precision=PRECISION)  # [L, BLOCK_P]
-    d_decay = tl.zeros([L], tl.float32)
-    for n0 in range(0, N, BLOCK_N):  # second pass: the state terms; dB and dC per block
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_ln = mask_t[:, None] & mask_n[None, :]
-        mask_pn = mask_p[:, None] & mask_n[None, :]
-        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N] of B / C / dB / dC
-        state_offs = (bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
-        Bc = tl.load(B_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        Cc = tl.load(C_ptr + (row0 * G + group) * N + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
-        # y_off = exp(a_cum) * (C @ h_start^T): the reduction over head channels goes through dY @ h, which dC needs
-        h = tl.load(starts_ptr + state_offs, mask=mask_pn, other=0.0)
-        dY_h = tl.dot(dY, h, input_precision=PRECISION)  # [L, BLOCK_N]
-        d_acum += e_cum * tl.sum(Cc * dY_h, axis=1)
-        dC = e_cum[:, None] * dY_h + tl.dot(dCB, Bc, input_precision=PRECISION)
-        tl.atomic_add(dC_ptr + (row0 * G + group) * N + offs_ln, dC, mask=mask_ln, sem="relaxed")
-        # h_end = exp(a_end) h_start + (xd * decay_to_end)^T @ B
-        dh = tl.load(dh_ptr + state_offs, mask=mask_pn, other=0.0)
-        xd_dh = tl.dot(xd, dh, input_precision=PRECISION)  # [L, BLOCK_N]
+        xd_dh = tl.zeros([L, BLOCK_N], tl.float32)
+        dY_h = tl.zeros([L, BLOCK_N], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            offs_lp = offs_l[:, None] * (H * P) + offs_p[None, :]  # [L, BLOCK_P]
+            mask_lp = mask_t[:, None] & (offs_p < P)[None, :]
+            offs_pn = state_base + offs_p[:, None] * N + offs_n[None, :]  # [BLOCK_P, BLOCK_N]
+            mask_pn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
+            xd = tl.load(x_base + offs_lp, mask=mask_lp, other=0.0).to(tl.float32) * dt[:, None]
+            xd_dh += tl.dot(xd, tl.load(dh_ptr + offs_pn, mask=mask_pn, other=0.0), input_precision=PRECISION)
+            dYp = tl.load(dy_base + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
+            dY_h += tl.dot(dYp, tl.load(starts_ptr + offs_pn, mask=mask_pn, other=0.0), input_precision=PRECISION)
+        Bc = tl.load(B_ptr + bc_base + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + bc_base + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
         d_decay += tl.sum(Bc * xd_dh, axis=1)
-        dB = tl.dot(dCB_t, Cc, input_precision=PRECISION) + decay_to_end[:, None] * xd_dh
-        tl.atomic_add(dB_ptr + (row0 * G + group) * N + offs_ln, dB, mask=mask_ln, sem="relaxed")
-        dxd += decay_to_end[:, None] * tl.dot(Bc, tl.trans(dh), input_precision=PRECISION)
+        d_acum += e_cum * tl.sum(Cc * dY_h, axis=1)
+        tl.atomic_add(dB_ptr + bc_base + offs_ln, decay_to_end[:, None] * xd_dh, mask=mask_ln, sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_base + offs_ln, e_cum[:, None] * dY_h, mask=mask_ln, sem="relaxed")
     d_decay = d_decay * decay_to_end
-    X = tl.load(x_ptr + (row0 * H + head) * P + offs_lp, mask=mask_lp, other=0.0).to(tl.float32)
-    d_aend = tl.sum(d_decay, axis=0) + tl.load(daend_ptr + bh * n_chunks + c, mask=pid_p == 0, other=0.0)
+    d_aend = tl.sum(d_decay, axis=0) + tl.load(daend_ptr + bh * n_chunks + c)
     d_acum -= d_decay
-    # a_cum[i] = sum_{k <= i} a[k] and a_end = sum_k a[k]
-    da = tl.sum(tl.where(causal, d_acum[:, None], 0.0), axis=0) + d_aend  # [L]
-    ddt = da * A + tl.sum(dxd * X, axis=1)
-    ddt = tl.where(mask_t & (dt_pos >= dt_min) & (dt_pos <= dt_max), ddt, 0.0)
+    da = tl.cumsum(d_acum, axis=0, reverse=True) + d_aend  # a_cum[i] = sum_{k <= i} a[k], a_end = sum_k a[k]
+    ddt = da * A + ddt_x
+    ddt = tl.where((dt_pos >= dt_min) & (dt_pos <= dt_max), ddt, 0.0)
     if SOFTPLUS:
         ddt = ddt / (1.0 + tl.exp(-dt_in))  # softplus derivative
-    tl.atomic_add(ddt_ptr + (row0 + offs_l) * H + head, ddt, mask=mask_t, sem="relaxed")
-    dX = dY * Dv + dxd * dt[:, None]
-    tl.store(dx_ptr + (row0 * H + head) * P + offs_lp, dX.to(dx_ptr.dtype.element_ty), mask=mask_lp)
-    part = (bh * n_chunks + c) * tl.num_programs(2) + pid_p
-    tl.store(dA_ptr + part, tl.sum(da * dt, axis=0))
-    tl.store(dD_ptr + part, tl.sum(tl.sum(dY * X, axis=1), axis=0))
+    tl.store(ddt_ptr + (row0 + offs_l) * H + head, ddt, mask=mask_t)
+    tl.store(dA_ptr + bh * n_chunks + c, tl.sum(da * dt, axis=0))
+    tl.store(dD_ptr + bh * n_chunks + c, dD)
+    # dC's [L, L] term dCB @ B
+    YdX = _rows_gram(dy_base, x_base, offs_l, mask_t, H * P, P, L, BLOCK_P, PRECISION, OPERAND)  # dy x^T, [L(i), L(j)]
+    seg = tl.exp(tl.where(offs_l[:, None] >= offs_l[None, :], a_cum[:, None] - a_cum[None, :], float("-inf")))
+    dCB = YdX * (seg * dt[None, :])
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N]
+        mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
+        Bc = tl.load(B_ptr + bc_base + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        tl.atomic_add(dC_ptr + bc_base + offs_ln, tl.dot(dCB, Bc, input_precision=PRECISION), mask=mask_ln,
+                      sem="relaxed")
+    # dB's [L, L] term dCB^T @ C, x dy^T recomputed. seg^T is written unlike the one above (mask operands swapped,
+    # a_cum[i] + (-a_cum[j]): the same values) so the compiler does not keep that [L, L] tile live to here.
+    XdY = _rows_gram(x_base, dy_base, offs_l, mask_t, H * P, P, L, BLOCK_P, PRECISION, OPERAND)  # x dy^T, [L(j), L(i)]
+    seg_t = tl.exp(tl.where(offs_l[None, :] >= offs_l[:, None], a_cum[None, :] + (-a_cum)[:, None], float("-inf")))
+    dCB_t = XdY * (seg_t * dt[:, None])
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_ln = offs_l[:, None] * (G * N) + offs_n[None, :]  # [L, BLOCK_N]
+        mask_ln = mask_t[:, None] & (offs_n < N)[None, :]
+        Cc = tl.load(C_ptr + bc_base + offs_ln, mask=mask_ln, other=0.0).to(tl.float32)
+        tl.atomic_add(dB_ptr + bc_base + offs_ln, tl.dot(dCB_t, Cc, input_precision=PRECISION), mask=mask_ln,
+                      sem="relaxed")
 
 
 class Tiles(NamedTuple):
     """Launch parameters of the SSD chunk kernels (chunk states, outputs, backward) and of the state passing."""
 
     L: int
-    BLOCK_P: int
-    BLOCK_N: int
-    PRECISION: str  # of the tl.dot products
+    BLOCK_P: int  # head channels per chunk-state / chunk-output program
+    BLOCK_N: int  # d_state block of the chunk-state and chunk-output kernels
+    PRECISION: str  # of the tl.dot products of fp32 operands
+    OPERAND: tl.dtype  # of the tl.dot products of 16-bit inputs alone (C B^T, x dy^T)
     launch: Launch  # chunk states and outputs
+    BWD_BLOCK_P: int  # head-channel block the chunk backward loops over
+    BWD_BLOCK_N: int  # its d_state block
     bwd_launch: Launch  # chunk backward
     BLOCK: int  # state entries per state-passing program
     pass_launch: Launch
 
 
+# (BWD_BLOCK_P, BWD_BLOCK_N) of the chunk backward: bf16 / fp16 inputs on sm_90, everything else (tiles() says why)
+_BWD_SM90_16BIT = (32, 32)
+_BWD_DEFAULT = (16, 32)
+
+
 def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -> Tiles:
-    """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]; d_state in blocks of ``BLOCK_N`` = 16 (the
-    kernels loop over them, so the chunk length does not grow the register tiles with d_state); head channels in
-    blocks of ``BLOCK_P``: 32 for bf16 / fp16 inputs (tf32x3 tensor-core products), 16 for fp32 inputs (exact fp32
-    FMA products need more registers). 8 warps, but 4 for the fp32 chunk-state and output kernels (at 8 ptxas kept
-    them to 128 registers and the outputs kernel spilled on sm_80). The largest spill-free tiles at L = 64 found on
-    sm_90 (at ``BLOCK_P`` 64, or ``BLOCK_N`` 32 with ``BLOCK_P`` 32, the backward spilled). State passing: 64 entries
-    per program (one warp), so batch 1 with 16 heads of ``[64, 64]`` states gets 1024 programs. The same on every
-    target."""
+    """Chunks of ``chunk_size`` rounded to a power of two in [16, 64]. Chunk states and outputs: head channels in
+    blocks of ``BLOCK_P``, 32 for bf16 / fp16 inputs, 16 for fp32 inputs (exact FMA products need more registers),
+    d_state in blocks of ``BLOCK_N`` = 16 (the kernels loop over them, so the tiles do not grow with d_state); 8 warps,
+    4 for fp32 inputs (at 8 ptxas kept them to 128 registers and the outputs kernel spilled on sm_80). The chunk
+    backward (one program per chunk and head, 8 warps) loops over head channels in blocks of ``BWD_BLOCK_P`` and over
+    d_state in blocks of ``BWD_BLOCK_N``: 16 x 32, and 32 x 32 for bf16 / fp16 inputs on sm_90, the largest that do
+    not spill at L = 64 in ``python -m benchmarks.kernel_resources`` (sm_80 / 86 / 89 / 90, bf16 and fp32, head dims
+    64 and 128, d_state 64 and 128). There the backward takes 244-255 registers with bf16 inputs, 231-254 with fp32,
+    and 30-49 KB of shared memory; 32 x 32 spilled 56-120 B with bf16 on sm_80 / 86 / 89 and 384-440 B with fp32,
+    32 x 16 40-64 B (bf16, sm_80), 16 x 64 72-712 B, 64 x 32 and 32 x 64 112-216 B (bf16, sm_90). Other targets
+    get the same tiles, unmeasured. State passing: 64 entries per program (one warp), so batch 1 with 16 heads of
+    ``[64, 64]`` states gets 1024 programs."""
     L = min(64, max(16, triton.next_power_of_2(chunk_size)))
     exact = dtype == torch.float32
     block_p = 16 if exact else max(16, min(triton.next_power_of_2(p), 32))
-    return Tiles(L, block_p, 16, dot_precision(dtype, target), Launch(num_warps=4 if exact else 8, num_stages=1),
-                 Launch(num_warps=8, num_stages=1), 64, Launch(num_warps=1, num_stages=3))
+    bwd_p, bwd_n = _BWD_SM90_16BIT if not exact and target.arch == 90 else _BWD_DEFAULT
+    bwd_p = max(16, min(triton.next_power_of_2(p), bwd_p))
+    bwd_n = max(16, min(triton.next_power_of_2(n), bwd_n))
+    return Tiles(L, block_p, 16, dot_precision(dtype, target), operand_dtype(dtype, target),
+                 Launch(num_warps=4 if exact else 8, num_stages=1), bwd_p, bwd_n, Launch(num_warps=8, num_stages=1),
+                 64, Launch(num_warps=1, num_stages=3))
 
 
-def _chunk_args(x, B, t: Tiles):
-    """Grid of the chunk kernels ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))`` and their shared shape arguments."""
+def _chunk_args(x, B, L: int, block_p: int):
+    """Grid of a chunk kernel ``(cdiv(T, L), B * H, cdiv(P, block_p))`` and the chunk kernels' shape arguments."""
     batch, T, heads, p = x.shape
-    n_chunks = triton.cdiv(T, t.L)
-    return (n_chunks, batch * heads, triton.cdiv(p, t.BLOCK_P)), (T, heads, B.shape[2], p, n_chunks)
+    n_chunks = triton.cdiv(T, L)
+    return (n_chunks, batch * heads, triton.cdiv(p, block_p)), (T, heads, B.shape[2], p, n_chunks)
 
 
 def _pass_states(states, aend, init, reverse, prev, t: Tiles):
@@ -340,7 +414,7 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
     batch, T, heads, p = x.shape
     n = B.shape[3]
     t = tiles(p, n, chunk_size, dot_dtype(x, B, C), launch_target(x.device))
-    grid, dims = _chunk_args(x, B, t)
+    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     states = torch.empty(batch, heads, grid[0], p, n, device=x.device, dtype=torch.float32)
     aend = torch.empty(batch, heads, grid[0], device=x.device, dtype=torch.float32)
@@ -349,34 +423,35 @@ def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_l
     _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias, B, states, aend, *dims, *limits, GRAD=False, **common)
     final_state, _ = _pass_states(states, aend, initial_state, False, None, t)  # states now hold the start states
     y = torch.empty_like(x)
-    _ssd_chunk_scan_kernel[grid](x, dt, A, B, C, D, dt_bias, states, y, *dims, *limits, HAS_D=D is not None, **common)
+    _ssd_chunk_scan_kernel[grid](x, dt, A, B, C, D, dt_bias, states, y, *dims, *limits, HAS_D=D is not None,
+                                 OPERAND=t.OPERAND, **common)
     return y, final_state, states, aend
 
 
 def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_softplus, dt_limit, chunk_size):
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    t = tiles(p, n, chunk_size, dot_dtype(x, B, C), launch_target(x.device))
-    grid, dims = _chunk_args(x, B, t)
+    t = tiles(p, n, chunk_size, dot_dtype(x, B, C, dy), launch_target(x.device))
+    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     f32 = dict(device=x.device, dtype=torch.float32)
-    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
-                  PRECISION=t.PRECISION)
+    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, PRECISION=t.PRECISION)
     dstates = torch.empty(batch, heads, grid[0], p, n, **f32)
-    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *dims, *limits, GRAD=True, **common,
-                                  **t.launch._asdict())
+    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *dims, *limits, GRAD=True, BLOCK_P=t.BLOCK_P,
+                                  BLOCK_N=t.BLOCK_N, **common, **t.launch._asdict())
     dh0, daend = _pass_states(dstates, aend, d_final, True, starts, t)  # dstates now hold the end-state gradients
     dx = torch.empty_like(x)
-    ddt = torch.zeros(batch, T, heads, **f32)  # atomic sums over head-channel blocks
+    ddt = torch.empty(batch, T, heads, **f32)
     dB = torch.zeros(batch, T, groups, n, **f32)  # atomic sums over the heads of a group
     dC = torch.zeros(batch, T, groups, n, **f32)
-    dA = torch.empty(batch * heads, grid[0], grid[2], **f32)  # partial sums per (chunk, channel block)
-    dD = torch.empty(batch * heads, grid[0], grid[2], **f32)
-    _ssd_chunk_bwd_kernel[grid](
+    dA = torch.empty(batch * heads, grid[0], **f32)  # per chunk
+    dD = torch.empty(batch * heads, grid[0], **f32)
+    _ssd_chunk_bwd_kernel[grid[:2]](  # (cdiv(T, L), B * H)
         x, dt, A, B, C, D, dt_bias, starts, dstates, daend, dy, dx, ddt, dB, dC, dA, dD, *dims, *limits,
-        HAS_D=D is not None, **common, **t.bwd_launch._asdict(),
+        HAS_D=D is not None, BLOCK_P=t.BWD_BLOCK_P, BLOCK_N=t.BWD_BLOCK_N, OPERAND=t.OPERAND, **common,
+        **t.bwd_launch._asdict(),
     )
-    dA = dA.view(batch, heads, -1).sum((0, 2))
+    dA = dA.view(batch, heads, -1).sum((0, 2))  # [B, H, cdiv(T, L)] -> [H]
     dD = dD.view(batch, heads, -1).sum((0, 2))
     dbias = ddt.sum((0, 1))  # dt + dt_bias enters the kernel as one sum
     return dx, ddt, dA, dB, dC, dD, dbias, dh0
