@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from zoo.kernels.backends import CuSeqlens
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256  # kernels that hold a [K, BV] state in registers refuse larger head dims
 MAX_GRID_YZ = 65535  # CUDA's limit of grid axes y and z (x allows 2^31 - 1)
@@ -140,7 +142,9 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1, layout: str |
     With ``layout`` (one letter per tensor but the state: ``t`` per-token ``[B, T, ...]``, ``p`` a parameter shared
     by every token) and ``state_elements(*tensors)`` (the state's numel, batch included), sequences longer than
     :func:`segment_tokens` run in segments (segmented recompute, above): the same outputs and gradients up to
-    rounding, the op's buffers those of one segment. ``T <= S`` takes the one-launch-sequence path."""
+    rounding, the op's buffers those of one segment. ``T <= S`` takes the one-launch-sequence path, the only one for
+    packed documents (a :class:`~zoo.kernels.backends.CuSeqlens` among the config, passed to both launchers as is:
+    the caller checks :func:`varlen_in_one_launch` first)."""
     if (layout is None) != (state_elements is None):
         raise ValueError("scan_function: give both layout and state_elements, or neither")
 
@@ -152,6 +156,8 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1, layout: str |
             ctx.dtypes = [None if t is None else t.dtype for t in tensors]
             T = tensors[0].shape[1]
             S = segment_tokens(state_elements(*tensors)) if layout is not None else T
+            if T > S and any(isinstance(c, CuSeqlens) for c in config):
+                raise ValueError(f"packed documents of {T} tokens exceed a segment of {S}: run each document alone")
             with device_guard(tensors[0].device):
                 if T <= S:
                     out, final, *saved = fwd(*tensors, *config)
@@ -229,42 +235,63 @@ def recurrent_tiles(K: int, V: int, dtype: torch.dtype, target: Target) -> Recur
     return RecurrentTiles(BK, BV, Launch(num_warps=4 if BK * BV <= 2048 else 8, num_stages=3))
 
 
-def recurrent_fwd(kernel, inputs: list[torch.Tensor], V: int, initial_state: torch.Tensor | None, chunk_size: int):
-    """Launch a fused-recurrent forward ``kernel(*inputs, s0, o, ckpt, s_final, T, NC, **shapes)`` (the first input
-    ``[B, T, H, K]``, contiguous), grid ``(cdiv(V, BV), B * H)``, a checkpoint every ``chunk_size`` tokens. Returns fp32
-    ``(o [B, T, H, V], final_state [B, H, K, V], checkpoints [B * H * NV, NC, BK, BV])``."""
+def _documents(B: int, T: int, cu_seqlens) -> tuple[int, int]:
+    """``(N, longest)``: the sequences a recurrent launch walks and the longest one's tokens, ``(B, T)`` without
+    packed documents, else from the host bounds of ``cu_seqlens`` (no device sync)."""
+    if cu_seqlens is None:
+        return B, T
+    bounds = cu_seqlens.bounds
+    return len(bounds) - 1, max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def recurrent_fwd(kernel, inputs: list[torch.Tensor], V: int, initial_state: torch.Tensor | None, chunk_size: int,
+                  cu_seqlens=None):
+    """Launch a fused-recurrent forward ``kernel(*inputs, s0, o, ckpt, s_final, cu, T, NC, **shapes)`` (the first input
+    ``[B, T, H, K]``, contiguous) over N sequences: the B rows, or with ``cu_seqlens`` (a
+    :class:`~zoo.kernels.backends.CuSeqlens` over ``B = 1``) the N packed documents, ``cu`` its int tensor (None
+    without). Grid ``(cdiv(V, BV), N * H)``, a checkpoint every ``chunk_size`` tokens of each sequence, NC =
+    ``cdiv(longest, chunk_size)`` slots per program. Returns fp32 ``(o [B, T, H, V], final_state [N, H, K, V],
+    checkpoints [N * H * NV, NC, BK, BV])``."""
     B, T, H, K = inputs[0].shape
+    N, longest = _documents(B, T, cu_seqlens)
     t = recurrent_tiles(K, V, inputs[0].dtype, launch_target(inputs[0].device))
-    NV, NC = triton.cdiv(V, t.BV), triton.cdiv(T, chunk_size)
+    NV, NC = triton.cdiv(V, t.BV), triton.cdiv(longest, chunk_size)
     f32 = dict(dtype=torch.float32, device=inputs[0].device)
-    o, s_final = torch.empty(B, T, H, V, **f32), torch.empty(B, H, K, V, **f32)
-    ckpt = torch.empty(B * H * NV, NC, t.BK, t.BV, **f32)
+    o, s_final = torch.empty(B, T, H, V, **f32), torch.empty(N, H, K, V, **f32)
+    ckpt = torch.empty(N * H * NV, NC, t.BK, t.BV, **f32)
     has_s0 = initial_state is not None
-    kernel[(NV, B * H)](
-        *inputs, initial_state if has_s0 else s_final, o, ckpt, s_final,
-        T, NC, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_S0=has_s0, **t.launch._asdict(),
+    cu = None if cu_seqlens is None else cu_seqlens.on(inputs[0].device)
+    kernel[(NV, N * H)](
+        *inputs, initial_state if has_s0 else s_final, o, ckpt, s_final, cu,
+        T, NC, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_S0=has_s0, IS_VARLEN=cu is not None,
+        **t.launch._asdict(),
     )
     return o, s_final, ckpt
 
 
-def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_size: int, grads: str) -> list[torch.Tensor]:
-    """Launch a fused-recurrent backward ``kernel(*inputs, do, ds_final, ckpt, scratch, *grads, ds0, T, NC, B,
-    **shapes)``; ``grads`` names the kernel's gradient buffers in order, one letter each: ``k`` ``[NV, B, T, H, K]`` and
-    ``u`` ``[NV, B, H, K]`` / ``g`` ``[NV, B, H]`` (per-V-block partial sums, added up here), ``v`` ``[B, T, H, V]``.
-    Returns fp32 ``[*grads, d_initial_state]``."""
+def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_size: int, grads: str,
+                  cu_seqlens=None) -> list[torch.Tensor]:
+    """Launch a fused-recurrent backward ``kernel(*inputs, do, ds_final, ckpt, scratch, *grads, ds0, cu, T, NC, B,
+    **shapes)`` over the forward's N sequences (``B`` = N) and grid; ``grads`` names the kernel's gradient buffers in
+    order, one letter each: ``k`` ``[NV, B, T, H, K]`` and ``u`` ``[NV, N, H, K]`` / ``g`` ``[NV, N, H]`` (per-V-block
+    and per-sequence partial sums, added up here), ``v`` ``[B, T, H, V]``. Returns fp32 ``[*grads,
+    d_initial_state [N, H, K, V]]``."""
     B, T, H, K = inputs[0].shape
+    N = _documents(B, T, cu_seqlens)[0]
     V = do.shape[-1]
     t = recurrent_tiles(K, V, inputs[0].dtype, launch_target(inputs[0].device))
     NV = triton.cdiv(V, t.BV)
     f32 = dict(dtype=torch.float32, device=inputs[0].device)
-    shapes = {"k": (NV, B, T, H, K), "v": (B, T, H, V), "u": (NV, B, H, K), "g": (NV, B, H)}
+    shapes = {"k": (NV, B, T, H, K), "v": (B, T, H, V), "u": (NV, N, H, K), "g": (NV, N, H)}
     buffers = [torch.empty(shapes[g], **f32) for g in grads]
-    ds0 = torch.empty(B, H, K, V, **f32)
-    scratch = torch.empty(B * H * NV, chunk_size, t.BK, t.BV, **f32)
+    ds0 = torch.empty(N, H, K, V, **f32)
+    scratch = torch.empty(N * H * NV, chunk_size, t.BK, t.BV, **f32)
     has_ds = ds_final is not None
-    kernel[(NV, B * H)](
-        *inputs, do, ds_final if has_ds else ds0, ckpt, scratch, *buffers, ds0,
-        T, ckpt.shape[1], B, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_DS_FINAL=has_ds, **t.launch._asdict(),
+    cu = None if cu_seqlens is None else cu_seqlens.on(inputs[0].device)
+    kernel[(NV, N * H)](
+        *inputs, do, ds_final if has_ds else ds0, ckpt, scratch, *buffers, ds0, cu,
+        T, ckpt.shape[1], N, H=H, K=K, V=V, BK=t.BK, BV=t.BV, CH=chunk_size, HAS_DS_FINAL=has_ds,
+        IS_VARLEN=cu is not None, **t.launch._asdict(),
     )
     sums = {"k": (0,), "v": (), "u": (0, 1), "g": (0, 1)}
     out = []
@@ -273,6 +300,32 @@ def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_
         out.append(b.sum(sums[g]) if sums[g] else b)
         del b
     return out + [ds0]
+
+
+@triton.jit
+def sequence_span(cu, i_n, T, NC, CH: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """``(bos, L, N_C)`` of a fused-recurrent program's sequence ``i_n``: its tokens ``[bos, bos + L)`` and checkpoint
+    chunks: document ``i_n`` of a packed row (``cu`` its int boundaries) with ``IS_VARLEN``, else row ``i_n`` of T
+    tokens and NC chunks."""
+    if IS_VARLEN:
+        bos = tl.load(cu + i_n).to(tl.int64)
+        L = (tl.load(cu + i_n + 1) - bos).to(tl.int32)
+        N_C = tl.cdiv(L, CH)
+    else:
+        bos, L, N_C = i_n * T, T, NC
+    return bos, L, N_C
+
+
+def varlen_in_one_launch(cu_seqlens, state_elements: int, chunk_size: int, heads: int) -> bool:
+    """Whether a fused-recurrent scan runs packed documents ``cu_seqlens`` (a
+    :class:`~zoo.kernels.backends.CuSeqlens`) in one launch sequence, each document's state having
+    ``state_elements`` entries: when the N * H programs fit grid axis y and the checkpoint slots, N documents x
+    ``cdiv(longest, chunk_size) * chunk_size`` tokens (every document gets the longest one's), fit one segment
+    (:func:`segment_tokens`), so the buffers stay those of one segment. Otherwise the caller runs each document
+    alone."""
+    n, longest = _documents(1, 0, cu_seqlens)
+    padded = n * triton.cdiv(longest, chunk_size) * chunk_size
+    return n * heads <= MAX_GRID_YZ and padded <= segment_tokens(state_elements)
 
 
 def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -2,7 +2,10 @@
 delta-rule parametrisations and every backend that runs here, a packed call gives each document's outputs, final
 state and gradients as that document run alone (issue 28). Documents shorter than a chunk, of one token, and
 boundaries inside a chunk; a start state per document. fla's kernels take ``cu_seqlens`` themselves (one launch over
-the packed tokens: a real check of fla's varlen path in the interpreter); the other backends run once per document."""
+the packed tokens: a real check of fla's varlen path in the interpreter), and so do zoo's fused-recurrent Triton
+kernels (``triton_recurrent`` of RWKV-6, RWKV-7 and retention: one launch, a program per document and head); the
+other backends run once per document."""
+import importlib
 import inspect
 
 import pytest
@@ -185,7 +188,7 @@ class NoReadBack:
 
 
 @pytest.mark.parametrize("op,backend", [(op, b) for op, (_, table, _, _) in CASES.items() for b in _runnable(table)
-                                        if b in ("torch", "fla")])  # the Triton backends share torch's per-document loop
+                                        if b in ("torch", "fla")])  # the other Triton backends share torch's per-document loop
 def test_host_bounds_give_the_same_call_without_reading_the_tensor(op, backend, shims):
     """``cu_seqlens`` as a tensor (read once), as ints or as a ``CuSeqlens`` (host bounds beside the tensor, what the
     blocks pass): the same outputs and states; with host bounds no tensor is read back during the per-document
@@ -218,3 +221,161 @@ def test_one_document_reads_the_tensor_once(monkeypatch):
     reads.clear()
     _run("rwkv6", "torch", _example("rwkv6"), None, cu)
     assert reads == [cu.shape]
+
+
+# ---------------------------------------------------------------- the fused-recurrent Triton kernels, varlen-native
+
+RECURRENT = ("rwkv6", "rwkv7", "retention")
+ODD = {"H": 3, "K": 24, "V": 40}  # K padded to 32 (BK), V in two blocks of 32 (the second partly masked)
+TRITON_TOL = {torch.float32: TOL["native"], torch.bfloat16: 3e-2}  # bf16: max |error| / max |reference|, as in test_triton_rwkv.py
+
+
+def _odd_example(op: str, dtype) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The op's arguments at :data:`ODD` over the packed :data:`LENGTHS` (activations in ``dtype``, decays and ``u``
+    fp32 as the layers pass them), a start state per document and ``cu_seqlens``."""
+    _, _, build, _ = CASES[op]
+    torch.manual_seed(1)
+    args = build(ODD, 1, sum(LENGTHS), torch.device("cpu"), dtype)
+    args.pop("initial_state", None)
+    s0 = torch.randn(len(LENGTHS), ODD["H"], ODD["K"], ODD["V"])
+    return args, s0, torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
+
+
+def _packed_with_grads(op: str, backend: str, args: dict, s0, cu, w_o, w_s, to=None):
+    """``(o, final, grads)`` of the packed call (``to``: each tensor cast first, e.g. fp64 for the reference), the loss
+    ``sum(o * w_o) + sum(final * w_s)``; ``grads`` by name, ``initial_state`` included, in the inputs' dtypes."""
+    leaves = {n: (t.to(to) if to is not None else t).detach().clone().requires_grad_() for n, t in args.items()}
+    state = (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
+    o, final = _run(op, backend, leaves, state, cu)
+    ((o.float() * w_o).sum() + (final.float() * w_s).sum()).backward()
+    return o, final, {**{n: t.grad for n, t in leaves.items()}, "initial_state": state.grad}
+
+
+def _alone_with_grads(op: str, backend: str, args: dict, s0, cu, w_o, w_s, to=None):
+    """The same as :func:`_packed_with_grads`, each document run alone (its own call, its own start state)."""
+    tokens = _token_names(op)
+    leaves = {n: (t.to(to) if to is not None else t).detach().clone().requires_grad_() for n, t in args.items()}
+    state = (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o_i, f_i = _run(op, backend, {n: t[:, s:e] if n in tokens else t for n, t in leaves.items()}, state[i:i + 1])
+        outs.append(o_i)
+        finals.append(f_i)
+    o, final = torch.cat(outs, 1), torch.cat(finals, 0)
+    ((o.float() * w_o).sum() + (final.float() * w_s).sum()).backward()
+    return o, final, {**{n: t.grad for n, t in leaves.items()}, "initial_state": state.grad}
+
+
+def _assert_relative(actual, expected, tol, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-30)
+    assert err <= tol * scale, f"{what}: max |error| {err:.3g} > {tol} x max |reference| {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", RECURRENT)
+def test_triton_recurrent_packed_matches_each_document_in_torch(op, dtype):
+    """One varlen launch over documents of 5, 1, 19 and 12 tokens (checkpoints every 8: a document shorter than a
+    chunk, one of a single token, boundaries inside chunks), head dims K = 24, V = 40, H = 3, a start state each:
+    outputs, final states and the gradients of every input (``u`` / ``log_decay`` and the start states included)
+    equal each document run alone by the torch backend in fp64 on the same values. fp32: within :data:`TOL`'s native
+    tolerance; bf16 (gradients rounded to bf16): within 3e-2 of the largest reference value."""
+    args, s0, cu = _odd_example(op, dtype)
+    torch.manual_seed(2)
+    o_shape = (1, sum(LENGTHS), ODD["H"], ODD["V"])
+    w_o, w_s = torch.randn(o_shape), torch.randn(s0.shape)
+    o, final, grads = _packed_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
+    o_ref, final_ref, grads_ref = _alone_with_grads(op, "torch", args, s0, cu, w_o.double(), w_s.double(), to=torch.float64)
+    assert final.shape == s0.shape and o.shape == o_shape
+    tol = TRITON_TOL[dtype]
+    checks = {"o": (o, o_ref), "final state": (final, final_ref),
+              **{f"d{n}": (g, grads_ref[n]) for n, g in grads.items()}}
+    for what, (got, want) in checks.items():
+        assert got is not None and want is not None, what
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=lambda m: f"{op} {what}: {m}")
+        else:
+            _assert_relative(got, want, tol, f"{op} {what}")
+    for n, g in grads.items():
+        assert g.dtype == (s0 if n == "initial_state" else args[n]).dtype, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", RECURRENT)
+def test_triton_recurrent_packed_equals_its_own_per_document_calls(op, dtype):
+    """The varlen launch against the same kernels run once per document (the path before varlen): the same fp32 sums
+    per document, so equal within :data:`TOL`'s per-document tolerance (bit for bit in the interpreter), but for the
+    gradients of ``u`` / ``log_decay``, summed over the documents in another order: :data:`TOL`'s native tolerance."""
+    args, s0, cu = _odd_example(op, dtype)
+    torch.manual_seed(3)
+    w_o, w_s = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"]), torch.randn(s0.shape)
+    o, final, grads = _packed_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
+    o_ref, final_ref, grads_ref = _alone_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
+    tol = TOL["per_document"]
+    torch.testing.assert_close(o, o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(final, final_ref, atol=tol, rtol=tol)
+    for n, g in grads.items():
+        t = TOL["native"] if n in ("u", "log_decay") else tol
+        torch.testing.assert_close(g, grads_ref[n], atol=t, rtol=t, msg=lambda m: f"d{n}: {m}")
+
+
+_TRITON_MODULES = {"rwkv6": "zoo.kernels.rwkv6.triton_rwkv6", "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
+                   "retention": "zoo.kernels.retention.triton_retention"}
+
+
+def _recording_launches(monkeypatch, op: str) -> list[tuple[str, tuple]]:
+    """Each launch of the op's fused-recurrent kernels, as ``(kernel, grid)``, recorded on the way to the kernel."""
+    module = importlib.import_module(_TRITON_MODULES[op])
+    seen = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            seen.append((self.name, tuple(grid)))
+            return self.kernel[grid]
+
+    for launcher in ("recurrent_fwd", "recurrent_bwd"):  # the launchers the op's module calls with its kernels
+        real = getattr(module, launcher)
+        monkeypatch.setattr(module, launcher,
+                            lambda kernel, *a, _real=real, **kw: _real(Recorder(kernel.fn.__name__, kernel), *a, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_triton_recurrent_packed_call_is_one_launch_over_all_documents(op, monkeypatch):
+    """``varlen=True`` in the table: the packed call reaches the Triton backend with ``cu_seqlens`` (no per-document
+    loop) and runs one forward and one backward launch, grid ``(cdiv(V, BV), N * H)``."""
+    _, table, _, _ = CASES[op]
+    assert table.backends["triton_recurrent"].varlen
+    monkeypatch.setattr(type(table), "per_document", lambda *a, **kw: pytest.fail("per-document loop taken"))
+    seen = _recording_launches(monkeypatch, op)
+    args, s0, cu = _odd_example(op, torch.float32)
+    w = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"])
+    _packed_with_grads(op, "triton_recurrent", args, s0, cu, w, torch.zeros(s0.shape))
+    grid = (2, len(LENGTHS) * ODD["H"])  # V = 40 in blocks of 32
+    assert seen == [(f"_{op}_fwd_kernel", grid), (f"_{op}_bwd_kernel", grid)]
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_triton_recurrent_packed_over_a_segment_runs_each_document_alone(op, monkeypatch):
+    """Packed documents whose padded checkpoints (N x the longest, in chunks) exceed a segment of the scan (here
+    forced to 16 tokens) run once per document, each in its own segments: the memory of before, the same results."""
+    from zoo.kernels.triton_common import forced_segment
+
+    args, s0, cu = _odd_example(op, torch.float32)
+    w_o, w_s = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"]), torch.randn(s0.shape)
+    native = _packed_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
+    seen = _recording_launches(monkeypatch, op)
+    with forced_segment(16):
+        split = _packed_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
+    # forward: 1 + 1 + 2 + 1 segments (the 19 tokens: two); backward: one per segment, the two of the segmented
+    # document each after its forward's recompute
+    kernels = [k for k, _ in seen]
+    assert (kernels.count(f"_{op}_fwd_kernel"), kernels.count(f"_{op}_bwd_kernel")) == (5 + 2, 5)
+    assert all(grid == (2, ODD["H"]) for _, grid in seen)
+    for a, b in zip(native[:2], split[:2]):
+        torch.testing.assert_close(a, b, atol=TOL["native"], rtol=TOL["native"])
+    for n, g in native[2].items():
+        torch.testing.assert_close(g, split[2][n], atol=TOL["native"], rtol=TOL["native"], msg=lambda m: f"d{n}: {m}")

@@ -80,7 +80,7 @@ __all__ = ["BACKENDS", "FORMS", "check_retention_inputs", "retention", "retentio
 TRITON = "zoo.kernels.retention.triton_retention"
 BACKENDS = BackendTable("retention", {
     "torch": Backend(retention_torch),
-    "triton_recurrent": Backend(f"{TRITON}:retention_triton_recurrent", "triton"),
+    "triton_recurrent": Backend(f"{TRITON}:retention_triton_recurrent", "triton", varlen=True),
     "triton_chunk_serial": Backend(f"{TRITON}:retention_triton_chunk_serial", "triton"),
     "triton_chunk": Backend("zoo.kernels.retention.triton_chunk_parallel:retention_chunk_parallel", "triton"),
     "fla": Backend(retention_fla, "fla", varlen=True),

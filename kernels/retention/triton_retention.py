@@ -1,7 +1,8 @@
 """Triton retention (Sun et al. 2023), forward and backward (same maths as ``naive.py``): two designs.
 
-Fused recurrent (Eq. (6)), ``form="recurrent"``: one program per (V block, batch, head) keeps its state slice
-``S [K, BV]`` in registers and walks the sequence, ``S_t = gamma_h S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. The
+Fused recurrent (Eq. (6)), ``form="recurrent"``: one program per (V block, sequence, head) keeps its state slice
+``S [K, BV]`` in registers and walks the sequence (a batch row, or one of the packed documents of ``cu_seqlens`` in a
+single launch), ``S_t = gamma_h S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. The
 forward pass saves the state every ``chunk_size`` tokens; the backward pass walks those chunks in reverse,
 recomputes each chunk's states from its checkpoint into a per-program scratch buffer (no division by gamma) and
 runs the reverse-time recurrence with ``G_t = dS_t + q_t^T do_t``:
@@ -27,42 +28,45 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.retention import FORMS, check_retention_inputs
+from zoo.kernels.retention import BACKENDS, FORMS, check_retention_inputs
 from zoo.kernels.triton_common import (
     Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, recurrent_bwd,
-    recurrent_fwd, scan_function,
+    recurrent_fwd, scan_function, sequence_span, varlen_in_one_launch,
 )
 
 
 @triton.jit
 def _retention_fwd_kernel(
-    q, k, v, g, s0, o, ckpt, s_final,
+    q, k, v, g, s0, o, ckpt, s_final, cu,
     T, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_S0: tl.constexpr,
+    HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the sequence with state columns ``[i_v * BV,
-    (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, N sequences: program ``(i_v, i_nh)`` walks sequence ``i_nh // H``, head ``i_nh %
+    H``, with state columns ``[i_v * BV, (i_v + 1) * BV)``. The sequences: the B rows of T tokens, or with
+    ``IS_VARLEN`` the documents ``[cu[i], cu[i + 1])`` of one packed row of T tokens (``cu`` their int boundaries;
+    states ``[N, H, K, V]``, NC checkpoint slots for the longest)."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
     if HAS_S0:
         b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    # checkpoints: [B * H * NV, NC, BK, BV], padded, fp32
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    for c in range(NC):
+    # checkpoints: [N * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    for c in range(N_C):
         tl.store(p_ckpt + c * BK * BV, b_s)
-        for t in range(c * CH, tl.minimum(c * CH + CH, T)):
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+        for t in range(c * CH, tl.minimum(c * CH + CH, L)):
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_q = tl.load(q + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
@@ -74,20 +78,21 @@ def _retention_fwd_kernel(
 @triton.jit
 def _retention_bwd_kernel(
     q, k, v, g, do, ds_final, ckpt, scratch,
-    dq, dk, dv, dg, ds0,
+    dq, dk, dv, dg, ds0, cu,
     T, NC, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_DS_FINAL: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks its checkpoints in reverse."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, the forward's (``B`` = N): program ``(i_v, i_nh)`` walks its checkpoints in
+    reverse."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
     if HAS_DS_FINAL:
         b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
@@ -95,18 +100,19 @@ def _retention_bwd_kernel(
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     b_dg = tl.zeros([BK, BV], dtype=tl.float32)
     o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + o_blk
-    p_scr = scratch + (i_bh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
-    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
-    for i_c in range(NC):
-        c = NC - 1 - i_c
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + o_blk
+    p_scr = scratch + (i_nh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    p_part = i_v * (1 if IS_VARLEN else B) * T * H * K  # K-sized gradients: [NV, B (packed: 1), T, H, K] partial sums
+    for i_c in range(N_C):
+        c = N_C - 1 - i_c
         t0 = c * CH
-        n = tl.minimum(CH, T - t0)
+        n = tl.minimum(CH, L - t0)
         b_s = tl.load(p_ckpt + c * BK * BV)
         for j in range(n):
             tl.store(p_scr + j * BK * BV, b_s)
-            p_tk = ((i_b * T + t0 + j) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t0 + j) * H + i_h) * V + o_v
+            p_tk = ((bos + t0 + j) * H + i_h) * K + o_k
+            p_tv = ((bos + t0 + j) * H + i_h) * V + o_v
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
             b_s = b_s * b_gamma + b_k[:, None] * b_v[None, :]
@@ -114,8 +120,8 @@ def _retention_bwd_kernel(
         for i_j in range(n):
             t = t0 + n - 1 - i_j
             b_sp = tl.load(p_scr + (n - 1 - i_j) * BK * BV)
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_q = tl.load(q + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
@@ -129,7 +135,7 @@ def _retention_bwd_kernel(
             b_ds = b_g * b_gamma
         tl.debug_barrier()
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
-    tl.store(dg + i_v * B * H + i_bh, b_gamma * tl.sum(tl.sum(b_dg, axis=1), axis=0))
+    tl.store(dg + i_v * B * H + i_nh, b_gamma * tl.sum(tl.sum(b_dg, axis=1), axis=0))
 
 
 @triton.jit
@@ -254,14 +260,15 @@ def _retention_chunk_bwd_kernel(
     tl.store(dg + i_v * B * H + i_bh, tl.sum(b_dg, axis=0))
 
 
-def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
-    """Launch the fused-recurrent forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    return recurrent_fwd(_retention_fwd_kernel, [q, k, v, log_decay], v.shape[-1], initial_state, chunk_size)
+def retention_fwd(q, k, v, log_decay, initial_state, chunk_size: int, cu_seqlens=None):
+    """Launch the fused-recurrent forward kernel on contiguous inputs (packed documents: ``cu_seqlens``, a
+    ``CuSeqlens``). Returns ``(o, final_state, checkpoints)`` in fp32."""
+    return recurrent_fwd(_retention_fwd_kernel, [q, k, v, log_decay], v.shape[-1], initial_state, chunk_size, cu_seqlens)
 
 
-def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int):
+def retention_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int, cu_seqlens=None):
     """Launch the fused-recurrent backward kernel. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
-    return recurrent_bwd(_retention_bwd_kernel, [q, k, v, log_decay], do, ds_final, ckpt, chunk_size, "kkvg")
+    return recurrent_bwd(_retention_bwd_kernel, [q, k, v, log_decay], do, ds_final, ckpt, chunk_size, "kkvg", cu_seqlens)
 
 
 class ChunkTiles(NamedTuple):
@@ -345,8 +352,11 @@ def retention_chunk_bwd(q, k, v, log_decay, do, ds_final, ckpt, chunk_size: int)
     return dq.sum(0), dk.sum(0), dv, dg.sum((0, 1)), ds0
 
 
-RecurrentFunction = scan_function(retention_fwd, retention_bwd, layout="tttp",
-                                  state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
+def _state_elements(q, k, v, *_):
+    return q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1]
+
+
+RecurrentFunction = scan_function(retention_fwd, retention_bwd, n_config=2, layout="tttp", state_elements=_state_elements)
 ChunkFunction = scan_function(retention_chunk_fwd, retention_chunk_bwd, layout="tttp",
                               state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
 
@@ -359,10 +369,22 @@ def _run(op: str, function, q, k, v, log_decay, initial_state, chunk_size: int):
     return o.to(v.dtype), final
 
 
-def retention_triton_recurrent(q, k, v, log_decay, initial_state=None, form: str = "recurrent", chunk_size: int = 64):
+def retention_triton_recurrent(q, k, v, log_decay, initial_state=None, form: str = "recurrent", chunk_size: int = 64,
+                               cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the fused-recurrent
-    kernels whatever ``form``; ``chunk_size`` = tokens between the states saved for the backward pass."""
-    return _run("retention_triton", RecurrentFunction, q, k, v, log_decay, initial_state, chunk_size)
+    kernels whatever ``form``; ``chunk_size`` = tokens between the states saved for the backward pass. Packed
+    documents (``cu_seqlens``, a ``CuSeqlens``): one launch over all of them when
+    :func:`~zoo.kernels.triton_common.varlen_in_one_launch`, else one call per document."""
+    args = (q, k, v, log_decay, initial_state, form, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    K = check_retention_inputs("retention_triton", *one[:5], chunk_size)
+    if cu_seqlens is not None and not varlen_in_one_launch(cu_seqlens, _state_elements(q, k, v), chunk_size, q.shape[2]):
+        return BACKENDS.per_document(retention_triton_recurrent, args, cu_seqlens)
+    n = q.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
+    check_triton_call("retention_triton", _retention_fwd_kernel, q, k, v, log_decay, initial_state, head_dim=K,
+                      batch_heads=n * q.shape[2])
+    o, final = RecurrentFunction.apply(q, k, v, log_decay, initial_state, chunk_size, cu_seqlens)
+    return o.to(v.dtype), final
 
 
 def retention_triton_chunk_serial(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):

@@ -46,7 +46,7 @@ def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
 
 BACKENDS = BackendTable("rwkv6", {
     "torch": Backend(rwkv6_torch),
-    "triton_recurrent": Backend("zoo.kernels.rwkv6.triton_rwkv6:rwkv6_triton", "triton"),
+    "triton_recurrent": Backend("zoo.kernels.rwkv6.triton_rwkv6:rwkv6_triton", "triton", varlen=True),
     "triton_chunk": Backend("zoo.kernels.rwkv6.triton_chunk_parallel:rwkv6_chunk_parallel", "triton"),
     "fla": Backend(rwkv6_fla, "fla", varlen=True),
 }, aliases={"triton": "triton_recurrent"}, layout="tttt.s.")

@@ -1,6 +1,7 @@
 """Triton fused-recurrent RWKV-6 WKV, forward and backward (same maths as ``naive.py``).
 
-One program per (V block, batch, head) keeps its state slice ``S [K, BV]`` in registers and walks the sequence:
+One program per (V block, sequence, head) keeps its state slice ``S [K, BV]`` in registers and walks the sequence
+(a batch row, or one of the packed documents of ``cu_seqlens`` in a single launch):
 
     o_t = r_t S_{t-1} + (r_t . (u * k_t)) v_t,      S_t = diag(exp(w_log_t)) S_{t-1} + k_t^T v_t
 
@@ -20,39 +21,43 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.triton_common import check_triton_call, recurrent_bwd, recurrent_fwd, scan_function
+from zoo.kernels.rwkv6 import BACKENDS, check_rwkv6_inputs
+from zoo.kernels.triton_common import (check_triton_call, recurrent_bwd, recurrent_fwd, scan_function, sequence_span,
+                                      varlen_in_one_launch)
 
 
 @triton.jit
 def _rwkv6_fwd_kernel(
-    r, k, v, w, u, s0, o, ckpt, s_final,
+    r, k, v, w, u, s0, o, ckpt, s_final, cu,
     T, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_S0: tl.constexpr,
+    HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the sequence with state columns ``[i_v * BV,
-    (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, N sequences: program ``(i_v, i_nh)`` walks sequence ``i_nh // H``, head ``i_nh %
+    H``, with state columns ``[i_v * BV, (i_v + 1) * BV)``. The sequences: the B rows of T tokens, or with
+    ``IS_VARLEN`` the documents ``[cu[i], cu[i + 1])`` of one packed row of T tokens (``cu`` their int boundaries;
+    states ``[N, H, K, V]``, NC checkpoint slots for the longest)."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     if HAS_S0:
         b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    # checkpoints: [B * H * NV, NC, BK, BV], padded, fp32
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    for c in range(NC):
+    # checkpoints: [N * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    for c in range(N_C):
         tl.store(p_ckpt + c * BK * BV, b_s)
-        for t in range(c * CH, tl.minimum(c * CH + CH, T)):
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+        for t in range(c * CH, tl.minimum(c * CH + CH, L)):
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
@@ -67,20 +72,21 @@ def _rwkv6_fwd_kernel(
 @triton.jit
 def _rwkv6_bwd_kernel(
     r, k, v, w, u, do, ds_final, ckpt, scratch,
-    dr, dk, dv, dw, du, ds0,
+    dr, dk, dv, dw, du, ds0, cu,
     T, NC, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_DS_FINAL: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks its checkpoints in reverse."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, the forward's (``B`` = N): program ``(i_v, i_nh)`` walks its checkpoints in
+    reverse."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     if HAS_DS_FINAL:
         b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
@@ -88,18 +94,19 @@ def _rwkv6_bwd_kernel(
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     b_du = tl.zeros([BK], dtype=tl.float32)
     o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + o_blk
-    p_scr = scratch + (i_bh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
-    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
-    for i_c in range(NC):
-        c = NC - 1 - i_c
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + o_blk
+    p_scr = scratch + (i_nh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    p_part = i_v * (1 if IS_VARLEN else B) * T * H * K  # K-sized gradients: [NV, B (packed: 1), T, H, K] partial sums
+    for i_c in range(N_C):
+        c = N_C - 1 - i_c
         t0 = c * CH
-        n = tl.minimum(CH, T - t0)
+        n = tl.minimum(CH, L - t0)
         b_s = tl.load(p_ckpt + c * BK * BV)
         for j in range(n):
             tl.store(p_scr + j * BK * BV, b_s)
-            p_tk = ((i_b * T + t0 + j) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t0 + j) * H + i_h) * V + o_v
+            p_tk = ((bos + t0 + j) * H + i_h) * K + o_k
+            p_tv = ((bos + t0 + j) * H + i_h) * V + o_v
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_v = tl.load(v + p_tv, mask=m_v, other=0.0).to(tl.float32)
@@ -108,8 +115,8 @@ def _rwkv6_bwd_kernel(
         for i_j in range(n):
             t = t0 + n - 1 - i_j
             b_sp = tl.load(p_scr + (n - 1 - i_j) * BK * BV)
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
@@ -129,28 +136,38 @@ def _rwkv6_bwd_kernel(
             b_ds = b_ds * b_decay[:, None] + b_r[:, None] * b_do[None, :]
         tl.debug_barrier()
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
-    tl.store(du + (i_v * B * H + i_bh) * K + o_k, b_du, mask=m_k)
+    tl.store(du + (i_v * B * H + i_nh) * K + o_k, b_du, mask=m_k)
 
 
-def rwkv6_fwd(r, k, v, w_log, u, initial_state, chunk_size: int):
-    """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    return recurrent_fwd(_rwkv6_fwd_kernel, [r, k, v, w_log, u], v.shape[-1], initial_state, chunk_size)
+def rwkv6_fwd(r, k, v, w_log, u, initial_state, chunk_size: int, cu_seqlens=None):
+    """Launch the forward kernel on contiguous inputs (packed documents: ``cu_seqlens``, a ``CuSeqlens``). Returns
+    ``(o, final_state, checkpoints)`` in fp32."""
+    return recurrent_fwd(_rwkv6_fwd_kernel, [r, k, v, w_log, u], v.shape[-1], initial_state, chunk_size, cu_seqlens)
 
 
-def rwkv6_bwd(r, k, v, w_log, u, do, ds_final, ckpt, chunk_size: int):
+def rwkv6_bwd(r, k, v, w_log, u, do, ds_final, ckpt, chunk_size: int, cu_seqlens=None):
     """Launch the backward kernel. Returns fp32 ``(dr, dk, dv, dw_log, du, d_initial_state)``."""
-    return recurrent_bwd(_rwkv6_bwd_kernel, [r, k, v, w_log, u], do, ds_final, ckpt, chunk_size, "kkvku")
+    return recurrent_bwd(_rwkv6_bwd_kernel, [r, k, v, w_log, u], do, ds_final, ckpt, chunk_size, "kkvku", cu_seqlens)
 
 
-RWKV6Function = scan_function(rwkv6_fwd, rwkv6_bwd, layout="ttttp",
-                              state_elements=lambda r, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
+def _state_elements(r, k, v, *_):
+    return r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1]
 
 
-def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
+RWKV6Function = scan_function(rwkv6_fwd, rwkv6_bwd, n_config=2, layout="ttttp", state_elements=_state_elements)
+
+
+def rwkv6_triton(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
     the number of tokens between the states saved for the backward pass (memory ``T / chunk_size`` states vs.
-    recompute)."""
-    K = check_rwkv6_inputs("rwkv6_triton", r, k, v, w_log, u, initial_state, chunk_size)[3]
+    recompute). Packed documents (``cu_seqlens``, a ``CuSeqlens``): one launch over all of them when
+    :func:`~zoo.kernels.triton_common.varlen_in_one_launch`, else one call per document."""
+    args = (r, k, v, w_log, u, initial_state, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    K = check_rwkv6_inputs("rwkv6_triton", *one)[3]
+    if cu_seqlens is not None and not varlen_in_one_launch(cu_seqlens, _state_elements(r, k, v), chunk_size, r.shape[2]):
+        return BACKENDS.per_document(rwkv6_triton, args, cu_seqlens)
+    n = r.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
     check_triton_call("rwkv6_triton", _rwkv6_fwd_kernel, r, k, v, w_log, u, initial_state, head_dim=K,
-                      batch_heads=r.shape[0] * r.shape[2])
-    return RWKV6Function.apply(r, k, v, w_log, u, initial_state, chunk_size)
+                      batch_heads=n * r.shape[2])
+    return RWKV6Function.apply(*args, cu_seqlens)

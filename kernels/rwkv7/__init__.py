@@ -47,7 +47,7 @@ def rwkv7_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
 
 BACKENDS = BackendTable("rwkv7", {
     "torch": Backend(rwkv7_torch),
-    "triton_recurrent": Backend("zoo.kernels.rwkv7.triton_rwkv7:rwkv7_triton", "triton"),
+    "triton_recurrent": Backend("zoo.kernels.rwkv7.triton_rwkv7:rwkv7_triton", "triton", varlen=True),
     "triton_chunk": Backend("zoo.kernels.rwkv7.triton_chunk_parallel:rwkv7_chunk_parallel", "triton"),
     "fla": Backend(rwkv7_fla, "fla", varlen=True),
 }, aliases={"triton": "triton_recurrent"}, layout="tttttts.")

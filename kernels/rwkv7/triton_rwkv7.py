@@ -1,7 +1,8 @@
 """Triton fused-recurrent RWKV-7 generalized delta rule, forward and backward (same maths as ``naive.py``).
 
-One program per (V block, batch, head) keeps its state slice ``S [K, BV]`` in registers (columns of S evolve
-independently, so V can be split) and walks the sequence, with ``sa_t = a_t S_{t-1}`` [V]:
+One program per (V block, sequence, head) keeps its state slice ``S [K, BV]`` in registers (columns of S evolve
+independently, so V can be split) and walks the sequence (a batch row, or one of the packed documents of
+``cu_seqlens`` in a single launch), with ``sa_t = a_t S_{t-1}`` [V]:
 
     S_t = diag(exp(w_log_t)) S_{t-1} + b_t^T sa_t + k_t^T v_t,      o_t = r_t S_t
 
@@ -20,38 +21,42 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
-from zoo.kernels.rwkv7 import rwkv7_keys
-from zoo.kernels.triton_common import check_triton_call, recurrent_bwd, recurrent_fwd, scan_function
+from zoo.kernels.rwkv7 import BACKENDS, rwkv7_keys
+from zoo.kernels.triton_common import (check_triton_call, recurrent_bwd, recurrent_fwd, scan_function, sequence_span,
+                                      varlen_in_one_launch)
 
 
 @triton.jit
 def _rwkv7_fwd_kernel(
-    r, w, k, v, a, b, s0, o, ckpt, s_final,
+    r, w, k, v, a, b, s0, o, ckpt, s_final, cu,
     T, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_S0: tl.constexpr,
+    HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the sequence with state columns ``[i_v * BV,
-    (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, N sequences: program ``(i_v, i_nh)`` walks sequence ``i_nh // H``, head ``i_nh %
+    H``, with state columns ``[i_v * BV, (i_v + 1) * BV)``. The sequences: the B rows of T tokens, or with
+    ``IS_VARLEN`` the documents ``[cu[i], cu[i + 1])`` of one packed row of T tokens (``cu`` their int boundaries;
+    states ``[N, H, K, V]``, NC checkpoint slots for the longest)."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     if HAS_S0:
         b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    # checkpoints: [B * H * NV, NC, BK, BV], padded, fp32
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    for c in range(NC):
+    # checkpoints: [N * H * NV, NC, BK, BV], padded, fp32
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    for c in range(N_C):
         tl.store(p_ckpt + c * BK * BV, b_s)
-        for t in range(c * CH, tl.minimum(c * CH + CH, T)):
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+        for t in range(c * CH, tl.minimum(c * CH + CH, L)):
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
@@ -67,37 +72,39 @@ def _rwkv7_fwd_kernel(
 @triton.jit
 def _rwkv7_bwd_kernel(
     r, w, k, v, a, b, do, ds_final, ckpt, scratch,
-    dr, dw, dk, dv, da, db, ds0,
+    dr, dw, dk, dv, da, db, ds0, cu,
     T, NC, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    HAS_DS_FINAL: tl.constexpr,
+    HAS_DS_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks its checkpoints in reverse."""
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    """Grid ``(cdiv(V, BV), N * H)``, the forward's (``B`` = N): program ``(i_v, i_nh)`` walks its checkpoints in
+    reverse."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     if HAS_DS_FINAL:
         b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + o_blk
-    p_scr = scratch + (i_bh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
-    p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
-    for i_c in range(NC):
-        c = NC - 1 - i_c
+    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + o_blk
+    p_scr = scratch + (i_nh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
+    p_part = i_v * (1 if IS_VARLEN else B) * T * H * K  # K-sized gradients: [NV, B (packed: 1), T, H, K] partial sums
+    for i_c in range(N_C):
+        c = N_C - 1 - i_c
         t0 = c * CH
-        n = tl.minimum(CH, T - t0)
+        n = tl.minimum(CH, L - t0)
         b_s = tl.load(p_ckpt + c * BK * BV)
         for j in range(n):
             tl.store(p_scr + j * BK * BV, b_s)
-            p_tk = ((i_b * T + t0 + j) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t0 + j) * H + i_h) * V + o_v
+            p_tk = ((bos + t0 + j) * H + i_h) * K + o_k
+            p_tv = ((bos + t0 + j) * H + i_h) * V + o_v
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_a = tl.load(a + p_tk, mask=m_k, other=0.0).to(tl.float32)
@@ -109,8 +116,8 @@ def _rwkv7_bwd_kernel(
         for i_j in range(n):
             t = t0 + n - 1 - i_j
             b_sp = tl.load(p_scr + (n - 1 - i_j) * BK * BV)
-            p_tk = ((i_b * T + t) * H + i_h) * K + o_k
-            p_tv = ((i_b * T + t) * H + i_h) * V + o_v
+            p_tk = ((bos + t) * H + i_h) * K + o_k
+            p_tv = ((bos + t) * H + i_h) * V + o_v
             b_r = tl.load(r + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_w = tl.load(w + p_tk, mask=m_k, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=m_k, other=0.0).to(tl.float32)
@@ -134,24 +141,35 @@ def _rwkv7_bwd_kernel(
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
 
 
-def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int):
-    """Launch the forward kernel on contiguous inputs. Returns ``(o, final_state, checkpoints)`` in fp32."""
-    return recurrent_fwd(_rwkv7_fwd_kernel, [r, w_log, k, v, a, b], v.shape[-1], initial_state, chunk_size)
+def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int, cu_seqlens=None):
+    """Launch the forward kernel on contiguous inputs (packed documents: ``cu_seqlens``, a ``CuSeqlens``). Returns
+    ``(o, final_state, checkpoints)`` in fp32."""
+    return recurrent_fwd(_rwkv7_fwd_kernel, [r, w_log, k, v, a, b], v.shape[-1], initial_state, chunk_size, cu_seqlens)
 
 
-def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int):
+def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int, cu_seqlens=None):
     """Launch the backward kernel. Returns fp32 ``(dr, dw_log, dk, dv, da, db, d_initial_state)``."""
-    return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk")
+    return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk", cu_seqlens)
 
 
-RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, layout="tttttt",
-                              state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
+def _state_elements(r, w, k, v, *_):
+    return r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1]
 
 
-def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, n_config=2, layout="tttttt", state_elements=_state_elements)
+
+
+def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
-    the number of tokens between the states saved for the backward pass."""
-    K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
+    the number of tokens between the states saved for the backward pass. Packed documents (``cu_seqlens``, a
+    ``CuSeqlens``): one launch over all of them when :func:`~zoo.kernels.triton_common.varlen_in_one_launch`, else
+    one call per document."""
+    args = (r, w_log, k, v, a, b, initial_state, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, one[6], chunk_size)[3]
+    if cu_seqlens is not None and not varlen_in_one_launch(cu_seqlens, _state_elements(r, w_log, k, v), chunk_size, r.shape[2]):
+        return BACKENDS.per_document(rwkv7_triton, args, cu_seqlens)
+    n = r.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
     check_triton_call("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
-                      batch_heads=r.shape[0] * r.shape[2])
-    return RWKV7Function.apply(r, w_log, k, v, a, b, initial_state, chunk_size)
+                      batch_heads=n * r.shape[2])
+    return RWKV7Function.apply(*args, cu_seqlens)
