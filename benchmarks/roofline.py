@@ -5,16 +5,27 @@ Every Triton call of :data:`zoo.kernels.registry.CALLS` is recorded at the bench
 grid, the programs per SM and the bytes of the distinct buffers it gets. Each buffer counts once, read or written, so
 re-reads, in-place updates and L2 traffic are left out and ``bytes / HBM bandwidth`` is a lower bound; FLOPs are not
 modelled. Beside it stand the peers' fwd+bwd times measured on an H100, read from :data:`PEERS`.
+
+For Gated DeltaNet (:data:`SCALAR_DECAY_OPS`), whose log decay is one scalar per head and token, it also bounds a
+hypothetical scalar-decay specialisation (issue 27): the same launches with each per-channel log-decay buffer
+(the kernels' :data:`DECAY_ARGS`: ``[B, T, H, K]`` fp32, and its gradient ``[NV, B, T, H, K]``) one K-th the size,
+``[B, T, H]``; derived from the recorded buffers, nothing else changed. Still a paper bound, of a kernel that does not
+exist.
 """
 from __future__ import annotations
 
 from benchmarks.common import RESULTS
-from zoo.kernels.registry import CALLS, OPS, launches
+from zoo.kernels.registry import CALLS, OPS, Launch, launches
 
 H100 = {"name": "H100 SXM", "sms": 132, "hbm_bytes_per_s": 3.35e12}
 PEERS = RESULTS / "kernels-peers-h100-2026-11-23.md"
 PEER_ROWS = {"selective_scan": "mamba-ssm selective_scan_fn", "ssd": "mamba-ssm mamba_chunk_scan_combined",
              "retention": "fla chunk_retention", "rwkv6": "fla chunk_rwkv6"}  # op -> its row in PEERS
+
+
+SCALAR_DECAY_OPS = ("gated_delta_rule",)  # the ops whose decay is a scalar per head (the kernels get it per channel)
+DECAY_ARGS = ("w", "dw")  # the generalized delta rule kernels' per-channel log decay and its gradient (kernels/rwkv7)
+SCALAR_DECAY_WORTH = 0.25  # the bar (a judgement, not a measurement): the fwd+bwd bytes a second kernel should save
 
 
 def peer_ms(op: str) -> tuple[str | None, dict[int, float]]:
@@ -29,6 +40,18 @@ def _pass(recorded: list) -> dict:
     moved = sum(launch.bytes for launch in recorded)
     return {"bytes": moved, "hbm_ms": moved / H100["hbm_bytes_per_s"] * 1e3,
             "fewest_programs_per_sm": min(launch.programs for launch in recorded) / H100["sms"]}
+
+
+def scalar_decay_bytes(recorded: list[Launch], K: int) -> int:
+    """The bytes of ``recorded`` with every per-channel log-decay buffer (a :data:`DECAY_ARGS` argument, fp32, last
+    axis K) replaced by one value per head and token: ``[..., B, T, H, K]`` -> ``[..., B, T, H]``."""
+    moved = 0
+    for launch in recorded:
+        moved += launch.bytes
+        for buffer in (b for b in launch.buffers if set(b.names) & set(DECAY_ARGS)):
+            assert buffer.shape[-1] == K and buffer.dtype == "float32", (launch.kernel, buffer)
+            moved -= buffer.bytes - buffer.bytes // K
+    return moved
 
 
 def model_report(ops, sizes) -> dict:
@@ -46,6 +69,11 @@ def model_report(ops, sizes) -> dict:
                              "peer_fwd_bwd_ms_measured": peers.get(T) if T * batch == 16384 else None,
                              "launches": [{"kernel": x.kernel, "grid": list(x.grid), "programs": x.programs,
                                            "bytes": x.bytes, "constants": x.constants} for x in fwd_bwd]})
+                if op in SCALAR_DECAY_OPS:
+                    moved = scalar_decay_bytes(fwd_bwd, OPS[op].bench["K"])
+                    runs[-1]["scalar_decay_fwd_bwd_bound"] = {
+                        "bytes": moved, "hbm_ms": moved / H100["hbm_bytes_per_s"] * 1e3,
+                        "ratio": moved / runs[-1]["fwd_bwd"]["bytes"]}
         report["ops"][op] = {"shapes": OPS[op].bench, "peer_line": peer_line, "runs": runs}
     return report
 
@@ -75,4 +103,29 @@ def model_markdown(report: dict) -> str:
                 lines.append(f"| {r['backend']} | {r['T']} | {r['batch']} | {x['kernel']} | {tuple(x['grid'])} | "
                              f"{x['programs'] / H100['sms']:.2f} | {x['bytes'] / 1e6:.1f} | {tiles} |")
         lines += ["", f"Peer row: `{entry['peer_line']}`" if entry["peer_line"] else "No peer timing for this op."]
+        scalar = [r for r in entry["runs"] if "scalar_decay_fwd_bwd_bound" in r]
+        if scalar:
+            lines += scalar_decay_markdown(scalar)
     return "\n".join(lines) + "\n"
+
+
+def scalar_decay_markdown(runs: list[dict]) -> list[str]:
+    """The scalar-decay bound beside the generalized kernels' bound, and the conclusion the numbers give."""
+    lines = ["", "### Paper bound of a scalar-decay specialisation (a kernel that does not exist; issue 27)", "",
+             f"The same launches with the per-channel log-decay buffers (arguments {' / '.join(f'`{a}`' for a in DECAY_ARGS)}: "
+             "`[B, T, H, K]` fp32 and their gradient `[NV, B, T, H, K]` fp32) one value per head and token (`[B, T, H]`); "
+             "everything else as recorded. Both columns are HBM lower bounds, not measurements.", "",
+             "| backend | T | B | generalized fwd+bwd MB | generalized HBM ms | scalar-decay fwd+bwd MB | scalar-decay HBM ms | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        g, s = r["fwd_bwd"], r["scalar_decay_fwd_bwd_bound"]
+        lines.append(f"| {r['backend']} | {r['T']} | {r['batch']} | {g['bytes'] / 1e6:.1f} | {g['hbm_ms']:.3f} | "
+                     f"{s['bytes'] / 1e6:.1f} | {s['hbm_ms']:.3f} | {s['ratio']:.3f} |")
+    saving = 1 - max(r["scalar_decay_fwd_bwd_bound"]["ratio"] for r in runs)
+    most = 1 - min(r["scalar_decay_fwd_bwd_bound"]["ratio"] for r in runs)
+    verdict = (f"under the {SCALAR_DECAY_WORTH:.0%} this report asks of a second kernel to maintain, so on this bound a "
+               "scalar-decay specialisation is not worth one (only a GPU profile showing the decay traffic matters more "
+               "could change that)" if most < SCALAR_DECAY_WORTH else
+               f"at least the {SCALAR_DECAY_WORTH:.0%} this report asks of a second kernel: worth prototyping and measuring")
+    return lines + ["", f"Conclusion (paper bound only): a scalar-decay kernel would move {saving:.1%} to {most:.1%} "
+                        f"fewer bytes than the generalized kernels it would replace (fwd+bwd, these sizes), {verdict}."]

@@ -23,6 +23,7 @@ from zoo.kernels.backends import BackendTable
 from zoo.kernels.retention import BACKENDS as RETENTION, retention
 from zoo.kernels.rwkv6 import BACKENDS as RWKV6, rwkv6
 from zoo.kernels.rwkv7 import BACKENDS as RWKV7, rwkv7
+from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 from zoo.kernels.selective_scan import BACKENDS as SELECTIVE_SCAN, selective_scan
 from zoo.kernels.ssd import BACKENDS as SSD, ssd_scan
 
@@ -75,6 +76,22 @@ def _rwkv7_inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
             "a": (-kk).to(dtype), "b": (kk * torch.rand(batch, T, H, K, device=device)).to(dtype)}
 
 
+def _delta_rule_inputs(per_channel: bool) -> Callable[[dict, int, int, object, torch.dtype], dict]:
+    """layers/gated_deltanet.py (``per_channel=False``) and layers/kda.py: q, k L2-normalised in fp32 (q then scaled
+    by ``K^-1/2``), v activations; the log decay ``g <= 0`` fp32, ``[B, T, H]`` (Gated DeltaNet) or ``[B, T, H, K]``
+    (KDA); ``beta = sigmoid(.)`` ``[B, T, H]`` fp32; the block's zero start state ``[B, H, K, V]`` fp32 (no gradient)."""
+
+    def inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
+        H, K, V = d["H"], d["K"], d["V"]
+        unit = lambda: F.normalize(torch.randn(batch, T, H, K, device=device), dim=-1)  # noqa: E731
+        g = -torch.exp(torch.randn(batch, T, H, *((K,) if per_channel else ()), device=device) - 1.0)
+        return {"q": unit() * K**-0.5, "k": unit(), "v": torch.randn(batch, T, H, V, device=device, dtype=dtype), "g": g,
+                "beta": torch.sigmoid(torch.randn(batch, T, H, device=device)),
+                "initial_state": torch.zeros(batch, H, K, V, device=device)}
+
+    return inputs
+
+
 def _retention_inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
     """layers/retnet.py: q, k, v activations; RetNet's per-head log decays ``[H]`` fp32."""
     H, K, V = d["H"], d["K"], d["V"]
@@ -118,7 +135,13 @@ OPS = {op.name: op for op in (
     Op("rwkv7", rwkv7, RWKV7, _rwkv7_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
     Op("retention", retention, RETENTION, _retention_inputs, HEADS, HEADS_SMOKE,  # RetNet's value_factor 2: V = 2 K
        ({"H": 12, "K": 64, "V": 128}, {"H": 6, "K": 128, "V": 256}, {"H": 3, "K": 256, "V": 512}), (HEADS,)),
+    # the generalized delta rule's parametrisations (kernels/rwkv7/delta_rule.py): rwkv7's kernels, or fla's own;
+    # compiled at head dim 128 only (Qwen3-Next's and Kimi Linear's heads)
+    Op("gated_delta_rule", gated_delta_rule, GATED_DELTA_BACKENDS, _delta_rule_inputs(False), HEADS, HEADS_SMOKE,
+       ({"H": 6, "K": 128, "V": 128},), (HEADS,)),
+    Op("kda", kda_rule, KDA_BACKENDS, _delta_rule_inputs(True), HEADS, HEADS_SMOKE, ({"H": 6, "K": 128, "V": 128},), (HEADS,)),
 )}
+DELTA_RULE_OPS = ("gated_delta_rule", "kda")
 
 
 # ---------------------------------------------------------------- launch grids, as formulas of the sizes and tiles
@@ -217,6 +240,13 @@ def _chunk_parallel(prefix: str) -> tuple[Kernel, ...]:
                     pass_, (f"{prefix}_grad_kernel", chunks_by_v))
 
 
+# the state passes (cdiv(V, BVP), B * H) run fewer programs: kernels/rwkv7/triton_chunk_parallel.py and
+# triton_chunk_bwd.py say why
+_RWKV7_CHUNK = _kernels(
+    ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
+    ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_cpb_dstate_kernel", chunks_by_v),
+    ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_du_kernel", chunks_by_v),
+    ("_rwkv7_cpb_grad_kernel", chunks_by_v))
 _SSD_FWD = (("_ssd_chunk_state_kernel", ssd_chunks), ("_ssd_state_passing_kernel", ssd_state_passing))
 
 # Every call, in the order of benchmarks/results/kernels-resources.md; torch forms and peers last.
@@ -236,19 +266,19 @@ CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["retention"], "triton_recurrent", _recurrent("_retention")),
     KernelCall(OPS["retention"], "triton_chunk", _chunk_parallel("_retention_cp")),
     KernelCall(OPS["rwkv6"], "triton_chunk", _chunk_parallel("_rwkv6_cp")),
-    # the state passes (cdiv(V, BVP), B * H) run fewer programs: kernels/rwkv7/triton_chunk_parallel.py and
-    # triton_chunk_bwd.py say why
-    KernelCall(OPS["rwkv7"], "triton_chunk", _kernels(
-        ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
-        ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_cpb_dstate_kernel", chunks_by_v),
-        ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_du_kernel", chunks_by_v),
-        ("_rwkv7_cpb_grad_kernel", chunks_by_v))),
-    *(KernelCall(op, "torch") for op in OPS.values()),
+    KernelCall(OPS["rwkv7"], "triton_chunk", _RWKV7_CHUNK),
+    # Gated DeltaNet and KDA: rwkv7's kernels on the parametrised inputs (chunk-parallel first: the layers train with
+    # it); the zero start state gets no gradient, as in the layers
+    *(KernelCall(OPS[op], backend, launches, frozen=("initial_state",)) for op in DELTA_RULE_OPS
+      for backend, launches in (("triton_chunk", _RWKV7_CHUNK), ("triton_recurrent", _recurrent("_rwkv7")))),
+    *(KernelCall(op, "torch", frozen=("initial_state",) if op.name in DELTA_RULE_OPS else ()) for op in OPS.values()),
     KernelCall(OPS["selective_scan"], "mamba_ssm", peer=True),  # selective_scan_fn
     KernelCall(OPS["ssd"], "mamba_ssm", peer=True),  # mamba_chunk_scan_combined
     KernelCall(OPS["rwkv6"], "fla", peer=True),  # chunk_rwkv6
     KernelCall(OPS["rwkv7"], "fla", peer=True),  # chunk_rwkv7
     KernelCall(OPS["retention"], "fla", frozen=("log_decay",), peer=True),  # chunk_simple_gla: constant decays
+    KernelCall(OPS["gated_delta_rule"], "fla", frozen=("initial_state",), peer=True),  # chunk_gated_delta_rule
+    KernelCall(OPS["kda"], "fla", frozen=("initial_state",), peer=True),  # chunk_kda
 )
 CALLS_BY_NAME = {call.name: call for call in CALLS}
 TRITON_CALLS = tuple(call for call in CALLS if call.launches)
@@ -275,14 +305,25 @@ def run_call(call: KernelCall, inputs: dict, backward: bool = True) -> None:
 # ---------------------------------------------------------------- launches recorded without a GPU
 
 
+class Buffer(NamedTuple):
+    """One distinct buffer of a launch: the kernel arguments it is passed as, and its largest view's shape, dtype and bytes."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+
+
 class Launch(NamedTuple):
     """One recorded launch: the kernel, its grid (three axes), its upper-case integer / string arguments (tiles) and
-    the bytes of the distinct buffers it gets (a buffer passed twice, or as a placeholder, counts once)."""
+    the bytes of the distinct buffers it gets (a buffer passed twice, or as a placeholder, counts once), and those
+    buffers."""
 
     kernel: str
     grid: tuple[int, int, int]
     constants: dict
     bytes: int
+    buffers: tuple[Buffer, ...] = ()
 
     @property
     def programs(self) -> int:
@@ -316,11 +357,14 @@ def recording(arch: int):
                 g = grid(named) if callable(grid) else grid
                 g = tuple(int(n) for n in (g if isinstance(g, tuple) else (g,)))
                 constants = {k: v for k, v in named.items() if k.isupper() and isinstance(v, (int, str))}
-                buffers: dict[int, int] = {}  # storage (its C pointer: meta tensors have no data pointer) -> bytes
-                for t in (v for v in named.values() if torch.is_tensor(v)):
-                    key = t.untyped_storage()._cdata
-                    buffers[key] = max(buffers.get(key, 0), t.numel() * t.element_size())
-                launches.append(Launch(self.name, (*g, 1, 1)[:3], constants, sum(buffers.values())))
+                buffers: dict[int, Buffer] = {}  # storage (its C pointer: meta tensors have no data pointer) -> buffer
+                for arg, t in ((k, v) for k, v in named.items() if torch.is_tensor(v)):
+                    key, size = t.untyped_storage()._cdata, t.numel() * t.element_size()
+                    seen = buffers.get(key, Buffer((), (), "", -1))
+                    largest = seen if seen.bytes >= size else Buffer((), tuple(t.shape), str(t.dtype).removeprefix("torch."), size)
+                    buffers[key] = largest._replace(names=(*seen.names, arg))
+                launches.append(Launch(self.name, (*g, 1, 1)[:3], constants, sum(b.bytes for b in buffers.values()),
+                                       tuple(buffers.values())))
 
             return launch
 

@@ -190,7 +190,7 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     """benchmarks.kernels reads its implementations from zoo.kernels.registry: every non-peer call of the op is
     timed (the Triton ones in the interpreter), peers are left out on CPU; --quick plans the GPU check's sizes."""
     from benchmarks.kernels import BENCHES, main as kernels_main
-    from zoo.kernels.registry import CALLS
+    from zoo.kernels.registry import CALLS, CALLS_BY_NAME
 
     report = kernels_main(["--smoke", "--ops", "selective_scan", "--sizes", "8:1", "--out", str(tmp_path)])
     runs = report["ops"]["selective_scan"]["runs"]
@@ -200,13 +200,20 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
     assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm"]
     assert "| 8 | 1 | triton_recurrent |" in (tmp_path / "kernels-smoke.md").read_text()
-    assert sorted(BENCHES) == ["retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    assert sorted(BENCHES) == ["gated_delta_rule", "kda", "retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    for op in ("gated_delta_rule", "kda"):  # issue 27: zoo vs fla
+        assert [(c.backend, c.peer) for c in BENCHES[op]] == [
+            ("triton_chunk", False), ("triton_recurrent", False), ("torch", False), ("fla", True)]
     assert "ssd/triton_chunk/step" not in [c.name for calls in BENCHES.values() for c in calls]
     with pytest.raises(SystemExit):
         kernels_main(["--smoke", "--quick"])
     assert "not allowed with argument --smoke" in capsys.readouterr().err
     plan = kernels_main(["--quick", "--dry-run", "--ops", "rwkv6"])
     assert plan["sizes"] == [{"T": 1024, "batch": 4}, {"T": 4096, "batch": 1}] and plan["iters"] == 3
+    plan = kernels_main(["--dry-run", "--smoke", "--ops", "gated_delta_rule", "kda"])
+    for op in ("gated_delta_rule", "kda"):  # fla's kernels need CUDA: left out on CPU like every peer
+        assert plan["ops"][op]["implementations"][:3] == ["triton_chunk", "triton_recurrent", "torch"]
+        assert plan["ops"][op]["peers_missing"] == ([] if plan["cuda"] and CALLS_BY_NAME[f"{op}/fla"].available() else ["fla"])
 
 
 def test_packing_benchmark_smoke_writes_its_report(tmp_path):
