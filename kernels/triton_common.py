@@ -303,6 +303,26 @@ def recurrent_bwd(kernel, inputs: list[torch.Tensor], do, ds_final, ckpt, chunk_
 
 
 @triton.jit
+def state_or_zeros(p, mask, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A ``[BK, BV]`` fp32 state block loaded from pointers ``p`` (masked) when the kernel was given the state
+    (``HAS``: an initial state, a final state's gradient), else zeros."""
+    if HAS:
+        b = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BK, BV], dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def state_block(buf, i_bh, i_v, slots, BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers to slot 0 of program ``(i_v, i_bh)``'s ``[BK, BV]`` block (``i_v`` = program axis 0, the V blocks)
+    in a padded fp32 buffer ``[B * H * NV, slots, BK, BV]``: the scans' checkpoints (``slots`` = the number of
+    checkpoint chunks) or their per-step scratch (``slots`` = the checkpoint chunk length)."""
+    block = i_bh * tl.num_programs(0) + i_v
+    return buf + block * slots * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+
+
+@triton.jit
 def sequence_span(cu, i_n, T, NC, CH: tl.constexpr, IS_VARLEN: tl.constexpr):
     """``(bos, L, N_C)`` of a fused-recurrent program's sequence ``i_n``: its tokens ``[bos, bos + L)`` and checkpoint
     chunks: document ``i_n`` of a packed row (``cu`` its int boundaries) with ``IS_VARLEN``, else row ``i_n`` of T

@@ -108,8 +108,29 @@ def init_decay(block: nn.Module, dt_min: float, dt_max: float) -> None:
     init_causal_conv(block.conv1d.weight, None)
 
 
+class DeltaRuleMixer(SequenceMixer):
+    """What the Gated DeltaNet and KDA blocks share: Mamba-2's decay init, a :class:`DeltaRuleState` (the conv's
+    last inputs and ``state_heads()`` recurrent states ``[K, V]``), packed documents natively."""
+
+    packs_documents = True
+
+    def state_heads(self) -> tuple[int, int, int]:
+        """``(heads, K, V)`` of the recurrent state."""
+        raise NotImplementedError
+
+    def init_parameters(self) -> None:
+        init_decay(self, self.config.dt_min, self.config.dt_max)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
+        return DeltaRuleState.zeros(batch_size, self.conv_dim, self.config.d_conv, *self.state_heads(),
+                                    device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
+
+    def state_size(self) -> int:
+        return DeltaRuleState.size(self.conv_dim, self.config.d_conv, *self.state_heads())
+
+
 @MIXERS.register("gated_deltanet", GatedDeltaNetConfig)
-class GatedDeltaNet(SequenceMixer):
+class GatedDeltaNet(DeltaRuleMixer):
     """qkv_proj -> causal conv -> SiLU -> (q, k, v); z_proj (output gate), b_proj (beta), a_proj (decay); the gated
     delta rule per value head; gated RMSNorm; out_proj."""
 
@@ -131,19 +152,9 @@ class GatedDeltaNet(SequenceMixer):
         if self.A_log.device.type != "meta":  # usable on its own, not only inside a ZooForCausalLM
             self.init_parameters()
 
-    def init_parameters(self) -> None:
-        init_decay(self, self.config.dt_min, self.config.dt_max)
-
-    def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
+    def state_heads(self) -> tuple[int, int, int]:
         c = self.config
-        return DeltaRuleState.zeros(batch_size, self.conv_dim, c.d_conv, c.n_v_heads, c.head_k_dim, c.head_v_dim,
-                                    device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
-
-    def state_size(self) -> int:
-        c = self.config
-        return DeltaRuleState.size(self.conv_dim, c.d_conv, c.n_v_heads, c.head_k_dim, c.head_v_dim)
-
-    packs_documents = True
+        return c.n_v_heads, c.head_k_dim, c.head_v_dim
 
     def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
         """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""

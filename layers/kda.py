@@ -23,8 +23,8 @@ from zoo.kernels.rwkv7.delta_rule import kda_rule
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
-from .base import Documents, SequenceMixer, op_seqlens
-from .gated_deltanet import DeltaRuleState, HeadGatedRMSNorm, conv_qkv, init_decay, l2norm
+from .base import Documents, op_seqlens
+from .gated_deltanet import DeltaRuleMixer, DeltaRuleState, HeadGatedRMSNorm, conv_qkv, l2norm
 from .ops import at_least_fp32
 from .registry import MIXERS
 
@@ -49,7 +49,7 @@ class KDAConfig:
 
 
 @MIXERS.register("kda", KDAConfig)
-class KDA(SequenceMixer):
+class KDA(DeltaRuleMixer):
     """qkv_proj -> causal conv -> SiLU -> (q, k, v); f_a_proj/f_b_proj (decay), b_proj (beta), g_a_proj/g_b_proj
     (output gate); the KDA rule per head; gated RMSNorm; out_proj."""
 
@@ -73,19 +73,9 @@ class KDA(SequenceMixer):
         if self.A_log.device.type != "meta":  # usable on its own, not only inside a ZooForCausalLM
             self.init_parameters()
 
-    def init_parameters(self) -> None:
-        init_decay(self, self.config.dt_min, self.config.dt_max)
-
-    def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
+    def state_heads(self) -> tuple[int, int, int]:
         c = self.config
-        return DeltaRuleState.zeros(batch_size, self.conv_dim, c.d_conv, c.n_heads, c.head_dim, c.head_dim,
-                                    device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
-
-    def state_size(self) -> int:
-        c = self.config
-        return DeltaRuleState.size(self.conv_dim, c.d_conv, c.n_heads, c.head_dim, c.head_dim)
-
-    packs_documents = True
+        return c.n_heads, c.head_dim, c.head_dim
 
     def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
         """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""

@@ -31,7 +31,7 @@ import triton.language as tl
 from zoo.kernels.retention import BACKENDS, FORMS, check_retention_inputs
 from zoo.kernels.triton_common import (
     Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, recurrent_bwd,
-    recurrent_fwd, scan_function, sequence_span, varlen_in_one_launch,
+    recurrent_fwd, scan_function, sequence_span, state_block, state_or_zeros, varlen_in_one_launch,
 )
 
 
@@ -47,7 +47,6 @@ def _retention_fwd_kernel(
     ``IS_VARLEN`` the documents ``[cu[i], cu[i + 1])`` of one packed row of T tokens (``cu`` their int boundaries;
     states ``[N, H, K, V]``, NC checkpoint slots for the longest)."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -55,12 +54,8 @@ def _retention_fwd_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
-    if HAS_S0:
-        b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    # checkpoints: [N * H * NV, NC, BK, BV], padded, fp32
-    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    b_s = state_or_zeros(s0 + p_state, m_kv, HAS_S0, BK, BV)
+    p_ckpt = state_block(ckpt, i_nh, i_v, NC, BK, BV)  # checkpoints [N * H * NV, NC, BK, BV]
     bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
     for c in range(N_C):
         tl.store(p_ckpt + c * BK * BV, b_s)
@@ -86,7 +81,6 @@ def _retention_bwd_kernel(
     """Grid ``(cdiv(V, BV), N * H)``, the forward's (``B`` = N): program ``(i_v, i_nh)`` walks its checkpoints in
     reverse."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -94,14 +88,10 @@ def _retention_bwd_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_gamma = tl.exp(tl.load(g + i_h).to(tl.float32))
-    if HAS_DS_FINAL:
-        b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    b_ds = state_or_zeros(ds_final + p_state, m_kv, HAS_DS_FINAL, BK, BV)
     b_dg = tl.zeros([BK, BV], dtype=tl.float32)
-    o_blk = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_ckpt = ckpt + (i_nh * NV + i_v) * NC * BK * BV + o_blk
-    p_scr = scratch + (i_nh * NV + i_v) * CH * BK * BV + o_blk  # [CH, BK, BV] states entering each step
+    p_ckpt = state_block(ckpt, i_nh, i_v, NC, BK, BV)
+    p_scr = state_block(scratch, i_nh, i_v, CH, BK, BV)  # [CH, BK, BV] states entering each step
     bos, L, N_C = sequence_span(cu, i_n, T, NC, CH, IS_VARLEN)
     p_part = i_v * (1 if IS_VARLEN else B) * T * H * K  # K-sized gradients: [NV, B (packed: 1), T, H, K] partial sums
     for i_c in range(N_C):
@@ -148,7 +138,6 @@ def _retention_chunk_fwd_kernel(
     """Grid ``(cdiv(V, BV), B * H)``: program ``(i_v, i_bh)`` walks the ``cdiv(T, BT)`` chunks with state
     columns ``[i_v * BV, (i_v + 1) * BV)`` of batch ``i_bh // H``, head ``i_bh % H``."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -157,12 +146,8 @@ def _retention_chunk_fwd_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
     b_g = tl.load(g + i_h).to(tl.float32)
-    if HAS_S0:
-        b_s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    # chunk-start states: [B * H * NV, NC, BK, BV], padded, fp32
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    b_s = state_or_zeros(s0 + p_state, m_kv, HAS_S0, BK, BV)
+    p_ckpt = state_block(ckpt, i_bh, i_v, NC, BK, BV)  # chunk-start states [B * H * NV, NC, BK, BV]
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
     # D[i, j] = gamma^(i - j) for i >= j, else 0 (the exponent is masked before exp)
     b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
@@ -200,7 +185,6 @@ def _retention_chunk_bwd_kernel(
 ):
     """Grid ``(cdiv(V, BV), B * H)``, the forward's: program ``(i_v, i_bh)`` walks the chunks in reverse."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    NV = tl.num_programs(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -209,12 +193,9 @@ def _retention_chunk_bwd_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
     b_g = tl.load(g + i_h).to(tl.float32)
-    if HAS_DS_FINAL:
-        b_ds = tl.load(ds_final + p_state, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    b_ds = state_or_zeros(ds_final + p_state, m_kv, HAS_DS_FINAL, BK, BV)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    p_ckpt = ckpt + (i_bh * NV + i_v) * NC * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_ckpt = state_block(ckpt, i_bh, i_v, NC, BK, BV)
     p_part = i_v * B * T * H * K  # K-sized gradients: [NV, B, T, H, K] partial sums
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
     b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)
