@@ -152,6 +152,8 @@ def scan_function(fwd: Callable, bwd: Callable, n_config: int = 1, layout: str |
         @staticmethod
         def forward(ctx, *args):
             tensors, config = [_contiguous(t) for t in args[:-n_config]], args[-n_config:]
+            # packed documents' boundaries copied to the device once, for the forward and the backward launch
+            config = tuple(CuSeqlens(c.bounds, c.on(tensors[0].device)) if isinstance(c, CuSeqlens) else c for c in config)
             ctx.n_inputs, ctx.config, ctx.bounds = len(tensors) - 1, config, None
             ctx.dtypes = [None if t is None else t.dtype for t in tensors]
             T = tensors[0].shape[1]

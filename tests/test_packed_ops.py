@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from zoo.kernels.backends import AUTO
+from zoo.kernels.backends import AUTO, CuSeqlens
 from zoo.kernels.registry import OPS
 from zoo.kernels.rwkv7 import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 
@@ -356,6 +356,25 @@ def test_triton_recurrent_packed_call_is_one_launch_over_all_documents(op, monke
     _packed_with_grads(op, "triton_recurrent", args, s0, cu, w, torch.zeros(s0.shape))
     grid = (2, len(LENGTHS) * ODD["H"])  # V = 40 in blocks of 32
     assert seen == [(f"_{op}_fwd_kernel", grid), (f"_{op}_bwd_kernel", grid)]
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_triton_recurrent_packed_call_copies_host_bounds_to_the_device_once(op, monkeypatch):
+    """Boundaries given as host ints (what the blocks pass) become a device tensor once per call: the forward and the
+    backward launch read the same one."""
+    builds = []
+    real = CuSeqlens.on
+
+    def on(self, device):
+        if self.tensor is None or self.tensor.device != device:
+            builds.append(device)
+        return real(self, device)
+
+    monkeypatch.setattr(CuSeqlens, "on", on)
+    args, s0, cu = _odd_example(op, torch.float32)
+    w = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"])
+    o, final, grads = _packed_with_grads(op, "triton_recurrent", args, s0, cu.tolist(), w, torch.zeros(s0.shape))
+    assert len(builds) == 1 and all(g is not None for g in grads.values())
 
 
 @pytest.mark.parametrize("op", RECURRENT)
