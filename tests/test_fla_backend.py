@@ -87,7 +87,9 @@ def test_fla_retention_refuses_a_learnable_decay_and_fp64():
         rwkv6_pkg.rwkv6(**{n: t.double() for n, t in rwkv6_inputs(3).items()}, backend="fla")
 
 
-BLOCKS = {"rwkv6": {"head_dim": 16}, "rwkv7": {"head_dim": 16}, "retnet": {"n_heads": 2}}
+BLOCKS = {"rwkv6": {"head_dim": 16}, "rwkv7": {"head_dim": 16}, "retnet": {"n_heads": 2},
+          "gated_deltanet": {"n_k_heads": 1, "n_v_heads": 2, "head_k_dim": 16, "head_v_dim": 16},
+          "kda": {"n_heads": 2, "head_dim": 16, "decay_rank": 8, "gate_rank": 8}}
 
 
 def build(block, backend):

@@ -1,5 +1,6 @@
-"""The RetNet, RWKV-6 and RWKV-7 blocks with ``backend: triton_chunk`` (zoo's chunk-parallel Triton kernels; the interpreter
-on CPU) against the same blocks with ``backend: torch``: outputs, states and every parameter's gradient, fp32, a
+"""The RetNet, RWKV-6, RWKV-7, Gated DeltaNet and KDA blocks with ``backend: triton_chunk`` (zoo's chunk-parallel Triton
+kernels; the interpreter on CPU), the two delta-rule blocks also with ``triton_recurrent``, against the same blocks with
+``backend: torch``: outputs, states and every parameter's gradient, fp32, a
 sequence of 21 tokens (two chunks of 16, the second partial), then one more call continuing from the state."""
 import pytest
 import torch
@@ -10,12 +11,13 @@ from test_backends import build  # noqa: E402
 from triton_testing import DEVICE, assert_relative_error  # noqa: E402
 
 
-@pytest.mark.parametrize("block", ["retnet", "rwkv6", "rwkv7"])
-def test_block_with_triton_chunk_matches_torch(block):
+@pytest.mark.parametrize("block,backend", [(b, "triton_chunk") for b in ("retnet", "rwkv6", "rwkv7", "gated_deltanet", "kda")]
+                         + [(b, "triton_recurrent") for b in ("gated_deltanet", "kda")])
+def test_block_with_triton_matches_torch(block, backend):
     torch.manual_seed(0)
     reference = build(block, backend="torch").to(DEVICE)  # the GPU when there is one, else the interpreter
-    fast = build(block, backend="triton_chunk").to(DEVICE)
-    assert fast.backend == "triton_chunk"
+    fast = build(block, backend=backend).to(DEVICE)
+    assert fast.backend == backend
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(2, 21, 48).to(DEVICE)
     step = torch.randn(2, 3, 48).to(DEVICE)
