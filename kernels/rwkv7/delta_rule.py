@@ -13,8 +13,10 @@ Gated DeltaNet is ``w_log = g`` on every channel, ``a = k``, ``b = -beta e^{g} k
 (``k (e^g S) = e^g (k S)``); KDA is ``w_log = g``, ``a = e^{g} * k``, ``b = -beta k``, ``k' = beta k``
 (``k Diag(e^g) S = (e^g * k) S``). ``tests/test_gated_deltanet.py`` checks both against a direct recurrence.
 
-``backend`` names the same algorithms as :data:`zoo.kernels.rwkv7.BACKENDS` (the parametrised inputs go through
-:func:`rwkv7`), except ``fla``: fla's own ``chunk_gated_delta_rule`` / ``chunk_kda`` (``fla_delta_rule.py``).
+``backend`` names the same algorithms as :data:`zoo.kernels.rwkv7.BACKENDS`: ``torch`` runs :func:`rwkv7` on the
+parametrised inputs; ``triton_recurrent`` / ``triton_chunk`` run rwkv7's kernels with the inputs built inside the scan,
+one segment at a time (``triton_delta_rule.py``); ``fla`` runs fla's own ``chunk_gated_delta_rule`` / ``chunk_kda``
+(``fla_delta_rule.py``).
 """
 from __future__ import annotations
 
@@ -50,17 +52,20 @@ def _through_rwkv7(params: Callable[..., tuple[torch.Tensor, ...]], backend: str
     return run
 
 
-def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], fla_fn: str) -> BackendTable:
-    return BackendTable(op, {  # packed documents: rwkv7's, or fla's own cu_seqlens
+def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], prefix: str) -> BackendTable:
+    """The op's backends: torch through :func:`rwkv7` (packed documents: rwkv7's), zoo's Triton kernels with the
+    parametrisation inside the scan (:mod:`.triton_delta_rule`), fla's own kernels (its ``cu_seqlens``)."""
+    triton = f"zoo.kernels.rwkv7.triton_delta_rule:{prefix}"
+    return BackendTable(op, {
         "torch": Backend(_through_rwkv7(params, "torch"), varlen=True),
-        "triton_recurrent": Backend(_through_rwkv7(params, "triton_recurrent"), "triton", varlen=True),
-        "triton_chunk": Backend(_through_rwkv7(params, "triton_chunk"), "triton", varlen=True),
-        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{fla_fn}", "fla", varlen=True),
+        "triton_recurrent": Backend(f"{triton}_triton_recurrent", "triton", varlen=True),
+        "triton_chunk": Backend(f"{triton}_triton_chunk", "triton"),
+        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{prefix}_fla", "fla", varlen=True),
     }, layout="ttttts.")
 
 
-GATED_DELTA_BACKENDS = _table("gated_delta_rule", gated_delta_inputs, "gated_delta_rule_fla")
-KDA_BACKENDS = _table("kda", kda_inputs, "kda_fla")
+GATED_DELTA_BACKENDS = _table("gated_delta_rule", gated_delta_inputs, "gated_delta_rule")
+KDA_BACKENDS = _table("kda", kda_inputs, "kda")
 
 
 def _check(op: str, q, k, v, g, beta, initial_state, g_shape: tuple[int, ...]) -> None:
