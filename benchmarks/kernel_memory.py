@@ -38,15 +38,15 @@ T_LONG = 131072
 # The long-context shape B = 1, H = 32, K = V = 128; SSD: Mamba-2 at d_model 2048 (d_inner 4096 = 64 heads of 64
 # channels, d_state 128, the same 2^19 state entries); selective scan: Mamba-1 at d_model 2048 (d_inner 4096, N = 16).
 LONG_DIMS = {"retention": {"H": 32, "K": 128, "V": 128}, "rwkv6": {"H": 32, "K": 128, "V": 128},
-             "rwkv7": {"H": 32, "K": 128, "V": 128}, "ssd": {"H": 64, "P": 64, "N": 128},
+             "dplr_delta_rule": {"H": 32, "K": 128, "V": 128}, "ssd": {"H": 64, "P": 64, "N": 128},
              "selective_scan": {"D": 4096, "N": 16}, "gated_delta_rule": {"H": 32, "K": 128, "V": 128},
              "kda": {"H": 32, "K": 128, "V": 128}}
 
 # Ops whose calls are over LIMIT_GIB, and why (tests/test_triton_memory.py fails on any other): the note under the table.
 KNOWN_OVER = ("gated_delta_rule", "kda")
 KNOWN_OVER_WHY = (
-    "Gated DeltaNet and KDA run as rwkv7 on parametrised inputs (kernels/rwkv7/delta_rule.py): w_log, b, k' (KDA: and "
-    "a) `[B, T, H, K]` fp32 are built for the whole sequence outside rwkv7's segmented recompute, so they are the op's "
+    "Gated DeltaNet and KDA run as dplr_delta_rule on parametrised inputs (kernels/dplr_delta_rule/delta_rule.py): w_log, b, k' (KDA: and "
+    "a) `[B, T, H, K]` fp32 are built for the whole sequence outside dplr_delta_rule's segmented recompute, so they are the op's "
     "own buffers (saved for backward as the scan's inputs: 6 / 8 GiB here), and so are their fp32 gradients. Building "
     "them per segment inside the scan would remove both; not done yet.")
 

@@ -126,7 +126,7 @@ def test_long_context_memory_under_limit(long_context):
             continue
         assert row["after"]["peak"] < LIMIT_GIB * GiB, f"{name}: {row['after']['peak'] / GiB:.1f} GiB"
         assert row["after"]["saved"] < GiB, name  # the segment-start states only
-    for name in ("rwkv6/triton_chunk", "rwkv7/triton_chunk", "rwkv7/triton_recurrent", "retention/triton_chunk"):
+    for name in ("rwkv6/triton_chunk", "dplr_delta_rule/triton_chunk", "dplr_delta_rule/triton_recurrent", "retention/triton_chunk"):
         assert long_context[name]["before"]["peak"] > 3 * LIMIT_GIB * GiB, name
         assert long_context[name]["segments"] == 8
 
