@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels.backends import BackendTable
-from zoo.kernels.retention import BACKENDS as RETENTION, retention
-from zoo.kernels.rwkv6 import BACKENDS as RWKV6, rwkv6
 from zoo.kernels.dplr_delta_rule import BACKENDS as DPLR_DELTA_RULE, dplr_delta_rule
 from zoo.kernels.dplr_delta_rule.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
+from zoo.kernels.retention import BACKENDS as RETENTION, retention
+from zoo.kernels.rwkv6 import BACKENDS as RWKV6, rwkv6
 from zoo.kernels.selective_scan import BACKENDS as SELECTIVE_SCAN, selective_scan
 from zoo.kernels.ssd import BACKENDS as SSD, ssd_scan
 
