@@ -38,7 +38,7 @@ T_LONG = 131072
 # The long-context shape B = 1, H = 32, K = V = 128; SSD: Mamba-2 at d_model 2048 (d_inner 4096 = 64 heads of 64
 # channels, d_state 128, the same 2^19 state entries); selective scan: Mamba-1 at d_model 2048 (d_inner 4096, N = 16).
 LONG_DIMS = {"retention": {"H": 32, "K": 128, "V": 128}, "rwkv6": {"H": 32, "K": 128, "V": 128},
-             "rwkv7": {"H": 32, "K": 128, "V": 128}, "ssd": {"H": 64, "P": 64, "N": 128},
+             "dplr_delta_rule": {"H": 32, "K": 128, "V": 128}, "ssd": {"H": 64, "P": 64, "N": 128},
              "selective_scan": {"D": 4096, "N": 16}, "gated_delta_rule": {"H": 32, "K": 128, "V": 128},
              "kda": {"H": 32, "K": 128, "V": 128}}
 

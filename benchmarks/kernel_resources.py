@@ -118,6 +118,15 @@ class FakeDriver:
         return 0
 
 
+def selected_calls(ops: tuple[str, ...] = ()) -> list:
+    """The Triton calls of the registry whose name (``op/backend``) starts with one of ``ops`` (all without); an old op
+    name selects its op (``rwkv7`` is ``dplr_delta_rule``: :func:`zoo.kernels.registry.op_name`)."""
+    from zoo.kernels.registry import TRITON_CALLS, op_name
+
+    prefixes = tuple(op_name(p) for p in ops)
+    return [call for call in TRITON_CALLS if not prefixes or call.name.startswith(prefixes)]
+
+
 def worker(target: str, dtypes: list[str], out: str, ops: tuple[str, ...] = ()) -> None:
     """Compile every registry call (those whose name starts with one of ``ops``, when given) for ``target`` in this
     process and write its rows to ``out`` (JSON)."""
@@ -137,10 +146,10 @@ def worker(target: str, dtypes: list[str], out: str, ops: tuple[str, ...] = ()) 
     # torch.version.hip for ROCm)
     torch.cuda.get_device_capability = lambda device=None: (9, 0) if hip else divmod(arch, 10)
     torch.version.hip = "6.4" if hip else None  # the target's platform, whatever this torch was built for
-    from zoo.kernels.registry import TRITON_CALLS, run_call, shape_label
+    from zoo.kernels.registry import run_call, shape_label
 
     rows = []
-    calls = [call for call in TRITON_CALLS if not ops or call.name.startswith(tuple(ops))]
+    calls = selected_calls(ops)
     for dtype, call in ((dtype, call) for dtype in dtypes for call in calls):
         for dims in call.op.models:
             if hip and max(dims.get("K", 0), dims.get("P", 0)) > HIP_MAX_HEAD_DIM:
@@ -277,7 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS / 'kernels-resources.md'} (without --ops)")
     parser.add_argument("--rows", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--ops", nargs="+", default=(), help="only the calls whose name (op/backend) starts with one of "
-                        "these, e.g. ssd retention/triton_chunk (the table is then written only with --out)")
+                        "these, e.g. ssd retention/triton_chunk (old op names too: rwkv7 is dplr_delta_rule; the table is then "
+                        "written only with --out)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU (--smoke) runs need the interpreter, chosen before triton loads
 
 from benchmarks.common import RESULTS, is_oom, machine, slug, time_ms, write_report  # noqa: E402
-from zoo.kernels.registry import CALLS, OPS, KernelCall  # noqa: E402
+from zoo.kernels.registry import CALLS, OPS, KernelCall, op_name  # noqa: E402
 
 GPU_SIZES = [(1024, 16), (4096, 4), (16384, 1)]  # (T, batch): 16k tokens per call
 QUICK_SIZES = [(1024, 4), (4096, 1)]
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (CPU: Triton interpreter)")
     mode.add_argument("--quick", action="store_true", help="the GPU check's run: T:batch 1024:4,4096:1, 3 timed calls")
-    parser.add_argument("--ops", nargs="+", choices=sorted(BENCHES), default=sorted(BENCHES))
+    parser.add_argument("--ops", nargs="+", type=op_name, choices=sorted(BENCHES), default=sorted(BENCHES),
+                        help="ops to run (old names too: rwkv7 is dplr_delta_rule)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--sizes", type=parse_sizes, help="T:batch pairs, e.g. 1024:4,4096:1 (default: 16k tokens per call)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and time nothing")

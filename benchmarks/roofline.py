@@ -24,7 +24,7 @@ PEER_ROWS = {"selective_scan": "mamba-ssm selective_scan_fn", "ssd": "mamba-ssm 
 
 
 SCALAR_DECAY_OPS = ("gated_delta_rule",)  # the ops whose decay is a scalar per head (the kernels get it per channel)
-DECAY_ARGS = ("w", "dw")  # the generalized delta rule kernels' per-channel log decay and its gradient (kernels/rwkv7)
+DECAY_ARGS = ("w", "dw")  # the generalized delta rule kernels' per-channel log decay and its gradient (kernels/dplr_delta_rule)
 SCALAR_DECAY_WORTH = 0.25  # the bar (a judgement, not a measurement): the fwd+bwd bytes a second kernel should save
 
 

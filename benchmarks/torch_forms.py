@@ -2,9 +2,9 @@
 
 ``python -m benchmarks.torch_forms [--recipes ...] [--repeats 5] [--threads N]`` builds each recipe's model (random
 weights) at its own batch size and sequence length and times training steps (forward + backward of the loss) with
-the ``torch`` backend running the ``rwkv7`` op (RWKV-7, Gated DeltaNet, KDA and the hybrids built on them) in each
+the ``torch`` backend running the ``dplr_delta_rule`` op (RWKV-7, Gated DeltaNet, KDA and the hybrids built on them) in each
 form; the forms alternate ``--repeats`` times in one process after a warm-up step, so their ratio holds on a shared
-machine. Tokens/s = batch x seq_len / the median step. The CPU choice (:func:`zoo.kernels.rwkv7.rwkv7_torch`) is the
+machine. Tokens/s = batch x seq_len / the median step. The CPU choice (:func:`zoo.kernels.dplr_delta_rule.dplr_delta_rule_torch`) is the
 form this measures fastest. ``--smoke``: the recipes at 4 layers, d_model 64, batch 2 x 64 tokens. Writes
 ``benchmarks/results/torch-forms-<device>.{json,md}``.
 """
@@ -18,25 +18,25 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, load_average, machine, median, slug, write_report
-from zoo.kernels import rwkv7 as rwkv7_op
+from zoo.kernels import dplr_delta_rule as dplr_op
 from zoo.modeling import ZooConfig, ZooForCausalLM
 from zoo.recipe_loader import load_recipe
 
 RECIPES = ["rwkv7_small", "gated_deltanet_small", "kda_small", "qwen3_next_small"]
-FORMS = {"recurrent": rwkv7_op.rwkv7_recurrent, "chunked": rwkv7_op.rwkv7_chunked}
+FORMS = {"recurrent": dplr_op.dplr_delta_rule_recurrent, "chunked": dplr_op.dplr_delta_rule_chunked}
 VOCAB = ["model.vocab_size=259"]  # the byte tokenizer's vocabulary (the trainer sets it from the tokenizer)
 SMOKE = ["model.n_layers=4", "model.d_model=64", "data.batch_size=2", "data.seq_len=64"]  # 4: tiles every pattern
 
 
 @contextlib.contextmanager
 def cpu_form(name: str):
-    """The ``torch`` backend of ``rwkv7`` running form ``name`` on CPU for T > 1 (what it picks is the recurrent one)."""
-    saved = rwkv7_op.rwkv7_recurrent
-    rwkv7_op.rwkv7_recurrent = FORMS[name]
+    """The ``torch`` backend of ``dplr_delta_rule`` running form ``name`` on CPU for T > 1 (what it picks is the recurrent one)."""
+    saved = dplr_op.dplr_delta_rule_recurrent
+    dplr_op.dplr_delta_rule_recurrent = FORMS[name]
     try:
         yield
     finally:
-        rwkv7_op.rwkv7_recurrent = saved
+        dplr_op.dplr_delta_rule_recurrent = saved
 
 
 def run(recipes: list[str], repeats: int, smoke: bool, log) -> dict:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels.backends import BackendTable
+from zoo.kernels.dplr_delta_rule import BACKENDS as DPLR_DELTA_RULE, dplr_delta_rule
+from zoo.kernels.dplr_delta_rule.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 from zoo.kernels.retention import BACKENDS as RETENTION, retention
 from zoo.kernels.rwkv6 import BACKENDS as RWKV6, rwkv6
-from zoo.kernels.rwkv7 import BACKENDS as RWKV7, rwkv7
-from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 from zoo.kernels.selective_scan import BACKENDS as SELECTIVE_SCAN, selective_scan
 from zoo.kernels.ssd import BACKENDS as SSD, ssd_scan
 
@@ -67,8 +67,8 @@ def _rwkv6_inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
             "u": torch.randn(H, K, device=device) * 0.5}
 
 
-def _rwkv7_inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
-    """layers/rwkv7.py: r, k, v, a = -kk, b = kk * alpha activations; the log decay fp32."""
+def _dplr_inputs(d: dict, batch: int, T: int, device, dtype) -> dict:
+    """layers/rwkv7.py (RWKV-7's block): r, k, v, a = -kk, b = kk * alpha activations; the log decay fp32."""
     H, K, V = d["H"], d["K"], d["V"]
     act = lambda n: torch.randn(batch, T, H, n, device=device, dtype=dtype)  # noqa: E731
     kk = F.normalize(torch.randn(batch, T, H, K, device=device), dim=-1)
@@ -132,16 +132,26 @@ OPS = {op.name: op for op in (
        tuple({"H": 1536 // p, "P": p, "N": n} for p in (64, 128) for n in (64, 128)),
        ({"H": 16, "P": 64, "N": 64}, {"H": 16, "P": 64, "N": 128}), {"dt_softplus": True}),
     Op("rwkv6", rwkv6, RWKV6, _rwkv6_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
-    Op("rwkv7", rwkv7, RWKV7, _rwkv7_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
+    Op("dplr_delta_rule", dplr_delta_rule, DPLR_DELTA_RULE, _dplr_inputs, HEADS, HEADS_SMOKE, RWKV_MODELS, (HEADS,)),
     Op("retention", retention, RETENTION, _retention_inputs, HEADS, HEADS_SMOKE,  # RetNet's value_factor 2: V = 2 K
        ({"H": 12, "K": 64, "V": 128}, {"H": 6, "K": 128, "V": 256}, {"H": 3, "K": 256, "V": 512}), (HEADS,)),
-    # the generalized delta rule's parametrisations (kernels/rwkv7/delta_rule.py): rwkv7's kernels, or fla's own;
+    # the generalized delta rule's parametrisations (kernels/dplr_delta_rule/delta_rule.py): its kernels, or fla's own;
     # compiled at head dim 128 only (Qwen3-Next's and Kimi Linear's heads)
     Op("gated_delta_rule", gated_delta_rule, GATED_DELTA_BACKENDS, _delta_rule_inputs(False), HEADS, HEADS_SMOKE,
        ({"H": 6, "K": 128, "V": 128},), (HEADS,)),
     Op("kda", kda_rule, KDA_BACKENDS, _delta_rule_inputs(True), HEADS, HEADS_SMOKE, ({"H": 6, "K": 128, "V": 128},), (HEADS,)),
 )}
 DELTA_RULE_OPS = ("gated_delta_rule", "kda")
+# Old names of ops, still accepted where a user names one (benchmarks' --ops): RWKV-7's for the generalized delta rule
+# (issue 27; zoo.kernels.rwkv7 keeps its functions' old names too).
+OP_ALIASES = {"rwkv7": "dplr_delta_rule"}
+
+
+def op_name(name: str) -> str:
+    """The registry's name for ``name``, an op or a call name ``op/backend[/step]`` (or a prefix of one): the op part
+    through :data:`OP_ALIASES` (``"rwkv7/triton_chunk"`` -> ``"dplr_delta_rule/triton_chunk"``), the rest as given."""
+    op, sep, rest = name.partition("/")
+    return OP_ALIASES.get(op, op) + sep + rest
 
 
 # ---------------------------------------------------------------- launch grids, as formulas of the sizes and tiles
@@ -160,7 +170,7 @@ def state_blocks(d, t):  # the shared chunk pass (retention, RWKV-6): one progra
     return (cdiv(d["K"] * d["V"], t["BLOCK"]), d["B"] * d["H"])
 
 
-def rwkv7_pass(d, t):
+def dplr_pass(d, t):  # the generalized delta rule's state passes: one program per V block of 16 and batch * head
     return (cdiv(d["V"], t["BVP"]), d["B"] * d["H"])
 
 
@@ -240,13 +250,13 @@ def _chunk_parallel(prefix: str) -> tuple[Kernel, ...]:
                     pass_, (f"{prefix}_grad_kernel", chunks_by_v))
 
 
-# the state passes (cdiv(V, BVP), B * H) run fewer programs: kernels/rwkv7/triton_chunk_parallel.py and
+# the state passes (cdiv(V, BVP), B * H) run fewer programs: kernels/dplr_delta_rule/triton_chunk_parallel.py and
 # triton_chunk_bwd.py say why
-_RWKV7_CHUNK = _kernels(
-    ("_rwkv7_cp_chunk_state_kernel", chunks_by_v), ("_rwkv7_cp_pass_kernel", rwkv7_pass, False),
-    ("_rwkv7_cp_output_kernel", chunks_by_v), ("_rwkv7_cpb_dstate_kernel", chunks_by_v),
-    ("_rwkv7_cpb_pass_kernel", rwkv7_pass, False), ("_rwkv7_cpb_du_kernel", chunks_by_v),
-    ("_rwkv7_cpb_grad_kernel", chunks_by_v))
+_DPLR_CHUNK = _kernels(
+    ("_dplr_cp_chunk_state_kernel", chunks_by_v), ("_dplr_cp_pass_kernel", dplr_pass, False),
+    ("_dplr_cp_output_kernel", chunks_by_v), ("_dplr_cpb_dstate_kernel", chunks_by_v),
+    ("_dplr_cpb_pass_kernel", dplr_pass, False), ("_dplr_cpb_du_kernel", chunks_by_v),
+    ("_dplr_cpb_grad_kernel", chunks_by_v))
 _SSD_FWD = (("_ssd_chunk_state_kernel", ssd_chunks), ("_ssd_state_passing_kernel", ssd_state_passing))
 
 # Every call, in the order of benchmarks/results/kernels-resources.md; torch forms and peers last.
@@ -260,22 +270,22 @@ CALLS: tuple[KernelCall, ...] = (
         *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunk_heads))),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),
     KernelCall(OPS["rwkv6"], "triton_recurrent", _recurrent("_rwkv6")),
-    KernelCall(OPS["rwkv7"], "triton_recurrent", _recurrent("_rwkv7")),
+    KernelCall(OPS["dplr_delta_rule"], "triton_recurrent", _recurrent("_dplr")),
     KernelCall(OPS["retention"], "triton_chunk_serial", _kernels(
         ("_retention_chunk_fwd_kernel", heads_by_v, False), ("_retention_chunk_bwd_kernel", heads_by_v, False))),
     KernelCall(OPS["retention"], "triton_recurrent", _recurrent("_retention")),
     KernelCall(OPS["retention"], "triton_chunk", _chunk_parallel("_retention_cp")),
     KernelCall(OPS["rwkv6"], "triton_chunk", _chunk_parallel("_rwkv6_cp")),
-    KernelCall(OPS["rwkv7"], "triton_chunk", _RWKV7_CHUNK),
-    # Gated DeltaNet and KDA: rwkv7's kernels on the parametrised inputs (chunk-parallel first: the layers train with
+    KernelCall(OPS["dplr_delta_rule"], "triton_chunk", _DPLR_CHUNK),
+    # Gated DeltaNet and KDA: dplr_delta_rule's kernels on the parametrised inputs (chunk-parallel first: the layers train with
     # it); the zero start state gets no gradient, as in the layers
     *(KernelCall(OPS[op], backend, launches, frozen=("initial_state",)) for op in DELTA_RULE_OPS
-      for backend, launches in (("triton_chunk", _RWKV7_CHUNK), ("triton_recurrent", _recurrent("_rwkv7")))),
+      for backend, launches in (("triton_chunk", _DPLR_CHUNK), ("triton_recurrent", _recurrent("_dplr")))),
     *(KernelCall(op, "torch", frozen=("initial_state",) if op.name in DELTA_RULE_OPS else ()) for op in OPS.values()),
     KernelCall(OPS["selective_scan"], "mamba_ssm", peer=True),  # selective_scan_fn
     KernelCall(OPS["ssd"], "mamba_ssm", peer=True),  # mamba_chunk_scan_combined
     KernelCall(OPS["rwkv6"], "fla", peer=True),  # chunk_rwkv6
-    KernelCall(OPS["rwkv7"], "fla", peer=True),  # chunk_rwkv7
+    KernelCall(OPS["dplr_delta_rule"], "fla", peer=True),  # chunk_rwkv7
     KernelCall(OPS["retention"], "fla", frozen=("log_decay",), peer=True),  # chunk_simple_gla: constant decays
     KernelCall(OPS["gated_delta_rule"], "fla", frozen=("initial_state",), peer=True),  # chunk_gated_delta_rule
     KernelCall(OPS["kda"], "fla", frozen=("initial_state",), peer=True),  # chunk_kda
@@ -398,7 +408,7 @@ def underfilled(name: str | KernelCall, T: int = 16384) -> list[str]:
     """What breaks the parallelism bar of call ``name`` (e.g. ``"rwkv6/triton_chunk"``) at batch 1, ``T`` tokens and
     each of its op's ``fill`` sizes on an H100: a launch other than the call's declared ones, a grid other than its
     formula, or a launch marked ``fills`` with fewer than :data:`MIN_PROGRAMS` programs. Empty when all hold."""
-    call = CALLS_BY_NAME[name] if isinstance(name, str) else name
+    call = CALLS_BY_NAME[op_name(name)] if isinstance(name, str) else name
     name, out = call.name, []
     for dims in call.op.fill:
         recorded = launches(call, dims, T)

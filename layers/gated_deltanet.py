@@ -8,7 +8,7 @@ depthwise causal conv and SiLU; each query/key head serves ``n_v_heads / n_k_hea
 readout is normalised per head and gated, ``RMSNorm(o) * silu(x W_z)``, then projected back to ``d_model``.
 
 Matches transformers' ``Qwen3NextGatedDeltaNet`` after :func:`weights_from_qwen3_next` (``tests/test_gated_deltanet.py``).
-The rule runs on :func:`zoo.kernels.rwkv7.gated_delta_rule` (the generalized delta rule, or fla's kernel).
+The rule runs on :func:`zoo.kernels.dplr_delta_rule.gated_delta_rule` (the generalized delta rule, or fla's kernel).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS as BACKENDS
-from zoo.kernels.rwkv7.delta_rule import gated_delta_rule
+from zoo.kernels.dplr_delta_rule.delta_rule import GATED_DELTA_BACKENDS as BACKENDS
+from zoo.kernels.dplr_delta_rule.delta_rule import gated_delta_rule
 from zoo.typed import bounded, checked
 
 from .base import Documents, SequenceMixer, op_seqlens
@@ -41,7 +41,7 @@ class GatedDeltaNetConfig:
     dt_min: float = bounded(0.001, gt=0)  # dt_bias init: softplus^-1 of dt log-uniform in [dt_min, dt_max]
     dt_max: float = bounded(0.1, gt=0)
     chunk_size: int = bounded(16, ge=1)
-    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.rwkv7.GATED_DELTA_BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.dplr_delta_rule.GATED_DELTA_BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if self.n_v_heads % self.n_k_heads:

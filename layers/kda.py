@@ -8,7 +8,7 @@ through one depthwise causal conv and SiLU; the readout is normalised per head a
 ``RMSNorm(o) * sigmoid(x W_ga W_gb)`` (low rank too), then projected back to ``d_model``.
 
 Matches transformers' ``KimiLinearDeltaAttention`` after :func:`weights_from_kimi_linear` (``tests/test_kda.py``). The
-rule runs on :func:`zoo.kernels.rwkv7.kda_rule` (the generalized delta rule, or fla's ``chunk_kda``).
+rule runs on :func:`zoo.kernels.dplr_delta_rule.kda_rule` (the generalized delta rule, or fla's ``chunk_kda``).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.rwkv7.delta_rule import KDA_BACKENDS as BACKENDS
-from zoo.kernels.rwkv7.delta_rule import kda_rule
+from zoo.kernels.dplr_delta_rule.delta_rule import KDA_BACKENDS as BACKENDS
+from zoo.kernels.dplr_delta_rule.delta_rule import kda_rule
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
 
@@ -41,7 +41,7 @@ class KDAConfig:
     dt_min: float = bounded(0.001, gt=0)  # dt_bias init: softplus^-1 of dt log-uniform in [dt_min, dt_max]
     dt_max: float = bounded(0.1, gt=0)
     chunk_size: int = bounded(16, ge=1)
-    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.rwkv7.KDA_BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.dplr_delta_rule.KDA_BACKENDS; auto runs torch
 
     def validate(self, d_model: int) -> None:
         if self.dt_min > self.dt_max:

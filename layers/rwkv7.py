@@ -11,7 +11,7 @@ Equations of the paper (v1 numbering) and where they are in :meth:`RWKV7.mix`; t
 - Eqs. 11-12, decay ``d_t = loramlp_d(x^w_t)``, ``w_t = exp(-e^{-0.5} sigmoid(d_t))``, in [0.545, 1] (``w0``-``w2``);
 - Eq. 14, output gate ``g_t = loramlp_g(x^g_t)`` with a sigmoid inside (``g1``, ``g2``);
 - Eqs. 16-17, the state evolution ``wkv_t = wkv_{t-1} (diag(w_t) - kappa_hat_t^T (a_t * kappa_hat_t)) + v_t^T k~_t``,
-  passed to the kernel as ``a = -kappa_hat``, ``b = kappa_hat * a_t`` (reference: ``zoo.kernels.rwkv7.naive``);
+  passed to the kernel as ``a = -kappa_hat``, ``b = kappa_hat * a_t`` (reference: ``zoo.kernels.dplr_delta_rule.naive``);
 - Eq. 20, the bonus ``(r_t . (rho * k~_t)) v_t`` per head (``r_k``); Eq. 21, GroupNorm of the readout ``wkv_t r_t^T``
   plus the bonus; Eq. 22, output ``(p_t * g_t) W_o``.
 
@@ -39,7 +39,7 @@ from transformers import initialization as init
 
 from zoo.errors import ConfigError
 from zoo.typed import bounded, checked
-from zoo.kernels.rwkv7 import BACKENDS, rwkv7
+from zoo.kernels.dplr_delta_rule import BACKENDS, dplr_delta_rule
 
 from .registry import MIXERS
 from .base import Documents, SequenceMixer, op_seqlens
@@ -54,7 +54,7 @@ class RWKV7Config:
     a_lora_rank: int = bounded(64, ge=1)
     gate_lora_rank: int = bounded(128, ge=1)
     chunk_size: int = bounded(16, ge=1)
-    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.rwkv7.BACKENDS; auto runs torch
+    backend: BACKENDS.Name = "auto"  # a name in zoo.kernels.dplr_delta_rule.BACKENDS; auto runs torch
     value_residual: bool = True  # Eqs. 8-10: later RWKV-7 layers mix the first one's values into theirs
     value_lora_rank: int = bounded(32, ge=1)  # rank of the value-residual gate's LoRA (v1, v2)
     group_norm_eps: float = bounded(64e-5, gt=0)  # eps of the readout's GroupNorm (ln_x); RWKV-LM: head_dim * 1e-5
@@ -173,7 +173,7 @@ class RWKV7(SequenceMixer):
         k = k * (1 + (alpha - 1) * self.k_a)
         r, k, v, alpha = (t.view(B, T, H, K) for t in (r, k, v, alpha))
         wkv0 = None if state is None else state.wkv
-        o, wkv = rwkv7(
+        o, wkv = dplr_delta_rule(
             r, w_log.view(B, T, H, K), k, v, -kk, kk * alpha, wkv0, chunk_size=self.config.chunk_size,
             backend=self.backend, cu_seqlens=op_seqlens(documents),
         )  # wkv: [B, H, K, K], or [N, H, K, K] for N documents

@@ -147,7 +147,7 @@ def ssd_inputs(g, heads=4, p=4, groups=2, n=4):
 
 # Per op: (fp32 inputs by parameter name, the activations among them: what a block under autocast hands over in its
 # compute dtype; the rest, decays, parameters and states, stay fp32).
-OP_INPUTS = {"retention": retention_inputs, "rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs,
+OP_INPUTS = {"retention": retention_inputs, "rwkv6": rwkv6_inputs, "dplr_delta_rule": rwkv7_inputs,
              "selective_scan": selective_scan_inputs, "ssd": ssd_inputs}
 
 

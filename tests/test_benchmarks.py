@@ -200,7 +200,7 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in runs)
     assert report["ops"]["selective_scan"]["peers_missing"] == ["mamba_ssm"]
     assert "| 8 | 1 | triton_recurrent |" in (tmp_path / "kernels-smoke.md").read_text()
-    assert sorted(BENCHES) == ["gated_delta_rule", "kda", "retention", "rwkv6", "rwkv7", "selective_scan", "ssd"]
+    assert sorted(BENCHES) == ["dplr_delta_rule", "gated_delta_rule", "kda", "retention", "rwkv6", "selective_scan", "ssd"]
     for op in ("gated_delta_rule", "kda"):  # issue 27: zoo vs fla
         assert [(c.backend, c.peer) for c in BENCHES[op]] == [
             ("triton_chunk", False), ("triton_recurrent", False), ("torch", False), ("fla", True)]
@@ -215,6 +215,27 @@ def test_kernel_benchmark_times_every_registry_call_of_an_op(tmp_path, capsys):
         assert plan["ops"][op]["implementations"][:3] == ["triton_chunk", "triton_recurrent", "torch"]
         assert plan["ops"][op]["peers_missing"] == ([] if plan["cuda"] and CALLS_BY_NAME[f"{op}/fla"].available() else ["fla"])
 
+
+
+def test_rwkv7_is_the_old_name_of_dplr_delta_rule():
+    """Issue 27: the generalized delta rule op is ``dplr_delta_rule``; ``zoo.kernels.rwkv7`` keeps its old public names
+    as the same objects (the Triton functions loaded on first use, as before), and ``rwkv7`` still selects the op
+    where a command line names ops (benchmarks.kernels and its --model roofline, benchmarks.kernel_resources)."""
+    import zoo.kernels.dplr_delta_rule as op
+    import zoo.kernels.rwkv7 as old
+    from benchmarks.kernel_resources import selected_calls
+    from benchmarks.kernels import main as kernels_main
+    from zoo.kernels.registry import CALLS_BY_NAME, OPS, op_name
+
+    assert old.__all__ == ["BACKENDS", "GATED_DELTA_BACKENDS", "KDA_BACKENDS", "gated_delta_rule", "kda_rule", "rwkv7",
+                           "rwkv7_chunked", "rwkv7_naive", "rwkv7_step", "rwkv7_triton", "rwkv7_triton_chunk"]
+    for name in [*old.__all__, "rwkv7_recurrent", "rwkv7_keys"]:
+        assert getattr(old, name) is getattr(op, name.replace("rwkv7", "dplr_delta_rule")), name
+    assert old.BACKENDS.op == "dplr_delta_rule" and OPS["dplr_delta_rule"].fn is old.rwkv7
+    assert (op_name("rwkv7"), op_name("rwkv7/triton_chunk"), op_name("rwkv6")) == ("dplr_delta_rule", "dplr_delta_rule/triton_chunk", "rwkv6")
+    assert list(kernels_main(["--dry-run", "--smoke", "--ops", "rwkv7"])["ops"]) == ["dplr_delta_rule"]
+    assert [c.name for c in selected_calls(("rwkv7",))] == ["dplr_delta_rule/triton_recurrent", "dplr_delta_rule/triton_chunk"]
+    assert selected_calls(("rwkv7/triton_chunk",)) == [CALLS_BY_NAME["dplr_delta_rule/triton_chunk"]]
 
 def test_packing_benchmark_smoke_writes_its_report(tmp_path):
     """benchmarks.packing --smoke: the three modes timed per block, after checking one call equals one per document."""

@@ -1,5 +1,5 @@
 """Gated DeltaNet and KDA on zoo's Triton kernels (the parametrisation built inside the scan,
-kernels/rwkv7/triton_delta_rule.py): every gradient (q, k, v, the log decay g, beta and the initial state) against
+kernels/dplr_delta_rule/triton_delta_rule.py): every gradient (q, k, v, the log decay g, beta and the initial state) against
 fp64 autograd through the torch backend, odd sizes, decays near 0 and 1, non-contiguous inputs; the same in segments."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_gated_deltanet import rule_inputs  # noqa: E402
-from zoo.kernels.rwkv7 import gated_delta_rule, kda_rule  # noqa: E402
+from zoo.kernels.dplr_delta_rule import gated_delta_rule, kda_rule  # noqa: E402
 from zoo.kernels.triton_common import forced_segment  # noqa: E402
 
 RULES = {"gated_delta_rule": (gated_delta_rule, ()), "kda": (kda_rule, (24,))}

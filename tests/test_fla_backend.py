@@ -1,4 +1,4 @@
-"""``backend="fla"`` (flash-linear-attention 0.6.0) for rwkv6, rwkv7 and retention: fla's own Triton kernels, run in
+"""``backend="fla"`` (flash-linear-attention 0.6.0) for rwkv6, dplr_delta_rule (RWKV-7's op) and retention: fla's own Triton kernels, run in
 the Triton interpreter on CPU, against zoo's sequential fp32 references (outputs, final state and every gradient,
 from a non-zero initial state, at odd lengths that cross fla's chunk boundaries), and through the blocks.
 
@@ -16,7 +16,7 @@ from triton_testing import fla_on_cpu  # noqa: E402
 
 from zoo.kernels import retention as retention_pkg  # noqa: E402
 from zoo.kernels import rwkv6 as rwkv6_pkg  # noqa: E402
-from zoo.kernels import rwkv7 as rwkv7_pkg  # noqa: E402
+from zoo.kernels import dplr_delta_rule as dplr_pkg  # noqa: E402
 from zoo.layers.registry import MIXERS  # noqa: E402
 from zoo.config import ModelConfig  # noqa: E402
 
@@ -55,7 +55,7 @@ def retention_inputs(T):
 # op: (zoo function, zoo's sequential reference, inputs, T: odd and past fla's chunk length, inputs without gradients)
 OPS = {
     "rwkv6": (rwkv6_pkg.rwkv6, rwkv6_pkg.rwkv6_naive, rwkv6_inputs, 67, ()),  # fla chunks of 64
-    "rwkv7": (rwkv7_pkg.rwkv7, rwkv7_pkg.rwkv7_naive, rwkv7_inputs, 37, ()),  # fla chunks of 16
+    "dplr_delta_rule": (dplr_pkg.dplr_delta_rule, dplr_pkg.dplr_delta_rule_naive, rwkv7_inputs, 37, ()),  # fla chunks of 16
     "retention": (retention_pkg.retention, retention_pkg.retention_recurrent, retention_inputs, 67, ("log_decay",)),
 }
 

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, Qwen3NextConfig
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
-from zoo.kernels.rwkv7 import GATED_DELTA_BACKENDS, gated_delta_rule
+from zoo.kernels.dplr_delta_rule import GATED_DELTA_BACKENDS, gated_delta_rule
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, weights_from_qwen3_next
 
 B, T, H, K, V = 2, 37, 3, 24, 20  # odd T, K and V not powers of two

@@ -6,7 +6,7 @@ from transformers import DynamicCache, KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
 from test_gated_deltanet import B, H, K, T, V, rule_inputs
-from zoo.kernels.rwkv7 import KDA_BACKENDS, kda_rule
+from zoo.kernels.dplr_delta_rule import KDA_BACKENDS, kda_rule
 from zoo.layers.kda import KDA, KDAConfig, weights_from_kimi_linear
 
 

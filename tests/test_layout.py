@@ -30,6 +30,7 @@ def test_wheel_holds_only_the_zoo_namespace_and_every_package_folder(tmp_path):
     assert top == {"zoo", next(t for t in top if t.endswith(".dist-info"))}
     assert "zoo/layers/attention.py" in names
     assert "zoo/recipes/transformer_small.yaml" in names
+    assert "zoo/kernels/rwkv7.py" in names  # RWKV-7's name for zoo.kernels.dplr_delta_rule (a module, not a folder)
     package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     for name, folder in package_dir.items():
         for init in (ROOT / folder).rglob("__init__.py"):

@@ -13,7 +13,7 @@ import torch
 
 from zoo.kernels.backends import AUTO, CuSeqlens
 from zoo.kernels.registry import OPS
-from zoo.kernels.rwkv7 import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
+from zoo.kernels.dplr_delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
 
 LENGTHS = (5, 1, 19, 12)  # T = 37: one token, shorter than a chunk of 8, a boundary inside the chunks 0-7, 16-23, 24-31
 CHUNK = 8
@@ -225,7 +225,7 @@ def test_one_document_reads_the_tensor_once(monkeypatch):
 
 # ---------------------------------------------------------------- the fused-recurrent Triton kernels, varlen-native
 
-RECURRENT = ("rwkv6", "rwkv7", "retention")
+RECURRENT = ("rwkv6", "dplr_delta_rule", "retention")
 ODD = {"H": 3, "K": 24, "V": 40}  # K padded to 32 (BK), V in two blocks of 32 (the second partly masked)
 TRITON_TOL = {torch.float32: TOL["native"], torch.bfloat16: 3e-2}  # bf16: max |error| / max |reference|, as in test_triton_rwkv.py
 
@@ -319,13 +319,15 @@ def test_triton_recurrent_packed_equals_its_own_per_document_calls(op, dtype):
         torch.testing.assert_close(g, grads_ref[n], atol=t, rtol=t, msg=lambda m: f"d{n}: {m}")
 
 
-_TRITON_MODULES = {"rwkv6": "zoo.kernels.rwkv6.triton_rwkv6", "rwkv7": "zoo.kernels.rwkv7.triton_rwkv7",
-                   "retention": "zoo.kernels.retention.triton_retention"}
+# op -> the module of its fused-recurrent kernels and their name prefix
+_TRITON_MODULES = {"rwkv6": ("zoo.kernels.rwkv6.triton_rwkv6", "_rwkv6"),
+                   "dplr_delta_rule": ("zoo.kernels.dplr_delta_rule.triton_dplr_delta_rule", "_dplr"),
+                   "retention": ("zoo.kernels.retention.triton_retention", "_retention")}
 
 
 def _recording_launches(monkeypatch, op: str) -> list[tuple[str, tuple]]:
     """Each launch of the op's fused-recurrent kernels, as ``(kernel, grid)``, recorded on the way to the kernel."""
-    module = importlib.import_module(_TRITON_MODULES[op])
+    module = importlib.import_module(_TRITON_MODULES[op][0])
     seen = []
 
     class Recorder:
@@ -355,7 +357,8 @@ def test_triton_recurrent_packed_call_is_one_launch_over_all_documents(op, monke
     w = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"])
     _packed_with_grads(op, "triton_recurrent", args, s0, cu, w, torch.zeros(s0.shape))
     grid = (2, len(LENGTHS) * ODD["H"])  # V = 40 in blocks of 32
-    assert seen == [(f"_{op}_fwd_kernel", grid), (f"_{op}_bwd_kernel", grid)]
+    prefix = _TRITON_MODULES[op][1]
+    assert seen == [(f"{prefix}_fwd_kernel", grid), (f"{prefix}_bwd_kernel", grid)]
 
 
 @pytest.mark.parametrize("op", RECURRENT)
@@ -391,8 +394,8 @@ def test_triton_recurrent_packed_over_a_segment_runs_each_document_alone(op, mon
         split = _packed_with_grads(op, "triton_recurrent", args, s0, cu, w_o, w_s)
     # forward: 1 + 1 + 2 + 1 segments (the 19 tokens: two); backward: one per segment, the two of the segmented
     # document each after its forward's recompute
-    kernels = [k for k, _ in seen]
-    assert (kernels.count(f"_{op}_fwd_kernel"), kernels.count(f"_{op}_bwd_kernel")) == (5 + 2, 5)
+    kernels, prefix = [k for k, _ in seen], _TRITON_MODULES[op][1]
+    assert (kernels.count(f"{prefix}_fwd_kernel"), kernels.count(f"{prefix}_bwd_kernel")) == (5 + 2, 5)
     assert all(grid == (2, ODD["H"]) for _, grid in seen)
     for a, b in zip(native[:2], split[:2]):
         torch.testing.assert_close(a, b, atol=TOL["native"], rtol=TOL["native"])

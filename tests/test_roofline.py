@@ -46,7 +46,7 @@ def test_rwkv6_recurrent_forward_bytes_by_hand(report):
 def test_peer_numbers_come_from_the_results_folder():
     line, ms = peer_ms("selective_scan")
     assert line.startswith("| mamba-ssm selective_scan_fn") and ms == {1024: 3.08, 4096: 3.24, 16384: 3.78}
-    assert peer_ms("rwkv7") == (None, {})
+    assert peer_ms("dplr_delta_rule") == (None, {})
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def delta_report(tmp_path_factory):
 
 
 def test_gated_deltanet_and_kda_have_zoo_and_fla_calls(delta_report):
-    """Issue 27: both parametrisations of the generalized delta rule are registry ops with zoo's Triton calls (rwkv7's
+    """Issue 27: both parametrisations of the generalized delta rule are registry ops with zoo's Triton calls (dplr_delta_rule's
     kernels and grids) and fla's kernels as peers, and both are in the roofline with their declared launches."""
     for op in ("gated_delta_rule", "kda"):
         calls = {c.backend: c for c in CALLS if c.op.name == op and not c.step}
         assert set(calls) == {"triton_chunk", "triton_recurrent", "torch", "fla"}
         for backend in ("triton_chunk", "triton_recurrent"):
-            assert calls[backend].launches == CALLS_BY_NAME[f"rwkv7/{backend}"].launches and not calls[backend].peer
+            assert calls[backend].launches == CALLS_BY_NAME[f"dplr_delta_rule/{backend}"].launches and not calls[backend].peer
         assert calls["fla"].peer and not calls["fla"].launches
         runs = delta_report[0]["ops"][op]["runs"]
         assert [r["backend"] for r in runs] == ["triton_chunk", "triton_recurrent"]

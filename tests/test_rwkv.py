@@ -11,7 +11,7 @@ import zoo
 from zoo.config import ModelConfig
 from zoo.errors import BackendUnavailableError, ConfigError
 from zoo.kernels.rwkv6 import rwkv6, rwkv6_chunked, rwkv6_naive
-from zoo.kernels.rwkv7 import rwkv7, rwkv7_chunked, rwkv7_naive, rwkv7_recurrent
+from zoo.kernels.dplr_delta_rule import dplr_delta_rule, dplr_delta_rule_chunked, dplr_delta_rule_naive, dplr_delta_rule_recurrent
 from zoo.layers import RWKV6, RWKV6Config, RWKV7, RWKV7Config
 from zoo.modeling import ZooConfig, ZooForCausalLM
 
@@ -62,10 +62,10 @@ def test_rwkv6_chunked_equals_naive(T, chunk_size):
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65])
 @pytest.mark.parametrize("chunk_size", [16, 32])
-@pytest.mark.parametrize("form", [rwkv7_chunked, rwkv7_recurrent], ids=["chunked", "recurrent"])
+@pytest.mark.parametrize("form", [dplr_delta_rule_chunked, dplr_delta_rule_recurrent], ids=["chunked", "recurrent"])
 def test_rwkv7_torch_forms_equal_naive(T, chunk_size, form):
     inputs = rwkv7_inputs(2, T, 3, 12, 10)
-    o_ref, s_ref, g_ref = outputs_and_grads(rwkv7_naive, inputs)
+    o_ref, s_ref, g_ref = outputs_and_grads(dplr_delta_rule_naive, inputs)
     o, s, g = outputs_and_grads(form, inputs, chunk_size=chunk_size)
     torch.testing.assert_close(o, o_ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(s, s_ref, atol=1e-9, rtol=1e-9)
@@ -91,7 +91,7 @@ def test_rwkv6_naive_matches_the_parallel_form_of_the_paper():
 def test_rwkv7_naive_matches_the_paper_state_layout():
     """S'_t = S'_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t with S' [V, K] (the paper's layout), o_t = S'_t r_t^T."""
     r, w_log, k, v, a, b, _ = (t.detach() for t in rwkv7_inputs(1, 5, 1, 4, 3))
-    o, s = rwkv7_naive(r, w_log, k, v, a, b)
+    o, s = dplr_delta_rule_naive(r, w_log, k, v, a, b)
     S = torch.zeros(3, 4, dtype=F64)
     for t in range(5):
         rt, wt, kt, vt, at, bt = (x[0, t, 0] for x in (r, w_log, k, v, a, b))
@@ -113,11 +113,11 @@ def test_rwkv6_extreme_decays_stay_finite_and_exact(w_log_range):
 
 
 @pytest.mark.parametrize("w_log_range", [(-20.0, -19.0), (-1e-7, 0.0), (-20.0, 0.0)])
-@pytest.mark.parametrize("form", [rwkv7_chunked, rwkv7_recurrent], ids=["chunked", "recurrent"])
+@pytest.mark.parametrize("form", [dplr_delta_rule_chunked, dplr_delta_rule_recurrent], ids=["chunked", "recurrent"])
 def test_rwkv7_extreme_decays_stay_finite_and_exact(w_log_range, form):
     inputs = [t.detach().float().requires_grad_() for t in rwkv7_inputs(2, 65, 2, 16, 16, w_log_range)]
     o, s, g = outputs_and_grads(form, inputs)
-    o_ref, s_ref = rwkv7_naive(*(t.detach().double() for t in inputs[:-1]), initial_state=inputs[-1].detach().double())
+    o_ref, s_ref = dplr_delta_rule_naive(*(t.detach().double() for t in inputs[:-1]), initial_state=inputs[-1].detach().double())
     assert torch.isfinite(o).all() and torch.isfinite(s).all() and all(torch.isfinite(x).all() for x in g)
     # fp32 error relative to the output scale (cumulative log decays reach -320 in a 16-token chunk).
     assert (o.double() - o_ref).abs().max() <= 2e-5 * o_ref.abs().max()
@@ -144,10 +144,10 @@ def test_kernel_input_checks():
     with pytest.raises(ValueError, match=r"rwkv6: initial_state must be \[B, H, K, V\]"):
         rwkv6(r, k, v, w_log, u, s0[:1])
     r, w_log, k, v, a, b, s0 = (t.detach() for t in rwkv7_inputs(2, 5, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"rwkv7: b must be \[B, T, H, K\] = \[2, 5, 3, 4\] like r"):
-        rwkv7(r, w_log, k, v, a, b[..., :2])
-    with pytest.raises(ValueError, match=r"rwkv7: v must be \[B, T, H, V\] = \[2, 5, 3, V\]"):
-        rwkv7(r, w_log, k, v[:, :3], a, b)
+    with pytest.raises(ValueError, match=r"dplr_delta_rule: b must be \[B, T, H, K\] = \[2, 5, 3, 4\] like r"):
+        dplr_delta_rule(r, w_log, k, v, a, b[..., :2])
+    with pytest.raises(ValueError, match=r"dplr_delta_rule: v must be \[B, T, H, V\] = \[2, 5, 3, V\]"):
+        dplr_delta_rule(r, w_log, k, v[:, :3], a, b)
 
 
 @pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import zoo.kernels.retention as retention_op
 import zoo.kernels.rwkv6 as rwkv6_op
-import zoo.kernels.rwkv7 as rwkv7_op
+import zoo.kernels.dplr_delta_rule as dplr_op
 import zoo.kernels.selective_scan as scan_op
 import zoo.kernels.ssd as ssd_op
 from zoo.layers.ops import conv_window_step, causal_conv
@@ -64,8 +64,8 @@ OPS = {
                   ("q", "k", "v"), lambda i: retention_op.retention(**i, form="chunk", chunk_size=4)),
     "rwkv6": (rwkv6_inputs, rwkv6_op.rwkv6_step, rwkv6_op.rwkv6_naive, rwkv6_op, "rwkv6_step", ("r", "k", "v", "w_log"),
               lambda i: rwkv6_op.rwkv6(**i, chunk_size=4)),
-    "rwkv7": (rwkv7_inputs, rwkv7_op.rwkv7_step, rwkv7_op.rwkv7_naive, rwkv7_op, "rwkv7_step", ("r", "w_log", "k", "v", "a", "b"),
-              lambda i: rwkv7_op.rwkv7(**i, chunk_size=4)),
+    "dplr_delta_rule": (rwkv7_inputs, dplr_op.dplr_delta_rule_step, dplr_op.dplr_delta_rule_naive, dplr_op, "dplr_delta_rule_step",
+                        ("r", "w_log", "k", "v", "a", "b"), lambda i: dplr_op.dplr_delta_rule(**i, chunk_size=4)),
 }
 
 

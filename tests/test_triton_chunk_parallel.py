@@ -19,10 +19,10 @@ triton = pytest.importorskip("triton")
 from test_triton_retention import make_inputs as retention_inputs  # noqa: E402
 from test_triton_rwkv import rwkv6_inputs, rwkv7_inputs  # noqa: E402
 from triton_testing import assert_relative_error, gpu_operands, require_interpreter, run_with_grads  # noqa: E402
-from zoo.kernels import retention, rwkv6, rwkv7  # noqa: E402
+from zoo.kernels import dplr_delta_rule as dplr, retention, rwkv6  # noqa: E402
 from zoo.kernels.retention import triton_chunk_parallel as retention_cp  # noqa: E402
 from zoo.kernels.rwkv6 import triton_chunk_parallel as rwkv6_cp  # noqa: E402
-from zoo.kernels.rwkv7 import triton_chunk_parallel as rwkv7_cp  # noqa: E402
+from zoo.kernels.dplr_delta_rule import triton_chunk_parallel as dplr_cp  # noqa: E402
 from zoo.kernels.triton_common import DEFAULT_TARGET, Launch, Target  # noqa: E402
 
 require_interpreter(rwkv6_cp._rwkv6_cp_output_kernel)
@@ -48,8 +48,8 @@ OPS = {
                     retention_inputs, retention.retention, True, {"gammas": (math.exp(-20.0), 1.0)}, retention_cp.chunk_parallel_tiles),
     "rwkv6": Op(rwkv6_cp.rwkv6_chunk_parallel, rwkv6.rwkv6_naive, rwkv6.rwkv6_chunked, rwkv6_inputs, rwkv6.rwkv6, False,
                 {"decay_range": (-6.0, 4.0)}, rwkv6_cp.chunk_parallel_tiles),
-    "rwkv7": Op(rwkv7_cp.rwkv7_chunk_parallel, rwkv7.rwkv7_naive, rwkv7.rwkv7_chunked, rwkv7_inputs, rwkv7.rwkv7, False,
-                {"decay_range": (-6.0, 4.0)}, rwkv7_cp.rwkv7_chunk_parallel_tiles),
+    "dplr_delta_rule": Op(dplr_cp.dplr_delta_rule_chunk_parallel, dplr.dplr_delta_rule_naive, dplr.dplr_delta_rule_chunked, rwkv7_inputs, dplr.dplr_delta_rule, False,
+                {"decay_range": (-6.0, 4.0)}, dplr_cp.dplr_chunk_parallel_tiles),
 }
 
 
@@ -71,7 +71,7 @@ def check(op: str, inputs: dict, dtype: torch.dtype, chunk_size: int, reference:
         assert_relative_error(grad, grads_ref[name], tol, f"d{name} ({dtype})")
 
 
-@pytest.mark.parametrize("op,T", [(op, T) for op in OPS for T in (1, 15, 16, 17)] + [("retention", 50), ("rwkv6", 41), ("rwkv7", 41)])
+@pytest.mark.parametrize("op,T", [(op, T) for op in OPS for T in (1, 15, 16, 17)] + [("retention", 50), ("rwkv6", 41), ("dplr_delta_rule", 41)])
 def test_fp32_matches_naive(op, T):
     """Chunks of 16: T = 15 / 16 / 17 end inside, on and past the first chunk; T = 41 / 50 have three / four chunks."""
     check(op, OPS[op].inputs(T=T, V=40), torch.float32, 16)
@@ -79,7 +79,7 @@ def test_fp32_matches_naive(op, T):
 
 # (op, T, K, V, chunk_size): chunk_size 64 (retention: BT = 32 at K = 24; T = 130: five chunks, the last of 2 tokens);
 # K = 72 (BK = 128; RWKV-6: the gradient kernel's 8 warps); RWKV's chunk_size 32 still runs chunks of 16.
-WIDE = [("retention", 130, 24, 40, 64), ("retention", 45, 72, 24, 64), ("rwkv6", 21, 72, 24, 32), ("rwkv7", 21, 72, 24, 32)]
+WIDE = [("retention", 130, 24, 40, 64), ("retention", 45, 72, 24, 64), ("rwkv6", 21, 72, 24, 32), ("dplr_delta_rule", 21, 72, 24, 32)]
 
 
 @pytest.mark.parametrize("op,T,K,V,chunk_size", WIDE)
@@ -122,7 +122,7 @@ def test_non_contiguous_batch_two_no_initial_state(op):
     """Transposed (non-contiguous) ``[B, T, H, *]`` inputs, B = 2, no initial state, K = 8 (< 16, padded to 16)."""
     inputs = OPS[op].inputs(B=2, T=23, K=8, V=40, initial_state=False)
     sequences = [name for name, t in inputs.items() if torch.is_tensor(t) and t.dim() == 4]
-    assert len(sequences) == {"retention": 3, "rwkv6": 4, "rwkv7": 6}[op]
+    assert len(sequences) == {"retention": 3, "rwkv6": 4, "dplr_delta_rule": 6}[op]
     for name in sequences:
         inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
         assert not inputs[name].is_contiguous()
@@ -130,7 +130,7 @@ def test_non_contiguous_batch_two_no_initial_state(op):
 
 
 @pytest.mark.parametrize("op,T,V,dtype", [("retention", 41, 16, torch.float32)]
-                         + [(op, 35, 24, dtype) for op in ("rwkv6", "rwkv7") for dtype in (torch.float32, torch.bfloat16)])
+                         + [(op, 35, 24, dtype) for op in ("rwkv6", "dplr_delta_rule") for dtype in (torch.float32, torch.bfloat16)])
 def test_decays_near_zero_and_one(op, T, V, dtype):
     """Decays ~1e-9 and exactly 1 (retention), from ~1e-24 to ~0.998 (RWKV): every decay is exp of a non-positive
     number and no exp(-A) is formed, so nothing overflows and every gradient still matches."""
@@ -172,10 +172,10 @@ def test_rwkv_tiles():
     assert t == OPS["rwkv6"].tiles(64, 64, 16, torch.float32, DEFAULT_TARGET)
     assert OPS["rwkv6"].tiles(64, 64, 64, torch.bfloat16, Target(90)) == t
     assert OPS["rwkv6"].tiles(128, 128, 32, torch.bfloat16, Target(80))[:3] == (16, 128, 32)
-    t = OPS["rwkv7"].tiles(64, 64, 16, torch.bfloat16, Target(90))
+    t = OPS["dplr_delta_rule"].tiles(64, 64, 16, torch.bfloat16, Target(90))
     assert t[:4] == (16, 64, 32, 16) and (t.launch, t.pass_launch) == (Launch(4, 1), Launch(4, 1))
-    assert t == OPS["rwkv7"].tiles(64, 64, 16, torch.float32, DEFAULT_TARGET)
-    assert OPS["rwkv7"].tiles(64, 64, 64, torch.bfloat16, Target(90)) == t
+    assert t == OPS["dplr_delta_rule"].tiles(64, 64, 16, torch.float32, DEFAULT_TARGET)
+    assert OPS["dplr_delta_rule"].tiles(64, 64, 64, torch.bfloat16, Target(90)) == t
 
 
 # A wrong shape of the op's own extra input, and the error naming it.

@@ -22,13 +22,13 @@ from zoo.kernels.registry import CALLS_BY_NAME, TRITON_CALLS, launches  # noqa: 
 from zoo.kernels.triton_common import MAX_GRID_YZ  # noqa: E402
 
 # The two chunk-state pass kernels at shapes where the products of NT or the chunk index exceed 2^31: retention /
-# RWKV-6 backward at K = 128, V = 256 (T = 2^20), RWKV-7 at K = V = 128.
+# RWKV-6 backward at K = 128, V = 256 (T = 2^20), the generalized delta rule (dplr_delta_rule) at K = V = 128.
 _COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoo.kernels.chunk_pass import _chunk_pass_kernel
-    from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_pass_kernel
+    from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_pass_kernel
 
     def ttir(fn, ints, constexprs):
         sig = {name: ("i32" if name in ints else "constexpr" if name in constexprs else "*fp32") for name in fn.arg_names}
@@ -36,7 +36,7 @@ _COMPILE = textwrap.dedent("""
 
     print(ttir(_chunk_pass_kernel, {"NT"}, dict(V=256, KV=128 * 256, BLOCK=64, G=16, HAS_EDGE=False, REVERSE=True)))
     print("=" * 20)
-    print(ttir(_rwkv7_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True)))
+    print(ttir(_dplr_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True)))
 """)
 
 
@@ -65,10 +65,10 @@ def test_chunk_pass_offsets_are_int64():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    chunk_pass, rwkv7_pass = out.stdout.split("=" * 20)
-    assert "tt.func" in chunk_pass and "tt.func" in rwkv7_pass
+    chunk_pass, dplr_pass = out.stdout.split("=" * 20)
+    assert "tt.func" in chunk_pass and "tt.func" in dplr_pass
     assert narrow_products(chunk_pass) == []
-    assert narrow_products(rwkv7_pass) == []
+    assert narrow_products(dplr_pass) == []
 
 
 def test_narrow_products_finds_an_i32_product_of_the_chunk_count():
@@ -205,7 +205,7 @@ _COMPILE_HIP = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_output_kernel as fn
+    from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_output_kernel as fn
     from zoo.kernels.triton_common import DEFAULT_TARGET, dot_precision
 
     precision = dot_precision(torch.bfloat16, DEFAULT_TARGET._replace(tf32=False))
@@ -218,7 +218,7 @@ _COMPILE_HIP = textwrap.dedent("""
 
 
 def test_a_chunk_kernel_compiles_for_gfx90a_with_bf16_inputs():
-    """The RWKV-7 chunk-parallel output kernel (its dots take PRECISION) compiles for MI250 with the precision
+    """The generalized delta rule's chunk-parallel output kernel (its dots take PRECISION) compiles for MI250 with the precision
     :func:`dot_precision` picks there; with tf32 Triton's AMD front end refuses it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE_HIP], env=env, capture_output=True, text=True, timeout=600)

@@ -117,7 +117,7 @@ def test_long_context_memory_under_limit(long_context):
     """Issue 26, finding 8: at B = 1, T = 131,072, H = 32, K = V = 128 (SSD: 64 heads of 64 x 128) one layer's forward
     + backward needs under 16 GiB of the op's own buffers, computed from the launchers on meta tensors. As one segment
     (the path before segmented recompute) the RWKV, retention and delta-rule ops need far more, so this fails without it;
-    Gated DeltaNet and KDA fit only with their parametrisation inside the scan (kernels/rwkv7/triton_delta_rule.py:
+    Gated DeltaNet and KDA fit only with their parametrisation inside the scan (kernels/dplr_delta_rule/triton_delta_rule.py:
     21.8-29.3 GiB when it was built for the whole sequence outside)."""
     from benchmarks.kernel_memory import GiB, LIMIT_GIB
 
@@ -125,8 +125,8 @@ def test_long_context_memory_under_limit(long_context):
     for name, row in long_context.items():
         assert row["after"]["peak"] < LIMIT_GIB * GiB, f"{name}: {row['after']['peak'] / GiB:.1f} GiB"
         assert row["after"]["saved"] < GiB, name  # the segment-start states only
-    for name in ("rwkv6/triton_chunk", "rwkv7/triton_chunk", "rwkv7/triton_recurrent", "retention/triton_chunk",
-                 "gated_delta_rule/triton_chunk", "kda/triton_recurrent"):
+    for name in ("rwkv6/triton_chunk", "dplr_delta_rule/triton_chunk", "dplr_delta_rule/triton_recurrent",
+                 "retention/triton_chunk", "gated_delta_rule/triton_chunk", "kda/triton_recurrent"):
         assert long_context[name]["before"]["peak"] > 3 * LIMIT_GIB * GiB, name
         assert long_context[name]["segments"] == 8
 

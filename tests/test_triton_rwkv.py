@@ -1,4 +1,5 @@
-"""Triton RWKV-6 / RWKV-7 kernels against the fp64 naive references: outputs, final state and every gradient.
+"""Triton RWKV-6 and generalized delta rule (``dplr_delta_rule``, RWKV-7's) kernels against the fp64 naive references:
+outputs, final state and every gradient.
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
 imported), so shapes are tiny (B <= 2, H = 2); the GPU tests at the end use real shapes.
@@ -12,7 +13,7 @@ triton = pytest.importorskip("triton")
 from triton_testing import DEVICE, assert_relative_error, require_interpreter, run_with_grads  # noqa: E402
 from zoo.kernels.rwkv6 import rwkv6_chunked, rwkv6_naive, rwkv6_triton  # noqa: E402
 from zoo.kernels.rwkv6.triton_rwkv6 import _rwkv6_fwd_kernel  # noqa: E402
-from zoo.kernels.rwkv7 import rwkv7_chunked, rwkv7_naive, rwkv7_triton  # noqa: E402
+from zoo.kernels.dplr_delta_rule import dplr_delta_rule_chunked, dplr_delta_rule_naive, dplr_delta_rule_triton  # noqa: E402
 
 require_interpreter(_rwkv6_fwd_kernel)
 
@@ -71,7 +72,7 @@ def rwkv7_inputs(B=1, T=16, H=2, K=24, V=16, initial_state=True, device=DEVICE, 
 
 OPS = {
     "rwkv6": (rwkv6_triton, rwkv6_naive, rwkv6_inputs),
-    "rwkv7": (rwkv7_triton, rwkv7_naive, rwkv7_inputs),
+    "dplr_delta_rule": (dplr_delta_rule_triton, dplr_delta_rule_naive, rwkv7_inputs),
 }
 
 
@@ -114,7 +115,7 @@ def test_non_contiguous_split_v_no_initial_state(op):
 def test_output_only_loss_and_torch_backend_agree(op):
     """Backward with no gradient flowing into the final state; the Triton and chunked torch forms agree."""
     fn, _, make = OPS[op]
-    chunked = rwkv6_chunked if op == "rwkv6" else rwkv7_chunked
+    chunked = rwkv6_chunked if op == "rwkv6" else dplr_delta_rule_chunked
     inputs = make(T=12)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
     o, _ = fn(**leaves)
@@ -143,7 +144,7 @@ def test_input_checks(op):
 def test_gpu_matches_chunked(op, dtype):
     """Real shapes (16 heads x 64) on the GPU against the chunked torch form in fp64."""
     fn, _, make = OPS[op]
-    chunked = rwkv6_chunked if op == "rwkv6" else rwkv7_chunked
+    chunked = rwkv6_chunked if op == "rwkv6" else dplr_delta_rule_chunked
     inputs = make(B=2, T=1000, H=16, K=64, V=64, device="cuda")
     check_against_reference(fn, chunked, inputs, dtype)
 

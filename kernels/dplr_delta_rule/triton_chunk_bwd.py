@@ -1,5 +1,5 @@
-"""Chunk-parallel Triton backward of the generalized delta rule (the ``rwkv7`` op's ``triton_chunk`` backend), from
-the chunk-start states of its forward (:mod:`.triton_chunk_parallel`, whose docstring defines ``A``, ``A'``,
+"""Chunk-parallel Triton backward of the generalized delta rule (the ``dplr_delta_rule`` op's ``triton_chunk``
+backend), from the chunk-start states of its forward (:mod:`.triton_chunk_parallel`, whose docstring defines ``A``, ``A'``,
 ``A_L``, ``L_ab``, ``L_ak``, ``X``, ``u``, ``M_rb``, ``M_rk`` and ``M_c`` of a chunk).
 
 Token by token, with ``E_t`` the gradient of the state ``S_t`` (``do_t`` added) and ``du_t = b_t E_t``::
@@ -23,12 +23,12 @@ The last line: ``dw_t = rowsum(E_t * diag(exp(w_log_t)) S_{t-1})`` and ``diag(ex
 - k_t^T v_t``; ``rowsum(E_t * S_t)`` telescopes through the chunk to the state leaving it. Every exponent is
 later-minus-earlier (<= 0) and masked before ``exp``; ``dS_0`` is the initial state's gradient.
 
-Launches (``NT = cdiv(T, BT)``, ``NV = cdiv(V, BV)``): (1) :func:`_rwkv7_cpb_dstate_kernel` writes ``G_c`` into
+Launches (``NT = cdiv(T, BT)``, ``NV = cdiv(V, BV)``): (1) :func:`_dplr_cpb_dstate_kernel` writes ``G_c`` into
 slot c of the fp32 buffer ``dstates [B * H, NT + 1, K, V]``, grid ``(NT, NV, B * H)``; (2)
-:func:`_rwkv7_cpb_pass_kernel` runs ``dS_c = M_c^T dS_{c+1} + G_c`` in place from ``dS_NT`` = the final state's
+:func:`_dplr_cpb_pass_kernel` runs ``dS_c = M_c^T dS_{c+1} + G_c`` in place from ``dS_NT`` = the final state's
 gradient, with the forward's ``M_c`` ``[B * H, NT, K, K]``, grid ``(cdiv(V, BVP), B * H)``; (3)
-:func:`_rwkv7_cpb_du_kernel` writes ``u``, ``dU`` (fp32 ``[B, T, H, V]``) and ``dV``, grid ``(NT, NV, B * H)``; (4)
-:func:`_rwkv7_cpb_grad_kernel` the K-side gradients from them, grid ``(NT, NV, B * H)``: per-V-block partial sums
+:func:`_dplr_cpb_du_kernel` writes ``u``, ``dU`` (fp32 ``[B, T, H, V]``) and ``dV``, grid ``(NT, NV, B * H)``; (4)
+:func:`_dplr_cpb_grad_kernel` the K-side gradients from them, grid ``(NT, NV, B * H)``: per-V-block partial sums
 ``[NV, B, T, H, K]`` of dr, dw, dk, da, db, added up here. (3) and (4) are split so that neither spills: (4) needs
 no WY terms, only ``A`` and the ``[BT, BT]`` products ``do . u``, ``do . v``, ``du . u``, ``du . v``, and walks K
 in ``KG``-wide slices (a channel's gradients involve only that channel once those products are formed).
@@ -47,12 +47,12 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.chunk_pass import chunk_dims
-from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_wy
+from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_wy
 from zoo.kernels.triton_common import Launch, Target, dot_dtype, dot_precision, launch_target, operand_dtype
 
 
 @triton.jit
-def _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT: tl.constexpr):
+def _dplr_cpb_rb(b_r, b_b, b_k, b_A, BT: tl.constexpr):
     """``(M_rb, M_rk)`` of one chunk, ``M_rb[t, j] = sum_k r_tk b_jk exp(A_tk - A_jk)`` (j <= t), ``[BT, BT]``."""
     o_t = tl.arange(0, BT)
     b_Mrb = tl.zeros([BT, BT], dtype=tl.float32)
@@ -71,7 +71,7 @@ def _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT: tl.constexpr):
 
 
 @triton.jit
-def _rwkv7_cpb_dstate_kernel(
+def _dplr_cpb_dstate_kernel(
     r, w, k, a, b, do, dstates,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -95,8 +95,8 @@ def _rwkv7_cpb_dstate_kernel(
     b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
-    b_Mrb, b_Mrk = _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT)
+    b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_Mrb, b_Mrk = _dplr_cpb_rb(b_r, b_b, b_k, b_A, BT)
     b_y = tl.dot(tl.trans(b_X), tl.dot(tl.trans(b_Mrb), b_do, input_precision="ieee"), input_precision="ieee")  # [BT, BV]
     b_g = tl.dot(tl.trans(b_r * tl.exp(b_A)), b_do, input_precision=PRECISION)
     b_g += tl.dot(tl.trans(b_a * tl.exp(b_Ae)), b_y, input_precision=PRECISION)  # [BK, BV]
@@ -105,7 +105,7 @@ def _rwkv7_cpb_dstate_kernel(
 
 
 @triton.jit
-def _rwkv7_cpb_pass_kernel(
+def _dplr_cpb_pass_kernel(
     dstates, trans, ds_final,
     NT,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_DS: tl.constexpr,
@@ -142,7 +142,7 @@ def _rwkv7_cpb_pass_kernel(
 
 
 @triton.jit
-def _rwkv7_cpb_du_kernel(
+def _dplr_cpb_du_kernel(
     r, w, k, v, a, b, do, states, dstates, u, du, dv,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -168,7 +168,7 @@ def _rwkv7_cpb_du_kernel(
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
     b_s = tl.load(states + p_kv, mask=m_kv, other=0.0)  # S_c
@@ -176,7 +176,7 @@ def _rwkv7_cpb_du_kernel(
     b_u = tl.dot(b_X, b_u, input_precision="ieee")  # [BT, BV]
     tl.store(u + p_tv, b_u, mask=m_tv)
     b_r = tl.load(r + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-    b_Mrb, b_Mrk = _rwkv7_cpb_rb(b_r, b_b, b_k, b_A, BT)
+    b_Mrb, b_Mrk = _dplr_cpb_rb(b_r, b_b, b_k, b_A, BT)
     b_tail = tl.exp(tl.sum(b_w, axis=0)[None, :] - b_A)  # [BT, BK]
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
@@ -189,13 +189,13 @@ def _rwkv7_cpb_du_kernel(
 
 
 @triton.jit
-def _rwkv7_cpb_grad_kernel(
+def _dplr_cpb_grad_kernel(
     r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
 ):
-    """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_rwkv7_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
+    """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_dplr_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
     (``states``) and ``dS_{c+1}`` (``dstates``). r, w, k, a, b: [B, T, H, K]; v, do, u, du: [B, T, H, V]; dr, dw,
     dk, da, db: [NV, B, T, H, K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)``
     contracts columns ``[i_v * BV, (i_v + 1) * BV)``, the channels in ``KG``-wide slices (each channel's gradients
@@ -275,7 +275,7 @@ def _rwkv7_cpb_grad_kernel(
         tl.store(db + p_g, b_db, mask=m_tk)
 
 
-class RWKV7ChunkBwdTiles(NamedTuple):
+class DPLRChunkBwdTiles(NamedTuple):
     """Launch parameters: the per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` / ``[BK, BV]`` tiles (the gradient
     kernel ``[BT, KG]`` slices of K, with ``grad_launch``); the pass carries ``[BK, BVP]`` columns of ``dS``."""
 
@@ -290,38 +290,38 @@ class RWKV7ChunkBwdTiles(NamedTuple):
     pass_launch: Launch
 
 
-def rwkv7_chunk_bwd_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkBwdTiles:
-    """The forward's tiles (:func:`.triton_chunk_parallel.rwkv7_chunk_parallel_tiles`: BT = 16 whatever
+def dplr_chunk_bwd_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> DPLRChunkBwdTiles:
+    """The forward's tiles (:func:`.triton_chunk_parallel.dplr_chunk_parallel_tiles`: BT = 16 whatever
     ``chunk_size``, BK = all of K, BV <= 32, BVP = KB = 16, 4 warps, 8 above K = 64). The gradient kernel: K in
     KG = 32-wide slices, 8 warps (KG = 64 spilled on sm_90 at K = 128: 24 B fp32; at 4 warps 40 B bf16; KG = 32 needs
     ~110 registers). The same on every target and input dtype."""
     BK = max(triton.next_power_of_2(K), 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
     warps = 4 if BK <= 64 else 8
-    return RWKV7ChunkBwdTiles(16, BK, BV, 16, 16, min(BK, 32), Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
+    return DPLRChunkBwdTiles(16, BK, BV, 16, 16, min(BK, 32), Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
 
 
-def rwkv7_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int):
+def dplr_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int):
     """The four backward launches on contiguous inputs, from the forward's ``states [B * H, NT + 1, K, V]`` and
     ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
-    tiles = rwkv7_chunk_bwd_tiles(K, V, chunk_size, r.dtype, target)
+    tiles = dplr_chunk_bwd_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     assert states.shape[1] == NT + 1, "the forward's chunks are not this backward's"
     f32 = dict(dtype=torch.float32, device=r.device)
     dstates = torch.empty(B * H, NT + 1, K, V, **f32)
-    _rwkv7_cpb_dstate_kernel[(NT, NV, B * H)](r, w, k, a, b, do, dstates, T, NT, **dims)
+    _dplr_cpb_dstate_kernel[(NT, NV, B * H)](r, w, k, a, b, do, dstates, T, NT, **dims)
     has_ds = ds_final is not None
-    _rwkv7_cpb_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
+    _dplr_cpb_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
         dstates, trans, ds_final if has_ds else dstates, NT,
         K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_DS=has_ds, **tiles.pass_launch._asdict(),
     )
     u, du, dv = (torch.empty(B, T, H, V, **f32) for _ in range(3))
-    _rwkv7_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
+    _dplr_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
     partial = [torch.empty(NV, B, T, H, K, **f32) for _ in range(5)]  # dr, dw, dk, da, db per V block
-    _rwkv7_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
+    _dplr_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
                                            KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
                                            **{**dims, **tiles.grad_launch._asdict()})
     dr, dw, dk, da, db = (p.sum(0) for p in partial)

@@ -1,4 +1,5 @@
-"""The chunk-parallel backward of the generalized delta rule (``rwkv7`` op, kernels/rwkv7/triton_chunk_bwd.py).
+"""The chunk-parallel backward of the generalized delta rule (``dplr_delta_rule`` op,
+kernels/dplr_delta_rule/triton_chunk_bwd.py).
 
 :func:`chunked_bwd` is its algebra in plain torch (fp64, every step a tensor expression of the module docstring's
 formulas): checked against autograd through ``naive.py`` first, so the Triton kernels below are checked against an
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.rwkv7.naive import rwkv7_naive
+from zoo.kernels.dplr_delta_rule.naive import dplr_delta_rule_naive
 
 
 def _chunks(x: torch.Tensor, BT: int) -> torch.Tensor:
@@ -128,7 +129,7 @@ def make_inputs(kind, B=1, T=17, H=2, K=24, V=40, initial_state=True, seed=0, **
 def naive_grads(inputs: dict, cot: dict, ds_final: bool = True):
     """fp64 autograd through naive.py: ``(o, final_state, {name: gradient})``."""
     leaves = {n: x.double().requires_grad_() for n, x in inputs.items() if x is not None}
-    o, s = rwkv7_naive(**{**{n: None for n in inputs}, **leaves})
+    o, s = dplr_delta_rule_naive(**{**{n: None for n in inputs}, **leaves})
     loss = (o * cot["do"].double()).sum() + ((s * cot["ds_final"].double()).sum() if ds_final else 0.0)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return o, s, dict(zip(leaves, grads))
@@ -154,12 +155,12 @@ def test_chunked_bwd_matches_autograd(kind, T, K, V, initial_state):
 triton = pytest.importorskip("triton")
 
 from triton_testing import DEVICE, require_interpreter  # noqa: E402
-from zoo.kernels.rwkv7 import rwkv7  # noqa: E402
-from zoo.kernels.rwkv7 import triton_chunk_bwd as cpb  # noqa: E402
-from zoo.kernels.rwkv7 import triton_chunk_parallel as cp  # noqa: E402
+from zoo.kernels.dplr_delta_rule import dplr_delta_rule  # noqa: E402
+from zoo.kernels.dplr_delta_rule import triton_chunk_bwd as cpb  # noqa: E402
+from zoo.kernels.dplr_delta_rule import triton_chunk_parallel as cp  # noqa: E402
 from zoo.kernels.triton_common import DEFAULT_TARGET, Target  # noqa: E402
 
-require_interpreter(cpb._rwkv7_cpb_grad_kernel)
+require_interpreter(cpb._dplr_cpb_grad_kernel)
 
 # max |error| / max |reference| per input dtype (gradients come back in the input dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -172,7 +173,7 @@ def check(inputs: dict, cot: dict, dtype=torch.float32, loss: str = "both"):
     low = {n: None if x is None else x.to(DEVICE, dtype) for n, x in inputs.items()}
     cot = {"do": cot["do"] * (loss != "state"), "ds_final": cot["ds_final"] * (loss != "o")}
     leaves = {n: x.clone().requires_grad_() for n, x in low.items() if x is not None}
-    o, s = rwkv7(**{**low, **leaves}, backend="triton_chunk")
+    o, s = dplr_delta_rule(**{**low, **leaves}, backend="triton_chunk")
     ((o.double() * cot["do"].to(o.device)).sum() + (s.double() * cot["ds_final"].to(o.device)).sum()).backward()
     o_ref, s_ref, ref = naive_grads({n: None if x is None else x.cpu() for n, x in low.items()}, cot)
     tol = TOLERANCE[dtype]
@@ -225,13 +226,13 @@ def test_non_contiguous_inputs():
 
 
 def test_launcher_without_a_final_state_gradient_equals_the_algebra():
-    """:func:`rwkv7_cp_bwd` called with ``ds_final=None`` (its zeros branch) from the forward's saved buffers equals
+    """:func:`dplr_cp_bwd` called with ``ds_final=None`` (its zeros branch) from the forward's saved buffers equals
     :func:`chunked_bwd` with a zero final-state gradient."""
     inputs, cot = make_inputs("rwkv7", T=19, K=24, V=40)
     x = {n: t.to(DEVICE) for n, t in inputs.items()}
-    _, _, states, trans = cp.rwkv7_cp_fwd(*x.values(), 16)
+    _, _, states, trans = cp.dplr_cp_fwd(*x.values(), 16)
     args = [x[n] for n in NAMES[:-1]]
-    got = cpb.rwkv7_cp_bwd(*args, cot["do"].to(DEVICE), None, states, trans, 16)
+    got = cpb.dplr_cp_bwd(*args, cot["do"].to(DEVICE), None, states, trans, 16)
     d = {n: t.double() for n, t in inputs.items()}
     want = chunked_bwd(**d, do=cot["do"].double(), ds_final=None)
     for name, g, ref in zip(NAMES, got, want, strict=True):
@@ -244,6 +245,6 @@ def test_tiles_are_the_forwards():
     for K, V in [(8, 8), (24, 40), (64, 64), (128, 128)]:
         for dtype in (torch.float32, torch.bfloat16):
             for target in (DEFAULT_TARGET, Target(80), Target(90)):
-                fwd = cp.rwkv7_chunk_parallel_tiles(K, V, 16, dtype, target)
-                bwd = cpb.rwkv7_chunk_bwd_tiles(K, V, 16, dtype, target)
+                fwd = cp.dplr_chunk_parallel_tiles(K, V, 16, dtype, target)
+                bwd = cpb.dplr_chunk_bwd_tiles(K, V, 16, dtype, target)
                 assert bwd[:5] == fwd[:5] and bwd.pass_launch == fwd.pass_launch

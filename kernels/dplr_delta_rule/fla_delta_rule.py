@@ -1,4 +1,4 @@
-"""``backend="fla"`` for :func:`zoo.kernels.rwkv7.delta_rule.gated_delta_rule` and ``kda_rule``: fla 0.6's
+"""``backend="fla"`` for :func:`zoo.kernels.dplr_delta_rule.delta_rule.gated_delta_rule` and ``kda_rule``: fla 0.6's
 ``chunk_gated_delta_rule`` and ``chunk_kda``.
 
 Both take zoo's layout (``q, k [B, T, H, K]``, ``v [B, T, H, V]``, log decay ``g`` ``[B, T, H]`` / ``[B, T, H, K]``,

@@ -1,4 +1,4 @@
-"""Chunk-parallel Triton RWKV-7 forward (generalized delta rule, WY/UT form); the backward, chunk-parallel too, is
+"""Chunk-parallel Triton forward of the generalized delta rule (WY/UT form); the backward, chunk-parallel too, is
 :mod:`.triton_chunk_bwd`, from the chunk-start states ``S_c`` and transitions ``M_c`` this forward keeps.
 
 The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channel, ``A_t = sum_{j<=t} w_log_j``
@@ -16,10 +16,10 @@ The sequence is cut into ``NT = cdiv(T, BT)`` chunks. Inside a chunk, per channe
 All exponents are per-channel differences later-minus-earlier (<= 0), built one key token at a time and masked before
 ``exp``: no ``exp(-A)`` is formed. ``X`` comes from forward substitution, ``X_t = e_t + sum_{j<t} L_ab[t, j] X_j``.
 
-Forward launches: (1) :func:`_rwkv7_cp_chunk_state_kernel` writes ``h_c`` (slot c + 1 of the fp32 state buffer
+Forward launches: (1) :func:`_dplr_cp_chunk_state_kernel` writes ``h_c`` (slot c + 1 of the fp32 state buffer
 ``[B * H, NT + 1, K, V]``) and ``M_c`` (``[B * H, NT, K, K]``), grid ``(NT, cdiv(V, BV), B * H)``; (2)
-:func:`_rwkv7_cp_pass_kernel` runs ``S_{c+1} = M_c S_c + h_c`` over the chunks in place, grid
-``(cdiv(V, BVP), B * H)``; (3) :func:`_rwkv7_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
+:func:`_dplr_cp_pass_kernel` runs ``S_{c+1} = M_c S_c + h_c`` over the chunks in place, grid
+``(cdiv(V, BVP), B * H)``; (3) :func:`_dplr_cp_output_kernel`, grid ``(NT, cdiv(V, BV), B * H)``.
 
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 programs per SM is 528): the per-chunk
 launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (BT = 16, BV = 32). The state pass has
@@ -42,12 +42,12 @@ import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.chunk_pass import chunk_dims
-from zoo.kernels.rwkv7 import rwkv7_keys
+from zoo.kernels.dplr_delta_rule import dplr_delta_rule_keys
 from zoo.kernels.triton_common import Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, scan_function
 
 
 @triton.jit
-def _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT: tl.constexpr):
+def _dplr_cp_wy(b_w, b_a, b_b, b_k, BT: tl.constexpr):
     """``(A, A', L_ak, X = (I - L_ab)^{-1})`` of one chunk from its ``[BT, BK]`` tiles (fp32)."""
     o_t = tl.arange(0, BT)
     b_A = tl.cumsum(b_w, axis=0)  # [BT, BK] inclusive
@@ -74,7 +74,7 @@ def _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT: tl.constexpr):
 
 
 @triton.jit
-def _rwkv7_cp_chunk_state_kernel(
+def _dplr_cp_chunk_state_kernel(
     w, k, v, a, b, states, trans,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -98,7 +98,7 @@ def _rwkv7_cp_chunk_state_kernel(
     b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_AL = tl.sum(b_w, axis=0)  # [BK]
     b_tail = tl.exp(b_AL[None, :] - b_A)  # [BT, BK]
     b_btail = b_b * b_tail
@@ -123,7 +123,7 @@ def _rwkv7_cp_chunk_state_kernel(
 
 
 @triton.jit
-def _rwkv7_cp_pass_kernel(
+def _dplr_cp_pass_kernel(
     states, trans, s0,
     NT,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_S0: tl.constexpr,
@@ -160,7 +160,7 @@ def _rwkv7_cp_pass_kernel(
 
 
 @triton.jit
-def _rwkv7_cp_output_kernel(
+def _dplr_cp_output_kernel(
     r, w, k, v, a, b, states, o,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -185,7 +185,7 @@ def _rwkv7_cp_output_kernel(
     b_a = tl.load(a + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    b_A, b_Ae, b_Lak, b_X = _rwkv7_cp_wy(b_w, b_a, b_b, b_k, BT)
+    b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_s = tl.load(states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
     b_u = tl.dot(b_a * tl.exp(b_Ae), b_s, input_precision=PRECISION) + tl.dot(b_Lak, b_v, input_precision="ieee")
@@ -208,7 +208,7 @@ def _rwkv7_cp_output_kernel(
     tl.store(o + p_tv, b_o, mask=m_tv)
 
 
-class RWKV7ChunkParallelTiles(NamedTuple):
+class DPLRChunkParallelTiles(NamedTuple):
     """Launch parameters: per-chunk launches use ``[BT, BK]`` / ``[BT, BV]`` / ``[BK, BV]`` tiles; the state pass
     carries ``[BK, BVP]`` state columns per program."""
 
@@ -221,7 +221,7 @@ class RWKV7ChunkParallelTiles(NamedTuple):
     pass_launch: Launch
 
 
-def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> RWKV7ChunkParallelTiles:
+def dplr_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, target: Target) -> DPLRChunkParallelTiles:
     """BT = 16 whatever ``chunk_size`` (the smallest ``tl.dot`` dimension; the WY terms cost ``BT * BT * K`` exps per
     chunk); BK holds all of K; BV at most 32; 4 warps (8 above K = 64), no software pipelining. The state pass: BVP = 16
     columns per program, products in KB = 16-wide slices of K, the same warps; the chunk-state kernel builds ``M_c`` in
@@ -230,50 +230,50 @@ def rwkv7_chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dty
     BK = max(triton.next_power_of_2(K), 16)
     BV = max(min(triton.next_power_of_2(V), 32), 16)
     warps = 4 if BK <= 64 else 8
-    return RWKV7ChunkParallelTiles(16, BK, BV, 16, 16, Launch(warps, 1), Launch(warps, 1))
+    return DPLRChunkParallelTiles(16, BK, BV, 16, 16, Launch(warps, 1), Launch(warps, 1))
 
 
-def rwkv7_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
+def dplr_cp_fwd(r, w, k, v, a, b, initial_state, chunk_size: int):
     """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, trans)``,
     ``states`` ``[B * H, NT + 1, K, V]`` = the state entering every chunk, then the final one; ``trans`` the ``M_c``
     (both kept for the backward)."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
-    tiles = rwkv7_chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
+    tiles = dplr_chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
     f32 = dict(dtype=torch.float32, device=r.device)
     states = torch.empty(B * H, NT + 1, K, V, **f32)
     trans = torch.empty(B * H, NT, K, K, **f32)
     o = torch.empty(B, T, H, V, **f32)
-    _rwkv7_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
+    _dplr_cp_chunk_state_kernel[(NT, NV, B * H)](w, k, v, a, b, states, trans, T, NT, KB=tiles.KB, **dims)
     has_s0 = initial_state is not None
-    _rwkv7_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
+    _dplr_cp_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
         states, trans, initial_state if has_s0 else states, NT,
         K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_S0=has_s0, **tiles.pass_launch._asdict(),
     )
-    _rwkv7_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
+    _dplr_cp_output_kernel[(NT, NV, B * H)](r, w, k, v, a, b, states, o, T, NT, **dims)
     final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
     return o, final, states, trans
 
 
-def _rwkv7_cp_bwd(*args):
-    """:func:`.triton_chunk_bwd.rwkv7_cp_bwd` (imported here: it imports this module's WY helper)."""
-    from zoo.kernels.rwkv7.triton_chunk_bwd import rwkv7_cp_bwd
+def _dplr_cp_bwd(*args):
+    """:func:`.triton_chunk_bwd.dplr_cp_bwd` (imported here: it imports this module's WY helper)."""
+    from zoo.kernels.dplr_delta_rule.triton_chunk_bwd import dplr_cp_bwd
 
-    return rwkv7_cp_bwd(*args)
+    return dplr_cp_bwd(*args)
 
 
-RWKV7ChunkParallelFunction = scan_function(rwkv7_cp_fwd, _rwkv7_cp_bwd, layout="tttttt",
+DPLRChunkParallelFunction = scan_function(dplr_cp_fwd, _dplr_cp_bwd, layout="tttttt",
                                            state_elements=lambda r, w, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
 
 
-def rwkv7_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
-    """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
+def dplr_delta_rule_chunk_parallel(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+    """Same contract as :func:`zoo.kernels.dplr_delta_rule.dplr_delta_rule` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
     forward of this module, the chunk-parallel backward of :mod:`.triton_chunk_bwd` (every gradient, the initial
     state's included). Chunks are 16 tokens whatever ``chunk_size`` (checked, unused):
-    :func:`rwkv7_chunk_parallel_tiles`."""
-    K = check_head_inputs("rwkv7_chunk_parallel", rwkv7_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
-    check_triton_call("rwkv7_chunk_parallel", _rwkv7_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
+    :func:`dplr_chunk_parallel_tiles`."""
+    K = check_head_inputs("dplr_delta_rule_chunk_parallel", dplr_delta_rule_keys(r, w_log, k, a, b), v, initial_state, chunk_size)[3]
+    check_triton_call("dplr_delta_rule_chunk_parallel", _dplr_cp_output_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
                       batch_heads=r.shape[0] * r.shape[2])
-    return RWKV7ChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)
+    return DPLRChunkParallelFunction.apply(r, w_log, k, v, a, b, initial_state, chunk_size)

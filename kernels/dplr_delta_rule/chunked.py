@@ -1,4 +1,4 @@
-"""Chunked PyTorch form of the RWKV-7 generalized delta rule (same maths as ``naive.py``).
+"""Chunked PyTorch form of the generalized delta rule (RWKV-7's WKV operator) (same maths as ``naive.py``).
 
 Inside a chunk, with per-channel cumulative log decays ``A_t = sum_{j<=t} w_log_j`` (inclusive), ``A'_t = A_{t-1}``
 (exclusive) and the chunk's start state ``S_0``, unrolling ``S_t = diag(w_t) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t``
@@ -32,7 +32,7 @@ def _pair(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor
 
 
 @autocast_off
-def rwkv7_chunked(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
+def dplr_delta_rule_chunked(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16):
     """Chunked generalized delta rule. ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``, state ``[B, H, K, V]``.
 
     Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 if given).

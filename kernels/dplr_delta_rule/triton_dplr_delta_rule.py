@@ -1,4 +1,4 @@
-"""Triton fused-recurrent RWKV-7 generalized delta rule, forward and backward (same maths as ``naive.py``).
+"""Triton fused-recurrent generalized delta rule, forward and backward (same maths as ``naive.py``).
 
 One program per (V block, sequence, head) keeps its state slice ``S [K, BV]`` in registers (columns of S evolve
 independently, so V can be split) and walks the sequence (a batch row, or one of the packed documents of
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.checks import check_head_inputs
-from zoo.kernels.rwkv7 import BACKENDS, rwkv7_keys
+from zoo.kernels.dplr_delta_rule import BACKENDS, dplr_delta_rule_keys
 from zoo.kernels.triton_common import (
     check_triton_call, recurrent_bwd, recurrent_fwd, scan_function, sequence_span, state_block, state_or_zeros,
     varlen_in_one_launch,
@@ -29,7 +29,7 @@ from zoo.kernels.triton_common import (
 
 
 @triton.jit
-def _rwkv7_fwd_kernel(
+def _dplr_fwd_kernel(
     r, w, k, v, a, b, s0, o, ckpt, s_final, cu,
     T, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
@@ -67,7 +67,7 @@ def _rwkv7_fwd_kernel(
 
 
 @triton.jit
-def _rwkv7_bwd_kernel(
+def _dplr_bwd_kernel(
     r, w, k, v, a, b, do, ds_final, ckpt, scratch,
     dr, dw, dk, dv, da, db, ds0, cu,
     T, NC, B,
@@ -133,35 +133,35 @@ def _rwkv7_bwd_kernel(
     tl.store(ds0 + p_state, b_ds, mask=m_kv)
 
 
-def rwkv7_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int, cu_seqlens=None):
+def dplr_fwd(r, w_log, k, v, a, b, initial_state, chunk_size: int, cu_seqlens=None):
     """Launch the forward kernel on contiguous inputs (packed documents: ``cu_seqlens``, a ``CuSeqlens``). Returns
     ``(o, final_state, checkpoints)`` in fp32."""
-    return recurrent_fwd(_rwkv7_fwd_kernel, [r, w_log, k, v, a, b], v.shape[-1], initial_state, chunk_size, cu_seqlens)
+    return recurrent_fwd(_dplr_fwd_kernel, [r, w_log, k, v, a, b], v.shape[-1], initial_state, chunk_size, cu_seqlens)
 
 
-def rwkv7_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int, cu_seqlens=None):
+def dplr_bwd(r, w_log, k, v, a, b, do, ds_final, ckpt, chunk_size: int, cu_seqlens=None):
     """Launch the backward kernel. Returns fp32 ``(dr, dw_log, dk, dv, da, db, d_initial_state)``."""
-    return recurrent_bwd(_rwkv7_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk", cu_seqlens)
+    return recurrent_bwd(_dplr_bwd_kernel, [r, w_log, k, v, a, b], do, ds_final, ckpt, chunk_size, "kkkvkk", cu_seqlens)
 
 
 def _state_elements(r, w, k, v, *_):
     return r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1]
 
 
-RWKV7Function = scan_function(rwkv7_fwd, rwkv7_bwd, n_config=2, layout="tttttt", state_elements=_state_elements)
+DPLRFunction = scan_function(dplr_fwd, dplr_bwd, n_config=2, layout="tttttt", state_elements=_state_elements)
 
 
-def rwkv7_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, cu_seqlens=None):
-    """Same contract as :func:`zoo.kernels.rwkv7.rwkv7` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
+def dplr_delta_rule_triton(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 16, cu_seqlens=None):
+    """Same contract as :func:`zoo.kernels.dplr_delta_rule.dplr_delta_rule` (fp32 / bf16 / fp16 inputs, fp32 outputs); ``chunk_size`` is
     the number of tokens between the states saved for the backward pass. Packed documents (``cu_seqlens``, a
     ``CuSeqlens``): one launch over all of them when :func:`~zoo.kernels.triton_common.varlen_in_one_launch`, else
     one call per document."""
     args = (r, w_log, k, v, a, b, initial_state, chunk_size)
     one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
-    K = check_head_inputs("rwkv7_triton", rwkv7_keys(r, w_log, k, a, b), v, one[6], chunk_size)[3]
+    K = check_head_inputs("dplr_delta_rule_triton", dplr_delta_rule_keys(r, w_log, k, a, b), v, one[6], chunk_size)[3]
     if cu_seqlens is not None and not varlen_in_one_launch(cu_seqlens, _state_elements(r, w_log, k, v), chunk_size, r.shape[2]):
-        return BACKENDS.per_document(rwkv7_triton, args, cu_seqlens)
+        return BACKENDS.per_document(dplr_delta_rule_triton, args, cu_seqlens)
     n = r.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
-    check_triton_call("rwkv7_triton", _rwkv7_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
+    check_triton_call("dplr_delta_rule_triton", _dplr_fwd_kernel, r, w_log, k, v, a, b, initial_state, head_dim=K,
                       batch_heads=n * r.shape[2])
-    return RWKV7Function.apply(*args, cu_seqlens)
+    return DPLRFunction.apply(*args, cu_seqlens)

@@ -1,4 +1,4 @@
-"""Sequential fp32 reference of the RWKV-7 (Goose) WKV recurrence, the generalized delta rule.
+"""Sequential fp32 reference of the generalized delta rule (``dplr_delta_rule``), RWKV-7 (Goose)'s WKV recurrence.
 
 Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State Evolution" (arXiv:2503.14456), Sec. 4 (time mixing).
 The paper's state is ``S [V, K]`` updated from the right:
@@ -23,7 +23,7 @@ from zoo.kernels.amp import autocast_off
 
 
 @autocast_off
-def rwkv7_naive(r, w_log, k, v, a, b, initial_state=None):
+def dplr_delta_rule_naive(r, w_log, k, v, a, b, initial_state=None):
     """Token-by-token generalized delta rule. ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``, state ``[B, H, K, V]``.
 
     ``w_log`` is the log of the decay (<= 0). Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 if given).

@@ -1,4 +1,5 @@
-"""Gated DeltaNet's and Kimi Delta Attention's rules as parametrisations of the generalized delta rule (:func:`rwkv7`).
+"""Gated DeltaNet's and Kimi Delta Attention's rules as parametrisations of the generalized delta rule
+(:func:`dplr_delta_rule`).
 
 Per head, with a ``[K, V]`` state, row vectors ``q_t, k_t [K]``, ``v_t [V]``, ``beta_t`` in (0, 1) and log decays
 ``g_t <= 0`` (a scalar per head for Gated DeltaNet, Yang, Kautz & Hatamizadeh, ICLR 2025; one per key channel for
@@ -8,13 +9,13 @@ KDA, Kimi Linear 2025):
 - KDA:            ``S_t = (I - beta_t k_t^T k_t) Diag(e^{g_t}) S_{t-1} + beta_t k_t^T v_t``;
 - both read       ``o_t = q_t S_t``.
 
-:func:`rwkv7` computes ``S_t = Diag(e^{w_log_t}) S_{t-1} + b_t^T (a_t S_{t-1}) + k'_t^T v_t``. Expanding the rules:
+:func:`dplr_delta_rule` computes ``S_t = Diag(e^{w_log_t}) S_{t-1} + b_t^T (a_t S_{t-1}) + k'_t^T v_t``. Expanding the rules:
 Gated DeltaNet is ``w_log = g`` on every channel, ``a = k``, ``b = -beta e^{g} k``, ``k' = beta k``
 (``k (e^g S) = e^g (k S)``); KDA is ``w_log = g``, ``a = e^{g} * k``, ``b = -beta k``, ``k' = beta k``
 (``k Diag(e^g) S = (e^g * k) S``). ``tests/test_gated_deltanet.py`` checks both against a direct recurrence.
 
-``backend`` names the same algorithms as :data:`zoo.kernels.rwkv7.BACKENDS`: ``torch`` runs :func:`rwkv7` on the
-parametrised inputs; ``triton_recurrent`` / ``triton_chunk`` run rwkv7's kernels with the inputs built inside the scan,
+``backend`` names the same algorithms as :data:`zoo.kernels.dplr_delta_rule.BACKENDS`: ``torch`` runs :func:`dplr_delta_rule`
+on the parametrised inputs; ``triton_recurrent`` / ``triton_chunk`` run its kernels with the inputs built inside the scan,
 one segment at a time (``triton_delta_rule.py``); ``fla`` runs fla's own ``chunk_gated_delta_rule`` / ``chunk_kda``
 (``fla_delta_rule.py``).
 """
@@ -28,39 +29,39 @@ from zoo.kernels.backends import Backend, BackendTable
 
 
 def gated_delta_inputs(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(w_log, a, b, k')`` of :func:`rwkv7` for Gated DeltaNet: ``k [B, T, H, K]``, ``g, beta [B, T, H]``."""
+    """``(w_log, a, b, k')`` of :func:`dplr_delta_rule` for Gated DeltaNet: ``k [B, T, H, K]``, ``g, beta [B, T, H]``."""
     k, g, beta = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (k, g, beta))
     w_log = g[..., None].expand_as(k).contiguous()  # [B, T, H, K]
     return w_log, k, -(beta * g.exp())[..., None] * k, beta[..., None] * k
 
 
 def kda_inputs(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(w_log, a, b, k')`` of :func:`rwkv7` for KDA: ``k, g [B, T, H, K]``, ``beta [B, T, H]``."""
+    """``(w_log, a, b, k')`` of :func:`dplr_delta_rule` for KDA: ``k, g [B, T, H, K]``, ``beta [B, T, H]``."""
     k, g, beta = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (k, g, beta))
     return g, g.exp() * k, -beta[..., None] * k, beta[..., None] * k
 
 
-def _through_rwkv7(params: Callable[..., tuple[torch.Tensor, ...]], backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The rule run as :func:`rwkv7` with ``backend`` on the inputs ``params`` builds."""
+def _through_dplr(params: Callable[..., tuple[torch.Tensor, ...]], backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The rule run as :func:`dplr_delta_rule` with ``backend`` on the inputs ``params`` builds."""
 
     def run(q, k, v, g, beta, initial_state, chunk_size, cu_seqlens=None):
-        from zoo.kernels.rwkv7 import rwkv7
+        from zoo.kernels.dplr_delta_rule import dplr_delta_rule
 
         w_log, a, b, k_write = params(k, g, beta)
-        return rwkv7(q, w_log, k_write, v, a, b, initial_state, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)
+        return dplr_delta_rule(q, w_log, k_write, v, a, b, initial_state, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)
 
     return run
 
 
 def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], prefix: str) -> BackendTable:
-    """The op's backends: torch through :func:`rwkv7` (packed documents: rwkv7's), zoo's Triton kernels with the
+    """The op's backends: torch through :func:`dplr_delta_rule` (packed documents: its own), zoo's Triton kernels with the
     parametrisation inside the scan (:mod:`.triton_delta_rule`), fla's own kernels (its ``cu_seqlens``)."""
-    triton = f"zoo.kernels.rwkv7.triton_delta_rule:{prefix}"
+    triton = f"zoo.kernels.dplr_delta_rule.triton_delta_rule:{prefix}"
     return BackendTable(op, {
-        "torch": Backend(_through_rwkv7(params, "torch"), varlen=True),
+        "torch": Backend(_through_dplr(params, "torch"), varlen=True),
         "triton_recurrent": Backend(f"{triton}_triton_recurrent", "triton", varlen=True),
         "triton_chunk": Backend(f"{triton}_triton_chunk", "triton"),
-        "fla": Backend(f"zoo.kernels.rwkv7.fla_delta_rule:{prefix}_fla", "fla", varlen=True),
+        "fla": Backend(f"zoo.kernels.dplr_delta_rule.fla_delta_rule:{prefix}_fla", "fla", varlen=True),
     }, layout="ttttts.")
 
 
@@ -87,7 +88,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = 16,
 
     ``q, k [B, T, H, K]`` (no scaling applied here), ``v [B, T, H, V]``, ``g`` (log decay <= 0), ``beta [B, T, H]``,
     ``initial_state [B, H, K, V]`` or None. Returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 for
-    fp64 inputs). Launch grids: those of :func:`rwkv7`'s backend, or fla's. Packed documents: ``cu_seqlens [n_docs + 1]``
+    fp64 inputs). Launch grids: those of :func:`dplr_delta_rule`'s backend, or fla's. Packed documents: ``cu_seqlens [n_docs + 1]``
     over ``B = 1``, states ``[n_docs, H, K, V]`` (:mod:`zoo.kernels.backends`)."""
     args = (q, k, v, g, beta, initial_state, chunk_size)
     one, cu_seqlens = GATED_DELTA_BACKENDS.one_document(args, cu_seqlens)

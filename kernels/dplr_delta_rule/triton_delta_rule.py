@@ -1,7 +1,7 @@
 """Gated DeltaNet and KDA on zoo's Triton kernels of the generalized delta rule, parametrised inside the scan.
 
 ``gated_delta_rule`` / ``kda_rule`` with ``backend: triton_recurrent`` or ``triton_chunk`` run the kernels of
-:func:`~zoo.kernels.rwkv7.rwkv7` (:mod:`.triton_rwkv7`: grid ``(cdiv(V, BV), B * H)``; :mod:`.triton_chunk_parallel`:
+:func:`~zoo.kernels.dplr_delta_rule.dplr_delta_rule` (:mod:`.triton_dplr_delta_rule`: grid ``(cdiv(V, BV), B * H)``; :mod:`.triton_chunk_parallel`:
 per chunk ``(cdiv(T, 16), cdiv(V, BV), B * H)``) on the inputs ``(w_log, a, b, k') = params(k, g, beta)`` of
 :mod:`.delta_rule`. Those are built per launch, inside the scan's autograd function: under segmented recompute
 (:func:`~zoo.kernels.triton_common.scan_function`) one segment's ``[B, S, H, K]`` fp32 at a time, never the whole
@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from zoo.kernels.checks import check_head_inputs
-from zoo.kernels.rwkv7.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_inputs, kda_inputs
-from zoo.kernels.rwkv7.triton_chunk_parallel import _rwkv7_cp_bwd, _rwkv7_cp_output_kernel, rwkv7_cp_fwd
-from zoo.kernels.rwkv7.triton_rwkv7 import _rwkv7_fwd_kernel, rwkv7_bwd, rwkv7_fwd
+from zoo.kernels.dplr_delta_rule.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_inputs, kda_inputs
+from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_bwd, _dplr_cp_output_kernel, dplr_cp_fwd
+from zoo.kernels.dplr_delta_rule.triton_dplr_delta_rule import _dplr_fwd_kernel, dplr_bwd, dplr_fwd
 from zoo.kernels.triton_common import check_triton_call, scan_function, varlen_in_one_launch
 
 Params = Callable[..., tuple[torch.Tensor, ...]]
@@ -51,13 +51,13 @@ def _backend(op: str, params: Params, table, recurrent: bool) -> Callable:
     """The op's ``triton_recurrent`` (packed documents in one launch when they fit, else one call per document) or
     ``triton_chunk`` (one call per document) backend."""
     if recurrent:
-        function = scan_function(*_parametrised(params, rwkv7_fwd, rwkv7_bwd), n_config=2, layout="ttttt",
+        function = scan_function(*_parametrised(params, dplr_fwd, dplr_bwd), n_config=2, layout="ttttt",
                                  state_elements=_state_elements)
-        kernel = _rwkv7_fwd_kernel
+        kernel = _dplr_fwd_kernel
     else:
-        function = scan_function(*_parametrised(params, rwkv7_cp_fwd, _rwkv7_cp_bwd), layout="ttttt",
+        function = scan_function(*_parametrised(params, dplr_cp_fwd, _dplr_cp_bwd), layout="ttttt",
                                  state_elements=_state_elements)
-        kernel = _rwkv7_cp_output_kernel
+        kernel = _dplr_cp_output_kernel
     name = f"{op}_{'triton_recurrent' if recurrent else 'triton_chunk'}"
 
     def run(q, k, v, g, beta, initial_state=None, chunk_size: int = 16, cu_seqlens=None):

@@ -1,4 +1,4 @@
-"""One-token step of the RWKV-7 generalized delta rule (the decode form):
+"""One-token step of the generalized delta rule (the decode form):
 ``S = diag(exp(w)) S + b^T (a S) + k^T v``, ``o = r S``."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from zoo.kernels.amp import autocast_off
 
 
 @autocast_off
-def rwkv7_step(r, w_log, k, v, a, b, initial_state=None):
-    """Same contract as :func:`~zoo.kernels.rwkv7.naive.rwkv7_naive` for ``T = 1``: r, w_log, k, a, b
+def dplr_delta_rule_step(r, w_log, k, v, a, b, initial_state=None):
+    """Same contract as :func:`~zoo.kernels.dplr_delta_rule.naive.dplr_delta_rule_naive` for ``T = 1``: r, w_log, k, a, b
     ``[B, 1, H, K]``, v ``[B, 1, H, V]``; returns ``o [B, 1, H, V]`` and the new state ``[B, H, K, V]`` (compute dtype)."""
     dtype = torch.promote_types(r.dtype, torch.float32)
     B, _, H, K = r.shape

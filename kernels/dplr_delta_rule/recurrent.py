@@ -1,5 +1,5 @@
-"""Recurrent PyTorch form of the RWKV-7 generalized delta rule with a hand-written backward: the fast torch form
-on CPU (about 2x the chunked form at the ``rwkv7_small`` shapes, single-threaded, on this project's CPU machine).
+"""Recurrent PyTorch form of the generalized delta rule (RWKV-7's WKV operator) with a hand-written backward:
+the fast torch form on CPU (about 2x the chunked form at the ``rwkv7_small`` shapes, single-threaded, on this project's CPU machine).
 
     S_t = diag(exp(w_t)) S_{t-1} + b_t^T (a_t S_{t-1}) + k_t^T v_t,      o_t = r_t S_t      (S: [K, V] per head)
 
@@ -91,8 +91,8 @@ class _DeltaRuleRecurrence(torch.autograd.Function):
 
 
 @autocast_off
-def rwkv7_recurrent(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 32):
-    """Same contract as :func:`rwkv7_naive`: ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``,
+def dplr_delta_rule_recurrent(r, w_log, k, v, a, b, initial_state=None, chunk_size: int = 32):
+    """Same contract as :func:`dplr_delta_rule_naive`: ``r, w_log, k, a, b [B, T, H, K]``, ``v [B, T, H, V]``,
     ``initial_state [B, H, K, V]``; returns ``(o [B, T, H, V], final_state [B, H, K, V])`` in fp32 (fp64 if given).
     """
     dtype = torch.promote_types(r.dtype, torch.float32)
