@@ -98,6 +98,56 @@ def test_gated_attention_matches_qwen3_next_attention():
     torch.testing.assert_close(block(x)[0], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_gated_attention_gradients_match_qwen3_next_attention(monkeypatch):
+    """The backward too (issue 27: the hybrid with these options stalls on MQAR): every parameter's gradient and the
+    input's of a random loss, fp64, with transformers' fp32 islands (eager softmax, the norms' ``x.float()``) in fp64."""
+    def eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key, value = hf.repeat_kv(key, module.num_key_value_groups), hf.repeat_kv(value, module.num_key_value_groups)
+        weights = torch.softmax(query @ key.transpose(2, 3) * scaling + attention_mask, dim=-1)
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+
+    def norm64(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    monkeypatch.setattr(hf, "eager_attention_forward", eager64)
+    monkeypatch.setattr(hf, "ALL_ATTENTION_FUNCTIONS", type("Eager64", (), {"get_interface": staticmethod(lambda name, default: eager64)})())
+    monkeypatch.setattr(hf.Qwen3NextRMSNorm, "forward", norm64)
+    monkeypatch.setattr(ZeroCentredRMSNorm, "forward", norm64)
+    config = hf_config()
+    torch.manual_seed(4)
+    ref = hf.Qwen3NextAttention(config, 0).double()
+    for norm in (ref.q_norm, ref.k_norm):
+        torch.nn.init.normal_(norm.weight, 0.0, 0.5)
+    block = attention(output_gate=True, qk_norm="rmsnorm_zero_centred", partial_rotary_factor=0.25)
+    block.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    probe = torch.randn(2, 11, D, dtype=torch.float64)
+    cos, sin = hf.Qwen3NextRotaryEmbedding(config)(x, torch.arange(11)[None].expand(2, -1))
+    mask = torch.full((11, 11), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+    x_ref, x_zoo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ref(x_ref, (cos, sin), mask)[0] * probe).sum().backward()
+    (block(x_zoo)[0] * probe).sum().backward()
+    grads = dict(ref.named_parameters())
+    assert set(grads) == {name for name, _ in block.named_parameters()}
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(x_zoo.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gated_attention_in_a_model_inits_like_qwen3_next():
+    """A built model's gated attention: q_proj (query and gate halves), k/v/o_proj normal(0, init_std) as
+    transformers' ``_init_weights`` (initializer_range 0.02), the zero-centred q/k norms' weights zero (scale 1)."""
+    spec = {"d_model": 64, "n_layers": 1, "vocab_size": 50, "blocks": ["attention"], "init_std": 0.02,
+            "attention": {"n_heads": 2, "output_gate": True, "qk_norm": "rmsnorm_zero_centred", "partial_rotary_factor": 0.25}}
+    torch.manual_seed(5)
+    model = zoo.ZooForCausalLM(zoo.ZooConfig.from_model_config(ModelConfig.from_dict(spec)))
+    block = model.model.layers[0].mixer
+    assert torch.equal(block.q_norm.weight, torch.zeros(32)) and torch.equal(block.k_norm.weight, torch.zeros(32))
+    query, gate = block.q_proj.weight.view(2, 2, 32, 64).unbind(1)  # per head [query | gate] rows
+    for weight in (query, gate, block.k_proj.weight, block.v_proj.weight, block.o_proj.weight):
+        assert abs(weight.mean().item()) < 0.002 and abs(weight.std().item() - 0.02) < 0.001
+
+
 def test_zero_centred_rmsnorm_matches_qwen3_next():
     torch.manual_seed(2)
     ref, norm = hf.Qwen3NextRMSNorm(D, eps=1e-6), NORMS["rmsnorm_zero_centred"](D, 1e-6)
