@@ -49,13 +49,11 @@ def _chunk_pass_kernel(
         i_n, i_h = i_bh // H, i_bh % H
         C_n = tl.load(chunk_offsets + i_n).to(tl.int64)
         NT = (tl.load(chunk_offsets + i_n + 1) - C_n).to(tl.int32)
-        base_s = (H * (C_n + i_n) + i_h * (NT + 1)) * KV
-        base_g = (H * C_n + i_h * NT) * K
-    else:
-        base_s = i_bh * (NT + 1) * KV
-        base_g = i_bh * NT * K
-    p_base = states + base_s + o_s
-    p_gl = gl + base_g + o_s // V
+        p_base = states + (H * (C_n + i_n) + i_h * (NT + 1)) * KV + o_s
+        p_gl = gl + (H * C_n + i_h * NT) * K + o_s // V
+    else:  # today's lines, op for op
+        p_base = states + i_bh * (NT + 1) * KV + o_s
+        p_gl = gl + i_bh * NT * K + o_s // V
     if HAS_EDGE:
         b_s = tl.load(s_edge + i_bh * KV + o_s, mask=m_s, other=0.0).to(tl.float32)
     else:
