@@ -338,6 +338,32 @@ def sequence_span(cu, i_n, T, NC, CH: tl.constexpr, IS_VARLEN: tl.constexpr):
     return bos, L, N_C
 
 
+@triton.jit
+def chunk_span(chunk_indices, cu, i_t, t0, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """``(t0, T_end, S_NT, S_t, G_NT, G_t)`` of a chunk-parallel program over chunk ``i_t`` (its program axis 0;
+    ``t0 = i_t * BT`` computed by the kernel) of
+    sequence ``i_b = i_bh // H``, head ``i_h``, for the kernels' index expressions: its tokens ``i_b * T + t0 + [0,
+    min(BT, T_end - t0))``, its entering state at row ``i_bh * (S_NT + 1) + S_t`` of the states buffer (the state
+    after it: ``+ 1``), its row ``i_bh * G_NT + G_t`` of the per-chunk buffers (decay totals). Without ``IS_VARLEN``
+    (row i_b of T tokens in NT chunks, states ``[B * H, NT + 1]``): ``(t0, T, NT, i_t, NT, i_t)``, the arguments
+    themselves (no op here), so those expressions are today's, op for op, in today's order. With it (``B = 1``: ``i_b = 0``, axis 2 the
+    head h): chunk ``i_t`` of all documents' chunks is chunk ``c`` of document n, ``chunk_indices[i_t] = (n, c)``
+    (tokens ``[cu[n], cu[n + 1])``, ``NT_n`` chunks, ``C_n = i_t - c`` chunks before it): ``t0 = cu[n] + c * BT``,
+    ``T_end = cu[n + 1]``; document n, head h has its ``NT_n + 1`` state rows from ``H * (C_n + n) + h * (NT_n +
+    1)`` and its ``NT_n`` per-chunk rows from ``H * C_n + h * NT_n``."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
+        c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+        N_T = tl.cdiv(eos - bos, BT)
+        C_n = i_t - c
+        t0, T_end, S_NT, S_t, G_NT, G_t = bos + c * BT, eos, N_T, H * (C_n + i_n) + c, N_T, H * C_n + c
+    else:
+        T_end, S_NT, S_t, G_NT, G_t = T, NT, i_t, NT, i_t
+    return t0, T_end, S_NT, S_t, G_NT, G_t
+
+
 def varlen_in_one_launch(cu_seqlens, state_elements: int, chunk_size: int, heads: int) -> bool:
     """Whether a fused-recurrent scan runs packed documents ``cu_seqlens`` (a
     :class:`~zoo.kernels.backends.CuSeqlens`) in one launch sequence, each document's state having

@@ -245,25 +245,26 @@ def _packed_with_grads(op: str, backend: str, args: dict, s0, cu, w_o, w_s, to=N
     """``(o, final, grads)`` of the packed call (``to``: each tensor cast first, e.g. fp64 for the reference), the loss
     ``sum(o * w_o) + sum(final * w_s)``; ``grads`` by name, ``initial_state`` included, in the inputs' dtypes."""
     leaves = {n: (t.to(to) if to is not None else t).detach().clone().requires_grad_() for n, t in args.items()}
-    state = (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
+    state = None if s0 is None else (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
     o, final = _run(op, backend, leaves, state, cu)
     ((o.float() * w_o).sum() + (final.float() * w_s).sum()).backward()
-    return o, final, {**{n: t.grad for n, t in leaves.items()}, "initial_state": state.grad}
+    return o, final, {**{n: t.grad for n, t in leaves.items()}, **({} if state is None else {"initial_state": state.grad})}
 
 
 def _alone_with_grads(op: str, backend: str, args: dict, s0, cu, w_o, w_s, to=None):
     """The same as :func:`_packed_with_grads`, each document run alone (its own call, its own start state)."""
     tokens = _token_names(op)
     leaves = {n: (t.to(to) if to is not None else t).detach().clone().requires_grad_() for n, t in args.items()}
-    state = (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
+    state = None if s0 is None else (s0.to(to) if to is not None else s0).detach().clone().requires_grad_()
     outs, finals = [], []
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, f_i = _run(op, backend, {n: t[:, s:e] if n in tokens else t for n, t in leaves.items()}, state[i:i + 1])
+        o_i, f_i = _run(op, backend, {n: t[:, s:e] if n in tokens else t for n, t in leaves.items()},
+                        None if state is None else state[i:i + 1])
         outs.append(o_i)
         finals.append(f_i)
     o, final = torch.cat(outs, 1), torch.cat(finals, 0)
     ((o.float() * w_o).sum() + (final.float() * w_s).sum()).backward()
-    return o, final, {**{n: t.grad for n, t in leaves.items()}, "initial_state": state.grad}
+    return o, final, {**{n: t.grad for n, t in leaves.items()}, **({} if state is None else {"initial_state": state.grad})}
 
 
 def _assert_relative(actual, expected, tol, what):
@@ -401,3 +402,133 @@ def test_triton_recurrent_packed_over_a_segment_runs_each_document_alone(op, mon
         torch.testing.assert_close(a, b, atol=TOL["native"], rtol=TOL["native"])
     for n, g in native[2].items():
         torch.testing.assert_close(g, split[2][n], atol=TOL["native"], rtol=TOL["native"], msg=lambda m: f"d{n}: {m}")
+
+
+# ---------------------------------------------------------------- the chunk-parallel Triton kernels, varlen-native
+
+CHUNK_PARALLEL = ("rwkv6", "retention")  # triton_chunk: chunks of BT = 16 here (CHUNK = 8 rounds up to retention's smallest)
+CP_BT = 16
+CP_CHUNKS = ((0, 0), (1, 0), (2, 0), (2, 1), (3, 0))  # (document, chunk in it) of LENGTHS in chunks of 16: 5 chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", CHUNK_PARALLEL)
+def test_triton_chunk_packed_matches_each_document_in_torch(op, dtype):
+    """One launch sequence of the chunk-parallel kernels over documents of 5, 1, 19 and 12 tokens in chunks of 16
+    (each document's chunks from its own start: three documents shorter than a chunk, one of a single token, one of
+    two chunks, the last partly masked; the boundaries 5, 6 and 25 inside the packed row's chunks), head dims K = 24,
+    V = 40, H = 3, a start state each: outputs, final states and every gradient (``u`` / ``log_decay``, the decays and
+    the start states included) equal each document run alone by the torch backend in fp64. fp32: within
+    :data:`TOL`'s native tolerance; bf16: within 3e-2 of the largest reference value."""
+    args, s0, cu = _odd_example(op, dtype)
+    torch.manual_seed(2)
+    o_shape = (1, sum(LENGTHS), ODD["H"], ODD["V"])
+    w_o, w_s = torch.randn(o_shape), torch.randn(s0.shape)
+    o, final, grads = _packed_with_grads(op, "triton_chunk", args, s0, cu, w_o, w_s)
+    o_ref, final_ref, grads_ref = _alone_with_grads(op, "torch", args, s0, cu, w_o.double(), w_s.double(), to=torch.float64)
+    assert final.shape == s0.shape and o.shape == o_shape
+    assert set(grads) == set(args) | {"initial_state"}
+    tol = TRITON_TOL[dtype]
+    checks = {"o": (o, o_ref), "final state": (final, final_ref),
+              **{f"d{n}": (g, grads_ref[n]) for n, g in grads.items()}}
+    for what, (got, want) in checks.items():
+        assert got is not None and want is not None, what
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=lambda m: f"{op} {what}: {m}")
+        else:
+            _assert_relative(got, want, tol, f"{op} {what}")
+    for n, g in grads.items():
+        assert g.dtype == (s0 if n == "initial_state" else args[n]).dtype, n
+
+
+def _recording_all_launches(monkeypatch) -> list[tuple[str, tuple]]:
+    """Every interpreted Triton launch, as ``(kernel, grid)``."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = []
+    real = InterpretedFunction.__getitem__
+
+    def record(self, grid):
+        seen.append((self.fn.__name__, tuple(grid)))
+        return real(self, grid)
+
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
+    return seen
+
+
+@pytest.mark.parametrize("op", CHUNK_PARALLEL)
+def test_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own_per_document_calls(op, monkeypatch):
+    """``varlen=True`` in the table: the packed call (zero start states, ``cu_seqlens`` as host bounds beside the
+    tensor) reaches the chunk-parallel backend with ``cu_seqlens`` (no per-document loop), reads no tensor back to the
+    host, and launches each of its six kernels once: the per-chunk ones over all documents' 5 chunks, grid ``(5,
+    cdiv(V, BV), H)``, the state passes ``(cdiv(K * V, 64), N * H)``. Its outputs, final states and gradients equal
+    the same kernels run once per document: bit for bit in the interpreter (the same fp32 sums per chunk), but for
+    ``u`` / ``log_decay``'s gradients, summed over the chunks in another order (:data:`TOL`'s native tolerance)."""
+    from zoo.kernels.backends import CuSeqlens
+
+    _, table, _, _ = CASES[op]
+    assert table.backends["triton_chunk"].varlen
+    args, _, cu = _odd_example(op, torch.float32)
+    torch.manual_seed(3)
+    w_o, w_s = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"]), torch.randn(len(LENGTHS), ODD["H"], ODD["K"], ODD["V"])
+    seen = _recording_all_launches(monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(type(table), "per_document", lambda *a, **kw: pytest.fail("per-document loop taken"))
+        host = CuSeqlens(tuple(cu.tolist()), cu)
+        with torch.no_grad(), NoReadBack():
+            _run(op, "triton_chunk", args, None, host)  # the forward alone, without reading a tensor back
+        del seen[:]
+        o, final, grads = _packed_with_grads(op, "triton_chunk", args, None, host, w_o, w_s)
+    prefix = f"_{op}_cp"
+    chunks, passes = (len(CP_CHUNKS), 2, ODD["H"]), (15, len(LENGTHS) * ODD["H"])  # V = 40: 2 blocks of 32; 960 / 64
+    assert seen == [(f"{prefix}_chunk_state_kernel", chunks), ("_chunk_pass_kernel", passes), (f"{prefix}_output_kernel", chunks),
+                    (f"{prefix}_dstate_kernel", chunks), ("_chunk_pass_kernel", passes), (f"{prefix}_grad_kernel", chunks)]
+    o_ref, final_ref, grads_ref = _alone_with_grads(op, "triton_chunk", args, None, cu, w_o, w_s)
+    tol = TOL["per_document"]
+    torch.testing.assert_close(o, o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(final, final_ref, atol=tol, rtol=tol)
+    assert set(grads) == set(args)
+    for n, g in grads.items():
+        t = TOL["native"] if n in ("u", "log_decay") else tol
+        torch.testing.assert_close(g, grads_ref[n], atol=t, rtol=t, msg=lambda m: f"d{n}: {m}")
+
+
+def test_chunk_index_cuts_each_document_from_its_own_start():
+    """The host-built chunk table of :data:`LENGTHS` in chunks of 16 over 3 heads: (document, chunk) per chunk, the
+    chunks before each document, the bounds, and each document x head's first / last state row (document n, head h:
+    rows from ``H * (C_n + n) + h * (NT_n + 1)``)."""
+    from zoo.kernels.backends import CuSeqlens
+    from zoo.kernels.chunk_pass import chunk_index
+
+    bounds = (0, *torch.tensor(LENGTHS).cumsum(0).tolist())
+    index = chunk_index(CuSeqlens(bounds), CP_BT, 3, torch.device("cpu"))
+    assert (index.N, index.H, index.NT, index.slots) == (4, 3, 5, 3 * (5 + 4))
+    assert index.table.dtype == torch.int32
+    assert index.indices.view(-1, 2).tolist() == [list(c) for c in CP_CHUNKS]
+    assert index.offsets.tolist() == [0, 1, 2, 4, 5]
+    assert index.cu.tolist() == list(bounds)
+    nt, c = [1, 1, 2, 1], [0, 1, 2, 4]
+    first = [3 * (c[n] + n) + h * (nt[n] + 1) for n in range(4) for h in range(3)]
+    assert index.first.tolist() == first == [0, 2, 4, 6, 8, 10, 12, 15, 18, 21, 23, 25]
+    assert index.last.tolist() == [f + nt[i // 3] for i, f in enumerate(first)]
+    # every state row belongs to exactly one document x head
+    rows = sorted(r for f, l in zip(index.first.tolist(), index.last.tolist()) for r in range(f, l + 1))
+    assert rows == list(range(index.slots))
+
+
+def test_chunk_parallel_packed_documents_beyond_a_segment_run_each_document_alone():
+    """The one-launch condition of the chunk-parallel kernels: N * H state-pass programs within grid axis y, and all
+    documents' states (``NT + N`` per head) within a segment's (``cdiv(S, BT) + 1``)."""
+    from zoo.kernels.backends import CuSeqlens
+    from zoo.kernels.chunk_pass import chunk_varlen_in_one_launch
+    from zoo.kernels.triton_common import forced_segment
+
+    cu = CuSeqlens((0, *torch.tensor(LENGTHS).cumsum(0).tolist()))
+    assert chunk_varlen_in_one_launch(cu, 3 * 24 * 40, CP_BT, 3)
+    with forced_segment(16 * 8):  # 9 states per head: the 5 chunks + 4 documents
+        assert chunk_varlen_in_one_launch(cu, 1, CP_BT, 3)
+    with forced_segment(16 * 7):
+        assert not chunk_varlen_in_one_launch(cu, 1, CP_BT, 3)
+    many = CuSeqlens(tuple(range(0, 16_385)))  # 16,384 one-token documents x 4 heads: 65,536 pass programs
+    assert chunk_varlen_in_one_launch(many, 1, CP_BT, 3)
+    assert not chunk_varlen_in_one_launch(many, 1, CP_BT, 4)

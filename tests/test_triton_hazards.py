@@ -34,7 +34,7 @@ _COMPILE = textwrap.dedent("""
         sig = {name: ("i32" if name in ints else "constexpr" if name in constexprs else "*fp32") for name in fn.arg_names}
         return triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)).asm["ttir"]
 
-    print(ttir(_chunk_pass_kernel, {"NT"}, dict(V=256, KV=128 * 256, BLOCK=64, G=16, HAS_EDGE=False, REVERSE=True)))
+    print(ttir(_chunk_pass_kernel, {"NT"}, dict(V=256, KV=128 * 256, BLOCK=64, G=16, HAS_EDGE=False, REVERSE=True, H=1, IS_VARLEN=False)))
     print("=" * 20)
     print(ttir(_dplr_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True)))
 """)
@@ -253,7 +253,7 @@ _COMPILE_SM90 = textwrap.dedent("""
     for bt, bv in ((cp.BT, cp.BV), (64, 32)):  # the launcher's tiles (mma.sync at BT = 32); BT = 64 makes them wgmma
         print(ttgir(_retention_cp_grad_kernel, {"q", "k", "v", "do"}, {"T", "NT", "B"},
                     dict(H=12, K=64, V=64, BT=bt, BK=cp.BK, BV=bv, PRECISION=dot_precision(torch.bfloat16, sm90),
-                         OPERAND=operand_dtype(torch.bfloat16, sm90)), cp.grad_launch.num_warps))
+                         OPERAND=operand_dtype(torch.bfloat16, sm90), IS_VARLEN=False), cp.grad_launch.num_warps))
         print("=" * 20)
     t = tiles(64, 64, 64, torch.bfloat16, sm90)
     print(ttgir(_ssd_chunk_bwd_kernel, {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr"}, {"T", "H", "G", "P", "n_chunks"},

@@ -82,7 +82,7 @@ BACKENDS = BackendTable("retention", {
     "torch": Backend(retention_torch),
     "triton_recurrent": Backend(f"{TRITON}:retention_triton_recurrent", "triton", varlen=True),
     "triton_chunk_serial": Backend(f"{TRITON}:retention_triton_chunk_serial", "triton"),
-    "triton_chunk": Backend("zoo.kernels.retention.triton_chunk_parallel:retention_chunk_parallel", "triton"),
+    "triton_chunk": Backend("zoo.kernels.retention.triton_chunk_parallel:retention_chunk_parallel", "triton", varlen=True),
     "fla": Backend(retention_fla, "fla", varlen=True),
 }, aliases={"triton": "triton_chunk_serial"}, layout="ttt.s..")
 __getattr__ = BACKENDS.exports(__name__, retention_triton=f"{TRITON}:retention_triton", retention_triton_chunk="triton_chunk")

@@ -27,6 +27,13 @@ Every product is a ``tl.dot`` with fp32 accumulation: those of bf16 / fp16 input
 their operands in the input dtype on GPUs (:func:`~zoo.kernels.triton_common.operand_dtype`), every other one fp32
 operands (``ieee`` for fp32 inputs, ``tf32x3`` for bf16 / fp16 ones on NVIDIA:
 :func:`~zoo.kernels.triton_common.dot_precision`); every decay is ``exp`` of a non-positive number.
+
+Packed documents (``cu_seqlens`` over ``B = 1``, fla's convention): each document's chunks start at its own first
+token (document n has ``NT_n = cdiv(len_n, BT)`` chunks), the same six launches over all of them. The per-chunk
+kernels run grid ``(sum NT_n, cdiv(V, BV), H)``, each program reading (document, chunk) from a host-built table
+(:func:`~zoo.kernels.chunk_pass.chunk_index`, :func:`~zoo.kernels.triton_common.chunk_span`, ``IS_VARLEN``); the
+state passes ``(cdiv(K * V, BLOCK), N * H)``, one document x head each, from its initial state; the states buffer
+holds ``NT_n + 1`` slots per document and head.
 """
 from __future__ import annotations
 
@@ -34,19 +41,21 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
-from zoo.kernels.retention import check_retention_inputs
+from zoo.kernels.chunk_pass import (
+    ChunkIndex, ChunkParallelTiles, chunk_dims, chunk_index, chunk_pass, chunk_varlen_in_one_launch,
+)
+from zoo.kernels.retention import BACKENDS, check_retention_inputs
 from zoo.kernels.triton_common import (
-    Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
+    Launch, Target, check_triton_call, chunk_span, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
 )
 
 
 @triton.jit
 def _retention_cp_chunk_state_kernel(
-    k, v, g, states,
+    k, v, g, states, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``h_c = (K_c * zeta)^T V_c`` into slot ``c + 1`` of ``states [B * H, NT + 1, K, V]``. k: [B, T, H, K];
     v: [B, T, H, V]; g: [H]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes rows ``[0, K)``
@@ -57,7 +66,8 @@ def _retention_cp_chunk_state_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    n = tl.minimum(BT, T - t0)
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    n = tl.minimum(BT, T_end - t0)
     m_t = o_t < n
     b_g = tl.load(g + i_h).to(tl.float32)
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
@@ -66,16 +76,16 @@ def _retention_cp_chunk_state_kernel(
     b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
     b_h = tl.dot(tl.trans(b_k * b_zeta[:, None]), b_v, input_precision=PRECISION)  # [BK, BV]
-    p_h = states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_h = states + (i_bh * (S_NT + 1) + S_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _retention_cp_output_kernel(
-    q, k, v, g, states, o,
+    q, k, v, g, states, o, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr, OPERAND: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``O_c = (Q_c K_c^T * D) V_c + (Q_c * xi) S_c`` with ``S_c`` from slot c of ``states``. q, k: [B, T, H, K];
     v, o: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes the chunk's columns
@@ -86,7 +96,8 @@ def _retention_cp_output_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    n = tl.minimum(BT, T - t0)
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    n = tl.minimum(BT, T_end - t0)
     m_t = o_t < n
     b_g = tl.load(g + i_h).to(tl.float32)
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
@@ -94,7 +105,7 @@ def _retention_cp_output_kernel(
     b_q = tl.load(q + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    p_s = states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_s = states + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s, mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
     b_D = tl.where(diff >= 0, tl.exp(tl.where(diff >= 0, diff, 0.0) * b_g), 0.0)  # the exponent is masked before exp
@@ -107,10 +118,10 @@ def _retention_cp_output_kernel(
 
 @triton.jit
 def _retention_cp_dstate_kernel(
-    q, do, g, dstates,
+    q, do, g, dstates, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``dh_c = (Q_c * xi)^T dO_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. q: [B, T, H, K]; do: [B, T, H, V].
     Grid ``(NT, cdiv(V, BV), B * H)``, as :func:`_retention_cp_chunk_state_kernel`."""
@@ -120,7 +131,8 @@ def _retention_cp_dstate_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     b_g = tl.load(g + i_h).to(tl.float32)
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
@@ -128,17 +140,17 @@ def _retention_cp_dstate_kernel(
     b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     b_xi = tl.exp((o_t + 1).to(tl.float32) * b_g)
     b_dh = tl.dot(tl.trans(b_q * b_xi[:, None]), b_do, input_precision=PRECISION)  # [BK, BV]
-    p_dh = dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_dh = dstates + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _retention_cp_grad_kernel(
     q, k, v, g, do, states, dstates,
-    dq, dk, dv, dg,
+    dq, dk, dv, dg, chunk_indices, cu,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr, OPERAND: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dQ_c, dK_c, dV_c and chunk c's share of ``d log gamma`` from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
     (``dstates``). dq, dk: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; dg:
@@ -151,7 +163,8 @@ def _retention_cp_grad_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     t0 = i_t * BT
-    n = tl.minimum(BT, T - t0)
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    n = tl.minimum(BT, T_end - t0)
     m_t = o_t < n
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
@@ -163,7 +176,7 @@ def _retention_cp_grad_kernel(
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_kv
+    p_slot = (i_bh * (S_NT + 1) + S_t) * K * V + o_kv
     diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
     b_zeta = tl.where(m_t, tl.exp(tl.where(m_t, n - 1 - o_t, 0).to(tl.float32) * b_g), 0.0)
     b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
@@ -220,69 +233,130 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return ChunkParallelTiles(BT, BK, BV, 64, 16, launch, launch, Launch(num_warps=2, num_stages=1))
 
 
-def chunk_log_decays(log_decay, B: int, T: int, K: int, BT: int) -> torch.Tensor:
+def chunk_log_decays(log_decay, B: int, T: int, K: int, BT: int, index: ChunkIndex | None = None) -> torch.Tensor:
     """The log decay of every chunk and state row for :func:`~zoo.kernels.chunk_pass.chunk_pass`: ``n_c log gamma_h``
-    (``n_c`` tokens in chunk c) broadcast over the K rows, fp32 ``[B * H, NT, K]``."""
-    n = (T - BT * torch.arange(triton.cdiv(T, BT), device=log_decay.device)).clamp(max=BT).float()  # [NT]
-    gl = n[None, :] * log_decay.float()[:, None]  # [H, NT]
-    return gl[None, :, :, None].expand(B, -1, -1, K).contiguous().view(B * log_decay.shape[0], -1, K)  # [B * H, NT, K]
+    (``n_c`` tokens in chunk c) broadcast over the K rows, fp32 ``[B * H, NT, K]``; packed documents (``index``):
+    ``[H * NT, K]`` in its per-chunk row order, computed on the device from its table (no sync)."""
+    if index is None:
+        n = (T - BT * torch.arange(triton.cdiv(T, BT), device=log_decay.device)).clamp(max=BT).float()  # [NT]
+        gl = n[None, :] * log_decay.float()[:, None]  # [H, NT]
+        return gl[None, :, :, None].expand(B, -1, -1, K).contiguous().view(B * log_decay.shape[0], -1, K)  # [B * H, NT, K]
+    H, NT = index.H, index.NT
+    chunks = index.indices.view(NT, 2).long()
+    doc, c = chunks[:, 0], chunks[:, 1]  # [NT]
+    offsets, cu = index.offsets.long(), index.cu.long()
+    n = (cu[doc + 1] - cu[doc] - BT * c).clamp(max=BT).float()  # tokens in each chunk
+    C = torch.arange(NT, device=doc.device) - c  # chunks before each chunk's document
+    rows = H * C[:, None] + torch.arange(H, device=doc.device)[None, :] * (offsets[doc + 1] - offsets[doc])[:, None] + c[:, None]
+    gl = torch.empty(H * NT, **dict(dtype=torch.float32, device=log_decay.device))
+    gl[rows.flatten()] = (n[:, None] * log_decay.float()[None, :]).flatten()  # [NT, H] -> per-chunk rows
+    return gl[:, None].expand(-1, K).contiguous()  # [H * NT, K]
 
 
-def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int):
-    """Launch the three forward kernels on contiguous inputs. Returns ``(o, final_state, states)``: ``o`` in v's dtype
-    (so the backward gets ``do`` in it too); fp32 ``states [B * H, NT + 1, K, V]`` holding ``S_0 .. S_NT``."""
+def _varlen_args(index: ChunkIndex | None) -> tuple:
+    """The per-chunk kernels' ``(chunk_indices, cu)`` and ``IS_VARLEN``."""
+    return ((None, None), {}) if index is None else ((index.indices, index.cu), {"IS_VARLEN": True})
+
+
+def _edge_states(states: torch.Tensor, index: ChunkIndex | None, rows_of, B: int, H: int, K: int, V: int, slot: int):
+    """The states of slot ``slot`` (0: initial, NT: final) ``[B, H, K, V]``, or each document's ``[N, H, K, V]``
+    (``rows_of(index)``: their rows)."""
+    if index is None:
+        return states[:, slot].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    return states.index_select(0, rows_of(index).long()).view(index.N, H, K, V)
+
+
+def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int, cu_seqlens=None):
+    """Launch the three forward kernels on contiguous inputs. Returns ``(o, final_state, states, table)``: ``o`` in
+    v's dtype (so the backward gets ``do`` in it too); fp32 ``states [B * H, NT + 1, K, V]`` holding ``S_0 ..
+    S_NT``. Packed documents (``cu_seqlens``, a :class:`~zoo.kernels.backends.CuSeqlens` over ``B = 1``): every
+    document's chunks from its own start (:func:`~zoo.kernels.chunk_pass.chunk_index`), states ``[H * (NT + N), K,
+    V]``, per-chunk grids ``(NT, NV, H)`` over all documents' NT chunks, final states ``[N, H, K, V]``; ``table``
+    the index's device table (None without documents), which the backward reuses."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
     target = launch_target(q.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    states = torch.empty(B * H, NT + 1, K, V, **f32)
+    if index is None:
+        states = torch.empty(B * H, NT + 1, K, V, **f32)
+        grid = (NT, NV, B * H)
+    else:
+        NT = index.NT
+        states = torch.empty(index.slots, K, V, **f32)
+        grid = (NT, NV, H)
+    varlen, flag = _varlen_args(index)
     o = torch.empty(B, T, H, V, **f32)
-    _retention_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, log_decay, states, T, NT, **dims)
-    chunk_pass(states, chunk_log_decays(log_decay, B, T, K, tiles.BT), initial_state, False, tiles)
-    _retention_cp_output_kernel[(NT, NV, B * H)](
-        q, k, v, log_decay, states, o, T, NT, OPERAND=operand_dtype(dtype, target), **dims,
+    _retention_cp_chunk_state_kernel[grid](k, v, log_decay, states, *varlen, T, NT, **dims, **flag)
+    chunk_pass(states, chunk_log_decays(log_decay, B, T, K, tiles.BT, index), initial_state, False, tiles, index)
+    _retention_cp_output_kernel[grid](
+        q, k, v, log_decay, states, o, *varlen, T, NT, OPERAND=operand_dtype(dtype, target), **dims, **flag,
     )
-    final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
-    return o.to(v.dtype), final, states
+    final = _edge_states(states, index, lambda i: i.last, B, H, K, V, NT)
+    final = final.clone() if index is None else final  # a slot's view, or already gathered
+    return o.to(v.dtype), final, states, None if index is None else index.table
 
 
-def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, chunk_size: int):
+def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, table, chunk_size: int, cu_seqlens=None):
     """Launch the three backward kernels: the forward's tiles and precision (of q, k, v); 16-bit ``tl.dot`` operands
-    only when ``do`` has their dtype too. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)``."""
+    only when ``do`` has their dtype too. Returns fp32 ``(dq, dk, dv, d_log_decay, d_initial_state)`` (packed
+    documents: ``d_initial_state [N, H, K, V]``, the forward's ``table`` reused)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = dot_dtype(q, k, v)
     target = launch_target(q.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, q.device, table)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+    if index is None:
+        dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+        grid = (NT, NV, B * H)
+    else:
+        NT = index.NT
+        dstates = torch.empty(index.slots, K, V, **f32)
+        grid = (NT, NV, H)
+    varlen, flag = _varlen_args(index)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
     dv = torch.empty(B, T, H, V, **f32)
-    dg = torch.empty(NV, B * H, NT, **f32)
-    _retention_cp_dstate_kernel[(NT, NV, B * H)](q, do, log_decay, dstates, T, NT, **dims)
-    chunk_pass(dstates, chunk_log_decays(log_decay, B, T, K, tiles.BT), ds_final, True, tiles)
-    _retention_cp_grad_kernel[(NT, NV, B * H)](
-        q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, T, NT, B,
-        OPERAND=operand_dtype(dot_dtype(q, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()},
+    dg = torch.empty(NV, B * H, NT, **f32)  # packed: [NV, H, NT] (B = 1, NT over all documents)
+    _retention_cp_dstate_kernel[grid](q, do, log_decay, dstates, *varlen, T, NT, **dims, **flag)
+    chunk_pass(dstates, chunk_log_decays(log_decay, B, T, K, tiles.BT, index), ds_final, True, tiles, index)
+    _retention_cp_grad_kernel[grid](
+        q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, *varlen, T, NT, B,
+        OPERAND=operand_dtype(dot_dtype(q, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()}, **flag,
     )
-    ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    ds0 = _edge_states(dstates, index, lambda i: i.first, B, H, K, V, 0)
     d_log_decay = dg.view(NV, B, H, NT).sum((0, 1, 3))  # [NV, B * H, NT] -> [H]
     return dq.sum(0), dk.sum(0), dv, d_log_decay, ds0
 
 
-RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd, layout="tttp",
-                                               state_elements=lambda q, k, v, *_: q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1])
+def _state_elements(q, k, v, *_):
+    return q.shape[0] * q.shape[2] * q.shape[3] * v.shape[-1]
 
 
-def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64):
+RetentionChunkParallelFunction = scan_function(retention_cp_fwd, retention_cp_bwd, n_config=2, layout="tttp",
+                                               state_elements=_state_elements)
+
+
+def retention_chunk_parallel(q, k, v, log_decay, initial_state=None, form: str = "chunk", chunk_size: int = 64,
+                             cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.retention.retention` (fp32 / bf16 / fp16 inputs): the chunk-parallel
     kernels of this module whatever ``form``; ``chunk_size`` is rounded to a power of two in [16, 32] (16 for some dtypes,
-    head dims and GPUs): :func:`chunk_parallel_tiles`."""
-    K = check_retention_inputs("retention_chunk_parallel", q, k, v, log_decay, initial_state, chunk_size)
+    head dims and GPUs): :func:`chunk_parallel_tiles`. Packed documents (``cu_seqlens``, a ``CuSeqlens``): one
+    launch sequence over all of them (each document's chunks from its own start) when
+    :func:`~zoo.kernels.chunk_pass.chunk_varlen_in_one_launch`, else one call per document."""
+    args = (q, k, v, log_decay, initial_state, form, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    K = check_retention_inputs("retention_chunk_parallel", *one[:5], chunk_size)
+    if cu_seqlens is not None:
+        BT = chunk_parallel_tiles(K, v.shape[-1], chunk_size, dot_dtype(q, k, v), launch_target(q.device)).BT
+        if not chunk_varlen_in_one_launch(cu_seqlens, _state_elements(q, k, v), BT, q.shape[2]):
+            return BACKENDS.per_document(retention_chunk_parallel, args, cu_seqlens)
+    n = q.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
     check_triton_call("retention_chunk_parallel", _retention_cp_output_kernel, q, k, v, log_decay, initial_state, head_dim=K,
-                      batch_heads=q.shape[0] * q.shape[2])
-    return RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size)
+                      batch_heads=n * q.shape[2])
+    return RetentionChunkParallelFunction.apply(q, k, v, log_decay, initial_state, chunk_size, cu_seqlens)

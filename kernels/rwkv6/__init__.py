@@ -47,7 +47,7 @@ def rwkv6_torch(r, k, v, w_log, u, initial_state, chunk_size):
 BACKENDS = BackendTable("rwkv6", {
     "torch": Backend(rwkv6_torch),
     "triton_recurrent": Backend("zoo.kernels.rwkv6.triton_rwkv6:rwkv6_triton", "triton", varlen=True),
-    "triton_chunk": Backend("zoo.kernels.rwkv6.triton_chunk_parallel:rwkv6_chunk_parallel", "triton"),
+    "triton_chunk": Backend("zoo.kernels.rwkv6.triton_chunk_parallel:rwkv6_chunk_parallel", "triton", varlen=True),
     "fla": Backend(rwkv6_fla, "fla", varlen=True),
 }, aliases={"triton": "triton_recurrent"}, layout="tttt.s.")
 __getattr__ = BACKENDS.exports(__name__, rwkv6_triton="triton_recurrent", rwkv6_triton_chunk="triton_chunk")

@@ -29,6 +29,11 @@ Parallelism at B = 1, T = 16k, H = 16, K = V = 64 (an H100 has 132 SMs; 4 progra
 launches have ``NT * cdiv(V, BV) * B * H = 1024 * 2 * 16 = 32768`` programs (BT = 16, BV = 32); the
 state passes ``cdiv(64 * 64, 64) * 16 = 1024`` (BLOCK = 64). K-sized gradients are per-V-block partial sums added
 up in PyTorch.
+
+Packed documents (``cu_seqlens`` over ``B = 1``, fla's convention): each document's chunks start at its own first
+token, the same six launches over all of them: per-chunk grids ``(sum NT_n, cdiv(V, BV), H)`` reading (document,
+chunk) from a host-built table (:func:`~zoo.kernels.chunk_pass.chunk_index`,
+:func:`~zoo.kernels.triton_common.chunk_span`, ``IS_VARLEN``), state passes ``(cdiv(K * V, BLOCK), N * H)``.
 """
 from __future__ import annotations
 
@@ -36,18 +41,20 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.chunk_pass import ChunkParallelTiles, chunk_dims, chunk_pass
-from zoo.kernels.rwkv6 import check_rwkv6_inputs
-from zoo.kernels.triton_common import (Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype,
-                                      scan_function)
+from zoo.kernels.chunk_pass import (
+    ChunkIndex, ChunkParallelTiles, chunk_dims, chunk_index, chunk_pass, chunk_varlen_in_one_launch,
+)
+from zoo.kernels.rwkv6 import BACKENDS, check_rwkv6_inputs
+from zoo.kernels.triton_common import (Launch, Target, check_triton_call, chunk_span, dot_dtype, dot_precision, launch_target,
+                                      operand_dtype, scan_function)
 
 
 @triton.jit
 def _rwkv6_cp_chunk_state_kernel(
-    k, v, w, states, gl,
+    k, v, w, states, gl, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``h_c = (K_c * exp(A_L - A))^T V_c`` into slot c + 1 of ``states [B * H, NT + 1, K, V]``; ``A_L`` into
     ``gl [B * H, NT, K]`` (by the ``i_v = 0`` programs). k, w: [B, T, H, K]; v: [B, T, H, V]. Grid
@@ -58,7 +65,8 @@ def _rwkv6_cp_chunk_state_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
     m_tk = m_t[:, None] & m_k[None, :]
@@ -68,18 +76,18 @@ def _rwkv6_cp_chunk_state_kernel(
     b_A = tl.cumsum(b_w, axis=0)  # [BT, BK] inclusive
     b_AL = tl.sum(b_w, axis=0)  # [BK]
     b_h = tl.dot(tl.trans(b_k * tl.exp(b_AL[None, :] - b_A)), b_v, input_precision=PRECISION)  # [BK, BV]
-    p_h = states + (i_bh * (NT + 1) + i_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_h = states + (i_bh * (S_NT + 1) + S_t + 1) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
-        tl.store(gl + (i_bh * NT + i_t) * K + o_k, b_AL, mask=m_k)
+        tl.store(gl + (i_bh * G_NT + G_t) * K + o_k, b_AL, mask=m_k)
 
 
 @triton.jit
 def _rwkv6_cp_output_kernel(
-    r, k, v, w, u, states, o,
+    r, k, v, w, u, states, o, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``O_c = a V_c + (R_c * exp(A')) S_c + b * V_c`` with ``S_c`` from slot c of ``states``. r, k, w: [B, T, H, K];
     v, o: [B, T, H, V]; u: [H, K]. Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes the chunk's
@@ -90,7 +98,8 @@ def _rwkv6_cp_output_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
@@ -100,7 +109,7 @@ def _rwkv6_cp_output_kernel(
     b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_s = tl.load(states + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :],
+    b_s = tl.load(states + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV], S_c
     b_A = tl.cumsum(b_w, axis=0)
     b_Ae = b_A - b_w
@@ -121,10 +130,10 @@ def _rwkv6_cp_output_kernel(
 
 @triton.jit
 def _rwkv6_cp_dstate_kernel(
-    r, w, do, dstates,
+    r, w, do, dstates, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``dh_c = (R_c * exp(A'))^T dO_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. r, w: [B, T, H, K];
     do: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``, as :func:`_rwkv6_cp_chunk_state_kernel`."""
@@ -134,7 +143,8 @@ def _rwkv6_cp_dstate_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
@@ -143,17 +153,17 @@ def _rwkv6_cp_dstate_kernel(
     b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     b_Ae = tl.cumsum(b_w, axis=0) - b_w
     b_dh = tl.dot(tl.trans(b_r * tl.exp(b_Ae)), b_do, input_precision=PRECISION)  # [BK, BV]
-    p_dh = dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_dh = dstates + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _rwkv6_cp_grad_kernel(
     r, k, v, w, u, do, states, dstates,
-    dr, dk, dv, dw, du,
+    dr, dk, dv, dw, du, chunk_indices, cu,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dR_c, dK_c, dV_c, dw_log_c and chunk c's share of du from ``S_c``, ``S_{c+1}`` (``states``) and ``dS_{c+1}``
     (``dstates``). dr, dk, dw: ``[NV, B, T, H, K]`` partial sums over the V blocks; dv: [B, T, H, V]; du:
@@ -167,7 +177,8 @@ def _rwkv6_cp_grad_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -194,7 +205,7 @@ def _rwkv6_cp_grad_kernel(
         for j in range(BT):
             sel_row = o_t[:, None] == j
             p_j = ((i_b * T + t0 + j) * H + i_h) * K + o_k  # [KG], row j (re-read from cache, not extracted)
-            m_j = m_k & (t0 + j + tl.zeros_like(o_k) < T)
+            m_j = m_k & (t0 + j + tl.zeros_like(o_k) < T_end)
             b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
             b_rj = tl.load(r + p_j, mask=m_j, other=0.0).to(tl.float32)
             b_Aj = tl.sum(tl.where(sel_row, b_A, 0.0), axis=0)
@@ -212,7 +223,7 @@ def _rwkv6_cp_grad_kernel(
             b_da_row = tl.where(m_before, tl.sum(tl.where(sel_row, b_da, 0.0), axis=0), 0.0)  # da[j, i]
             b_dk += b_da_row[:, None] * b_rj[None, :] * b_e
         # the [KG, BV] state slices are loaded after the loop (fewer registers live in it)
-        p_slot = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV]
+        p_slot = (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV]
         b_s = tl.load(states + p_slot, mask=m_kv, other=0.0)  # S_c
         b_dr += tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION) * tl.exp(b_Ae)
         b_ds_end = tl.load(dstates + p_slot + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
@@ -252,55 +263,101 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1), KG=BK if BK <= 64 else 32)
 
 
-def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int):
-    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl)``."""
+def _varlen_args(index: ChunkIndex | None) -> tuple:
+    """The per-chunk kernels' ``(chunk_indices, cu)`` and ``IS_VARLEN``."""
+    return ((None, None), {}) if index is None else ((index.indices, index.cu), {"IS_VARLEN": True})
+
+
+def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int, cu_seqlens=None):
+    """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl, table)``.
+    Packed documents (``cu_seqlens``, a :class:`~zoo.kernels.backends.CuSeqlens` over ``B = 1``): every document's
+    chunks from its own start (:func:`~zoo.kernels.chunk_pass.chunk_index`), states ``[H * (NT + N), K, V]``, decay
+    totals ``[H * NT, K]``, per-chunk grids ``(NT, NV, H)`` over all documents' NT chunks, final states ``[N, H, K,
+    V]``; ``table`` the index's device table (None without documents), which the backward reuses."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, r.device)
     f32 = dict(dtype=torch.float32, device=r.device)
-    states = torch.empty(B * H, NT + 1, K, V, **f32)
-    gl = torch.empty(B * H, NT, K, **f32)
+    if index is None:
+        states = torch.empty(B * H, NT + 1, K, V, **f32)
+        gl = torch.empty(B * H, NT, K, **f32)
+        grid = (NT, NV, B * H)
+    else:
+        NT = index.NT
+        states = torch.empty(index.slots, K, V, **f32)
+        gl = torch.empty(H * NT, K, **f32)
+        grid = (NT, NV, H)
+    varlen, flag = _varlen_args(index)
     o = torch.empty(B, T, H, V, **f32)
-    _rwkv6_cp_chunk_state_kernel[(NT, NV, B * H)](k, v, w, states, gl, T, NT, **dims)
-    chunk_pass(states, gl, initial_state, False, tiles)
-    _rwkv6_cp_output_kernel[(NT, NV, B * H)](r, k, v, w, u, states, o, T, NT, **dims)
-    final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
-    return o, final, states, gl
+    _rwkv6_cp_chunk_state_kernel[grid](k, v, w, states, gl, *varlen, T, NT, **dims, **flag)
+    chunk_pass(states, gl, initial_state, False, tiles, index)
+    _rwkv6_cp_output_kernel[grid](r, k, v, w, u, states, o, *varlen, T, NT, **dims, **flag)
+    if index is None:
+        final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
+    else:
+        final = states.index_select(0, index.last.long()).view(index.N, H, K, V)
+    return o, final, states, gl, None if index is None else index.table
 
 
-def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, chunk_size: int):
-    """Launch the three backward kernels. Returns fp32 ``(dr, dk, dv, dw, du, d_initial_state)``."""
+def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, table, chunk_size: int, cu_seqlens=None):
+    """Launch the three backward kernels. Returns fp32 ``(dr, dk, dv, dw, du, d_initial_state)`` (packed documents:
+    ``d_initial_state [N, H, K, V]``, the forward's ``table`` reused)."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, r.device, table)
     f32 = dict(dtype=torch.float32, device=r.device)
-    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+    if index is None:
+        dstates = torch.empty(B * H, NT + 1, K, V, **f32)
+        grid = (NT, NV, B * H)
+    else:
+        NT = index.NT
+        dstates = torch.empty(index.slots, K, V, **f32)
+        grid = (NT, NV, H)
+    varlen, flag = _varlen_args(index)
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, H, V, **f32)
-    du = torch.empty(NV, B * H, NT, K, **f32)
-    _rwkv6_cp_dstate_kernel[(NT, NV, B * H)](r, w, do, dstates, T, NT, **dims)
-    chunk_pass(dstates, gl, ds_final, True, tiles)
-    _rwkv6_cp_grad_kernel[(NT, NV, B * H)](
-        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, T, NT, B,
-        KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()},
+    du = torch.empty(NV, B * H, NT, K, **f32)  # packed: [NV, H, NT, K] (B = 1, NT over all documents)
+    _rwkv6_cp_dstate_kernel[grid](r, w, do, dstates, *varlen, T, NT, **dims, **flag)
+    chunk_pass(dstates, gl, ds_final, True, tiles, index)
+    _rwkv6_cp_grad_kernel[grid](
+        r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, *varlen, T, NT, B,
+        KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()}, **flag,
     )
-    ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    if index is None:
+        ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+    else:
+        ds0 = dstates.index_select(0, index.first.long()).view(index.N, H, K, V)
     du = du.view(NV, B, H, NT, K).sum((0, 1, 3))  # [NV, B * H, NT, K] -> [H, K]
     return dr.sum(0), dk.sum(0), dv, dw.sum(0), du, ds0
 
 
-RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd, layout="ttttp",
-                                           state_elements=lambda r, k, v, *_: r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1])
+def _state_elements(r, k, v, *_):
+    return r.shape[0] * r.shape[2] * r.shape[3] * v.shape[-1]
 
 
-def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16):
+RWKV6ChunkParallelFunction = scan_function(rwkv6_cp_fwd, rwkv6_cp_bwd, n_config=2, layout="ttttp",
+                                           state_elements=_state_elements)
+
+
+def rwkv6_chunk_parallel(r, k, v, w_log, u, initial_state=None, chunk_size: int = 16, cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.rwkv6.rwkv6` (fp32 / bf16 / fp16 inputs, fp32 outputs): the chunk-parallel
-    kernels of this module. Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`chunk_parallel_tiles`."""
-    K = check_rwkv6_inputs("rwkv6_chunk_parallel", r, k, v, w_log, u, initial_state, chunk_size)[3]
+    kernels of this module. Chunks are 16 tokens whatever ``chunk_size`` (checked, unused): :func:`chunk_parallel_tiles`.
+    Packed documents (``cu_seqlens``, a ``CuSeqlens``): one launch sequence over all of them (each document's chunks
+    from its own start) when :func:`~zoo.kernels.chunk_pass.chunk_varlen_in_one_launch`, else one call per document."""
+    args = (r, k, v, w_log, u, initial_state, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    K = check_rwkv6_inputs("rwkv6_chunk_parallel", *one)[3]
+    if cu_seqlens is not None:
+        BT = chunk_parallel_tiles(K, v.shape[-1], chunk_size, r.dtype, launch_target(r.device)).BT
+        if not chunk_varlen_in_one_launch(cu_seqlens, _state_elements(r, k, v), BT, r.shape[2]):
+            return BACKENDS.per_document(rwkv6_chunk_parallel, args, cu_seqlens)
+    n = r.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
     check_triton_call("rwkv6_chunk_parallel", _rwkv6_cp_output_kernel, r, k, v, w_log, u, initial_state, head_dim=K,
-                      batch_heads=r.shape[0] * r.shape[2])
-    return RWKV6ChunkParallelFunction.apply(r, k, v, w_log, u, initial_state, chunk_size)
+                      batch_heads=n * r.shape[2])
+    return RWKV6ChunkParallelFunction.apply(*args, cu_seqlens)
