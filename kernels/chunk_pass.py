@@ -183,6 +183,40 @@ def chunk_index(cu_seqlens, BT: int, H: int, device: torch.device, table: torch.
     return ChunkIndex(N, H, NT, BT, table, bounds)
 
 
+class ChunkStates(NamedTuple):
+    """The states buffer of a chunk-parallel launch sequence and the per-chunk kernels' geometry: without packed
+    documents ``states [B * H, NT + 1, K, V]`` and grid ``(NT, NV, B * H)``; with them (``index``) ``states [H * (NT +
+    N), K, V]`` and grid ``(NT, NV, H)`` over all documents' NT chunks. fp32."""
+
+    states: torch.Tensor
+    index: ChunkIndex | None
+    NT: int
+    grid: tuple[int, int, int]
+
+    @property
+    def varlen(self) -> tuple[tuple, dict]:
+        """The per-chunk kernels' ``(chunk_indices, cu)`` arguments and their ``IS_VARLEN`` keyword."""
+        return ((None, None), {}) if self.index is None else ((self.index.indices, self.index.cu), {"IS_VARLEN": True})
+
+    def edge(self, final: bool, B: int, H: int, K: int, V: int) -> torch.Tensor:
+        """The initial (slot 0) or final (slot NT) states ``[B, H, K, V]``, or each document's ``[N, H, K, V]``."""
+        if self.index is None:
+            return self.states[:, self.NT if final else 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
+        rows = self.index.last if final else self.index.first
+        return self.states.index_select(0, rows.long()).view(self.index.N, H, K, V)
+
+
+def chunk_states(cu_seqlens, BT: int, B: int, H: int, K: int, V: int, NT: int, NV: int, device: torch.device,
+                 table: torch.Tensor | None = None) -> ChunkStates:
+    """The :class:`ChunkStates` of a launch sequence over ``NT`` chunks of ``BT`` tokens (packed documents
+    ``cu_seqlens``: their :func:`chunk_index`, ``table`` the forward's for the backward)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    if cu_seqlens is None:
+        return ChunkStates(torch.empty(B * H, NT + 1, K, V, **f32), None, NT, (NT, NV, B * H))
+    index = chunk_index(cu_seqlens, BT, H, device, table)
+    return ChunkStates(torch.empty(index.slots, K, V, **f32), index, index.NT, (index.NT, NV, H))
+
+
 def chunk_varlen_in_one_launch(cu_seqlens, state_elements: int, BT: int, heads: int) -> bool:
     """Whether a chunk-parallel scan runs packed documents ``cu_seqlens`` (a
     :class:`~zoo.kernels.backends.CuSeqlens`, host bounds) in one launch sequence, each document's state having

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.chunk_pass import (
-    ChunkIndex, ChunkParallelTiles, chunk_dims, chunk_index, chunk_pass, chunk_varlen_in_one_launch,
+    ChunkIndex, ChunkParallelTiles, chunk_dims, chunk_pass, chunk_states, chunk_varlen_in_one_launch,
 )
 from zoo.kernels.retention import BACKENDS, check_retention_inputs
 from zoo.kernels.triton_common import (
@@ -253,19 +253,6 @@ def chunk_log_decays(log_decay, B: int, T: int, K: int, BT: int, index: ChunkInd
     return gl[:, None].expand(-1, K).contiguous()  # [H * NT, K]
 
 
-def _varlen_args(index: ChunkIndex | None) -> tuple:
-    """The per-chunk kernels' ``(chunk_indices, cu)`` and ``IS_VARLEN``."""
-    return ((None, None), {}) if index is None else ((index.indices, index.cu), {"IS_VARLEN": True})
-
-
-def _edge_states(states: torch.Tensor, index: ChunkIndex | None, rows_of, B: int, H: int, K: int, V: int, slot: int):
-    """The states of slot ``slot`` (0: initial, NT: final) ``[B, H, K, V]``, or each document's ``[N, H, K, V]``
-    (``rows_of(index)``: their rows)."""
-    if index is None:
-        return states[:, slot].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
-    return states.index_select(0, rows_of(index).long()).view(index.N, H, K, V)
-
-
 def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int, cu_seqlens=None):
     """Launch the three forward kernels on contiguous inputs. Returns ``(o, final_state, states, table)``: ``o`` in
     v's dtype (so the backward gets ``do`` in it too); fp32 ``states [B * H, NT + 1, K, V]`` holding ``S_0 ..
@@ -279,23 +266,16 @@ def retention_cp_fwd(q, k, v, log_decay, initial_state, chunk_size: int, cu_seql
     target = launch_target(q.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
-    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, q.device)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    if index is None:
-        states = torch.empty(B * H, NT + 1, K, V, **f32)
-        grid = (NT, NV, B * H)
-    else:
-        NT = index.NT
-        states = torch.empty(index.slots, K, V, **f32)
-        grid = (NT, NV, H)
-    varlen, flag = _varlen_args(index)
-    o = torch.empty(B, T, H, V, **f32)
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, q.device)
+    states, index, NT, grid = buf
+    varlen, flag = buf.varlen
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     _retention_cp_chunk_state_kernel[grid](k, v, log_decay, states, *varlen, T, NT, **dims, **flag)
     chunk_pass(states, chunk_log_decays(log_decay, B, T, K, tiles.BT, index), initial_state, False, tiles, index)
     _retention_cp_output_kernel[grid](
         q, k, v, log_decay, states, o, *varlen, T, NT, OPERAND=operand_dtype(dtype, target), **dims, **flag,
     )
-    final = _edge_states(states, index, lambda i: i.last, B, H, K, V, NT)
+    final = buf.edge(True, B, H, K, V)
     final = final.clone() if index is None else final  # a slot's view, or already gathered
     return o.to(v.dtype), final, states, None if index is None else index.table
 
@@ -310,16 +290,10 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, table, chunk_size
     target = launch_target(q.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dtype, target))
-    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, q.device, table)
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, q.device, table)
+    dstates, index, NT, grid = buf
+    varlen, flag = buf.varlen
     f32 = dict(dtype=torch.float32, device=q.device)
-    if index is None:
-        dstates = torch.empty(B * H, NT + 1, K, V, **f32)
-        grid = (NT, NV, B * H)
-    else:
-        NT = index.NT
-        dstates = torch.empty(index.slots, K, V, **f32)
-        grid = (NT, NV, H)
-    varlen, flag = _varlen_args(index)
     dq, dk = (torch.empty(NV, B, T, H, K, **f32) for _ in range(2))
     dv = torch.empty(B, T, H, V, **f32)
     dg = torch.empty(NV, B * H, NT, **f32)  # packed: [NV, H, NT] (B = 1, NT over all documents)
@@ -329,7 +303,7 @@ def retention_cp_bwd(q, k, v, log_decay, do, ds_final, states, table, chunk_size
         q, k, v, log_decay, do, states, dstates, dq, dk, dv, dg, *varlen, T, NT, B,
         OPERAND=operand_dtype(dot_dtype(q, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()}, **flag,
     )
-    ds0 = _edge_states(dstates, index, lambda i: i.first, B, H, K, V, 0)
+    ds0 = buf.edge(False, B, H, K, V)
     d_log_decay = dg.view(NV, B, H, NT).sum((0, 1, 3))  # [NV, B * H, NT] -> [H]
     return dq.sum(0), dk.sum(0), dv, d_log_decay, ds0
 

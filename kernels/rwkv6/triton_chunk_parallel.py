@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.chunk_pass import (
-    ChunkIndex, ChunkParallelTiles, chunk_dims, chunk_index, chunk_pass, chunk_varlen_in_one_launch,
+    ChunkParallelTiles, chunk_dims, chunk_pass, chunk_states, chunk_varlen_in_one_launch,
 )
 from zoo.kernels.rwkv6 import BACKENDS, check_rwkv6_inputs
 from zoo.kernels.triton_common import (Launch, Target, check_triton_call, chunk_span, dot_dtype, dot_precision, launch_target,
@@ -263,11 +263,6 @@ def chunk_parallel_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return ChunkParallelTiles(BT, BK, BV, 64, 16, Launch(4, 1), Launch(8, 1), Launch(2, 1), KG=BK if BK <= 64 else 32)
 
 
-def _varlen_args(index: ChunkIndex | None) -> tuple:
-    """The per-chunk kernels' ``(chunk_indices, cu)`` and ``IS_VARLEN``."""
-    return ((None, None), {}) if index is None else ((index.indices, index.cu), {"IS_VARLEN": True})
-
-
 def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int, cu_seqlens=None):
     """Launch the three forward kernels on contiguous inputs. Returns fp32 ``(o, final_state, states, gl, table)``.
     Packed documents (``cu_seqlens``, a :class:`~zoo.kernels.backends.CuSeqlens` over ``B = 1``): every document's
@@ -279,26 +274,17 @@ def rwkv6_cp_fwd(r, k, v, w, u, initial_state, chunk_size: int, cu_seqlens=None)
     target = launch_target(r.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
-    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, r.device)
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, r.device)
+    states, index, NT, grid = buf
+    varlen, flag = buf.varlen
     f32 = dict(dtype=torch.float32, device=r.device)
-    if index is None:
-        states = torch.empty(B * H, NT + 1, K, V, **f32)
-        gl = torch.empty(B * H, NT, K, **f32)
-        grid = (NT, NV, B * H)
-    else:
-        NT = index.NT
-        states = torch.empty(index.slots, K, V, **f32)
-        gl = torch.empty(H * NT, K, **f32)
-        grid = (NT, NV, H)
-    varlen, flag = _varlen_args(index)
+    gl = torch.empty(B * H, NT, K, **f32) if index is None else torch.empty(H * NT, K, **f32)  # packed: NT of all documents
     o = torch.empty(B, T, H, V, **f32)
     _rwkv6_cp_chunk_state_kernel[grid](k, v, w, states, gl, *varlen, T, NT, **dims, **flag)
     chunk_pass(states, gl, initial_state, False, tiles, index)
     _rwkv6_cp_output_kernel[grid](r, k, v, w, u, states, o, *varlen, T, NT, **dims, **flag)
-    if index is None:
-        final = states[:, NT].reshape(B, H, K, V).clone()  # [B * H, K, V] -> [B, H, K, V]
-    else:
-        final = states.index_select(0, index.last.long()).view(index.N, H, K, V)
+    final = buf.edge(True, B, H, K, V)
+    final = final.clone() if index is None else final  # a slot's view, or already gathered
     return o, final, states, gl, None if index is None else index.table
 
 
@@ -310,16 +296,10 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, table, chunk_size: int
     target = launch_target(r.device)
     tiles = chunk_parallel_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
-    index = None if cu_seqlens is None else chunk_index(cu_seqlens, tiles.BT, H, r.device, table)
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, r.device, table)
+    dstates, index, NT, grid = buf
+    varlen, flag = buf.varlen
     f32 = dict(dtype=torch.float32, device=r.device)
-    if index is None:
-        dstates = torch.empty(B * H, NT + 1, K, V, **f32)
-        grid = (NT, NV, B * H)
-    else:
-        NT = index.NT
-        dstates = torch.empty(index.slots, K, V, **f32)
-        grid = (NT, NV, H)
-    varlen, flag = _varlen_args(index)
     dr, dk, dw = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, H, V, **f32)
     du = torch.empty(NV, B * H, NT, K, **f32)  # packed: [NV, H, NT, K] (B = 1, NT over all documents)
@@ -329,10 +309,7 @@ def rwkv6_cp_bwd(r, k, v, w, u, do, ds_final, states, gl, table, chunk_size: int
         r, k, v, w, u, do, states, dstates, dr, dk, dv, dw, du, *varlen, T, NT, B,
         KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target), **{**dims, **tiles.grad_launch._asdict()}, **flag,
     )
-    if index is None:
-        ds0 = dstates[:, 0].reshape(B, H, K, V)  # [B * H, K, V] -> [B, H, K, V]
-    else:
-        ds0 = dstates.index_select(0, index.first.long()).view(index.N, H, K, V)
+    ds0 = buf.edge(False, B, H, K, V)
     du = du.view(NV, B, H, NT, K).sum((0, 1, 3))  # [NV, B * H, NT, K] -> [H, K]
     return dr.sum(0), dk.sum(0), dv, dw.sum(0), du, ds0
 
