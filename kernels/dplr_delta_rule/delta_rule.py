@@ -14,9 +14,9 @@ Gated DeltaNet is ``w_log = g`` on every channel, ``a = k``, ``b = -beta e^{g} k
 (``k (e^g S) = e^g (k S)``); KDA is ``w_log = g``, ``a = e^{g} * k``, ``b = -beta k``, ``k' = beta k``
 (``k Diag(e^g) S = (e^g * k) S``). ``tests/test_gated_deltanet.py`` checks both against a direct recurrence.
 
-``backend`` names the same algorithms as :data:`zoo.kernels.dplr_delta_rule.BACKENDS`: ``torch`` runs :func:`dplr_delta_rule`
-on the parametrised inputs; ``triton_recurrent`` / ``triton_chunk`` run its kernels with the inputs built inside the scan,
-one segment at a time (``triton_delta_rule.py``); ``fla`` runs fla's own ``chunk_gated_delta_rule`` / ``chunk_kda``
+``backend`` names the same algorithms as :data:`zoo.kernels.dplr_delta_rule.BACKENDS`: ``torch`` runs
+:func:`dplr_delta_rule` on the parametrised inputs; ``triton_recurrent`` / ``triton_chunk`` run its kernels with the
+inputs built inside the scan, one segment at a time (``triton_delta_rule.py``); ``fla`` runs fla's own ``chunk_gated_delta_rule`` / ``chunk_kda``
 (``fla_delta_rule.py``).
 """
 from __future__ import annotations
