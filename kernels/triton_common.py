@@ -340,17 +340,17 @@ def sequence_span(cu, i_n, T, NC, CH: tl.constexpr, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def chunk_span(chunk_indices, cu, i_t, t0, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """``(t0, T_end, S_NT, S_t, G_NT, G_t)`` of a chunk-parallel program over chunk ``i_t`` (its program axis 0;
-    ``t0 = i_t * BT`` computed by the kernel) of
-    sequence ``i_b = i_bh // H``, head ``i_h``, for the kernels' index expressions: its tokens ``i_b * T + t0 + [0,
-    min(BT, T_end - t0))``, its entering state at row ``i_bh * (S_NT + 1) + S_t`` of the states buffer (the state
-    after it: ``+ 1``), its row ``i_bh * G_NT + G_t`` of the per-chunk buffers (decay totals). Without ``IS_VARLEN``
-    (row i_b of T tokens in NT chunks, states ``[B * H, NT + 1]``): ``(t0, T, NT, i_t, NT, i_t)``, the arguments
-    themselves (no op here), so those expressions are today's, op for op, in today's order. With it (``B = 1``: ``i_b = 0``, axis 2 the
-    head h): chunk ``i_t`` of all documents' chunks is chunk ``c`` of document n, ``chunk_indices[i_t] = (n, c)``
-    (tokens ``[cu[n], cu[n + 1])``, ``NT_n`` chunks, ``C_n = i_t - c`` chunks before it): ``t0 = cu[n] + c * BT``,
-    ``T_end = cu[n + 1]``; document n, head h has its ``NT_n + 1`` state rows from ``H * (C_n + n) + h * (NT_n +
-    1)`` and its ``NT_n`` per-chunk rows from ``H * C_n + h * NT_n``."""
+    """``(t0, T_end, S_NT, S_t, G_NT, G_t)`` of a chunk-parallel program over chunk ``i_t`` (its program axis 0; ``t0 =
+    i_t * BT`` computed by the kernel) of sequence ``i_b = i_bh // H``, head ``i_h``, for the kernels' index
+    expressions: its tokens ``i_b * T + t0 + [0, min(BT, T_end - t0))``, its entering state at row ``i_bh * (S_NT +
+    1) + S_t`` of the states buffer (the state after it: ``+ 1``), its row ``i_bh * G_NT + G_t`` of the per-chunk
+    buffers (decay totals). Without ``IS_VARLEN`` (row i_b of T tokens in NT chunks, states ``[B * H, NT + 1]``):
+    ``(t0, T, NT, i_t, NT, i_t)``, the arguments themselves (no op here), so those expressions are today's, op for
+    op, in today's order. With it (``B = 1``: ``i_b = 0``, axis 2 the head h): chunk ``i_t`` of all documents'
+    chunks is chunk ``c`` of document n, ``chunk_indices[i_t] = (n, c)`` (tokens ``[cu[n], cu[n + 1])``, ``NT_n``
+    chunks, ``C_n = i_t - c`` chunks before it): ``t0 = cu[n] + c * BT``, ``T_end = cu[n + 1]``; document n, head h
+    has its ``NT_n + 1`` state rows from ``H * (C_n + n) + h * (NT_n + 1)`` and its ``NT_n`` per-chunk rows from ``H
+    * C_n + h * NT_n``."""
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
         c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
