@@ -110,23 +110,21 @@ def init_decay(block: nn.Module, dt_min: float, dt_max: float) -> None:
 
 class DeltaRuleMixer(SequenceMixer):
     """What the Gated DeltaNet and KDA blocks share: Mamba-2's decay init, a :class:`DeltaRuleState` (the conv's
-    last inputs and ``state_heads()`` recurrent states ``[K, V]``), packed documents natively."""
+    last inputs and ``state_heads = (heads, K, V)``, set by the block: that many recurrent states ``[K, V]``), packed
+    documents natively."""
 
     packs_documents = True
-
-    def state_heads(self) -> tuple[int, int, int]:
-        """``(heads, K, V)`` of the recurrent state."""
-        raise NotImplementedError
+    state_heads: tuple[int, int, int]
 
     def init_parameters(self) -> None:
         init_decay(self, self.config.dt_min, self.config.dt_max)
 
     def init_state(self, batch_size, device=None, dtype=None) -> DeltaRuleState:
-        return DeltaRuleState.zeros(batch_size, self.conv_dim, self.config.d_conv, *self.state_heads(),
+        return DeltaRuleState.zeros(batch_size, self.conv_dim, self.config.d_conv, *self.state_heads,
                                     device or self.out_proj.weight.device, dtype or self.out_proj.weight.dtype)
 
     def state_size(self) -> int:
-        return DeltaRuleState.size(self.conv_dim, self.config.d_conv, *self.state_heads())
+        return DeltaRuleState.size(self.conv_dim, self.config.d_conv, *self.state_heads)
 
 
 @MIXERS.register("gated_deltanet", GatedDeltaNetConfig)
@@ -137,6 +135,7 @@ class GatedDeltaNet(DeltaRuleMixer):
     def __init__(self, config: GatedDeltaNetConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
         self.backend = BACKENDS.require(config.backend, "gated_deltanet")
+        self.state_heads = (config.n_v_heads, config.head_k_dim, config.head_v_dim)
         self.key_dim = config.n_k_heads * config.head_k_dim
         self.value_dim = config.n_v_heads * config.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
@@ -151,10 +150,6 @@ class GatedDeltaNet(DeltaRuleMixer):
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
         if self.A_log.device.type != "meta":  # usable on its own, not only inside a ZooForCausalLM
             self.init_parameters()
-
-    def state_heads(self) -> tuple[int, int, int]:
-        c = self.config
-        return c.n_v_heads, c.head_k_dim, c.head_v_dim
 
     def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
         """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""

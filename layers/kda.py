@@ -56,6 +56,7 @@ class KDA(DeltaRuleMixer):
     def __init__(self, config: KDAConfig, d_model: int, layer_idx: int):
         super().__init__(config, d_model, layer_idx)
         self.backend = BACKENDS.require(config.backend, "kda")
+        self.state_heads = (config.n_heads, config.head_dim, config.head_dim)
         H = config.n_heads
         self.dim = H * config.head_dim
         self.conv_dim = 3 * self.dim
@@ -72,10 +73,6 @@ class KDA(DeltaRuleMixer):
         self.out_proj = nn.Linear(self.dim, d_model, bias=False)
         if self.A_log.device.type != "meta":  # usable on its own, not only inside a ZooForCausalLM
             self.init_parameters()
-
-    def state_heads(self) -> tuple[int, int, int]:
-        c = self.config
-        return c.n_heads, c.head_dim, c.head_dim
 
     def mix(self, x: torch.Tensor, state: DeltaRuleState | None, documents: Documents | None = None) -> tuple[torch.Tensor, DeltaRuleState]:
         """Packed ``documents``: the conv and the rule restart at each (``cu_seqlens``)."""
