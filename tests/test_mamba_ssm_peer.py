@@ -1,7 +1,9 @@
-"""The SSD scan's ``mamba_ssm`` backend on packed documents, through mamba-ssm's real Triton kernels (its Python and
-Triton parts, installed without its CUDA extensions: ``.ci/run`` puts them in ``.peers/mamba_ssm``), run in the Triton
-interpreter on CPU: one call with mamba-ssm's ``seq_idx`` gives each document's outputs, final state and gradients as
-that document run alone (zoo's torch form in fp64)."""
+"""zoo's ``mamba_ssm`` backends through mamba-ssm's real Triton kernels (its Python and Triton parts, installed without
+its CUDA extensions: ``.ci/run`` puts them in ``.peers/mamba_ssm``), run in the Triton interpreter on CPU, against zoo's
+torch forms in fp64: the SSD scan from a start state (``mamba_chunk_scan_combined``, every gradient), packed documents
+in one call with mamba-ssm's ``seq_idx`` (each document's outputs, final state and gradients as that document run
+alone), and Mamba-1's one-token decode step (``selective_state_update``). mamba-ssm's ``selective_scan_fn`` is a CUDA
+extension: not run here."""
 import contextlib
 import importlib.util
 import sys
@@ -13,6 +15,8 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 from zoo.errors import BackendUnavailableError
+from zoo.kernels import selective_scan as ss_pkg
+from zoo.kernels.selective_scan import mamba_ssm_backend as ss_adapter
 from zoo.kernels.ssd import BACKENDS, mamba_ssm_backend, ssd_scan
 from zoo.layers.registry import MIXERS
 
@@ -38,6 +42,7 @@ def mamba_ssm_kernels(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=132))
         monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
         monkeypatch.setattr(mamba_ssm_backend, "on_cuda", lambda tensor: True)
+        monkeypatch.setattr(ss_adapter, "on_cuda", lambda tensor: True)
     yield
     for name in set(sys.modules) - before:
         if name.startswith("mamba_ssm"):
@@ -62,6 +67,40 @@ def _scan(args, backend, initial_state=None):
 
 def _fp32(args):
     return [t.detach().float().requires_grad_() for t in args]
+
+
+def test_the_ssd_scan_from_a_start_state_equals_the_torch_form(mamba_ssm_kernels):
+    """One row of two sequences from start states (no documents), T not a multiple of the chunk: outputs, final states
+    and every gradient, the start state's included."""
+    x, dt, A, B, C, D, dt_bias = reference = _inputs(T=29)
+    x2, dt2, B2, C2 = (torch.cat([t.detach(), t.detach().flip(1)]).requires_grad_() for t in (x, dt, B, C))  # batch 2
+    reference = [x2, dt2, A, B2, C2, D, dt_bias]
+    start = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    y_ref, state_ref = ssd_scan(*reference[:5], D, dt_bias, True, (0.0, float("inf")), start, CHUNK, backend="torch")
+    dy, dstate = torch.randn_like(y_ref), torch.randn_like(state_ref)
+    ((y_ref * dy).sum() + (state_ref * dstate).sum()).backward()
+    args, start32 = _fp32(reference), start.detach().float().requires_grad_()
+    y, state = ssd_scan(*args[:5], args[5], args[6], True, (0.0, float("inf")), start32, CHUNK, backend="mamba_ssm")
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), state_ref, rtol=1e-4, atol=1e-4)
+    ((y * dy.float()).sum() + (state * dstate.float()).sum()).backward()
+    for name, got, want in zip(("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"), [*args, start32], [*reference, start]):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4 * want.grad.abs().max().item(), msg=name)
+
+
+def test_the_mamba1_decode_step_equals_the_torch_step(mamba_ssm_kernels):
+    """Mamba-1's one-token step from a state through ``selective_state_update`` (z gate, D, delta bias, softplus)."""
+    g = torch.Generator().manual_seed(1)
+    batch, channels, n = 3, 12, 6
+    u, delta, z = (torch.randn(batch, 1, channels, generator=g) for _ in range(3))
+    A = -torch.rand(channels, n, generator=g) - 0.1
+    B, C = torch.randn(batch, 1, n, generator=g), torch.randn(batch, 1, n, generator=g)
+    D, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+    state = torch.randn(batch, channels, n, generator=g)
+    want = ss_pkg.selective_scan(u, delta, A, B, C, D, z, bias, True, state.clone(), backend="torch")
+    got = ss_pkg.selective_scan(u, delta, A, B, C, D, z, bias, True, state.clone(), backend="mamba_ssm")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_documents_run_in_one_call_with_seq_idx(mamba_ssm_kernels, monkeypatch):
