@@ -27,7 +27,7 @@ Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the
 
 Packed documents (``cu_seqlens`` over ``B = 1``, fla's convention; states ``[N_docs, H, P, N]``): each document's
 chunks start at its own first token (document n has ``NT_n = cdiv(len_n, L)`` chunks, ``NT = sum_n NT_n``), so no
-chunk holds two documents and no mask by document is needed; the same seven launches run over all of them
+chunk holds two documents and no mask by document is needed; the same six launches run over all of them
 (``IS_VARLEN``). The chunk-state, output and backward kernels run grid ``(NT, H, cdiv(P, BLOCK_P))`` (the backward
 ``(NT, H)``): program c reads (document n, chunk j in it) from the host-built int32 table
 (:func:`~zoo.kernels.chunk_pass.chunk_index`, built once per call, the backward reusing the forward's) through
@@ -80,6 +80,7 @@ def _ssd_chunk_state_kernel(
     mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]
     t0 = c * L
+    # its tokens only (H = 1: chunk_span's state rows unused; the per-chunk buffers keep one row of NT chunks)
     t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
     mask_t = t0 + offs_l < T_end
     row0 = pid_b * T + t0  # the chunk's first row of [B * T]
