@@ -82,8 +82,12 @@ def _ssd_chunk_state_kernel(
     t0 = c * L
     # its tokens only (H = 1: chunk_span's state rows unused; the per-chunk buffers keep one row of NT chunks)
     t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    mask_t = t0 + offs_l < T_end
-    row0 = pid_b * T + t0  # the chunk's first row of [B * T]
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0  # the chunk's first row of [B * T]
     A = tl.load(A_ptr + head).to(tl.float32)
     bias = 0.0
     if HAS_BIAS:
@@ -187,9 +191,13 @@ def _ssd_chunk_scan_kernel(
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]: step i sees step j <= i
     t0 = c * L
     t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    mask_t = t0 + offs_l < T_end
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0
     mask_lp = mask_t[:, None] & mask_p[None, :]
-    row0 = pid_b * T + t0
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
@@ -269,8 +277,12 @@ def _ssd_chunk_bwd_kernel(
     offs_l = tl.arange(0, L)
     t0 = c * L
     t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    mask_t = t0 + offs_l < T_end
-    row0 = pid_b * T + t0
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
