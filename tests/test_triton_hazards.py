@@ -258,7 +258,8 @@ _COMPILE_SM90 = textwrap.dedent("""
     t = tiles(64, 64, 64, torch.bfloat16, sm90)
     print(ttgir(_ssd_chunk_bwd_kernel, {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr"}, {"T", "H", "G", "P", "n_chunks"},
                 dict(N=64, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, L=t.L, BLOCK_P=t.BWD_BLOCK_P,
-                     BLOCK_N=t.BWD_BLOCK_N, PRECISION=t.PRECISION, OPERAND=t.OPERAND), t.bwd_launch.num_warps))
+                     BLOCK_N=t.BWD_BLOCK_N, PRECISION=t.PRECISION, OPERAND=t.OPERAND, IS_VARLEN=False),
+                t.bwd_launch.num_warps))
 """)
 
 

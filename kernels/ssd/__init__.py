@@ -82,7 +82,7 @@ def check_ssd_shapes(op: str, x, dt, A, B, C, D, dt_bias, initial_state, chunk_s
 
 BACKENDS = BackendTable("ssd_scan", {
     "torch": Backend(ssd_torch),
-    "triton_chunk": Backend("zoo.kernels.ssd.triton_ssd:ssd_triton", "triton"),
+    "triton_chunk": Backend("zoo.kernels.ssd.triton_ssd:ssd_triton", "triton", varlen=True),
     "mamba_ssm": Backend(ssd_mamba_ssm, "mamba_ssm", varlen=True),
 }, aliases={"triton": "triton_chunk"}, layout="tt.tt....s.")
 __getattr__ = BACKENDS.exports(__name__, ssd_triton="triton_chunk")

@@ -24,6 +24,21 @@ Parallelism at batch 1, T = 16k, 16 heads of 64, d_state 128, L = 64 (H100: 132 
 kernels run ``256 x 16 x 2`` (bf16) or ``x 4`` (fp32) programs, the backward ``256 x 16``, the state passing
 ``128 x 16``: every launch >= 4 per SM.
 Softplus and sigmoid are written inline: a nested ``@triton.jit`` call makes the interpreter re-patch triton.language.
+
+Packed documents (``cu_seqlens`` over ``B = 1``, fla's convention; states ``[N_docs, H, P, N]``): each document's
+chunks start at its own first token (document n has ``NT_n = cdiv(len_n, L)`` chunks, ``NT = sum_n NT_n``), so no
+chunk holds two documents and no mask by document is needed; the same six launches run over all of them
+(``IS_VARLEN``). The chunk-state, output and backward kernels run grid ``(NT, H, cdiv(P, BLOCK_P))`` (the backward
+``(NT, H)``): program c reads (document n, chunk j in it) from the host-built int32 table
+(:func:`~zoo.kernels.chunk_pass.chunk_index`, built once per call, the backward reusing the forward's) through
+:func:`~zoo.kernels.triton_common.chunk_span`: tokens ``cu[n] + j L + [0, min(L, cu[n + 1] - cu[n] - j L))``, the
+steps past the document's end masked as past T are. Per-chunk buffers (states, start states, their gradients
+``[1, H, NT, P, N]``; aend, dA, dD ``[H, NT]``) keep the layout of one row of NT chunks. The state passing runs
+grid ``(cdiv(P * N, BLOCK), N_docs * H)``: program ``(i, n * H + h)`` walks chunks ``C_n .. C_n + NT_n - 1`` of head h
+from document n's initial state (zeros when None) and writes its final state; in reverse, from ``d final_state[n]``
+to ``d initial_state[n]``. When the documents do not fit one launch sequence
+(:func:`~zoo.kernels.chunk_pass.chunk_varlen_in_one_launch`: ``N_docs * H`` over grid axis y, or more chunks than
+one segment's), each document runs alone.
 """
 from __future__ import annotations
 
@@ -33,25 +48,27 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.ssd import check_ssd_shapes
+from zoo.kernels.chunk_pass import ChunkIndex, chunk_index, chunk_varlen_in_one_launch
+from zoo.kernels.ssd import BACKENDS, check_ssd_shapes
 from zoo.kernels.triton_common import (
-    Launch, Target, check_triton_call, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
+    Launch, Target, check_triton_call, chunk_span, dot_dtype, dot_precision, launch_target, operand_dtype, scan_function,
 )
 
 
 @triton.jit
 def _ssd_chunk_state_kernel(
-    src_ptr, dt_ptr, A_ptr, bias_ptr, mat_ptr, states_ptr, aend_ptr,
+    src_ptr, dt_ptr, A_ptr, bias_ptr, mat_ptr, states_ptr, aend_ptr, chunk_indices, cu,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GRAD: tl.constexpr,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """Chunk-local states. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
     ``states[b, h, c, i * BLOCK_P:(i + 1) * BLOCK_P, :]`` (``[B, H, cdiv(T, L), P, N]`` fp32).
     Forward (``GRAD`` False): src = x ``[B, T, H, P]``, mat = B ``[B, T, G, N]``,
     ``S_c = (dt x * exp(a_end - a_cum))^T @ B``; it also writes ``aend [B, H, cdiv(T, L)]``.
     Backward (``GRAD`` True): src = dy, mat = C, ``S_c = (dy * exp(a_cum))^T @ C`` (the start state's gradient from
-    the chunk's own outputs)."""
+    the chunk's own outputs). ``IS_VARLEN``: see the module docstring (program c: chunk c of all documents' NT)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     pid_p = tl.program_id(2)
@@ -62,8 +79,15 @@ def _ssd_chunk_state_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]
-    mask_t = c * L + offs_l < T
-    row0 = pid_b * T + c * L  # the chunk's first row of [B * T]
+    t0 = c * L
+    # its tokens only (H = 1: chunk_span's state rows unused; the per-chunk buffers keep one row of NT chunks)
+    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0  # the chunk's first row of [B * T]
     A = tl.load(A_ptr + head).to(tl.float32)
     bias = 0.0
     if HAS_BIAS:
@@ -95,9 +119,10 @@ def _ssd_chunk_state_kernel(
 
 @triton.jit
 def _ssd_state_passing_kernel(
-    states_ptr, aend_ptr, init_ptr, out_ptr, final_ptr, prev_ptr, daend_ptr,
+    states_ptr, aend_ptr, init_ptr, out_ptr, final_ptr, prev_ptr, daend_ptr, chunk_offsets,
     n_chunks, PN,
-    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, H: tl.constexpr = 1,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """State passing between chunks. Grid ``(cdiv(P * N, BLOCK), B * H)``: program ``(i, b * H + h)`` walks the
     chunks with state entries ``[i * BLOCK, (i + 1) * BLOCK)`` of the flattened ``[P, N]`` state of (b, h).
@@ -107,7 +132,11 @@ def _ssd_state_passing_kernel(
     final = the final state. Backward (``REVERSE``): the same recurrence over the chunks in reverse on gradients, so
     ``out[c]`` is the gradient of the state at the end of chunk c and final the initial state's gradient; it also
     writes ``daend [B * H, cdiv(T, L), cdiv(P * N, BLOCK)] = exp(aend[c]) <out[c], prev[c]>`` over its entries
-    (prev: the forward's start states)."""
+    (prev: the forward's start states). ``IS_VARLEN`` (packed documents, ``B = 1``, ``n_chunks`` = NT, all
+    documents' chunks): grid ``(cdiv(P * N, BLOCK), N_docs * H)``, program ``(i, n * H + h)`` walks document n's
+    ``NT_n = chunk_offsets[n + 1] - C_n`` chunks, rows ``h * NT + C_n + [0, NT_n)`` of states, out, prev, aend and
+    daend (``C_n = chunk_offsets[n]``, :class:`~zoo.kernels.chunk_pass.ChunkIndex`'s offsets), from init
+    ``[N_docs, H, P, N]`` to final ``[N_docs, H, P, N]``."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_blocks = tl.num_programs(0)
@@ -116,31 +145,40 @@ def _ssd_state_passing_kernel(
     h = tl.zeros([BLOCK], tl.float32)
     if HAS_INIT:
         h = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
-    for i in range(n_chunks):
+    if IS_VARLEN:
+        C_n = tl.load(chunk_offsets + bh // H).to(tl.int64)
+        NT_n = (tl.load(chunk_offsets + bh // H + 1) - C_n).to(tl.int32)
+        row = (bh % H) * n_chunks + C_n  # document n's first chunk row of head h
+    else:
+        NT_n = n_chunks
+        row = bh * n_chunks
+    for i in range(NT_n):
         c = i
         if REVERSE:
-            c = n_chunks - 1 - i
-        base = (bh * n_chunks + c) * PN
+            c = NT_n - 1 - i
+        base = (row + c) * PN
         s = tl.load(states_ptr + base + offs, mask=mask, other=0.0)
-        e = tl.exp(tl.load(aend_ptr + bh * n_chunks + c))
+        e = tl.exp(tl.load(aend_ptr + row + c))
         tl.store(out_ptr + base + offs, h, mask=mask)
         if REVERSE:
             start = tl.load(prev_ptr + base + offs, mask=mask, other=0.0)
-            tl.store(daend_ptr + (bh * n_chunks + c) * n_blocks + pid, e * tl.sum(h * start, axis=0))
+            tl.store(daend_ptr + (row + c) * n_blocks + pid, e * tl.sum(h * start, axis=0))
         h = e * h + s
     tl.store(final_ptr + bh * PN + offs, h, mask=mask)
 
 
 @triton.jit
 def _ssd_chunk_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, y_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, y_ptr, chunk_indices, cu,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """Chunk outputs. Grid ``(cdiv(T, L), B * H, cdiv(P, BLOCK_P))``: program ``(c, b * H + h, i)`` writes
     ``y[b, cL:(c+1)L, h, i * BLOCK_P:(i + 1) * BLOCK_P] = ((C B^T) * exp(segsum)) @ (dt x) + exp(a_cum) * (C @ h_c^T)
-    + D x`` with ``h_c`` = starts ``[B, H, cdiv(T, L), P, N]``; x, y ``[B, T, H, P]``, B, C ``[B, T, G, N]``."""
+    + D x`` with ``h_c`` = starts ``[B, H, cdiv(T, L), P, N]``; x, y ``[B, T, H, P]``, B, C ``[B, T, G, N]``.
+    ``IS_VARLEN``: see the module docstring."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     pid_p = tl.program_id(2)
@@ -151,9 +189,15 @@ def _ssd_chunk_scan_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]: step i sees step j <= i
-    mask_t = c * L + offs_l < T
+    t0 = c * L
+    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0
     mask_lp = mask_t[:, None] & mask_p[None, :]
-    row0 = pid_b * T + c * L
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
@@ -206,17 +250,18 @@ def _rows_gram(a_base, b_base, offs_l, mask_t, stride, width, L: tl.constexpr, B
 @triton.jit
 def _ssd_chunk_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, starts_ptr, dh_ptr, daend_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, chunk_indices, cu,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """Every gradient of one chunk of one head. Grid ``(cdiv(T, L), B * H)``: program ``(c, b * H + h)`` loops over
     the head channels in blocks of ``BLOCK_P`` and over d_state in blocks of ``BLOCK_N``. It reads the chunk's start
     state (starts) and the gradient of its end state (dh), both ``[B, H, cdiv(T, L), P, N]``, and daend
     ``[B * H, cdiv(T, L)]`` (the end-decay gradient through the start state). It writes dx ``[B, T, H, P]``, ddt
     ``[B, T, H]`` and its dA and dD terms ``[B * H, cdiv(T, L)]``; adds (atomically, fp32: the heads of a group share
-    them) to dB, dC ``[B, T, G, N]``.
+    them) to dB, dC ``[B, T, G, N]``. ``IS_VARLEN``: see the module docstring.
 
     Register pressure sets the order (tf32x3 products hold a high and a low part of each fp32 operand): one [L, L]
     matrix at a time crosses a loop of products (B C^T * seg^T in the dx pass, dCB in the dC pass, dCB^T in the dB
@@ -230,8 +275,14 @@ def _ssd_chunk_bwd_kernel(
     head = (bh % H).to(tl.int32)
     group = head // (H // G)
     offs_l = tl.arange(0, L)
-    mask_t = c * L + offs_l < T
-    row0 = pid_b * T + c * L
+    t0 = c * L
+    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0  # B = 1
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
@@ -390,64 +441,84 @@ def tiles(p: int, n: int, chunk_size: int, dtype: torch.dtype, target: Target) -
                  64, Launch(num_warps=1, num_stages=3))
 
 
-def _chunk_args(x, B, L: int, block_p: int):
-    """Grid of a chunk kernel ``(cdiv(T, L), B * H, cdiv(P, block_p))`` and the chunk kernels' shape arguments."""
+def _chunk_args(x, B, L: int, block_p: int, index: ChunkIndex | None = None):
+    """Grid of a chunk kernel ``(cdiv(T, L), B * H, cdiv(P, block_p))`` and the chunk kernels' shape arguments;
+    packed documents (``index``, ``B = 1``): ``(NT, H, cdiv(P, block_p))`` over all documents' NT chunks."""
     batch, T, heads, p = x.shape
-    n_chunks = triton.cdiv(T, L)
+    n_chunks = triton.cdiv(T, L) if index is None else index.NT
     return (n_chunks, batch * heads, triton.cdiv(p, block_p)), (T, heads, B.shape[2], p, n_chunks)
 
 
-def _pass_states(states, aend, init, reverse, prev, t: Tiles):
-    """State passing over ``states [B, H, NC, P, N]`` in place; returns (final ``[B, H, P, N]``, daend or None)."""
+def _varlen_args(index: ChunkIndex | None) -> tuple[tuple, dict]:
+    """The chunk kernels' ``(chunk_indices, cu)`` arguments and their ``IS_VARLEN`` keyword (none without documents)."""
+    return ((None, None), {}) if index is None else ((index.indices, index.cu), {"IS_VARLEN": True})
+
+
+def _pass_states(states, aend, init, reverse, prev, t: Tiles, index: ChunkIndex | None = None):
+    """State passing over ``states [B, H, NC, P, N]`` in place; returns (final ``[B, H, P, N]``, daend or None).
+    Packed documents (``index``): ``states [1, H, NT, P, N]``, one program per document x head (x state block) from
+    each document's ``init [N_docs, H, P, N]``; final ``[N_docs, H, P, N]``."""
     batch, heads, n_chunks, p, n = states.shape
-    grid = (triton.cdiv(p * n, t.BLOCK), batch * heads)
-    final = torch.empty(batch, heads, p, n, device=states.device, dtype=torch.float32)
+    rows = batch * heads if index is None else index.N * heads  # programs on grid axis y
+    grid = (triton.cdiv(p * n, t.BLOCK), rows)
+    final = torch.empty(rows // heads, heads, p, n, device=states.device, dtype=torch.float32)
     daend = torch.empty(batch * heads, n_chunks, grid[0], device=states.device, dtype=torch.float32) if reverse else None
+    varlen = {} if index is None else dict(H=heads, IS_VARLEN=True)
     _ssd_state_passing_kernel[grid](
-        states, aend, init, states, final, prev, daend, n_chunks, p * n,
-        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=t.BLOCK, **t.pass_launch._asdict(),
+        states, aend, init, states, final, prev, daend, None if index is None else index.offsets, n_chunks, p * n,
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=t.BLOCK, **varlen, **t.pass_launch._asdict(),
     )
     return final, None if daend is None else daend.sum(2)
 
 
-def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size):
+def _launch_forward(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, chunk_size, cu_seqlens=None):
+    """The three forward launches. Returns ``(y, final_state, starts [B, H, NC, P, N], aend [B, H, NC], table)``;
+    packed documents (``cu_seqlens``): NC = NT of all documents, final states ``[N_docs, H, P, N]``, ``table`` the
+    chunk index's device table (None without documents), which the backward reuses."""
     batch, T, heads, p = x.shape
     n = B.shape[3]
     t = tiles(p, n, chunk_size, dot_dtype(x, B, C), launch_target(x.device))
-    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P)
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, t.L, heads, x.device)
+    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P, index)
+    varlen, flag = _varlen_args(index)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     states = torch.empty(batch, heads, grid[0], p, n, device=x.device, dtype=torch.float32)
     aend = torch.empty(batch, heads, grid[0], device=x.device, dtype=torch.float32)
     common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N,
-                  PRECISION=t.PRECISION, **t.launch._asdict())
-    _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias, B, states, aend, *dims, *limits, GRAD=False, **common)
-    final_state, _ = _pass_states(states, aend, initial_state, False, None, t)  # states now hold the start states
+                  PRECISION=t.PRECISION, **flag, **t.launch._asdict())
+    _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias, B, states, aend, *varlen, *dims, *limits, GRAD=False, **common)
+    final_state, _ = _pass_states(states, aend, initial_state, False, None, t, index)  # states now hold the start states
     y = torch.empty_like(x)
-    _ssd_chunk_scan_kernel[grid](x, dt, A, B, C, D, dt_bias, states, y, *dims, *limits, HAS_D=D is not None,
+    _ssd_chunk_scan_kernel[grid](x, dt, A, B, C, D, dt_bias, states, y, *varlen, *dims, *limits, HAS_D=D is not None,
                                  OPERAND=t.OPERAND, **common)
-    return y, final_state, states, aend
+    return y, final_state, states, aend, None if index is None else index.table
 
 
-def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_softplus, dt_limit, chunk_size):
+def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, table, dt_softplus, dt_limit, chunk_size,
+                     cu_seqlens=None):
+    """The four backward launches; packed documents: the forward's chunk ``table`` reused, ``d_final`` and the
+    returned initial states' gradient ``[N_docs, H, P, N]``."""
     batch, T, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     t = tiles(p, n, chunk_size, dot_dtype(x, B, C, dy), launch_target(x.device))
-    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P)
+    index = None if cu_seqlens is None else chunk_index(cu_seqlens, t.L, heads, x.device, table)
+    grid, dims = _chunk_args(x, B, t.L, t.BLOCK_P, index)
+    varlen, flag = _varlen_args(index)
     limits = (float(dt_limit[0]), float(dt_limit[1]))
     f32 = dict(device=x.device, dtype=torch.float32)
-    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, PRECISION=t.PRECISION)
+    common = dict(N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, L=t.L, PRECISION=t.PRECISION, **flag)
     dstates = torch.empty(batch, heads, grid[0], p, n, **f32)
-    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *dims, *limits, GRAD=True, BLOCK_P=t.BLOCK_P,
-                                  BLOCK_N=t.BLOCK_N, **common, **t.launch._asdict())
-    dh0, daend = _pass_states(dstates, aend, d_final, True, starts, t)  # dstates now hold the end-state gradients
+    _ssd_chunk_state_kernel[grid](dy, dt, A, dt_bias, C, dstates, None, *varlen, *dims, *limits, GRAD=True,
+                                  BLOCK_P=t.BLOCK_P, BLOCK_N=t.BLOCK_N, **common, **t.launch._asdict())
+    dh0, daend = _pass_states(dstates, aend, d_final, True, starts, t, index)  # dstates now hold the end-state gradients
     dx = torch.empty_like(x)
     ddt = torch.empty(batch, T, heads, **f32)
     dB = torch.zeros(batch, T, groups, n, **f32)  # atomic sums over the heads of a group
     dC = torch.zeros(batch, T, groups, n, **f32)
     dA = torch.empty(batch * heads, grid[0], **f32)  # per chunk
     dD = torch.empty(batch * heads, grid[0], **f32)
-    _ssd_chunk_bwd_kernel[grid[:2]](  # (cdiv(T, L), B * H)
-        x, dt, A, B, C, D, dt_bias, starts, dstates, daend, dy, dx, ddt, dB, dC, dA, dD, *dims, *limits,
+    _ssd_chunk_bwd_kernel[grid[:2]](  # (cdiv(T, L), B * H); packed: (NT, H)
+        x, dt, A, B, C, D, dt_bias, starts, dstates, daend, dy, dx, ddt, dB, dC, dA, dD, *varlen, *dims, *limits,
         HAS_D=D is not None, BLOCK_P=t.BWD_BLOCK_P, BLOCK_N=t.BWD_BLOCK_N, OPERAND=t.OPERAND, **common,
         **t.bwd_launch._asdict(),
     )
@@ -457,23 +528,36 @@ def _launch_backward(x, dt, A, B, C, D, dt_bias, dy, d_final, starts, aend, dt_s
     return dx, ddt, dA, dB, dC, dD, dbias, dh0
 
 
-SSDFn = scan_function(_launch_forward, _launch_backward, n_config=3, layout="ttpttpp",
-                      state_elements=lambda x, dt, A, B, *_: x.shape[0] * x.shape[2] * x.shape[3] * B.shape[-1])  # [B, H, P, N]
+def _state_elements(x, dt, A, B, *_):
+    return x.shape[0] * x.shape[2] * x.shape[3] * B.shape[-1]  # [B, H, P, N]
+
+
+SSDFn = scan_function(_launch_forward, _launch_backward, n_config=4, layout="ttpttpp", state_elements=_state_elements)
 
 
 def ssd_triton(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus: bool = True, dt_limit=(0.0, float("inf")), initial_state=None,
-               chunk_size: int = 64):
+               chunk_size: int = 64, cu_seqlens=None):
     """Same contract as :func:`zoo.kernels.ssd.ssd_scan` (fp32, bf16 or fp16 inputs; y in x's dtype, the state fp32),
     with the dt transform computed in the kernels; ``chunk_size`` sets the kernels' chunk length (rounded to a power
     of two in [16, 64]). One token without gradients (decode) runs the step kernel (:mod:`.triton_step`), one launch.
+    Packed documents (``cu_seqlens``, a :class:`~zoo.kernels.backends.CuSeqlens` over ``B = 1``; states ``[N_docs, H,
+    P, N]``): one launch sequence over all of them, each document's chunks from its own start, when
+    :func:`~zoo.kernels.chunk_pass.chunk_varlen_in_one_launch`, else one call per document.
     """
-    check_ssd_shapes("ssd_triton", x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
+    args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, chunk_size)
+    one, cu_seqlens = BACKENDS.one_document(args, cu_seqlens)  # the initial state cut to one document's
+    check_ssd_shapes("ssd_triton", *one[:7], one[9], chunk_size)
     inputs = (x, dt, A, B, C, D, dt_bias, initial_state)
     step = x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
-    # the chunk kernels put B * H in grid y; the step kernel in x
-    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, *inputs, batch_heads=None if step else x.shape[0] * x.shape[2])
+    n = x.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
+    if cu_seqlens is not None and not step:
+        L = tiles(x.shape[3], B.shape[3], chunk_size, dot_dtype(x, B, C), launch_target(x.device)).L
+        if not chunk_varlen_in_one_launch(cu_seqlens, _state_elements(x, dt, A, B), L, x.shape[2]):
+            return BACKENDS.per_document(ssd_triton, args, cu_seqlens)
+    # the chunk kernels put B * H in grid y (packed: the state passing N_docs * H); the step kernel in x
+    check_triton_call("ssd_triton", _ssd_chunk_scan_kernel, *inputs, batch_heads=None if step else n * x.shape[2])
     if step:
         from .triton_step import ssd_step_triton
 
         return ssd_step_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state)
-    return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_size)
+    return SSDFn.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, tuple(dt_limit), chunk_size, cu_seqlens)
