@@ -46,9 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.chunk_pass import chunk_dims
-from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_wy
-from zoo.kernels.triton_common import Launch, Target, dot_dtype, dot_precision, launch_target, operand_dtype
+from zoo.kernels.chunk_pass import chunk_dims, chunk_states
+from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_pass_rows, _dplr_cp_wy, dplr_cp_pass
+from zoo.kernels.triton_common import Launch, Target, chunk_span, dot_dtype, dot_precision, launch_target, operand_dtype
 
 
 @triton.jit
@@ -72,10 +72,10 @@ def _dplr_cpb_rb(b_r, b_b, b_k, b_A, BT: tl.constexpr):
 
 @triton.jit
 def _dplr_cpb_dstate_kernel(
-    r, w, k, a, b, do, dstates,
+    r, w, k, a, b, do, dstates, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``G_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; do: [B, T, H, V]. Grid
     ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``."""
@@ -85,7 +85,8 @@ def _dplr_cpb_dstate_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
@@ -100,15 +101,16 @@ def _dplr_cpb_dstate_kernel(
     b_y = tl.dot(tl.trans(b_X), tl.dot(tl.trans(b_Mrb), b_do, input_precision="ieee"), input_precision="ieee")  # [BT, BV]
     b_g = tl.dot(tl.trans(b_r * tl.exp(b_A)), b_do, input_precision=PRECISION)
     b_g += tl.dot(tl.trans(b_a * tl.exp(b_Ae)), b_y, input_precision=PRECISION)  # [BK, BV]
-    tl.store(dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :], b_g,
+    tl.store(dstates + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :], b_g,
              mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _dplr_cpb_pass_kernel(
-    dstates, trans, ds_final,
+    dstates, trans, ds_final, chunk_offsets,
     NT,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_DS: tl.constexpr,
+    H: tl.constexpr = 1, IS_VARLEN: tl.constexpr = False,
 ):
     """``dS_c = M_c^T dS_{c+1} + G_c`` in place on ``dstates [B * H, NT + 1, K, V]`` (fp32; slot c < NT holds ``G_c``
     on entry, ``dS_c`` on exit; slot NT <- ``ds_final [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K,
@@ -120,9 +122,15 @@ def _dplr_cpb_pass_kernel(
     o_v = i_v * BVP + tl.arange(0, BVP)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_s = dstates + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
-    p_sb = dstates + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
-    p_mt = trans + i_bh * NT * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
+    if IS_VARLEN:
+        s_row, m_row, NT = _dplr_cp_pass_rows(chunk_offsets, i_bh, H)
+        p_s = dstates + s_row * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
+        p_sb = dstates + s_row * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+        p_mt = trans + m_row * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
+    else:  # today's lines, op for op
+        p_s = dstates + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
+        p_sb = dstates + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+        p_mt = trans + i_bh * NT * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
     if HAS_DS:
         b_s = tl.load(ds_final + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
     else:
@@ -143,10 +151,10 @@ def _dplr_cpb_pass_kernel(
 
 @triton.jit
 def _dplr_cpb_du_kernel(
-    r, w, k, v, a, b, do, states, dstates, u, du, dv,
+    r, w, k, v, a, b, do, states, dstates, u, du, dv, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``u``, ``dU`` and ``dV`` of chunk c from ``S_c`` (``states``) and ``dS_{c+1}`` (``dstates``), both ``[B * H,
     NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; v, do, u, du, dv: [B, T, H, V] (u, du fp32, for the gradient
@@ -158,7 +166,8 @@ def _dplr_cpb_du_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
@@ -170,7 +179,7 @@ def _dplr_cpb_du_kernel(
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
+    p_kv = (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
     b_s = tl.load(states + p_kv, mask=m_kv, other=0.0)  # S_c
     b_u = tl.dot(b_a * tl.exp(b_Ae), b_s, input_precision=PRECISION) + tl.dot(b_Lak, b_v, input_precision="ieee")
     b_u = tl.dot(b_X, b_u, input_precision="ieee")  # [BT, BV]
@@ -190,10 +199,10 @@ def _dplr_cpb_du_kernel(
 
 @triton.jit
 def _dplr_cpb_grad_kernel(
-    r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db,
+    r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db, chunk_indices, cu,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_dplr_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
     (``states``) and ``dS_{c+1}`` (``dstates``). r, w, k, a, b: [B, T, H, K]; v, do, u, du: [B, T, H, V]; dr, dw,
@@ -207,7 +216,8 @@ def _dplr_cpb_grad_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -224,7 +234,7 @@ def _dplr_cpb_grad_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, KG]
-        p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV], slot c
+        p_kv = (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV], slot c
         b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
         b_z = tl.sum(b_dsn * tl.load(states + p_kv + K * V, mask=m_kv, other=0.0), axis=1)  # rowsum(dS_{c+1} S_{c+1})
         b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
@@ -301,28 +311,31 @@ def dplr_chunk_bwd_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return DPLRChunkBwdTiles(16, BK, BV, 16, 16, min(BK, 32), Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
 
 
-def dplr_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int):
+def dplr_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, table, chunk_size: int, cu_seqlens=None):
     """The four backward launches on contiguous inputs, from the forward's ``states [B * H, NT + 1, K, V]`` and
-    ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``."""
+    ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``. Packed documents
+    (``cu_seqlens``; the forward's ``states [H * (NT + N), K, V]``, ``trans [H * NT, K, K]`` and ``table``, reused):
+    per-chunk grids ``(NT, NV, H)`` over all documents' chunks, the reverse pass ``(cdiv(V, BVP), N * H)`` from each
+    document's ``ds_final [N, H, K, V]``, ``d_initial_state [N, H, K, V]``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
     tiles = dplr_chunk_bwd_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
-    assert states.shape[1] == NT + 1, "the forward's chunks are not this backward's"
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, r.device, table)
+    dstates, index, NT, grid = buf
+    varlen, flag = buf.varlen
+    assert states.shape == dstates.shape, "the forward's chunks are not this backward's"
     f32 = dict(dtype=torch.float32, device=r.device)
-    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
-    _dplr_cpb_dstate_kernel[(NT, NV, B * H)](r, w, k, a, b, do, dstates, T, NT, **dims)
-    has_ds = ds_final is not None
-    _dplr_cpb_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
-        dstates, trans, ds_final if has_ds else dstates, NT,
-        K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_DS=has_ds, **tiles.pass_launch._asdict(),
-    )
+    _dplr_cpb_dstate_kernel[grid](r, w, k, a, b, do, dstates, *varlen, T, NT, **dims, **flag)
+    dplr_cp_pass(_dplr_cpb_pass_kernel, dstates, trans, ds_final, index, K, V, tiles, HAS_DS=ds_final is not None)
     u, du, dv = (torch.empty(B, T, H, V, **f32) for _ in range(3))
-    _dplr_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
+    _dplr_cpb_du_kernel[grid](r, w, k, v, a, b, do, states, dstates, u, du, dv, *varlen, T, NT, **dims, **flag)
     partial = [torch.empty(NV, B, T, H, K, **f32) for _ in range(5)]  # dr, dw, dk, da, db per V block
-    _dplr_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
-                                           KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
-                                           **{**dims, **tiles.grad_launch._asdict()})
+    _dplr_cpb_grad_kernel[grid](r, w, k, v, a, b, do, u, du, states, dstates, *partial, *varlen, T, NT, B,
+                                KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
+                                **{**dims, **tiles.grad_launch._asdict()}, **flag)
     dr, dw, dk, da, db = (p.sum(0) for p in partial)
-    return [dr, dw, dk, dv, da, db, dstates[:, 0].reshape(B, H, K, V).clone()]  # [B * H, K, V] -> [B, H, K, V]
+    ds0 = buf.edge(False, B, H, K, V)
+    ds0 = ds0.clone() if index is None else ds0  # a slot's view, or already gathered
+    return [dr, dw, dk, dv, da, db, ds0]
