@@ -33,6 +33,11 @@ gradient, with the forward's ``M_c`` ``[B * H, NT, K, K]``, grid ``(cdiv(V, BVP)
 no WY terms, only ``A`` and the ``[BT, BT]`` products ``do . u``, ``do . v``, ``du . u``, ``du . v``, and walks K
 in ``KG``-wide slices (a channel's gradients involve only that channel once those products are formed).
 
+Packed documents (``cu_seqlens``, ``IS_VARLEN``): the forward's chunk table and layout (each document's chunks from
+its own first token; per-chunk grids ``(sum NT_n, NV, H)``, ``dstates [H * (NT + N), K, V]``), the reverse pass
+``(cdiv(V, BVP), N * H)`` from each document's final-state gradient ``[N, H, K, V]`` to its ``dS_0``, the initial
+states' gradients ``[N, H, K, V]``.
+
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64: launches (1), (3) and (4) have ``1024 * 2 * 16 = 32768``
 programs (>= 528). The pass has ``cdiv(64, 16) * 16 = 64``, the forward pass's count and for its reason: ``M_c^T``
 mixes all K rows of ``dS``, so a program holds whole ``[K, BVP]`` columns; its work is ``1 / BT`` of the per-chunk
@@ -78,7 +83,9 @@ def _dplr_cpb_dstate_kernel(
     PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``G_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; do: [B, T, H, V]. Grid
-    ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``.
+    ``IS_VARLEN`` (packed documents, ``B = 1``): grid ``(sum NT_n, cdiv(V, BV), H)`` over all documents' chunks,
+    ``dstates [H * (NT + N), K, V]`` (:func:`~zoo.kernels.triton_common.chunk_span`)."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -116,7 +123,9 @@ def _dplr_cpb_pass_kernel(
     on entry, ``dS_c`` on exit; slot NT <- ``ds_final [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K,
     K]``. Grid ``(cdiv(V, BVP), B * H)``: program ``(i_v, i_bh)`` carries columns ``[i_v * BVP, (i_v + 1) * BVP)``
     through the chunks in reverse; ``M_c^T dS_{c+1}`` runs in ``KB``-wide slices of K, ``dS_{c+1}``'s rows re-read
-    from the slot just stored."""
+    from the slot just stored. ``IS_VARLEN`` (packed documents): grid ``(cdiv(V, BVP), N * H)``, program ``(i_v,
+    i_nh)`` runs document ``i_nh // H``'s chunks for head ``i_nh % H`` from ``ds_final [N, H, K, V]`` down to its
+    ``dS_0`` (its first slot; :func:`.triton_chunk_parallel._dplr_cp_pass_rows`)."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_k, o_kb = tl.arange(0, BK), tl.arange(0, KB)
     o_v = i_v * BVP + tl.arange(0, BVP)
@@ -159,7 +168,7 @@ def _dplr_cpb_du_kernel(
     """``u``, ``dU`` and ``dV`` of chunk c from ``S_c`` (``states``) and ``dS_{c+1}`` (``dstates``), both ``[B * H,
     NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; v, do, u, du, dv: [B, T, H, V] (u, du fp32, for the gradient
     kernel). Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) *
-    BV)``."""
+    BV)``. ``IS_VARLEN``: grid ``(sum NT_n, cdiv(V, BV), H)``, as :func:`_dplr_cpb_dstate_kernel`."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -209,7 +218,8 @@ def _dplr_cpb_grad_kernel(
     dk, da, db: [NV, B, T, H, K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)``
     contracts columns ``[i_v * BV, (i_v + 1) * BV)``, the channels in ``KG``-wide slices (each channel's gradients
     depend on its own channel only, given the ``[BT, BT]`` products). ``do . v`` takes its operands as ``OPERAND``
-    (both loaded from the inputs: exact in their 16-bit dtype)."""
+    (both loaded from the inputs: exact in their 16-bit dtype). ``IS_VARLEN``: grid ``(sum NT_n, NV, H)``, ``B = 1``,
+    as :func:`_dplr_cpb_dstate_kernel`."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)

@@ -28,6 +28,15 @@ only ``cdiv(64, 16) * 16 = 64``: ``M_c`` mixes all K rows of the state, so a pro
 does with diagonal decays) would cost a ``[K, K] @ [K, K]`` product per combine, K / BVP = 4 times the pass's work.
 Its work is ``NT * K * K * V`` multiply-adds, ``1 / BT`` of the per-chunk launches' per program step.
 
+Packed documents (``cu_seqlens`` over ``B = 1``, fla's convention): each document's chunks start at its own first
+token (document n has ``NT_n = cdiv(len_n, BT)`` chunks, ``NT = sum NT_n``), the same three launches over all of them
+(``IS_VARLEN``). The per-chunk kernels run grid ``(NT, cdiv(V, BV), H)``, each program reading (document, chunk) from
+a host-built int32 table (:func:`~zoo.kernels.chunk_pass.chunk_index`, built once per call from the host bounds, no
+device sync; :func:`~zoo.kernels.triton_common.chunk_span`); the state pass ``(cdiv(V, BVP), N * H)``, one document x
+head x column block each, from that document's initial state (``[N, H, K, V]``, zeros when None); the states buffer
+holds ``NT_n + 1`` slots per document and head (``[H * (NT + N), K, V]``), ``M_c`` ``[H * NT, K, K]``; the final
+states are each document's last slot, ``[N, H, K, V]``.
+
 Backward: :mod:`.triton_chunk_bwd`, the reverse pass ``dS_c = M_c^T dS_{c+1} + G_c`` (grid ``(cdiv(V, BVP), B *
 H)``, 64 programs at the shape above, for the same reason) between three per-chunk launches of 32768 programs. Before
 it, this op trained through the fused-recurrent backward, grid ``(cdiv(V, 32), B * H)`` = 32 programs.
@@ -84,7 +93,10 @@ def _dplr_cp_chunk_state_kernel(
 ):
     """``h_c`` into slot c + 1 of ``states [B * H, NT + 1, K, V]``; ``M_c`` into ``trans [B * H, NT, K, K]`` (by the
     ``i_v = 0`` programs). w, k, a, b: [B, T, H, K]; v: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``: program
-    ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)`` of ``h_c``."""
+    ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)`` of ``h_c``. ``IS_VARLEN`` (packed documents,
+    ``B = 1``): grid ``(sum NT_n, cdiv(V, BV), H)``, chunk ``c = i_t`` of all documents' chunks read from
+    ``chunk_indices`` (:func:`~zoo.kernels.triton_common.chunk_span`), ``states [H * (NT + N), K, V]``, ``trans [H *
+    NT, K, K]`` in :func:`~zoo.kernels.chunk_pass.chunk_index`'s row layout."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -148,7 +160,11 @@ def _dplr_cp_pass_kernel(
     entry, ``S_{c+1}`` on exit; slot 0 <- ``s0 [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K, K]``.
     Grid ``(cdiv(V, BVP), B * H)``: program ``(i_v, i_bh)`` carries state columns ``[i_v * BVP, (i_v + 1) * BVP)``
     through all chunks. The product ``M_c S_c`` runs in ``KB``-wide slices of K, ``S_c``'s rows re-read from the slot
-    just stored (L1 / L2), so no ``[K, K]`` tile is held in registers."""
+    just stored (L1 / L2), so no ``[K, K]`` tile is held in registers. ``IS_VARLEN`` (packed documents): grid
+    ``(cdiv(V, BVP), N * H)``, program ``(i_v, i_nh)`` runs document ``n = i_nh // H``'s ``NT_n`` chunks for head ``h =
+    i_nh % H`` from ``s0 [N, H, K, V]`` (:func:`_dplr_cp_pass_rows`: its rows of ``states [H * (NT + N), K, V]`` and
+    ``trans [H * NT, K, K]``; ``chunk_offsets [N + 1]`` the chunks before each document), its final state left in its
+    last slot."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_k, o_kb = tl.arange(0, BK), tl.arange(0, KB)
     o_v = i_v * BVP + tl.arange(0, BVP)
@@ -190,7 +206,8 @@ def _dplr_cp_output_kernel(
 ):
     """``O_c = (R_c * exp(A)) S_c + M_rb u + M_rk V_c`` with ``u = X ((a * exp(A')) S_c + L_ak V_c)`` and ``S_c`` from
     slot c of ``states``. r, w, k, a, b: [B, T, H, K]; v, o: [B, T, H, V]. Grid ``(NT, cdiv(V, BV), B * H)``:
-    program ``(c, i_v, i_bh)`` writes the chunk's columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    program ``(c, i_v, i_bh)`` writes the chunk's columns ``[i_v * BV, (i_v + 1) * BV)``. ``IS_VARLEN``: grid
+    ``(sum NT_n, cdiv(V, BV), H)`` over all documents' chunks, as :func:`_dplr_cp_chunk_state_kernel`."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)

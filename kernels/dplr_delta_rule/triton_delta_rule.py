@@ -2,7 +2,8 @@
 
 ``gated_delta_rule`` / ``kda_rule`` with ``backend: triton_recurrent`` or ``triton_chunk`` run the kernels of
 :func:`~zoo.kernels.dplr_delta_rule.dplr_delta_rule` (:mod:`.triton_dplr_delta_rule`: grid ``(cdiv(V, BV), B * H)``;
-:mod:`.triton_chunk_parallel`: per chunk ``(cdiv(T, 16), cdiv(V, BV), B * H)``) on the inputs
+:mod:`.triton_chunk_parallel`: per chunk ``(cdiv(T, 16), cdiv(V, BV), B * H)``; both take packed documents
+(``cu_seqlens``) in one launch sequence when they fit, else run once per document) on the inputs
 ``(w_log, a, b, k') = params(k, g, beta)`` of :mod:`.delta_rule`. Those are built per launch, inside the scan's autograd function: under segmented recompute
 (:func:`~zoo.kernels.triton_common.scan_function`) one segment's ``[B, S, H, K]`` fp32 at a time, never the whole
 sequence's, and the backward rebuilds them from ``(k, g, beta)`` and takes their gradients back to ``(k, g, beta)``
