@@ -11,11 +11,11 @@ kernels run in the Triton interpreter (``tests/conftest.py``)."""
 import pytest
 import torch
 
-from zoo.kernels.backends import CuSeqlens
-from zoo.kernels.registry import OPS
-from zoo.kernels.triton_common import forced_segment
-
 pytest.importorskip("triton")
+
+from zoo.kernels.backends import CuSeqlens  # noqa: E402
+from zoo.kernels.registry import OPS  # noqa: E402
+from zoo.kernels.triton_common import forced_segment  # noqa: E402
 
 LENGTHS = (5, 1, 19, 12)
 DIMS = {"H": 2, "K": 24, "V": 20}
