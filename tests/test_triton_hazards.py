@@ -36,7 +36,7 @@ _COMPILE = textwrap.dedent("""
 
     print(ttir(_chunk_pass_kernel, {"NT"}, dict(V=256, KV=128 * 256, BLOCK=64, G=16, HAS_EDGE=False, REVERSE=True, H=1, IS_VARLEN=False)))
     print("=" * 20)
-    print(ttir(_dplr_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True)))
+    print(ttir(_dplr_cp_pass_kernel, {"NT"}, dict(K=128, V=128, BK=128, BVP=16, KB=16, HAS_S0=True, H=1, IS_VARLEN=False)))
 """)
 
 

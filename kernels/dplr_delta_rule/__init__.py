@@ -53,7 +53,7 @@ def dplr_delta_rule_torch(r, w_log, k, v, a, b, initial_state, chunk_size):
 BACKENDS = BackendTable("dplr_delta_rule", {
     "torch": Backend(dplr_delta_rule_torch),
     "triton_recurrent": Backend("zoo.kernels.dplr_delta_rule.triton_dplr_delta_rule:dplr_delta_rule_triton", "triton", varlen=True),
-    "triton_chunk": Backend("zoo.kernels.dplr_delta_rule.triton_chunk_parallel:dplr_delta_rule_chunk_parallel", "triton"),
+    "triton_chunk": Backend("zoo.kernels.dplr_delta_rule.triton_chunk_parallel:dplr_delta_rule_chunk_parallel", "triton", varlen=True),
     "fla": Backend(dplr_delta_rule_fla, "fla", varlen=True),
 }, aliases={"triton": "triton_recurrent"}, layout="tttttts.")
 __getattr__ = BACKENDS.exports(__name__, dplr_delta_rule_triton="triton_recurrent", dplr_delta_rule_triton_chunk="triton_chunk")

@@ -60,7 +60,7 @@ def _table(op: str, params: Callable[..., tuple[torch.Tensor, ...]], prefix: str
     return BackendTable(op, {
         "torch": Backend(_through_dplr(params, "torch"), varlen=True),
         "triton_recurrent": Backend(f"{triton}_triton_recurrent", "triton", varlen=True),
-        "triton_chunk": Backend(f"{triton}_triton_chunk", "triton"),
+        "triton_chunk": Backend(f"{triton}_triton_chunk", "triton", varlen=True),
         "fla": Backend(f"zoo.kernels.dplr_delta_rule.fla_delta_rule:{prefix}_fla", "fla", varlen=True),
     }, layout="ttttts.")
 

@@ -33,6 +33,11 @@ gradient, with the forward's ``M_c`` ``[B * H, NT, K, K]``, grid ``(cdiv(V, BVP)
 no WY terms, only ``A`` and the ``[BT, BT]`` products ``do . u``, ``do . v``, ``du . u``, ``du . v``, and walks K
 in ``KG``-wide slices (a channel's gradients involve only that channel once those products are formed).
 
+Packed documents (``cu_seqlens``, ``IS_VARLEN``): the forward's chunk table and layout (each document's chunks from
+its own first token; per-chunk grids ``(sum NT_n, NV, H)``, ``dstates [H * (NT + N), K, V]``), the reverse pass
+``(cdiv(V, BVP), N * H)`` from each document's final-state gradient ``[N, H, K, V]`` to its ``dS_0``, the initial
+states' gradients ``[N, H, K, V]``.
+
 Parallelism at B = 1, T = 16k, H = 16, K = V = 64: launches (1), (3) and (4) have ``1024 * 2 * 16 = 32768``
 programs (>= 528). The pass has ``cdiv(64, 16) * 16 = 64``, the forward pass's count and for its reason: ``M_c^T``
 mixes all K rows of ``dS``, so a program holds whole ``[K, BVP]`` columns; its work is ``1 / BT`` of the per-chunk
@@ -46,9 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.chunk_pass import chunk_dims
-from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_wy
-from zoo.kernels.triton_common import Launch, Target, dot_dtype, dot_precision, launch_target, operand_dtype
+from zoo.kernels.chunk_pass import chunk_dims, chunk_states
+from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_pass_rows, _dplr_cp_wy, dplr_cp_pass
+from zoo.kernels.triton_common import Launch, Target, chunk_span, dot_dtype, dot_precision, launch_target, operand_dtype
 
 
 @triton.jit
@@ -72,20 +77,23 @@ def _dplr_cpb_rb(b_r, b_b, b_k, b_A, BT: tl.constexpr):
 
 @triton.jit
 def _dplr_cpb_dstate_kernel(
-    r, w, k, a, b, do, dstates,
+    r, w, k, a, b, do, dstates, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``G_c`` into slot c of ``dstates [B * H, NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; do: [B, T, H, V]. Grid
-    ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``."""
+    ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) * BV)``.
+    ``IS_VARLEN`` (packed documents, ``B = 1``): grid ``(sum NT_n, cdiv(V, BV), H)`` over all documents' chunks,
+    ``dstates [H * (NT + N), K, V]`` (:func:`~zoo.kernels.triton_common.chunk_span`)."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, BK]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
@@ -100,29 +108,38 @@ def _dplr_cpb_dstate_kernel(
     b_y = tl.dot(tl.trans(b_X), tl.dot(tl.trans(b_Mrb), b_do, input_precision="ieee"), input_precision="ieee")  # [BT, BV]
     b_g = tl.dot(tl.trans(b_r * tl.exp(b_A)), b_do, input_precision=PRECISION)
     b_g += tl.dot(tl.trans(b_a * tl.exp(b_Ae)), b_y, input_precision=PRECISION)  # [BK, BV]
-    tl.store(dstates + (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :], b_g,
+    tl.store(dstates + (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :], b_g,
              mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _dplr_cpb_pass_kernel(
-    dstates, trans, ds_final,
+    dstates, trans, ds_final, chunk_offsets,
     NT,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVP: tl.constexpr, KB: tl.constexpr, HAS_DS: tl.constexpr,
+    H: tl.constexpr = 1, IS_VARLEN: tl.constexpr = False,
 ):
     """``dS_c = M_c^T dS_{c+1} + G_c`` in place on ``dstates [B * H, NT + 1, K, V]`` (fp32; slot c < NT holds ``G_c``
     on entry, ``dS_c`` on exit; slot NT <- ``ds_final [B * H, K, V]`` or zeros), ``M_c`` from ``trans [B * H, NT, K,
     K]``. Grid ``(cdiv(V, BVP), B * H)``: program ``(i_v, i_bh)`` carries columns ``[i_v * BVP, (i_v + 1) * BVP)``
     through the chunks in reverse; ``M_c^T dS_{c+1}`` runs in ``KB``-wide slices of K, ``dS_{c+1}``'s rows re-read
-    from the slot just stored."""
+    from the slot just stored. ``IS_VARLEN`` (packed documents): grid ``(cdiv(V, BVP), N * H)``, program ``(i_v,
+    i_nh)`` runs document ``i_nh // H``'s chunks for head ``i_nh % H`` from ``ds_final [N, H, K, V]`` down to its
+    ``dS_0`` (its first slot; :func:`.triton_chunk_parallel._dplr_cp_pass_rows`)."""
     i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_k, o_kb = tl.arange(0, BK), tl.arange(0, KB)
     o_v = i_v * BVP + tl.arange(0, BVP)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_s = dstates + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
-    p_sb = dstates + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
-    p_mt = trans + i_bh * NT * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
+    if IS_VARLEN:
+        s_row, m_row, NT = _dplr_cp_pass_rows(chunk_offsets, i_bh, H)
+        p_s = dstates + s_row * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
+        p_sb = dstates + s_row * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+        p_mt = trans + m_row * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
+    else:  # today's lines, op for op
+        p_s = dstates + i_bh * (NT + 1) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BVP], slot 0
+        p_sb = dstates + i_bh * (NT + 1) * K * V + o_kb[:, None] * V + o_v[None, :]  # [KB, BVP], slot 0, rows 0 .. KB
+        p_mt = trans + i_bh * NT * K * K + o_kb[None, :] * K + o_k[:, None]  # [BK, KB]: M_c^T, chunk 0, columns 0 .. KB
     if HAS_DS:
         b_s = tl.load(ds_final + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
     else:
@@ -143,22 +160,23 @@ def _dplr_cpb_pass_kernel(
 
 @triton.jit
 def _dplr_cpb_du_kernel(
-    r, w, k, v, a, b, do, states, dstates, u, du, dv,
+    r, w, k, v, a, b, do, states, dstates, u, du, dv, chunk_indices, cu,
     T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """``u``, ``dU`` and ``dV`` of chunk c from ``S_c`` (``states``) and ``dS_{c+1}`` (``dstates``), both ``[B * H,
     NT + 1, K, V]``. r, w, k, a, b: [B, T, H, K]; v, do, u, du, dv: [B, T, H, V] (u, du fp32, for the gradient
     kernel). Grid ``(NT, cdiv(V, BV), B * H)``: program ``(c, i_v, i_bh)`` writes columns ``[i_v * BV, (i_v + 1) *
-    BV)``."""
+    BV)``. ``IS_VARLEN``: grid ``(sum NT_n, cdiv(V, BV), H)``, as :func:`_dplr_cpb_dstate_kernel`."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
@@ -170,7 +188,7 @@ def _dplr_cpb_du_kernel(
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_A, b_Ae, b_Lak, b_X = _dplr_cp_wy(b_w, b_a, b_b, b_k, BT)
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
+    p_kv = (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [BK, BV], slot c
     b_s = tl.load(states + p_kv, mask=m_kv, other=0.0)  # S_c
     b_u = tl.dot(b_a * tl.exp(b_Ae), b_s, input_precision=PRECISION) + tl.dot(b_Lak, b_v, input_precision="ieee")
     b_u = tl.dot(b_X, b_u, input_precision="ieee")  # [BT, BV]
@@ -190,24 +208,26 @@ def _dplr_cpb_du_kernel(
 
 @triton.jit
 def _dplr_cpb_grad_kernel(
-    r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db,
+    r, w, k, v, a, b, do, u, du, states, dstates, dr, dw, dk, da, db, chunk_indices, cu,
     T, NT, B,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+    KG: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dr, dw, dk, da, db of chunk c from ``u``, ``dU`` (:func:`_dplr_cpb_du_kernel`), ``S_c``, ``S_{c+1}``
     (``states``) and ``dS_{c+1}`` (``dstates``). r, w, k, a, b: [B, T, H, K]; v, do, u, du: [B, T, H, V]; dr, dw,
     dk, da, db: [NV, B, T, H, K] (this V block's share). Grid ``(NT, NV, B * H)``: program ``(c, i_v, i_bh)``
     contracts columns ``[i_v * BV, (i_v + 1) * BV)``, the channels in ``KG``-wide slices (each channel's gradients
     depend on its own channel only, given the ``[BT, BT]`` products). ``do . v`` takes its operands as ``OPERAND``
-    (both loaded from the inputs: exact in their 16-bit dtype)."""
+    (both loaded from the inputs: exact in their 16-bit dtype). ``IS_VARLEN``: grid ``(sum NT_n, NV, H)``, ``B = 1``,
+    as :func:`_dplr_cpb_dstate_kernel`."""
     i_t, i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     t0 = i_t * BT
-    m_t = o_t < T - t0
+    t0, T_end, S_NT, S_t, G_NT, G_t = chunk_span(chunk_indices, cu, i_t, t0, T, NT, H, BT, IS_VARLEN)
+    m_t = o_t < T_end - t0
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * V + o_v[None, :]  # [BT, BV]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -224,7 +244,7 @@ def _dplr_cpb_grad_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_tk = ((i_b * T + t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]  # [BT, KG]
-        p_kv = (i_bh * (NT + 1) + i_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV], slot c
+        p_kv = (i_bh * (S_NT + 1) + S_t) * K * V + o_k[:, None] * V + o_v[None, :]  # [KG, BV], slot c
         b_dsn = tl.load(dstates + p_kv + K * V, mask=m_kv, other=0.0)  # dS_{c+1}
         b_z = tl.sum(b_dsn * tl.load(states + p_kv + K * V, mask=m_kv, other=0.0), axis=1)  # rowsum(dS_{c+1} S_{c+1})
         b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
@@ -301,28 +321,31 @@ def dplr_chunk_bwd_tiles(K: int, V: int, chunk_size: int, dtype: torch.dtype, ta
     return DPLRChunkBwdTiles(16, BK, BV, 16, 16, min(BK, 32), Launch(warps, 1), Launch(8, 1), Launch(warps, 1))
 
 
-def dplr_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, chunk_size: int):
+def dplr_cp_bwd(r, w, k, v, a, b, do, ds_final, states, trans, table, chunk_size: int, cu_seqlens=None):
     """The four backward launches on contiguous inputs, from the forward's ``states [B * H, NT + 1, K, V]`` and
-    ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``."""
+    ``trans [B * H, NT, K, K]``. Returns fp32 ``[dr, dw_log, dk, dv, da, db, d_initial_state]``. Packed documents
+    (``cu_seqlens``; the forward's ``states [H * (NT + N), K, V]``, ``trans [H * NT, K, K]`` and ``table``, reused):
+    per-chunk grids ``(NT, NV, H)`` over all documents' chunks, the reverse pass ``(cdiv(V, BVP), N * H)`` from each
+    document's ``ds_final [N, H, K, V]``, ``d_initial_state [N, H, K, V]``."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     target = launch_target(r.device)
     tiles = dplr_chunk_bwd_tiles(K, V, chunk_size, r.dtype, target)
     NT, NV, dims = chunk_dims(tiles, T, H, K, V, dot_precision(dot_dtype(r, k, v), target))
-    assert states.shape[1] == NT + 1, "the forward's chunks are not this backward's"
+    buf = chunk_states(cu_seqlens, tiles.BT, B, H, K, V, NT, NV, r.device, table)
+    dstates, index, NT, grid = buf
+    varlen, flag = buf.varlen
+    assert states.shape == dstates.shape, "the forward's chunks are not this backward's"
     f32 = dict(dtype=torch.float32, device=r.device)
-    dstates = torch.empty(B * H, NT + 1, K, V, **f32)
-    _dplr_cpb_dstate_kernel[(NT, NV, B * H)](r, w, k, a, b, do, dstates, T, NT, **dims)
-    has_ds = ds_final is not None
-    _dplr_cpb_pass_kernel[(triton.cdiv(V, tiles.BVP), B * H)](
-        dstates, trans, ds_final if has_ds else dstates, NT,
-        K=K, V=V, BK=tiles.BK, BVP=tiles.BVP, KB=tiles.KB, HAS_DS=has_ds, **tiles.pass_launch._asdict(),
-    )
+    _dplr_cpb_dstate_kernel[grid](r, w, k, a, b, do, dstates, *varlen, T, NT, **dims, **flag)
+    dplr_cp_pass(_dplr_cpb_pass_kernel, dstates, trans, ds_final, index, K, V, tiles, HAS_DS=ds_final is not None)
     u, du, dv = (torch.empty(B, T, H, V, **f32) for _ in range(3))
-    _dplr_cpb_du_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, states, dstates, u, du, dv, T, NT, **dims)
+    _dplr_cpb_du_kernel[grid](r, w, k, v, a, b, do, states, dstates, u, du, dv, *varlen, T, NT, **dims, **flag)
     partial = [torch.empty(NV, B, T, H, K, **f32) for _ in range(5)]  # dr, dw, dk, da, db per V block
-    _dplr_cpb_grad_kernel[(NT, NV, B * H)](r, w, k, v, a, b, do, u, du, states, dstates, *partial, T, NT, B,
-                                           KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
-                                           **{**dims, **tiles.grad_launch._asdict()})
+    _dplr_cpb_grad_kernel[grid](r, w, k, v, a, b, do, u, du, states, dstates, *partial, *varlen, T, NT, B,
+                                KG=tiles.KG, OPERAND=operand_dtype(dot_dtype(r, k, v, do), target),
+                                **{**dims, **tiles.grad_launch._asdict()}, **flag)
     dr, dw, dk, da, db = (p.sum(0) for p in partial)
-    return [dr, dw, dk, dv, da, db, dstates[:, 0].reshape(B, H, K, V).clone()]  # [B * H, K, V] -> [B, H, K, V]
+    ds0 = buf.edge(False, B, H, K, V)
+    ds0 = ds0.clone() if index is None else ds0  # a slot's view, or already gathered
+    return [dr, dw, dk, dv, da, db, ds0]

@@ -2,7 +2,8 @@
 
 ``gated_delta_rule`` / ``kda_rule`` with ``backend: triton_recurrent`` or ``triton_chunk`` run the kernels of
 :func:`~zoo.kernels.dplr_delta_rule.dplr_delta_rule` (:mod:`.triton_dplr_delta_rule`: grid ``(cdiv(V, BV), B * H)``;
-:mod:`.triton_chunk_parallel`: per chunk ``(cdiv(T, 16), cdiv(V, BV), B * H)``) on the inputs
+:mod:`.triton_chunk_parallel`: per chunk ``(cdiv(T, 16), cdiv(V, BV), B * H)``; both take packed documents
+(``cu_seqlens``) in one launch sequence when they fit, else run once per document) on the inputs
 ``(w_log, a, b, k') = params(k, g, beta)`` of :mod:`.delta_rule`. Those are built per launch, inside the scan's autograd function: under segmented recompute
 (:func:`~zoo.kernels.triton_common.scan_function`) one segment's ``[B, S, H, K]`` fp32 at a time, never the whole
 sequence's, and the backward rebuilds them from ``(k, g, beta)`` and takes their gradients back to ``(k, g, beta)``
@@ -16,7 +17,9 @@ import torch
 
 from zoo.kernels.checks import check_head_inputs
 from zoo.kernels.dplr_delta_rule.delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_inputs, kda_inputs
-from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import _dplr_cp_bwd, _dplr_cp_output_kernel, dplr_cp_fwd
+from zoo.kernels.dplr_delta_rule.triton_chunk_parallel import (
+    _dplr_cp_bwd, _dplr_cp_output_kernel, dplr_cp_fwd, dplr_cp_varlen_in_one_launch,
+)
 from zoo.kernels.dplr_delta_rule.triton_dplr_delta_rule import _dplr_fwd_kernel, dplr_bwd, dplr_fwd
 from zoo.kernels.triton_common import check_triton_call, scan_function, varlen_in_one_launch
 
@@ -48,14 +51,16 @@ def _state_elements(q, k, v, *_):
 
 
 def _backend(op: str, params: Params, table, recurrent: bool) -> Callable:
-    """The op's ``triton_recurrent`` (packed documents in one launch when they fit, else one call per document) or
-    ``triton_chunk`` (one call per document) backend."""
+    """The op's ``triton_recurrent`` (packed documents in one launch when
+    :func:`~zoo.kernels.triton_common.varlen_in_one_launch`, else one call per document) or ``triton_chunk`` (packed
+    documents in one launch sequence when :func:`.triton_chunk_parallel.dplr_cp_varlen_in_one_launch`, else one call
+    per document) backend."""
     if recurrent:
         function = scan_function(*_parametrised(params, dplr_fwd, dplr_bwd), n_config=2, layout="ttttt",
                                  state_elements=_state_elements)
         kernel = _dplr_fwd_kernel
     else:
-        function = scan_function(*_parametrised(params, dplr_cp_fwd, _dplr_cp_bwd), layout="ttttt",
+        function = scan_function(*_parametrised(params, dplr_cp_fwd, _dplr_cp_bwd), n_config=2, layout="ttttt",
                                  state_elements=_state_elements)
         kernel = _dplr_cp_output_kernel
     name = f"{op}_{'triton_recurrent' if recurrent else 'triton_chunk'}"
@@ -64,12 +69,13 @@ def _backend(op: str, params: Params, table, recurrent: bool) -> Callable:
         args = (q, k, v, g, beta, initial_state, chunk_size)
         one, cu_seqlens = table.one_document(args, cu_seqlens)
         K = check_head_inputs(name, {"q": q, "k": k}, v, one[5], chunk_size)[3]
-        if cu_seqlens is not None and not (recurrent and varlen_in_one_launch(cu_seqlens, _state_elements(q, k, v),
-                                                                           chunk_size, q.shape[2])):
+        if cu_seqlens is not None and not (
+                varlen_in_one_launch(cu_seqlens, _state_elements(q, k, v), chunk_size, q.shape[2]) if recurrent
+                else dplr_cp_varlen_in_one_launch(cu_seqlens, q, v, chunk_size)):
             return table.per_document(run, args, cu_seqlens)
         n = q.shape[0] if cu_seqlens is None else len(cu_seqlens.bounds) - 1
         check_triton_call(name, kernel, q, k, v, g, beta, initial_state, head_dim=K, batch_heads=n * q.shape[2])
-        return function.apply(*args, cu_seqlens) if recurrent else function.apply(*args)
+        return function.apply(*args, cu_seqlens)
 
     return run
 
