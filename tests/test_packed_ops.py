@@ -3,8 +3,10 @@ delta-rule parametrisations and every backend that runs here, a packed call give
 state and gradients as that document run alone (issue 28). Documents shorter than a chunk, of one token, and
 boundaries inside a chunk; a start state per document. fla's kernels take ``cu_seqlens`` themselves (one launch over
 the packed tokens: a real check of fla's varlen path in the interpreter), and so do zoo's fused-recurrent Triton
-kernels (``triton_recurrent`` of RWKV-6, RWKV-7 and retention: one launch, a program per document and head); the
-other backends run once per document."""
+kernels (``triton_recurrent`` of RWKV-6, RWKV-7 and retention: one launch, a program per document and head) and the
+chunk-parallel ones (``triton_chunk`` of retention, RWKV-6, SSD and the generalized delta rule: their one-launch checks
+are here and in tests/test_packed_ssd_chunk.py, tests/test_packed_dplr_chunk.py); the other backends run once per
+document (mamba_ssm's ``seq_idx`` path: tests/test_mamba_ssm_peer.py)."""
 import importlib
 import inspect
 
