@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_packed_ops import NoReadBack  # noqa: E402
 from zoo.kernels.backends import CuSeqlens  # noqa: E402
 from zoo.kernels.registry import OPS  # noqa: E402
 from zoo.kernels.triton_common import forced_segment  # noqa: E402
@@ -73,25 +74,6 @@ def _assert_close(got, want, tol, what):
         assert err <= tol * scale, f"{what}: max |error| {err:.3g} > {tol} x max |reference| {scale:.3g}"
     else:
         torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
-
-
-class NoReadBack:
-    """Any tensor read back to the host (``tolist``, ``item``, ``bool``, ``int``) fails inside this context."""
-
-    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-
-        def refuse(self, *args, **kwargs):
-            raise AssertionError("a tensor was read back to the host (a device sync on a GPU)")
-
-        for n in self.NAMES:
-            setattr(torch.Tensor, n, refuse)
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def _recording_launches(monkeypatch) -> list[tuple[str, tuple]]:

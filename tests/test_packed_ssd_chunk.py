@@ -6,6 +6,7 @@ and 25 inside the packed row's chunks), grouped B / C (G = 2 < H = 4), odd head 
 import pytest
 import torch
 
+from test_packed_ops import NoReadBack
 from zoo.kernels.backends import CuSeqlens
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
@@ -15,25 +16,6 @@ CHUNKS = ((0, 0), (1, 0), (2, 0), (2, 1), (3, 0))  # (document, chunk in it)
 DIMS = {"H": 4, "G": 2, "P": 20, "N": 24}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # fp32: assert_close's atol = rtol; bf16: max |error| / max |ref|
 TOKEN_ARGS = ("x", "dt", "B", "C")
-
-
-class NoReadBack:
-    """Any tensor read back to the host (``tolist``, ``item``, ``bool``, ``int``) fails inside this context."""
-
-    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-
-        def refuse(self, *args, **kwargs):
-            raise AssertionError("a tensor was read back to the host (a device sync on a GPU)")
-
-        for n in self.NAMES:
-            setattr(torch.Tensor, n, refuse)
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def _example(dtype, seed: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor]:
