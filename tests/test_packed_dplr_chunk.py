@@ -14,9 +14,12 @@ import torch
 pytest.importorskip("triton")
 
 from test_packed_ops import NoReadBack  # noqa: E402
+from triton_testing import INTERPRETER_ONLY  # noqa: E402
 from zoo.kernels.backends import CuSeqlens  # noqa: E402
 from zoo.kernels.registry import OPS  # noqa: E402
 from zoo.kernels.triton_common import forced_segment  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ONLY)
 
 LENGTHS = (5, 1, 19, 12)
 DIMS = {"H": 2, "K": 24, "V": 20}

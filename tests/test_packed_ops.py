@@ -13,6 +13,7 @@ import inspect
 import pytest
 import torch
 
+from triton_testing import interpreter_only
 from zoo.kernels.backends import AUTO, CuSeqlens
 from zoo.kernels.registry import OPS
 from zoo.kernels.dplr_delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
@@ -63,6 +64,7 @@ def _token_names(op: str) -> set[str]:
 
 
 def _run(op: str, backend: str, args: dict, state, cu_seqlens=None):
+    interpreter_only(backend)
     fn = CASES[op][0]
     options = {"chunk_size": CHUNK} if "chunk_size" in inspect.signature(fn).parameters else {}
     return fn(**args, initial_state=state, backend=backend, cu_seqlens=cu_seqlens, **options)

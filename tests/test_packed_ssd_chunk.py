@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from test_packed_ops import NoReadBack
+from triton_testing import INTERPRETER_ONLY
 from zoo.kernels.backends import CuSeqlens
 from zoo.kernels.ssd import BACKENDS, ssd_scan
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ONLY)
 
 LENGTHS = (5, 1, 19, 12)
 CHUNK = 16  # the kernels' smallest chunk: 5 chunks over the 4 documents

@@ -14,6 +14,16 @@ from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+INTERPRETER_ONLY = ("this test runs Triton kernels on CPU tensors (interpreter-sized, or recording the interpreter's "
+                    "launches): a GPU host has no interpreter; tests/test_packed_gpu.py runs the packed kernels there")
+
+
+def interpreter_only(backend: str = "triton") -> None:
+    """Skip on a GPU host when ``backend`` launches Triton kernels (zoo's or fla's) on this test's CPU tensors."""
+    if torch.cuda.is_available() and backend.startswith(("triton", "fla")):
+        pytest.skip(INTERPRETER_ONLY)
+
+
 def require_interpreter(kernel) -> None:
     """On CPU the kernels run only in the Triton interpreter, chosen before triton is imported (tests/conftest.py)."""
     if DEVICE == "cpu" and not isinstance(kernel, InterpretedFunction):
