@@ -108,8 +108,16 @@ def test_the_registry_has_a_call_for_every_backend_and_kernels_for_every_triton_
     from zoo.kernels.registry import CALLS, OPS
 
     for op in OPS.values():
-        calls = [c for c in CALLS if c.op is op and not c.step]
+        calls = [c for c in CALLS if c.op is op and not c.step and not c.documents]
         assert sorted(c.backend for c in calls) == sorted(op.backends.backends), op.name
         for c in calls:
             assert bool(c.launches) == (op.backends.backends[c.backend].package == "triton"), c.name
             assert c.peer == (op.backends.backends[c.backend].package not in (None, "triton")), c.name
+    # packed documents (cu_seqlens, batch 1): the chunk-parallel calls that take them in one launch sequence, with the
+    # batched call's kernels and fills, each grid by its packed formula
+    packed = [c for c in CALLS if c.documents]
+    assert {c.name for c in packed} == {f"{op}/triton_chunk/packed" for op in ("ssd", "retention", "rwkv6", "dplr_delta_rule")}
+    for c in packed:
+        batched = CALLS_BY_NAME[c.name.removesuffix("/packed")]
+        assert [(k.name, k.fills) for k in c.launches] == [(k.name, k.fills) for k in batched.launches], c.name
+        assert sum(c.documents) < kr.T and c.bounds(kr.T)[-1] == kr.T, c.name
