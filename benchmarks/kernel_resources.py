@@ -10,7 +10,7 @@ LDS checked, nothing written to the table).
 How, without a GPU: one worker process per target (``TRITON_INTERPRET`` removed) swaps Triton's active driver for
 :class:`FakeDriver`, whose ``get_current_target()`` is the target, and answers ``torch.cuda.get_device_capability``
 for it. It then makes every Triton call of :data:`zoo.kernels.registry.CALLS` (forward, and backward from the
-output's gradient) on ``meta`` tensors at its op's ``models`` sizes, with the arguments zoo's layers pass, so zoo's
+output's gradient; the ``op/triton_chunk/packed`` calls over packed documents, ``cu_seqlens`` at batch 1) on ``meta`` tensors at its op's ``models`` sizes, with the arguments zoo's layers pass, so zoo's
 own launchers pick grid, tiles, ``num_warps`` and ``num_stages``, and Triton's own JIT specializes and compiles
 exactly what a GPU would launch; the fake launcher records each launch instead of running it. ptxas and
 cuobjdump ship in the triton wheel; cuobjdump reads registers, stack bytes and static shared memory from the cubin.
@@ -162,6 +162,9 @@ def worker(target: str, dtypes: list[str], out: str, ops: tuple[str, ...] = ()) 
             except Exception as e:  # a compile error is a result: it fails the check, not the run
                 error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             base = {"op": call.name, "shape": shape_label(dims), "dims": dims, "target": target, "dtype": dtype, "limit": shared}
+            if call.documents:  # packed documents: their lengths at T
+                bounds = call.bounds(T)
+                base["documents"] = [e - s for s, e in zip(bounds, bounds[1:])]
             rows += [{**base, **launch} for launch in fake.launches[start:]]
             if error:
                 rows.append({**base, "kernel": "(compile)", "error": error})
@@ -197,13 +200,20 @@ KNOWN_SPILLS = (
      "head dim 256 (MAX_HEAD_DIM, RetNet-paper heads): `[BT, 256]` operand and `[256, BV]` state tiles at the "
      "smallest dot tiles (BT = 16, BV = 16 / 32) hold more than a thread's 255 registers in the chunked kernels; every "
      "launch fits its target's shared memory. Where speed at K = 256 matters, the fused-recurrent kernels do not spill."),
+    ("_rwkv6_cp_grad_kernel packed", r"K=(V=)?64", ("sm_86", "sm_89"), ("float32",),
+     "packed documents (`IS_VARLEN`): ptxas holds RWKV-6's gradient kernel to 128 registers on sm_86 / sm_89 with fp32 "
+     "inputs and spills 8 B per thread (the batched kernel takes 138 and does not spill; the packed one keeps the "
+     "document's offsets live across its loops). Tried without effect: int32 token counts, the state and token-row "
+     "offsets hoisted out of the loops. Not tuned further without a GPU to time a change."),
 )
 
 
 def known_spill(row: dict) -> str | None:
-    """Why ``row`` may spill, or None when it must not."""
+    """Why ``row`` may spill, or None when it must not (a prefix ending in `` packed`` names the packed-documents call's
+    launches of that kernel only)."""
+    name = row["kernel"] + (" packed" if row.get("documents") else "")
     for prefix, shape, targets, dtypes, why in KNOWN_SPILLS:
-        if row["kernel"].startswith(prefix) and re.search(shape, row["shape"]) and row["target"] in targets and row["dtype"] in dtypes:
+        if name.startswith(prefix) and re.search(shape, row["shape"]) and row["target"] in targets and row["dtype"] in dtypes:
             return why
     return None
 
@@ -240,7 +250,9 @@ def markdown(rows: list[dict], title: str = "", notes: bool = True) -> str:
         "Triton's metadata; smem is their sum.",
         "",
         f"Shapes: the ~125M models (d_model 768; the recipes have the same head shapes) and head dim 256 (3 heads), "
-        f"T = {T}, batch 1, the recipes' chunk sizes; bf16 = bf16 activations, fp32 parameters (as under bf16 autocast).",
+        f"T = {T}, batch 1, the recipes' chunk sizes; bf16 = bf16 activations, fp32 parameters (as under bf16 autocast). "
+        "A kernel marked *packed* is the chunk-parallel call over packed documents (`cu_seqlens`, batch 1, the "
+        "`IS_VARLEN` kernels) of the lengths shown.",
         "",
         "| target | smem limit B | most smem B | launches | over the limit | spilling |",
         "|---|---|---|---|---|---|",
@@ -260,8 +272,9 @@ def markdown(rows: list[dict], title: str = "", notes: bool = True) -> str:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
         grid = "x".join(str(g) for g in r["grid"])
         fits = "yes" if r["shared"] <= r["limit"] else f"**no** (> {r['limit']})"
+        kernel = r["kernel"] + (f" *packed {'+'.join(map(str, r['documents']))}*" if r.get("documents") else "")
         lines.append(
-            f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['target']} | {tiles} | {grid} | {r['warps']} | "
+            f"| {kernel} | {r['shape']} | {r['dtype']} | {r['target']} | {tiles} | {grid} | {r['warps']} | "
             f"{r['stages']} | {r['regs']} | {r['stack']} | {r['shared']} | {fits} |"
         )
     for r in rows:

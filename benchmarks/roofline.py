@@ -61,7 +61,7 @@ def model_report(ops, sizes) -> dict:
     for op in ops:
         peer_line, peers = peer_ms(op)
         runs = []
-        for call in (c for c in CALLS if c.op.name == op and c.launches and not c.step):
+        for call in (c for c in CALLS if c.op.name == op and c.launches and not c.step and not c.documents):  # batched calls
             for T, batch in sizes:
                 fwd_bwd = launches(call, OPS[op].bench, T, batch)
                 fwd = fwd_bwd[:len(launches(call, OPS[op].bench, T, batch, backward=False))]

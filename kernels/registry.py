@@ -190,6 +190,50 @@ def ssd_state_passing(d, t):
     return (cdiv(d["P"] * d["N"], t["BLOCK"]), d["B"] * d["H"])
 
 
+# Packed documents (a :class:`KernelCall` with ``documents``; batch 1): ``d["cu_seqlens"]`` holds the documents' token
+# bounds. The per-chunk kernels run all documents' chunks, each document's from its own start (``sum_n cdiv(len_n, BT)``),
+# over the H heads; the state passes one program per document x head (and state block): kernels/chunk_pass.py.
+
+
+def doc_chunks(d, BT: int) -> int:
+    """All packed documents' chunks of ``BT`` tokens, each document's from its own start."""
+    bounds = d["cu_seqlens"]
+    return sum(cdiv(e - s, BT) for s, e in zip(bounds, bounds[1:]))
+
+
+def doc_heads(d) -> int:
+    """Documents x heads: the packed state passes' programs on grid axis y."""
+    assert d["B"] == 1, "packed documents take a batch of one"
+    return (len(d["cu_seqlens"]) - 1) * d["H"]
+
+
+def packed_chunks_by_v(d, t):
+    assert d["B"] == 1, "packed documents take a batch of one"
+    return (doc_chunks(d, t["BT"]), cdiv(d["V"], t["BV"]), d["H"])
+
+
+def packed_state_blocks(d, t):
+    return (cdiv(d["K"] * d["V"], t["BLOCK"]), doc_heads(d))
+
+
+def packed_dplr_pass(d, t):
+    return (cdiv(d["V"], t["BVP"]), doc_heads(d))
+
+
+def packed_ssd_chunks(d, t):
+    assert d["B"] == 1, "packed documents take a batch of one"
+    return (doc_chunks(d, t["L"]), d["H"], cdiv(d["P"], t["BLOCK_P"]))
+
+
+def packed_ssd_chunk_heads(d, t):
+    assert d["B"] == 1, "packed documents take a batch of one"
+    return (doc_chunks(d, t["L"]), d["H"])
+
+
+def packed_ssd_state_passing(d, t):
+    return (cdiv(d["P"] * d["N"], t["BLOCK"]), doc_heads(d))
+
+
 def ssd_step(d, t):
     return (d["B"] * d["H"], cdiv(d["P"], t["BLOCK_P"]))
 
@@ -207,8 +251,11 @@ class Kernel(NamedTuple):
 class KernelCall:
     """``op.fn(**inputs, **op.options, backend=backend)``. ``launches``: its Triton kernels in launch order, forward
     then backward; ``step``: a one-token decode call (T = 1, forward only); ``frozen``: inputs that get no gradient;
-    ``peer``: another project's kernel behind zoo's adapter (timed when its package imports, on CUDA). Its
-    :attr:`name` is ``op/backend`` (``op/backend/step`` for the decode step)."""
+    ``peer``: another project's kernel behind zoo's adapter (timed when its package imports, on CUDA);
+    ``documents``: packed documents (batch 1, ``cu_seqlens``), the lengths of the leading ones, the last document
+    taking the rest of the T tokens (:meth:`bounds`), each with its own initial state where the op's inputs have one
+    (the batch's, repeated). Its :attr:`name` is ``op/backend`` (``op/backend/step`` for the decode step,
+    ``op/backend/packed`` with documents)."""
 
     op: Op
     backend: str
@@ -216,23 +263,43 @@ class KernelCall:
     step: bool = False
     frozen: tuple[str, ...] = ()
     peer: bool = False
+    documents: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{self.op.name}/{self.backend}" + ("/step" if self.step else "")
+        return f"{self.op.name}/{self.backend}" + ("/step" if self.step else "") + ("/packed" if self.documents else "")
+
+    def bounds(self, T: int) -> tuple[int, ...] | None:
+        """The packed documents' token bounds ``0 < ... < T`` (``cu_seqlens``) at ``T`` tokens; None without documents."""
+        if not self.documents:
+            return None
+        bounds = [0]
+        for n in self.documents:
+            bounds.append(bounds[-1] + n)
+        if bounds[-1] >= T:
+            raise ValueError(f"{self.name}: documents {self.documents} leave no tokens of T = {T} for the last one")
+        return (*bounds, T)
 
     def available(self) -> bool:
         return self.op.backends.backends[self.op.backends.resolve(self.backend)].available()
 
     def prepare(self, inputs: dict) -> tuple[Callable[[], tuple], list[torch.Tensor]]:
         """``(run, leaves)``: ``run()`` calls the op on fresh leaf copies of ``inputs``; ``leaves`` get gradients."""
-        leaves = {k: v.detach().clone().requires_grad_(k not in self.frozen) for k, v in inputs.items()}
         fn, options = self.op.fn, {**self.op.options, "backend": self.backend}
+        if self.documents:  # batch 1: cu_seqlens from the tokens' T, the initial state repeated per document
+            bounds = self.bounds(next(iter(inputs.values())).shape[1])
+            options["cu_seqlens"] = bounds
+            if inputs.get("initial_state") is not None:
+                state = inputs["initial_state"]
+                inputs = {**inputs, "initial_state": state.expand(len(bounds) - 1, *state.shape[1:]).contiguous()}
+        leaves = {k: v.detach().clone().requires_grad_(k not in self.frozen) for k, v in inputs.items()}
         return (lambda: fn(**leaves, **options)), [v for k, v in leaves.items() if k not in self.frozen]
 
     def grid(self, kernel: str, dims: dict, tiles: dict) -> tuple[int, int, int]:
         """The launch grid of ``kernel`` by this call's formula, padded to three axes like a CUDA launch."""
         formula = next(k.grid for k in self.launches if k.name == kernel)
+        if self.documents:
+            dims = {**dims, "cu_seqlens": self.bounds(dims["T"])}
         return (*formula(dims, tiles), 1, 1)[:3]
 
 
@@ -258,6 +325,20 @@ _DPLR_CHUNK = _kernels(
     ("_dplr_cpb_pass_kernel", dplr_pass, False), ("_dplr_cpb_du_kernel", chunks_by_v),
     ("_dplr_cpb_grad_kernel", chunks_by_v))
 _SSD_FWD = (("_ssd_chunk_state_kernel", ssd_chunks), ("_ssd_state_passing_kernel", ssd_state_passing))
+# The packed calls' documents: a partial last chunk in every document at every chunk size (1000 and T - 1001 tokens;
+# 1047 at the compile table's T = 2048) and a one-token document between them.
+PACKED = (1000, 1)
+_PACKED_GRIDS = {chunks_by_v: packed_chunks_by_v, state_blocks: packed_state_blocks, dplr_pass: packed_dplr_pass,
+                 ssd_chunks: packed_ssd_chunks, ssd_chunk_heads: packed_ssd_chunk_heads,
+                 ssd_state_passing: packed_ssd_state_passing}
+
+
+def _packed(launches: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
+    """The same launches over packed documents: each grid by its packed formula, ``fills`` as declared."""
+    return tuple(k._replace(grid=_PACKED_GRIDS[k.grid]) for k in launches)
+
+
+_SSD_CHUNK = _kernels(*_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunk_heads))
 
 # Every call, in the order of benchmarks/results/kernels-resources.md; torch forms and peers last.
 CALLS: tuple[KernelCall, ...] = (
@@ -266,8 +347,7 @@ CALLS: tuple[KernelCall, ...] = (
     # decode steps (T = 1): one program per block of the state, no time loop to fill the GPU with
     KernelCall(OPS["selective_scan"], "triton_recurrent", _kernels(
         ("_selective_scan_step_kernel", selective_scan_grid, False)), step=True),
-    KernelCall(OPS["ssd"], "triton_chunk", _kernels(
-        *_SSD_FWD, ("_ssd_chunk_scan_kernel", ssd_chunks), *_SSD_FWD, ("_ssd_chunk_bwd_kernel", ssd_chunk_heads))),
+    KernelCall(OPS["ssd"], "triton_chunk", _SSD_CHUNK),
     KernelCall(OPS["ssd"], "triton_chunk", _kernels(("_ssd_step_kernel", ssd_step, False)), step=True),
     KernelCall(OPS["rwkv6"], "triton_recurrent", _recurrent("_rwkv6")),
     KernelCall(OPS["dplr_delta_rule"], "triton_recurrent", _recurrent("_dplr")),
@@ -277,6 +357,11 @@ CALLS: tuple[KernelCall, ...] = (
     KernelCall(OPS["retention"], "triton_chunk", _chunk_parallel("_retention_cp")),
     KernelCall(OPS["rwkv6"], "triton_chunk", _chunk_parallel("_rwkv6_cp")),
     KernelCall(OPS["dplr_delta_rule"], "triton_chunk", _DPLR_CHUNK),
+    # the chunk-parallel kernels over packed documents (IS_VARLEN): one launch sequence for all of them
+    KernelCall(OPS["ssd"], "triton_chunk", _packed(_SSD_CHUNK), documents=PACKED),
+    KernelCall(OPS["retention"], "triton_chunk", _packed(_chunk_parallel("_retention_cp")), documents=PACKED),
+    KernelCall(OPS["rwkv6"], "triton_chunk", _packed(_chunk_parallel("_rwkv6_cp")), documents=PACKED),
+    KernelCall(OPS["dplr_delta_rule"], "triton_chunk", _packed(_DPLR_CHUNK), documents=PACKED),
     # Gated DeltaNet and KDA: dplr_delta_rule's kernels on the parametrised inputs (chunk-parallel first: the layers train with
     # it); the zero start state gets no gradient, as in the layers
     *(KernelCall(OPS[op], backend, launches, frozen=("initial_state",)) for op in DELTA_RULE_OPS

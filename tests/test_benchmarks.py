@@ -234,8 +234,9 @@ def test_rwkv7_is_the_old_name_of_dplr_delta_rule():
     assert old.BACKENDS.op == "dplr_delta_rule" and OPS["dplr_delta_rule"].fn is old.rwkv7
     assert (op_name("rwkv7"), op_name("rwkv7/triton_chunk"), op_name("rwkv6")) == ("dplr_delta_rule", "dplr_delta_rule/triton_chunk", "rwkv6")
     assert list(kernels_main(["--dry-run", "--smoke", "--ops", "rwkv7"])["ops"]) == ["dplr_delta_rule"]
-    assert [c.name for c in selected_calls(("rwkv7",))] == ["dplr_delta_rule/triton_recurrent", "dplr_delta_rule/triton_chunk"]
-    assert selected_calls(("rwkv7/triton_chunk",)) == [CALLS_BY_NAME["dplr_delta_rule/triton_chunk"]]
+    assert [c.name for c in selected_calls(("rwkv7",))] == ["dplr_delta_rule/triton_recurrent", "dplr_delta_rule/triton_chunk",
+                                                           "dplr_delta_rule/triton_chunk/packed"]
+    assert selected_calls(("rwkv7/triton_chunk",)) == [CALLS_BY_NAME[f"dplr_delta_rule/triton_chunk{s}"] for s in ("", "/packed")]
 
 def test_packing_benchmark_smoke_writes_its_report(tmp_path):
     """benchmarks.packing --smoke: the three modes timed per block, after checking one call equals one per document."""
