@@ -56,6 +56,23 @@ from zoo.kernels.triton_common import (
 
 
 @triton.jit
+def _chunk_rows(chunk_indices, cu, c, pid_b, T, n_chunks, offs_l, L: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """``(mask_t [L], row0)`` of chunk program c: which of its L steps are tokens (``t0 + i < T``; packed, the
+    document's: ``i < cu[n + 1] - t0``) and the row of its first token in ``[B * T]`` (``pid_b * T + t0``; packed,
+    ``B = 1``: ``t0 = cu[n] + j L``, from :func:`~zoo.kernels.triton_common.chunk_span` with H = 1, its state rows unused:
+    the per-chunk buffers keep one row of NT chunks)."""
+    t0 = c * L
+    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
+    if IS_VARLEN:
+        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
+        row0 = t0
+    else:
+        mask_t = t0 + offs_l < T_end
+        row0 = pid_b * T + t0
+    return mask_t, row0
+
+
+@triton.jit
 def _ssd_chunk_state_kernel(
     src_ptr, dt_ptr, A_ptr, bias_ptr, mat_ptr, states_ptr, aend_ptr, chunk_indices, cu,
     T, H, G, P, n_chunks, dt_min, dt_max, N: tl.constexpr,
@@ -79,15 +96,7 @@ def _ssd_chunk_state_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]
-    t0 = c * L
-    # its tokens only (H = 1: chunk_span's state rows unused; the per-chunk buffers keep one row of NT chunks)
-    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    if IS_VARLEN:
-        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
-        row0 = t0  # B = 1
-    else:
-        mask_t = t0 + offs_l < T_end
-        row0 = pid_b * T + t0  # the chunk's first row of [B * T]
+    mask_t, row0 = _chunk_rows(chunk_indices, cu, c, pid_b, T, n_chunks, offs_l, L, IS_VARLEN)
     A = tl.load(A_ptr + head).to(tl.float32)
     bias = 0.0
     if HAS_BIAS:
@@ -189,14 +198,7 @@ def _ssd_chunk_scan_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     causal = offs_l[:, None] >= offs_l[None, :]  # [L, L]: step i sees step j <= i
-    t0 = c * L
-    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    if IS_VARLEN:
-        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
-        row0 = t0  # B = 1
-    else:
-        mask_t = t0 + offs_l < T_end
-        row0 = pid_b * T + t0
+    mask_t, row0 = _chunk_rows(chunk_indices, cu, c, pid_b, T, n_chunks, offs_l, L, IS_VARLEN)
     mask_lp = mask_t[:, None] & mask_p[None, :]
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
@@ -275,14 +277,7 @@ def _ssd_chunk_bwd_kernel(
     head = (bh % H).to(tl.int32)
     group = head // (H // G)
     offs_l = tl.arange(0, L)
-    t0 = c * L
-    t0, T_end, _, _, _, _ = chunk_span(chunk_indices, cu, c, t0, T, n_chunks, 1, L, IS_VARLEN)
-    if IS_VARLEN:
-        mask_t = offs_l < (T_end - t0).to(tl.int32)  # the document's steps in this chunk
-        row0 = t0  # B = 1
-    else:
-        mask_t = t0 + offs_l < T_end
-        row0 = pid_b * T + t0
+    mask_t, row0 = _chunk_rows(chunk_indices, cu, c, pid_b, T, n_chunks, offs_l, L, IS_VARLEN)
     A = tl.load(A_ptr + head).to(tl.float32)
     Dv = 0.0
     if HAS_D:
