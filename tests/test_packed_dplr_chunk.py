@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_packed_ops import NoReadBack  # noqa: E402
-from triton_testing import INTERPRETER_ONLY  # noqa: E402
+from triton_testing import INTERPRETER_ONLY, recording_launches  # noqa: E402
 from zoo.kernels.backends import CuSeqlens  # noqa: E402
 from zoo.kernels.registry import OPS  # noqa: E402
 from zoo.kernels.triton_common import forced_segment  # noqa: E402
@@ -79,21 +79,6 @@ def _assert_close(got, want, tol, what):
         torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def _recording_launches(monkeypatch) -> list[tuple[str, tuple]]:
-    """Every interpreted Triton launch, as ``(kernel, grid)``."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen = []
-    real = InterpretedFunction.__getitem__
-
-    def record(self, grid):
-        seen.append((self.fn.__name__, tuple(grid)))
-        return real(self, grid)
-
-    monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
-    return seen
-
-
 def _launches(chunks: int, docs: int) -> list[tuple[str, tuple]]:
     """The seven launches of a forward and backward over ``chunks`` chunks and ``docs`` documents (or rows): per-chunk
     grids ``(chunks, cdiv(V, BV), H)`` (V = 20: one block of 32), state passes ``(cdiv(V, BVP), docs * H)`` (BVP = 16:
@@ -141,7 +126,7 @@ def test_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own_per
     s0 = s0 if with_state else None
     w_o, w_s = _weights(3)
     host = CuSeqlens(tuple(cu.tolist()), cu)
-    seen = _recording_launches(monkeypatch)
+    seen = recording_launches(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(type(table), "per_document", lambda *a, **kw: pytest.fail("per-document loop taken"))
         with torch.no_grad(), NoReadBack():
@@ -179,7 +164,7 @@ def test_triton_chunk_packed_beyond_a_segment_runs_each_document_alone(monkeypat
 
     w_o, w_s = _weights(4)
     native = _loss_grads("dplr_delta_rule", "triton_chunk", args, s0, cu, w_o, w_s)
-    seen = _recording_launches(monkeypatch)
+    seen = recording_launches(monkeypatch)
     with forced_segment(16 * 7):
         split = _loss_grads("dplr_delta_rule", "triton_chunk", args, s0, cu, w_o, w_s)
     fwd = [launch for n in (1, 1, 2, 1) for launch in _launches(n, 1)[:3]]

@@ -13,7 +13,7 @@ import inspect
 import pytest
 import torch
 
-from triton_testing import interpreter_only
+from triton_testing import interpreter_only, recording_launches
 from zoo.kernels.backends import AUTO, CuSeqlens
 from zoo.kernels.registry import OPS
 from zoo.kernels.dplr_delta_rule import GATED_DELTA_BACKENDS, KDA_BACKENDS, gated_delta_rule, kda_rule
@@ -445,21 +445,6 @@ def test_triton_chunk_packed_matches_each_document_in_torch(op, dtype):
         assert g.dtype == (s0 if n == "initial_state" else args[n]).dtype, n
 
 
-def _recording_all_launches(monkeypatch) -> list[tuple[str, tuple]]:
-    """Every interpreted Triton launch, as ``(kernel, grid)``."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen = []
-    real = InterpretedFunction.__getitem__
-
-    def record(self, grid):
-        seen.append((self.fn.__name__, tuple(grid)))
-        return real(self, grid)
-
-    monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
-    return seen
-
-
 @pytest.mark.parametrize("op", CHUNK_PARALLEL)
 def test_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own_per_document_calls(op, monkeypatch):
     """``varlen=True`` in the table: the packed call (zero start states, ``cu_seqlens`` as host bounds beside the
@@ -475,7 +460,7 @@ def test_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own_per
     args, _, cu = _odd_example(op, torch.float32)
     torch.manual_seed(3)
     w_o, w_s = torch.randn(1, sum(LENGTHS), ODD["H"], ODD["V"]), torch.randn(len(LENGTHS), ODD["H"], ODD["K"], ODD["V"])
-    seen = _recording_all_launches(monkeypatch)
+    seen = recording_launches(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(type(table), "per_document", lambda *a, **kw: pytest.fail("per-document loop taken"))
         host = CuSeqlens(tuple(cu.tolist()), cu)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_packed_ops import NoReadBack
-from triton_testing import INTERPRETER_ONLY
+from triton_testing import INTERPRETER_ONLY, recording_launches
 from zoo.kernels.backends import CuSeqlens
 from zoo.kernels.ssd import BACKENDS, ssd_scan
 
@@ -102,21 +102,6 @@ def test_ssd_triton_chunk_packed_matches_each_document_in_torch(dtype):
         assert g.dtype == (s0 if n == "initial_state" else args[n]).dtype, n
 
 
-def _recording_launches(monkeypatch) -> list[tuple[str, tuple]]:
-    """Every interpreted Triton launch, as ``(kernel, grid)``."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen = []
-    real = InterpretedFunction.__getitem__
-
-    def record(self, grid):
-        seen.append((self.fn.__name__, tuple(grid)))
-        return real(self, grid)
-
-    monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
-    return seen
-
-
 def test_ssd_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own_per_document_calls(monkeypatch):
     """``varlen=True`` in the table: the packed call (zero start states, ``cu_seqlens`` as host bounds beside the
     tensor) reaches the kernels with ``cu_seqlens`` (no per-document loop), reads no tensor back to the host, and
@@ -127,7 +112,7 @@ def test_ssd_triton_chunk_packed_is_one_launch_of_each_kernel_and_equals_its_own
     assert BACKENDS.backends["triton_chunk"].varlen
     args, _, cu = _example(torch.float32, seed=3)
     w_y, w_s = _weights((len(LENGTHS), DIMS["H"], DIMS["P"], DIMS["N"]), 4)
-    seen = _recording_launches(monkeypatch)
+    seen = recording_launches(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(type(BACKENDS), "per_document", lambda *a, **kw: pytest.fail("per-document loop taken"))
         host = CuSeqlens(tuple(cu.tolist()), cu)
@@ -171,7 +156,7 @@ def test_ssd_triton_chunk_packed_beyond_a_segment_runs_each_document_alone(monke
     args, s0, cu = _example(torch.float32, seed=5)
     w_y, w_s = _weights(s0.shape, 6)
     native = _packed("triton_chunk", args, s0, cu, w_y, w_s)
-    seen = _recording_launches(monkeypatch)
+    seen = recording_launches(monkeypatch)
     with forced_segment(16):
         split = _packed("triton_chunk", args, s0, cu, w_y, w_s)
     passes = [grid for k, grid in seen if k == "_ssd_state_passing_kernel"]

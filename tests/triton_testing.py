@@ -126,3 +126,16 @@ def run_with_grads(fn, inputs: dict, seed: int = 1):
     g_state = torch.randn(state.shape, generator=gen).to(state.device)
     ((out.double() * g_out).sum() + (state.double() * g_state).sum()).backward()
     return out, state, {k: v.grad for k, v in leaves.items()}
+
+
+def recording_launches(monkeypatch) -> list[tuple[str, tuple]]:
+    """Every interpreted Triton launch from now on (the test's ``monkeypatch`` undoes it), as ``(kernel, grid)``."""
+    seen = []
+    real = InterpretedFunction.__getitem__
+
+    def record(self, grid):
+        seen.append((self.fn.__name__, tuple(grid)))
+        return real(self, grid)
+
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
+    return seen
