@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 INTERPRETER_ONLY = ("this test runs Triton kernels on CPU tensors (interpreter-sized, or recording the interpreter's "
-                    "launches): a GPU host has no interpreter; tests/test_packed_gpu.py runs the packed kernels there")
+                    "launches): a GPU host has no interpreter; tests/test_varlen_gpu.py runs the packed kernels there")
 
 
 def interpreter_only(backend: str = "triton") -> None:

@@ -1,10 +1,12 @@
 """Packed documents on a CUDA GPU (no interpreter): every backend that takes ``cu_seqlens`` itself (``varlen`` in its
 op's table: zoo's fused-recurrent and chunk-parallel Triton kernels, and fla's / mamba-ssm's when installed) gives
 each document's outputs, final state and every gradient (start states' included) as the torch form run on each
-document alone in fp64. Real shapes (the ~125M models' heads) and odd ones (head dims 20 / 24 / 40, three heads),
-documents of 1000, 1, 37, 2000 and 63 tokens: a one-token document, partial chunks, boundaries inside chunks. On CPU
-the same kernels are checked in the interpreter at small sizes (tests/test_packed_ops.py, test_packed_ssd_chunk.py,
-test_packed_dplr_chunk.py, test_mamba_ssm_peer.py)."""
+document alone in fp64: the ~125M models' heads in bf16 (what training runs) and odd ones in fp32 (head dims 20 / 24
+/ 40, three heads), documents of 1000, 1, 37, 2000 and 63 tokens (a one-token document, partial chunks, boundaries
+inside chunks). Named to run after the other GPU tests of ``pytest -m gpu`` (benchmarks/gpu_check.py gives that step
+a share of its time; these compile every packed kernel variant). On CPU the same kernels are checked in the
+interpreter at small sizes (tests/test_packed_ops.py, test_packed_ssd_chunk.py, test_packed_dplr_chunk.py,
+test_mamba_ssm_peer.py)."""
 import pytest
 import torch
 
@@ -43,8 +45,7 @@ def _call(op: str, backend: str, inputs: dict, start: torch.Tensor, cu: torch.Te
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (on CPU: the interpreter tests named above)")
-@pytest.mark.parametrize("shape", ["model", "odd"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, "model"), (torch.float32, "odd")], ids=["bf16-model", "fp32-odd"])
 @pytest.mark.parametrize("op,backend", CASES)
 def test_gpu_packed_call_equals_each_document_alone(op, backend, dtype, shape):
     spec = OPS[op]
