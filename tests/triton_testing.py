@@ -139,3 +139,24 @@ def recording_launches(monkeypatch) -> list[tuple[str, tuple]]:
 
     monkeypatch.setattr(InterpretedFunction, "__getitem__", record)
     return seen
+
+
+def programs_in_reverse(monkeypatch) -> None:
+    """The interpreter runs a launch's programs last to first (it runs them one after another, first to last): a
+    program that stores outside its own rows (past its document's end into the next chunk's) is then overwritten no
+    longer by the right values, so results that depend on the program order show, as a GPU's free order would show
+    them. Rewrites the grid loop of Triton's ``GridExecutor.__call__`` (fails if that loop is not the expected one)."""
+    import inspect
+    import textwrap
+
+    from triton.runtime import interpreter
+
+    source = textwrap.dedent(inspect.getsource(interpreter.GridExecutor.__call__))
+    loops = [f"for {v} in range(grid[{i}]):" for i, v in enumerate("xyz")]
+    if not all(loop in source for loop in loops):
+        raise RuntimeError("Triton's interpreter no longer runs the grid as `for x in range(grid[0])`: update programs_in_reverse")
+    for loop, v, i in zip(loops, "xyz", range(3)):
+        source = source.replace(loop, f"for {v} in reversed(range(grid[{i}])):")
+    namespace: dict = {}
+    exec(compile(source, interpreter.__file__, "exec"), vars(interpreter), namespace)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", namespace["__call__"])
